@@ -1,0 +1,316 @@
+"""Reader for ingested image sets (DESIGN §4 "Image set").
+
+Layout of an image set (``<root>/images/``)::
+
+    shard-000000.tar       webdataset shard: per sample ``<key>.png`` (lossless RGB) + ``<key>.json``
+    shard-000000.json      per-shard sidecar (keys + pixel hashes), written before the tar is renamed into place
+    manifest.parquet       key, shard, height, width, source, pixel_sha256, augmentation (JSON string)
+    imageset.json          fingerprint (sha256 over the canonical manifest), counts, config
+    rejected.parquet       source, reason
+
+``open_imageset`` accepts the image-set root (the parent of ``images/``) or the ``images/`` directory itself,
+as a local path or any fsspec URL (``s3://...``). Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+try:  # the lead's shared error base (cli prints these without a traceback)
+    from pipeline.config import UserError
+except ImportError:  # pragma: no cover - until pipeline.config lands
+
+    class UserError(Exception):  # type: ignore[no-redef]
+        """A problem with the user's input, reported without a traceback."""
+
+
+IMAGES_DIR = "images"
+MANIFEST_NAME = "manifest.parquet"
+IMAGESET_NAME = "imageset.json"
+REJECTED_NAME = "rejected.parquet"
+FORMAT_VERSION = 1
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.int64()),
+        ("height", pa.int64()),
+        ("width", pa.int64()),
+        ("source", pa.string()),
+        ("pixel_sha256", pa.string()),
+        ("augmentation", pa.string()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema([("source", pa.string()), ("reason", pa.string())])
+
+
+class ImageSetError(UserError):
+    """An image set is missing, incomplete or inconsistent."""
+
+
+def shard_name(i: int) -> str:
+    """File name of shard ``i``: ``shard-%06d.tar``."""
+    return f"shard-{i:06d}.tar"
+
+
+def pixel_sha256(arr: np.ndarray) -> str:
+    """sha256 hex of an (H, W, 3) uint8 image's C-contiguous bytes (the contract's pixel hash)."""
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"pixel_sha256 expects an (H, W, 3) uint8 array, got {arr.shape} {arr.dtype}")
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One accepted image of an image set (a manifest row)."""
+
+    key: str
+    shard: int
+    height: int
+    width: int
+    source: str
+    pixel_sha256: str
+    augmentation: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def manifest_row(self) -> dict[str, Any]:
+        """The row as stored in manifest.parquet (augmentation as canonical JSON)."""
+        return {
+            "key": self.key,
+            "shard": self.shard,
+            "height": self.height,
+            "width": self.width,
+            "source": self.source,
+            "pixel_sha256": self.pixel_sha256,
+            "augmentation": canonical_json(self.augmentation),
+        }
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON (sorted keys, no whitespace) used for hashing and storage."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def manifest_fingerprint(records: list[ImageRecord]) -> str:
+    """sha256 over the canonical manifest content, in manifest (shard, tar) order.
+
+    Covers key, shard, height, width, pixel_sha256 and augmentation; ``source`` is provenance only, so the same
+    pixels ingested from another location (or a copied image set) keep their fingerprint.
+    """
+    h = hashlib.sha256()
+    h.update(f"spar-imageset-v{FORMAT_VERSION}\n".encode())
+    for r in records:
+        row = [r.key, r.shard, r.height, r.width, r.pixel_sha256, r.augmentation]
+        h.update(canonical_json(row).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def decode_png_rgb(data: bytes, what: str) -> np.ndarray:
+    """Decode stored PNG bytes to an (H, W, 3) uint8 array; raise ImageSetError naming ``what`` otherwise."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "PNG" or im.mode != "RGB":
+                raise ImageSetError(f"{what}: expected an RGB PNG, got {im.format} {im.mode}")
+            arr = np.asarray(im.convert("RGB"))
+    except ImageSetError:
+        raise
+    except Exception as e:
+        raise ImageSetError(f"{what}: cannot decode PNG ({e})") from e
+    return np.ascontiguousarray(arr)  # (H, W, 3) uint8
+
+
+def iter_tar_samples(fileobj: Any, what: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream a webdataset tar: yield (key, {ext: bytes}) groups in tar order (key = name up to first dot)."""
+    current: str | None = None
+    group: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                f = tf.extractfile(m)
+                data = f.read() if f is not None else b""
+                if key != current:
+                    if current is not None:
+                        yield current, group
+                    current, group = key, {}
+                group[ext] = data
+    except tarfile.TarError as e:
+        raise ImageSetError(f"{what}: unreadable tar ({e})") from e
+    if current is not None:
+        yield current, group
+
+
+class ImageSet:
+    """An ingested image set: manifest records plus access to the pixel shards."""
+
+    def __init__(self, url: str) -> None:
+        self.fs, path = fsspec.core.url_to_fs(url)
+        self.images_path = _resolve_images_dir(self.fs, path, url)
+        self.url = _join_url(url, path, self.images_path)
+        meta_path = f"{self.images_path}/{IMAGESET_NAME}"
+        try:
+            with self.fs.open(meta_path, "rb") as f:
+                self.meta: dict[str, Any] = json.loads(f.read())
+        except (OSError, ValueError) as e:
+            raise ImageSetError(f"{url}: cannot read {IMAGESET_NAME} ({e})") from e
+        self.records: list[ImageRecord] = _read_manifest(self.fs, f"{self.images_path}/{MANIFEST_NAME}", url)
+        self.fingerprint: str = str(self.meta.get("fingerprint", ""))
+        if manifest_fingerprint(self.records) != self.fingerprint:
+            raise ImageSetError(f"{url}: manifest does not match the fingerprint in {IMAGESET_NAME}")
+        self.num_shards: int = int(self.meta["num_shards"])
+        self.counts: dict[str, int] = dict(self.meta.get("counts", {}))
+        self.config: dict[str, Any] = dict(self.meta.get("config", {}))
+        self._by_key = {r.key: r for r in self.records}
+        self._by_shard: list[list[ImageRecord]] = [[] for _ in range(self.num_shards)]
+        for r in self.records:
+            if not 0 <= r.shard < self.num_shards:
+                raise ImageSetError(f"{url}: record {r.key!r} names shard {r.shard} of {self.num_shards}")
+            self._by_shard[r.shard].append(r)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        return f"ImageSet({self.url!r}, images={len(self)}, shards={self.num_shards}, fp={self.fingerprint[:12]})"
+
+    def record(self, key: str) -> ImageRecord:
+        """The record of ``key`` (KeyError naming the key if absent)."""
+        try:
+            return self._by_key[key]
+        except KeyError:
+            raise KeyError(f"image key {key!r} is not in image set {self.url}") from None
+
+    def shard_records(self, i: int) -> list[ImageRecord]:
+        """Records of shard ``i`` in tar order."""
+        self._check_shard(i)
+        return list(self._by_shard[i])
+
+    def shard_url(self, i: int) -> str:
+        """Path (local) or URL (remote) of ``shard-%06d.tar``."""
+        self._check_shard(i)
+        return f"{self.url}/{shard_name(i)}"
+
+    def iter_shard(self, i: int, verify: bool = True) -> Iterator[tuple[ImageRecord, np.ndarray]]:
+        """Yield (record, (H, W, 3) uint8 pixels) for shard ``i`` in tar order.
+
+        With ``verify`` (default) each image's size and pixel sha256 are checked against the manifest, and the tar
+        must hold exactly the manifest's keys in order; any mismatch raises ImageSetError naming shard and key.
+        """
+        expected = self.shard_records(i)
+        what = self.shard_url(i)
+        n = 0
+        with self.fs.open(f"{self.images_path}/{shard_name(i)}", "rb") as f:
+            for key, group in iter_tar_samples(f, what):
+                if n >= len(expected) or expected[n].key != key:
+                    want = expected[n].key if n < len(expected) else "<end of shard>"
+                    raise ImageSetError(f"{what}: sample {n} is {key!r}, manifest expects {want!r}")
+                rec = expected[n]
+                if "png" not in group:
+                    raise ImageSetError(f"{what}: sample {key!r} has no .png")
+                arr = decode_png_rgb(group["png"], f"{what}:{key}.png")  # (H, W, 3) uint8
+                if verify:
+                    _verify(rec, arr, what)
+                n += 1
+                yield rec, arr
+        if n != len(expected):
+            raise ImageSetError(f"{what}: holds {n} samples, manifest lists {len(expected)}")
+
+    def read(self, key: str, verify: bool = True) -> np.ndarray:
+        """Pixels of one image, (H, W, 3) uint8 (scans its shard)."""
+        rec = self.record(key)
+        what = self.shard_url(rec.shard)
+        with self.fs.open(f"{self.images_path}/{shard_name(rec.shard)}", "rb") as f:
+            for k, group in iter_tar_samples(f, what):
+                if k == key and "png" in group:
+                    arr = decode_png_rgb(group["png"], f"{what}:{key}.png")
+                    if verify:
+                        _verify(rec, arr, what)
+                    return arr
+        raise ImageSetError(f"{what}: image {key!r} listed in the manifest is missing from its shard")
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """(source, reason) of every input rejected at ingest."""
+        path = f"{self.images_path}/{REJECTED_NAME}"
+        if not self.fs.exists(path):
+            return []
+        with self.fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+        return list(zip(t.column("source").to_pylist(), t.column("reason").to_pylist(), strict=True))
+
+    def _check_shard(self, i: int) -> None:
+        if not isinstance(i, int | np.integer) or not 0 <= int(i) < self.num_shards:
+            raise IndexError(f"shard {i} out of range for image set {self.url} ({self.num_shards} shards)")
+
+
+def open_imageset(root: str) -> ImageSet:
+    """Open an image set at ``root`` (the parent of ``images/`` or ``images/`` itself; local or fsspec URL)."""
+    return ImageSet(str(root))
+
+
+def _verify(rec: ImageRecord, arr: np.ndarray, what: str) -> None:
+    if arr.shape != (rec.height, rec.width, 3):
+        raise ImageSetError(
+            f"{what}: {rec.key!r} is {arr.shape[:2]}, manifest says {(rec.height, rec.width)}"
+        )
+    if pixel_sha256(arr) != rec.pixel_sha256:
+        raise ImageSetError(f"{what}: {rec.key!r} pixels do not match the manifest's sha256 (corrupt shard?)")
+
+
+def _resolve_images_dir(fs: Any, path: str, url: str) -> str:
+    path = path.rstrip("/")
+    for cand in (f"{path}/{IMAGES_DIR}", path):
+        if fs.exists(f"{cand}/{IMAGESET_NAME}"):
+            return cand
+    raise ImageSetError(
+        f"{url}: not an image set (no {IMAGES_DIR}/{IMAGESET_NAME} or {IMAGESET_NAME}; "
+        "is ingest finished? run `spar ingest SRC --out ROOT`)"
+    )
+
+
+def _join_url(url: str, path: str, images_path: str) -> str:
+    """URL of the images dir in the user's spelling (keeps the scheme for remote stores)."""
+    if "://" not in url or url.startswith("file://"):
+        return images_path
+    scheme = url.split("://", 1)[0]
+    return f"{scheme}://{images_path}"
+
+
+def _read_manifest(fs: Any, path: str, url: str) -> list[ImageRecord]:
+    try:
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+    except (OSError, pa.ArrowException) as e:
+        raise ImageSetError(f"{url}: cannot read {MANIFEST_NAME} ({e})") from e
+    missing = [n for n in MANIFEST_SCHEMA.names if n not in t.column_names]
+    if missing:
+        raise ImageSetError(f"{url}: {MANIFEST_NAME} lacks columns {missing}")
+    cols = {n: t.column(n).to_pylist() for n in MANIFEST_SCHEMA.names}
+    return [
+        ImageRecord(
+            key=cols["key"][j],
+            shard=int(cols["shard"][j]),
+            height=int(cols["height"][j]),
+            width=int(cols["width"][j]),
+            source=cols["source"][j],
+            pixel_sha256=cols["pixel_sha256"][j],
+            augmentation=json.loads(cols["augmentation"][j]),
+        )
+        for j in range(t.num_rows)
+    ]
