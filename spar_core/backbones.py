@@ -1,0 +1,436 @@
+"""ViT backbones with one dense-feature interface (DESIGN §2 "Dense features of one forward pass").
+
+Every backbone maps a normalised image batch ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size to dense
+per-patch features ``(B, H/p, W/p, D)`` in one forward pass, interpolating the pretrained position embeddings
+bicubically to the input's patch grid. Two readouts:
+
+* ``maskclip`` (open_clip CLIP towers): the last block's attention is replaced by its value path,
+  ``x = x + out_proj(v(ln_1(x)))``, then the MLP as usual, then ``ln_post`` and the visual projection; the class
+  token is dropped.
+* ``siglip2-pool-bypass`` (open_clip timm towers with an attention pool): after the final norm, every token goes
+  through the pool's value projection and output projection, plus the pool's MLP on the normed result.
+
+This module is pure model code: no storage, no distribution. A local weights file is read with
+``safetensors`` or ``torch.load(weights_only=True)``; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "build_backbone",
+    "list_backbones",
+    "interpolate_grid_pos",
+    "state_dict_sha256",
+]
+
+
+class BackboneError(ValueError):
+    """A backbone could not be built or was given input it cannot process."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TinySpec:
+    """A small seeded CLIP for tests and demos (random weights, real open_clip modules)."""
+
+    image_size: int
+    width: int = 64
+    layers: int = 4
+    head_width: int = 16
+    embed_dim: int = 32
+    text_width: int = 64
+    text_layers: int = 2
+
+
+_TINY: dict[str, _TinySpec] = {
+    "tiny-clip-64": _TinySpec(image_size=64),
+    "tiny-clip-224": _TinySpec(image_size=224),
+    "small-clip-224": _TinySpec(
+        image_size=224, width=192, layers=6, head_width=32, embed_dim=96, text_width=128
+    ),
+}
+
+# name -> (open_clip model name, readout)
+_ALIASES: dict[str, tuple[str, str]] = {
+    "maskclip-vit-b16": ("ViT-B-16", "maskclip"),
+    "siglip2-vit-b16-512": ("ViT-B-16-SigLIP2-512", "siglip2-pool-bypass"),
+}
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone` (plus any open_clip ViT model name)."""
+    vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
+    return sorted(_TINY) + sorted(_ALIASES) + vits
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return (
+        "/" in pretrained
+        or "\\" in pretrained
+        or pretrained.endswith((".safetensors", ".pt", ".pth", ".bin"))
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# position embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interpolate_grid_pos(grid_pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resample a grid of position embeddings.
+
+    grid_pos: (src_h * src_w, C) -> (dst_h * dst_w, C). Identity when ``src == dst``.
+    """
+    if tuple(src) == tuple(dst):
+        return grid_pos
+    c = grid_pos.shape[-1]
+    g = grid_pos.reshape(1, src[0], src[1], c).permute(0, 3, 1, 2)  # (1, C, sh, sw)
+    g = F.interpolate(g.float(), size=dst, mode="bicubic", align_corners=False).to(grid_pos.dtype)
+    return g.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], c)  # (dh*dw, C)
+
+
+def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict: names, dtypes, shapes and bytes, in sorted order (format independent)."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backbone
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A CLIP-like model exposing dense features, text embeddings and block-wise freezing.
+
+    Attributes: ``name``, ``pretrained``, ``weights_id``, ``readout``, ``patch_size``, ``dim``, ``native_size``,
+    ``num_blocks``, ``mean``/``std`` (normalisation).
+    """
+
+    readout: str = ""
+
+    def __init__(
+        self, model: nn.Module, name: str, pretrained: str | None, weights_id: str, tokenizer_name: str
+    ):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.pretrained = pretrained
+        self.weights_id = weights_id
+        self._tokenizer_name = tokenizer_name
+        self._tokenizer: Callable | None = None
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    # -- to be provided by subclasses ----------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList | nn.Sequential:
+        raise NotImplementedError
+
+    def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- public interface ----------------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`BackboneError` unless ``x`` is (B, 3, H, W) with H, W multiples of the patch size."""
+        if x.ndim != 4:
+            raise BackboneError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != 3:
+            raise BackboneError(f"expected 3 colour channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p or h == 0 or w == 0:
+            raise BackboneError(f"image size {h}x{w} is not a positive multiple of the patch size {p}")
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense features of one forward pass: (B, 3, H, W) -> (B, H/p, W/p, D), not normalised."""
+        self.check_input(x)
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        return self._dense(x, gh, gw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # so DDP wraps ``dense``
+        return self.dense(x)
+
+    def normalize(self, img_u8: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float, scaled to [0, 1] and normalised with the model's mean/std."""
+        if img_u8.ndim != 4 or img_u8.shape[-1] != 3:
+            raise BackboneError(f"expected uint8 images (B, H, W, 3), got shape {tuple(img_u8.shape)}")
+        x = img_u8.permute(0, 3, 1, 2).to(self.mean.device, torch.float32) / 255.0  # (B, 3, H, W)
+        x = (x - self.mean) / self.std
+        return x.to(self._param_dtype())
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (N, D), not normalised."""
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self._tokenizer_name)
+        tokens = self._tokenizer(list(texts)).to(self.mean.device)
+        return self.model.encode_text(tokens).float()
+
+    def set_trainable(self, last_k: int | str) -> list[str]:
+        """Freeze everything, then unfreeze the last ``k`` blocks (``"all"``: every parameter; 0: none).
+
+        Returns the names of the trainable parameters.
+        """
+        if last_k == "all":
+            for p in self.parameters():
+                p.requires_grad_(True)
+            return [n for n, _ in self.named_parameters()]
+        if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 0:
+            raise BackboneError(f"trainable blocks must be an int >= 0 or 'all', got {last_k!r}")
+        if last_k > self.num_blocks:
+            raise BackboneError(f"cannot train the last {last_k} blocks: {self.name} has {self.num_blocks}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for blk in list(self.blocks)[self.num_blocks - last_k :]:
+            for p in blk.parameters():
+                p.requires_grad_(True)
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters that currently require grad, by their ``state_dict`` names (detached)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load a subset of parameters by name; every given name must exist with the same shape."""
+        own = dict(self.named_parameters())
+        unknown = sorted(set(sd) - set(own))
+        if unknown:
+            raise BackboneError(f"weights for {self.name} name unknown parameters: {unknown[:5]}")
+        with torch.no_grad():
+            for n, t in sd.items():
+                if own[n].shape != t.shape:
+                    raise BackboneError(f"parameter {n}: shape {tuple(t.shape)} != {tuple(own[n].shape)}")
+                own[n].copy_(t.to(own[n].dtype))
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class MaskClipBackbone(Backbone):
+    """open_clip ``VisionTransformer`` with the MaskCLIP value-path readout in the last block."""
+
+    readout = "maskclip"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        v = self.model.visual
+        if not isinstance(v, open_clip.transformer.VisionTransformer):
+            raise BackboneError(
+                f"{self.name}: the maskclip readout needs an open_clip VisionTransformer tower"
+            )
+        if v.attn_pool is not None:
+            raise BackboneError(f"{self.name}: attention-pool CLIP towers are not supported by maskclip")
+        self.patch_size = int(v.patch_size[0])
+        self.native_size = int(v.image_size[0])
+        self.native_grid = (int(v.grid_size[0]), int(v.grid_size[1]))
+        self.dim = int(v.proj.shape[1]) if v.proj is not None else int(v.ln_post.normalized_shape[0])
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.visual.transformer.resblocks
+
+    def _pos(self, gh: int, gw: int) -> torch.Tensor:
+        pos = self.model.visual.positional_embedding  # (1 + G*G, C)
+        grid = interpolate_grid_pos(pos[1:], self.native_grid, (gh, gw))  # (gh*gw, C)
+        return torch.cat([pos[:1], grid], dim=0)  # class token's embedding kept as is
+
+    def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        v = self.model.visual
+        b = x.shape[0]
+        t = v.conv1(x).flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+        cls = v.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(t.dtype)
+        t = torch.cat([cls, t], dim=1) + self._pos(gh, gw).to(t.dtype)  # (B, 1+gh*gw, C)
+        t = v.ln_pre(t)
+        batch_first = getattr(v.transformer, "batch_first", True)
+        if not batch_first:
+            t = t.transpose(0, 1)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        if not batch_first:
+            t = t.transpose(0, 1)
+        t = self._value_path_block(self.blocks[-1], t)  # (B, 1+gh*gw, C)
+        t = v.ln_post(t)
+        if v.proj is not None:
+            t = t @ v.proj  # (B, 1+gh*gw, D)
+        return t[:, 1:].reshape(b, gh, gw, -1)  # (B, gh, gw, D)
+
+    @staticmethod
+    def _value_path_block(blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        attn = blk.attn
+        c = t.shape[-1]
+        w_v = attn.in_proj_weight[2 * c :]  # (C, C)
+        b_v = attn.in_proj_bias[2 * c :] if attn.in_proj_bias is not None else None
+        vals = F.linear(blk.ln_1(t), w_v, b_v)  # (B, N, C)
+        t = t + blk.ls_1(attn.out_proj(vals))
+        return t + blk.ls_2(blk.mlp(blk.ln_2(t)))
+
+
+class SigLipPoolBypassBackbone(Backbone):
+    """open_clip timm tower (SigLIP/SigLIP2) read out by bypassing the attention pool's query."""
+
+    readout = "siglip2-pool-bypass"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        trunk = getattr(self.model.visual, "trunk", None)
+        if trunk is None or getattr(trunk, "attn_pool", None) is None:
+            raise BackboneError(
+                f"{self.name}: the pool-bypass readout needs a timm ViT with an attention pool"
+            )
+        if trunk.num_prefix_tokens != 0:
+            raise BackboneError(f"{self.name}: prefix tokens are not supported by the pool-bypass readout")
+        self.trunk = trunk
+        self.patch_size = int(trunk.patch_embed.patch_size[0])
+        self.native_grid = tuple(int(g) for g in trunk.patch_embed.grid_size)
+        self.native_size = self.native_grid[0] * self.patch_size
+        self.dim = int(trunk.attn_pool.out_features)
+
+    @property
+    def blocks(self) -> nn.Sequential:
+        return self.trunk.blocks
+
+    def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        tr = self.trunk
+        b = x.shape[0]
+        t = tr.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+        t = tr.patch_embed.norm(t)
+        pos = interpolate_grid_pos(tr.pos_embed[0], self.native_grid, (gh, gw))  # (gh*gw, C)
+        t = tr.norm_pre(t + pos.to(t.dtype))
+        t = tr.norm(tr.blocks(t))  # (B, gh*gw, C)
+        pool = tr.attn_pool
+        c = t.shape[-1]
+        vals = F.linear(t, pool.kv.weight[c:], pool.kv.bias[c:] if pool.kv.bias is not None else None)
+        y = pool.proj(vals)  # (B, gh*gw, D)
+        if pool.mlp is not None:
+            y = y + pool.mlp(pool.norm(y))
+        y = self.model.visual.head(y)
+        return y.reshape(b, gh, gw, -1)  # (B, gh, gw, D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# construction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_clip(spec: _TinySpec) -> nn.Module:
+    vision = CLIPVisionCfg(
+        layers=spec.layers,
+        width=spec.width,
+        head_width=spec.head_width,
+        patch_size=16,
+        image_size=spec.image_size,
+    )
+    text = CLIPTextCfg(
+        context_length=77, vocab_size=49408, width=spec.text_width, heads=4, layers=spec.text_layers
+    )
+    return open_clip.model.CLIP(embed_dim=spec.embed_dim, vision_cfg=vision, text_cfg=text)
+
+
+def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise BackboneError(f"weights file not found: {path}") from e
+    except Exception as e:  # corrupt file, pickle refused by weights_only, ...
+        raise BackboneError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneError(f"weights file {path} does not hold a flat tensor state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _make_model(name: str, oc_name: str | None, pretrained: str | None, seed: int) -> tuple[nn.Module, str]:
+    """Build the open_clip model and its weights identity."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name in _TINY:
+            model = _tiny_clip(_TINY[name])
+        else:
+            tag = pretrained if pretrained and not _looks_like_path(pretrained) else None
+            try:
+                model = open_clip.create_model(oc_name, pretrained=tag)
+            except RuntimeError as e:  # unknown model names, unavailable tags, ...
+                raise BackboneError(
+                    f"cannot build open_clip model {oc_name!r} (pretrained={tag!r}): {e}"
+                ) from e
+            if tag:
+                return model, f"openclip:{oc_name}:{tag}"
+    if pretrained is None:
+        return model, f"random:{name}:seed{seed}"
+    if not _looks_like_path(pretrained):
+        raise BackboneError(f"{name}: pretrained tag {pretrained!r} is not available for tiny models")
+    sd = _load_weights_file(pretrained)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise BackboneError(
+            f"weights file {pretrained} does not match {name}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return model, "sha256:" + state_dict_sha256(model.state_dict())
+
+
+def build_backbone(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Backbone:
+    """Build a named backbone in eval mode with every parameter frozen.
+
+    Args:
+        name: ``maskclip-vit-b16``, ``siglip2-vit-b16-512``, any open_clip ViT name (``ViT-S-16``, ...), or a tiny
+            seeded test model (``tiny-clip-64``, ``tiny-clip-224``, ``small-clip-224``).
+        pretrained: ``None`` (random, seeded by ``seed``), an open_clip pretrained tag (downloaded by open_clip), or
+            a local weights file (``.safetensors``; ``.pt``/``.bin`` read with ``weights_only=True``).
+        device, dtype: where and in which precision the parameters live.
+    """
+    if name in _TINY:
+        oc_name, readout, tok = None, "maskclip", "ViT-B-16"
+    elif name in _ALIASES:
+        oc_name, readout = _ALIASES[name]
+        tok = oc_name
+    elif name in open_clip.list_models() and name.startswith("ViT-"):
+        oc_name, tok = name, name
+        readout = "siglip2-pool-bypass" if "SigLIP" in name else "maskclip"
+    else:
+        known = ", ".join(sorted(_TINY) + sorted(_ALIASES))
+        raise BackboneError(f"unknown backbone {name!r}; known: {known}, or any open_clip ViT-* model name")
+    model, weights_id = _make_model(name, oc_name, pretrained, seed)
+    cls = MaskClipBackbone if readout == "maskclip" else SigLipPoolBypassBackbone
+    bb = cls(model, name=name, pretrained=pretrained, weights_id=weights_id, tokenizer_name=tok)
+    bb.set_trainable(0)
+    return bb.to(device=device, dtype=dtype).eval()
