@@ -1,0 +1,235 @@
+"""Typed per-stage configuration: dataclasses, TOML recipes, ``key=value`` overrides, resolved-config files.
+
+Each stage defines one ``@dataclass`` whose fields have primitive types (``int``, ``float``, ``str``, ``bool``,
+``X | None``, ``Literal[...]``, ``tuple[...]``/``list[...]`` of primitives). :func:`load_config` builds it from a
+TOML recipe section plus command-line overrides and rejects unknown keys, wrong types and values outside a
+``Literal`` with a :class:`ConfigError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "UserError",
+    "ConfigError",
+    "load_config",
+    "from_dict",
+    "apply_overrides",
+    "parse_override",
+    "to_dict",
+    "save_resolved",
+    "read_recipe",
+]
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error caused by the user's input; the CLI prints its message (no traceback) and exits with 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration key is unknown, of the wrong type or out of range."""
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a TOML recipe, with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {path}: file not found")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path}: not valid TOML: {e}") from e
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
+    """Check (and, for strings from the command line, convert) ``value`` against the annotation ``tp``."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None or (from_string and isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for opt in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(key, value, opt, from_string)
+            except ConfigError as e:
+                errors.append(str(e))
+        allowed = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"config key {key!r}: {value!r} is not {allowed}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        cand = value
+        if from_string and isinstance(value, str):
+            for a in allowed:
+                if str(a) == value:
+                    cand = a
+        if cand not in allowed or type(cand) is not type(next(a for a in allowed if a == cand)):
+            raise ConfigError(
+                f"config key {key!r}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}"
+            )
+        return cand
+    if origin in (tuple, list):
+        if from_string and isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        args = get_args(tp)
+        item = args[0] if args else Any
+        items = [_coerce(f"{key}[{i}]", v, item, from_string) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if (
+            from_string
+            and isinstance(value, str)
+            and value.lower() in ("true", "false", "1", "0", "yes", "no")
+        ):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_string and isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_string and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "", from_string: bool = False) -> T:
+    """Build dataclass ``cls`` from a mapping, validating every key and value."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls} is not a dataclass")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    prefix = f"{where}: " if where else ""
+    if unknown:
+        raise ConfigError(
+            f"{prefix}unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(k, v, hints[k], from_string) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # missing required fields
+        raise ConfigError(f"{prefix}{e}") from e
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """``"key=value"`` -> (key, value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    k, v = item.split("=", 1)
+    k = k.strip()
+    if not k:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return k, v.strip()
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str] | Mapping[str, Any], section: str | None = None) -> T:
+    """Return a copy of ``cfg`` with overrides applied (strings from ``--set k=v`` or typed values).
+
+    With ``section`` set, keys of the form ``section.key`` are accepted and keys for other sections are ignored.
+    """
+    if isinstance(overrides, Mapping):
+        items, from_string = dict(overrides), False
+    else:
+        items, from_string = dict(parse_override(o) for o in overrides), True
+    if section:
+        scoped = {}
+        for k, v in items.items():
+            if "." in k:
+                sec, key = k.split(".", 1)
+                if sec == section:
+                    scoped[key] = v
+            else:
+                scoped[k] = v
+        items = scoped
+    merged = {**to_dict(cfg)}
+    hints = get_type_hints(type(cfg))
+    fields = {f.name for f in dataclasses.fields(cfg) if f.init}
+    unknown = sorted(set(items) - fields)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(fields))}")
+    for k, v in items.items():
+        merged[k] = _coerce(k, v, hints[k], from_string)
+    return from_dict(type(cfg), {k: v for k, v in merged.items() if k in fields})
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    section: str | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Build a stage config: defaults <- ``base`` <- recipe ``[section]`` <- overrides.
+
+    ``base`` holds values already known (e.g. from CLI flags); the recipe section may be missing (defaults).
+    """
+    data: dict[str, Any] = dict(base or {})
+    where = ""
+    if path is not None:
+        recipe = read_recipe(path)
+        sec = recipe.get(section, {}) if section else recipe
+        if not isinstance(sec, dict):
+            raise ConfigError(f"recipe {path}: [{section}] must be a table")
+        data.update(sec)
+        where = f"recipe {path} [{section}]" if section else f"recipe {path}"
+    cfg = from_dict(cls, data, where=where)
+    return apply_overrides(cfg, overrides, section=section) if overrides else cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass (tuples kept as lists for JSON/TOML)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def save_resolved(cfg: Any, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the resolved config (plus e.g. the git commit) as JSON; returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = {"config": to_dict(cfg), "type": type(cfg).__name__, **(extra or {})}
+    p.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return p
