@@ -373,7 +373,7 @@ def encode_png(arr: np.ndarray, level: int) -> bytes:
 
 
 def _is_url(s: str) -> bool:
-    return "://" in s and not s.startswith("file://")
+    return "://" in s
 
 
 def list_sources(src: str) -> list[tuple[str, str]]:
@@ -627,6 +627,8 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
     if todo:
         _init_ray(workers)
         import ray
+
+        t_work = time.perf_counter()  # throughput excludes Ray start-up
 
         limit = workers or _cluster_cpus()
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)

@@ -1,0 +1,466 @@
+"""Ingest: real image files in, real webdataset tars out, read back with webdataset and the ImageSet reader."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import skimage.data
+import webdataset as wds
+from PIL import Image
+
+from pipeline.imageset import ImageSetError, open_imageset
+from pipeline.ingest import (
+    IngestConfig,
+    IngestError,
+    add_cli,
+    assign_keys,
+    augmentation_for,
+    ingest,
+    sanitize_key,
+)
+
+SKIMAGE_DIR = Path(skimage.data.__file__).parent
+# small targets keep the tests fast: short sides in [64, 128], long sides <= 256
+SMALL = dict(target_long=256, target_short=128, min_short=64)
+
+
+def small_cfg(**kw) -> IngestConfig:
+    return IngestConfig(**{**SMALL, "shard_size": 4, **kw})
+
+
+def sha(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def decode(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.mode == "RGB"
+        return np.asarray(im)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_cleanup():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """scikit-image's bundled photos written as PNG and JPEG (RGB and grayscale), in sub-folders."""
+    d = tmp_path_factory.mktemp("photos")
+    (d / "rgb").mkdir()
+    (d / "gray").mkdir()
+    Image.fromarray(skimage.data.astronaut()).save(d / "rgb" / "astronaut.png")
+    Image.fromarray(skimage.data.chelsea()).save(d / "rgb" / "chelsea.jpg", quality=90)
+    Image.fromarray(skimage.data.coffee()).save(d / "rgb" / "coffee.jpeg", quality=90)
+    Image.fromarray(skimage.data.rocket()).save(d / "rgb" / "rocket.webp", lossless=True)
+    Image.fromarray(skimage.data.camera()).save(d / "gray" / "camera.png")
+    Image.fromarray(skimage.data.coins()).save(d / "gray" / "coins.bmp")
+    Image.fromarray(skimage.data.moon()).save(d / "gray" / "moon.tif")
+    (d / "notes.txt").write_text("not an image and not listed: ignored by folder scan")
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+def _check_params(h: int, w: int, cfg: IngestConfig, p: dict) -> None:
+    rh, rw = p["resize"]
+    top, left, ch, cw = p["crop"]
+    m = cfg.multiple
+    assert ch % m == 0 and cw % m == 0 and ch > 0 and cw > 0
+    assert 0 <= top and top + ch <= rh and 0 <= left and left + cw <= rw
+    assert min(ch, cw) >= cfg.min_short
+    assert cfg.scale_min <= p["t"] <= cfg.scale_max
+    t = p["t"]
+    # resize to fit (target_long*t, target_short*t), reference formula written out independently
+    fit = min(cfg.target_long * t / max(h, w), cfg.target_short * t / min(h, w))
+    if cfg.max_side:
+        fit = min(fit, cfg.max_side / max(h, w))
+    if min(h * fit, w * fit) >= cfg.min_short + 1:
+        assert p["mode"] in ("full", "crop")
+        assert abs(rh - h * fit) <= 1.0 and abs(rw - w * fit) <= 1.0
+        assert max(rh, rw) <= cfg.target_long * t + 1 and min(rh, rw) <= cfg.target_short * t + 1
+        assert not cfg.max_side or max(rh, rw) <= cfg.max_side
+    elif min(h * fit, w * fit) < cfg.min_short - 1:
+        assert p["mode"] == "upscale"
+        assert min(rh, rw) == cfg.min_short  # short side raised exactly to the floor
+        assert abs(max(rh, rw) - max(h, w) * cfg.min_short / min(h, w)) <= 1.0
+    if p["mode"] == "full":
+        assert rh - ch < m and rw - cw < m  # only the snap removed pixels
+    if p["mode"] == "crop":
+        for L, c in ((rh, ch), (rw, cw)):
+            assert c <= L
+            assert c >= min(L, max(cfg.min_short, int(cfg.crop_min_frac * L))) - (m - 1)
+    assert max(ch, cw) <= max(cfg.target_long, cfg.min_short)
+
+
+@pytest.mark.parametrize("cfg", [IngestConfig(), IngestConfig(**SMALL), IngestConfig(max_side=1024)])
+def test_augmentation_bounds_over_many_seeds(cfg):
+    rng = np.random.default_rng(0)
+    sizes = [(480, 640), (4000, 3000), (300, 200), (17, 4000), (1500, 2250), (1024, 2048), (64, 64)]
+    sizes += [tuple(int(x) for x in rng.integers(16, 5000, 2)) for _ in range(40)]
+    modes, flips = [], []
+    for seed in range(30):
+        for j, (h, w) in enumerate(sizes):
+            c = IngestConfig(**{**vars(cfg), "seed": seed})
+            p = augmentation_for(f"img{j}", h, w, c)
+            _check_params(h, w, c, p)
+            if cfg.max_side:
+                assert max(p["crop"][2:]) <= cfg.max_side
+            modes.append(p["mode"])
+            flips.append(p["flip"])
+    n_big = sum(m in ("full", "crop") for m in modes)
+    assert n_big > 200
+    assert abs(sum(m == "crop" for m in modes) / n_big - 0.5) < 0.08  # crop with prob 0.5
+    assert abs(np.mean(flips) - 0.5) < 0.05  # flip with prob 0.5
+
+
+def test_augmentation_depends_only_on_seed_and_key():
+    cfg = IngestConfig()
+    a = [augmentation_for(f"k{i}", 1500, 2250, cfg) for i in range(20)]
+    b = [augmentation_for(f"k{i}", 1500, 2250, cfg) for i in reversed(range(20))][::-1]
+    assert a == b
+    other = [augmentation_for(f"k{i}", 1500, 2250, IngestConfig(seed=1)) for i in range(20)]
+    assert a != other
+
+
+def test_no_augment_is_plain_snap():
+    cfg = IngestConfig(augment=False)
+    p = augmentation_for("x", 517, 333, cfg)
+    assert p["mode"] == "plain" and not p["flip"] and p["resize"] == [517, 333]
+    assert p["crop"][2:] == [512, 320]
+    p = augmentation_for("x", 4000, 1000, IngestConfig(augment=False, max_side=1024))
+    assert p["resize"] == [1024, 256] and p["crop"][2:] == [1024, 256]
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(Exception, match="min_short"):
+        IngestConfig(min_short=100)  # not a multiple of 16
+    with pytest.raises(Exception, match="shard_size"):
+        IngestConfig(shard_size=0)
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+def test_keys_are_sanitised_and_unique():
+    rels = ["a/b.png", "a_b.jpg", "a_b.png", "../../etc/passwd.png", "x/../../y.JPG", "..png", "a b.c.d.png",
+            "é/日本.png", "-.png", "a/b.png.jpg"]  # fmt: skip
+    keys = assign_keys(rels)
+    assert len(set(keys)) == len(keys)
+    for k in keys:
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", k), k
+        assert ".." not in k and "/" not in k and "." not in k
+    assert keys[:3] == ["a_b", "a_b-2", "a_b-3"]
+    assert keys[3] == "etc_passwd"
+    assert sanitize_key("x" * 500 + ".png") != sanitize_key("x" * 501 + ".png")
+    assert len(sanitize_key("x" * 500 + ".png")) <= 96
+
+
+def test_path_traversal_cannot_escape_root(tmp_path):
+    outside = tmp_path / "outside"
+    lists = tmp_path / "lists" / "deep"
+    outside.mkdir()
+    lists.mkdir(parents=True)
+    img = Image.fromarray(skimage.data.astronaut()[::4, ::4])
+    img.save(outside / "evil.png")
+    img.save(outside / "..png", format="PNG")
+    img.save(outside / "..%2f..%2fescape.png")
+    (lists / "list.txt").write_text(
+        "../../outside/evil.png\n"
+        f"{outside}/..png\n"
+        "../../outside/..%2f..%2fescape.png\n"
+        "# a comment\n\n"
+        "../../outside/../outside/evil.png\n"
+    )
+    root = tmp_path / "root"
+    before = {p for p in tmp_path.rglob("*")}
+    s = ingest(str(lists / "list.txt"), str(root), small_cfg(), workers=1, progress=False)
+    assert s.num_inputs == 3  # the last line is the same file as the first after normalisation
+    assert s.accepted == 3, s.line()
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(root in p.parents or p == root for p in new), sorted(new)
+    ims = open_imageset(str(root))
+    for i in range(ims.num_shards):
+        with tarfile.open(ims.shard_url(i)) as tf:
+            for m in tf.getmembers():
+                assert "/" not in m.name and not m.name.startswith(".") and ".." not in m.name
+                assert re.fullmatch(r"[A-Za-z0-9_-]+\.(png|json)", m.name)
+
+
+# ------------------------------------------------------------------------------------------------ image modes
+
+
+def test_image_modes_are_converted_correctly(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = skimage.data.astronaut()[:128, :160]  # (128, 160, 3), multiples of 16: plain mode keeps every pixel
+    gray = skimage.data.camera()[:96, :128]
+    Image.fromarray(gray).save(src / "gray.png")
+    # RGBA with a ramp of alpha, composited on the configured background
+    alpha = np.tile(np.linspace(0, 255, 160).astype(np.uint8), (128, 1))
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(src / "rgba.png")
+    # palette with transparency for index 0
+    idx = rng.integers(0, 4, (64, 64)).astype(np.uint8)
+    pal = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255]
+    p_img = Image.fromarray(idx, "P")
+    p_img.putpalette(pal)
+    p_img.save(src / "palette.png", transparency=0)
+    # 16-bit grayscale: v16 = v8 * 257 must come back as v8
+    Image.fromarray(gray.astype(np.uint16) * 257).save(src / "gray16.png")
+    # EXIF orientation 6 (rotate 90° clockwise for display)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(src / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    # CMYK TIFF with K = 0: R = 255 - C exactly
+    cmy = rgb.copy()
+    Image.fromarray(np.dstack([255 - cmy, np.zeros((128, 160), np.uint8)]), "CMYK").save(src / "cmyk.tif")
+
+    cfg = IngestConfig(augment=False, background=(10, 20, 30), shard_size=10)
+    s = ingest(str(src), str(tmp_path / "out"), cfg, workers=1, progress=False)
+    assert (s.accepted, s.rejected) == (6, 0), s.line()
+    ims = open_imageset(str(tmp_path / "out"))
+    got = {r.key: arr for i in range(ims.num_shards) for r, arr in ims.iter_shard(i)}
+
+    np.testing.assert_array_equal(got["gray"], np.stack([gray] * 3, -1))
+    np.testing.assert_array_equal(got["gray16"], np.stack([gray] * 3, -1))
+    a = alpha[..., None].astype(np.float64) / 255
+    expect = rgb * a + np.array([10, 20, 30]) * (1 - a)
+    assert np.abs(got["rgba"].astype(np.float64) - expect).max() <= 1.0
+    ref_pal = np.array(pal, np.uint8).reshape(4, 3)
+    ref_pal[0] = [10, 20, 30]  # index 0 is transparent: the background shows
+    np.testing.assert_array_equal(got["palette"], ref_pal[idx])
+    assert got["rotated"].shape == (160, 128, 3)  # width and height swapped
+    rot = np.rot90(rgb, k=-1)  # clockwise
+    assert np.abs(got["rotated"].astype(int) - rot).mean() < 4  # JPEG-lossy
+    np.testing.assert_array_equal(got["cmyk"], rgb)
+
+
+# ------------------------------------------------------------------------------------------------ bad inputs
+
+
+def _make_mixed(d: Path) -> dict[str, str]:
+    """Write good and bad files; return {file name: expected reason prefix or 'ok'}."""
+    d.mkdir()
+    expect = {}
+    Image.fromarray(skimage.data.astronaut()).save(d / "astronaut.png")
+    Image.fromarray(skimage.data.camera()).save(d / "camera.jpg", quality=90)
+    Image.fromarray(skimage.data.logo()).save(d / "logo.png")  # RGBA
+    Image.fromarray(skimage.data.coins()[:40, :50]).save(d / "small.png")  # tiny: upscaled to the floor
+    expect.update({"astronaut.png": "ok", "camera.jpg": "ok", "logo.png": "ok", "small.png": "ok"})
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, format="JPEG", quality=90)
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / "empty.png").write_bytes(b"")
+    (d / "fake.jpg").write_text("<html>this is not a jpeg</html>")
+    Image.new("1", (4000, 3000)).save(d / "bomb.png")  # 12 Mpx, a few kB on disk
+    Image.fromarray(skimage.data.camera()).save(d / "really_a_gif.png", format="GIF")
+    expect.update({"truncated.jpg": "corrupt", "empty.png": "empty_file", "fake.jpg": "not_an_image",
+                   "bomb.png": "decompression_bomb", "really_a_gif.png": "unsupported_format"})  # fmt: skip
+    return expect
+
+
+def test_mixed_set_counts_and_reasons(tmp_path):
+    expect = _make_mixed(tmp_path / "mixed")
+    cfg = small_cfg(max_pixels=5_000_000, shard_size=3)
+    s = ingest(str(tmp_path / "mixed"), str(tmp_path / "out"), cfg, workers=2, progress=False)
+    n_ok = sum(v == "ok" for v in expect.values())
+    assert s.num_inputs == len(expect) == s.accepted + s.rejected
+    assert (s.accepted, s.rejected) == (n_ok, len(expect) - n_ok), s.line()
+    assert s.rejected_reasons == {"corrupt": 1, "empty_file": 1, "not_an_image": 1, "decompression_bomb": 1,
+                                  "unsupported_format": 1}  # fmt: skip
+    assert "5 rejected" in s.line()
+    table = pq.read_table(tmp_path / "out" / "images" / "rejected.parquet").to_pylist()
+    got = {Path(r["source"]).name: r["reason"].split(":", 1)[0] for r in table}
+    assert got == {k: v for k, v in expect.items() if v != "ok"}
+    ims = open_imageset(str(tmp_path / "out"))
+    assert {Path(r.source).name for r in ims.records} == {k for k, v in expect.items() if v == "ok"}
+    assert ims.counts == {"inputs": 9, "accepted": 4, "rejected": 5, "shards": 3}
+    assert sorted(ims.rejected()) == sorted((r["source"], r["reason"]) for r in table)
+
+
+def test_bad_source_is_a_clear_error(tmp_path):
+    with pytest.raises(IngestError, match="no such file"):
+        ingest(str(tmp_path / "nope"), str(tmp_path / "out"), small_cfg(), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IngestError, match="holds no images"):
+        ingest(str(tmp_path / "empty"), str(tmp_path / "out"), small_cfg(), progress=False)
+    with pytest.raises(ImageSetError, match="not an image set"):
+        open_imageset(str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------------------ determinism, read-back
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_determinism_identical_bytes_and_fingerprint(photos, tmp_path):
+    cfg = small_cfg(seed=7, shard_size=3)
+    s1 = ingest(str(photos), str(tmp_path / "a"), cfg, workers=2, progress=False)
+    s2 = ingest(str(photos), str(tmp_path / "b"), cfg, workers=1, progress=False)
+    assert s1.fingerprint == s2.fingerprint
+    assert s1.accepted == 7 and s1.num_shards == 3
+    a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+    s3 = ingest(str(photos), str(tmp_path / "c"), small_cfg(seed=8, shard_size=3), workers=2, progress=False)
+    assert s3.fingerprint != s1.fingerprint
+    with tarfile.open(tmp_path / "a" / "images" / "shard-000000.tar") as tf:
+        for m in tf.getmembers():
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "", "")
+
+
+def test_webdataset_reads_back_manifest_keys_and_hashes(photos, tmp_path):
+    ingest(str(photos), str(tmp_path / "r"), small_cfg(shard_size=3), workers=2, progress=False)
+    ims = open_imageset(str(tmp_path / "r"))
+    manifest = pq.read_table(tmp_path / "r" / "images" / "manifest.parquet").to_pylist()
+    assert [m["key"] for m in manifest] == [r.key for r in ims.records]
+    urls = [ims.shard_url(i) for i in range(ims.num_shards)]
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        arr = decode(sample["png"])
+        meta = json.loads(sample["json"])
+        seen.append((sample["__key__"], sha(arr), arr.shape[:2]))
+        assert meta["pixel_sha256"] == sha(arr) and meta["key"] == sample["__key__"]
+        assert arr.shape[0] % 16 == 0 and arr.shape[1] % 16 == 0 and min(arr.shape[:2]) >= 64
+    assert seen == [(m["key"], m["pixel_sha256"], (m["height"], m["width"])) for m in manifest]
+    # the reader agrees with webdataset, shard by shard and by key
+    for i in range(ims.num_shards):
+        for rec, arr in ims.iter_shard(i):
+            assert sha(arr) == rec.pixel_sha256 and rec.shard == i
+    k = ims.records[-1].key
+    assert sha(ims.read(k)) == ims.record(k).pixel_sha256
+    # an independent reference for one image: decode the source, apply the recorded parameters with numpy
+    rec = ims.record("rgb_astronaut")
+    src = np.asarray(Image.open(rec.source).convert("RGB"))
+    p = rec.augmentation
+    rh, rw = p["resize"]
+    top, left, ch, cw = p["crop"]
+    ref = np.asarray(Image.fromarray(src).resize((rw, rh), Image.Resampling.BICUBIC))[
+        top : top + ch, left : left + cw
+    ]
+    ref = ref[:, ::-1] if p["flip"] else ref
+    np.testing.assert_array_equal(ims.read("rgb_astronaut"), ref)
+
+
+def test_reader_detects_corruption(photos, tmp_path):
+    ingest(str(photos), str(tmp_path / "r"), small_cfg(shard_size=10), workers=1, progress=False)
+    images = tmp_path / "r" / "images"
+    tar = images / "shard-000000.tar"
+    # replace one image's pixels inside the tar (valid PNG, wrong content)
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(tar, "w") as tf:
+        for m, data in members:
+            if m.name.endswith(".png") and m.name.startswith("gray_camera"):
+                arr = decode(data).copy()
+                arr[0, 0] ^= 0xFF
+                data = io.BytesIO()
+                Image.fromarray(arr).save(data, format="PNG")
+                data = data.getvalue()
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    ims = open_imageset(str(tmp_path / "r"))
+    with pytest.raises(ImageSetError, match="gray_camera"):
+        list(ims.iter_shard(0))
+    # a tampered manifest no longer matches the fingerprint
+    meta = json.loads((images / "imageset.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (images / "imageset.json").write_text(json.dumps(meta))
+    with pytest.raises(ImageSetError, match="fingerprint"):
+        open_imageset(str(images))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_interrupted_ingest_resumes_only_missing_shards(photos, tmp_path):
+    cfg = small_cfg(shard_size=2)  # 7 photos -> 4 shards
+    out = tmp_path / "out"
+    s1 = ingest(str(photos), str(out), cfg, workers=2, progress=False)
+    assert s1.num_shards == 4
+    images = out / "images"
+    reference = _tree_bytes(out)
+    # simulate an interruption: shard 1 never finished (only its .tmp is there), shard 3 was half-written
+    (images / "shard-000001.tar").rename(images / "shard-000001.tar.tmp")
+    (images / "shard-000001.tar.tmp").write_bytes(b"partial")
+    data = (images / "shard-000003.tar").read_bytes()
+    (images / "shard-000003.tar").write_bytes(data[: len(data) // 2])
+    (images / "imageset.json").unlink()
+    with pytest.raises(ImageSetError):
+        open_imageset(str(out))  # incomplete sets are not readable
+    mtimes = {i: (images / f"shard-{i:06d}.tar").stat().st_mtime_ns for i in (0, 2)}
+
+    s2 = ingest(str(photos), str(out), cfg, workers=2, progress=False)
+    assert (s2.shards_written, s2.shards_skipped) == (2, 2)
+    assert s2.fingerprint == s1.fingerprint
+    for i in (0, 2):
+        assert (images / f"shard-{i:06d}.tar").stat().st_mtime_ns == mtimes[i]
+    assert not list(images.glob("*.tmp"))
+    assert _tree_bytes(out) == reference
+
+    # a run with another config rewrites every shard and drops shards the new plan no longer has
+    s3 = ingest(str(photos), str(out), small_cfg(shard_size=3, seed=1), workers=2, progress=False)
+    assert (s3.shards_written, s3.num_shards) == (3, 3)
+    assert not (images / "shard-000003.tar").exists()
+    assert open_imageset(str(out)).fingerprint == s3.fingerprint
+
+
+# ------------------------------------------------------------------------------------------------ URLs and CLI
+
+
+def test_fsspec_url_sources_and_list_file(photos, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{p}\n" for p in sorted(photos.rglob("*.png"))))
+    s = ingest(f"file://{lst}", f"file://{tmp_path / 'out'}", small_cfg(), workers=1, progress=False)
+    assert s.accepted == 2
+    ims = open_imageset(f"file://{tmp_path / 'out'}")
+    assert all(r.source.startswith("file://") for r in ims.records)
+    g = ingest(str(photos / "*" / "*.png"), str(tmp_path / "g"), small_cfg(), workers=1, progress=False)
+    assert g.accepted == 2
+    assert [r.key for r in open_imageset(str(tmp_path / "g")).records] == ["gray_camera", "rgb_astronaut"]
+
+
+def test_cli(photos, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="spar")
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "ingest", str(photos / "gray"), "--out", str(tmp_path / "cli"), "--seed", "3", "--shard-size", "2",
+            "--no-augment", "--max-side", "256", "--workers", "1", "--quiet",
+        ]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    line = capsys.readouterr().out
+    assert "3 inputs -> 3 accepted, 0 rejected" in line
+    ims = open_imageset(str(tmp_path / "cli"))
+    assert ims.num_shards == 2 and ims.config["seed"] == 3 and ims.config["augment"] is False
+    assert all(max(r.height, r.width) <= 256 for r in ims.records)
+
+
+def test_empty_output_dir_is_left_clean_of_tmp(photos, tmp_path):
+    out = tmp_path / "o"
+    ingest(str(photos / "rgb"), str(out), small_cfg(), workers=1, progress=False)
+    names = sorted(os.listdir(out / "images"))
+    assert names == ["imageset.json", "manifest.parquet", "rejected.parquet", "shard-000000.json",
+                     "shard-000000.tar"]  # fmt: skip
+    shutil.rmtree(out)
