@@ -28,13 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-try:  # the lead's shared error base (cli prints these without a traceback)
-    from pipeline.config import UserError
-except ImportError:  # pragma: no cover - until pipeline.config lands
-
-    class UserError(Exception):  # type: ignore[no-redef]
-        """A problem with the user's input, reported without a traceback."""
-
+from pipeline.config import UserError
 
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.parquet"

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from pipeline.config import ConfigError, load_config
 from pipeline.imageset import (
     FORMAT_VERSION,
     IMAGES_DIR,
@@ -127,16 +128,7 @@ class IngestConfig:
         if not 0 <= self.png_compress_level <= 9:
             problems.append(f"png_compress_level must be in 0..9 (got {self.png_compress_level})")
         if problems:
-            raise _config_error("ingest config: " + "; ".join(problems))
-
-
-def _config_error(msg: str) -> Exception:
-    try:
-        from pipeline.config import ConfigError
-
-        return ConfigError(msg)
-    except ImportError:  # pragma: no cover - until pipeline.config lands
-        return IngestError(msg)
+            raise ConfigError("ingest config: " + "; ".join(problems))
 
 
 @dataclass
@@ -568,15 +560,8 @@ def load_complete_shard(fs: Any, images: str, shard: int, plan: str) -> dict[str
 
 
 def _init_ray(workers: int | None) -> None:
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # before ray is imported
-    import ray
+    from pipeline.raycluster import init_ray
 
-    try:
-        from pipeline.raycluster import init_ray
-    except ImportError:  # pragma: no cover - until pipeline.raycluster lands
-        if not ray.is_initialized():
-            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        return
     init_ray(num_cpus=workers)
 
 
@@ -752,26 +737,7 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
             overrides.append(f"{name}={getattr(args, flag)}")
     if args.no_augment:
         overrides.append("augment=false")
-    try:
-        from pipeline.config import load_config
-    except ImportError:  # pragma: no cover - until pipeline.config lands
-        return _fallback_config(args.config, overrides)
     return load_config(IngestConfig, args.config, overrides, section="ingest")
-
-
-def _fallback_config(path: str | None, overrides: list[str]) -> IngestConfig:
-    if path:
-        raise IngestError("--config needs pipeline.config (not available yet)")
-    kw: dict[str, Any] = {}
-    types = {f.name: f.type for f in dataclasses.fields(IngestConfig)}
-    for ov in overrides:
-        k, sep, v = ov.partition("=")
-        if not sep or k not in types:
-            raise IngestError(f"--set {ov!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
-        t = str(types[k])
-        kw[k] = v.lower() in ("1", "true", "yes") if t == "bool" else (float(v) if t == "float" else
-                 tuple(int(x) for x in v.strip("()[]").split(",")) if t.startswith("tuple") else int(v))  # fmt: skip
-    return IngestConfig(**kw)
 
 
 def _cli_main(args: argparse.Namespace) -> int:

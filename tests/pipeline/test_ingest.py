@@ -49,17 +49,14 @@ def decode(png: bytes) -> np.ndarray:
         return np.asarray(im)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_cleanup():
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+@pytest.fixture(autouse=True)
+def _ray(ray_up):
+    """Every test here may start shard tasks: use the session's local Ray cluster (2 CPUs)."""
+    return ray_up
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
+def photo_tree(tmp_path_factory) -> Path:
     """scikit-image's bundled photos written as PNG and JPEG (RGB and grayscale), in sub-folders."""
     d = tmp_path_factory.mktemp("photos")
     (d / "rgb").mkdir()
@@ -312,25 +309,27 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_determinism_identical_bytes_and_fingerprint(photos, tmp_path):
+def test_determinism_identical_bytes_and_fingerprint(photo_tree, tmp_path):
     cfg = small_cfg(seed=7, shard_size=3)
-    s1 = ingest(str(photos), str(tmp_path / "a"), cfg, workers=2, progress=False)
-    s2 = ingest(str(photos), str(tmp_path / "b"), cfg, workers=1, progress=False)
+    s1 = ingest(str(photo_tree), str(tmp_path / "a"), cfg, workers=2, progress=False)
+    s2 = ingest(str(photo_tree), str(tmp_path / "b"), cfg, workers=1, progress=False)
     assert s1.fingerprint == s2.fingerprint
     assert s1.accepted == 7 and s1.num_shards == 3
     a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
     assert a.keys() == b.keys()
     for name in a:
         assert a[name] == b[name], name
-    s3 = ingest(str(photos), str(tmp_path / "c"), small_cfg(seed=8, shard_size=3), workers=2, progress=False)
+    s3 = ingest(
+        str(photo_tree), str(tmp_path / "c"), small_cfg(seed=8, shard_size=3), workers=2, progress=False
+    )
     assert s3.fingerprint != s1.fingerprint
     with tarfile.open(tmp_path / "a" / "images" / "shard-000000.tar") as tf:
         for m in tf.getmembers():
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "", "")
 
 
-def test_webdataset_reads_back_manifest_keys_and_hashes(photos, tmp_path):
-    ingest(str(photos), str(tmp_path / "r"), small_cfg(shard_size=3), workers=2, progress=False)
+def test_webdataset_reads_back_manifest_keys_and_hashes(photo_tree, tmp_path):
+    ingest(str(photo_tree), str(tmp_path / "r"), small_cfg(shard_size=3), workers=2, progress=False)
     ims = open_imageset(str(tmp_path / "r"))
     manifest = pq.read_table(tmp_path / "r" / "images" / "manifest.parquet").to_pylist()
     assert [m["key"] for m in manifest] == [r.key for r in ims.records]
@@ -362,8 +361,8 @@ def test_webdataset_reads_back_manifest_keys_and_hashes(photos, tmp_path):
     np.testing.assert_array_equal(ims.read("rgb_astronaut"), ref)
 
 
-def test_reader_detects_corruption(photos, tmp_path):
-    ingest(str(photos), str(tmp_path / "r"), small_cfg(shard_size=10), workers=1, progress=False)
+def test_reader_detects_corruption(photo_tree, tmp_path):
+    ingest(str(photo_tree), str(tmp_path / "r"), small_cfg(shard_size=10), workers=1, progress=False)
     images = tmp_path / "r" / "images"
     tar = images / "shard-000000.tar"
     # replace one image's pixels inside the tar (valid PNG, wrong content)
@@ -393,10 +392,10 @@ def test_reader_detects_corruption(photos, tmp_path):
 # ------------------------------------------------------------------------------------------------ resume
 
 
-def test_interrupted_ingest_resumes_only_missing_shards(photos, tmp_path):
+def test_interrupted_ingest_resumes_only_missing_shards(photo_tree, tmp_path):
     cfg = small_cfg(shard_size=2)  # 7 photos -> 4 shards
     out = tmp_path / "out"
-    s1 = ingest(str(photos), str(out), cfg, workers=2, progress=False)
+    s1 = ingest(str(photo_tree), str(out), cfg, workers=2, progress=False)
     assert s1.num_shards == 4
     images = out / "images"
     reference = _tree_bytes(out)
@@ -410,7 +409,7 @@ def test_interrupted_ingest_resumes_only_missing_shards(photos, tmp_path):
         open_imageset(str(out))  # incomplete sets are not readable
     mtimes = {i: (images / f"shard-{i:06d}.tar").stat().st_mtime_ns for i in (0, 2)}
 
-    s2 = ingest(str(photos), str(out), cfg, workers=2, progress=False)
+    s2 = ingest(str(photo_tree), str(out), cfg, workers=2, progress=False)
     assert (s2.shards_written, s2.shards_skipped) == (2, 2)
     assert s2.fingerprint == s1.fingerprint
     for i in (0, 2):
@@ -419,7 +418,7 @@ def test_interrupted_ingest_resumes_only_missing_shards(photos, tmp_path):
     assert _tree_bytes(out) == reference
 
     # a run with another config rewrites every shard and drops shards the new plan no longer has
-    s3 = ingest(str(photos), str(out), small_cfg(shard_size=3, seed=1), workers=2, progress=False)
+    s3 = ingest(str(photo_tree), str(out), small_cfg(shard_size=3, seed=1), workers=2, progress=False)
     assert (s3.shards_written, s3.num_shards) == (3, 3)
     assert not (images / "shard-000003.tar").exists()
     assert open_imageset(str(out)).fingerprint == s3.fingerprint
@@ -428,24 +427,24 @@ def test_interrupted_ingest_resumes_only_missing_shards(photos, tmp_path):
 # ------------------------------------------------------------------------------------------------ URLs and CLI
 
 
-def test_fsspec_url_sources_and_list_file(photos, tmp_path):
+def test_fsspec_url_sources_and_list_file(photo_tree, tmp_path):
     lst = tmp_path / "list.txt"
-    lst.write_text("".join(f"{p}\n" for p in sorted(photos.rglob("*.png"))))
+    lst.write_text("".join(f"{p}\n" for p in sorted(photo_tree.rglob("*.png"))))
     s = ingest(f"file://{lst}", f"file://{tmp_path / 'out'}", small_cfg(), workers=1, progress=False)
     assert s.accepted == 2
     ims = open_imageset(f"file://{tmp_path / 'out'}")
     assert all(r.source.startswith("file://") for r in ims.records)
-    g = ingest(str(photos / "*" / "*.png"), str(tmp_path / "g"), small_cfg(), workers=1, progress=False)
+    g = ingest(str(photo_tree / "*" / "*.png"), str(tmp_path / "g"), small_cfg(), workers=1, progress=False)
     assert g.accepted == 2
     assert [r.key for r in open_imageset(str(tmp_path / "g")).records] == ["gray_camera", "rgb_astronaut"]
 
 
-def test_cli(photos, tmp_path, capsys):
+def test_cli(photo_tree, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="spar")
     add_cli(parser.add_subparsers())
     args = parser.parse_args(
         [
-            "ingest", str(photos / "gray"), "--out", str(tmp_path / "cli"), "--seed", "3", "--shard-size", "2",
+            "ingest", str(photo_tree / "gray"), "--out", str(tmp_path / "cli"), "--seed", "3", "--shard-size", "2",
             "--no-augment", "--max-side", "256", "--workers", "1", "--quiet",
         ]
     )  # fmt: skip
@@ -457,10 +456,33 @@ def test_cli(photos, tmp_path, capsys):
     assert all(max(r.height, r.width) <= 256 for r in ims.records)
 
 
-def test_empty_output_dir_is_left_clean_of_tmp(photos, tmp_path):
+def test_empty_output_dir_is_left_clean_of_tmp(photo_tree, tmp_path):
     out = tmp_path / "o"
-    ingest(str(photos / "rgb"), str(out), small_cfg(), workers=1, progress=False)
+    ingest(str(photo_tree / "rgb"), str(out), small_cfg(), workers=1, progress=False)
     names = sorted(os.listdir(out / "images"))
     assert names == ["imageset.json", "manifest.parquet", "rejected.parquet", "shard-000000.json",
                      "shard-000000.tar"]  # fmt: skip
     shutil.rmtree(out)
+
+
+def test_spar_cli_recipe_and_user_errors(photo_tree, tmp_path, capsys):
+    from pipeline.cli import main
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        "[ingest]\nseed = 5\nshard_size = 2\ntarget_long = 256\ntarget_short = 128\nmin_short = 64\n"
+    )
+    out = tmp_path / "o"
+    rc = main(["ingest", str(photo_tree / "rgb"), "--out", str(out), "--config", str(recipe),
+               "--set", "flip_prob=0", "--shard-size", "3", "--quiet"])  # fmt: skip
+    assert rc == 0
+    ims = open_imageset(str(out))
+    assert (ims.config["seed"], ims.config["shard_size"], ims.config["flip_prob"]) == (5, 3, 0.0)
+    assert not any(r.augmentation["flip"] for r in ims.records)
+    capsys.readouterr()
+    assert main(["ingest", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["ingest", str(photo_tree), "--out", str(out), "--set", "min_short=100"]) == 2
+    assert "min_short" in capsys.readouterr().err
+    assert main(["ingest", str(photo_tree), "--out", str(out), "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
