@@ -1,0 +1,6 @@
+"""Ray Job entry point: `python -m jobs.distill ARGS` runs `spar distill ARGS` (same options, errors, exit code)."""
+
+from jobs._entry import run
+
+if __name__ == "__main__":
+    raise SystemExit(run("distill"))

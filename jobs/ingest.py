@@ -1,0 +1,6 @@
+"""Ray Job entry point: `python -m jobs.ingest ARGS` runs `spar ingest ARGS` (same options, errors, exit code)."""
+
+from jobs._entry import run
+
+if __name__ == "__main__":
+    raise SystemExit(run("ingest"))
