@@ -1,0 +1,997 @@
+"""Teacher feature cache (DESIGN §4 "Teacher cache").
+
+Layout of one cache (``<cache_root>/<fingerprint>/``)::
+
+    spec.json                            {"fingerprint", "spec": CacheSpec, "layout": {...}, "hints": {...}}
+    shards/shard-000000.zarr/            Zarr v3 store of image shard 0:
+        features/                        array [tokens, D] (float16, sharding codec, zstd); each image's h*w
+                                         rows contiguous, images in image-shard order
+        manifest.json                    written after the data: per image key, offset, h, w, height, width,
+                                         pixel_sha256, checksum (sha256 of the rows as stored)
+    shards/shard-000000.done             completion marker (written last)
+
+The fingerprint is the sha256 of the canonical JSON of the :class:`CacheSpec` *without* the ``pretrained``
+field: the weights are identified by ``weights_id`` (an open_clip tag or the sha256 of the weights file), so the
+same weights loaded from any path give the same cache. ``pretrained`` is kept in ``spec.json`` as a hint only.
+
+Commit protocol of one shard (one writer per attempt, attempt id ``U``): the features, then the manifest, are
+written to ``shard-000000.zarr.tmp-U`` (array attributes and manifest carry ``attempt=U``); the store is renamed
+into place (one atomic rename on a local disk, so store and manifest always travel together); finally the marker
+(``attempt=U`` and the manifest's sha256) is written. A shard is complete only when marker, manifest and store
+agree on the attempt and the manifest hash matches; anything else (a crash half-way, two writers racing) reads
+as *incomplete* and is recomputed, never served as data. A writer that finds the shard already complete discards
+its own copy; one that finds an unfinished store in its way (a crashed attempt) moves it aside.
+
+Nothing here is a pickle: JSON and Zarr only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+try:  # the lead's shared error base (cli prints these without a traceback)
+    from pipeline.config import UserError
+except ImportError:  # pragma: no cover - until pipeline.config lands
+
+    class UserError(Exception):  # type: ignore[no-redef]
+        """A problem with the user's input, reported without a traceback."""
+
+
+FORMAT_VERSION = 1
+SPEC_NAME = "spec.json"
+SHARDS_DIR = "shards"
+ARRAY_NAME = "features"
+MANIFEST_NAME = "manifest.json"
+STORED_DTYPES = ("float16", "float32")
+AUTOCAST_MODES = ("bf16", "fp16", "none")
+CHUNK_BYTES = 1 << 20  # target uncompressed size of one inner Zarr chunk (the unit of reading)
+CHUNKS_PER_SHARD = 64  # inner chunks per Zarr shard object (the unit of writing), ~64 MB uncompressed
+ZSTD_LEVEL = 3
+TMP_TAG = ".tmp-"
+STALE_TAG = ".stale-"
+
+
+class CacheError(UserError):
+    """A teacher cache is missing, incomplete, inconsistent or cannot be written."""
+
+
+class CachePairingError(CacheError):
+    """A cache does not belong to the image set it is paired with."""
+
+
+# --------------------------------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything the cached teacher features depend on."""
+
+    backbone: str
+    pretrained: str | None  # hint only (not fingerprinted): where the weights came from
+    weights_id: str  # "openclip:<model>:<tag>" | "sha256:<hex>" | "random:<name>:seed<k>"
+    crop: int
+    stride: int
+    readout: str
+    dtype: str
+    imageset_fingerprint: str
+    autocast: str = "bf16"  # precision of the teacher forward: "bf16" | "fp16" | "none" (float32)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORED_DTYPES:
+            raise CacheError(f"cache dtype {self.dtype!r} not supported; use one of {STORED_DTYPES}")
+        if self.autocast not in AUTOCAST_MODES:
+            raise CacheError(f"cache autocast {self.autocast!r} not supported; use one of {AUTOCAST_MODES}")
+        if self.crop <= 0 or self.stride <= 0:
+            raise CacheError(
+                f"cache crop and stride must be positive, got crop={self.crop} stride={self.stride}"
+            )
+
+    def identity(self) -> dict[str, Any]:
+        """The fingerprinted fields (all but ``pretrained``)."""
+        d = asdict(self)
+        d.pop("pretrained")
+        return d
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON of :meth:`identity`."""
+        return hashlib.sha256(canonical_json(self.identity())).hexdigest()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CacheSpec:
+        """Build from a ``spec.json`` "spec" object; unknown or missing fields are a CacheError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CacheError(f"cache spec has unknown fields {unknown}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise CacheError(f"cache spec is incomplete: {e}") from e
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes (sorted keys, no whitespace, ASCII)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def shard_stem(i: int) -> str:
+    """``shard-%06d``: the common stem of a cache shard's store, manifest and marker."""
+    return f"shard-{i:06d}"
+
+
+def cache_path_for(cache_root: str, fingerprint: str) -> str:
+    """``<cache_root>/<fingerprint>`` (local path or URL)."""
+    return _join(cache_root, fingerprint)
+
+
+def feature_checksum(rows: np.ndarray) -> str:
+    """sha256 hex of feature rows as stored (C order, little-endian)."""
+    arr = np.ascontiguousarray(rows)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def chunk_rows_for(dim: int, dtype: str) -> int:
+    """Rows per inner chunk so that one chunk is ~CHUNK_BYTES uncompressed."""
+    return max(1, CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
+
+
+# --------------------------------------------------------------------------------------------- storage
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _join(base: str, *parts: str) -> str:
+    if _is_local(base):
+        return os.path.join(_local(base), *parts)
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs, p
+
+
+def _exists(path: str) -> bool:
+    if _is_local(path):
+        return os.path.exists(_local(path))
+    fs, p = _fs(path)
+    fs.invalidate_cache()
+    return fs.exists(p)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    """File contents, or None when it does not exist."""
+    try:
+        if _is_local(path):
+            with open(_local(path), "rb") as f:
+                return f.read()
+        fs, p = _fs(path)
+        fs.invalidate_cache()
+        return fs.cat_file(p)
+    except FileNotFoundError:
+        return None
+
+
+def _write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write a small file so readers see either nothing or all of it (temp + rename; one PUT on S3)."""
+    if _is_local(path):
+        p = _local(path)
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}{TMP_TAG}{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        return
+    fs, p = _fs(path)
+    fs.pipe_file(p, data)
+
+
+def _rm(path: str) -> None:
+    """Remove a file or a directory tree; missing is fine."""
+    if _is_local(path):
+        p = _local(path)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+        return
+    fs, p = _fs(path)
+    fs.invalidate_cache()
+    try:
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def _rename_dir(src: str, dst: str) -> bool:
+    """Move directory ``src`` to ``dst`` if ``dst`` does not exist; return False when ``dst`` exists.
+
+    Local: one atomic ``rename`` (fails on a non-empty target). Remote object stores have no rename: the files
+    are copied one by one, then the source removed; the commit point there is the marker, not the rename.
+    """
+    if _is_local(src):
+        s, d = _local(src), _local(dst)
+        try:
+            os.rename(s, d)
+            return True
+        except OSError:
+            if os.path.exists(d):
+                return False
+            raise
+    fs, s = _fs(src)
+    _, d = _fs(dst)
+    fs.invalidate_cache()
+    if fs.exists(d):
+        return False
+    for f in fs.find(s):
+        rel = f[len(s) :].lstrip("/")
+        fs.copy(f, f"{d}/{rel}")
+    fs.rm(s, recursive=True)
+    fs.invalidate_cache()
+    return True
+
+
+def _listdir(path: str) -> list[str]:
+    """Base names of entries directly under ``path`` ([] when missing)."""
+    if _is_local(path):
+        try:
+            return sorted(os.listdir(_local(path)))
+        except FileNotFoundError:
+            return []
+    fs, p = _fs(path)
+    fs.invalidate_cache()
+    try:
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def _size_on_disk(path: str) -> int:
+    """Total bytes of the files under ``path``."""
+    if _is_local(path):
+        total = 0
+        for root, _dirs, files in os.walk(_local(path)):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except FileNotFoundError:
+                    pass
+        return total
+    fs, p = _fs(path)
+    fs.invalidate_cache()
+    try:
+        return int(fs.du(p, total=True))
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        if _is_local(path):
+            return os.path.getmtime(_local(path))
+        fs, p = _fs(path)
+        info = fs.info(p)
+        m = info.get("LastModified") or info.get("mtime") or info.get("created")
+        if m is None:
+            return None
+        return m.timestamp() if hasattr(m, "timestamp") else float(m)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _zarr_store(path: str, read_only: bool) -> zarr.abc.store.Store:
+    if _is_local(path):
+        return zarr.storage.LocalStore(_local(path), read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(path, read_only=read_only)
+
+
+def _read_json(path: str, what: str) -> dict[str, Any] | None:
+    raw = _read_bytes(path)
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{what} {path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise CacheError(f"{what} {path} is not a JSON object")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One image's place in a cache shard."""
+
+    key: str
+    offset: int  # first row in the shard's features array
+    h: int  # patch-grid rows
+    w: int  # patch-grid columns
+    height: int  # image pixels
+    width: int
+    pixel_sha256: str
+    checksum: str = ""  # sha256 of the rows as stored
+
+
+def write_spec(cache_path: str, spec: CacheSpec, layout: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Write ``spec.json`` unless it exists; an existing one must describe the same spec (same fingerprint)."""
+    fp = spec.fingerprint()
+    p = _join(cache_path, SPEC_NAME)
+    existing = _read_json(p, "cache spec")
+    if existing is not None:
+        if existing.get("fingerprint") != fp or CacheSpec.from_dict(existing["spec"]).fingerprint() != fp:
+            raise CacheError(
+                f"{p} describes another cache (fingerprint {existing.get('fingerprint')}, not {fp})"
+            )
+        if existing.get("layout") != layout:
+            raise CacheError(f"{p}: layout {existing.get('layout')} differs from the image set's {layout}")
+        return
+    doc = {"fingerprint": fp, "spec": asdict(spec), "layout": layout, "hints": hints}
+    _write_bytes_atomic(p, json.dumps(doc, indent=2, sort_keys=True).encode())
+
+
+class ShardWriter:
+    """Writes one cache shard: rows in image order, then commits (store, manifest, marker).
+
+    ``entries`` fixes the shard's images and their sizes up front, so the array is allocated once and written
+    in whole Zarr shards (no read-modify-write).
+    """
+
+    def __init__(
+        self,
+        cache_path: str,
+        shard: int,
+        entries: Sequence[ShardEntry],
+        dim: int,
+        dtype: str,
+        on_stage: Callable[[str], None] | None = None,
+    ):
+        self.cache_path = cache_path
+        self.on_stage = on_stage or (lambda stage: None)  # test hook: called at "placed"
+        self.shard = shard
+        self.dim = dim
+        self.dtype = dtype
+        self.attempt = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.entries: list[ShardEntry] = []
+        offset = 0
+        for e in entries:
+            self.entries.append(ShardEntry(e.key, offset, e.h, e.w, e.height, e.width, e.pixel_sha256))
+            offset += e.h * e.w
+        self.rows = offset
+        stem = _join(cache_path, SHARDS_DIR, shard_stem(shard))
+        self.final_store = f"{stem}.zarr"
+        self.tmp_store = f"{stem}.zarr{TMP_TAG}{self.attempt}"
+        self.chunk_rows = chunk_rows_for(dim, dtype)
+        self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
+        self._array = zarr.create_array(
+            _zarr_store(self.tmp_store, read_only=False),
+            name=ARRAY_NAME,
+            shape=(self.rows, dim),
+            dtype=dtype,
+            chunks=(self.chunk_rows, dim),
+            shards=(self.shard_rows, dim),
+            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            attributes={
+                "attempt": self.attempt,
+                "shard": shard,
+                "rows": self.rows,
+                "format_version": FORMAT_VERSION,
+            },
+            zarr_format=3,
+            overwrite=True,
+        )
+        self._next = 0  # index into entries of the next image
+        self._buf: list[np.ndarray] = []
+        self._buf_start = 0  # first row held in _buf
+        self._buf_rows = 0
+
+    def add(self, key: str, feats: np.ndarray) -> None:
+        """Append one image's features ``(h, w, D)`` (any float dtype; stored as the cache dtype)."""
+        if self._next >= len(self.entries):
+            raise CacheError(f"shard {self.shard}: more images than announced (extra key {key!r})")
+        e = self.entries[self._next]
+        if key != e.key:
+            raise CacheError(f"shard {self.shard}: expected key {e.key!r} next, got {key!r}")
+        if feats.shape != (e.h, e.w, self.dim):
+            raise CacheError(
+                f"shard {self.shard} key {key!r}: features {feats.shape}, expected {(e.h, e.w, self.dim)}"
+            )
+        rows = np.ascontiguousarray(feats.reshape(e.h * e.w, self.dim).astype(self.dtype))  # (h*w, D)
+        self.entries[self._next] = ShardEntry(**{**asdict(e), "checksum": feature_checksum(rows)})
+        self._next += 1
+        self._buf.append(rows)
+        self._buf_rows += rows.shape[0]
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        """Write every whole Zarr shard held in the buffer (everything when ``final``)."""
+        end = self._buf_start + self._buf_rows
+        cut = end if final else (end // self.shard_rows) * self.shard_rows
+        if cut <= self._buf_start:
+            return
+        block = np.concatenate(self._buf, axis=0) if len(self._buf) > 1 else self._buf[0]  # (rows, D)
+        n = cut - self._buf_start
+        self._array[self._buf_start : cut] = block[:n]
+        rest = block[n:]
+        self._buf = [rest] if rest.shape[0] else []
+        self._buf_start = cut
+        self._buf_rows = rest.shape[0]
+
+    def abort(self) -> None:
+        """Discard this attempt's temporary store."""
+        _rm(self.tmp_store)
+
+    def commit(self) -> str:
+        """Make the shard complete. Returns "written", "already-complete" or "superseded"."""
+        if self._next != len(self.entries):
+            raise CacheError(f"shard {self.shard}: {len(self.entries) - self._next} images not written")
+        self._flush(final=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "shard": self.shard,
+            "attempt": self.attempt,
+            "rows": self.rows,
+            "dim": self.dim,
+            "dtype": self.dtype,
+            "entries": [asdict(e) for e in self.entries],
+        }
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        # the manifest travels inside the store, so store and manifest are placed together by one rename
+        _write_bytes_atomic(_join(self.tmp_store, MANIFEST_NAME), manifest_bytes)
+        reader = _ShardFiles(self.cache_path, self.shard)
+        if reader.state()[0]:
+            self.abort()
+            return "already-complete"
+        if not self._place_store(reader):
+            self.abort()
+            return "already-complete"
+        self.on_stage("placed")
+        if reader.store_attempt() != self.attempt:  # another writer replaced the store meanwhile
+            return "superseded"
+        marker = {
+            "attempt": self.attempt,
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+            "rows": self.rows,
+            "images": len(self.entries),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        _write_bytes_atomic(reader.marker, json.dumps(marker).encode())
+        return "written"
+
+    def _place_store(self, reader: _ShardFiles) -> bool:
+        """Rename the temporary store into place; False when the shard became complete meanwhile."""
+        for _ in range(5):
+            if _rename_dir(self.tmp_store, self.final_store):
+                return True
+            if reader.state()[0]:
+                return False
+            # a store from a crashed or concurrent unfinished attempt: move it aside and retry
+            stale = f"{self.final_store}{STALE_TAG}{self.attempt}"
+            try:
+                if _rename_dir(self.final_store, stale):
+                    _rm(stale)
+            except FileNotFoundError:
+                pass
+        raise CacheError(f"could not place {self.final_store}: other writers keep replacing it")
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class _ShardFiles:
+    """Paths and completion state of one cache shard."""
+
+    def __init__(self, cache_path: str, shard: int):
+        stem = _join(cache_path, SHARDS_DIR, shard_stem(shard))
+        self.name = shard_stem(shard)
+        self.store = f"{stem}.zarr"
+        self.manifest = _join(self.store, MANIFEST_NAME)
+        self.marker = f"{stem}.done"
+
+    def store_attempt(self) -> str | None:
+        meta = _read_json(_join(self.store, ARRAY_NAME, "zarr.json"), "zarr metadata")
+        if meta is None:
+            return None
+        return (meta.get("attributes") or {}).get("attempt")
+
+    def state(self) -> tuple[bool, str, dict[str, Any] | None]:
+        """(complete, reason when not, manifest when complete)."""
+        try:
+            marker = _read_json(self.marker, "completion marker")
+            if marker is None:
+                return False, "no completion marker", None
+            raw = _read_bytes(self.manifest)
+            if raw is None:
+                return False, "manifest missing", None
+            if hashlib.sha256(raw).hexdigest() != marker.get("manifest_sha256"):
+                return False, "manifest does not match its completion marker", None
+            manifest = json.loads(raw)
+            if manifest.get("attempt") != marker.get("attempt"):
+                return False, "manifest and marker from different attempts", None
+            attempt = self.store_attempt()
+            if attempt is None:
+                return False, "store missing", None
+            if attempt != marker.get("attempt"):
+                return False, "store and marker from different attempts", None
+            return True, "", manifest
+        except (CacheError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return False, f"unreadable: {e}", None
+
+
+class TeacherCache:
+    """Read access to one teacher cache (see the module docstring for the layout)."""
+
+    def __init__(self, path: str, doc: dict[str, Any]):
+        self.path = path
+        self.doc = doc
+        self.spec = CacheSpec.from_dict(doc["spec"])
+        self.fingerprint: str = doc["fingerprint"]
+        layout = doc.get("layout") or {}
+        self.num_shards: int = int(layout.get("num_shards", 0))
+        self.num_images: int = int(layout.get("num_images", 0))
+        self.dim: int = int(layout.get("dim", 0))
+        self.patch_size: int = int(layout.get("patch_size", 0))
+        self.hints: dict[str, Any] = doc.get("hints") or {}
+        self._manifests: dict[int, dict[str, Any]] = {}
+        self._arrays: dict[int, zarr.Array] = {}
+        self._index: dict[str, tuple[int, int]] | None = None  # key -> (shard, entry index)
+
+    # ---- completion
+    def _files(self, i: int) -> _ShardFiles:
+        if not 0 <= i < self.num_shards:
+            raise CacheError(f"cache {self.path}: shard {i} out of range (0..{self.num_shards - 1})")
+        return _ShardFiles(self.path, i)
+
+    def shard_complete(self, i: int) -> bool:
+        """True when shard ``i``'s marker, manifest and store agree."""
+        ok, _, manifest = self._files(i).state()
+        if ok and manifest is not None:
+            self._manifests[i] = manifest
+        return ok
+
+    def incomplete_shards(self) -> list[int]:
+        """Indices of shards that are not complete."""
+        return [i for i in range(self.num_shards) if not self.shard_complete(i)]
+
+    def is_complete(self) -> bool:
+        """True when every shard is complete."""
+        return not self.incomplete_shards()
+
+    # ---- manifests
+    def manifest(self, i: int) -> dict[str, Any]:
+        """Shard ``i``'s manifest; CacheError when the shard is not complete."""
+        if i not in self._manifests:
+            ok, reason, manifest = self._files(i).state()
+            if not ok or manifest is None:
+                raise CacheError(f"cache {self.path}: {shard_stem(i)} is not complete ({reason})")
+            self._manifests[i] = manifest
+        return self._manifests[i]
+
+    def shard_entries(self, i: int) -> list[ShardEntry]:
+        """Shard ``i``'s images in manifest (= image-shard) order."""
+        return [ShardEntry(**e) for e in self.manifest(i)["entries"]]
+
+    def shard_keys(self, i: int) -> list[str]:
+        """Keys of shard ``i`` in manifest order."""
+        return [e["key"] for e in self.manifest(i)["entries"]]
+
+    def _key_index(self) -> dict[str, tuple[int, int]]:
+        if self._index is None:
+            index: dict[str, tuple[int, int]] = {}
+            for i in range(self.num_shards):
+                if not self.shard_complete(i):
+                    continue
+                for j, e in enumerate(self.manifest(i)["entries"]):
+                    index[e["key"]] = (i, j)
+            self._index = index
+        return self._index
+
+    def keys(self) -> list[str]:
+        """All keys of complete shards."""
+        return list(self._key_index())
+
+    # ---- features
+    def _array(self, i: int) -> zarr.Array:
+        if i not in self._arrays:
+            files = self._files(i)
+            arr = zarr.open_array(_zarr_store(files.store, read_only=True), path=ARRAY_NAME, mode="r")
+            if arr.attrs.get("attempt") != self.manifest(i)["attempt"]:
+                raise CacheError(
+                    f"cache {self.path}: {files.name} store was replaced; run `spar cache verify --repair`"
+                )
+            self._arrays[i] = arr
+        return self._arrays[i]
+
+    def _rows(self, i: int, e: dict[str, Any]) -> np.ndarray:
+        n = e["h"] * e["w"]
+        return self._array(i)[e["offset"] : e["offset"] + n]  # (h*w, D), one contiguous row range
+
+    def features(self, key: str, verify: bool = False) -> np.ndarray:
+        """One image's teacher features ``(h, w, D)`` in the stored dtype; ``verify`` checks the checksum."""
+        loc = self._key_index().get(key)
+        if loc is None:
+            raise CacheError(f"cache {self.path}: no key {key!r} in any complete shard")
+        i, j = loc
+        e = self.manifest(i)["entries"][j]
+        rows = self._rows(i, e)
+        if verify and feature_checksum(rows) != e["checksum"]:
+            raise CacheError(f"cache {self.path}: features of {key!r} in {shard_stem(i)} fail their checksum")
+        return rows.reshape(e["h"], e["w"], -1)
+
+    def iter_shard(self, i: int, verify: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+        """(key, features (h, w, D)) of shard ``i`` in manifest order."""
+        for e in self.manifest(i)["entries"]:
+            rows = self._rows(i, e)
+            if verify and feature_checksum(rows) != e["checksum"]:
+                raise CacheError(
+                    f"cache {self.path}: features of {e['key']!r} in {shard_stem(i)} fail their checksum"
+                )
+            yield e["key"], rows.reshape(e["h"], e["w"], -1)
+
+    # ---- pairing
+    def check_pairing(self, imageset: Any, require_complete: bool = True) -> None:
+        """Refuse (CachePairingError) unless this cache was computed from exactly ``imageset``'s pixels.
+
+        Checks the image-set fingerprint, the shard count, and per image (shard by shard, in order) the key,
+        pixel size and pixel sha256. ``require_complete`` also refuses a cache with missing shards.
+        """
+        if imageset.fingerprint != self.spec.imageset_fingerprint:
+            raise CachePairingError(
+                f"cache {self.path} was computed for image set {self.spec.imageset_fingerprint[:16]}…, "
+                f"but the paired image set has fingerprint {imageset.fingerprint[:16]}…"
+            )
+        if imageset.num_shards != self.num_shards:
+            raise CachePairingError(
+                f"cache {self.path} has {self.num_shards} shards, the image set {imageset.num_shards}"
+            )
+        for i in range(self.num_shards):
+            if not self.shard_complete(i):
+                if require_complete:
+                    raise CachePairingError(
+                        f"cache {self.path}: {shard_stem(i)} is not complete; run `spar precompute` to finish it"
+                    )
+                continue
+            entries = self.manifest(i)["entries"]
+            records = imageset.shard_records(i)
+            for e, r in zip(entries, records, strict=False):
+                if e["key"] != r.key:
+                    raise CachePairingError(
+                        f"cache {self.path} {shard_stem(i)}: key {e['key']!r}, image set {r.key!r}"
+                    )
+                if (e["height"], e["width"]) != (r.height, r.width):
+                    raise CachePairingError(
+                        f"cache {self.path}: image {r.key!r} is {e['height']}x{e['width']} in the cache, "
+                        f"{r.height}x{r.width} in the image set"
+                    )
+                if e["pixel_sha256"] != r.pixel_sha256:
+                    raise CachePairingError(
+                        f"cache {self.path}: image {r.key!r} has different pixels in the image set"
+                    )
+            if len(entries) != len(records):
+                raise CachePairingError(
+                    f"cache {self.path} {shard_stem(i)}: {len(entries)} images in the cache, {len(records)} in the image set"
+                )
+
+
+def open_cache(path: str) -> TeacherCache:
+    """Open the teacher cache at ``path`` (``<cache_root>/<fingerprint>``, local or fsspec URL)."""
+    path = path.rstrip("/") if not _is_local(path) else os.path.abspath(_local(path))
+    p = _join(path, SPEC_NAME)
+    doc = _read_json(p, "cache spec")
+    if doc is None:
+        raise CacheError(f"{path} is not a teacher cache (no {SPEC_NAME})")
+    for k in ("fingerprint", "spec", "layout"):
+        if k not in doc:
+            raise CacheError(f"{p} lacks {k!r}")
+    return TeacherCache(path, doc)
+
+
+# --------------------------------------------------------------------------------------------- verify / ls / gc
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a cache: ``where`` is a shard name or "spec.json"."""
+
+    where: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+
+def verify_cache(path: str, check_data: bool = True) -> tuple[TeacherCache, list[Problem]]:
+    """Check a cache: spec.json against its directory name, each shard's marker/manifest/store, and (with
+    ``check_data``) every image's rows against its checksum. Returns the cache and the problems found."""
+    cache = open_cache(path)
+    problems: list[Problem] = []
+    fp = cache.spec.fingerprint()
+    dirname = cache.path.rstrip("/").rsplit("/", 1)[-1]
+    if fp != cache.fingerprint:
+        problems.append(
+            Problem(SPEC_NAME, f"spec hashes to {fp}, but records fingerprint {cache.fingerprint}")
+        )
+    if dirname != fp:
+        problems.append(
+            Problem(SPEC_NAME, f"spec fingerprint {fp} does not match its directory name {dirname}")
+        )
+    for i in range(cache.num_shards):
+        p = _verify_shard(cache, i, check_data)
+        if p:
+            problems.append(Problem(shard_stem(i), p))
+    return cache, problems
+
+
+def _verify_shard(cache: TeacherCache, i: int, check_data: bool) -> str:
+    files = _ShardFiles(cache.path, i)
+    if not _exists(files.marker):
+        if not _exists(files.store):
+            return "missing (never computed or not finished)"
+        return "incomplete (no completion marker)"
+    ok, reason, manifest = files.state()
+    if not ok or manifest is None:
+        return reason
+    try:
+        arr = zarr.open_array(_zarr_store(files.store, read_only=True), path=ARRAY_NAME, mode="r")
+    except Exception as e:  # noqa: BLE001 - any failure to open is a finding, not a crash
+        return f"store unreadable: {type(e).__name__}: {e}"
+    if tuple(arr.shape) != (manifest["rows"], manifest["dim"]):
+        return f"store shape {tuple(arr.shape)} != manifest ({manifest['rows']}, {manifest['dim']})"
+    if str(arr.dtype) != manifest["dtype"]:
+        return f"store dtype {arr.dtype} != manifest {manifest['dtype']}"
+    expected = 0
+    for e in manifest["entries"]:
+        if e["offset"] != expected:
+            return f"manifest rows not contiguous at key {e['key']!r}"
+        expected += e["h"] * e["w"]
+    if expected != manifest["rows"]:
+        return f"manifest covers {expected} rows, store has {manifest['rows']}"
+    if not check_data:
+        return ""
+    try:
+        data = arr[:]  # (rows, D)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt chunk fails to decode
+        return f"store truncated or corrupt: {type(e).__name__}: {e}"
+    for e in manifest["entries"]:
+        rows = data[e["offset"] : e["offset"] + e["h"] * e["w"]]
+        if feature_checksum(rows) != e["checksum"]:
+            return f"bad checksum for key {e['key']!r}"
+    return ""
+
+
+def invalidate_shards(path: str, shards: Sequence[int]) -> None:
+    """Make shards incomplete (marker first, then the store with its manifest) so precompute recomputes them."""
+    for i in shards:
+        files = _ShardFiles(path, i)
+        _rm(files.marker)
+        _rm(files.store)
+
+
+def list_caches(cache_root: str) -> list[str]:
+    """Paths of the caches (directories with a spec.json) directly under ``cache_root``."""
+    out = []
+    for name in _listdir(cache_root):
+        p = _join(cache_root, name)
+        if _exists(_join(p, SPEC_NAME)):
+            out.append(p)
+    return out
+
+
+def summarize(path: str) -> dict[str, Any]:
+    """ls row: spec summary, shards done/total, size on disk, bytes per image."""
+    c = open_cache(path)
+    done = [i for i in range(c.num_shards) if c.shard_complete(i)]
+    images = sum(len(c.manifest(i)["entries"]) for i in done)
+    size = _size_on_disk(c.path)
+    s = c.spec
+    return {
+        "path": c.path,
+        "fingerprint": c.fingerprint,
+        "backbone": s.backbone,
+        "weights_id": s.weights_id,
+        "crop": s.crop,
+        "stride": s.stride,
+        "dtype": s.dtype,
+        "shards_done": len(done),
+        "shards_total": c.num_shards,
+        "images_done": images,
+        "images_total": c.num_images,
+        "bytes": size,
+        "bytes_per_image": size / images if images else None,
+    }
+
+
+def gc_caches(cache_root: str, older_than_s: float = 3600.0, orphans: bool = False) -> list[str]:
+    """Remove garbage under ``cache_root``; return what was removed.
+
+    * temporary and stale shard stores/files (``*.tmp-*``, ``*.stale-*``) older than ``older_than_s``
+      (younger ones may belong to a precompute still running);
+    * directories without a ``spec.json`` older than ``older_than_s`` (a cache whose creation never got going);
+    * with ``orphans``: caches whose recorded image set (``hints.images``) no longer exists or now has another
+      fingerprint (their features can never be paired again).
+    Complete and partially filled caches of existing image sets are kept: partial shards are resumable work.
+    """
+    removed: list[str] = []
+    now = time.time()
+
+    def old(p: str) -> bool:
+        m = _mtime(p)
+        return m is None or now - m >= older_than_s
+
+    for name in _listdir(cache_root):
+        cpath = _join(cache_root, name)
+        if not _exists(_join(cpath, SPEC_NAME)):
+            if (TMP_TAG in name or _looks_like_fingerprint(name)) and old(cpath):
+                _rm(cpath)
+                removed.append(cpath)
+            continue
+        if orphans and _is_orphan(cpath):
+            _rm(cpath)
+            removed.append(cpath)
+            continue
+        sdir = _join(cpath, SHARDS_DIR)
+        for entry in _listdir(sdir):
+            if (TMP_TAG in entry or STALE_TAG in entry) and old(_join(sdir, entry)):
+                _rm(_join(sdir, entry))
+                removed.append(_join(sdir, entry))
+    return removed
+
+
+def _looks_like_fingerprint(name: str) -> bool:
+    return len(name) == 64 and all(ch in "0123456789abcdef" for ch in name)
+
+
+def _is_orphan(cpath: str) -> bool:
+    c = open_cache(cpath)
+    images = c.hints.get("images")
+    if not images:
+        return False
+    try:
+        from pipeline.imageset import open_imageset
+
+        ims = open_imageset(images)
+    except Exception:  # noqa: BLE001 - an image set that cannot be opened is gone
+        return True
+    return ims.fingerprint != c.spec.imageset_fingerprint
+
+
+def remove_cache(path: str) -> None:
+    """Delete a cache directory (must contain a spec.json)."""
+    if not _exists(_join(path, SPEC_NAME)):
+        raise CacheError(f"{path} is not a teacher cache (no {SPEC_NAME}); refusing to delete it")
+    _rm(path)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    paths = list_caches(args.cache_root)
+    if not paths:
+        print(f"no caches under {args.cache_root}")
+        return 0
+    for p in paths:
+        s = summarize(p)
+        print(
+            f"{s['fingerprint'][:16]}  {s['backbone']} ({s['weights_id']}) crop {s['crop']} stride {s['stride']} "
+            f"{s['dtype']}  shards {s['shards_done']}/{s['shards_total']}  images {s['images_done']}/{s['images_total']}"
+            f"  {_human(s['bytes'])}  {_human(s['bytes_per_image'])}/image  {s['path']}"
+        )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    cache, problems = verify_cache(args.path)
+    for p in problems:
+        print(f"BAD {p}")
+    if not problems:
+        print(f"ok: {cache.path}: {cache.num_shards} shards verified")
+        return 0
+    if not args.repair:
+        print(f"{len(problems)} problem(s); rerun with --repair to recompute the bad shards", file=sys.stderr)
+        return 1
+    if any(p.where == SPEC_NAME for p in problems):
+        raise CacheError(
+            f"{cache.path}: spec.json does not match the cache; cannot repair (remove it with `spar cache rm`)"
+        )
+    from pipeline.precompute import repair_cache  # late import: precompute depends on this module
+
+    bad = [int(p.where.split("-")[1]) for p in problems]
+    repair_cache(cache.path, bad, images=args.images, workers=args.workers)
+    _, problems = verify_cache(args.path)
+    for p in problems:
+        print(f"STILL BAD {p}")
+    if problems:
+        return 1
+    print(f"repaired: {cache.path}: {len(bad)} shard(s) recomputed, all {cache.num_shards} verify")
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    remove_cache(args.path)
+    print(f"removed {args.path}")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    removed = gc_caches(args.cache_root, older_than_s=args.older_than, orphans=args.orphans)
+    for r in removed:
+        print(f"removed {r}")
+    print(f"gc: {len(removed)} item(s) removed under {args.cache_root}")
+    return 0
+
+
+def default_cache_root() -> str:
+    """``$SPAR_CACHE_ROOT`` or ``./work/cache``."""
+    return os.environ.get("SPAR_CACHE_ROOT", os.path.join("work", "cache"))
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``spar cache ls|verify|rm|gc``."""
+    p = subparsers.add_parser("cache", help="inspect and maintain teacher caches")
+    sub = p.add_subparsers(dest="cache_cmd", required=True)
+    ls = sub.add_parser("ls", help="list caches: spec, shards done/total, size, bytes per image")
+    ls.add_argument("--cache-root", default=default_cache_root())
+    ls.set_defaults(func=_cmd_ls)
+    v = sub.add_parser("verify", help="recompute checksums and report bad shards")
+    v.add_argument("path", help="cache directory <cache_root>/<fingerprint> (local or s3://)")
+    v.add_argument("--repair", action="store_true", help="recompute bad shards")
+    v.add_argument("--images", default=None, help="image set root (default: the one recorded in spec.json)")
+    v.add_argument("--workers", type=int, default=None)
+    v.set_defaults(func=_cmd_verify)
+    rm = sub.add_parser("rm", help="delete a cache")
+    rm.add_argument("path")
+    rm.set_defaults(func=_cmd_rm)
+    gc = sub.add_parser(
+        "gc", help="remove leftovers of interrupted runs (and, with --orphans, orphaned caches)"
+    )
+    gc.add_argument("--cache-root", default=default_cache_root())
+    gc.add_argument(
+        "--older-than", type=float, default=3600.0, help="only remove temp items older than this (s)"
+    )
+    gc.add_argument(
+        "--orphans", action="store_true", help="also remove caches whose image set is gone or changed"
+    )
+    gc.set_defaults(func=_cmd_gc)
