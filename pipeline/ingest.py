@@ -301,6 +301,7 @@ def decode_source(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, dict[str
     """Validate and decode source bytes → (oriented RGB image, info); raise Rejected with a reason otherwise."""
     if not data:
         raise Rejected("empty_file: zero bytes")
+    Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own guard (errors at 2x) agrees with ours (checked below)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -478,12 +479,31 @@ def _file_sha256(fs: Any, path: str) -> str:
     return h.hexdigest()
 
 
+class ShardProgress:
+    """Ray actor: images done per in-flight shard (set, not added, so a retried task does not double-count)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, int] = {}
+
+    def set(self, shard: int, n: int) -> None:
+        self.done[shard] = n
+
+    def snapshot(self) -> dict[int, int]:
+        return dict(self.done)
+
+
 def write_shard(
-    images_url: str, shard: int, items: list[tuple[str, str]], cfg_dict: dict[str, Any], plan: str
+    images_url: str,
+    shard: int,
+    items: list[tuple[str, str]],
+    cfg_dict: dict[str, Any],
+    plan: str,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Write one shard (runs inside a Ray task). ``items``: (key, source) in shard order.
 
     Returns the sidecar dict: records (manifest rows), rejected [(source, reason)], tar sha256 and size.
+    ``progress``: optional ShardProgress actor handle, told after every image.
     """
     cfg = IngestConfig(**{**cfg_dict, "background": tuple(cfg_dict["background"])})
     fs, images = fsspec.core.url_to_fs(images_url)
@@ -493,7 +513,9 @@ def write_shard(
     records: list[dict[str, Any]] = []
     rejected: list[list[str]] = []
     with fs.open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for key, source in items:
+        for n, (key, source) in enumerate(items):
+            if progress is not None and n:
+                progress.set.remote(shard, n)
             try:
                 data = _read_source(source)
                 arr, meta = process_image(key, source, data, cfg)
@@ -565,6 +587,11 @@ def _init_ray(workers: int | None) -> None:
     init_ray(num_cpus=workers)
 
 
+def bar_disabled() -> bool:
+    """True when tqdm bars are switched off by the environment (TQDM_DISABLE)."""
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
 def _cluster_cpus() -> int:
     import ray
 
@@ -617,24 +644,31 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
 
         limit = workers or _cluster_cpus()
         task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        # a per-image progress feed costs one actor process: only when a bar is shown
+        show = progress and not bar_disabled()
+        tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
         pending: dict[Any, int] = {}
         queue = list(todo)
-        bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="ingest", disable=not progress)
+        bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="ingest", disable=not show)
         try:
             while queue or pending:
                 while queue and len(pending) < limit:
                     i = queue.pop(0)
-                    pending[task.remote(images_url, i, shards[i], cfg_dict, plans[i])] = i
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                    pending[task.remote(images_url, i, shards[i], cfg_dict, plans[i], tracker)] = i
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in ready:
                     i = pending.pop(ref)
                     done[i] = ray.get(ref)
                     processed += len(shards[i])
-                    bar.update(len(shards[i]))
+                partial = ray.get(tracker.snapshot.remote()) if tracker is not None else {}
+                shown = processed + sum(min(partial.get(i, 0), len(shards[i])) for i in pending.values())
+                bar.update(shown - bar.n)
         finally:
             bar.close()
             for ref in pending:
                 ray.cancel(ref)
+            if tracker is not None:
+                ray.kill(tracker)
     work_s = time.perf_counter() - t_work
 
     records = [ImageRecord(**{**r, "augmentation": json.loads(r["augmentation"])})

@@ -275,7 +275,9 @@ def _make_mixed(d: Path) -> dict[str, str]:
 
 def test_mixed_set_counts_and_reasons(tmp_path):
     expect = _make_mixed(tmp_path / "mixed")
-    cfg = small_cfg(max_pixels=5_000_000, shard_size=3)
+    cfg = small_cfg(
+        max_pixels=5_000_000, shard_size=1
+    )  # one input a shard: rejected inputs leave empty shards
     s = ingest(str(tmp_path / "mixed"), str(tmp_path / "out"), cfg, workers=2, progress=False)
     n_ok = sum(v == "ok" for v in expect.values())
     assert s.num_inputs == len(expect) == s.accepted + s.rejected
@@ -288,7 +290,12 @@ def test_mixed_set_counts_and_reasons(tmp_path):
     assert got == {k: v for k, v in expect.items() if v != "ok"}
     ims = open_imageset(str(tmp_path / "out"))
     assert {Path(r.source).name for r in ims.records} == {k for k, v in expect.items() if v == "ok"}
-    assert ims.counts == {"inputs": 9, "accepted": 4, "rejected": 5, "shards": 3}
+    assert ims.counts == {"inputs": 9, "accepted": 4, "rejected": 5, "shards": 9}
+    empty = [i for i in range(ims.num_shards) if not ims.shard_records(i)]
+    assert len(empty) == 5 and all(list(ims.iter_shard(i)) == [] for i in empty)
+    urls = [ims.shard_url(i) for i in range(ims.num_shards)]
+    keys = [x["__key__"] for x in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
+    assert keys == [r.key for r in ims.records]
     assert sorted(ims.rejected()) == sorted((r["source"], r["reason"]) for r in table)
 
 
