@@ -60,6 +60,8 @@ def validate_window_params(height: int, width: int, patch: int, crop: int, strid
         raise BackboneError(
             f"image size {height}x{width} is not a positive multiple of the patch size {patch}"
         )
+    if stride > crop:
+        raise BackboneError(f"stride {stride} is larger than the crop {crop}: windows would leave gaps")
     if crop > height and crop > width:
         raise BackboneError(
             f"crop {crop} is larger than the image {height}x{width} on both axes: use a single pass instead"

@@ -1,0 +1,65 @@
+"""Shared fixtures: real sample photographs, a local Ray cluster, scratch work directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+# scikit-image's bundled photographs (no download needed)
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "cat", "immunohistochemistry")
+
+
+def load_photo(name: str) -> np.ndarray:
+    """A scikit-image sample photo as (H, W, 3) uint8 (grayscale/bool ones expanded to RGB)."""
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """A few real photographs, RGB uint8."""
+    return {n: load_photo(n) for n in ("astronaut", "coffee", "chelsea", "rocket")}
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of real photographs written as PNG files."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("photos")
+    for n in ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse"):
+        Image.fromarray(load_photo(n)).save(d / f"{n}.png")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster (2 CPUs), shared by the tests of a session; re-initialised if a test shut it down."""
+    import ray
+
+    from pipeline.raycluster import init_ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    # left running for other modules; pytest's process exit stops it
+
+
+@pytest.fixture
+def ray_up(ray_local):
+    """Ensure Ray is initialised for this test (another test may have shut it down)."""
+    from pipeline.raycluster import init_ray
+
+    init_ray(num_cpus=2)
+    return ray_local
