@@ -1,0 +1,424 @@
+"""Student and training-state checkpoints (no pickle anywhere).
+
+A *student checkpoint* is a directory (see docs/INTERFACES.md):
+
+* ``student.safetensors`` -- the trainable parameters, names as in ``bb.state_dict()``;
+* ``backbone.json`` -- ``{"name", "pretrained", "weights_id", "trainable_blocks", "cache_fingerprint", "seed"}``;
+* ``config.json`` -- the resolved distill config.
+
+A *training checkpoint* (what Ray Train stores every N steps) is a student checkpoint plus
+
+* ``train_state.safetensors`` -- optimizer tensors (``opt.<param index>.<name>``) and torch RNG states;
+* ``train_state.json`` -- step, epoch, data position, optimizer param groups, scaler and python/numpy RNG
+  states, anything else JSON-able;
+* ``checksums.json`` -- sha256 of every file above, written last. A directory without it, or whose files do
+  not match it, is *corrupt* and is skipped in favour of the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STUDENT_FILE = "student.safetensors"
+BACKBONE_FILE = "backbone.json"
+CONFIG_FILE = "config.json"
+STATE_TENSORS_FILE = "train_state.safetensors"
+STATE_JSON_FILE = "train_state.json"
+CHECKSUMS_FILE = "checksums.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete, corrupt or belongs to another backbone."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, tuple | set):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path.parent}: missing {path.name}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} is not valid JSON ({e})") from None
+
+
+def write_checksums(ckpt_dir: str | os.PathLike) -> None:
+    """Write ``checksums.json`` (sha256 of every other file in the directory); call it last."""
+    d = Path(ckpt_dir)
+    sums = {p.name: _sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    _write_json(d / CHECKSUMS_FILE, {"format_version": FORMAT_VERSION, "sha256": sums})
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, required: Iterable[str] = ()) -> None:
+    """Raise CheckpointError unless ``ckpt_dir`` is complete and every file matches ``checksums.json``."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d}: not a directory")
+    sums = _read_json(d / CHECKSUMS_FILE).get("sha256", {})
+    for name in required:
+        if name not in sums:
+            raise CheckpointError(f"checkpoint {d}: {name} is not listed in {CHECKSUMS_FILE} (incomplete)")
+    for name, digest in sums.items():
+        p = d / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {d}: missing {name}")
+        if _sha256_file(p) != digest:
+            raise CheckpointError(f"checkpoint {d}: {name} does not match its checksum (corrupt)")
+
+
+# ---------------------------------------------------------------------------------------------- student
+
+
+def write_student_files(
+    bb: Any,
+    out_dir: str | os.PathLike,
+    *,
+    trainable_blocks: int | str,
+    config: dict[str, Any],
+    cache_fingerprint: str | None = None,
+    seed: int = 0,
+) -> None:
+    """Write the three student files into an existing directory (no checksums, not atomic)."""
+    d = Path(out_dir)
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in bb.trainable_state_dict().items()}
+    save_file(sd, str(d / STUDENT_FILE), metadata={"format": "spar-student", "version": str(FORMAT_VERSION)})
+    _write_json(
+        d / BACKBONE_FILE,
+        {
+            "name": bb.name,
+            "pretrained": bb.pretrained,
+            "weights_id": bb.weights_id,
+            "trainable_blocks": trainable_blocks,
+            "cache_fingerprint": cache_fingerprint,
+            "seed": int(seed),
+            "format_version": FORMAT_VERSION,
+        },
+    )
+    _write_json(d / CONFIG_FILE, config)
+
+
+def _atomic_dir(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def save_student(
+    bb: Any,
+    out_dir: str | os.PathLike,
+    *,
+    trainable_blocks: int | str,
+    config: dict[str, Any],
+    cache_fingerprint: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save the student's trainable weights + backbone identity + config to ``out_dir`` atomically.
+
+    Returns the directory. An existing directory is replaced only once the new one is complete.
+    """
+    out = Path(out_dir)
+    tmp = _atomic_dir(out)
+    try:
+        write_student_files(
+            bb,
+            tmp,
+            trainable_blocks=trainable_blocks,
+            config=config,
+            cache_fingerprint=cache_fingerprint,
+            seed=seed,
+        )
+        write_checksums(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_backbone_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``backbone.json`` of a student checkpoint."""
+    info = _read_json(Path(ckpt_dir) / BACKBONE_FILE)
+    for k in ("name", "weights_id"):
+        if k not in info:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {BACKBONE_FILE} lacks {k!r}")
+    return info
+
+
+def load_student(
+    ckpt_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    expect_backbone: str | None = None,
+) -> Any:
+    """Rebuild the base backbone named in ``backbone.json`` and load the trained weights into it.
+
+    Refuses (CheckpointError) a checkpoint whose files are corrupt, whose base weights identity differs from
+    the backbone that can be built here, or (``expect_backbone``) that is for another backbone.
+    """
+    from spar_core.backbones import build_backbone
+
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"student checkpoint {d}: no such directory")
+    if (d / CHECKSUMS_FILE).exists():
+        verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE))
+    info = read_backbone_info(d)
+    if expect_backbone is not None and info["name"] != expect_backbone:
+        raise CheckpointError(
+            f"student checkpoint {d} is for backbone {info['name']!r}, not {expect_backbone!r}"
+        )
+    bb = build_backbone(
+        info["name"], pretrained=info.get("pretrained") or None, device=device, dtype=dtype,
+        seed=int(info.get("seed", 0)),
+    )  # fmt: skip
+    if bb.weights_id != info["weights_id"]:
+        raise CheckpointError(
+            f"student checkpoint {d} was trained from base weights {info['weights_id']!r}, but the backbone "
+            f"built here has {bb.weights_id!r}; pass the same --pretrained weights"
+        )
+    try:
+        sd = load_file(str(d / STUDENT_FILE), device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"student checkpoint {d}: missing {STUDENT_FILE}") from None
+    except Exception as e:  # safetensors raises its own error types on bad headers
+        raise CheckpointError(f"student checkpoint {d}: cannot read {STUDENT_FILE} ({e})") from None
+    own = bb.state_dict()
+    for k, v in sd.items():
+        if k not in own:
+            raise CheckpointError(
+                f"student checkpoint {d}: tensor {k!r} is not a parameter of {info['name']}"
+            )
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"student checkpoint {d}: tensor {k!r} has shape {tuple(v.shape)}, backbone expects "
+                f"{tuple(own[k].shape)}"
+            )
+    bb.load_trainable_state_dict({k: v.to(device=device, dtype=own[k].dtype) for k, v in sd.items()})
+    return bb
+
+
+# ----------------------------------------------------------------------------------------- train state
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training exactly where a checkpoint left off."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next batch
+    batch_in_epoch: int = 0  # batches of ``epoch`` already consumed
+    optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
+    scaler: dict[str, Any] | None = None  # GradScaler state_dict (fp16 only)
+    rng: dict[str, Any] = field(default_factory=dict)  # see capture_rng / restore_rng
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-able (run ids, metrics, world size ...)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Snapshot torch (CPU, CUDA), numpy and python RNG states."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    np_state = np.random.get_state()
+    rng["numpy"] = [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]
+    py = random.getstate()
+    rng["python"] = [py[0], list(py[1]), py[2]]
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Inverse of capture_rng (missing entries are left alone)."""
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        n = rng["numpy"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "python" in rng:
+        p = rng["python"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def _split_optimizer(opt_sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in opt_sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = v.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    return tensors, {"param_groups": opt_sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if not key.startswith("opt."):
+            continue
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training_checkpoint(
+    bb: Any,
+    out_dir: str | os.PathLike,
+    state: TrainState,
+    *,
+    trainable_blocks: int | str,
+    config: dict[str, Any],
+    cache_fingerprint: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a full training checkpoint into ``out_dir`` (created; must not hold another checkpoint)."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    write_student_files(
+        bb,
+        d,
+        trainable_blocks=trainable_blocks,
+        config=config,
+        cache_fingerprint=cache_fingerprint,
+        seed=seed,
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION}
+    if state.optimizer is not None:
+        t, m = _split_optimizer(state.optimizer)
+        tensors.update(t)
+        meta["optimizer"] = m
+    rng_json = {}
+    for k, v in state.rng.items():
+        if k == "torch":
+            tensors["rng.torch"] = v.contiguous()
+        elif k == "cuda":
+            for i, s in enumerate(v):
+                tensors[f"rng.cuda.{i}"] = s.contiguous()
+            rng_json["cuda_count"] = len(v)
+        else:
+            rng_json[k] = v
+    save_file(tensors, str(d / STATE_TENSORS_FILE), metadata={"format": "spar-train-state"})
+    meta.update(
+        step=state.step,
+        epoch=state.epoch,
+        batch_in_epoch=state.batch_in_epoch,
+        scaler=state.scaler,
+        rng=rng_json,
+        extra=state.extra,
+    )
+    _write_json(d / STATE_JSON_FILE, meta)
+    write_checksums(d)
+    return d
+
+
+def load_training_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Verify and read a training checkpoint: (TrainState, trainable weights). Raises CheckpointError."""
+    d = Path(ckpt_dir)
+    verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE))
+    meta = _read_json(d / STATE_JSON_FILE)
+    try:
+        tensors = load_file(str(d / STATE_TENSORS_FILE), device="cpu")
+        weights = load_file(str(d / STUDENT_FILE), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {d}: cannot read tensors ({e})") from None
+    rng: dict[str, Any] = {k: v for k, v in meta.get("rng", {}).items() if k != "cuda_count"}
+    if "rng.torch" in tensors:
+        rng["torch"] = tensors["rng.torch"]
+    n_cuda = int(meta.get("rng", {}).get("cuda_count", 0))
+    if n_cuda:
+        rng["cuda"] = [tensors[f"rng.cuda.{i}"] for i in range(n_cuda)]
+    opt = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+    state = TrainState(
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        batch_in_epoch=int(meta["batch_in_epoch"]),
+        optimizer=opt,
+        scaler=meta.get("scaler"),
+        rng=rng,
+        extra=meta.get("extra", {}),
+    )
+    return state, weights
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Name of the Ray Train checkpoint directory for ``step`` (sortable)."""
+    return f"checkpoint_step{step:09d}"
+
+
+def step_of(name: str) -> int | None:
+    """Inverse of checkpoint_dir_name; None for other names."""
+    prefix = "checkpoint_step"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return int(name[len(prefix) :])
+    return None
+
+
+def latest_good_checkpoint(
+    candidates: Iterable[str | os.PathLike], log: Any = print
+) -> tuple[Path, TrainState, dict[str, torch.Tensor]] | None:
+    """The newest (highest step) candidate directory that verifies; corrupt ones are reported via ``log``."""
+    ordered = sorted(
+        (Path(c) for c in candidates),
+        key=lambda p: (step_of(p.name) is not None, step_of(p.name) or 0),
+        reverse=True,
+    )
+    for p in ordered:
+        try:
+            state, weights = load_training_checkpoint(p)
+        except CheckpointError as e:
+            log(f"[spar distill] skipping unusable checkpoint: {e}")
+            continue
+        return p, state, weights
+    return None

@@ -1,0 +1,366 @@
+"""Per-worker stream of (image, cached teacher target) pairs for distillation.
+
+Each Ray Train worker (rank ``r`` of ``world_size``) reads its own subset of shard pairs -- image shard ``i``
+(webdataset tar) with cache shard ``i`` (Zarr) -- and yields batches in an order that is a pure function of
+``(seed, epoch, rank, world_size, batch_size, shuffle_buffer)`` and of the image set's manifest:
+
+1. per epoch the shard order is permuted with ``(seed, epoch)`` and shard ``k`` of that order goes to rank
+   ``k mod world_size``; the ``num_shards mod world_size`` shards left over are read by every rank, each keeping
+   every ``world_size``-th of their samples (so ranks get nearly equal counts);
+2. the rank's samples, in shard-then-tar order, go through a seeded shuffle buffer;
+3. optional size buckets group equal-size images into batches (``batch_size > 1``);
+4. every rank keeps the same number of batches per epoch (the minimum over ranks; DDP needs equal steps).
+
+Because the order is computed from the manifest alone, a *data position* ``(epoch, batches consumed)`` pins
+the rest of the sequence: a stream started there yields exactly what an uninterrupted stream would have yielded
+next, and samples before it are skipped without being decoded. Decoding (PNG + pixel hash check + cache read)
+happens in background DataLoader workers (forkserver); batch ``j`` of the stream is produced by loader worker
+``j mod num_workers`` and the DataLoader's in-order delivery restores the plan order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+class StreamError(RuntimeError):
+    """An image and its cached target do not belong together, or a shard is missing/unreadable."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One image of the manifest: enough to plan and to check it."""
+
+    key: str
+    shard: int
+    height: int
+    width: int
+    sha256: str
+
+
+def refs_from_imageset(ims: Any) -> list[list[SampleRef]]:
+    """Per image shard, its samples in tar order (from the image set's manifest)."""
+    return [
+        [
+            SampleRef(r.key, int(r.shard), int(r.height), int(r.width), r.pixel_sha256)
+            for r in ims.shard_records(i)
+        ]
+        for i in range(ims.num_shards)
+    ]
+
+
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]))
+
+
+def buffer_shuffle(items: list[Any], buffer_size: int, rng: np.random.Generator) -> list[Any]:
+    """Streaming shuffle with a bounded buffer (as webdataset's ``shuffle``), deterministic given ``rng``.
+
+    The first ``buffer_size`` items fill the buffer; every further item replaces a random buffer entry, which is
+    emitted; at the end the buffer is emitted in random order. ``buffer_size <= 1`` keeps the order.
+    """
+    if buffer_size <= 1:
+        return list(items)
+    out: list[Any] = []
+    buf: list[Any] = []
+    for it in items:
+        if len(buf) < buffer_size:
+            buf.append(it)
+            continue
+        j = int(rng.integers(buffer_size))
+        out.append(buf[j])
+        buf[j] = it
+    out.extend(buf[i] for i in rng.permutation(len(buf)))
+    return out
+
+
+def bucket_batches(seq: list[SampleRef], batch_size: int) -> list[list[SampleRef]]:
+    """Group a sample sequence into batches of equal image size (in order of completion; partial buckets last)."""
+    if batch_size <= 1:
+        return [[r] for r in seq]
+    out: list[list[SampleRef]] = []
+    buckets: dict[tuple[int, int], list[SampleRef]] = {}
+    for r in seq:
+        b = buckets.setdefault((r.height, r.width), [])
+        b.append(r)
+        if len(b) == batch_size:
+            out.append(b)
+            buckets[(r.height, r.width)] = []
+    out.extend(b for b in buckets.values() if b)
+    return out
+
+
+class Planner:
+    """The deterministic per-epoch, per-rank sample plan (see the module docstring)."""
+
+    def __init__(
+        self,
+        refs_by_shard: list[list[SampleRef]],
+        *,
+        seed: int,
+        world_size: int,
+        batch_size: int = 1,
+        shuffle_buffer: int = 64,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if sum(len(s) for s in refs_by_shard) < world_size:
+            raise StreamError(
+                f"the image set has {sum(len(s) for s in refs_by_shard)} images, fewer than the {world_size} "
+                "training workers"
+            )
+        self.refs_by_shard = refs_by_shard
+        self.seed = seed
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self._plan = lru_cache(maxsize=64)(self._plan_uncached)
+
+    def inputs(self, epoch: int, rank: int) -> list[tuple[int, list[SampleRef]]]:
+        """The rank's input segments for ``epoch``: (shard, its samples this rank reads, in tar order).
+
+        Whole shards go round-robin to the ranks; the ``num_shards mod world_size`` shards left over are read by
+        every rank, each keeping every ``world_size``-th sample, so ranks get (nearly) equal sample counts.
+        """
+        n, w = len(self.refs_by_shard), self.world_size
+        order = [int(s) for s in _rng(self.seed, epoch, 0x5EED).permutation(n)]
+        whole, shared = order[: n - n % w], order[n - n % w :]
+        out = [(s, self.refs_by_shard[s]) for s in whole[rank::w]]
+        j = 0
+        for s in shared:
+            refs = self.refs_by_shard[s]
+            mine = [r for k, r in enumerate(refs, start=j) if k % w == rank]
+            j += len(refs)
+            if mine:
+                out.append((s, mine))
+        return out
+
+    def _plan_uncached(self, epoch: int, rank: int) -> list[list[SampleRef]]:
+        seq = [r for _, refs in self.inputs(epoch, rank) for r in refs]
+        seq = buffer_shuffle(seq, self.shuffle_buffer, _rng(self.seed, epoch, rank, 0xB0FF))
+        return bucket_batches(seq, self.batch_size)
+
+    def steps(self, epoch: int) -> int:
+        """Batches every rank takes in ``epoch`` (the minimum over ranks)."""
+        return min(len(self._plan(epoch, r)) for r in range(self.world_size))
+
+    def batches(self, epoch: int, rank: int) -> list[list[SampleRef]]:
+        """The rank's batches for ``epoch``, truncated to ``steps(epoch)``."""
+        return self._plan(epoch, rank)[: self.steps(epoch)]
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps(e) for e in range(epochs))
+
+    def positions(self, start_epoch: int, start_batch: int) -> Iterator[tuple[int, int]]:
+        """(epoch, batch index) from a data position onwards, forever."""
+        e, b = start_epoch, start_batch
+        while True:
+            n = self.steps(e)
+            if b < n:
+                yield e, b
+                b += 1
+            else:
+                e, b = e + 1, 0
+
+    def advance(self, epoch: int, batch: int) -> tuple[int, int]:
+        """The data position after consuming batch ``batch`` of ``epoch``."""
+        return (epoch, batch + 1) if batch + 1 < self.steps(epoch) else (epoch + 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class _TarReader:
+    """Reads a rank's input segments sequentially, keeping raw PNG bytes only for the keys asked for."""
+
+    def __init__(self, ims: Any, inputs: list[tuple[int, list[SampleRef]]], wanted: set[str]) -> None:
+        self.ims = ims
+        self.segments = [(s, refs) for s, refs in inputs if any(r.key in wanted for r in refs)]
+        self.wanted = wanted
+        self.pending: dict[str, bytes] = {}
+        self._it: Iterator[tuple[str, bytes]] | None = None
+        self._seg = 0
+
+    def _members(self, shard: int) -> Iterator[tuple[str, bytes]]:
+        from pipeline.imageset import iter_tar_samples, shard_name
+
+        url = self.ims.shard_url(shard)
+        try:
+            f = self.ims.fs.open(f"{self.ims.images_path}/{shard_name(shard)}", "rb")
+        except FileNotFoundError:
+            raise StreamError(f"image shard {url} is missing") from None
+        with f:
+            for key, group in iter_tar_samples(f, url):
+                if "png" in group:
+                    yield key, group["png"]
+
+    def get(self, key: str, shard: int) -> bytes:
+        while key not in self.pending:
+            if self._it is None:
+                if self._seg >= len(self.segments):
+                    raise StreamError(
+                        f"image {key!r} was not found in image shard {shard} ({self.ims.shard_url(shard)})"
+                    )
+                self._it = self._members(self.segments[self._seg][0])
+                self._seg += 1
+            nxt = next(self._it, None)
+            if nxt is None:
+                self._it = None
+                continue
+            k, data = nxt
+            if k in self.wanted:
+                self.pending[k] = data
+        self.wanted.discard(key)
+        return self.pending.pop(key)
+
+
+def decode_png(data: bytes, ref: SampleRef, verify: bool = True) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) uint8, checked against the manifest's size and pixel hash."""
+    from pipeline.imageset import decode_png_rgb
+
+    arr = decode_png_rgb(data, f"image {ref.key!r} (shard {ref.shard})")  # (H, W, 3) uint8
+    if arr.shape != (ref.height, ref.width, 3):
+        raise StreamError(
+            f"image {ref.key!r} (shard {ref.shard}) decodes to {arr.shape[1]}x{arr.shape[0]}, the manifest says "
+            f"{ref.width}x{ref.height}"
+        )
+    if verify and hashlib.sha256(arr.tobytes()).hexdigest() != ref.sha256:
+        raise StreamError(
+            f"image {ref.key!r} (shard {ref.shard}): pixel sha256 does not match the manifest (corrupt or altered "
+            "image shard)"
+        )
+    return arr
+
+
+class PairedStream(IterableDataset):
+    """Batches of ``{"image": (B, H, W, 3) uint8, "target": (B, H/p, W/p, D), "keys", "epoch", "batch"}``.
+
+    ``target`` is absent when ``cache`` is None (online-teacher mode). The stream starts at the data position
+    ``(start_epoch, start_batch)`` and yields ``num_batches`` batches (None: forever).
+    """
+
+    def __init__(
+        self,
+        images: str,
+        cache: str | None,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        patch_size: int,
+        batch_size: int = 1,
+        shuffle_buffer: int = 64,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+        num_batches: int | None = None,
+        verify: bool = True,
+    ) -> None:
+        super().__init__()
+        self.images, self.cache = images, cache
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.patch_size = patch_size
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.num_batches = num_batches
+        self.verify = verify
+
+    def planner(self, ims: Any) -> Planner:
+        return Planner(
+            refs_from_imageset(ims),
+            seed=self.seed,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from pipeline.imageset import open_imageset
+
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        ims = open_imageset(self.images)
+        cache = None
+        if self.cache is not None:
+            from pipeline.cache import open_cache
+
+            cache = open_cache(self.cache)
+        planner = self.planner(ims)
+        reader: _TarReader | None = None
+        reader_epoch = -1
+        for rel, (epoch, b) in enumerate(planner.positions(self.start_epoch, self.start_batch)):
+            if self.num_batches is not None and rel >= self.num_batches:
+                return
+            if rel % nw != wid:
+                continue
+            if epoch != reader_epoch:
+                reader = self._reader_for(ims, planner, epoch, b, rel, wid, nw)
+                reader_epoch = epoch
+            batch = planner.batches(epoch, self.rank)[b]
+            yield self._load(batch, reader, cache, epoch, b)
+
+    def _reader_for(
+        self, ims: Any, planner: Planner, epoch: int, first: int, rel: int, wid: int, nw: int
+    ) -> _TarReader:
+        """A tar reader for this epoch that keeps only the samples this loader worker will emit."""
+        batches = planner.batches(epoch, self.rank)
+        wanted: set[str] = set()
+        for k, bi in enumerate(range(first, len(batches)), start=rel):
+            if self.num_batches is not None and k >= self.num_batches:
+                break
+            if k % nw == wid:
+                wanted.update(r.key for r in batches[bi])
+        return _TarReader(ims, planner.inputs(epoch, self.rank), wanted)
+
+    def _load(
+        self, batch: list[SampleRef], reader: _TarReader, cache: Any, epoch: int, b: int
+    ) -> dict[str, Any]:
+        imgs = [decode_png(reader.get(r.key, r.shard), r, self.verify) for r in batch]
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(np.stack(imgs)),  # (B, H, W, 3) uint8
+            "keys": [r.key for r in batch],
+            "epoch": epoch,
+            "batch": b,
+        }
+        if cache is not None:
+            item["target"] = torch.from_numpy(np.stack([self._target(cache, r) for r in batch]))
+        return item
+
+    def _target(self, cache: Any, ref: SampleRef) -> np.ndarray:
+        from pipeline.cache import CacheError
+
+        try:
+            t = np.asarray(cache.features(ref.key))
+        except CacheError as e:
+            raise StreamError(f"image {ref.key!r} (shard {ref.shard}): {e}") from None
+        p = self.patch_size
+        want = (ref.height // p, ref.width // p)
+        if t.ndim != 3 or tuple(t.shape[:2]) != want:
+            raise StreamError(
+                f"image {ref.key!r} (shard {ref.shard}, {ref.width}x{ref.height}) expects a cached target of "
+                f"{want[0]}x{want[1]} patches, the cache holds {tuple(t.shape)}: cache and image set do not match"
+            )
+        return t  # (h, w, D)
+
+
+def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> DataLoader:
+    """A DataLoader decoding in ``workers`` background processes (forkserver); 0 = in this process.
+
+    The forkserver preloads this module (torch, numpy, the readers) once, so its workers start fast, and does
+    not re-import the caller's ``__main__``.
+    """
+    kw: dict[str, Any] = {}
+    if workers > 0:
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["pipeline.stream", "pipeline.imageset", "pipeline.cache"])
+        kw = {"multiprocessing_context": ctx, "prefetch_factor": prefetch}
+    return DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(), **kw
+    )
