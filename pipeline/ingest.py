@@ -50,6 +50,10 @@ from pipeline.imageset import (
     shard_name,
 )
 
+# Ray reads this when it is first imported (ray_constants), so it must be set before any `import ray`;
+# `uv run` would otherwise make Ray rebuild the project environment for its workers.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 LIST_EXTENSIONS = (".txt", ".lst", ".list")

@@ -493,3 +493,19 @@ def test_spar_cli_recipe_and_user_errors(photo_tree, tmp_path, capsys):
     assert "min_short" in capsys.readouterr().err
     assert main(["ingest", str(photo_tree), "--out", str(out), "--set", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_bench_ingest_runs_and_output_is_worker_count_independent(tmp_path):
+    from pipeline import bench_ingest
+
+    p = argparse.ArgumentParser()
+    bench_ingest.add_args(p)
+    args = p.parse_args(
+        ["--copies", "1", "--recipe", "small", "--workers", "1,2", "--json", str(tmp_path / "b.json")]
+    )
+    assert bench_ingest.run(args) == 0
+    info = json.loads((tmp_path / "b.json").read_text())
+    assert info["same_fingerprint_across_worker_counts"] is True
+    assert [r["workers"] for r in info["results"]] == [1, 2]
+    n = len(bench_ingest.skimage_photos())
+    assert all(r["inputs"] == n == r["accepted"] + r["rejected"] for r in info["results"])
