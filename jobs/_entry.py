@@ -18,7 +18,8 @@ def _banner(command: str) -> str:
     where = os.path.dirname(os.path.abspath(pipeline.__file__))
     return (
         f"[jobs] spar {command} on {socket.gethostname()} | python {sys.executable} | "
-        f"project {os.path.dirname(where)} | cwd {os.getcwd()}"
+        f"project {os.path.dirname(where)} | cwd {os.getcwd()} | "
+        f"commit {os.environ.get('SPAR_GIT_COMMIT', 'unknown')}"
     )
 
 

@@ -1,0 +1,285 @@
+"""`spar submit` against a real Ray head (token auth on) started by infra/local/start_ray_head.sh.
+
+The submitted jobs run `python -m jobs.<stage>` from the uploaded working directory; their outputs are compared
+with the same command run locally, and refusals (no token, wrong token) are shown for real.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import UserError
+from pipeline.submit import (
+    build_entrypoint,
+    build_runtime_env,
+    job_exit_code,
+    parse_env_pairs,
+    passthrough_env,
+    read_auth_token,
+    resolve_address,
+    split_trailing_options,
+)
+from tests.conftest import load_photo
+from tests.e2e.conftest import ROOT, RayHead, clean_env, http_status, listening_ips, run_spar
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def test_entrypoint_quotes_every_argument():
+    args = ["--src", "/data/my photos", "--set", "a=b;rm -rf /", "$(whoami)"]
+    ep = build_entrypoint("ingest", args)
+    assert shlex.split(ep) == ["python", "-m", "jobs.ingest", *args]
+    assert shlex.split(build_entrypoint("eval", ["--x"]))[:3] == ["python", "-m", "jobs.evaluate"]
+    with pytest.raises(UserError, match="unknown stage 'nope'"):
+        build_entrypoint("nope", [])
+
+
+def test_trailing_submit_options_are_split_from_stage_args():
+    opts, stage = split_trailing_options(
+        ["src", "--out", "o", "--working-dir", ".", "--no-wait", "--env=A=1", "--", "--no-wait", "x"]
+    )
+    assert opts == ["--working-dir", ".", "--no-wait", "--env=A=1"]
+    assert stage == ["src", "--out", "o", "--no-wait", "x"]
+    with pytest.raises(UserError, match="--env needs a value"):
+        split_trailing_options(["--env"])
+
+
+def test_env_pairs_and_passthrough():
+    assert parse_env_pairs(["A=1", "B_2=x=y", "C="]) == {"A": "1", "B_2": "x=y", "C": ""}
+    for bad in ("NOEQUALS", "=v", "1A=v", "A-B=v"):
+        with pytest.raises(UserError, match=re.escape(repr(bad))):
+            parse_env_pairs([bad])
+    environ = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "SPAR_CACHE_ROOT": "/mnt/c",
+        "HOME": "/root",
+        "RAY_AUTH_TOKEN": "t",
+        "AWS_REGION": "",
+    }
+    assert passthrough_env(environ) == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "SPAR_CACHE_ROOT": "/mnt/c",
+    }  # never the Ray token, never unrelated variables, never empty values
+
+
+def test_runtime_env(tmp_path):
+    renv = build_runtime_env(
+        ROOT, {"X": "1", "MLFLOW_TRACKING_URI": "override"}, environ={"MLFLOW_TRACKING_URI": "a"}
+    )
+    assert renv["working_dir"] == str(ROOT)
+    assert {".venv/", ".git/", "mlruns/", "*.db"} <= set(renv["excludes"])
+    env = renv["env_vars"]
+    assert env["X"] == "1" and env["MLFLOW_TRACKING_URI"] == "override"
+    assert env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] == "0"
+    assert env["SPAR_GIT_COMMIT"] not in ("", "unknown")
+    assert (
+        "MLFLOW_TRACKING_URI"
+        not in build_runtime_env(ROOT, pass_env=False, environ={"MLFLOW_TRACKING_URI": "a"})["env_vars"]
+    )
+    with pytest.raises(UserError, match="not the spar project"):
+        build_runtime_env(tmp_path)
+    with pytest.raises(UserError, match="not a directory"):
+        build_runtime_env(tmp_path / "missing")
+
+
+def test_token_lookup_follows_rays_precedence(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    path_file = tmp_path / "tok"
+    path_file.write_text("from-path")
+    explicit = tmp_path / "explicit"
+    explicit.write_text("from-explicit")
+    env = {"HOME": str(home), "RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path_file)}
+    assert read_auth_token(str(explicit), env) == "from-explicit"
+    assert read_auth_token(None, env) == "from-env"
+    assert read_auth_token(None, {**env, "RAY_AUTH_TOKEN": ""}) == "from-path"
+    assert read_auth_token(None, {"HOME": str(home)}) == "from-home"
+    assert read_auth_token(None, {"HOME": str(tmp_path)}) is None
+    with pytest.raises(UserError, match="cannot read"):
+        read_auth_token(str(tmp_path / "missing"), {})
+    (tmp_path / "empty").write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        read_auth_token(str(tmp_path / "empty"), {})
+
+
+def test_address_and_exit_codes():
+    assert resolve_address("http://h:8265/", {}) == "http://h:8265"
+    assert resolve_address(None, {"RAY_ADDRESS": "http://x:1"}) == "http://x:1"
+    with pytest.raises(UserError, match="not the GCS address"):
+        resolve_address("h:6379", {})
+    with pytest.raises(UserError, match="no cluster address"):
+        resolve_address(None, {})
+    assert job_exit_code("SUCCEEDED", None) == 0
+    assert job_exit_code("FAILED", 2) == 2
+    assert job_exit_code("FAILED", None) == 1
+    assert job_exit_code("STOPPED", 0) == 1
+
+
+# --------------------------------------------------------------------------------------------- real cluster
+
+
+@pytest.fixture(scope="module")
+def tiny_photos(tmp_path_factory) -> Path:
+    """Three real photographs, shrunk to ~100 px."""
+    d = tmp_path_factory.mktemp("tiny-photos")
+    for name, size in (("astronaut", (96, 96)), ("coffee", (112, 80)), ("chelsea", (100, 72))):
+        Image.fromarray(load_photo(name)).resize(size, Image.BICUBIC).save(d / f"{name}.png")
+    return d
+
+
+INGEST_ARGS = [
+    "--set",
+    "target_long=128",
+    "--set",
+    "target_short=96",
+    "--set",
+    "min_short=48",
+    "--shard-size",
+    "2",
+]
+
+
+def _banner(output: str) -> dict[str, str]:
+    m = re.search(
+        r"\[jobs\] spar (\w+) on \S+ \| python (\S+) \| project (\S+) \| cwd (\S+) \| commit (\S+)", output
+    )
+    assert m, output[-3000:]
+    return dict(zip(("command", "python", "project", "cwd", "commit"), m.groups(), strict=True))
+
+
+def test_head_is_loopback_only_and_refuses_unauthenticated_clients(ray_head: RayHead, tiny_photos, tmp_path):
+    # the dashboard / Jobs API listens on loopback only
+    assert listening_ips(ray_head.dashboard_port) == {"127.0.0.1"}
+    # raw HTTP: no token -> 401, wrong token -> 403, right token -> 200
+    url = f"{ray_head.address}/api/jobs/"
+    assert http_status(url)[0] == 401
+    assert http_status(url, {"Authorization": "Bearer not-the-token"})[0] == 403
+    assert http_status(url, ray_head.headers())[0] == 200
+    # spar submit without any token (empty HOME, nothing in the environment): refused, nothing submitted
+    jobs_before = len(json.loads(http_status(url, ray_head.headers())[1]))
+    empty_home = tmp_path / "home"
+    empty_home.mkdir()
+    r = run_spar(
+        ["submit", "--address", ray_head.address, "ingest", str(tiny_photos), "--out", str(tmp_path / "x")],
+        clean_env(HOME=str(empty_home)),
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "401 Unauthorized" in r.stderr and "requires a token" in r.stderr
+    # ... with a wrong token
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    r = run_spar(
+        [
+            "submit",
+            "--address",
+            ray_head.address,
+            "--token-file",
+            str(wrong),
+            "ingest",
+            str(tiny_photos),
+            "--out",
+            "x",
+        ],
+        clean_env(HOME=str(empty_home)),
+    )
+    assert r.returncode == 2 and "403 Forbidden" in r.stderr, r.stdout + r.stderr
+    # ... and RAY_AUTH_MODE=token without a token is caught before any request
+    r = run_spar(
+        ["submit", "--address", ray_head.address, "ingest", "x", "--out", "y"],
+        clean_env(HOME=str(empty_home), RAY_AUTH_MODE="token"),
+    )
+    assert r.returncode == 2 and "no Ray auth token found" in r.stderr
+    assert (
+        len(json.loads(http_status(url, ray_head.headers())[1])) == jobs_before
+    )  # no job was created by the refused clients
+
+
+def test_submit_ingest_matches_local_run(ray_head: RayHead, tiny_photos, tmp_path):
+    out_job = tmp_path / "job"
+    r = run_spar(
+        [
+            "submit",
+            "--address",
+            ray_head.address,
+            "ingest",
+            str(tiny_photos),
+            "--out",
+            str(out_job),
+            *INGEST_ARGS,
+        ],
+        ray_head.client_env(),
+    )
+    output = r.stdout + r.stderr
+    assert r.returncode == 0, output[-4000:]
+    assert re.search(r"job raysubmit_\w+ SUCCEEDED", output)
+    banner = _banner(output)
+    # the job ran from the uploaded copy of the project, with the venv's interpreter, and knows our commit
+    assert Path(banner["project"]).is_relative_to(ray_head.tmp), banner
+    assert Path(banner["project"]) != ROOT
+    assert Path(banner["python"]).parent == Path(sys.executable).parent
+    from pipeline.tracking import git_commit
+
+    assert banner["commit"] == git_commit(ROOT)
+
+    # independent reference: the same command run locally (in-process Ray of its own)
+    out_local = tmp_path / "local"
+    r_local = run_spar(
+        ["ingest", str(tiny_photos), "--out", str(out_local), *INGEST_ARGS, "--quiet"], clean_env()
+    )
+    assert r_local.returncode == 0, r_local.stdout + r_local.stderr
+
+    from pipeline.imageset import open_imageset
+
+    job, local = open_imageset(out_job), open_imageset(out_local)
+    assert job.fingerprint == local.fingerprint
+    assert sorted(r.key for r in job.records) == ["astronaut", "chelsea", "coffee"]
+    for rec, arr in (item for i in range(job.num_shards) for item in job.iter_shard(i)):
+        assert np.array_equal(arr, local.read(rec.key))
+
+
+def test_failed_job_reports_its_exit_code_and_error(ray_head: RayHead, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    r = run_spar(
+        ["submit", "--address", ray_head.address, "ingest", str(missing), "--out", str(tmp_path / "o")],
+        ray_head.client_env(),
+    )
+    output = r.stdout + r.stderr
+    assert r.returncode == 2, output[-3000:]  # the stage's own exit code (user error), not a generic failure
+    assert re.search(r"job raysubmit_\w+ FAILED", output)
+    assert "spar ingest: error:" in output and str(missing) in output
+    assert not (tmp_path / "o" / "images" / "imageset.json").exists()
+
+
+def test_no_wait_returns_after_submission(ray_head: RayHead, tiny_photos, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "nw"
+    r = run_spar(
+        ["submit", "--address", ray_head.address, "ingest", str(tiny_photos), "--out", str(out), *INGEST_ARGS,
+         "--no-wait", "--submission-id", f"spar-e2e-{tmp_path.name}"],
+        ray_head.client_env(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"job spar-e2e-{tmp_path.name} submitted" in r.stdout
+    assert "ray job logs" in r.stdout
+    client = JobSubmissionClient(ray_head.address, headers=ray_head.headers())
+    status = None
+    for _ in range(300):
+        status = client.get_job_status(f"spar-e2e-{tmp_path.name}")
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    assert status == JobStatus.SUCCEEDED
+    assert (out / "images" / "imageset.json").is_file()
