@@ -509,3 +509,52 @@ def test_bench_ingest_runs_and_output_is_worker_count_independent(tmp_path):
     assert [r["workers"] for r in info["results"]] == [1, 2]
     n = len(bench_ingest.skimage_photos())
     assert all(r["inputs"] == n == r["accepted"] + r["rejected"] for r in info["results"])
+
+
+KILL_SCRIPT = """
+import sys
+from pipeline.ingest import IngestConfig, ingest
+ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=1), workers=1, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_killed_ingest_resumes(tmp_path):
+    """SIGKILL a real ingest (driver, its local Ray cluster and workers) mid-run, then resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.bench_ingest import skimage_photos
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in skimage_photos():
+        shutil.copyfile(p, src / p.name)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(out)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    images = out / "images"
+    try:
+        deadline = time.monotonic() + 300
+        while (
+            len(list(images.glob("shard-*.tar"))) < 3 and proc.poll() is None and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = sorted(images.glob("shard-*.tar"))
+    total = len(skimage_photos())
+    if len(finished) >= total:
+        pytest.skip("ingest finished before it could be killed")
+    assert not (images / "imageset.json").exists()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in finished}
+
+    s = ingest(str(src), str(out), IngestConfig(shard_size=1), workers=2, progress=False)
+    assert s.shards_skipped == len(finished) and s.shards_written == total - len(finished)
+    assert all((images / name).stat().st_mtime_ns == t for name, t in mtimes.items())
+    ref = ingest(str(src), str(tmp_path / "ref"), IngestConfig(shard_size=1), workers=2, progress=False)
+    assert s.fingerprint == ref.fingerprint
+    assert _tree_bytes(images) == _tree_bytes(tmp_path / "ref" / "images")
