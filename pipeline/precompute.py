@@ -10,11 +10,13 @@ partially filled cache computes only the missing shards; two precomputes racing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -293,14 +295,31 @@ def _crash_hook(stage: str) -> None:
 
 def compute_shard(cache_path: str, images: str, shard: int, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Ray task body: compute and commit cache shard ``shard``. Returns stats (status, images, windows, seconds)."""
+    cfg_dict = dict(cfg_dict)
+    with _driver_env(cfg_dict.pop("_env", {})):  # S3 endpoint/credentials and test hooks from the driver
+        return _compute_shard(cache_path, images, shard, PrecomputeConfig(**{**cfg_dict, "progress": False}))
+
+
+@contextlib.contextmanager
+def _driver_env(env: dict[str, str]) -> Iterator[None]:
+    """Run with the driver's forwarded variables (and without stale ones a previous task left), then restore."""
+    saved = dict(os.environ)
+    for k in [k for k in os.environ if k.startswith(FORWARD_ENV_PREFIXES) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConfig) -> dict[str, Any]:
     import torch
 
     from pipeline.imageset import open_imageset
     from spar_core.sliding import num_windows, sliding_window_features
 
-    cfg_dict = dict(cfg_dict)
-    os.environ.update(cfg_dict.pop("_env", {}))  # S3 endpoint/credentials and test hooks from the driver
-    cfg = PrecomputeConfig(**{**cfg_dict, "progress": False})
     t0 = time.time()
     cache = open_cache(cache_path)
     if cache.shard_complete(shard):

@@ -1,0 +1,320 @@
+"""Precompute: real image sets (ingest of scikit-image photos), real Ray tasks, real Zarr stores, real S3 (moto).
+
+The reference for every cached feature is ``sliding_window_features`` run directly in the test on the image read
+back from the image set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cache import CacheError, open_cache, verify_cache
+from pipeline.imageset import open_imageset
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.precompute import CRASH_ENV, PrecomputeConfig, add_cli, precompute, repair_cache, resolve_spec
+from spar_core.backbones import build_backbone
+from spar_core.sliding import sliding_window_features
+
+INGEST = dict(shard_size=2, target_long=160, target_short=112, min_short=64, max_side=160)
+
+
+@pytest.fixture(autouse=True)
+def _ray(ray_up):
+    return ray_up
+
+
+@pytest.fixture(scope="module")
+def imageset(tmp_path_factory, photo_dir, ray_local) -> str:
+    """A real image set: 6 photos, 3 shards of 2, sides 64..160 px."""
+    out = tmp_path_factory.mktemp("imageset") / "set"
+    ingest(str(photo_dir), str(out), IngestConfig(**INGEST), workers=2, progress=False)
+    return str(out)
+
+
+def cfg_for(images: str, cache_root: Path | str, **kw) -> PrecomputeConfig:
+    base = dict(
+        images=images,
+        teacher="tiny-clip-64",
+        crop=64,
+        stride=24,
+        cache_root=str(cache_root),
+        autocast="none",
+        workers=2,
+        window_batch=8,
+        progress=True,
+        max_retries=1,
+    )
+    return PrecomputeConfig(**{**base, **kw})
+
+
+def reference(images: str, key: str, crop: int, stride: int, amp=None) -> np.ndarray:
+    bb = build_backbone("tiny-clip-64")
+    img = np.array(open_imageset(images).read(key))  # (H, W, 3) uint8
+    x = bb.normalize(torch.from_numpy(img)[None])
+    return sliding_window_features(bb, x, crop, stride, window_batch=5, autocast_dtype=amp)[0].numpy()
+
+
+def assert_matches_reference(path: str, images: str, crop: int, stride: int, amp=None, tol=2e-3) -> None:
+    c = open_cache(path)
+    ims = open_imageset(images)
+    assert sorted(c.keys()) == sorted(r.key for r in ims.records)
+    for r in ims.records:
+        got = c.features(r.key, verify=True)
+        assert got.shape == (r.height // 16, r.width // 16, c.dim) and got.dtype == np.float16
+        ref = reference(images, r.key, crop, stride, amp)
+        scale = float(np.abs(ref).max())
+        np.testing.assert_allclose(got.astype(np.float32), ref, rtol=tol, atol=tol * scale, err_msg=r.key)
+
+
+def shard_attempts(path: str) -> dict[str, str]:
+    return {
+        p.name: json.loads(p.read_text())["attempt"] for p in sorted((Path(path) / "shards").glob("*.done"))
+    }
+
+
+# ------------------------------------------------------------------------------------------ correctness
+
+
+def test_cached_features_equal_the_direct_teacher_and_rerun_is_a_noop(imageset, tmp_path, capfd):
+    cfg = cfg_for(imageset, tmp_path)
+    path = precompute(cfg)
+    assert Path(path).name == open_cache(path).spec.fingerprint()
+    assert_matches_reference(path, imageset, 64, 24)
+    c = open_cache(path)
+    c.check_pairing(open_imageset(imageset))
+    assert verify_cache(path)[1] == []
+    assert c.spec.weights_id == build_backbone("tiny-clip-64").weights_id
+    assert [k for k, _ in c.iter_shard(1)] == [r.key for r in open_imageset(imageset).shard_records(1)]
+    before = shard_attempts(path)
+    capfd.readouterr()
+
+    assert precompute(cfg) == path
+    assert "cache complete, nothing to compute" in capfd.readouterr().err
+    assert shard_attempts(path) == before  # nothing rewritten
+
+
+def test_bf16_autocast_default_is_close_to_float32(imageset, tmp_path):
+    cfg = cfg_for(imageset, tmp_path, autocast="bf16", stride=32, workers=1)
+    path = precompute(cfg)
+    assert open_cache(path).spec.autocast == "bf16"
+    # bf16 has 8 mantissa bits: compare with the float32 teacher at bf16 tolerance, and exactly-ish with bf16
+    assert_matches_reference(path, imageset, 64, 32, amp=None, tol=3e-2)
+    assert_matches_reference(path, imageset, 64, 32, amp=torch.bfloat16, tol=2e-3)
+
+
+def test_fingerprint_follows_every_spec_input(imageset, photo_dir, tmp_path):
+    ims = open_imageset(imageset)
+    base = cfg_for(imageset, tmp_path)
+
+    def fp(cfg, images=ims):
+        return resolve_spec(cfg, images)[0].fingerprint()
+
+    f0 = fp(base)
+    variants = {
+        "crop": dataclasses.replace(base, crop=48),
+        "stride": dataclasses.replace(base, stride=32),
+        "dtype": dataclasses.replace(base, dtype="float32"),
+        "autocast": dataclasses.replace(base, autocast="bf16"),
+        "weights": dataclasses.replace(base, seed=1),
+        "teacher": dataclasses.replace(base, teacher="tiny-clip-224", crop=64),
+    }
+    fps = {name: fp(cfg) for name, cfg in variants.items()}
+    assert len(set(fps.values()) | {f0}) == len(fps) + 1, fps
+    assert fp(dataclasses.replace(base, window_batch=3, workers=1, cache_root="/elsewhere")) == f0
+
+    # the same weights from two different files: same weights_id, same cache
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in build_backbone("tiny-clip-64", seed=5).model.state_dict().items()}
+    for name in ("a.safetensors", "b.safetensors"):
+        save_file(sd, str(tmp_path / name))
+    fa = fp(dataclasses.replace(base, pretrained=str(tmp_path / "a.safetensors")))
+    fb = fp(dataclasses.replace(base, pretrained=str(tmp_path / "b.safetensors")))
+    assert fa == fb != f0
+
+    # re-ingesting the same photos gives the same cache; changing one pixel of one photo gives another
+    same = tmp_path / "same"
+    ingest(str(photo_dir), str(same), IngestConfig(**INGEST), workers=2, progress=False)
+    assert fp(base, open_imageset(str(same))) == f0
+    src = tmp_path / "src"
+    shutil.copytree(photo_dir, src)
+    first = sorted(src.glob("*.png"))[0]
+    arr = np.array(Image.open(first).convert("RGB"))
+    arr[arr.shape[0] // 2, arr.shape[1] // 2] ^= 0x40
+    Image.fromarray(arr).save(first)
+    ingest(str(src), str(tmp_path / "changed"), IngestConfig(**INGEST), workers=2, progress=False)
+    assert fp(base, open_imageset(str(tmp_path / "changed"))) != f0
+
+
+def test_bad_window_parameters_are_refused_before_any_task(imageset, tmp_path):
+    with pytest.raises(CacheError, match="crop"):
+        precompute(cfg_for(imageset, tmp_path, crop=40))
+    with pytest.raises(CacheError, match=r"larger than the image"):
+        precompute(cfg_for(imageset, tmp_path, crop=256))
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_sigkilled_task_then_rerun_gives_a_complete_verified_cache(imageset, tmp_path, monkeypatch):
+    """A task SIGKILLs its own worker after computing part of its shard; no retries: the run fails, keeps the
+    finished shards, and the re-run computes only what is missing."""
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(CRASH_ENV, f"{marker}:first-image")
+    cfg = cfg_for(imageset, tmp_path / "cache", max_retries=0)
+    with pytest.raises(CacheError, match="incomplete"):
+        precompute(cfg)
+    assert marker.exists()
+    path = str(next((tmp_path / "cache").iterdir()))
+    c = open_cache(path)
+    missing = c.incomplete_shards()
+    assert len(missing) == 1
+    kept = shard_attempts(path)
+    assert len(kept) == 2
+
+    precompute(cfg)  # marker exists: no more crashes
+    now = shard_attempts(path)
+    assert {k: now[k] for k in kept} == kept  # finished shards were not recomputed
+    assert len(now) == 3
+    assert verify_cache(path)[1] == []
+    c = open_cache(path)
+    keys = [k for i in range(c.num_shards) for k in c.shard_keys(i)]
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(
+        r.key for r in open_imageset(imageset).records
+    )
+    assert_matches_reference(path, imageset, 64, 24)
+
+
+def test_worker_killed_after_placing_its_store_is_retried_by_ray(imageset, tmp_path, monkeypatch):
+    """Dies between placing the store and writing the marker; Ray's retry replaces the orphan store."""
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(CRASH_ENV, f"{marker}:placed")
+    path = precompute(cfg_for(imageset, tmp_path / "cache", max_retries=2, stride=32))
+    assert marker.exists()
+    assert open_cache(path).is_complete() and verify_cache(path)[1] == []
+    leftovers = [
+        p.name for p in (Path(path) / "shards").iterdir() if ".tmp-" in p.name or ".stale-" in p.name
+    ]
+    assert leftovers == []
+    assert_matches_reference(path, imageset, 64, 32)
+
+
+def test_flipped_byte_is_caught_by_verify_and_fixed_by_repair(imageset, tmp_path, capsys):
+    path = precompute(cfg_for(imageset, tmp_path, stride=32))
+    good = {k: open_cache(path).features(k) for k in open_cache(path).keys()}
+    chunk = sorted((Path(path) / "shards" / "shard-000002.zarr" / "features" / "c").rglob("*"))[-1]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    problems = verify_cache(path)[1]
+    assert [p.where for p in problems] == ["shard-000002"]
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd")
+    from pipeline.cache import add_cli as cache_cli
+
+    cache_cli(sub)
+    args = parser.parse_args(["cache", "verify", path])
+    assert args.func(args) == 1
+    assert "BAD shard-000002" in capsys.readouterr().out
+    args = parser.parse_args(["cache", "verify", path, "--repair"])
+    assert args.func(args) == 0
+    assert "repaired" in capsys.readouterr().out
+    c = open_cache(path)
+    for k, v in good.items():
+        np.testing.assert_array_equal(c.features(k), v)
+
+
+def test_repair_refuses_when_the_recorded_teacher_no_longer_matches(imageset, tmp_path):
+    path = precompute(cfg_for(imageset, tmp_path, stride=32, workers=1))
+    doc = json.loads((Path(path) / "spec.json").read_text())
+    doc["hints"]["seed"] = 7  # the hint now rebuilds other weights
+    (Path(path) / "spec.json").write_text(json.dumps(doc))
+    with pytest.raises(CacheError, match="cannot repair"):
+        repair_cache(path, [0])
+    assert open_cache(path).is_complete()  # nothing invalidated
+
+
+# ------------------------------------------------------------------------------------------ S3 and CLI
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("spar-caches")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_s3_round_trip(imageset, tmp_path, s3_server):
+    local = precompute(cfg_for(imageset, tmp_path, stride=32))
+    remote = precompute(cfg_for(imageset, "s3://spar-caches/teacher", stride=32))
+    assert remote == f"s3://spar-caches/teacher/{Path(local).name}"  # same spec, same fingerprint anywhere
+    files = s3_server.find("spar-caches/teacher")
+    assert any(f.endswith("shards/shard-000002.done") for f in files)
+    assert any("/features/c/" in f for f in files)
+    c_remote, c_local = open_cache(remote), open_cache(local)
+    assert c_remote.is_complete()
+    c_remote.check_pairing(open_imageset(imageset))
+    for k in c_local.keys():
+        np.testing.assert_allclose(
+            c_remote.features(k, verify=True).astype(np.float32),
+            c_local.features(k).astype(np.float32),
+            atol=2e-3,
+        )
+    assert verify_cache(remote)[1] == []
+    assert precompute(cfg_for(imageset, "s3://spar-caches/teacher", stride=32)) == remote  # no-op on S3 too
+
+
+def test_cli_precompute_with_recipe_and_flags(imageset, tmp_path, capsys):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[precompute]\nteacher = "tiny-clip-64"\nstride = 48\nautocast = "none"\nworkers = 2\n')
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="cmd"))
+    argv = [
+        "precompute",
+        "--images",
+        imageset,
+        "--crop",
+        "64",
+        "--stride",
+        "32",
+        "--cache-root",
+        str(tmp_path / "c"),
+    ]
+    args = parser.parse_args([*argv, "--config", str(recipe), "--set", "window_batch=4"])
+    assert args.func(args) == 0
+    path = capsys.readouterr().out.strip().splitlines()[-1]
+    spec = open_cache(path).spec
+    assert (spec.crop, spec.stride, spec.autocast, spec.backbone) == (64, 32, "none", "tiny-clip-64")
+    assert_matches_reference(path, imageset, 64, 32)
+
+
+def test_missing_images_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="required|image set|not"):
+        precompute(cfg_for("", tmp_path))
+    with pytest.raises(Exception, match=str(tmp_path / "nope")):
+        precompute(cfg_for(str(tmp_path / "nope"), tmp_path))
