@@ -109,8 +109,8 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     """Content hash of a state dict: names, dtypes, shapes and bytes, in sorted order (format independent)."""
     h = hashlib.sha256()
     for name in sorted(sd):
-        t = sd[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        t = sd[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(sd[name].shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -393,6 +393,14 @@ def _make_model(name: str, oc_name: str | None, pretrained: str | None, seed: in
     if not _looks_like_path(pretrained):
         raise BackboneError(f"{name}: pretrained tag {pretrained!r} is not available for tiny models")
     sd = _load_weights_file(pretrained)
+    own = model.state_dict()
+    bad_shapes = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if bad_shapes:
+        k = bad_shapes[0]
+        raise BackboneError(
+            f"weights file {pretrained} does not match {name}: {k} has shape {tuple(sd[k].shape)}, "
+            f"expected {tuple(own[k].shape)} ({len(bad_shapes)} mismatching tensors)"
+        )
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise BackboneError(
