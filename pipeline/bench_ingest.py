@@ -51,6 +51,30 @@ def _make_sources(dst: Path, copies: int) -> int:
     return len(photos) * copies
 
 
+def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
+    """CPU seconds per image for each step, in this process (no Ray): robust to other load on the machine."""
+    from pipeline.imageset import pixel_sha256
+    from pipeline.ingest import apply_augmentation, augmentation_for, decode_source, encode_png
+
+    steps = {"decode": 0.0, "augment": 0.0, "sha256": 0.0, "png_encode": 0.0}
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        t0 = time.process_time()
+        img, _ = decode_source(data, cfg)
+        t1 = time.process_time()
+        arr = apply_augmentation(img, augmentation_for(f"bench{i}", img.height, img.width, cfg))
+        t2 = time.process_time()
+        pixel_sha256(arr)
+        t3 = time.process_time()
+        encode_png(arr, cfg.png_compress_level)
+        t4 = time.process_time()
+        for k, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            steps[k] += dt
+    out = {k: v / len(files) for k, v in steps.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Time ingest at each worker count; print a table and the speed-up."""
     from pipeline.raycluster import init_ray
@@ -87,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                     "fingerprint": s.fingerprint,
                 }
             )
+        cpu = cpu_breakdown(skimage_photos(), cfg)
         fps = {r["fingerprint"] for r in results}
         info = {
             "recipe": args.recipe,
@@ -95,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             "machine": platform.platform(),
             "same_fingerprint_across_worker_counts": len(fps) == 1,
             "results": results,
+            "cpu_seconds_per_image": {k: round(v, 5) for k, v in cpu.items()},
         }
         print(f"ingest bench: {n} inputs ({args.copies} copies of {n // args.copies} scikit-image files), "
               f"recipe={args.recipe}, shard_size={shard_size}, {os.cpu_count()} CPUs")  # fmt: skip
@@ -106,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"speed-up {results[-1]['workers']} vs {results[0]['workers']} workers: "
                   f"{results[-1]['images_per_s'] / results[0]['images_per_s']:.2f}x; identical output: "
                   f"{info['same_fingerprint_across_worker_counts']}")  # fmt: skip
+        steps = ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in cpu.items())
+        print(
+            f"CPU time per image (one process, no Ray): {steps} -> at most {1 / cpu['total']:.1f} images/s "
+            "per fully available core"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
         return 0
