@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import mlflow
@@ -28,6 +29,15 @@ LABELS = {
     ),
     "2007_000003": np.array([[7, 7, 7, 7, 7, 7], [7, 7, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]),
 }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tracking_env():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which pipeline.tracking would then prefer over
+    each test's own workdir: clear it around every test."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def _upscale(lab: np.ndarray, k: int = 10) -> np.ndarray:
@@ -124,11 +134,15 @@ def test_eval_run_logs_metrics_and_artifacts(voc_root, tmp_path):
     assert rows["class"][0] == "background" and rows["iou"][0] == pytest.approx(expected[0])
 
 
-def test_eval_ray_workers_equal_local_and_sliding_any_stride(voc_root, tmp_path, ray_up):
+def test_eval_ray_workers_equal_local(voc_root, tmp_path, ray_up):
     local = evaluate(_cfg(voc_root, tmp_path, mlflow=False, prob_thd=0.0, area_thd=0.0))
     dist = evaluate(_cfg(voc_root, tmp_path, mlflow=False, prob_thd=0.0, area_thd=0.0, workers=2))
     assert dist["intersection"] == local["intersection"] and dist["union"] == local["union"]
     assert dist["images"] == 3 and sum(dist["label_pixels"]) == sum(local["label_pixels"])
+    assert dist["miou"] == pytest.approx(local["miou"])
+
+
+def test_eval_sliding_any_stride(voc_root, tmp_path):
     # the teacher row: sliding window at an odd stride (40x60 -> 64x96 at short side 64, crop 64)
     for stride in (7, 24):
         sl = evaluate(_cfg(voc_root, tmp_path, mlflow=False, mode="sliding", stride=stride, max_images=2))

@@ -1,0 +1,863 @@
+"""Evaluation: open-vocabulary segmentation benchmarks, the labels-free fidelity report and the speed report.
+
+* ``spar eval --dataset voc21 --data-root DIR (--checkpoint CKPT | --baseline --backbone NAME)``: mIoU,
+  per-class IoU and images/s under the paper's protocol (per-dataset defaults, all configurable), optionally
+  spread over Ray tasks (``--workers N``: each task returns intersection/union counts; the driver sums them).
+* ``spar eval --fidelity --images ROOT --teacher-cache PATH [--checkpoint CKPT]``: on held-out images, feature
+  MSE / mean cosine to the cached teacher for the single-pass baseline and the student, and segmentation
+  agreement (mIoU against the teacher's own prediction).
+* ``spar eval --speed --backbone NAME``: seconds per image, single pass vs sliding window at strides
+  {224, 112, 48, 24} scaled to the backbone's native size, at several resolutions; table + PNG plot.
+
+Everything is logged to MLflow (metrics, params, a per-class table, overlays / plots as artifacts) and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import ConfigError, UserError, to_dict
+from pipeline.datasets import DATASETS, INFOS, default_classes, open_dataset, read_class_file
+from pipeline.inference import (
+    Precision,
+    build_text_classifier,
+    config_from_args,
+    dense_features,
+    load_model,
+    make_palette,
+    model_identity,
+    overlay,
+    pick_device,
+    protocol_size,
+    resize_rgb,
+    resolve_classes,
+)
+
+DatasetName = Literal["voc21", "voc20", "context60", "context59", "cityscapes", "ade20k"]
+PAPER_STRIDES = (224, 112, 48, 24)  # at crop 224; scaled to the backbone's native size
+
+
+class EvalError(UserError):
+    """Bad evaluation request (conflicting options, missing inputs)."""
+
+
+@dataclass
+class EvalConfig:
+    """``spar eval``. Fields left at ``None`` take the paper's protocol default for the dataset/backbone."""
+
+    # what to run: benchmark (default), or the fidelity / speed report
+    fidelity: bool = False
+    speed: bool = False
+    # model: a student checkpoint, or a named backbone (single-pass baseline; with mode=sliding the teacher)
+    checkpoint: str = ""
+    baseline: bool = False
+    backbone: str = ""
+    pretrained: str = ""
+    # benchmark
+    dataset: DatasetName = "voc21"
+    data_root: str = ""
+    split: str = "val"
+    max_images: int = 0  # 0 = all
+    classes_file: str = ""  # default: spar_core/data/<dataset>.txt
+    templates: Literal["imagenet", "simple"] = "imagenet"
+    # protocol (None = paper default)
+    short_side: int | None = None  # 672; Cityscapes 1024
+    long_side: int | None = None  # 2048
+    logit_scale: float | None = None  # 40; VOC21 65; Context60 50
+    prob_thd: float | None = None  # 0.1 Context60 and VOC21 with a CLIP backbone; else 0
+    area_thd: float | None = None  # 0.1 VOC21 with a CLIP backbone; else 0
+    # inference
+    mode: Literal["single", "sliding"] = "single"
+    crop: int = 0  # 0 = backbone's native size
+    stride: int = 0  # 0 = crop * 112 / 224
+    window_batch: int = 32
+    precision: Precision = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    # distribution
+    workers: int = 0  # >0: split the images across this many Ray tasks
+    ray_address: str = ""
+    gpus_per_worker: float = 0.0
+    # fidelity report
+    images: str = ""
+    teacher_cache: str = ""
+    classes: str = ""  # fidelity class list (default: Context59's names)
+    # speed report
+    resolutions: tuple[int, ...] = ()  # default: 2x, 3x, 4x the native size
+    strides: tuple[int, ...] = PAPER_STRIDES
+    repeats: int = 3
+    # tracking & output
+    experiment: str = "spar-eval"
+    run_name: str = ""
+    workdir: str = ""  # default: $SPAR_WORKDIR or ./workdir
+    overlays: int = 4
+    out: str = ""  # optional folder for results.json / tables / plots (default: a temp dir, logged to MLflow)
+    mlflow: bool = True
+
+    def __post_init__(self) -> None:
+        for k in ("max_images", "crop", "stride", "workers", "overlays", "repeats", "window_batch"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.window_batch == 0 or self.repeats == 0:
+            raise ConfigError("window_batch and repeats must be >= 1")
+        for k in ("short_side", "long_side"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ConfigError(f"{k} must be >= 0, got {v}")
+        for k in ("prob_thd", "area_thd"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{k} must be in [0, 1], got {v}")
+        if self.logit_scale is not None and self.logit_scale <= 0:
+            raise ConfigError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if any(r <= 0 for r in self.resolutions) or any(s <= 0 for s in self.strides):
+            raise ConfigError("resolutions and strides must be positive")
+        if self.fidelity and self.speed:
+            raise ConfigError("choose one of --fidelity and --speed")
+        if self.baseline and self.checkpoint:
+            raise ConfigError(
+                "--baseline evaluates a named backbone; it cannot be combined with --checkpoint"
+            )
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The resolved evaluation protocol for one dataset and backbone."""
+
+    short_side: int
+    long_side: int
+    logit_scale: float
+    prob_thd: float
+    area_thd: float
+    mode: str
+    crop: int
+    stride: int
+
+
+def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> Protocol:
+    """Fill the paper's per-dataset defaults into the fields left at None."""
+    ds, clip = cfg.dataset, readout == "maskclip"
+    short = cfg.short_side if cfg.short_side is not None else (1024 if ds == "cityscapes" else 672)
+    long = cfg.long_side if cfg.long_side is not None else 2048
+    scale = (
+        cfg.logit_scale if cfg.logit_scale is not None else {"voc21": 65.0, "context60": 50.0}.get(ds, 40.0)
+    )
+    prob = cfg.prob_thd
+    if prob is None:
+        prob = 0.1 if ds == "context60" or (ds == "voc21" and clip) else 0.0
+    area = cfg.area_thd if cfg.area_thd is not None else (0.1 if ds == "voc21" and clip else 0.0)
+    crop = cfg.crop or native_size
+    if crop % patch:
+        raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
+    stride = cfg.stride or max(1, round(crop * 112 / 224))
+    return Protocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
+
+
+def _workdir(cfg: EvalConfig) -> str:
+    return cfg.workdir or os.environ.get("SPAR_WORKDIR", "workdir")
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def _model_spec(cfg: EvalConfig) -> dict[str, Any]:
+    return {
+        "checkpoint": cfg.checkpoint,
+        "backbone": cfg.backbone,
+        "pretrained": cfg.pretrained,
+        "seed": cfg.seed,
+    }
+
+
+def _features(bb, img: np.ndarray, proto: Protocol, precision: str, window_batch: int) -> torch.Tensor:
+    """Protocol-resized dense features (1, h, w, D); sliding falls back to one pass when the crop covers it."""
+    h, w = img.shape[:2]
+    size = protocol_size(h, w, proto.short_side, proto.long_side, bb.patch_size)
+    x = resize_rgb(img, size)
+    mode = proto.mode if (proto.mode == "single" or proto.crop < max(size)) else "single"
+    return dense_features(bb, x, mode, proto.crop, proto.stride, precision, window_batch)
+
+
+def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str]) -> bytes:
+    """Image | prediction overlay | ground-truth overlay, side by side, as PNG bytes."""
+    pal = make_palette(len(names))
+    panels = [img, np.asarray(overlay(img, pred, names, pal)), np.asarray(overlay(img, label, names, pal))]
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(panels, axis=1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def eval_chunk(
+    cfg_dict: dict[str, Any], indices: list[int], overlay_indices: list[int] = ()
+) -> dict[str, Any]:
+    """Evaluate the images ``indices`` of the configured dataset; returns plain counts (summable across tasks).
+
+    Returns {"intersection", "union", "label_area" (num_classes,) int64, "out_of_range": {key: pixels},
+    "images": n, "seconds": model time, "overlays": {key: png bytes}}. Runs in the driver or as a Ray task.
+    """
+    from spar_core.metrics import IoUAccumulator
+    from spar_core.segment import predict
+
+    cfg = EvalConfig(**cfg_dict)
+    ds = open_dataset(cfg.dataset, cfg.data_root, cfg.split)
+    dev = pick_device(cfg.device)
+    bb = load_model(**_model_spec(cfg), device=dev)
+    proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
+    classes = _benchmark_classes(cfg)
+    clf = build_text_classifier(bb, classes, cfg.templates)
+    names = display_names(cfg.dataset, classes)
+    acc = IoUAccumulator(ds.num_classes, ignore_index=255)
+    seconds, pngs = 0.0, {}
+    for i in indices:
+        img, label = ds.load(i)
+        t0 = time.perf_counter()
+        feats = _features(bb, img, proto, cfg.precision, cfg.window_batch)  # (1, h, w, D)
+        with torch.no_grad():
+            pred = predict(
+                feats,
+                clf,
+                out_size=label.shape,
+                logit_scale=proto.logit_scale,
+                prob_thd=proto.prob_thd,
+                area_thd=proto.area_thd,
+            )[0]  # (H, W)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds += time.perf_counter() - t0
+        pred = pred.cpu().numpy()
+        acc.update(pred, label)
+        if i in overlay_indices:
+            pngs[ds.samples[i].key] = _overlay_png(img, pred, label, names)
+    return {
+        "intersection": acc.intersection,
+        "union": acc.union,
+        "label_area": acc.label_area,
+        "out_of_range": dict(ds.out_of_range),
+        "images": len(indices),
+        "seconds": seconds,
+        "overlays": pngs,
+    }
+
+
+def _benchmark_classes(cfg: EvalConfig) -> list[list[str]]:
+    classes = read_class_file(cfg.classes_file) if cfg.classes_file else default_classes(cfg.dataset)
+    n = INFOS[cfg.dataset].num_classes
+    if len(classes) != n:
+        raise EvalError(
+            f"class list {cfg.classes_file or cfg.dataset} has {len(classes)} classes; {cfg.dataset} has {n}"
+        )
+    return classes
+
+
+def _split(indices: list[int], parts: int) -> list[list[int]]:
+    """Contiguous, near-equal chunks (no empty ones)."""
+    parts = max(1, min(parts, len(indices)))
+    bounds = np.linspace(0, len(indices), parts + 1).round().astype(int)
+    return [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _run_chunks(cfg: EvalConfig, chunks: list[list[int]], overlay_idx: list[int]) -> list[dict[str, Any]]:
+    cfg_dict = asdict(cfg)
+    if cfg.workers <= 0:
+        return [eval_chunk(cfg_dict, c, overlay_idx) for c in chunks]
+    import ray
+
+    from pipeline.raycluster import init_ray
+
+    init_ray(address=cfg.ray_address or None)
+    task = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker, max_retries=2)(eval_chunk)
+    return ray.get([task.remote(cfg_dict, c, [i for i in overlay_idx if i in c]) for c in chunks])
+
+
+def merge_counts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the intersection/union/label-area counts of evaluation chunks; IoU (percent) and mIoU at the end.
+
+    IoU is NaN for classes absent from both labels and predictions; mIoU averages the others.
+    """
+    inter = np.sum([np.asarray(p["intersection"], np.int64) for p in parts], axis=0)
+    union = np.sum([np.asarray(p["union"], np.int64) for p in parts], axis=0)
+    area = np.sum([np.asarray(p["label_area"], np.int64) for p in parts], axis=0)
+    oor: dict[str, int] = {}
+    for p in parts:
+        oor.update(p.get("out_of_range", {}))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan) * 100.0
+    miou = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    return {
+        "intersection": inter,
+        "union": union,
+        "label_area": area,
+        "out_of_range": oor,
+        "iou": iou,
+        "miou": miou,
+    }
+
+
+def display_names(dataset: str, classes: list[list[str]]) -> list[str]:
+    """One display name per class: the first synonym; a background class (VOC21/Context60) shows 'background'."""
+    names = [c[0] for c in classes]
+    if INFOS[dataset].has_background:
+        names[0] = "background"
+    return names
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the benchmark evaluation; returns {"miou", "iou" (per class), "classes", "images_per_s", ...}.
+
+    mIoU/IoU are in percent, summed as intersection/union counts over the whole set (and over Ray tasks).
+    """
+    if not cfg.data_root:
+        raise EvalError("--data-root is required for a benchmark evaluation")
+    if not (cfg.checkpoint or cfg.backbone):
+        raise EvalError("give --checkpoint CKPT or --baseline --backbone NAME")
+    ds = open_dataset(cfg.dataset, cfg.data_root, cfg.split)  # fail early on a bad layout
+    classes = _benchmark_classes(cfg)
+    indices = list(range(len(ds)))[: cfg.max_images or None]
+    overlay_idx = indices[: cfg.overlays]
+    bb = load_model(**_model_spec(cfg), device="cpu")  # identity and protocol only (cheap for the driver)
+    ident = model_identity(bb)
+    proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
+    del bb
+    t0 = time.perf_counter()
+    parts = _run_chunks(cfg, _split(indices, max(cfg.workers, 1)), overlay_idx)
+    wall = time.perf_counter() - t0
+    counts = merge_counts(parts)
+    iou, miou = counts["iou"], counts["miou"]
+    inter, union, area, oor = (
+        counts["intersection"],
+        counts["union"],
+        counts["label_area"],
+        counts["out_of_range"],
+    )
+    n = sum(p["images"] for p in parts)
+    model_s = sum(p["seconds"] for p in parts)
+    result = {
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "images": n,
+        "num_classes": ds.num_classes,
+        "miou": miou,
+        "iou": [None if math.isnan(v) else float(v) for v in iou],
+        "classes": display_names(cfg.dataset, classes),
+        "label_pixels": area.tolist(),
+        "intersection": inter.tolist(),
+        "union": union.tolist(),
+        "images_per_s": n / model_s if model_s > 0 else float("nan"),
+        "wall_s": wall,
+        "out_of_range_pixels": int(sum(oor.values())),
+        "out_of_range_images": oor,
+        "protocol": asdict(proto),
+        "model": ident,
+        "workers": cfg.workers,
+    }
+    overlays = {k: v for p in parts for k, v in p["overlays"].items()}
+    if oor:
+        print(
+            f"warning: {len(oor)} label map(s) had {result['out_of_range_pixels']} pixel(s) outside "
+            f"0..{ds.num_classes - 1} (treated as ignore), e.g. {next(iter(oor))}"
+        )
+    print(format_iou_table(result))
+    _log_benchmark(cfg, result, overlays)
+    return result
+
+
+def format_iou_table(result: dict[str, Any]) -> str:
+    """Per-class IoU table plus the summary line, for the terminal."""
+    w = max(12, *(len(c) for c in result["classes"]))
+    lines = [f"{'class':<{w}}  {'IoU %':>7}  {'label px':>10}"]
+    for c, v, a in zip(result["classes"], result["iou"], result["label_pixels"], strict=True):
+        lines.append(f"{c:<{w}}  {('-' if v is None else f'{v:.2f}'):>7}  {a:>10}")
+    lines.append("-" * (w + 21))
+    lines.append(
+        f"{result['dataset']} ({result['images']} images): mIoU {result['miou']:.2f}  "
+        f"{result['images_per_s']:.2f} images/s  [{result['protocol']['mode']}]"
+    )
+    return "\n".join(lines)
+
+
+def _metric_key(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:200]
+
+
+def _output_dir(cfg: EvalConfig) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    if cfg.out:
+        p = Path(cfg.out).expanduser()
+        p.mkdir(parents=True, exist_ok=True)
+        return p, None
+    tmp = tempfile.TemporaryDirectory(prefix="spar-eval-")
+    return Path(tmp.name), tmp
+
+
+def _start_run(cfg: EvalConfig, default_name: str, extra_params: dict[str, Any]):
+    """Start an MLflow run with the resolved config, protocol and git commit as params."""
+    import mlflow
+
+    from pipeline.tracking import git_commit, log_params_flat, setup_experiment
+
+    exp_id = setup_experiment(cfg.experiment, _workdir(cfg))
+    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or default_name)
+    log_params_flat({**to_dict(cfg), **extra_params})
+    commit = git_commit()
+    if commit:
+        mlflow.set_tag("git_commit", commit)
+    mlflow.set_tag("spar.stage", "eval")
+    return run
+
+
+def _lineage_params(cfg: EvalConfig, ident: dict[str, Any]) -> dict[str, Any]:
+    out = {f"model.{k}": v for k, v in ident.items()}
+    if cfg.checkpoint:
+        try:
+            from pipeline.checkpoint import read_backbone_info
+
+            info = read_backbone_info(cfg.checkpoint)
+            out["model.cache_fingerprint"] = info.get("cache_fingerprint", "")
+            out["model.trainable_blocks"] = info.get("trainable_blocks", "")
+        except Exception:  # lineage is best-effort; the model itself already loaded
+            pass
+    return out
+
+
+def _log_benchmark(cfg: EvalConfig, result: dict[str, Any], overlays: dict[str, bytes]) -> None:
+    out, tmp = _output_dir(cfg)
+    try:
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / "per_class_iou.txt").write_text(format_iou_table(result) + "\n")
+        for key, png in overlays.items():
+            (out / "overlays").mkdir(exist_ok=True)
+            (out / "overlays" / f"{_metric_key(key).replace('/', '_').replace(' ', '_')}.png").write_bytes(
+                png
+            )
+        if not cfg.mlflow:
+            return
+        import mlflow
+
+        role = "student" if cfg.checkpoint else ("teacher" if cfg.mode == "sliding" else "baseline")
+        params = {f"protocol.{k}": v for k, v in result["protocol"].items()}
+        params.update(_lineage_params(cfg, result["model"]))
+        with _start_run(cfg, f"{cfg.dataset}-{role}", params):
+            mlflow.set_tag("spar.eval", "benchmark")
+            mlflow.set_tag("spar.role", role)
+            metrics = {
+                "mIoU": result["miou"],
+                "images_per_s": result["images_per_s"],
+                "num_images": result["images"],
+                "out_of_range_pixels": result["out_of_range_pixels"],
+            }
+            for c, v in zip(result["classes"], result["iou"], strict=True):
+                if v is not None:
+                    metrics[_metric_key(f"iou/{c}")] = v
+            metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+            mlflow.log_metrics(metrics)
+            mlflow.log_table(
+                {
+                    "class": result["classes"],
+                    "iou": result["iou"],
+                    "label_pixels": result["label_pixels"],
+                    "intersection": result["intersection"],
+                    "union": result["union"],
+                },
+                artifact_file="per_class_iou.json",
+            )
+            mlflow.log_artifact(str(out / "per_class_iou.txt"))
+            mlflow.log_artifact(str(out / "results.json"))
+            if overlays:
+                mlflow.log_artifacts(str(out / "overlays"), artifact_path="overlays")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+
+
+def _seed_of(weights_id: str, default: int) -> int:
+    """The seed of random weights from a weights id 'random:<name>:seed<k>' (else ``default``)."""
+    import re
+
+    m = re.fullmatch(r"random:.*:seed(\d+)", weights_id or "")
+    return int(m.group(1)) if m else default
+
+
+def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
+    """Labels-free quality report on held-out images against their cached teacher features.
+
+    For the single-pass baseline (the cache's backbone, no training) and, with ``checkpoint``, the student:
+    feature MSE and mean cosine to the teacher pooled over every patch position of every image, and
+    segmentation agreement: mIoU (percent) and pixel agreement of each prediction against the teacher's own
+    prediction for the class list. Returns {"images", "baseline": {...}, "student": {...}?}.
+    """
+    from pipeline.cache import open_cache
+    from pipeline.imageset import open_imageset
+    from spar_core.backbones import build_backbone
+    from spar_core.metrics import IoUAccumulator, feature_fidelity
+    from spar_core.segment import predict
+
+    if not cfg.images or not cfg.teacher_cache:
+        raise EvalError("--fidelity needs --images ROOT and --teacher-cache PATH")
+    ims = open_imageset(cfg.images)
+    cache = open_cache(cfg.teacher_cache)
+    cache.check_pairing(ims)
+    spec = cache.spec
+    dev = pick_device(cfg.device)
+    base = build_backbone(
+        spec.backbone, spec.pretrained or None, device=dev, seed=_seed_of(spec.weights_id, cfg.seed)
+    )
+    if base.weights_id != spec.weights_id:
+        raise EvalError(
+            f"teacher cache {cfg.teacher_cache} was computed with weights {spec.weights_id!r}, but the baseline "
+            f"built here has {base.weights_id!r} (pass the same pretrained weights)"
+        )
+    models = {"baseline": base}
+    if cfg.checkpoint:
+        student = load_model(cfg.checkpoint, device=dev)
+        if student.name != spec.backbone:
+            raise EvalError(
+                f"checkpoint {cfg.checkpoint} is a {student.name} student; the cache is for {spec.backbone}"
+            )
+        models["student"] = student
+    if cfg.classes or cfg.classes_file:
+        classes = resolve_classes(cfg.classes, cfg.classes_file)
+    else:
+        classes = default_classes("context59")
+    clf = build_text_classifier(base, classes, cfg.templates)
+    scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
+    sums = {m: {"mse": 0.0, "cosine": 0.0, "agree": 0, "pixels": 0} for m in models}
+    accs = {m: IoUAccumulator(len(classes), ignore_index=-1) for m in models}
+    positions, n = 0, 0
+    limit = cfg.max_images or None
+    for shard in range(ims.num_shards):
+        for rec, img in ims.iter_shard(shard):
+            if limit is not None and n >= limit:
+                break
+            teacher = torch.from_numpy(np.asarray(cache.features(rec.key), dtype=np.float32)).to(
+                dev
+            )  # (h, w, D)
+            hw = teacher.shape[0] * teacher.shape[1]
+            out_size = img.shape[:2]
+            with torch.no_grad():
+                t_pred = predict(teacher[None], clf, out_size=out_size, logit_scale=scale)[0].cpu()  # (H, W)
+            for m, bb in models.items():
+                feats = dense_features(bb, img, "single", precision=cfg.precision)[0]  # (h, w, D)
+                if feats.shape != teacher.shape:
+                    raise EvalError(
+                        f"image {rec.key}: {m} features {tuple(feats.shape)} vs cached teacher "
+                        f"{tuple(teacher.shape)}"
+                    )
+                f = feature_fidelity(feats, teacher)
+                sums[m]["mse"] += f["mse"] * hw
+                sums[m]["cosine"] += f["cosine"] * hw
+                with torch.no_grad():
+                    pred = predict(feats[None], clf, out_size=out_size, logit_scale=scale)[0].cpu()
+                accs[m].update(pred, t_pred)
+                sums[m]["agree"] += int((pred == t_pred).sum())
+                sums[m]["pixels"] += pred.numel()
+            positions += hw
+            n += 1
+    if n == 0:
+        raise EvalError(f"no images in {cfg.images}")
+    result: dict[str, Any] = {
+        "images": n,
+        "positions": positions,
+        "classes": [c[0] for c in classes],
+        "teacher": {
+            "crop": spec.crop,
+            "stride": spec.stride,
+            "backbone": spec.backbone,
+            "cache_fingerprint": cache.fingerprint,
+        },
+    }
+    for m in models:
+        result[m] = {
+            "mse": sums[m]["mse"] / positions,
+            "cosine": sums[m]["cosine"] / positions,
+            "miou_vs_teacher": accs[m].miou() * 100.0,
+            "pixel_agreement": sums[m]["agree"] / sums[m]["pixels"],
+        }
+    print(format_fidelity(result))
+    _log_fidelity(cfg, result)
+    return result
+
+
+def format_fidelity(result: dict[str, Any]) -> str:
+    """The fidelity report as a terminal table."""
+    rows = [f"{'model':<10} {'MSE':>12} {'cosine':>8} {'mIoU vs teacher':>16} {'pixel agree':>12}"]
+    for m in ("baseline", "student"):
+        if m in result:
+            r = result[m]
+            rows.append(
+                f"{m:<10} {r['mse']:>12.6g} {r['cosine']:>8.4f} {r['miou_vs_teacher']:>16.2f} "
+                f"{r['pixel_agreement']:>12.4f}"
+            )
+    rows.append(
+        f"{result['images']} held-out images, teacher crop {result['teacher']['crop']} "
+        f"stride {result['teacher']['stride']}"
+    )
+    return "\n".join(rows)
+
+
+def _log_fidelity(cfg: EvalConfig, result: dict[str, Any]) -> None:
+    out, tmp = _output_dir(cfg)
+    try:
+        (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+        if not cfg.mlflow:
+            return
+        import mlflow
+
+        params = {
+            "teacher.cache_fingerprint": result["teacher"]["cache_fingerprint"],
+            "teacher.crop": result["teacher"]["crop"],
+            "teacher.stride": result["teacher"]["stride"],
+        }
+        with _start_run(cfg, "fidelity", params):
+            mlflow.set_tag("spar.eval", "fidelity")
+            metrics = {"num_images": result["images"]}
+            for m in ("baseline", "student"):
+                for k, v in result.get(m, {}).items():
+                    metrics[f"{m}_{k}"] = v
+            mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
+            mlflow.log_artifact(str(out / "fidelity.json"))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+def scaled_strides(strides: tuple[int, ...], native: int) -> list[int]:
+    """Paper strides (at crop 224) scaled to a backbone's native size, deduplicated, at least 1."""
+    out: list[int] = []
+    for s in strides:
+        v = max(1, round(s * native / 224))
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _time(fn, dev: torch.device, repeats: int, budget_s: float = 5.0) -> float:
+    """Median seconds of ``fn()``; the first call is the warm-up, and also the answer if it exceeded budget."""
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    first = once()
+    if first > budget_s:
+        return first
+    return float(np.median([once() for _ in range(repeats)]))
+
+
+def speed_report(cfg: EvalConfig) -> dict[str, Any]:
+    """Seconds per image: single pass vs sliding window (crop = native size) at scaled strides and several
+    square resolutions. Returns {"resolutions", "strides", "single": [s], "sliding": {stride: [s]}, "windows"}."""
+    from pipeline.inference import autocast, autocast_dtype
+    from spar_core.sliding import num_windows, sliding_window_features
+
+    if not (cfg.checkpoint or cfg.backbone):
+        raise EvalError("--speed needs --backbone NAME or --checkpoint CKPT")
+    dev = pick_device(cfg.device)
+    bb = load_model(**_model_spec(cfg), device=dev)
+    native, p = bb.native_size, bb.patch_size
+    crop = cfg.crop or native
+    strides = scaled_strides(cfg.strides, crop)
+    res = list(cfg.resolutions) or [2 * native, 3 * native, 4 * native]
+    res = [max(p, round(r / p) * p) for r in res]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    single, sliding, windows = [], {s: [] for s in strides}, {s: [] for s in strides}
+    for r in res:
+        x = torch.randn(1, 3, r, r, generator=gen).to(dev, next(bb.parameters()).dtype)
+
+        def run_single(x=x):
+            with torch.no_grad(), autocast(dev, cfg.precision):
+                bb.dense(x)
+
+        single.append(_time(run_single, dev, cfg.repeats))
+        for s in strides:
+
+            def run_slide(x=x, s=s):
+                with torch.no_grad():
+                    sliding_window_features(bb, x, crop, s, cfg.window_batch, autocast_dtype(cfg.precision))
+
+            sliding[s].append(_time(run_slide, dev, cfg.repeats) if crop < r else single[-1])
+            windows[s].append(num_windows(r, r, crop, s) if crop < r else 1)
+    result = {
+        "backbone": bb.name,
+        "device": str(dev),
+        "precision": cfg.precision,
+        "crop": crop,
+        "resolutions": res,
+        "strides": strides,
+        "single": single,
+        "sliding": {str(s): v for s, v in sliding.items()},
+        "windows": {str(s): v for s, v in windows.items()},
+    }
+    print(format_speed(result))
+    _log_speed(cfg, result)
+    return result
+
+
+def format_speed(result: dict[str, Any]) -> str:
+    """Speed table: seconds/image and slowdown vs single pass."""
+    head = f"{'resolution':>10} {'single s':>10}" + "".join(
+        f" {'s' + s + ' s (x)':>18}" for s in result["sliding"]
+    )
+    rows = [head]
+    for i, r in enumerate(result["resolutions"]):
+        line = f"{r:>10} {result['single'][i]:>10.4f}"
+        for _s, v in result["sliding"].items():
+            line += f" {v[i]:>10.4f} ({v[i] / result['single'][i]:>5.1f}x)"
+        rows.append(line)
+    rows.append(f"{result['backbone']} on {result['device']} ({result['precision']}), crop {result['crop']}")
+    return "\n".join(rows)
+
+
+def speed_plot(result: dict[str, Any], path: Path) -> Path:
+    """Seconds/image vs resolution (log scale), one line per method, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["resolutions"], result["single"], "o-", label="single pass")
+    for s, v in result["sliding"].items():
+        ax.plot(result["resolutions"], v, "s--", label=f"sliding, stride {s}")
+    ax.set_xlabel("image side (px)")
+    ax.set_ylabel("seconds / image")
+    ax.set_yscale("log")
+    ax.set_title(f"{result['backbone']}: single pass vs sliding window (crop {result['crop']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _log_speed(cfg: EvalConfig, result: dict[str, Any]) -> None:
+    out, tmp = _output_dir(cfg)
+    try:
+        (out / "speed.json").write_text(json.dumps(result, indent=1))
+        (out / "speed.txt").write_text(format_speed(result) + "\n")
+        speed_plot(result, out / "speed.png")
+        if not cfg.mlflow:
+            return
+        import mlflow
+
+        with _start_run(cfg, f"speed-{result['backbone']}", {"speed.crop": result["crop"]}):
+            mlflow.set_tag("spar.eval", "speed")
+            metrics = {}
+            for i, r in enumerate(result["resolutions"]):
+                metrics[f"sec_single_r{r}"] = result["single"][i]
+                for s, v in result["sliding"].items():
+                    metrics[f"sec_sliding_s{s}_r{r}"] = v[i]
+                    metrics[f"slowdown_s{s}_r{r}"] = v[i] / result["single"][i]
+            mlflow.log_metrics(metrics)
+            for f in ("speed.json", "speed.txt", "speed.png"):
+                mlflow.log_artifact(str(out / f))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    """Dispatch to the benchmark, fidelity or speed report."""
+    if cfg.fidelity:
+        return fidelity_report(cfg)
+    if cfg.speed:
+        return speed_report(cfg)
+    return evaluate(cfg)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    cfg = config_from_args(EvalConfig, args, "eval")
+    run_eval(cfg)
+    return 0
+
+
+def _csv_ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def add_eval_cli(subparsers) -> None:
+    """Register ``eval``."""
+    p = subparsers.add_parser("eval", help="segmentation benchmarks (mIoU), --fidelity or --speed reports")
+    p.add_argument(
+        "--fidelity", action="store_const", const=True, help="labels-free report vs a teacher cache"
+    )
+    p.add_argument("--speed", action="store_const", const=True, help="single pass vs sliding window timings")
+    p.add_argument("--checkpoint", help="student checkpoint directory")
+    p.add_argument("--baseline", action="store_const", const=True, help="evaluate the named --backbone as is")
+    p.add_argument("--backbone")
+    p.add_argument("--pretrained", help="open_clip tag or local weights file for --backbone")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-root", dest="data_root")
+    p.add_argument("--split")
+    p.add_argument("--max-images", dest="max_images", type=int)
+    p.add_argument("--classes-file", dest="classes_file")
+    p.add_argument("--classes", help="fidelity report class list: 'sky,clouds;road;...'")
+    p.add_argument("--templates", choices=["imagenet", "simple"])
+    p.add_argument("--short-side", dest="short_side", type=int)
+    p.add_argument("--long-side", dest="long_side", type=int)
+    p.add_argument("--logit-scale", dest="logit_scale", type=float)
+    p.add_argument("--prob-thd", dest="prob_thd", type=float)
+    p.add_argument("--area-thd", dest="area_thd", type=float)
+    p.add_argument("--mode", choices=["single", "sliding"])
+    p.add_argument("--crop", type=int)
+    p.add_argument("--stride", type=int)
+    p.add_argument("--window-batch", dest="window_batch", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision (autocast)")
+    p.add_argument("--device")
+    p.add_argument("--workers", type=int, help="split the images across N Ray tasks")
+    p.add_argument("--ray-address", dest="ray_address")
+    p.add_argument("--images", help="fidelity: held-out image set root")
+    p.add_argument("--teacher-cache", dest="teacher_cache", help="fidelity: teacher cache of those images")
+    p.add_argument("--resolutions", type=_csv_ints, help="speed: image sides, e.g. 448,672,1024")
+    p.add_argument(
+        "--strides", type=_csv_ints, help="speed: strides at crop 224 (scaled), default 224,112,48,24"
+    )
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--experiment")
+    p.add_argument("--run-name", dest="run_name")
+    p.add_argument("--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./workdir)")
+    p.add_argument("--overlays", type=int, help="prediction overlays to log")
+    p.add_argument("--out", help="also keep results/tables/plots in this folder")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=False)
+    p.add_argument("--config", help="TOML recipe ([eval] section)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_eval)
+
+
+def add_cli(subparsers) -> None:
+    """Register ``eval``, ``segment``, ``embed`` and ``runs``."""
+    from pipeline.inference import add_inference_cli
+    from pipeline.runs import add_runs_cli
+
+    add_eval_cli(subparsers)
+    add_inference_cli(subparsers)
+    add_runs_cli(subparsers)
