@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.imageset import open_imageset
 from pipeline.ingest import IngestConfig, ingest
 
 PHOTO_SUFFIXES = (".png", ".jpg")
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             t = time.perf_counter()
             s = ingest(str(base / "src"), str(out), cfg, workers=w, progress=False)
             wall = time.perf_counter() - t
+            recs = open_imageset(str(out)).records
+            tar_bytes = sum(f.stat().st_size for f in (out / "images").glob("shard-*.tar"))
             results.append(
                 {
                     "workers": w,
@@ -109,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
                     "loadavg_1m_before": round(load0, 2),
                     "loadavg_1m_after": round(os.getloadavg()[0], 2),
                     "fingerprint": s.fingerprint,
+                    "mean_output_megapixels": round(
+                        sum(r.height * r.width for r in recs) / len(recs) / 1e6, 3
+                    ),
+                    "tar_bytes_per_image": round(tar_bytes / len(recs)),
                 }
             )
         cpu = cpu_breakdown(skimage_photos(), cfg)
@@ -124,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
         }
         print(f"ingest bench: {n} inputs ({args.copies} copies of {n // args.copies} scikit-image files), "
               f"recipe={args.recipe}, shard_size={shard_size}, {os.cpu_count()} CPUs")  # fmt: skip
+        r0 = results[0]
+        print(
+            f"outputs: {r0['mean_output_megapixels']} Mpx and {r0['tar_bytes_per_image'] / 1e6:.2f} MB per image"
+        )
         print(f"{'workers':>7} {'images/s':>9} {'seconds':>8} {'accepted':>8} {'rejected':>8} {'load1m':>11}")
         for r in results:
             print(f"{r['workers']:>7} {r['images_per_s']:>9.2f} {r['seconds']:>8.2f} {r['accepted']:>8} "
