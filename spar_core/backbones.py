@@ -272,7 +272,7 @@ class MaskClipBackbone(Backbone):
         if not batch_first:
             t = t.transpose(0, 1)
         for blk in self.blocks[:-1]:
-            t = blk(t)
+            t = self._block(blk, t) if batch_first else blk(t)
         if not batch_first:
             t = t.transpose(0, 1)
         t = self._value_path_block(self.blocks[-1], t)  # (B, 1+gh*gw, C)
@@ -280,6 +280,21 @@ class MaskClipBackbone(Backbone):
         if v.proj is not None:
             t = t @ v.proj  # (B, 1+gh*gw, D)
         return t[:, 1:].reshape(b, gh, gw, -1)  # (B, gh, gw, D)
+
+    @staticmethod
+    def _block(blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """A standard pre-norm block with fused SDPA (same math as open_clip's ``nn.MultiheadAttention`` path,
+        which under CPU autocast falls off its fast path and is several times slower). t: (B, N, C)."""
+        attn = blk.attn
+        if not isinstance(attn, nn.MultiheadAttention) or not attn.batch_first:
+            return blk(t)
+        b, n, c = t.shape
+        heads = attn.num_heads
+        qkv = F.linear(blk.ln_1(t), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
+        q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, C/h)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)  # (B, N, C)
+        t = t + blk.ls_1(attn.out_proj(o))
+        return t + blk.ls_2(blk.mlp(blk.ln_2(t)))
 
     @staticmethod
     def _value_path_block(blk: nn.Module, t: torch.Tensor) -> torch.Tensor:
