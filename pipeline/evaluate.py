@@ -515,9 +515,13 @@ def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
     cache.check_pairing(ims)
     spec = cache.spec
     dev = pick_device(cfg.device)
-    base = build_backbone(
-        spec.backbone, spec.pretrained or None, device=dev, seed=_seed_of(spec.weights_id, cfg.seed)
-    )
+    pretrained = cfg.pretrained or spec.pretrained or None  # the spec's path is a hint from another machine
+    try:
+        base = build_backbone(spec.backbone, pretrained, device=dev, seed=_seed_of(spec.weights_id, cfg.seed))
+    except (ValueError, FileNotFoundError) as e:
+        raise EvalError(
+            f"cannot rebuild the cache's backbone {spec.backbone!r} ({e}); pass --pretrained"
+        ) from e
     if base.weights_id != spec.weights_id:
         raise EvalError(
             f"teacher cache {cfg.teacher_cache} was computed with weights {spec.weights_id!r}, but the baseline "

@@ -133,8 +133,8 @@ def protocol_size(h: int, w: int, short_side: int, long_side: int, multiple: int
     s = min(scales) if scales else 1.0
     if short_side <= 0:
         s = min(s, 1.0)
-    nh = max(multiple, int(round(h * s / multiple)) * multiple)
-    nw = max(multiple, int(round(w * s / multiple)) * multiple)
+    nh = max(multiple, int(h * s / multiple + 0.5) * multiple)  # round half up
+    nw = max(multiple, int(w * s / multiple + 0.5) * multiple)
     return nh, nw
 
 
@@ -161,7 +161,7 @@ def dense_features(
     stride crop/2).
     """
     dev = bb.mean.device
-    x = bb.normalize(torch.from_numpy(np.ascontiguousarray(img))[None].to(dev))  # (1, 3, H, W)
+    x = bb.normalize(torch.tensor(np.ascontiguousarray(img))[None].to(dev))  # (1, 3, H, W)
     if mode == "single":
         with autocast(dev, precision):
             return bb.dense(x).float()  # (1, H/p, W/p, D)

@@ -1,0 +1,125 @@
+"""The labels-free fidelity report against a real teacher cache: numbers equal a direct computation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.evaluate import EvalConfig, EvalError, fidelity_report
+from tests.conftest import load_photo
+
+CLASSES = "sky;person,people;wall;tree;road;cat;cup"
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory, ray_local):
+    """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
+    from pipeline.checkpoint import save_student
+    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.precompute import PrecomputeConfig, precompute
+    from spar_core.backbones import build_backbone
+
+    root = tmp_path_factory.mktemp("fid")
+    src = root / "src"
+    src.mkdir()
+    for n in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(load_photo(n)).save(src / f"{n}.png")
+    ingest(
+        str(src), str(root / "set"), IngestConfig(augment=False, max_side=96, shard_size=2), progress=False
+    )
+    cache = precompute(
+        PrecomputeConfig(images=str(root / "set"), teacher="tiny-clip-64", crop=64, stride=32,
+                         cache_root=str(root / "cache"), device="cpu", autocast="none", progress=False)
+    )  # fmt: skip
+    bb = build_backbone("tiny-clip-64")
+    bb.set_trainable(2)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ckpt = save_student(
+        bb, root / "student", trainable_blocks=2, config={}, cache_fingerprint=Path(cache).name
+    )
+    return root / "set", cache, ckpt
+
+
+def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, float]]:
+    """Reference: every model's features of every image stacked, MSE/cosine in float64 numpy, and mIoU of
+    each prediction against the teacher's from a numpy confusion matrix."""
+    from pipeline.cache import open_cache
+    from pipeline.checkpoint import load_student
+    from pipeline.imageset import open_imageset
+    from spar_core.backbones import build_backbone
+    from spar_core.segment import build_classifier, parse_classes, predict
+
+    ims, cache = open_imageset(str(images)), open_cache(cache_path)
+    models = {"baseline": build_backbone("tiny-clip-64"), "student": load_student(ckpt)}
+    clf = build_classifier(
+        models["baseline"], parse_classes(CLASSES), templates=[lambda c: f"a photo of a {c}."]
+    )
+    feats = {m: [] for m in models}
+    teach, conf = [], {m: np.zeros((7, 7), np.int64) for m in models}
+    for s in range(ims.num_shards):
+        for rec, img in ims.iter_shard(s):
+            t = np.asarray(cache.features(rec.key), np.float32)
+            teach.append(t.reshape(-1, t.shape[-1]))
+            tp = predict(torch.from_numpy(t)[None], clf, img.shape[:2])[0].numpy().ravel()
+            for m, bb in models.items():
+                with torch.no_grad():
+                    f = bb.dense(bb.normalize(torch.from_numpy(img.copy())[None]))
+                feats[m].append(f[0].numpy().reshape(-1, t.shape[-1]))
+                p = predict(f, clf, img.shape[:2])[0].numpy().ravel()
+                conf[m] += np.bincount(tp * 7 + p, minlength=49).reshape(7, 7)
+    t = np.concatenate(teach).astype(np.float64)
+    out = {}
+    for m in models:
+        a = np.concatenate(feats[m]).astype(np.float64)
+        cos = (a * t).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(t, axis=1))
+        c = conf[m]
+        inter, union = np.diag(c), c.sum(0) + c.sum(1) - np.diag(c)
+        out[m] = {
+            "mse": float(((a - t) ** 2).mean()),
+            "cosine": float(cos.mean()),
+            "miou_vs_teacher": float((inter[union > 0] / union[union > 0]).mean() * 100),
+            "pixel_agreement": float(inter.sum() / c.sum()),
+        }
+    return out
+
+
+def test_fidelity_numbers_equal_direct_computation(held_out, tmp_path):
+    images, cache, ckpt = held_out
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    res = fidelity_report(EvalConfig(fidelity=True, images=str(images), teacher_cache=cache, checkpoint=str(ckpt),
+                                     classes=CLASSES, templates="simple", workdir=str(tmp_path)))  # fmt: skip
+    ref = _direct(images, cache, ckpt)
+    assert res["images"] == 3
+    for m in ("baseline", "student"):
+        for k in ("mse", "cosine", "miou_vs_teacher", "pixel_agreement"):
+            assert res[m][k] == pytest.approx(ref[m][k], rel=1e-4, abs=1e-6), (m, k)
+    assert res["student"]["mse"] != pytest.approx(res["baseline"]["mse"])  # the student really differs
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["spar-eval"]).iloc[0]
+    assert run["metrics.student_mse"] == pytest.approx(res["student"]["mse"])
+    assert run["metrics.baseline_miou_vs_teacher"] == pytest.approx(res["baseline"]["miou_vs_teacher"])
+    assert run["tags.spar.eval"] == "fidelity"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_fidelity_bad_input(held_out, tmp_path):
+    images, cache, _ = held_out
+    with pytest.raises(EvalError, match="--images ROOT and --teacher-cache"):
+        fidelity_report(EvalConfig(fidelity=True, images=str(images)))
+    with pytest.raises(Exception, match="nowhere"):
+        fidelity_report(
+            EvalConfig(fidelity=True, images=str(images), teacher_cache=str(tmp_path / "nowhere"))
+        )
+    with pytest.raises(Exception, match="duplicate"):
+        fidelity_report(EvalConfig(fidelity=True, images=str(images), teacher_cache=cache, classes="a;a",
+                                   mlflow=False))  # fmt: skip
