@@ -345,6 +345,9 @@ def process_image(key: str, source: str, data: bytes, cfg: IngestConfig) -> tupl
     params = augmentation_for(key, img.height, img.width, cfg)
     if params["crop"][2] < cfg.multiple or params["crop"][3] < cfg.multiple:
         raise Rejected(f"too_small: {img.height}x{img.width} leaves nothing after snapping to {cfg.multiple}")
+    rh, rw = params["resize"]
+    if rh * rw > cfg.max_pixels:  # extreme aspect ratios: the short-side floor would blow up the long side
+        raise Rejected(f"extreme_aspect: {img.height}x{img.width} would be resized to {rh}x{rw} > max_pixels")
     arr = apply_augmentation(img, params)  # (h, w, 3) uint8
     meta = {
         "key": key,
@@ -652,6 +655,7 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
         show = progress and not bar_disabled()
         tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
         pending: dict[Any, int] = {}
+        failed: dict[int, Exception] = {}
         queue = list(todo)
         bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="ingest", disable=not show)
         try:
@@ -662,8 +666,12 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 for ref in ready:
                     i = pending.pop(ref)
-                    done[i] = ray.get(ref)
-                    processed += len(shards[i])
+                    try:
+                        done[i] = ray.get(ref)
+                        processed += len(shards[i])
+                    except ray.exceptions.RayError as e:
+                        failed[i] = e
+                        queue.clear()  # stop scheduling; let the shards in flight finish (nothing done is lost)
                 partial = ray.get(tracker.snapshot.remote()) if tracker is not None else {}
                 shown = processed + sum(min(partial.get(i, 0), len(shards[i])) for i in pending.values())
                 bar.update(shown - bar.n)
@@ -673,6 +681,13 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
                 ray.cancel(ref)
             if tracker is not None:
                 ray.kill(tracker)
+        if failed:
+            first = min(failed)
+            cause = getattr(failed[first], "cause", None) or failed[first]
+            raise IngestError(
+                f"ingest into {out}: shard(s) {sorted(failed)} failed ({type(cause).__name__}: {cause}); "
+                f"{len(done)} of {len(shards)} shards are complete and kept; fix the cause and re-run to resume"
+            ) from failed[first]
     work_s = time.perf_counter() - t_work
 
     records = [ImageRecord(**{**r, "augmentation": json.loads(r["augmentation"])})

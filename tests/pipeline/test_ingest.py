@@ -268,6 +268,8 @@ def _make_mixed(d: Path) -> dict[str, str]:
     (d / "fake.jpg").write_text("<html>this is not a jpeg</html>")
     Image.new("1", (4000, 3000)).save(d / "bomb.png")  # 12 Mpx, a few kB on disk
     Image.fromarray(skimage.data.camera()).save(d / "really_a_gif.png", format="GIF")
+    Image.new("RGB", (4000, 2), (9, 9, 9)).save(d / "sliver.png")  # floor 64 -> 64x128000 > max_pixels
+    expect["sliver.png"] = "extreme_aspect"
     expect.update({"truncated.jpg": "corrupt", "empty.png": "empty_file", "fake.jpg": "not_an_image",
                    "bomb.png": "decompression_bomb", "really_a_gif.png": "unsupported_format"})  # fmt: skip
     return expect
@@ -283,16 +285,16 @@ def test_mixed_set_counts_and_reasons(tmp_path):
     assert s.num_inputs == len(expect) == s.accepted + s.rejected
     assert (s.accepted, s.rejected) == (n_ok, len(expect) - n_ok), s.line()
     assert s.rejected_reasons == {"corrupt": 1, "empty_file": 1, "not_an_image": 1, "decompression_bomb": 1,
-                                  "unsupported_format": 1}  # fmt: skip
-    assert "5 rejected" in s.line()
+                                  "unsupported_format": 1, "extreme_aspect": 1}  # fmt: skip
+    assert "6 rejected" in s.line()
     table = pq.read_table(tmp_path / "out" / "images" / "rejected.parquet").to_pylist()
     got = {Path(r["source"]).name: r["reason"].split(":", 1)[0] for r in table}
     assert got == {k: v for k, v in expect.items() if v != "ok"}
     ims = open_imageset(str(tmp_path / "out"))
     assert {Path(r.source).name for r in ims.records} == {k for k, v in expect.items() if v == "ok"}
-    assert ims.counts == {"inputs": 9, "accepted": 4, "rejected": 5, "shards": 9}
+    assert ims.counts == {"inputs": 10, "accepted": 4, "rejected": 6, "shards": 10}
     empty = [i for i in range(ims.num_shards) if not ims.shard_records(i)]
-    assert len(empty) == 5 and all(list(ims.iter_shard(i)) == [] for i in empty)
+    assert len(empty) == 6 and all(list(ims.iter_shard(i)) == [] for i in empty)
     urls = [ims.shard_url(i) for i in range(ims.num_shards)]
     keys = [x["__key__"] for x in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     assert keys == [r.key for r in ims.records]
@@ -614,3 +616,23 @@ def test_s3_source_and_output_via_fsspec(photo_tree, tmp_path, monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         srv.stop()
+
+
+def test_failing_shard_task_is_a_clear_error_and_keeps_finished_shards(photo_tree, tmp_path):
+    """A shard task that cannot write (its .tmp path is a directory) fails; the others finish and are kept."""
+    out = tmp_path / "out"
+    images = out / "images"
+    images.mkdir(parents=True)
+    (images / "shard-000001.tar.tmp").mkdir()
+    cfg = small_cfg(shard_size=2)
+    with pytest.raises(IngestError, match=r"shard\(s\) \[1\] failed.*re-run to resume"):
+        ingest(str(photo_tree), str(out), cfg, workers=1, progress=False)
+    assert (images / "shard-000000.tar").exists() and not (images / "shard-000001.tar").exists()
+    assert not (images / "imageset.json").exists()
+    (images / "shard-000001.tar.tmp").rmdir()
+    s = ingest(str(photo_tree), str(out), cfg, workers=2, progress=False)
+    assert s.shards_skipped >= 1 and s.accepted == 7
+    assert (
+        s.fingerprint
+        == ingest(str(photo_tree), str(tmp_path / "ref"), cfg, workers=2, progress=False).fingerprint
+    )
