@@ -334,12 +334,26 @@ class PairedStream(IterableDataset):
         return item
 
     def _target(self, cache: Any, ref: SampleRef) -> np.ndarray:
+        """The cached target of ``ref``, after checking the cache's record of the image against the manifest."""
         from pipeline.cache import CacheError
 
+        entries = self._entries(cache)
+        e = entries.get(ref.key)
+        if e is None:
+            raise StreamError(
+                f"image {ref.key!r} (shard {ref.shard}) has no entry in the teacher cache {cache.path}: "
+                "cache and image set do not match"
+            )
+        if (e.height, e.width) != (ref.height, ref.width) or e.pixel_sha256 != ref.sha256:
+            raise StreamError(
+                f"image {ref.key!r} (shard {ref.shard}): the teacher cache {cache.path} was computed from other "
+                f"pixels ({e.width}x{e.height}, sha256 {e.pixel_sha256[:12]}…) than the image set's "
+                f"({ref.width}x{ref.height}, sha256 {ref.sha256[:12]}…): cache and image set do not match"
+            )
         try:
             t = np.asarray(cache.features(ref.key))
-        except CacheError as e:
-            raise StreamError(f"image {ref.key!r} (shard {ref.shard}): {e}") from None
+        except CacheError as err:
+            raise StreamError(f"image {ref.key!r} (shard {ref.shard}): {err}") from None
         p = self.patch_size
         want = (ref.height // p, ref.width // p)
         if t.ndim != 3 or tuple(t.shape[:2]) != want:
@@ -348,6 +362,12 @@ class PairedStream(IterableDataset):
                 f"{want[0]}x{want[1]} patches, the cache holds {tuple(t.shape)}: cache and image set do not match"
             )
         return t  # (h, w, D)
+
+    def _entries(self, cache: Any) -> dict[str, Any]:
+        if getattr(self, "_entry_cache", None) is None or self._entry_cache[0] is not cache:
+            entries = {e.key: e for i in range(cache.num_shards) for e in cache.shard_entries(i)}
+            self._entry_cache = (cache, entries)
+        return self._entry_cache[1]
 
 
 def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> DataLoader:

@@ -48,6 +48,10 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import ConfigError, UserError
 
+# Ray reads this when it is first imported: without it, a driver started by `uv run` ships the whole working
+# directory (virtualenv included) to every worker. Workers on this machine share our environment.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
 __all__ = ["DistillConfig", "DistillResult", "DistillError", "distill", "add_cli", "lr_at", "StepRunner"]
 
 
@@ -341,7 +345,7 @@ def _train_worker(job: dict[str, Any]) -> None:
         )
     model = bb
     if world > 1:
-        model = ray.train.torch.prepare_model(bb, parallel_strategy_kwargs={"broadcast_buffers": False})
+        model = ray.train.torch.prepare_model(bb, parallel_strategy_kwargs={"forward_sync_buffers": False})
     teacher = _build_student(job, device) if cfg.teacher_online else None
     runner = StepRunner(
         bb,

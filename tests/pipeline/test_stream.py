@@ -1,0 +1,238 @@
+"""The paired image/target stream: deterministic per-rank plans, exact resume, pairing checks.
+
+Real image sets (pipeline.ingest on scikit-image photos) and real teacher caches (pipeline.precompute with
+tiny-clip-64); the stream's output is compared with independent reads (ImageSet.read, TeacherCache.features).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.stream import (
+    PairedStream,
+    Planner,
+    SampleRef,
+    StreamError,
+    bucket_batches,
+    buffer_shuffle,
+    decode_png,
+    make_loader,
+    refs_from_imageset,
+)
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
+
+
+@functools.cache
+def build_data(root: str) -> dict[str, str]:
+    """Image set (6 photos, 3 shards of 2, small sizes) + its tiny-clip-64 cache, plus a second image set with
+    other pixels (for pairing refusals). Built once per session, shared by the stream and train tests."""
+    from PIL import Image
+
+    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.precompute import PrecomputeConfig, precompute
+    from pipeline.raycluster import init_ray
+    from tests.conftest import load_photo
+
+    base = Path(root)
+    src, other_src = base / "photos", base / "photos_other"
+    src.mkdir(parents=True, exist_ok=True)
+    other_src.mkdir(parents=True, exist_ok=True)
+    for n in PHOTOS:
+        Image.fromarray(load_photo(n)).save(src / f"{n}.png")
+    # same keys and sizes as two of the photos above, other pixels for "astronaut"
+    Image.fromarray(load_photo("camera")).save(other_src / "astronaut.png")
+    Image.fromarray(load_photo("coffee")).save(other_src / "coffee.png")
+    init_ray(num_cpus=2)
+    small = dict(target_long=128, target_short=64, min_short=64)
+    ingest(str(src), str(base / "set"), IngestConfig(shard_size=2, **small), workers=2, progress=False)
+    ingest(
+        str(other_src),
+        str(base / "other"),
+        IngestConfig(shard_size=2, seed=7, **small),
+        workers=1,
+        progress=False,
+    )
+    cache = precompute(
+        PrecomputeConfig(
+            images=str(base / "set"),
+            teacher="tiny-clip-64",
+            crop=64,
+            stride=32,
+            cache_root=str(base / "cache"),
+            progress=False,
+        )
+    )
+    return {"images": str(base / "set"), "cache": cache, "other": str(base / "other")}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
+    return build_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+
+
+def _refs(n_shards: int, per: int, sizes: list[tuple[int, int]] | None = None) -> list[list[SampleRef]]:
+    out, k = [], 0
+    for s in range(n_shards):
+        shard = []
+        for _ in range(per):
+            h, w = sizes[k % len(sizes)] if sizes else (64, 64)
+            shard.append(SampleRef(f"img{k:03d}", s, h, w, ""))
+            k += 1
+        out.append(shard)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pure planning
+
+
+def test_buffer_shuffle_is_a_bounded_permutation() -> None:
+    items = list(range(200))
+    out = buffer_shuffle(items, 8, np.random.default_rng(0))
+    assert sorted(out) == items and out != items
+    # an item can only be emitted once it has been read: output position j holds an input index <= j + 8
+    assert all(v <= j + 8 for j, v in enumerate(out))
+    assert buffer_shuffle(items, 1, np.random.default_rng(0)) == items
+    assert buffer_shuffle(items, 8, np.random.default_rng(0)) == out  # seeded
+
+
+@pytest.mark.parametrize("n_shards,world", [(6, 2), (5, 2), (1, 2), (3, 3), (7, 4)])
+def test_plan_splits_disjointly_with_equal_steps(n_shards: int, world: int) -> None:
+    refs = _refs(n_shards, 9)
+    all_keys = {r.key for s in refs for r in s}
+    planner = Planner(refs, seed=3, world_size=world, shuffle_buffer=4)
+    for epoch in range(3):
+        per_rank = [[r.key for b in planner.batches(epoch, rank) for r in b] for rank in range(world)]
+        flat = [k for ks in per_rank for k in ks]
+        assert len(flat) == len(set(flat)), "a sample is planned twice in one epoch"
+        assert set(flat) <= all_keys
+        assert {len(ks) for ks in per_rank} == {planner.steps(epoch)}
+        # nearly every image is used each epoch (at most world-1 dropped to equalise the ranks)
+        assert len(all_keys) - len(flat) < world
+    e0 = [r.key for rank in range(world) for b in planner.batches(0, rank) for r in b]
+    e1 = [r.key for rank in range(world) for b in planner.batches(1, rank) for r in b]
+    assert e0 != e1, "the order must be reshuffled per epoch"
+    again = Planner(refs, seed=3, world_size=world, shuffle_buffer=4)
+    assert [r.key for rank in range(world) for b in again.batches(1, rank) for r in b] == e1
+
+
+def test_positions_continue_exactly() -> None:
+    planner = Planner(_refs(4, 3), seed=0, world_size=2)
+    it = planner.positions(0, 0)
+    full = [next(it) for _ in range(20)]
+    assert full[:7] == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 0)]
+    it = planner.positions(*full[9])
+    assert [next(it) for _ in range(11)] == full[9:]
+    e, b = 0, 0
+    for pos in full[1:]:
+        e, b = planner.advance(e, b)
+        assert (e, b) == pos
+
+
+def test_bucket_batches_group_equal_sizes() -> None:
+    refs = [r for s in _refs(2, 7, sizes=[(64, 64), (64, 96), (96, 64)]) for r in s]
+    batches = bucket_batches(refs, 3)
+    assert sorted(r.key for b in batches for r in b) == sorted(r.key for r in refs)
+    for b in batches:
+        assert len({(r.height, r.width) for r in b}) == 1 and 1 <= len(b) <= 3
+    assert Counter(len(b) for b in batches) == {3: 3, 2: 2, 1: 1}  # sizes occur 5, 5 and 4 times
+
+
+# --------------------------------------------------------------------------------------- real data
+
+
+def _collect(stream: PairedStream, workers: int) -> list[dict]:
+    return list(make_loader(stream, workers))
+
+
+def _stream(data: dict[str, str], **kw) -> PairedStream:
+    args = dict(seed=5, rank=0, world_size=2, patch_size=16, shuffle_buffer=3)
+    args.update(kw)
+    return PairedStream(data["images"], data["cache"], **args)
+
+
+def test_stream_pairs_match_independent_reads(data: dict[str, str]) -> None:
+    from pipeline.cache import open_cache
+    from pipeline.imageset import open_imageset
+
+    ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
+    items = _collect(_stream(data, num_batches=6), 0)
+    assert [(i["epoch"], i["batch"]) for i in items] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    for it in items:
+        (key,) = it["keys"]
+        assert it["image"].dtype == torch.uint8
+        np.testing.assert_array_equal(it["image"][0].numpy(), ims.read(key))
+        np.testing.assert_array_equal(it["target"][0].numpy(), cache.features(key))
+        assert it["target"].shape[1:3] == (it["image"].shape[1] // 16, it["image"].shape[2] // 16)
+    # rank 1 gets the other images of each epoch
+    other = _collect(_stream(data, rank=1, num_batches=3), 0)
+    assert {i["keys"][0] for i in other}.isdisjoint({i["keys"][0] for i in items[:3]})
+    assert len({i["keys"][0] for i in other} | {i["keys"][0] for i in items[:3]}) == 6
+
+
+def test_stream_resumes_exactly_with_background_workers(data: dict[str, str]) -> None:
+    full = _collect(_stream(data, num_batches=8), 0)
+    keys = [(i["epoch"], i["batch"], i["keys"][0]) for i in full]
+    # background decoding in 2 forkserver processes, started mid-epoch: same sequence, no repeats or skips
+    tail = _collect(
+        _stream(data, start_epoch=full[4]["epoch"], start_batch=full[4]["batch"], num_batches=4), 2
+    )
+    assert [(i["epoch"], i["batch"], i["keys"][0]) for i in tail] == keys[4:]
+    for a, b in zip(full[4:], tail, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+
+
+def test_stream_batches_of_equal_sizes(data: dict[str, str]) -> None:
+    items = _collect(_stream(data, world_size=1, batch_size=2, num_batches=3), 0)
+    for it in items:
+        b = len(it["keys"])
+        assert it["image"].shape[0] == b and it["target"].shape[0] == b
+
+
+def test_stream_without_cache_yields_images_only(data: dict[str, str]) -> None:
+    s = PairedStream(data["images"], None, seed=0, rank=0, world_size=1, patch_size=16, num_batches=2)
+    items = _collect(s, 0)
+    assert len(items) == 2 and all("target" not in i for i in items)
+
+
+def test_stream_refuses_a_cache_of_other_images(data: dict[str, str]) -> None:
+    s = PairedStream(data["other"], data["cache"], seed=0, rank=0, world_size=1, patch_size=16, shuffle_buffer=0)
+    with pytest.raises(StreamError, match="astronaut.*computed from other pixels"):
+        _collect(s, 0)
+
+
+def test_decode_checks_size_and_pixel_hash(data: dict[str, str]) -> None:
+    import io
+
+    from PIL import Image
+
+    from pipeline.imageset import open_imageset, pixel_sha256
+
+    ims = open_imageset(data["images"])
+    rec = ims.records[0]
+    arr = ims.read(rec.key)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    png = buf.getvalue()
+    ok = SampleRef(rec.key, rec.shard, rec.height, rec.width, pixel_sha256(arr))
+    np.testing.assert_array_equal(decode_png(png, ok), arr)
+    with pytest.raises(StreamError, match="pixel sha256"):
+        decode_png(png, SampleRef(rec.key, rec.shard, rec.height, rec.width, "0" * 64))
+    with pytest.raises(StreamError, match="manifest says"):
+        decode_png(png, SampleRef(rec.key, rec.shard, rec.height + 16, rec.width, ok.sha256))
+
+
+def test_refs_follow_the_manifest(data: dict[str, str]) -> None:
+    from pipeline.imageset import open_imageset
+
+    ims = open_imageset(data["images"])
+    refs = refs_from_imageset(ims)
+    assert [[r.key for r in s] for s in refs] == [
+        [r.key for r in ims.shard_records(i)] for i in range(ims.num_shards)
+    ]
