@@ -35,6 +35,7 @@ from pipeline.inference import (
     Precision,
     build_text_classifier,
     config_from_args,
+    default_stride,
     dense_features,
     load_model,
     make_palette,
@@ -82,7 +83,7 @@ class EvalConfig:
     # inference
     mode: Literal["single", "sliding"] = "single"
     crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = crop * 112 / 224
+    stride: int = 0  # 0 = the paper's teacher stride 24 at crop 224, scaled: round(crop * 24 / 224)
     window_batch: int = 32
     precision: Precision = "fp32"
     device: str = "auto"
@@ -90,7 +91,7 @@ class EvalConfig:
     # distribution
     workers: int = 0  # >0: split the images across this many Ray tasks
     ray_address: str = ""
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # 0: one GPU per task when the cluster has GPUs (unless device=cpu)
     # fidelity report
     images: str = ""
     teacher_cache: str = ""
@@ -162,7 +163,11 @@ def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int
     crop = cfg.crop or native_size
     if crop % patch:
         raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
-    stride = cfg.stride or max(1, round(crop * 112 / 224))
+    stride = cfg.stride or default_stride(crop)
+    if prob > 0 and not INFOS[ds].has_background:
+        print(
+            f"warning: prob_thd {prob} sends low-confidence pixels to class 0, but {ds} has no background class"
+        )
     return Protocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
 
 
@@ -275,10 +280,13 @@ def _run_chunks(cfg: EvalConfig, chunks: list[list[int]], overlay_idx: list[int]
         return [eval_chunk(cfg_dict, c, overlay_idx) for c in chunks]
     import ray
 
-    from pipeline.raycluster import init_ray
+    from pipeline.raycluster import cluster_gpus, init_ray
 
     init_ray(address=cfg.ray_address or None)
-    task = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_worker, max_retries=2)(eval_chunk)
+    gpus = cfg.gpus_per_worker
+    if gpus == 0 and cfg.device != "cpu" and cluster_gpus() > 0:
+        gpus = 1.0  # a GPU cluster: one GPU per task unless told otherwise
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(eval_chunk)
     return ray.get([task.remote(cfg_dict, c, [i for i in overlay_idx if i in c]) for c in chunks])
 
 

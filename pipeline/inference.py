@@ -145,6 +145,11 @@ def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
 
 
+def default_stride(crop: int) -> int:
+    """The paper's teacher stride (24 at crop 224) scaled to ``crop``."""
+    return max(1, round(crop * 24 / 224))
+
+
 @torch.no_grad()
 def dense_features(
     bb,
@@ -158,7 +163,7 @@ def dense_features(
     """Dense features of one image already at its processing size: (H, W, 3) uint8 -> (1, H/p, W/p, D) float32.
 
     ``single``: one forward pass; ``sliding``: the sliding-window teacher (crop/stride; 0 = native crop,
-    stride crop/2).
+    stride 24/224 of the crop).
     """
     dev = bb.mean.device
     x = bb.normalize(torch.tensor(np.ascontiguousarray(img))[None].to(dev))  # (1, 3, H, W)
@@ -168,7 +173,7 @@ def dense_features(
     from spar_core.sliding import sliding_window_features
 
     crop = crop or bb.native_size
-    stride = stride or max(1, crop // 2)
+    stride = stride or default_stride(crop)
     return sliding_window_features(
         bb, x, crop=crop, stride=stride, window_batch=window_batch, autocast_dtype=autocast_dtype(precision)
     ).float()
@@ -317,7 +322,7 @@ class SegmentConfig:
     long_side: int = 2048
     mode: Literal["single", "sliding"] = "single"
     crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = crop / 2
+    stride: int = 0  # 0 = 24/224 of the crop (the paper's teacher stride, scaled)
     logit_scale: float = 40.0
     prob_thd: float = 0.0
     area_thd: float = 0.0
