@@ -3,7 +3,7 @@
 ``ingest(src, out, cfg)`` lists the sources on the driver (sorted), derives sanitised unique keys, splits them
 into shards of ``cfg.shard_size`` up front (so shard contents never depend on timing), and runs one Ray task per
 missing shard. Each task decodes, validates, orients, converts to RGB, augments with randomness drawn from
-``(seed, key)`` only, and writes ``shard-XXXXXX.tar.tmp`` with fixed tar metadata and deterministic PNG bytes;
+``(seed, key)`` only, and writes ``shard-XXXXXX.tar.<token>.tmp`` with fixed tar metadata and deterministic PNG bytes;
 it then writes the sidecar ``shard-XXXXXX.json`` and renames the tar into place. Re-running skips every shard
 whose tar and sidecar are consistent with the current plan, so an interrupted run completes only what is missing.
 Bad inputs are never fatal: they are listed with a reason in ``rejected.parquet`` and counted in the summary.
@@ -21,6 +21,7 @@ import os
 import re
 import tarfile
 import time
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
 from pipeline.config import ConfigError, load_config
@@ -153,7 +155,7 @@ class IngestSummary:
 
     @property
     def images_per_s(self) -> float:
-        """Inputs processed per second over the shards this run wrote (skipped shards excluded)."""
+        """Inputs per second over the shards this run wrote (Ray start excluded, worker start-up included)."""
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
     processed: int = 0
@@ -515,7 +517,10 @@ def write_shard(
     cfg = IngestConfig(**{**cfg_dict, "background": tuple(cfg_dict["background"])})
     fs, images = fsspec.core.url_to_fs(images_url)
     name = shard_name(shard)
-    tmp, final = f"{images}/{name}.tmp", f"{images}/{name}"
+    # a unique temporary name per attempt: a retried task, or a straggler worker of a killed run, writing the same
+    # shard never interleaves with this one; outputs are deterministic, so whichever rename lands last is right
+    token = uuid.uuid4().hex[:12]
+    tmp, final = f"{images}/{name}.{token}.tmp", f"{images}/{name}"
     side_final = f"{images}/{name[:-4]}.json"
     records: list[dict[str, Any]] = []
     rejected: list[list[str]] = []
@@ -545,11 +550,19 @@ def write_shard(
         "records": records,
         "rejected": rejected,
     }
-    with fs.open(side_final + ".tmp", "wb") as f:
+    with fs.open(f"{side_final}.{token}.tmp", "wb") as f:
         f.write(canonical_json(sidecar).encode())
-    fs.mv(side_final + ".tmp", side_final)
-    fs.mv(tmp, final)  # the shard becomes visible only now, complete
+    _rename(fs, f"{side_final}.{token}.tmp", side_final)
+    _rename(fs, tmp, final)  # the shard becomes visible only now, complete
     return sidecar
+
+
+def _rename(fs: Any, src: str, dst: str) -> None:
+    """Atomic replace on local disks (os.replace; never moves *into* a folder); fsspec's mv elsewhere."""
+    if isinstance(fs, LocalFileSystem):
+        os.replace(src, dst)
+    else:
+        fs.mv(src, dst)
 
 
 def _read_source(source: str) -> bytes:
@@ -721,7 +734,7 @@ def _remove_stale(fs: Any, images: str, num_shards: int) -> None:
     """Delete leftovers: *.tmp files and shards beyond the current plan (from an earlier, larger run)."""
     for p in fs.ls(images, detail=False):
         name = p.rsplit("/", 1)[-1]
-        m = re.fullmatch(r"shard-(\d{6})\.(tar|json)(\.tmp)?", name)
+        m = re.fullmatch(r"shard-(\d{6})\.(tar|json)((?:\.[0-9a-f]+)?\.tmp)?", name)
         if m and (m.group(3) or int(m.group(1)) >= num_shards):
             fs.rm(p)
 
@@ -751,9 +764,8 @@ def _write_outputs(fs: Any, images: str, records: list[ImageRecord], rejected: l
     }
     with fs.open(f"{images}/{IMAGESET_NAME}.tmp", "wb") as f:
         f.write(json.dumps(meta, indent=2, sort_keys=True).encode())
-    fs.mv(
-        f"{images}/{IMAGESET_NAME}.tmp", f"{images}/{IMAGESET_NAME}"
-    )  # written last: marks the set complete
+    # written last: marks the set complete
+    _rename(fs, f"{images}/{IMAGESET_NAME}.tmp", f"{images}/{IMAGESET_NAME}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -769,7 +781,7 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("src", metavar="SRC", help="folder (recursive), text file of paths, glob, or s3://... URL")
     p.add_argument("--out", required=True, metavar="ROOT", help="image-set root; shards go to ROOT/images")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="augmentation seed (default 0)")
     p.add_argument("--shard-size", type=int, default=None, help="images per shard")
     p.add_argument("--max-side", type=int, default=None, help="cap on the output's long side (0 = none)")
     p.add_argument(

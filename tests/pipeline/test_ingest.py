@@ -619,19 +619,20 @@ def test_s3_source_and_output_via_fsspec(photo_tree, tmp_path, monkeypatch):
 
 
 def test_failing_shard_task_is_a_clear_error_and_keeps_finished_shards(photo_tree, tmp_path):
-    """A shard task that cannot write (its .tmp path is a directory) fails; the others finish and are kept."""
+    """A shard task that cannot publish its tar (a folder is in the way) fails; the others finish and are kept."""
     out = tmp_path / "out"
     images = out / "images"
-    images.mkdir(parents=True)
-    (images / "shard-000001.tar.tmp").mkdir()
+    (images / "shard-000001.tar").mkdir(parents=True)
+    (images / "shard-000001.tar" / "blocker").write_text("x")
     cfg = small_cfg(shard_size=2)
     with pytest.raises(IngestError, match=r"shard\(s\) \[1\] failed.*re-run to resume"):
         ingest(str(photo_tree), str(out), cfg, workers=1, progress=False)
-    assert (images / "shard-000000.tar").exists() and not (images / "shard-000001.tar").exists()
+    assert (images / "shard-000000.tar").is_file() and (images / "shard-000001.tar").is_dir()
     assert not (images / "imageset.json").exists()
-    (images / "shard-000001.tar.tmp").rmdir()
+    shutil.rmtree(images / "shard-000001.tar")
     s = ingest(str(photo_tree), str(out), cfg, workers=2, progress=False)
     assert s.shards_skipped >= 1 and s.accepted == 7
+    assert not list(images.glob("*.tmp"))
     assert (
         s.fingerprint
         == ingest(str(photo_tree), str(tmp_path / "ref"), cfg, workers=2, progress=False).fingerprint
