@@ -93,7 +93,7 @@ class EvalConfig:
     ray_address: str = ""
     gpus_per_worker: float = 0.0  # 0: one GPU per task when the cluster has GPUs (unless device=cpu)
     # fidelity report
-    images: str = ""
+    images: str = ""  # fidelity: held-out image set; speed: adds the quality-vs-cost curve on these images
     teacher_cache: str = ""
     classes: str = ""  # fidelity class list (default: Context59's names)
     # speed report
@@ -723,8 +723,109 @@ def speed_report(cfg: EvalConfig) -> dict[str, Any]:
         "windows": {str(s): v for s, v in windows.items()},
     }
     print(format_speed(result))
+    if cfg.images:
+        result["quality_cost"] = quality_vs_cost(cfg, bb, crop, strides)
+        print(format_quality_cost(result["quality_cost"]))
     _log_speed(cfg, result)
     return result
+
+
+def quality_vs_cost(cfg: EvalConfig, model, crop: int, strides: list[int]) -> dict[str, Any]:
+    """The quality-vs-cost curve on real held-out images (``cfg.images``, an image set, at stored sizes).
+
+    Reference: the base backbone's sliding window at the finest stride. Points: single pass, sliding at each
+    stride and (for a checkpoint) the student's single pass, each with mean seconds/image and the feature MSE
+    and mean cosine to the reference pooled over every patch position.
+    """
+    from pipeline.imageset import open_imageset
+    from spar_core.backbones import build_backbone
+    from spar_core.metrics import feature_fidelity
+
+    ims = open_imageset(cfg.images)
+    dev = next(model.parameters()).device
+    if cfg.checkpoint:  # the teacher/baseline are the student's untrained base
+        base = build_backbone(
+            model.name, model.pretrained or None, device=dev, seed=_seed_of(model.weights_id, 0)
+        )
+    else:
+        base = model
+    ref_stride = min(strides)
+    methods: list[tuple[str, Any, int | None]] = [("single pass", base, None)]
+    methods += [(f"sliding s{s}", base, s) for s in sorted(strides, reverse=True)]
+    if cfg.checkpoint:
+        methods.append(("student", model, None))
+    acc = {m: {"seconds": 0.0, "mse": 0.0, "cosine": 0.0} for m, _, _ in methods}
+    positions, n, limit = 0, 0, cfg.max_images or None
+    for shard in range(ims.num_shards):
+        for _, img in ims.iter_shard(shard):
+            if limit is not None and n >= limit:
+                break
+            feats = {}
+            for name, bb, s in methods:
+                mode = "single" if s is None or crop >= max(img.shape[:2]) else "sliding"
+                t0 = time.perf_counter()
+                feats[name] = dense_features(bb, img, mode, crop, s or 0, cfg.precision, cfg.window_batch)[0]
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                acc[name]["seconds"] += time.perf_counter() - t0
+            ref = feats[f"sliding s{ref_stride}"]  # (h, w, D)
+            hw = ref.shape[0] * ref.shape[1]
+            for name, f in feats.items():
+                fid = feature_fidelity(f, ref)
+                acc[name]["mse"] += fid["mse"] * hw
+                acc[name]["cosine"] += fid["cosine"] * hw
+            positions += hw
+            n += 1
+    if n == 0:
+        raise EvalError(f"no images in {cfg.images}")
+    points = [
+        {
+            "method": m,
+            "seconds": a["seconds"] / n,
+            "mse": a["mse"] / positions,
+            "cosine": a["cosine"] / positions,
+        }
+        for m, a in acc.items()
+    ]
+    return {"images": n, "reference": f"sliding s{ref_stride}", "crop": crop, "points": points}
+
+
+def format_quality_cost(qc: dict[str, Any]) -> str:
+    """Quality-vs-cost table."""
+    rows = [
+        f"{'method':<14} {'s/image':>10} {'cosine':>8} {'MSE':>12}   (vs {qc['reference']}, {qc['images']} images)"
+    ]
+    for p in qc["points"]:
+        rows.append(f"{p['method']:<14} {p['seconds']:>10.4f} {p['cosine']:>8.4f} {p['mse']:>12.6g}")
+    return "\n".join(rows)
+
+
+def quality_cost_plot(qc: dict[str, Any], path: Path) -> Path:
+    """Cosine to the finest teacher vs seconds/image (log), one labelled point per method, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    slide = [p for p in qc["points"] if p["method"].startswith("sliding")]
+    ax.plot([p["seconds"] for p in slide], [p["cosine"] for p in slide], "s--", label="sliding window")
+    for p in qc["points"]:
+        if not p["method"].startswith("sliding"):
+            ax.plot([p["seconds"]], [p["cosine"]], "o", markersize=8, label=p["method"])
+        ax.annotate(
+            p["method"], (p["seconds"], p["cosine"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds / image")
+    ax.set_ylabel(f"mean cosine to {qc['reference']}")
+    ax.set_title(f"quality vs cost ({qc['images']} held-out images)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def format_speed(result: dict[str, Any]) -> str:
@@ -771,6 +872,8 @@ def _log_speed(cfg: EvalConfig, result: dict[str, Any]) -> None:
         (out / "speed.json").write_text(json.dumps(result, indent=1))
         (out / "speed.txt").write_text(format_speed(result) + "\n")
         speed_plot(result, out / "speed.png")
+        if "quality_cost" in result:
+            quality_cost_plot(result["quality_cost"], out / "quality_cost.png")
         if not cfg.mlflow:
             return
         import mlflow
@@ -783,8 +886,15 @@ def _log_speed(cfg: EvalConfig, result: dict[str, Any]) -> None:
                 for s, v in result["sliding"].items():
                     metrics[f"sec_sliding_s{s}_r{r}"] = v[i]
                     metrics[f"slowdown_s{s}_r{r}"] = v[i] / result["single"][i]
+            files = ["speed.json", "speed.txt", "speed.png"]
+            if "quality_cost" in result:
+                for p in result["quality_cost"]["points"]:
+                    key = _metric_key(p["method"]).replace(" ", "_")
+                    metrics[f"qc_cosine_{key}"] = p["cosine"]
+                    metrics[f"qc_sec_{key}"] = p["seconds"]
+                files.append("quality_cost.png")
             mlflow.log_metrics(metrics)
-            for f in ("speed.json", "speed.txt", "speed.png"):
+            for f in files:
                 mlflow.log_artifact(str(out / f))
     finally:
         if tmp is not None:
@@ -847,7 +957,7 @@ def add_eval_cli(subparsers) -> None:
     p.add_argument("--device")
     p.add_argument("--workers", type=int, help="split the images across N Ray tasks")
     p.add_argument("--ray-address", dest="ray_address")
-    p.add_argument("--images", help="fidelity: held-out image set root")
+    p.add_argument("--images", help="held-out image set root (fidelity; speed: quality-vs-cost curve)")
     p.add_argument("--teacher-cache", dest="teacher_cache", help="fidelity: teacher cache of those images")
     p.add_argument("--resolutions", type=_csv_ints, help="speed: image sides, e.g. 448,672,1024")
     p.add_argument(

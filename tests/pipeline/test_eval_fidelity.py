@@ -123,3 +123,44 @@ def test_fidelity_bad_input(held_out, tmp_path):
     with pytest.raises(Exception, match="duplicate"):
         fidelity_report(EvalConfig(fidelity=True, images=str(images), teacher_cache=cache, classes="a;a",
                                    mlflow=False))  # fmt: skip
+
+
+def test_quality_vs_cost_curve(held_out, tmp_path):
+    """Speed report with --images: cosine of each method to the finest-stride teacher, checked directly."""
+    from pipeline.checkpoint import load_student
+    from pipeline.evaluate import speed_report
+    from pipeline.imageset import open_imageset
+    from spar_core.backbones import build_backbone
+    from spar_core.sliding import sliding_window_features
+
+    images, _, ckpt = held_out
+    res = speed_report(EvalConfig(speed=True, checkpoint=str(ckpt), images=str(images), resolutions=(64,),
+                                  strides=(224, 48), repeats=1, mlflow=False, out=str(tmp_path)))  # fmt: skip
+    qc = res["quality_cost"]
+    pts = {p["method"]: p for p in qc["points"]}
+    assert qc["reference"] == "sliding s14" and set(pts) == {
+        "single pass",
+        "sliding s64",
+        "sliding s14",
+        "student",
+    }
+    assert pts["sliding s14"]["cosine"] == pytest.approx(1.0) and pts["sliding s14"]["mse"] == pytest.approx(
+        0.0
+    )
+    assert (tmp_path / "quality_cost.png").read_bytes()[:4] == b"\x89PNG"
+    base, student = build_backbone("tiny-clip-64"), load_student(ckpt)
+    num = {"single pass": 0.0, "student": 0.0}
+    den = 0
+    ims = open_imageset(str(images))
+    for s in range(ims.num_shards):
+        for _, img in ims.iter_shard(s):
+            with torch.no_grad():
+                x = base.normalize(torch.from_numpy(img.copy())[None])
+                ref = sliding_window_features(base, x, 64, 14)[0].numpy().astype(np.float64)
+                for name, bb in (("single pass", base), ("student", student)):
+                    f = bb.dense(x)[0].numpy().astype(np.float64)
+                    cos = (f * ref).sum(-1) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(ref, axis=-1))
+                    num[name] += cos.sum()
+            den += ref.shape[0] * ref.shape[1]
+    for name in num:
+        assert pts[name]["cosine"] == pytest.approx(num[name] / den, rel=1e-4)
