@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, apply_overrides, load_config
 
 # scikit-image's bundled photographs: colour, grayscale and RGBA ones (the ingest converts them all to RGB)
 TRAIN_PHOTOS = (
@@ -282,8 +282,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    base = {k: v for k, v in {"workdir": args.workdir, "steps": args.steps}.items() if v is not None}
-    cfg = load_config(DemoConfig, args.config, args.set or (), section="demo", base=base)
+    flags = {k: v for k, v in {"workdir": args.workdir, "steps": args.steps}.items() if v is not None}
+    cfg = load_config(DemoConfig, args.config, args.set or (), section="demo")
+    cfg = apply_overrides(cfg, flags) if flags else cfg
     run_demo(cfg)
     return 0
 
