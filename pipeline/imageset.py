@@ -210,7 +210,7 @@ class ImageSet:
         expected = self.shard_records(i)
         what = self.shard_url(i)
         n = 0
-        with self.fs.open(f"{self.images_path}/{shard_name(i)}", "rb") as f:
+        with self._open_shard(i) as f:
             for key, group in iter_tar_samples(f, what):
                 if n >= len(expected) or expected[n].key != key:
                     want = expected[n].key if n < len(expected) else "<end of shard>"
@@ -230,7 +230,7 @@ class ImageSet:
         """Pixels of one image, (H, W, 3) uint8 (scans its shard)."""
         rec = self.record(key)
         what = self.shard_url(rec.shard)
-        with self.fs.open(f"{self.images_path}/{shard_name(rec.shard)}", "rb") as f:
+        with self._open_shard(rec.shard) as f:
             for k, group in iter_tar_samples(f, what):
                 if k == key and "png" in group:
                     arr = decode_png_rgb(group["png"], f"{what}:{key}.png")
@@ -238,6 +238,50 @@ class ImageSet:
                         _verify(rec, arr, what)
                     return arr
         raise ImageSetError(f"{what}: image {key!r} listed in the manifest is missing from its shard")
+
+    def verify(self, deep: bool = False) -> list[str]:
+        """Integrity problems of the stored shards (empty list = fine).
+
+        Checks that every shard tar exists with the size its sidecar recorded at ingest and that each sidecar lists
+        exactly the manifest's keys and pixel hashes; ``deep`` also re-hashes every tar (sha256 of the bytes).
+        Decoding and per-image pixel checks happen on every ``iter_shard``/``read``.
+        """
+        problems = []
+        for i in range(self.num_shards):
+            tar = f"{self.images_path}/{shard_name(i)}"
+            side = f"{self.images_path}/{shard_name(i)[:-4]}.json"
+            try:
+                with self.fs.open(side, "rb") as f:
+                    sc = json.loads(f.read())
+                size = self.fs.size(tar)
+            except FileNotFoundError as e:
+                problems.append(f"shard {i}: missing file ({e})")
+                continue
+            except (OSError, ValueError) as e:
+                problems.append(f"shard {i}: unreadable sidecar ({e})")
+                continue
+            if size != sc.get("tar_bytes"):
+                problems.append(f"shard {i}: tar is {size} bytes, ingest wrote {sc.get('tar_bytes')}")
+                continue
+            got = [(r["key"], r["pixel_sha256"]) for r in sc.get("records", [])]
+            if got != [(r.key, r.pixel_sha256) for r in self._by_shard[i]]:
+                problems.append(f"shard {i}: sidecar and manifest disagree on keys or pixel hashes")
+            if deep:
+                h = hashlib.sha256()
+                with self.fs.open(tar, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        h.update(chunk)
+                if h.hexdigest() != sc.get("tar_sha256"):
+                    problems.append(
+                        f"shard {i}: tar sha256 differs from the one recorded at ingest (corrupt)"
+                    )
+        return problems
+
+    def _open_shard(self, i: int) -> Any:
+        try:
+            return self.fs.open(f"{self.images_path}/{shard_name(i)}", "rb")
+        except FileNotFoundError:
+            raise ImageSetError(f"{self.shard_url(i)}: shard file is missing") from None
 
     def rejected(self) -> list[tuple[str, str]]:
         """(source, reason) of every input rejected at ingest."""

@@ -577,8 +577,14 @@ def _read_source(source: str) -> bytes:
         raise Rejected(f"unreadable: {_msg(e)}") from None
 
 
-def load_complete_shard(fs: Any, images: str, shard: int, plan: str) -> dict[str, Any] | None:
-    """The sidecar of shard ``shard`` if its tar exists and matches it and the plan, else None."""
+def load_complete_shard(
+    fs: Any, images: str, shard: int, plan: str, items: Sequence[tuple[str, str]] = ()
+) -> dict[str, Any] | None:
+    """The sidecar of shard ``shard`` if its tar exists and matches it and the plan, else None.
+
+    With ``items`` ((key, source) of the shard's plan) the sidecar must also account for every planned input
+    exactly once, in order: accepted records and rejections together.
+    """
     name = shard_name(shard)
     side = f"{images}/{name[:-4]}.json"
     if not (fs.exists(f"{images}/{name}") and fs.exists(side)):
@@ -594,6 +600,16 @@ def load_complete_shard(fs: Any, images: str, shard: int, plan: str) -> dict[str
         return None
     if _file_sha256(fs, f"{images}/{name}") != sc.get("tar_sha256"):
         return None
+    if items:
+        accepted = {r.get("key"): r.get("source") for r in sc.get("records", [])}
+        rejected = {x[0] for x in sc.get("rejected", [])}
+        keys = [r.get("key") for r in sc.get("records", [])]
+        if keys != [k for k, _ in items if k in accepted] or len(accepted) + len(rejected) != len(items):
+            return None
+        if any(
+            accepted.get(k, src) != src or (k not in accepted and src not in rejected) for k, src in items
+        ):
+            return None
     return sc
 
 
@@ -649,7 +665,7 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
 
     done: dict[int, dict[str, Any]] = {}
     for i, plan in enumerate(plans):
-        sc = load_complete_shard(fs, images, i, plan)
+        sc = load_complete_shard(fs, images, i, plan, shards[i])
         if sc is not None:
             done[i] = sc
     todo = [i for i in range(len(shards)) if i not in done]
