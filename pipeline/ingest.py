@@ -160,6 +160,16 @@ class IngestSummary:
 
     processed: int = 0
 
+    @property
+    def written_shards(self) -> int:
+        """Alias of ``shards_written``."""
+        return self.shards_written
+
+    @property
+    def skipped_shards(self) -> int:
+        """Alias of ``shards_skipped`` (already complete from an earlier run)."""
+        return self.shards_skipped
+
     def line(self) -> str:
         """One-line human summary."""
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected_reasons.items()))

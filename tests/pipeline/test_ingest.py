@@ -28,6 +28,7 @@ from pipeline.ingest import (
     augmentation_for,
     ingest,
     sanitize_key,
+    to_rgb,
 )
 
 SKIMAGE_DIR = Path(skimage.data.__file__).parent
@@ -247,6 +248,18 @@ def test_image_modes_are_converted_correctly(tmp_path):
     rot = np.rot90(rgb, k=-1)  # clockwise
     assert np.abs(got["rotated"].astype(int) - rot).mean() < 4  # JPEG-lossy
     np.testing.assert_array_equal(got["cmyk"], rgb)
+
+
+def test_to_rgb_modes_by_hand():
+    bg = (10, 20, 30)
+    one = Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1")
+    np.testing.assert_array_equal(np.asarray(to_rgb(one, bg)), [[[0, 0, 0], [255, 255, 255]]])
+    la = Image.fromarray(np.array([[[200, 255], [200, 0]]], np.uint8), "LA")
+    np.testing.assert_array_equal(np.asarray(to_rgb(la, bg)), [[[200, 200, 200], [10, 20, 30]]])
+    f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(f, bg))[..., 0], [[0, 128, 255]])
+    i16 = Image.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16))
+    np.testing.assert_array_equal(np.asarray(to_rgb(i16, bg))[..., 1], [[0, 100, 255]])
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
