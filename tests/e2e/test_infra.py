@@ -145,6 +145,23 @@ def _check_entrypoint(cmd: str) -> None:
         assert (ROOT / argv[argv.index("--config") + 1]).is_file(), cmd
 
 
+def _check_cli_args(cmd: str) -> None:
+    """The stage arguments of `python -m jobs.pipeline ...` are valid for the real `spar pipeline` parser and the
+    recipe overrides they carry name real sections and keys."""
+    from pipeline.cli import build_parser
+
+    argv = shlex.split(cmd)
+    stage = argv[argv.index("-m") + 1].split(".", 1)[1]
+    args = build_parser().parse_args([stage, *argv[argv.index("-m") + 2 :]])
+    if stage == "pipeline":
+        from pipeline.pipeline_run import load_recipe
+
+        flags = {k: v for k, v in {"workdir": args.workdir, "source": args.source}.items() if v}
+        cfgs = load_recipe(str(ROOT / args.config), list(args.set or ()), run_flags=flags)
+        assert cfgs["run"].workdir.startswith("/mnt/spar/")
+        assert cfgs["distill"].storage_path.startswith("/mnt/spar/")
+
+
 def test_every_named_path_module_and_recipe_exists():
     texts = {
         p: p.read_text()
@@ -216,6 +233,7 @@ def test_kuberay_manifests():
     assert job["metadata"]["namespace"] == rc["metadata"]["namespace"]
     _check_entrypoint(job["spec"]["entrypoint"])
     assert "--config jobs/configs/maskclip_vitb16.toml" in job["spec"]["entrypoint"]
+    _check_cli_args(job["spec"]["entrypoint"])
     assert "/mnt/spar/" in job["spec"]["entrypoint"]  # outputs on the shared volume
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime_env["working_dir"] == "/app"  # where infra/docker/Dockerfile puts the project

@@ -278,3 +278,44 @@ def test_no_wait_returns_after_submission(ray_head: RayHead, tiny_photos, tmp_pa
         time.sleep(1)
     assert status == JobStatus.SUCCEEDED
     assert (out / "images" / "imageset.json").is_file()
+
+
+@pytest.mark.slow
+def test_submit_demo_pipeline_logs_to_a_tracking_server(ray_head: RayHead, tmp_path, monkeypatch, capsys):
+    """The whole pipeline as one Ray Job, MLflow through the local tracking server (URI forwarded by submit)."""
+    import mlflow
+
+    from pipeline.cache import open_cache
+    from pipeline.checkpoint import load_student
+    from tests.e2e.conftest import mlflow_server
+
+    work = tmp_path / "work"
+    with mlflow_server(tmp_path / "mlflow") as server:
+        _client_env(monkeypatch, ray_head.client_env(MLFLOW_TRACKING_URI=server.url))
+        rc = main(
+            ["submit", "--address", ray_head.address, "--working-dir", str(ROOT), "pipeline",
+             "--config", "jobs/configs/demo.toml", "--workdir", str(work),
+             "--set", "distill.max_steps=6", "--set", "distill.checkpoint_every=3"]
+        )  # fmt: skip
+        output = capsys.readouterr().out
+        assert rc == 0, output[-5000:]
+        m = re.search(r"\[spar pipeline\] done: cache (\S+), student (\S+), MLflow run (\w+)", output)
+        assert m, output[-3000:]
+        cache_path, ckpt, run_id = m.groups()
+        # outputs on the (shared) filesystem: a complete cache, a loadable student
+        assert Path(cache_path).is_relative_to(work) and Path(ckpt).is_relative_to(work)
+        assert open_cache(cache_path).is_complete()
+        student = load_student(ckpt)
+        assert student.name == "tiny-clip-64"
+        # the runs are on the tracking server, not in an embedded store of the job
+        client = mlflow.MlflowClient(server.url)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params.get("trainable_blocks") == "2" or any(
+            k.endswith("trainable_blocks") and v == "2" for k, v in run.data.params.items()
+        )
+        assert "loss" in run.data.metrics or any("loss" in k for k in run.data.metrics)
+        exp = client.get_experiment(run.info.experiment_id)
+        assert exp.name == "spar-demo"
+        assert len(client.search_runs([exp.experiment_id])) >= 2  # distill + eval
+        assert not (work / "mlflow.db").exists()
