@@ -206,12 +206,13 @@ def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: li
 
 
 def eval_chunk(
-    cfg_dict: dict[str, Any], indices: list[int], overlay_indices: list[int] = ()
+    cfg_dict: dict[str, Any], indices: list[int], overlay_indices: list[int] = (), model=None
 ) -> dict[str, Any]:
     """Evaluate the images ``indices`` of the configured dataset; returns plain counts (summable across tasks).
 
     Returns {"intersection", "union", "label_area" (num_classes,) int64, "out_of_range": {key: pixels},
-    "images": n, "seconds": model time, "overlays": {key: png bytes}}. Runs in the driver or as a Ray task.
+    "images": n, "seconds": model time, "overlays": {key: png bytes}}. Runs in the driver (``model``: an
+    already loaded backbone) or as a Ray task (loads its own).
     """
     from spar_core.metrics import IoUAccumulator
     from spar_core.segment import predict
@@ -219,13 +220,18 @@ def eval_chunk(
     cfg = EvalConfig(**cfg_dict)
     ds = open_dataset(cfg.dataset, cfg.data_root, cfg.split)
     dev = pick_device(cfg.device)
-    bb = load_model(**_model_spec(cfg), device=dev)
+    bb = model if model is not None else load_model(**_model_spec(cfg), device=dev)
+    dev = next(bb.parameters()).device
     proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
     classes = _benchmark_classes(cfg)
     clf = build_text_classifier(bb, classes, cfg.templates)
     names = display_names(cfg.dataset, classes)
     acc = IoUAccumulator(ds.num_classes, ignore_index=255)
     seconds, pngs = 0.0, {}
+    warm = np.zeros(
+        (proto.crop, proto.crop, 3), np.uint8
+    )  # warm-up (lazy init, kernels) kept out of the timing
+    dense_features(bb, warm, "single", precision=cfg.precision)
     for i in indices:
         img, label = ds.load(i)
         t0 = time.perf_counter()
@@ -274,10 +280,12 @@ def _split(indices: list[int], parts: int) -> list[list[int]]:
     return [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def _run_chunks(cfg: EvalConfig, chunks: list[list[int]], overlay_idx: list[int]) -> list[dict[str, Any]]:
+def _run_chunks(
+    cfg: EvalConfig, chunks: list[list[int]], overlay_idx: list[int], model
+) -> list[dict[str, Any]]:
     cfg_dict = asdict(cfg)
     if cfg.workers <= 0:
-        return [eval_chunk(cfg_dict, c, overlay_idx) for c in chunks]
+        return [eval_chunk(cfg_dict, c, overlay_idx, model) for c in chunks]
     import ray
 
     from pipeline.raycluster import cluster_gpus, init_ray
@@ -335,12 +343,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     classes = _benchmark_classes(cfg)
     indices = list(range(len(ds)))[: cfg.max_images or None]
     overlay_idx = indices[: cfg.overlays]
-    bb = load_model(**_model_spec(cfg), device="cpu")  # identity and protocol only (cheap for the driver)
+    local = cfg.workers <= 0
+    # with Ray workers the driver loads the model only for its identity and protocol (on the CPU)
+    bb = load_model(**_model_spec(cfg), device=pick_device(cfg.device) if local else "cpu")
     ident = model_identity(bb)
     proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
-    del bb
     t0 = time.perf_counter()
-    parts = _run_chunks(cfg, _split(indices, max(cfg.workers, 1)), overlay_idx)
+    parts = _run_chunks(cfg, _split(indices, max(cfg.workers, 1)), overlay_idx, bb if local else None)
+    del bb
     wall = time.perf_counter() - t0
     counts = merge_counts(parts)
     iou, miou = counts["iou"], counts["miou"]

@@ -195,3 +195,30 @@ def test_bad_input(voc_root, tmp_path, capsys):
         EvalConfig(prob_thd=2.0)
     with pytest.raises(EvalError, match="--checkpoint CKPT or --baseline"):
         evaluate(EvalConfig(data_root=str(voc_root)))
+
+
+def test_config_recipe_and_cli_flags(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.inference import config_from_args
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[eval]\ndataset = "context59"\nlogit_scale = 30.0\nresolutions = [448, 672]\n')
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--config",
+            str(recipe),
+            "--logit-scale",
+            "5",
+            "--set",
+            "eval.repeats=2",
+            "--strides",
+            "224,24",
+        ]
+    )
+    cfg = config_from_args(EvalConfig, args, "eval")
+    assert (cfg.dataset, cfg.logit_scale, cfg.repeats) == ("context59", 5.0, 2)
+    assert cfg.resolutions == (448, 672) and cfg.strides == (224, 24) and cfg.prob_thd is None
+    args = build_parser().parse_args(["eval", "--set", "eval.mode=diagonal"])
+    with pytest.raises(ConfigError, match="mode"):
+        config_from_args(EvalConfig, args, "eval")
