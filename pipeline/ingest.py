@@ -651,8 +651,6 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
     ``workers``: how many shard tasks run at once (default: the Ray cluster's CPUs). Returns the summary;
     raises IngestError for an unusable source or output. Bad images never raise: they go to rejected.parquet.
     """
-    from tqdm import tqdm
-
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
     sources = list_sources(src)
@@ -679,47 +677,12 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
         if sc is not None:
             done[i] = sc
     todo = [i for i in range(len(shards)) if i not in done]
-    skipped = len(done)
-    processed = 0
-    t_work = time.perf_counter()
+    work_s = 0.0
     if todo:
         _init_ray(workers)
-        import ray
-
         t_work = time.perf_counter()  # throughput excludes Ray start-up
-
-        limit = workers or _cluster_cpus()
-        task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-        # a per-image progress feed costs one actor process: only when a bar is shown
-        show = progress and not bar_disabled()
-        tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
-        pending: dict[Any, int] = {}
-        failed: dict[int, Exception] = {}
-        queue = list(todo)
-        bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="ingest", disable=not show)
-        try:
-            while queue or pending:
-                while queue and len(pending) < limit:
-                    i = queue.pop(0)
-                    pending[task.remote(images_url, i, shards[i], cfg_dict, plans[i], tracker)] = i
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-                for ref in ready:
-                    i = pending.pop(ref)
-                    try:
-                        done[i] = ray.get(ref)
-                        processed += len(shards[i])
-                    except ray.exceptions.RayError as e:
-                        failed[i] = e
-                        queue.clear()  # stop scheduling; let the shards in flight finish (nothing done is lost)
-                partial = ray.get(tracker.snapshot.remote()) if tracker is not None else {}
-                shown = processed + sum(min(partial.get(i, 0), len(shards[i])) for i in pending.values())
-                bar.update(shown - bar.n)
-        finally:
-            bar.close()
-            for ref in pending:
-                ray.cancel(ref)
-            if tracker is not None:
-                ray.kill(tracker)
+        failed = _run_shard_tasks(images_url, shards, todo, cfg_dict, plans, done, workers, progress)
+        work_s = time.perf_counter() - t_work
         if failed:
             first = min(failed)
             cause = getattr(failed[first], "cause", None) or failed[first]
@@ -727,18 +690,21 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
                 f"ingest into {out}: shard(s) {sorted(failed)} failed ({type(cause).__name__}: {cause}); "
                 f"{len(done)} of {len(shards)} shards are complete and kept; fix the cause and re-run to resume"
             ) from failed[first]
-    work_s = time.perf_counter() - t_work
 
     records = [ImageRecord(**{**r, "augmentation": json.loads(r["augmentation"])})
                for i in range(len(shards)) for r in done[i]["records"]]  # fmt: skip
     rejected = [tuple(x) for i in range(len(shards)) for x in done[i]["rejected"]]
+    if len(records) + len(rejected) != len(items):
+        raise RuntimeError(
+            f"ingest into {out}: {len(items)} inputs but {len(records)} + {len(rejected)} results"
+        )
     _remove_stale(fs, images, len(shards))
     fingerprint = manifest_fingerprint(records)
     reasons = Counter(r.split(":", 1)[0] for _, r in rejected)
     _write_outputs(
         fs, images, records, rejected, fingerprint, cfg_dict, len(items), len(shards), reasons, src
     )
-    summary = IngestSummary(
+    return IngestSummary(
         root=out,
         images_dir=images_url,
         fingerprint=fingerprint,
@@ -747,13 +713,64 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
         rejected=len(rejected),
         num_shards=len(shards),
         shards_written=len(todo),
-        shards_skipped=skipped,
+        shards_skipped=len(shards) - len(todo),
         seconds=work_s if todo else time.perf_counter() - t0,
         rejected_reasons=dict(reasons),
-        processed=processed,
+        processed=sum(len(shards[i]) for i in todo),
     )
-    assert summary.accepted + summary.rejected == summary.num_inputs, "ingest lost inputs"
-    return summary
+
+
+def _run_shard_tasks(
+    images_url: str,
+    shards: list[list[tuple[str, str]]],
+    todo: list[int],
+    cfg_dict: dict[str, Any],
+    plans: list[str],
+    done: dict[int, dict[str, Any]],
+    workers: int | None,
+    progress: bool,
+) -> dict[int, Exception]:
+    """Run one Ray task per shard in ``todo``, at most ``workers`` at once; fill ``done`` with their sidecars.
+
+    Returns the failed shards. After a failure no new shard is started, but those in flight finish (and stay).
+    """
+    import ray
+    from tqdm import tqdm
+
+    limit = workers or _cluster_cpus()
+    task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    show = progress and not bar_disabled()  # a per-image progress feed costs an actor process: only for a bar
+    tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
+    pending: dict[Any, int] = {}
+    failed: dict[int, Exception] = {}
+    queue = list(todo)
+    finished = 0
+    bar = tqdm(total=sum(len(shards[i]) for i in todo), unit="img", desc="ingest", disable=not show)
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                i = queue.pop(0)
+                pending[task.remote(images_url, i, shards[i], cfg_dict, plans[i], tracker)] = i
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    done[i] = ray.get(ref)
+                    finished += len(shards[i])
+                except ray.exceptions.RayError as e:
+                    failed[i] = e
+                    queue.clear()
+            partial = ray.get(tracker.snapshot.remote()) if tracker is not None else {}
+            bar.update(
+                finished + sum(min(partial.get(i, 0), len(shards[i])) for i in pending.values()) - bar.n
+            )
+    finally:
+        bar.close()
+        for ref in pending:
+            ray.cancel(ref)
+        if tracker is not None:
+            ray.kill(tracker)
+    return failed
 
 
 def _remove_stale(fs: Any, images: str, num_shards: int) -> None:

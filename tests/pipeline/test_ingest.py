@@ -663,3 +663,12 @@ def test_failing_shard_task_is_a_clear_error_and_keeps_finished_shards(photo_tre
         s.fingerprint
         == ingest(str(photo_tree), str(tmp_path / "ref"), cfg, workers=2, progress=False).fingerprint
     )
+
+
+def test_progress_bar_path(photo_tree, tmp_path, monkeypatch, capsys):
+    """With a bar shown, per-image progress comes from a small Ray actor; output is unchanged."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    s = ingest(str(photo_tree), str(tmp_path / "p"), small_cfg(shard_size=3), workers=2, progress=True)
+    assert "7/7" in capsys.readouterr().err
+    ref = ingest(str(photo_tree), str(tmp_path / "q"), small_cfg(shard_size=3), workers=2, progress=False)
+    assert s.fingerprint == ref.fingerprint
