@@ -284,6 +284,9 @@ def _run_chunks(
     cfg: EvalConfig, chunks: list[list[int]], overlay_idx: list[int], model
 ) -> list[dict[str, Any]]:
     cfg_dict = asdict(cfg)
+    for k in ("data_root", "checkpoint", "classes_file", "pretrained"):  # remote workers may run elsewhere
+        if cfg_dict[k] and Path(cfg_dict[k]).expanduser().exists():
+            cfg_dict[k] = str(Path(cfg_dict[k]).expanduser().resolve())
     if cfg.workers <= 0:
         return [eval_chunk(cfg_dict, c, overlay_idx, model) for c in chunks]
     import ray

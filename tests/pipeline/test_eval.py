@@ -222,3 +222,28 @@ def test_config_recipe_and_cli_flags(tmp_path):
     args = build_parser().parse_args(["eval", "--set", "eval.mode=diagonal"])
     with pytest.raises(ConfigError, match="mode"):
         config_from_args(EvalConfig, args, "eval")
+
+
+def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):
+    import torch
+
+    from pipeline.checkpoint import save_student
+    from spar_core.backbones import build_backbone
+
+    bb = build_backbone("tiny-clip-64")
+    bb.set_trainable(1)
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)
+    ckpt = save_student(bb, tmp_path / "ckpt", trainable_blocks=1, config={}, cache_fingerprint="abc123")
+    res = evaluate(_cfg(voc_root, tmp_path, baseline=False, backbone="", checkpoint=str(ckpt), max_images=1,
+                        overlays=1, run_name="stud"))  # fmt: skip
+    assert res["images"] == 1 and res["model"]["backbone"] == "tiny-clip-64"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["eval-test"]).iloc[0]
+    assert run["params.model.cache_fingerprint"] == "abc123" and run["params.model.trainable_blocks"] == "1"
+    assert run["tags.spar.role"] == "student" and run["tags.mlflow.runName"] == "stud"
+    rc = main(["segment", str(voc_root / "VOCdevkit/VOC2012/JPEGImages/2007_000001.jpg"), "--classes", "a;b",
+               "--checkpoint", str(ckpt), "--short-side", "64", "--out", str(tmp_path / "seg")])  # fmt: skip
+    assert rc == 0 and (tmp_path / "seg" / "2007_000001_labels.png").is_file()
