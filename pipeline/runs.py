@@ -39,7 +39,12 @@ def compare_runs(
 
     from pipeline.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "workdir")))
+    uri = tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "workdir"))
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
+        raise RunsError(
+            f"no MLflow store at {uri[len('sqlite:///') :]} (run a stage first, or pass --workdir)"
+        )
+    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     if experiment:
         exp = client.get_experiment_by_name(experiment)

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.datasets import DatasetError
 from pipeline.evaluate import EvalConfig, EvalError, evaluate, merge_counts, resolve_protocol, speed_report
-from pipeline.runs import compare_runs, format_table
+from pipeline.runs import RunsError, compare_runs, format_table
 from spar_core.metrics import IoUAccumulator
 from tests.pipeline.test_datasets import make_voc
 
@@ -173,6 +173,13 @@ def test_speed_report_and_runs_table(voc_root, tmp_path):
     col = header.index("logit_scale")
     assert sorted(r[col] for r in rows) == ["10.0", "50.0"]
     assert "logit_scale" in format_table(header, rows)
+    with pytest.raises(RunsError, match="no MLflow experiment named 'nope'; known: .*cmp"):
+        compare_runs("nope", "", str(tmp_path))
+    with pytest.raises(RunsError, match="no run has metric 'acc'"):
+        compare_runs("cmp", "acc", str(tmp_path))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # exported by mlflow.set_tracking_uri above
+    with pytest.raises(RunsError, match="no MLflow store"):
+        compare_runs("cmp", "", str(tmp_path / "empty"))
 
 
 def test_bad_input(voc_root, tmp_path, capsys):
