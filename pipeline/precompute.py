@@ -203,6 +203,17 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
 
 
+def _task_cpus(cfg: PrecomputeConfig, cluster_cpus: float) -> float:
+    """CPUs per task, capped at the cluster's CPUs (a larger request would never be scheduled)."""
+    if cfg.cpus_per_task > cluster_cpus:
+        _say(
+            cfg,
+            f"precompute: cpus_per_task={cfg.cpus_per_task} > the cluster's {cluster_cpus:g} CPUs; using {cluster_cpus:g}",
+        )
+        return max(1.0, cluster_cpus)
+    return float(cfg.cpus_per_task)
+
+
 def _run_tasks(cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int]) -> dict[int, str]:
     """Run one Ray task per shard in ``todo`` with at most ``cfg.workers`` in flight; return failures."""
     import ray
@@ -212,17 +223,18 @@ def _run_tasks(cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int]
 
     init_ray(cfg.ray_address)
     gpus = cluster_gpus()
+    cpus = _task_cpus(cfg, float(ray.cluster_resources().get("CPU", 1.0)))
     opts: dict[str, Any] = {
-        "num_cpus": cfg.cpus_per_task,
+        "num_cpus": cpus,
         "max_retries": cfg.max_retries,
         "retry_exceptions": True,
     }
     if gpus > 0 and cfg.device != "cpu":
         opts["num_gpus"] = cfg.gpus_per_task
         opts["max_calls"] = 0  # keep the worker (and its loaded teacher) across tasks
-    task = ray.remote(compute_shard).options(**opts)
+    task = ray.remote(**opts)(compute_shard)  # max_calls is only accepted here, not in .options()
     # forwarded as an argument, not a task runtime_env: a runtime_env would start a separate worker pool
-    task_cfg = {**asdict(cfg), "_env": _forwarded_env()}
+    task_cfg = {**asdict(cfg), "cpus_per_task": int(cpus), "_env": _forwarded_env()}
     sizes = {i: len(ims.shard_records(i)) for i in todo}
     limit = cfg.workers or len(todo)
     pending = list(todo)

@@ -1,0 +1,356 @@
+"""``spar bench cache``: cache size, write/read speed, and teacher precompute throughput vs the machine.
+
+Everything is measured in one run, side by side:
+
+* matmul rate of this machine (GFLOP/s) in float32 and in the teacher's autocast dtype, same thread count;
+* teacher throughput in windows/s in-process (steady state, per window-batch size and precision) and the achieved
+  fraction of the measured matmul rate, with the teacher's FLOPs per window counted analytically from the ViT
+  config (cross-checked against torch's FLOP counter);
+* end-to-end ``precompute`` (Ray task, teacher build, image decode, Zarr write) windows/s;
+* bytes per image on disk vs raw float32 targets; write and read MB/s; time to read one image's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench cache``."""
+    p.add_argument(
+        "--teacher", default="maskclip-vit-b16", help="backbone (random weights unless --pretrained)"
+    )
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--crop", type=int, default=0, help="window size (default: the teacher's native size)")
+    p.add_argument("--stride", type=int, default=112)
+    p.add_argument("--images", default=None, help="existing image set (default: ingest scikit-image photos)")
+    p.add_argument("--num-images", type=int, default=4, help="photos to ingest when --images is not given")
+    p.add_argument("--side", type=int, default=448, help="long side of the ingested photos")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--batches", default="1,8,32", help="window batch sizes to sweep (in-process)")
+    p.add_argument("--precisions", default="bf16,none", help="autocast modes to sweep: bf16, fp16, none")
+    p.add_argument("--skip-precompute", action="store_true", help="skip the end-to-end Ray precompute")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+# ------------------------------------------------------------------------------------------ measurements
+
+
+def matmul_gflops(dtype: Any, n: int = 2048, seconds: float = 2.0, device: str = "cpu") -> float:
+    """Sustained GFLOP/s of an n x n @ n x n matmul in ``dtype`` (best of repeated timings)."""
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def vit_window_flops(bb: Any, crop: int) -> dict[str, float]:
+    """Analytic FLOPs (2 per multiply-add) of one ``crop x crop`` window through the teacher's dense readout.
+
+    Per full block with N tokens, width d, MLP hidden m: qkv 3Nd^2 + scores N^2 d + weighted sum N^2 d + out-proj
+    Nd^2 + MLP 2Ndm multiply-adds. The MaskCLIP last block keeps only the value path: v + out-proj 2Nd^2 + MLP.
+    Plus the patch embedding N_p (3 p^2) d and the projection N_p d D.
+    """
+    vis = bb.model.visual
+    d = int(vis.conv1.out_channels)
+    blocks = list(vis.transformer.resblocks)
+    m = int(blocks[0].mlp.c_fc.out_features)
+    p = bb.patch_size
+    n_p = (crop // p) ** 2
+    n = n_p + 1  # class token
+    full = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    last = 2 * n * d * d + 2 * n * d * m if bb.readout == "maskclip" else full
+    macs = (len(blocks) - 1) * full + last + n_p * 3 * p * p * d + n_p * d * bb.dim
+    attn = (len(blocks) - 1) * 2 * n * n * d
+    return {"flops": 2.0 * macs, "attention_flops": 2.0 * attn}
+
+
+def counted_window_flops(bb: Any, crop: int) -> float:
+    """FLOPs of one window as counted by torch's FlopCounterMode (cross-check of the analytic count)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, crop, crop)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        bb.dense(x)
+    return float(fc.get_total_flops())
+
+
+def teacher_rate(
+    bb: Any, images: list[np.ndarray], crop: int, stride: int, batch: int, amp: Any
+) -> dict[str, float]:
+    """Steady-state windows/s of ``sliding_window_features`` over ``images`` (one warm-up image first)."""
+    import torch
+
+    from spar_core.sliding import num_windows, sliding_window_features
+
+    xs = [bb.normalize(torch.from_numpy(np.array(im))[None]) for im in images]  # (1, 3, H, W) each
+    sliding_window_features(bb, xs[0], crop, stride, window_batch=batch, autocast_dtype=amp)  # warm-up
+    t = time.perf_counter()
+    wins = 0
+    for x, im in zip(xs, images, strict=True):
+        sliding_window_features(bb, x, crop, stride, window_batch=batch, autocast_dtype=amp)
+        wins += num_windows(im.shape[0], im.shape[1], crop, stride)
+    dt = time.perf_counter() - t
+    return {"windows": wins, "seconds": dt, "windows_per_s": wins / dt}
+
+
+def io_rates(dim: int, workdir: Path) -> dict[str, float]:
+    """Write and read MB/s of a synthetic shard (uncompressed float16 MB), and one image's read latency."""
+    from pipeline.cache import CacheSpec, ShardEntry, ShardWriter, open_cache, write_spec
+
+    rng = np.random.default_rng(0)
+    n_img, h, w = 48, 42, 32  # ~ 672x512 images at patch 16
+    spec = CacheSpec("synthetic", None, "synthetic", 224, 112, "maskclip", "float16", "io-bench")
+    path = str(workdir / "io" / spec.fingerprint())
+    write_spec(path, spec, {"num_shards": 1, "num_images": n_img, "dim": dim, "patch_size": 16}, {})
+    entries = [ShardEntry(f"img{i:04d}", 0, h, w, h * 16, w * 16, "-") for i in range(n_img)]
+    base = rng.standard_normal((h, w, dim)).astype(np.float32)
+    feats = [base + 0.1 * rng.standard_normal((h, w, dim)).astype(np.float32) for _ in range(n_img)]
+    mb = n_img * h * w * dim * 2 / 1e6
+    t = time.perf_counter()
+    wr = ShardWriter(path, 0, entries, dim=dim, dtype="float16")
+    for e, f in zip(entries, feats, strict=True):
+        wr.add(e.key, f)
+    wr.commit()
+    t_write = time.perf_counter() - t
+    c = open_cache(path)
+    t = time.perf_counter()
+    for _ in c.iter_shard(0):
+        pass
+    t_read = time.perf_counter() - t
+    c = open_cache(path)
+    c.features(entries[0].key)  # opens the array
+    keys = [e.key for e in entries]
+    rng.shuffle(keys)
+    lat = []
+    for k in keys:
+        t = time.perf_counter()
+        c.features(k)
+        lat.append(time.perf_counter() - t)
+    return {
+        "io_mb_float16": mb,
+        "write_mb_s": mb / t_write,
+        "read_mb_s": mb / t_read,
+        "read_one_image_ms_median": 1e3 * float(np.median(lat)),
+        "read_one_image_ms_p90": 1e3 * float(np.percentile(lat, 90)),
+        "io_image_tokens": h * w,
+    }
+
+
+def _ingest_photos(out: Path, n: int, side: int) -> str:
+    from PIL import Image
+    from skimage import data
+
+    from pipeline.ingest import IngestConfig, ingest
+
+    src = out / "photos"
+    src.mkdir(parents=True, exist_ok=True)
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "cat", "immunohistochemistry"]
+    for name in names[:n]:
+        img = np.asarray(getattr(data, name)())
+        if img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        Image.fromarray(np.ascontiguousarray(img[..., :3])).save(src / f"{name}.png")
+    cfg = IngestConfig(augment=False, max_side=side, shard_size=max(1, n // 2))
+    ingest(str(src), str(out / "set"), cfg, workers=1, progress=False)
+    return str(out / "set")
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print a report (also JSON with ``--json``)."""
+    import torch
+
+    from pipeline.imageset import open_imageset
+    from pipeline.raycluster import init_ray
+    from spar_core.backbones import build_backbone
+    from spar_core.sliding import num_windows
+
+    threads = args.threads or os.cpu_count() or 1
+    init_ray(num_cpus=os.cpu_count())  # before ingest, which would otherwise start a 1-CPU cluster
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="spar-bench-cache-"))
+    res: dict[str, Any] = {
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": threads,
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "loadavg_1m": os.getloadavg()[0],
+        }
+    }
+    try:
+        images = args.images or _ingest_photos(tmp, args.num_images, args.side)
+        ims = open_imageset(images)
+        pix = [ims.read(r.key) for r in ims.records]
+        bb = build_backbone(args.teacher, args.pretrained, device=device)
+        crop = args.crop or bb.native_size
+        fl = vit_window_flops(bb, crop)
+        res["teacher"] = {
+            "name": bb.name,
+            "weights_id": bb.weights_id,
+            "crop": crop,
+            "stride": args.stride,
+            "window_gflops_analytic": fl["flops"] / 1e9,
+            "window_gflops_counted": counted_window_flops(bb.cpu(), crop) / 1e9,
+            "images": len(pix),
+            "sizes": [list(p.shape[:2]) for p in pix],
+            "windows": sum(num_windows(p.shape[0], p.shape[1], crop, args.stride) for p in pix),
+        }
+        bb = bb.to(device)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+        precisions = [s for s in args.precisions.split(",") if s]
+        res["matmul_gflops"] = {p: matmul_gflops(dtypes[p], device=device) for p in precisions}
+        sweep = []
+        for prec in precisions:
+            amp = None if prec == "none" else dtypes[prec]
+            for batch in [int(b) for b in args.batches.split(",")]:
+                r = teacher_rate(bb, pix, crop, args.stride, batch, amp)
+                achieved = r["windows_per_s"] * fl["flops"] / 1e9
+                sweep.append(
+                    {
+                        "precision": prec,
+                        "window_batch": batch,
+                        **r,
+                        "achieved_gflops": achieved,
+                        "fraction_of_matmul": achieved / res["matmul_gflops"][prec],
+                    }
+                )
+                print(
+                    f"teacher {prec:>4} batch {batch:>3}: {r['windows_per_s']:.2f} windows/s, "
+                    f"{achieved:.1f} GFLOP/s = {achieved / res['matmul_gflops'][prec]:.2f} of matmul",
+                    flush=True,
+                )
+        res["teacher_sweep"] = sweep
+        best = max(sweep, key=lambda s: s["windows_per_s"])
+        if not args.skip_precompute:
+            res["precompute"] = _precompute(args, images, crop, best, tmp, fl["flops"], res)
+        res["io"] = io_rates(bb.dim, tmp)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _print(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _precompute(
+    args: argparse.Namespace, images: str, crop: int, best: dict[str, Any], tmp: Path, flops: float, res: dict
+) -> dict[str, Any]:
+    """End-to-end ``precompute`` (one Ray task with all threads) at the best in-process setting."""
+    from pipeline.cache import open_cache, verify_cache
+    from pipeline.imageset import open_imageset
+    from pipeline.precompute import PrecomputeConfig, precompute
+
+    cfg = PrecomputeConfig(
+        images=images,
+        teacher=args.teacher,
+        pretrained=args.pretrained,
+        crop=crop,
+        stride=args.stride,
+        cache_root=str(tmp / "cache"),
+        autocast=best["precision"],
+        window_batch=best["window_batch"],
+        workers=1,
+        cpus_per_task=res["machine"]["torch_threads"],
+        progress=False,
+    )
+    t = time.perf_counter()
+    path = precompute(cfg)
+    wall = time.perf_counter() - t
+    c = open_cache(path)
+    assert not verify_cache(path)[1]
+    disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    raw32 = sum(
+        r.height // c.patch_size * (r.width // c.patch_size) * c.dim * 4
+        for r in open_imageset(images).records
+    )
+    n = c.num_images
+    wins = res["teacher"]["windows"]
+    return {
+        "precision": best["precision"],
+        "window_batch": best["window_batch"],
+        "wall_s": wall,
+        "windows_per_s_end_to_end": wins / wall,
+        "fraction_of_matmul_end_to_end": wins / wall * flops / 1e9 / res["matmul_gflops"][best["precision"]],
+        "bytes_on_disk": disk,
+        "bytes_per_image": disk / n,
+        "raw_float32_bytes_per_image": raw32 / n,
+        "ratio_vs_raw_float32": disk / raw32,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _print(res: dict[str, Any]) -> None:
+    m, t = res["machine"], res["teacher"]
+    print(
+        f"\nmachine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} threads, {m['device']}), load {m['loadavg_1m']:.1f}"
+    )
+    print(
+        f"teacher: {t['name']} crop {t['crop']} stride {t['stride']}: {t['window_gflops_analytic']:.2f} GFLOP/window "
+        f"analytic ({t['window_gflops_counted']:.2f} counted); {t['images']} images, {t['windows']} windows"
+    )
+    print("matmul: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in res["matmul_gflops"].items()))
+    for s in res["teacher_sweep"]:
+        print(
+            f"  {s['precision']:>4} batch {s['window_batch']:>3}: {s['windows_per_s']:.2f} win/s, "
+            f"{s['achieved_gflops']:.1f} GFLOP/s, {s['fraction_of_matmul']:.2f} of matmul"
+        )
+    if "precompute" in res:
+        p = res["precompute"]
+        print(
+            f"precompute end-to-end ({p['precision']}, batch {p['window_batch']}): {p['wall_s']:.1f} s, "
+            f"{p['windows_per_s_end_to_end']:.2f} win/s, {p['fraction_of_matmul_end_to_end']:.2f} of matmul"
+        )
+        print(
+            f"size: {p['bytes_per_image'] / 1e3:.1f} KB/image on disk vs {p['raw_float32_bytes_per_image'] / 1e3:.1f} KB raw "
+            f"float32 = {p['ratio_vs_raw_float32']:.3f}x"
+        )
+    io = res["io"]
+    print(
+        f"io ({io['io_mb_float16']:.0f} MB float16): write {io['write_mb_s']:.0f} MB/s, read {io['read_mb_s']:.0f} MB/s, "
+        f"one image ({io['io_image_tokens']} tokens) {io['read_one_image_ms_median']:.2f} ms median, "
+        f"{io['read_one_image_ms_p90']:.2f} ms p90"
+    )
