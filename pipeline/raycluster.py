@@ -22,8 +22,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     """
     if ray.is_initialized():
         return
-    # `uv run` would make Ray re-create the environment for every worker; the workers share ours instead.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
