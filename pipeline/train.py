@@ -915,7 +915,8 @@ def _finish(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """DistillConfig from ``spar distill`` arguments: defaults <- recipe [distill] <- --set <- explicit flags."""
     from pipeline.config import apply_overrides, load_config
 
     cfg = load_config(DistillConfig, args.config, args.set or (), section="distill")
@@ -926,9 +927,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             flags[key] = v
     if args.teacher_online:
         flags["teacher_online"] = True
-    if flags:
-        cfg = apply_overrides(cfg, flags)
-    distill(cfg, resume=args.resume)
+    return apply_overrides(cfg, flags) if flags else cfg
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    distill(config_from_args(args), resume=args.resume)
     return 0
 
 

@@ -31,7 +31,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
 
 @functools.cache
 def build_data(root: str) -> dict[str, str]:
-    """Image set (6 photos, 3 shards of 2, small sizes) + its tiny-clip-64 cache, plus a second image set with
+    """Image set (6 photos, 3 shards of 2, ~128x192 pixels) + its tiny-clip-64 cache, plus a second image set with
     other pixels (for pairing refusals). Built once per session, shared by the stream and train tests."""
     from PIL import Image
 
@@ -50,7 +50,7 @@ def build_data(root: str) -> dict[str, str]:
     Image.fromarray(load_photo("camera")).save(other_src / "astronaut.png")
     Image.fromarray(load_photo("coffee")).save(other_src / "coffee.png")
     init_ray(num_cpus=2)
-    small = dict(target_long=128, target_short=64, min_short=64)
+    small = dict(target_long=192, target_short=128, min_short=128)
     ingest(str(src), str(base / "set"), IngestConfig(shard_size=2, **small), workers=2, progress=False)
     ingest(
         str(other_src),

@@ -1,0 +1,188 @@
+"""Distillation end to end on a real Ray local cluster (2 CPU workers, DDP over gloo) and a real MLflow sqlite store.
+
+Three training jobs are shared by the tests of this module (Ray Train start-up dominates their time):
+* ``straight``: 6 uninterrupted steps (background decoding in a forkserver loader worker);
+* ``resumed``: the same job stopped after step 3, then continued with ``resume=True``, during which one worker
+  raises once after step 5 and Ray Train restarts the group from the step-4 checkpoint.
+Both must end with the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache import CachePairingError, open_cache
+from pipeline.checkpoint import load_student
+from pipeline.imageset import open_imageset
+from pipeline.train import DistillConfig, StepRunner, distill
+from spar_core.backbones import build_backbone
+from tests.pipeline.test_stream import build_data
+
+BASE = dict(
+    workers=2,
+    max_steps=6,
+    checkpoint_every=2,
+    lr=1e-3,
+    seed=3,
+    shuffle_buffer=4,
+    log_every=1,
+    warmup_steps=2,
+    schedule="cosine",
+    grad_clip=1.0,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
+    return build_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("distill-work")
+
+
+@pytest.fixture(scope="module")
+def straight(data, workdir):
+    cfg = DistillConfig(images=data["images"], cache=data["cache"], workdir=str(workdir), run_name="straight",
+                        loader_workers=1, **BASE)  # fmt: skip
+    return cfg, distill(cfg)
+
+
+@pytest.fixture(scope="module")
+def resumed(data, workdir):
+    cfg = DistillConfig(images=data["images"], cache=data["cache"], workdir=str(workdir), run_name="resumed",
+                        loader_workers=0, stop_at_step=3, **BASE)  # fmt: skip
+    first = distill(cfg)
+    cfg2 = dataclasses.replace(cfg, stop_at_step=0, fail_at_step=5)
+    second = distill(cfg2, resume=True)
+    return first, second
+
+
+def _feature_mse(bb, data) -> float:
+    """Independent check: mean over the images of MSE(student single pass, cached teacher target)."""
+    ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
+    errs = []
+    with torch.no_grad():
+        for rec in ims.records:
+            x = bb.normalize(torch.from_numpy(ims.read(rec.key))[None])
+            t = torch.from_numpy(np.asarray(cache.features(rec.key), dtype=np.float32))[None]
+            errs.append(float((bb.dense(x) - t).pow(2).mean()))
+    return float(np.mean(errs))
+
+
+def test_mismatched_cache_is_refused_before_any_step(data, tmp_path: Path) -> None:
+    wd = tmp_path / "wd"
+    cfg = DistillConfig(images=data["other"], cache=data["cache"], workdir=str(wd), **BASE)
+    with pytest.raises(CachePairingError, match="image set"):
+        distill(cfg)
+    assert not (wd / "ray_results").exists() and not (wd / "mlflow.db").exists()
+
+
+def test_two_workers_reduce_the_loss(straight, data) -> None:
+    cfg, res = straight
+    assert res.completed and res.steps == 6 == res.total_steps
+    base = build_backbone("tiny-clip-64", seed=0)
+    student = load_student(res.checkpoint_dir)
+    before, after = _feature_mse(base, data), _feature_mse(student, data)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_only_the_last_blocks_changed(straight) -> None:
+    _, res = straight
+    base = build_backbone("tiny-clip-64", seed=0).state_dict()
+    trained = load_student(res.checkpoint_dir).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    last_two = {k for k in base if ".resblocks.2." in k or ".resblocks.3." in k}
+    assert changed and changed <= last_two
+    assert {k for k in last_two if k.endswith("weight")} & changed  # the blocks really trained
+
+
+def test_mlflow_run_has_params_metrics_artifacts_and_cache_input(straight, data, workdir) -> None:
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    cfg, res = straight
+    assert res.tracking_uri == tracking_uri(workdir) and res.tracking_uri.startswith("sqlite:")
+    client = MlflowClient(res.tracking_uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for name in ("lr", "trainable_blocks", "workers", "seed", "images", "cache", "precision", "total_steps"):
+        assert name in params, name
+    assert float(params["lr"]) == cfg.lr and params["total_steps"] == "6"
+    cache = open_cache(data["cache"])
+    tags = run.data.tags
+    assert tags["cache_fingerprint"] == cache.fingerprint
+    assert tags["imageset_fingerprint"] == open_imageset(data["images"]).fingerprint
+    assert tags["backbone"] == "tiny-clip-64" and tags["weights_id"] == "random:tiny-clip-64:seed0"
+    assert tags["git_commit"]
+    for key in ("loss", "lr", "images_per_s", "data_wait_frac"):
+        hist = client.get_metric_history(res.run_id, key)
+        assert sorted({m.step for m in hist}) == [1, 2, 3, 4, 5, 6], key
+    lrs = {m.step: m.value for m in client.get_metric_history(res.run_id, "lr")}
+    assert lrs[1] == pytest.approx(cfg.lr / 2) and lrs[2] == pytest.approx(cfg.lr)  # warm-up
+    assert (
+        len(client.get_metric_history(res.run_id, "epoch_loss")) == 2
+    )  # 6 images / 2 workers = 3 steps/epoch
+    arts = {a.path for a in client.list_artifacts(res.run_id)}
+    assert {"resolved_config.json", "loss_curve.png", "student"} <= arts
+    student_files = {a.path for a in client.list_artifacts(res.run_id, "student")}
+    assert "student/student.safetensors" in student_files and "student/backbone.json" in student_files
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    cache_input = inputs[f"teacher-cache-{cache.fingerprint[:12]}"]
+    assert cache_input.dataset.digest == cache.fingerprint[:36]
+    assert cache.path in cache_input.dataset.source
+    assert {t.key: t.value for t in cache_input.tags}["mlflow.data.context"] == "training"
+
+
+def test_resume_and_worker_failure_reach_the_uninterrupted_weights(straight, resumed, workdir) -> None:
+    _, ref = straight
+    first, second = resumed
+    assert not first.completed and first.steps == 3
+    assert second.completed and second.steps == 6 and second.run_id == first.run_id
+    assert (workdir / "distill" / "resumed" / "fail_at_step_5.done").exists(), (
+        "the injected failure never fired"
+    )
+    a = _trainable(ref.checkpoint_dir)
+    b = _trainable(second.checkpoint_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    from mlflow import MlflowClient
+
+    run = MlflowClient(second.tracking_uri).get_run(second.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+
+
+def _trainable(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ckpt_dir) / "student.safetensors"))
+
+
+def test_online_teacher_step_matches_the_cached_targets(data) -> None:
+    """Online mode computes the same targets the cache holds (cache: fp16 storage of a bf16 teacher)."""
+    from pipeline.stream import PairedStream, make_loader
+
+    cache = open_cache(data["cache"])
+    cfg = DistillConfig(images=data["images"], teacher_online=True, lr=1e-3)
+    bb = build_backbone("tiny-clip-64")
+    teacher = build_backbone("tiny-clip-64")
+    params = [p for p in bb.parameters() if p.requires_grad] or [torch.nn.Parameter(torch.zeros(1))]
+    runner = StepRunner(bb, bb, params, cfg, torch.device("cpu"), 1, teacher=teacher, crop=cache.spec.crop,
+                        stride=cache.spec.stride)  # fmt: skip
+    stream = PairedStream(
+        data["images"], data["cache"], seed=0, rank=0, world_size=1, patch_size=16, num_batches=2
+    )
+    for item in make_loader(stream, 0):
+        online = runner.target({}, bb.normalize(item["image"]))
+        cached = item["target"].float()
+        rel = float((online - cached).norm() / cached.norm())
+        assert rel < 0.02, rel
