@@ -202,7 +202,9 @@ def test_stream_without_cache_yields_images_only(data: dict[str, str]) -> None:
 
 
 def test_stream_refuses_a_cache_of_other_images(data: dict[str, str]) -> None:
-    s = PairedStream(data["other"], data["cache"], seed=0, rank=0, world_size=1, patch_size=16, shuffle_buffer=0)
+    s = PairedStream(
+        data["other"], data["cache"], seed=0, rank=0, world_size=1, patch_size=16, shuffle_buffer=0
+    )
     with pytest.raises(StreamError, match="astronaut.*computed from other pixels"):
         _collect(s, 0)
 
