@@ -164,10 +164,6 @@ def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int
     if crop % patch:
         raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
     stride = cfg.stride or default_stride(crop)
-    if prob > 0 and not INFOS[ds].has_background:
-        print(
-            f"warning: prob_thd {prob} sends low-confidence pixels to class 0, but {ds} has no background class"
-        )
     return Protocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
 
 
@@ -351,6 +347,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     bb = load_model(**_model_spec(cfg), device=pick_device(cfg.device) if local else "cpu")
     ident = model_identity(bb)
     proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
+    if proto.prob_thd > 0 and not INFOS[cfg.dataset].has_background:
+        print(
+            f"warning: prob_thd {proto.prob_thd} sends low-confidence pixels to class 0 ({classes[0][0]!r}), "
+            f"but {cfg.dataset} has no background class"
+        )
     t0 = time.perf_counter()
     parts = _run_chunks(cfg, _split(indices, max(cfg.workers, 1)), overlay_idx, bb if local else None)
     del bb
