@@ -59,7 +59,9 @@ def free_ports(n: int) -> list[int]:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment minus cluster/tracking settings, the venv first on PATH, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    # PYTEST_CURRENT_TEST would make libraries in the cluster's processes behave as if under test
+    # (scikit-image raises pytest's Skipped for a photo it cannot download)
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("PYTEST_")}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     env["TQDM_DISABLE"] = "1"
