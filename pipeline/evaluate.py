@@ -557,6 +557,14 @@ def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
                 f"checkpoint {cfg.checkpoint} is a {student.name} student; the cache is for {spec.backbone}"
             )
         models["student"] = student
+        from pipeline.checkpoint import read_backbone_info
+
+        trained_on = read_backbone_info(cfg.checkpoint).get("cache_fingerprint") or ""
+        if trained_on and trained_on == cache.fingerprint:
+            print(
+                f"warning: {cfg.checkpoint} was trained on this very cache ({trained_on[:12]}): the images "
+                "are not held out, so the student's numbers measure fit, not generalisation"
+            )
     if cfg.classes or cfg.classes_file:
         classes = resolve_classes(cfg.classes, cfg.classes_file)
     else:

@@ -93,11 +93,12 @@ def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, fl
     return out
 
 
-def test_fidelity_numbers_equal_direct_computation(held_out, tmp_path):
+def test_fidelity_numbers_equal_direct_computation(held_out, tmp_path, capsys):
     images, cache, ckpt = held_out
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     res = fidelity_report(EvalConfig(fidelity=True, images=str(images), teacher_cache=cache, checkpoint=str(ckpt),
                                      classes=CLASSES, templates="simple", workdir=str(tmp_path)))  # fmt: skip
+    assert "not held out" in capsys.readouterr().out  # the fixture's student was "trained" on this cache
     ref = _direct(images, cache, ckpt)
     assert res["images"] == 3
     for m in ("baseline", "student"):
