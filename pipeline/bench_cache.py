@@ -13,6 +13,7 @@ Everything is measured in one run, side by side:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -191,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.imageset import open_imageset
+    from pipeline.precompute import precast_for_autocast
     from pipeline.raycluster import init_ray
     from spar_core.backbones import build_backbone
     from spar_core.sliding import num_windows
@@ -234,25 +236,35 @@ def run(args: argparse.Namespace) -> int:
         precisions = [s for s in args.precisions.split(",") if s]
         res["matmul_gflops"] = {p: matmul_gflops(dtypes[p], device=device) for p in precisions}
         sweep = []
-        for prec in precisions:
+        batches = [int(b) for b in args.batches.split(",")]
+        runs = [(p, b, p != "none") for p in precisions for b in batches]
+        if any(
+            p != "none" for p in precisions
+        ):  # what pre-casting the frozen weights buys (precompute does it)
+            runs.append(
+                (next(p for p in precisions if p != "none"), 8 if 8 in batches else batches[0], False)
+            )
+        precast = copy.deepcopy(bb)
+        for prec, batch, cast in runs:
             amp = None if prec == "none" else dtypes[prec]
-            for batch in [int(b) for b in args.batches.split(",")]:
-                r = teacher_rate(bb, pix, crop, args.stride, batch, amp)
-                achieved = r["windows_per_s"] * fl["flops"] / 1e9
-                sweep.append(
-                    {
-                        "precision": prec,
-                        "window_batch": batch,
-                        **r,
-                        "achieved_gflops": achieved,
-                        "fraction_of_matmul": achieved / res["matmul_gflops"][prec],
-                    }
-                )
-                print(
-                    f"teacher {prec:>4} batch {batch:>3}: {r['windows_per_s']:.2f} windows/s, "
-                    f"{achieved:.1f} GFLOP/s = {achieved / res['matmul_gflops'][prec]:.2f} of matmul",
-                    flush=True,
-                )
+            model = precast_for_autocast(precast, amp) if cast else bb
+            r = teacher_rate(model, pix, crop, args.stride, batch, amp)
+            achieved = r["windows_per_s"] * fl["flops"] / 1e9
+            sweep.append(
+                {
+                    "precision": prec,
+                    "precast_weights": cast,
+                    "window_batch": batch,
+                    **r,
+                    "achieved_gflops": achieved,
+                    "fraction_of_matmul": achieved / res["matmul_gflops"][prec],
+                }
+            )
+            print(
+                f"teacher {prec:>4}{' precast' if cast else ''} batch {batch:>3}: {r['windows_per_s']:.2f} windows/s, "
+                f"{achieved:.1f} GFLOP/s = {achieved / res['matmul_gflops'][prec]:.2f} of matmul",
+                flush=True,
+            )
         res["teacher_sweep"] = sweep
         best = max(sweep, key=lambda s: s["windows_per_s"])
         if not args.skip_precompute:
@@ -335,7 +347,8 @@ def _print(res: dict[str, Any]) -> None:
     print("matmul: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in res["matmul_gflops"].items()))
     for s in res["teacher_sweep"]:
         print(
-            f"  {s['precision']:>4} batch {s['window_batch']:>3}: {s['windows_per_s']:.2f} win/s, "
+            f"  {s['precision']:>4}{' precast' if s['precast_weights'] else ''} batch {s['window_batch']:>3}: "
+            f"{s['windows_per_s']:.2f} win/s, "
             f"{s['achieved_gflops']:.1f} GFLOP/s, {s['fraction_of_matmul']:.2f} of matmul"
         )
     if "precompute" in res:

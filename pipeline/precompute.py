@@ -275,16 +275,36 @@ def _run_tasks(cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int]
 _TEACHERS: dict[tuple[Any, ...], Any] = {}  # per worker process: the loaded teacher, reused across tasks
 
 
-def _teacher(name: str, pretrained: str | None, seed: int, device: str) -> Any:
-    key = (name, pretrained, seed, device)
+def _teacher(name: str, pretrained: str | None, seed: int, device: str, amp: Any) -> Any:
+    key = (name, pretrained, seed, device, amp)
     if key not in _TEACHERS:
         import torch
 
         from spar_core.backbones import build_backbone
 
         _TEACHERS.clear()
-        _TEACHERS[key] = build_backbone(name, pretrained, device=device, dtype=torch.float32, seed=seed)
+        bb = build_backbone(name, pretrained, device=device, dtype=torch.float32, seed=seed)
+        _TEACHERS[key] = precast_for_autocast(bb, amp) if amp is not None else bb
     return _TEACHERS[key]
+
+
+def precast_for_autocast(model: Any, dtype: Any) -> Any:
+    """Cast, once, the weights autocast would cast on every call: Linear/Conv weights and biases and
+    MultiheadAttention's packed input projection. Autocast caches casts only for parameters that require grad,
+    so a frozen teacher would otherwise re-cast all its weights on every forward. Norms, embeddings and
+    everything else stay float32, so under autocast in ``dtype`` the outputs are bit-identical. In place."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear | nn.Conv2d):
+                m.to(dtype)
+            elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                m.in_proj_weight.data = m.in_proj_weight.data.to(dtype)
+                if m.in_proj_bias is not None:
+                    m.in_proj_bias.data = m.in_proj_bias.data.to(dtype)
+    return model
 
 
 def _crash_hook(stage: str) -> None:
@@ -341,7 +361,7 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
     if device == "cpu":
         torch.set_num_threads(cfg.cpus_per_task)
     amp = _autocast_dtypes()[s.autocast]
-    bb = _teacher(s.backbone, cfg.pretrained, cfg.seed, device)
+    bb = _teacher(s.backbone, cfg.pretrained, cfg.seed, device, amp)
     if bb.weights_id != s.weights_id:
         raise CacheError(
             f"teacher on this worker has weights {bb.weights_id}, the cache expects {s.weights_id}"
@@ -357,7 +377,7 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
     try:
         for rec, img in ims.iter_shard(shard):  # (H, W, 3) uint8, verified against pixel_sha256
             img = np.require(img, np.uint8, ["C", "W"])  # torch wants a writable array
-            x = bb.normalize(torch.from_numpy(img)[None].to(device))  # (1, 3, H, W)
+            x = bb.normalize(torch.from_numpy(img)[None].to(device)).float()  # (1, 3, H, W)
             feats = sliding_window_features(bb, x, s.crop, s.stride, cfg.window_batch, autocast_dtype=amp)
             writer.add(rec.key, feats[0].cpu().numpy())  # (H/p, W/p, D)
             windows += num_windows(rec.height, rec.width, s.crop, s.stride)

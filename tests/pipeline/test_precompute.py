@@ -20,7 +20,15 @@ from PIL import Image
 from pipeline.cache import CacheError, open_cache, verify_cache
 from pipeline.imageset import open_imageset
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.precompute import CRASH_ENV, PrecomputeConfig, add_cli, precompute, repair_cache, resolve_spec
+from pipeline.precompute import (
+    CRASH_ENV,
+    PrecomputeConfig,
+    add_cli,
+    precast_for_autocast,
+    precompute,
+    repair_cache,
+    resolve_spec,
+)
 from spar_core.backbones import build_backbone
 from spar_core.sliding import sliding_window_features
 
@@ -109,6 +117,21 @@ def test_bf16_autocast_default_is_close_to_float32(imageset, tmp_path):
     # bf16 has 8 mantissa bits: compare with the float32 teacher at bf16 tolerance, and exactly-ish with bf16
     assert_matches_reference(path, imageset, 64, 32, amp=None, tol=3e-2)
     assert_matches_reference(path, imageset, 64, 32, amp=torch.bfloat16, tol=2e-3)
+
+
+def test_precast_weights_give_bit_identical_autocast_features(photos):
+    img = np.array(photos["coffee"][:160, :224])  # (160, 224, 3)
+    ref_bb, cast_bb = (
+        build_backbone("tiny-clip-64"),
+        precast_for_autocast(build_backbone("tiny-clip-64"), torch.bfloat16),
+    )
+    assert cast_bb.model.visual.conv1.weight.dtype == torch.bfloat16
+    assert cast_bb.model.visual.ln_post.weight.dtype == torch.float32
+    outs = []
+    for bb in (ref_bb, cast_bb):
+        x = bb.normalize(torch.from_numpy(img)[None]).float()
+        outs.append(sliding_window_features(bb, x, 64, 24, window_batch=7, autocast_dtype=torch.bfloat16))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
 def test_fingerprint_follows_every_spec_input(imageset, photo_dir, tmp_path):
