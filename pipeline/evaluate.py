@@ -103,7 +103,7 @@ class EvalConfig:
     # tracking & output
     experiment: str = "spar-eval"
     run_name: str = ""
-    workdir: str = ""  # default: $SPAR_WORKDIR or ./workdir
+    workdir: str = ""  # default: $SPAR_WORKDIR or ./work (as spar distill)
     overlays: int = 4
     out: str = ""  # optional folder for results.json / tables / plots (default: a temp dir, logged to MLflow)
     mlflow: bool = True
@@ -168,7 +168,7 @@ def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int
 
 
 def _workdir(cfg: EvalConfig) -> str:
-    return cfg.workdir or os.environ.get("SPAR_WORKDIR", "workdir")
+    return cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -988,7 +988,9 @@ def add_eval_cli(subparsers) -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--experiment")
     p.add_argument("--run-name", dest="run_name")
-    p.add_argument("--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./workdir)")
+    p.add_argument(
+        "--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./work, as spar distill)"
+    )
     p.add_argument("--overlays", type=int, help="prediction overlays to log")
     p.add_argument("--out", help="also keep results/tables/plots in this folder")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=False)

@@ -39,7 +39,7 @@ def compare_runs(
 
     from pipeline.tracking import tracking_uri
 
-    uri = tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "workdir"))
+    uri = tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "work"))
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
         raise RunsError(
             f"no MLflow store at {uri[len('sqlite:///') :]} (run a stage first, or pass --workdir)"
@@ -114,7 +114,9 @@ def add_runs_cli(subparsers) -> None:
     p = subparsers.add_parser("runs", help="compare MLflow runs: differing params and key metrics")
     p.add_argument("--experiment", help="experiment name (default: all)")
     p.add_argument("--metric", help="sort by this metric (descending) and show it")
-    p.add_argument("--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./workdir)")
+    p.add_argument(
+        "--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./work, as spar distill)"
+    )
     p.add_argument("--max-runs", dest="max_runs", type=int, default=50)
     p.add_argument("--all-params", dest="all_params", action="store_true", help="show every param")
     p.set_defaults(func=_cmd_runs)
