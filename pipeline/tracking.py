@@ -27,11 +27,15 @@ __all__ = [
 ]
 
 
+# Read once: ``mlflow.set_tracking_uri`` writes this variable into our own environment, so reading it later would
+# send every later workdir of the process to the first store.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def tracking_uri(workdir: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs workdir>/mlflow.db``."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
+    """``MLFLOW_TRACKING_URI`` as set when the process started, else ``sqlite:///<abs workdir>/mlflow.db``."""
+    if _USER_TRACKING_URI:
+        return _USER_TRACKING_URI
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
