@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import pipeline.tracking  # noqa: E402,F401 - captures the user's MLFLOW_TRACKING_URI before any test sets one
+
 # scikit-image's bundled photographs (no download needed)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "cat", "immunohistochemistry")
 
