@@ -319,3 +319,32 @@ def test_submit_demo_pipeline_logs_to_a_tracking_server(ray_head: RayHead, tmp_p
         assert exp.name == "spar-demo"
         assert len(client.search_runs([exp.experiment_id])) >= 2  # distill + eval
         assert not (work / "mlflow.db").exists()
+
+
+def test_gcs_port_refuses_drivers_without_the_right_token(ray_head: RayHead, tmp_path):
+    """Ray's core port listens on every interface (Ray maps 127.0.0.1 to the routable IP); the token guards it."""
+    import subprocess
+
+    empty_home = tmp_path / "home"
+    empty_home.mkdir()
+    code = (
+        "import ray\n"
+        f"ray.init(address='127.0.0.1:{ray_head.gcs_port}', log_to_driver=False)\n"
+        "print('CONNECTED', ray.cluster_resources())\n"
+    )
+    for extra in ({"RAY_AUTH_TOKEN": "f" * 64, "RAY_AUTH_MODE": "token"}, {}):
+        env = clean_env(HOME=str(empty_home), RAY_TMPDIR=str(tmp_path), **extra)
+        try:
+            r = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+            )
+            out, rc = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:  # still retrying after 2 minutes: not connected either
+            out, rc = f"{e.stdout or ''}{e.stderr or ''}", None
+        assert "CONNECTED" not in out, (extra, out[-3000:])
+        assert rc != 0 and "InvalidAuthToken" in out, (extra, out[-3000:])  # refused by the server's auth
+    # the right token connects (the control for the two refusals above)
+    env = clean_env(HOME=str(empty_home), RAY_TMPDIR=str(tmp_path), RAY_AUTH_MODE="token",
+                    RAY_AUTH_TOKEN=ray_head.token_file.read_text().strip())  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "CONNECTED" in r.stdout, (r.stdout + r.stderr)[-3000:]
