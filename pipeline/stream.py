@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.config import UserError
 
-class StreamError(RuntimeError):
+
+class StreamError(UserError):
     """An image and its cached target do not belong together, or a shard is missing/unreadable."""
 
 

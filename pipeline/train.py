@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -642,7 +643,9 @@ def _log_inputs(client: Any, run_id: str, ims: Any, cache: Any) -> None:
         sets.insert(0, (cache.path, f"teacher-cache-{cache.fingerprint[:12]}", cache.fingerprint, "training"))
     for path, name, fp, context in sets:
         try:
-            source = resolve_dataset_source(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": all local sources
+                source = resolve_dataset_source(path)
         except Exception:
             from mlflow.data.http_dataset_source import HTTPDatasetSource
 

@@ -1,0 +1,342 @@
+"""``spar bench train``: what streaming and caching cost a training step, and whether distillation works.
+
+Parts (``--parts``, default both):
+
+* ``step`` -- one process, the real :class:`pipeline.train.StepRunner`, the same batches in the same order:
+  (a) targets already in memory, (b) streamed from the image set + teacher cache through
+  :class:`pipeline.stream.PairedStream` with background decode workers, (c) teacher computed online with
+  ``sliding_window_features``. The three are timed in interleaved rounds (robust to load from other processes);
+  reported: mean step time of each and the ratios streaming/in-memory (target <= 1.05) and online/cached.
+* ``quality`` -- the method at work: ``spar distill`` (Ray Train, the real pipeline) on augmented photos, then on
+  held-out photos (not trained on) the student's feature MSE to the sliding-window teacher divided by the
+  single-pass baseline's (target <= 0.5).
+
+Data: scikit-image's bundled photographs (no download), ingested with :func:`pipeline.ingest.ingest`, cached
+with :func:`pipeline.precompute.precompute`; random seeded ``tiny-clip-224`` weights (no pretrained weights
+offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAIN_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "camera",
+    "horse",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+)
+HELDOUT_PHOTOS = ("coffee", "rocket")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parts", default="step,quality", help="comma-separated: step, quality (default both)")
+    p.add_argument(
+        "--backbone", default="tiny-clip-224", help="teacher = student backbone (default tiny-clip-224)"
+    )
+    p.add_argument(
+        "--copies", type=int, default=6, help="augmented copies of each training photo (default 6)"
+    )
+    p.add_argument("--stride", type=int, default=56, help="teacher stride in pixels (crop = native size)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round and condition (step part)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (step part)")
+    p.add_argument("--loader-workers", type=int, default=1, help="background decode processes (step part)")
+    p.add_argument(
+        "--large", default="896x1344", help="HxW of the larger image for cached vs online (step part)"
+    )
+    p.add_argument("--train-steps", type=int, default=300, help="distillation steps (quality part)")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="learning rate (quality part; raised for few steps)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (quality part)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+def build_data(root: Path, backbone: str, copies: int, stride: int) -> dict[str, str]:
+    """Train image set (augmented copies of TRAIN_PHOTOS) + its teacher cache; held-out set (HELDOUT_PHOTOS)."""
+    from PIL import Image
+
+    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.precompute import PrecomputeConfig, precompute
+    from pipeline.raycluster import init_ray
+
+    src, held = root / "src_train", root / "src_heldout"
+    src.mkdir(parents=True, exist_ok=True)
+    held.mkdir(parents=True, exist_ok=True)
+    for n in TRAIN_PHOTOS:
+        img = Image.fromarray(_photo(n))
+        for c in range(copies):
+            img.save(src / f"{n}_{c}.png")
+    for n in HELDOUT_PHOTOS:
+        Image.fromarray(_photo(n)).save(held / f"{n}.png")
+    init_ray()
+    sizes = dict(target_long=448, target_short=336, min_short=224)
+    ingest(str(src), str(root / "train"), IngestConfig(shard_size=8, **sizes), progress=False)
+    ingest(
+        str(held), str(root / "heldout"), IngestConfig(augment=False, max_side=448, **sizes), progress=False
+    )
+    cache = precompute(
+        PrecomputeConfig(
+            images=str(root / "train"),
+            teacher=backbone,
+            crop=0,
+            stride=stride,
+            cache_root=str(root / "cache"),
+            autocast="none",
+            progress=False,
+        )
+    )
+    return {"images": str(root / "train"), "cache": cache, "heldout": str(root / "heldout")}
+
+
+# ------------------------------------------------------------------------------------------------ step
+
+
+def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) -> Any:
+    from pipeline.train import DistillConfig, StepRunner
+    from spar_core.backbones import build_backbone
+    from spar_core.distill import trainable_parameters
+
+    torch.manual_seed(0)
+    bb = build_backbone(backbone)
+    params = trainable_parameters(bb, 2)
+    cfg = DistillConfig(lr=1e-4, teacher_online=teacher, precision="fp32")
+    t = build_backbone(backbone) if teacher else None
+    return StepRunner(bb, bb, params, cfg, torch.device("cpu"), total, teacher=t, crop=crop, stride=stride)
+
+
+def _timed(runner: Any, items: Any, n: int, skip: int) -> list[float]:
+    """Per-step wall times (data wait + step), the first ``skip`` steps (loader start-up) not counted."""
+    out = []
+    it = iter(items)
+    for s in range(n + skip):
+        t0 = time.perf_counter()
+        item = next(it)
+        loss, _ = runner.step(item, s)
+        float(loss)
+        if s >= skip:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_step(data: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.cache import open_cache
+    from pipeline.stream import PairedStream, make_loader
+
+    cache = open_cache(data["cache"])
+    crop, stride = cache.spec.crop, cache.spec.stride
+    skip = 3
+    n = args.steps
+
+    def stream(num: int) -> PairedStream:
+        return PairedStream(data["images"], data["cache"], seed=0, rank=0, world_size=1, patch_size=16,
+                            num_batches=num)  # fmt: skip
+
+    memory = [dict(it) for it in make_loader(stream(n + skip), 0)]  # the same batches, decoded up front
+    times: dict[str, list[float]] = {"in_memory": [], "streaming": [], "online_teacher": []}
+    torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1
+    cached_runner = _runner(args.backbone, False, crop, stride, n + skip)
+    online_runner = _runner(args.backbone, True, crop, stride, n + skip)
+    for _ in range(args.rounds):
+        times["in_memory"] += _timed(cached_runner, memory, n, skip)
+        loader = make_loader(stream(n + skip), args.loader_workers)
+        times["streaming"] += _timed(cached_runner, loader, n, skip)
+        del loader
+        times["online_teacher"] += _timed(online_runner, memory, max(3, n // 3), 1)
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    sizes = [tuple(m["image"].shape[1:3]) for m in memory]
+    from spar_core.sliding import num_windows
+
+    large = _large_image_steps(args, cached_runner, online_runner, crop, stride)
+    return {
+        "backbone": args.backbone,
+        "teacher_crop": crop,
+        "teacher_stride": stride,
+        "loader_workers": args.loader_workers,
+        "torch_threads": 1,
+        "steps_timed": {k: len(v) for k, v in times.items()},
+        "mean_image_pixels": float(np.mean([h * w for h, w in sizes])),
+        "mean_teacher_windows": float(np.mean([num_windows(h, w, crop, stride) for h, w in sizes])),
+        "step_s_mean": mean,
+        "step_s_median": med,
+        "ratio_streaming_vs_memory_mean": mean["streaming"] / mean["in_memory"],
+        "ratio_streaming_vs_memory_median": med["streaming"] / med["in_memory"],
+        "ratio_online_vs_cached_mean": mean["online_teacher"] / mean["in_memory"],
+        "large_image": large,
+    }
+
+
+def _large_image_steps(
+    args: argparse.Namespace, cached: Any, online: Any, crop: int, stride: int
+) -> dict[str, Any]:
+    """Cached vs online step on one larger photo (``--large`` HxW): the teacher's cost grows with its windows."""
+    from PIL import Image
+
+    from spar_core.sliding import num_windows, sliding_window_features
+
+    h, w = (int(v) for v in args.large.lower().split("x"))
+    img = np.asarray(Image.fromarray(_photo("astronaut")).resize((w, h), Image.BICUBIC))
+    item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "keys": ["large"]}
+    with torch.no_grad():
+        item["target"] = sliding_window_features(
+            online.teacher, online.bb.normalize(item["image"]), crop, stride
+        )
+    t_cached = statistics.median(_timed(cached, [item] * 4, 3, 1))
+    t_online = statistics.median(_timed(online, [item] * 3, 2, 1))
+    return {
+        "size": [h, w],
+        "teacher_windows": num_windows(h, w, crop, stride),
+        "step_s_cached": t_cached,
+        "step_s_online": t_online,
+        "ratio_online_vs_cached": t_online / t_cached,
+    }
+
+
+# --------------------------------------------------------------------------------------------- quality
+
+
+def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: int) -> dict[str, float]:
+    """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline."""
+    from pipeline.imageset import open_imageset
+    from spar_core.metrics import feature_fidelity
+    from spar_core.sliding import sliding_window_features
+
+    ims = open_imageset(heldout)
+    s_mse, b_mse, s_cos, b_cos = [], [], [], []
+    with torch.no_grad():
+        for rec in ims.records:
+            x = base.normalize(torch.from_numpy(np.array(ims.read(rec.key)))[None])  # (1, 3, H, W)
+            teacher = sliding_window_features(base, x, crop, stride)  # (1, H/p, W/p, D)
+            fs, fb = feature_fidelity(student.dense(x), teacher), feature_fidelity(base.dense(x), teacher)
+            s_mse.append(fs["mse"])
+            b_mse.append(fb["mse"])
+            s_cos.append(fs["cosine"])
+            b_cos.append(fb["cosine"])
+    return {
+        "images": len(ims.records),
+        "student_mse": float(np.mean(s_mse)),
+        "baseline_mse": float(np.mean(b_mse)),
+        "mse_ratio": float(np.mean(s_mse) / np.mean(b_mse)),
+        "student_cosine": float(np.mean(s_cos)),
+        "baseline_cosine": float(np.mean(b_cos)),
+    }
+
+
+def bench_quality(data: dict[str, str], root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.cache import open_cache
+    from pipeline.checkpoint import load_student
+    from pipeline.train import DistillConfig, distill
+    from spar_core.backbones import build_backbone
+
+    cache = open_cache(data["cache"])
+    cfg = DistillConfig(
+        images=data["images"],
+        cache=data["cache"],
+        workers=args.workers,
+        max_steps=args.train_steps,
+        lr=args.lr,
+        checkpoint_every=max(1, args.train_steps // 3),
+        loader_workers=1,
+        log_every=25,
+        workdir=str(root / "work"),
+        experiment="spar-bench-train",
+        precision="fp32",
+    )
+    t0 = time.perf_counter()
+    res = distill(cfg)
+    wall = time.perf_counter() - t0
+    student = load_student(res.checkpoint_dir)
+    base = build_backbone(cache.spec.backbone, seed=0)
+    fid = heldout_fidelity(student, base, data["heldout"], cache.spec.crop, cache.spec.stride)
+    return {
+        "backbone": cache.spec.backbone,
+        "train_images": cache.num_images,
+        "heldout_photos": list(HELDOUT_PHOTOS),
+        "steps": res.steps,
+        "lr": args.lr,
+        "workers": args.workers,
+        "trainable_blocks": cfg.trainable_blocks,
+        "distill_wall_s": wall,
+        "mlflow_run_id": res.run_id,
+        **fid,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"step", "quality"}
+    if unknown:
+        from pipeline.config import UserError
+
+        raise UserError(f"bench train: unknown part(s) {sorted(unknown)}; use step and/or quality")
+    tmp = None
+    root = Path(args.workdir) if args.workdir else Path(tmp := tempfile.mkdtemp(prefix="spar-bench-train-"))
+    out: dict[str, Any] = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "load_avg_start": os.getloadavg()[0],
+    }
+    try:
+        t0 = time.perf_counter()
+        data = build_data(root, args.backbone, args.copies, args.stride)
+        out["data_build_s"] = time.perf_counter() - t0
+        if "step" in parts:
+            out["step"] = bench_step(data, args)
+            s = out["step"]
+            print(
+                f"step time ({s['backbone']}, ~{s['mean_image_pixels'] / 1e3:.0f}k px): in memory "
+                f"{s['step_s_mean']['in_memory'] * 1e3:.1f} ms, streaming {s['step_s_mean']['streaming'] * 1e3:.1f} ms "
+                f"(ratio {s['ratio_streaming_vs_memory_mean']:.3f}, median {s['ratio_streaming_vs_memory_median']:.3f}), "
+                f"online teacher {s['step_s_mean']['online_teacher'] * 1e3:.1f} ms "
+                f"({s['ratio_online_vs_cached_mean']:.1f}x the cached step, {s['mean_teacher_windows']:.1f} windows); "
+                f"at {s['large_image']['size'][0]}x{s['large_image']['size'][1]} ({s['large_image']['teacher_windows']} "
+                f"windows) online/cached {s['large_image']['ratio_online_vs_cached']:.1f}x"
+            )
+        if "quality" in parts:
+            out["quality"] = q = bench_quality(data, root, args)
+            print(
+                f"held-out feature MSE to the teacher ({q['backbone']}, {q['steps']} steps, lr {q['lr']}): "
+                f"student {q['student_mse']:.4g} vs single pass {q['baseline_mse']:.4g} -> ratio {q['mse_ratio']:.3f}; "
+                f"cosine {q['student_cosine']:.3f} vs {q['baseline_cosine']:.3f}"
+            )
+        out["load_avg_end"] = os.getloadavg()[0]
+        print(json.dumps(out, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
