@@ -281,6 +281,25 @@ def test_mlflow_deployment_requires_auth_and_binds_loopback():
     assert "secrets/" in (INFRA / "mlflow" / ".gitignore").read_text()
 
 
+def test_mlflow_in_kubernetes_is_internal_and_authenticated():
+    docs = {d["kind"]: d for d in _yaml_docs(INFRA / "mlflow" / "k8s.yaml")}
+    svc, dep = docs["Service"], docs["Deployment"]
+    assert svc["spec"]["type"] == "ClusterIP" and "NetworkPolicy" in docs
+    (c,) = _containers(dep)
+    assert c["image"].endswith(
+        f"/spar-mlflow:{_locked_version('mlflow')}"
+    )  # the image whose entrypoint forces auth
+    for e in c["env"]:
+        if "PASSWORD" in e["name"] or "SECRET" in e["name"]:
+            assert "value" not in e and "secretKeyRef" in e["valueFrom"], e["name"]
+    # the RayCluster's tracking URI points at this Service
+    rc = next(d for d in _yaml_docs(INFRA / "k8s" / "raycluster.yaml") if d["kind"] == "RayCluster")
+    env = {e["name"]: e for e in _containers(rc)[0]["env"]}
+    name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
+    port = svc["spec"]["ports"][0]["port"]
+    assert env["MLFLOW_TRACKING_URI"]["value"] == f"http://{name}.{ns}.svc.cluster.local:{port}"
+
+
 def test_local_scripts_refuse_non_loopback_hosts(tmp_path):
     r = subprocess.run(
         [str(INFRA / "local/start_ray_head.sh"), "--node-ip-address", "0.0.0.0"],

@@ -321,6 +321,7 @@ def test_submit_demo_pipeline_logs_to_a_tracking_server(ray_head: RayHead, tmp_p
         assert not (work / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_gcs_port_refuses_drivers_without_the_right_token(ray_head: RayHead, tmp_path):
     """Ray's core port listens on every interface (Ray maps 127.0.0.1 to the routable IP); the token guards it."""
     import subprocess
