@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +171,7 @@ def ray_head() -> Iterator[RayHead]:
         yield head
     finally:
         stop_process_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)  # session dirs, uploaded working dirs, the token
 
 
 @dataclass
