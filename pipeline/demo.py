@@ -82,7 +82,9 @@ def _photo(name: str) -> np.ndarray | None:
 
     try:
         img = np.asarray(getattr(skimage.data, name)())
-    except Exception:  # noqa: BLE001 - a photo missing from this scikit-image version is simply skipped
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001 - a photo this scikit-image cannot load offline is skipped
         return None
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
