@@ -36,7 +36,7 @@ from tests.reliability.conftest import (
 )
 
 # a slower teacher configuration (stride 16, one window per forward) so that a run lasts long enough to be
-# interrupted between shards: ~45 windows per image, 6 images per shard
+# interrupted between shards: ~45 windows per image
 SLOW = dict(stride=16, window_batch=1, workers=1)
 SLOW_ARGS = ["--stride", "16", "--window-batch", "1", "--workers", "1"]
 
@@ -48,9 +48,9 @@ def _ray(ray_up):
 
 @pytest.fixture(scope="module")
 def slow_set(tmp_path_factory, ray_local) -> dict[str, str]:
-    """An image set of 4 shards x 6 images and its fault-free reference cache (stride 16)."""
+    """An image set of 4 shards x 2 images and its fault-free reference cache (stride 16)."""
     root = tmp_path_factory.mktemp("rel-slow")
-    images = make_imageset(root, n=24, shard_size=6, seed=1)
+    images = make_imageset(root, n=8, shard_size=2, seed=1)
     ref = precompute(precompute_cfg(images, root / "ref", **SLOW))
     return {"images": images, "reference": ref}
 
