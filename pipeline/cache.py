@@ -402,7 +402,7 @@ class ShardWriter:
             dtype=dtype,
             chunks=(self.chunk_rows, dim),
             shards=(self.shard_rows, dim),
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),  # a damaged chunk fails to decode
             attributes={
                 "attempt": self.attempt,
                 "shard": shard,
@@ -634,31 +634,41 @@ class TeacherCache:
             self._arrays[i] = arr
         return self._arrays[i]
 
-    def _rows(self, i: int, e: dict[str, Any]) -> np.ndarray:
+    def _rows(self, i: int, e: dict[str, Any], verify: bool) -> np.ndarray:
+        """Image ``e``'s rows (h*w, D): one contiguous row range; CacheError naming shard and key if damaged."""
         n = e["h"] * e["w"]
-        return self._array(i)[e["offset"] : e["offset"] + n]  # (h*w, D), one contiguous row range
+        try:
+            rows = self._array(i)[e["offset"] : e["offset"] + n]  # (h*w, D)
+        except CacheError:
+            raise
+        except Exception as err:  # noqa: BLE001 - zarr/zstd/crc errors of a damaged or truncated chunk
+            raise CacheError(
+                f"cache {self.path}: {shard_stem(i)} key {e['key']!r}: store truncated or corrupt "
+                f"({type(err).__name__}: {err}); run `spar cache verify --repair`"
+            ) from err
+        if verify and feature_checksum(rows) != e["checksum"]:
+            raise CacheError(
+                f"cache {self.path}: {shard_stem(i)} key {e['key']!r}: features fail their checksum; "
+                "run `spar cache verify --repair`"
+            )
+        return rows
 
-    def features(self, key: str, verify: bool = False) -> np.ndarray:
-        """One image's teacher features ``(h, w, D)`` in the stored dtype; ``verify`` checks the checksum."""
+    def features(self, key: str, verify: bool = True) -> np.ndarray:
+        """One image's teacher features ``(h, w, D)`` in the stored dtype.
+
+        ``verify`` (default) checks the rows against the manifest's sha256, so a damaged store is an error,
+        never a wrong target; it costs one sha256 over the rows (~1 GB/s)."""
         loc = self._key_index().get(key)
         if loc is None:
             raise CacheError(f"cache {self.path}: no key {key!r} in any complete shard")
         i, j = loc
         e = self.manifest(i)["entries"][j]
-        rows = self._rows(i, e)
-        if verify and feature_checksum(rows) != e["checksum"]:
-            raise CacheError(f"cache {self.path}: features of {key!r} in {shard_stem(i)} fail their checksum")
-        return rows.reshape(e["h"], e["w"], -1)
+        return self._rows(i, e, verify).reshape(e["h"], e["w"], -1)
 
-    def iter_shard(self, i: int, verify: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-        """(key, features (h, w, D)) of shard ``i`` in manifest order."""
+    def iter_shard(self, i: int, verify: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """(key, features (h, w, D)) of shard ``i`` in manifest order (checksums verified by default)."""
         for e in self.manifest(i)["entries"]:
-            rows = self._rows(i, e)
-            if verify and feature_checksum(rows) != e["checksum"]:
-                raise CacheError(
-                    f"cache {self.path}: features of {e['key']!r} in {shard_stem(i)} fail their checksum"
-                )
-            yield e["key"], rows.reshape(e["h"], e["w"], -1)
+            yield e["key"], self._rows(i, e, verify).reshape(e["h"], e["w"], -1)
 
     # ---- pairing
     def check_pairing(self, imageset: Any, require_complete: bool = True) -> None:

@@ -318,9 +318,35 @@ def test_verify_catches_a_flipped_byte(two_shard_cache):
     problems = problems_of(two_shard_cache)
     assert len(problems) == 1 and problems[0].startswith("shard-000001: ")
     assert "checksum" in problems[0] or "corrupt" in problems[0]
-    with pytest.raises(Exception):  # noqa: B017 - a checksum mismatch or a zstd decode error
-        for _ in open_cache(two_shard_cache).iter_shard(1, verify=True):
+    # readers fail loudly, naming the shard, whichever key of the damaged chunk they touch
+    c = open_cache(two_shard_cache)
+    with pytest.raises(CacheError, match="shard-000001 key '(e|f)'"):
+        for _ in c.iter_shard(1):
             pass
+    errors = []
+    for k in ("e", "f"):
+        try:
+            c.features(k)
+        except CacheError as err:
+            errors.append(str(err))
+    assert errors and all("shard-000001 key '" in e and "spar cache verify --repair" in e for e in errors)
+    np.testing.assert_array_equal(c.features("a"), random_feats(ITEMS0, 0)["a"].astype(np.float16))
+
+
+def test_checksum_catches_damage_that_still_decodes(tmp_path):
+    """Rewrite one image's rows through zarr itself (valid chunk, wrong values): only the manifest checksum
+    can tell, and features() checks it by default."""
+    path = make_cache(tmp_path, [ITEMS0])
+    write_shard(path, 0, ITEMS0, random_feats(ITEMS0, 0))
+    store = Path(path) / "shards" / "shard-000000.zarr"
+    arr = zarr.open_array(zarr.storage.LocalStore(store), path="features", mode="r+")
+    arr[36:40] = 0  # rows of key 'b' (offset 35, 36 rows)
+    c = open_cache(path)
+    with pytest.raises(CacheError, match="shard-000000 key 'b': features fail their checksum"):
+        c.features("b")
+    assert c.features("b", verify=False).shape == (9, 4, DIM)
+    np.testing.assert_array_equal(c.features("a"), random_feats(ITEMS0, 0)["a"].astype(np.float16))
+    assert [str(p) for p in verify_cache(path)[1]] == ["shard-000000: bad checksum for key 'b'"]
 
 
 def test_verify_catches_truncated_store_missing_manifest_and_missing_marker(two_shard_cache):
