@@ -47,8 +47,9 @@ HELDOUT_PHOTOS = ("coffee", "rocket")
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default="step,quality", help="comma-separated: step, quality (default both)")
     p.add_argument(
-        "--backbone", default="tiny-clip-224", help="teacher = student backbone (default tiny-clip-224)"
+        "--backbone", default="tiny-clip-224", help="teacher = student backbone of the quality part"
     )
+    p.add_argument("--step-backbone", default="small-clip-224", help="backbone of the step part")
     p.add_argument(
         "--copies", type=int, default=6, help="augmented copies of each training photo (default 6)"
     )
@@ -82,8 +83,8 @@ def _photo(name: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3].astype(np.uint8))
 
 
-def build_data(root: Path, backbone: str, copies: int, stride: int) -> dict[str, str]:
-    """Train image set (augmented copies of TRAIN_PHOTOS) + its teacher cache; held-out set (HELDOUT_PHOTOS)."""
+def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> dict[str, Any]:
+    """Train image set (augmented copies of TRAIN_PHOTOS) + a teacher cache per backbone; held-out set."""
     from PIL import Image
 
     from pipeline.ingest import IngestConfig, ingest
@@ -105,18 +106,21 @@ def build_data(root: Path, backbone: str, copies: int, stride: int) -> dict[str,
     ingest(
         str(held), str(root / "heldout"), IngestConfig(augment=False, max_side=448, **sizes), progress=False
     )
-    cache = precompute(
-        PrecomputeConfig(
-            images=str(root / "train"),
-            teacher=backbone,
-            crop=0,
-            stride=stride,
-            cache_root=str(root / "cache"),
-            autocast="none",
-            progress=False,
+    caches = {
+        bb: precompute(
+            PrecomputeConfig(
+                images=str(root / "train"),
+                teacher=bb,
+                crop=0,
+                stride=stride,
+                cache_root=str(root / "cache"),
+                autocast="none",
+                progress=False,
+            )
         )
-    )
-    return {"images": str(root / "train"), "cache": cache, "heldout": str(root / "heldout")}
+        for bb in dict.fromkeys(backbones)
+    }
+    return {"images": str(root / "train"), "caches": caches, "heldout": str(root / "heldout")}
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -149,10 +153,37 @@ def _timed(runner: Any, items: Any, n: int, skip: int) -> list[float]:
     return out
 
 
-def bench_step(data: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
+    """CPU milliseconds per sample of the loader worker's jobs, measured in this process (robust to load)."""
+    from pipeline.cache import open_cache
+    from pipeline.imageset import open_imageset
+    from pipeline.stream import PairedStream, _TarReader, decode_png
+
+    ims, cache = open_imageset(images), open_cache(cache_path)
+    s = PairedStream(images, cache_path, seed=0, rank=0, world_size=1, patch_size=16)
+    planner = s.planner(ims)
+    refs = [b[0] for b in planner.batches(0, 0)][:n]
+    reader = _TarReader(ims, planner.inputs(0, 0), {r.key for r in refs})
+    cost = {"tar_read": 0.0, "png_decode_and_sha256": 0.0, "cache_read_and_check": 0.0}
+    for r in refs:
+        t0 = time.process_time()
+        data = reader.get(r.key, r.shard)
+        t1 = time.process_time()
+        decode_png(data, r, True)
+        t2 = time.process_time()
+        s._target(cache, r)
+        t3 = time.process_time()
+        cost["tar_read"] += t1 - t0
+        cost["png_decode_and_sha256"] += t2 - t1
+        cost["cache_read_and_check"] += t3 - t2
+    return {k: v / len(refs) * 1e3 for k, v in cost.items()}
+
+
+def bench_step(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cache import open_cache
     from pipeline.stream import PairedStream, make_loader
 
+    data = {**data, "cache": data["caches"][args.step_backbone]}
     cache = open_cache(data["cache"])
     crop, stride = cache.spec.crop, cache.spec.stride
     skip = 3
@@ -165,8 +196,8 @@ def bench_step(data: dict[str, str], args: argparse.Namespace) -> dict[str, Any]
     memory = [dict(it) for it in make_loader(stream(n + skip), 0)]  # the same batches, decoded up front
     times: dict[str, list[float]] = {"in_memory": [], "streaming": [], "online_teacher": []}
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1
-    cached_runner = _runner(args.backbone, False, crop, stride, n + skip)
-    online_runner = _runner(args.backbone, True, crop, stride, n + skip)
+    cached_runner = _runner(args.step_backbone, False, crop, stride, n + skip)
+    online_runner = _runner(args.step_backbone, True, crop, stride, n + skip)
     for _ in range(args.rounds):
         times["in_memory"] += _timed(cached_runner, memory, n, skip)
         loader = make_loader(stream(n + skip), args.loader_workers)
@@ -180,7 +211,8 @@ def bench_step(data: dict[str, str], args: argparse.Namespace) -> dict[str, Any]
 
     large = _large_image_steps(args, cached_runner, online_runner, crop, stride)
     return {
-        "backbone": args.backbone,
+        "backbone": args.step_backbone,
+        "loader_worker_cpu_ms_per_sample": worker_cost(data["images"], data["cache"]),
         "teacher_crop": crop,
         "teacher_stride": stride,
         "loader_workers": args.loader_workers,
@@ -253,12 +285,13 @@ def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: i
     }
 
 
-def bench_quality(data: dict[str, str], root: Path, args: argparse.Namespace) -> dict[str, Any]:
+def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cache import open_cache
     from pipeline.checkpoint import load_student
     from pipeline.train import DistillConfig, distill
     from spar_core.backbones import build_backbone
 
+    data = {**data, "cache": data["caches"][args.backbone]}
     cache = open_cache(data["cache"])
     cfg = DistillConfig(
         images=data["images"],
@@ -311,11 +344,15 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         t0 = time.perf_counter()
-        data = build_data(root, args.backbone, args.copies, args.stride)
+        backbones = [args.step_backbone] if "step" in parts else []
+        if "quality" in parts:
+            backbones.append(args.backbone)
+        data = build_data(root, backbones, args.copies, args.stride)
         out["data_build_s"] = time.perf_counter() - t0
         if "step" in parts:
             out["step"] = bench_step(data, args)
             s = out["step"]
+            print(f"loader worker CPU per sample (ms): {s['loader_worker_cpu_ms_per_sample']}")
             print(
                 f"step time ({s['backbone']}, ~{s['mean_image_pixels'] / 1e3:.0f}k px): in memory "
                 f"{s['step_s_mean']['in_memory'] * 1e3:.1f} ms, streaming {s['step_s_mean']['streaming'] * 1e3:.1f} ms "
