@@ -289,22 +289,8 @@ def _teacher(name: str, pretrained: str | None, seed: int, device: str, amp: Any
 
 
 def precast_for_autocast(model: Any, dtype: Any) -> Any:
-    """Cast, once, the weights autocast would cast on every call: Linear/Conv weights and biases and
-    MultiheadAttention's packed input projection. Autocast caches casts only for parameters that require grad,
-    so a frozen teacher would otherwise re-cast all its weights on every forward. Norms, embeddings and
-    everything else stay float32, so under autocast in ``dtype`` the outputs are bit-identical. In place."""
-    import torch
-    from torch import nn
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear | nn.Conv2d):
-                m.to(dtype)
-            elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
-                m.in_proj_weight.data = m.in_proj_weight.data.to(dtype)
-                if m.in_proj_bias is not None:
-                    m.in_proj_bias.data = m.in_proj_bias.data.to(dtype)
-    return model
+    """Cast a frozen teacher's autocast weights once (see ``Backbone.precast_for_autocast``). In place."""
+    return model.precast_for_autocast(dtype)
 
 
 def _crash_hook(stage: str) -> None:

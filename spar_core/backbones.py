@@ -229,6 +229,24 @@ class Backbone(nn.Module):
                     raise BackboneError(f"parameter {n}: shape {tuple(t.shape)} != {tuple(own[n].shape)}")
                 own[n].copy_(t.to(own[n].dtype))
 
+    def precast_for_autocast(self, dtype: torch.dtype) -> Backbone:
+        """Cast once, in place, the weights autocast would cast on every call (Linear/Conv weights and biases and
+        ``nn.MultiheadAttention``'s packed input projection) to ``dtype``.
+
+        Autocast caches casts only for parameters that require grad, so a frozen teacher would otherwise re-cast
+        all its weights on every forward. Norms and embeddings stay float32, so under autocast in ``dtype`` the
+        outputs are bit-identical. Only for frozen inference under autocast.
+        """
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear | nn.Conv2d):
+                    m.to(dtype)
+                elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                    m.in_proj_weight.data = m.in_proj_weight.data.to(dtype)
+                    if m.in_proj_bias is not None:
+                        m.in_proj_bias.data = m.in_proj_bias.data.to(dtype)
+        return self
+
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
