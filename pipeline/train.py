@@ -21,6 +21,7 @@ import json
 import math
 import os
 import posixpath
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from pipeline.checkpoint import (
     restore_rng,
     save_training_checkpoint,
     step_of,
+    verify_checkpoint,
     write_checksums,
 )
 from pipeline.config import ConfigError, UserError
@@ -52,6 +54,8 @@ from pipeline.config import ConfigError, UserError
 # Ray reads this when it is first imported: without it, a driver started by `uv run` ships the whole working
 # directory (virtualenv included) to every worker. Workers on this machine share our environment.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+_RUN_NAME_OK = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 __all__ = ["DistillConfig", "DistillResult", "DistillError", "distill", "add_cli", "lr_at", "StepRunner"]
 
@@ -121,6 +125,11 @@ class DistillConfig:
             raise ConfigError("distill.lr must be > 0, weight_decay and grad_clip >= 0")
         if self.cpus_per_worker < 1 or self.window_batch < 1:
             raise ConfigError("distill.cpus_per_worker and window_batch must be >= 1")
+        if self.run_name and (not _RUN_NAME_OK.fullmatch(self.run_name) or self.run_name.startswith(".")):
+            raise ConfigError(
+                f"distill.run_name {self.run_name!r} may only hold letters, digits, '.', '_' and '-' "
+                "(it names directories) and must not start with '.'"
+            )
 
 
 @dataclass
@@ -688,6 +697,10 @@ def _export_student(ckpt: Any, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with ckpt.as_directory() as d:
+        try:
+            verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE))
+        except CheckpointError as e:
+            raise DistillError(f"the final checkpoint cannot be exported: {e}") from None
         for f in (STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE):
             shutil.copy2(Path(d) / f, tmp / f)
     write_checksums(tmp)

@@ -184,3 +184,5 @@ def test_cli_flags_override_recipe_and_set(tmp_path: Path) -> None:
         config_from_args(parser.parse_args(["distill", "--set", "precision=fp8"]))
     with pytest.raises(ConfigError, match="epochs"):
         DistillConfig(epochs=0)
+    with pytest.raises(ConfigError, match="run_name"):
+        DistillConfig(run_name="../escape")
