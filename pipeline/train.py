@@ -353,6 +353,12 @@ def _train_worker(job: dict[str, Any]) -> None:
         _log(
             f"rank {rank}: resumed from {where} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})"
         )
+        saved_world = state.extra.get("world_size")
+        if saved_world not in (None, world):
+            _log(
+                f"warning: the checkpoint was written by {saved_world} workers, this run has {world}: the data "
+                "order changes from here on (samples may repeat or be skipped in the current epoch)"
+            )
     model = bb
     if world > 1:
         model = ray.train.torch.prepare_model(bb, parallel_strategy_kwargs={"forward_sync_buffers": False})
@@ -510,6 +516,7 @@ def _report(
     state.scaler = runner.scaler.state_dict() if runner.scaler is not None else None
     state.rng = capture_rng()
     state.extra["mlflow_run_id"] = job["run_id"]
+    state.extra["world_size"] = ray.train.get_context().get_world_size()
     with tempfile.TemporaryDirectory(prefix="spar-ckpt-") as tmp:
         save_training_checkpoint(
             runner.bb,
