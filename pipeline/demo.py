@@ -224,7 +224,7 @@ def stage_evaluate(cfg: DemoConfig, work: Path, heldout: str, held_cache: str, c
     )
     speed = run_eval(
         EvalConfig(
-            speed=True, backbone=cfg.backbone, resolutions=(448,), strides=(cfg.stride,), repeats=1, **common
+            speed=True, backbone=cfg.backbone, resolutions=(448,), strides=(cfg.stride,), repeats=3, **common
         )
     )
     out = work / "overlays"
