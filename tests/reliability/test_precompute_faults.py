@@ -139,6 +139,9 @@ def test_two_precompute_jobs_on_one_cache_at_once(slow_set, tmp_path, wait_until
         wait_until(lambda: (d := _cache_dir(root)) is not None and any((d / "shards").glob("*.tmp-*"))
                    or proc.poll() is not None, timeout=400, what="the other job's first shard")  # fmt: skip
         assert proc.poll() is None, log.read_text()[-2000:]
+        assert (
+            len(complete_shards(str(_cache_dir(root)))) < 4
+        )  # the other job is still mid-way: a real overlap
         path = precompute(precompute_cfg(slow_set["images"], root, **{**SLOW, "workers": 2}))
         other_rc = proc.wait(timeout=400)
     finally:
