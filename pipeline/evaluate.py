@@ -416,6 +416,14 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:200]
 
 
+def _class_key_part(name: str) -> str:
+    """A class name as one metric-key segment: no '/', '\\' or '..' (MLflow refuses path-like keys)."""
+    import re
+
+    part = re.sub(r"[^A-Za-z0-9_\- ]", "_", str(name)).strip() or "_"
+    return part[:120]
+
+
 def _output_dir(cfg: EvalConfig) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     if cfg.out:
         p = Path(cfg.out).expanduser()
@@ -483,7 +491,10 @@ def _log_benchmark(cfg: EvalConfig, result: dict[str, Any], overlays: dict[str, 
             }
             for c, v in zip(result["classes"], result["iou"], strict=True):
                 if v is not None:
-                    metrics[_metric_key(f"iou/{c}")] = v
+                    key = _metric_key("iou/" + _class_key_part(c))
+                    while key in metrics:  # two hostile names sanitised alike stay two metrics
+                        key += "_"
+                    metrics[key] = v
             metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
             mlflow.log_metrics(metrics)
             mlflow.log_table(

@@ -285,12 +285,6 @@ def test_ingest_with_hostile_file_names_keeps_keys_and_files_inside(tmp_path, ca
                 assert m.isfile() and re.fullmatch(r"[A-Za-z0-9_-]+\.(png|json)", m.name), m.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/evaluate.py _log_benchmark: metric key f'iou/{class name}' keeps '/' and '..' of the class "
-    "name (_metric_key allows them); MLflow refuses 'iou/../../x' with MlflowException after the whole eval ran. "
-    "Fix: sanitise the class-name part (e.g. replace '/' and collapse '..' before building the key)",
-)
 def test_hostile_class_names_stay_data(tmp_path, capsys):
     """Class names with path separators, dots and shell syntax become labels, never paths: eval writes its files
     and MLflow artifacts only inside its own folders."""
