@@ -772,6 +772,26 @@ def _prepare(cfg: DistillConfig) -> dict[str, Any]:
     }
 
 
+def _check_resume_backbone(run_dir: Path, prep: dict[str, Any]) -> None:
+    """Refuse to resume a run whose checkpoints hold another backbone's (or other base weights') student."""
+    import json
+
+    if not run_dir.is_dir():  # remote storage or nothing saved yet: the workers' restore checks shapes
+        return
+    for ckpt in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
+        try:
+            meta = json.loads((ckpt / "backbone.json").read_text())
+        except (OSError, ValueError):
+            continue  # unusable checkpoints are reported and skipped by the restore
+        if meta.get("name") != prep["student"] or meta.get("weights_id") != prep["weights_id"]:
+            raise DistillError(
+                f"distill --resume: run {run_dir.name} trains a {meta.get('name')} student from "
+                f"{meta.get('weights_id')} (checkpoint {ckpt.name}), not {prep['student']} from "
+                f"{prep['weights_id']}; resume with the same student or start a new run"
+            )
+        return
+
+
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     from mlflow import MlflowClient
@@ -795,6 +815,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     lineage_fp = cache.fingerprint if cache is not None else ims.fingerprint
     run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
     storage = cfg.storage_path or str(workdir / "ray_results")
+    if resume:
+        _check_resume_backbone(Path(storage) / run_name, prep)
 
     init_ray(cfg.ray_address or None)
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus() > 0 else 0.0)
