@@ -73,14 +73,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _photo(name: str) -> np.ndarray:
-    import skimage.data
+    from pipeline.photos import sample_photo_rgb
 
-    img = np.asarray(getattr(skimage.data, name)())
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+    return sample_photo_rgb(name)
 
 
 def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> dict[str, Any]:

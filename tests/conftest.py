@@ -19,14 +19,9 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "c
 
 def load_photo(name: str) -> np.ndarray:
     """A scikit-image sample photo as (H, W, 3) uint8 (grayscale/bool ones expanded to RGB)."""
-    import skimage.data
+    from pipeline.photos import sample_photo_rgb
 
-    img = np.asarray(getattr(skimage.data, name)())
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+    return sample_photo_rgb(name)
 
 
 @pytest.fixture(scope="session")
