@@ -44,12 +44,12 @@ class IoUAccumulator:
         keep = valid & in_range
         pred, label = pred[keep].cpu(), label[keep].cpu()
         pred_ok = (pred >= 0) & (pred < k)
-        inter = label[pred == label]
-        self.intersection += torch.bincount(inter, minlength=k).numpy()
+        inter = torch.bincount(label[pred == label], minlength=k).numpy()
         area_pred = torch.bincount(pred[pred_ok], minlength=k).numpy()
         area_label = torch.bincount(label, minlength=k).numpy()
+        self.intersection += inter
         self.label_area += area_label
-        self.union += area_pred + area_label - torch.bincount(inter, minlength=k).numpy()
+        self.union += area_pred + area_label - inter
 
     def merge(self, other: IoUAccumulator) -> None:
         """Add another accumulator's counts (e.g. from a parallel worker)."""
