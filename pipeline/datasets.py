@@ -56,7 +56,7 @@ class DatasetInfo:
 
     name: str
     num_classes: int
-    classes_file: str  # file name in spar_core/data
+    classes_file: str  # file name in spar_core/data/<class set>/
     has_background: bool  # class 0 is a background/stuff class (prob_thd maps to it)
     reduce_zero: bool  # raw 0 -> ignore, others minus 1
 
@@ -304,12 +304,31 @@ def read_class_file(path: str | Path) -> list[list[str]]:
     return parse_class_text(p.read_text(encoding="utf-8"), source=str(p))
 
 
-def default_classes(dataset: str) -> list[list[str]]:
-    """The packaged class-name list of a benchmark (spar_core/data/<dataset>.txt)."""
+CLASS_SETS: dict[str, str] = {
+    "paper": "the authors' lists (configs/siglip2/cls_*.txt at 0f63ff2, the SCLIP lists; default)",
+    "rich": "more synonyms per class (e.g. 'aeroplane,airplane'; 'traffic light')",
+}
+DEFAULT_CLASS_SET = "paper"
+
+
+def default_classes(dataset: str, class_set: str = DEFAULT_CLASS_SET) -> list[list[str]]:
+    """A packaged class-name list of a benchmark: ``spar_core/data/<class_set>/<dataset>.txt``.
+
+    ``paper`` (default) is the authors' list name for name (their CLIP and SigLIP2 configs share it);
+    ``rich`` adds synonyms. Unknown dataset or set names raise a UserError listing the choices.
+    """
     if dataset not in INFOS:
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    text = resources.files("spar_core.data").joinpath(INFOS[dataset].classes_file).read_text(encoding="utf-8")
-    return parse_class_text(text, source=f"spar_core/data/{INFOS[dataset].classes_file}")
+    if class_set not in CLASS_SETS:
+        raise ClassNamesError(f"unknown class set {class_set!r}; choose one of {', '.join(CLASS_SETS)}")
+    rel = f"{class_set}/{INFOS[dataset].classes_file}"
+    text = resources.files("spar_core.data").joinpath(rel).read_text(encoding="utf-8")
+    return parse_class_text(text, source=f"spar_core/data/{rel}")
+
+
+def format_classes(classes: list[list[str]]) -> str:
+    """A class list as text: one class a line, synonyms separated by ', ' (what ``spar classes`` prints)."""
+    return "\n".join(", ".join(syn) for syn in classes)
 
 
 def class_label(names: list[str]) -> str:

@@ -7,7 +7,9 @@
   MSE / mean cosine to the cached teacher for the single-pass baseline and the student, and segmentation
   agreement (mIoU against the teacher's own prediction).
 * ``spar eval --speed --backbone NAME``: seconds per image, single pass vs sliding window at strides
-  {224, 112, 48, 24} scaled to the backbone's native size, at several resolutions; table + PNG plot.
+  {224, 112, 48, 24} px (24 = the paper's teacher at every crop; strides above the crop are left out), at
+  several resolutions; table + PNG plot.
+* ``spar classes DATASET [--set paper|rich]``: the class list a benchmark is evaluated with.
 
 Everything is logged to MLflow (metrics, params, a per-class table, overlays / plots as artifacts) and printed.
 """
@@ -30,7 +32,16 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, UserError, to_dict
-from pipeline.datasets import DATASETS, INFOS, default_classes, open_dataset, read_class_file
+from pipeline.datasets import (
+    CLASS_SETS,
+    DATASETS,
+    DEFAULT_CLASS_SET,
+    INFOS,
+    default_classes,
+    format_classes,
+    open_dataset,
+    read_class_file,
+)
 from pipeline.inference import (
     Precision,
     build_text_classifier,
@@ -40,15 +51,26 @@ from pipeline.inference import (
     load_model,
     make_palette,
     model_identity,
+    model_input,
     overlay,
     pick_device,
-    protocol_size,
-    resize_rgb,
     resolve_classes,
 )
 
 DatasetName = Literal["voc21", "voc20", "context60", "context59", "cityscapes", "ade20k"]
-PAPER_STRIDES = (224, 112, 48, 24)  # at crop 224; scaled to the backbone's native size
+PAPER_STRIDES = (224, 112, 48, 24)  # speed report sweep, in pixels at every crop (24 = the paper's teacher)
+
+# The authors' evaluation protocol (configs/{maskclip,siglip2}/base_config.py and cfg_<dataset>.py at 0f63ff2):
+# mmseg Resize(scale=(long, short), keep_ratio=True), logit_scale (model default 40), prob_thd (default 0),
+# area_thd (default None = off), per dataset and backbone family ("clip" = the MaskCLIP readout, "siglip2").
+PAPER_SIZES: dict[str, tuple[int, int]] = {"cityscapes": (1024, 2048)}  # (short, long); others (672, 2048)
+PAPER_LOGIT_SCALE: dict[str, float] = {"voc21": 65.0, "context60": 50.0}  # others 40
+PAPER_PROB_THD: dict[tuple[str, str], float] = {
+    ("voc21", "clip"): 0.1,
+    ("context60", "clip"): 0.1,
+    ("context60", "siglip2"): 0.1,
+}  # others 0
+PAPER_AREA_THD: dict[tuple[str, str], float] = {("voc21", "clip"): 0.1}  # others off
 
 
 class EvalError(UserError):
@@ -72,7 +94,8 @@ class EvalConfig:
     data_root: str = ""
     split: str = "val"
     max_images: int = 0  # 0 = all
-    classes_file: str = ""  # default: spar_core/data/<dataset>.txt
+    classes_file: str = ""  # default: the packaged list spar_core/data/<class_set>/<dataset>.txt
+    class_set: str = DEFAULT_CLASS_SET  # "paper" (the authors' lists) or "rich" (more synonyms)
     templates: Literal["imagenet", "simple"] = "imagenet"
     # protocol (None = paper default)
     short_side: int | None = None  # 672; Cityscapes 1024
@@ -83,7 +106,7 @@ class EvalConfig:
     # inference
     mode: Literal["single", "sliding"] = "single"
     crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = the paper's teacher stride 24 at crop 224, scaled: round(crop * 24 / 224)
+    stride: int = 0  # 0 = the paper's teacher stride, 24 px at every crop
     window_batch: int = 32
     precision: Precision = "fp32"
     device: str = "auto"
@@ -98,7 +121,7 @@ class EvalConfig:
     classes: str = ""  # fidelity class list (default: Context59's names)
     # speed report
     resolutions: tuple[int, ...] = ()  # default: 2x, 3x, 4x the native size
-    strides: tuple[int, ...] = PAPER_STRIDES
+    strides: tuple[int, ...] = PAPER_STRIDES  # pixels; those larger than the crop are left out
     repeats: int = 3
     # tracking & output
     experiment: str = "spar-eval"
@@ -126,6 +149,8 @@ class EvalConfig:
             raise ConfigError(f"logit_scale must be > 0, got {self.logit_scale}")
         if any(r <= 0 for r in self.resolutions) or any(s <= 0 for s in self.strides):
             raise ConfigError("resolutions and strides must be positive")
+        if self.class_set not in CLASS_SETS:
+            raise ConfigError(f"class_set must be one of {', '.join(CLASS_SETS)}, got {self.class_set!r}")
         if self.fidelity and self.speed:
             raise ConfigError("choose one of --fidelity and --speed")
         if self.baseline and self.checkpoint:
@@ -148,18 +173,20 @@ class Protocol:
     stride: int
 
 
+def backbone_family(readout: str) -> str:
+    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns)."""
+    return "clip" if readout == "maskclip" else "siglip2"
+
+
 def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> Protocol:
-    """Fill the paper's per-dataset defaults into the fields left at None."""
-    ds, clip = cfg.dataset, readout == "maskclip"
-    short = cfg.short_side if cfg.short_side is not None else (1024 if ds == "cityscapes" else 672)
-    long = cfg.long_side if cfg.long_side is not None else 2048
-    scale = (
-        cfg.logit_scale if cfg.logit_scale is not None else {"voc21": 65.0, "context60": 50.0}.get(ds, 40.0)
-    )
-    prob = cfg.prob_thd
-    if prob is None:
-        prob = 0.1 if ds == "context60" or (ds == "voc21" and clip) else 0.0
-    area = cfg.area_thd if cfg.area_thd is not None else (0.1 if ds == "voc21" and clip else 0.0)
+    """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
+    ds, fam = cfg.dataset, backbone_family(readout)
+    paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
+    short = cfg.short_side if cfg.short_side is not None else paper_short
+    long = cfg.long_side if cfg.long_side is not None else paper_long
+    scale = cfg.logit_scale if cfg.logit_scale is not None else PAPER_LOGIT_SCALE.get(ds, 40.0)
+    prob = cfg.prob_thd if cfg.prob_thd is not None else PAPER_PROB_THD.get((ds, fam), 0.0)
+    area = cfg.area_thd if cfg.area_thd is not None else PAPER_AREA_THD.get((ds, fam), 0.0)
     crop = cfg.crop or native_size
     if crop % patch:
         raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
@@ -184,11 +211,10 @@ def _model_spec(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _features(bb, img: np.ndarray, proto: Protocol, precision: str, window_batch: int) -> torch.Tensor:
-    """Protocol-resized dense features (1, h, w, D); sliding falls back to one pass when the crop covers it."""
-    h, w = img.shape[:2]
-    size = protocol_size(h, w, proto.short_side, proto.long_side, bb.patch_size)
-    x = resize_rgb(img, size)
-    mode = proto.mode if (proto.mode == "single" or proto.crop < max(size)) else "single"
+    """Dense features (1, h, w, D) of the protocol's model input (mmseg keep-ratio resize without antialias, the
+    top-left multiple of the patch size, as the reference); sliding falls back to one pass when the crop covers it."""
+    x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3), multiples of p
+    mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
     return dense_features(bb, x, mode, proto.crop, proto.stride, precision, window_batch)
 
 
@@ -260,7 +286,10 @@ def eval_chunk(
 
 
 def _benchmark_classes(cfg: EvalConfig) -> list[list[str]]:
-    classes = read_class_file(cfg.classes_file) if cfg.classes_file else default_classes(cfg.dataset)
+    if cfg.classes_file:
+        classes = read_class_file(cfg.classes_file)
+    else:
+        classes = default_classes(cfg.dataset, cfg.class_set)
     n = INFOS[cfg.dataset].num_classes
     if len(classes) != n:
         raise EvalError(
@@ -579,7 +608,7 @@ def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.classes or cfg.classes_file:
         classes = resolve_classes(cfg.classes, cfg.classes_file)
     else:
-        classes = default_classes("context59")
+        classes = default_classes("context59", cfg.class_set)
     clf = build_text_classifier(base, classes, cfg.templates)
     scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
     sums = {m: {"mse": 0.0, "cosine": 0.0, "agree": 0, "pixels": 0} for m in models}
@@ -685,13 +714,11 @@ def _log_fidelity(cfg: EvalConfig, result: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- speed
 
 
-def scaled_strides(strides: tuple[int, ...], native: int) -> list[int]:
-    """Paper strides (at crop 224) scaled to a backbone's native size, deduplicated, at least 1."""
-    out: list[int] = []
-    for s in strides:
-        v = max(1, round(s * native / 224))
-        if v not in out:
-            out.append(v)
+def speed_strides(strides: tuple[int, ...], crop: int) -> list[int]:
+    """The swept strides in pixels, deduplicated, leaving out those larger than the crop (gaps)."""
+    out = [s for s in dict.fromkeys(strides) if s <= crop]
+    if not out:
+        raise EvalError(f"no stride in {list(strides)} fits the crop {crop} (a stride must be <= the crop)")
     return out
 
 
@@ -712,7 +739,7 @@ def _time(fn, dev: torch.device, repeats: int, budget_s: float = 5.0) -> float:
 
 
 def speed_report(cfg: EvalConfig) -> dict[str, Any]:
-    """Seconds per image: single pass vs sliding window (crop = native size) at scaled strides and several
+    """Seconds per image: single pass vs sliding window (crop = native size) at strides in pixels and several
     square resolutions. Returns {"resolutions", "strides", "single": [s], "sliding": {stride: [s]}, "windows"}."""
     from pipeline.inference import autocast, autocast_dtype
     from spar_core.sliding import num_windows, sliding_window_features
@@ -723,7 +750,7 @@ def speed_report(cfg: EvalConfig) -> dict[str, Any]:
     bb = load_model(**_model_spec(cfg), device=dev)
     native, p = bb.native_size, bb.patch_size
     crop = cfg.crop or native
-    strides = scaled_strides(cfg.strides, crop)
+    strides = speed_strides(cfg.strides, crop)
     res = list(cfg.resolutions) or [2 * native, 3 * native, 4 * native]
     res = [max(p, round(r / p) * p) for r in res]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -975,6 +1002,9 @@ def add_eval_cli(subparsers) -> None:
     p.add_argument("--split")
     p.add_argument("--max-images", dest="max_images", type=int)
     p.add_argument("--classes-file", dest="classes_file")
+    p.add_argument(
+        "--class-set", dest="class_set", choices=list(CLASS_SETS), help="packaged class lists (default paper)"
+    )
     p.add_argument("--classes", help="fidelity report class list: 'sky,clouds;road;...'")
     p.add_argument("--templates", choices=["imagenet", "simple"])
     p.add_argument("--short-side", dest="short_side", type=int)
@@ -994,7 +1024,7 @@ def add_eval_cli(subparsers) -> None:
     p.add_argument("--teacher-cache", dest="teacher_cache", help="fidelity: teacher cache of those images")
     p.add_argument("--resolutions", type=_csv_ints, help="speed: image sides, e.g. 448,672,1024")
     p.add_argument(
-        "--strides", type=_csv_ints, help="speed: strides at crop 224 (scaled), default 224,112,48,24"
+        "--strides", type=_csv_ints, help="speed: window strides in pixels, default 224,112,48,24 (<= crop)"
     )
     p.add_argument("--repeats", type=int)
     p.add_argument("--experiment")
@@ -1010,11 +1040,26 @@ def add_eval_cli(subparsers) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _cmd_classes(args: argparse.Namespace) -> int:
+    print(format_classes(default_classes(args.dataset, args.class_set)))
+    return 0
+
+
+def add_classes_cli(subparsers) -> None:
+    """Register ``classes``: print a packaged class list, one class a line, synonyms separated by ', '."""
+    sets = "; ".join(f"{k}: {v}" for k, v in CLASS_SETS.items())
+    p = subparsers.add_parser("classes", help="print the class list a benchmark is evaluated with")
+    p.add_argument("dataset", choices=DATASETS, metavar="DATASET", help=", ".join(DATASETS))
+    p.add_argument("--set", dest="class_set", choices=list(CLASS_SETS), default=DEFAULT_CLASS_SET, help=sets)
+    p.set_defaults(func=_cmd_classes)
+
+
 def add_cli(subparsers) -> None:
-    """Register ``eval``, ``segment``, ``embed`` and ``runs``."""
+    """Register ``eval``, ``classes``, ``segment``, ``embed`` and ``runs``."""
     from pipeline.inference import add_inference_cli
     from pipeline.runs import add_runs_cli
 
     add_eval_cli(subparsers)
+    add_classes_cli(subparsers)
     add_inference_cli(subparsers)
     add_runs_cli(subparsers)

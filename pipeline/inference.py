@@ -22,8 +22,10 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.config import ConfigError, UserError, apply_overrides, load_config
 from pipeline.datasets import ClassNamesError, parse_class_text, read_class_file
+from pipeline.resize import resize_linear
 
 Precision = Literal["fp32", "bf16", "fp16"]
+TEACHER_STRIDE = 24  # px, the authors' slide_stride_gen for every backbone (configs/*/cfg_train_*.py)
 
 
 class InferenceError(UserError):
@@ -119,11 +121,13 @@ def read_photo(path: str | Path) -> np.ndarray:
         raise InferenceError(f"cannot read image {p}: {e}") from e
 
 
-def protocol_size(h: int, w: int, short_side: int, long_side: int, multiple: int) -> tuple[int, int]:
-    """Size after resizing keeping the aspect ratio so that short <= short_side and long <= long_side
-    (mmseg's ``Resize(scale=(long, short), keep_ratio=True)``), snapped to the nearest multiple of ``multiple``.
+def protocol_size(h: int, w: int, short_side: int, long_side: int, multiple: int = 1) -> tuple[int, int]:
+    """Size after mmseg's ``Resize(scale=(long_side, short_side), keep_ratio=True)`` (mmcv ``rescale_size``):
+    scale ``s = min(long_side / max(h, w), short_side / min(h, w))``, each side ``int(side * s + 0.5)``.
 
-    ``short_side=0`` keeps the scale (only the long-side cap applies); ``long_side=0`` means no cap.
+    ``short_side=0`` keeps the scale (only the long-side cap applies, never upscaling); ``long_side=0`` means no
+    cap. A side below ``multiple`` is raised to it (at least one patch). The model then sees the top-left
+    ``floor(side / patch) * patch`` pixels (:func:`patch_crop`), as the reference's strided patch embedding does.
     """
     scales = []
     if short_side > 0:
@@ -133,21 +137,36 @@ def protocol_size(h: int, w: int, short_side: int, long_side: int, multiple: int
     s = min(scales) if scales else 1.0
     if short_side <= 0:
         s = min(s, 1.0)
-    nh = max(multiple, int(h * s / multiple + 0.5) * multiple)  # round half up
-    nw = max(multiple, int(w * s / multiple + 0.5) * multiple)
-    return nh, nw
+    return max(multiple, int(h * s + 0.5)), max(multiple, int(w * s + 0.5))
+
+
+def patch_crop(img: np.ndarray, patch: int) -> np.ndarray:
+    """The top-left ``floor(H/p)·p × floor(W/p)·p`` pixels of (H, W, ...): what a stride-p patch embedding reads
+    (the reference feeds un-snapped images to its conv; the remainder on the right/bottom is dropped)."""
+    h, w = img.shape[0] // patch * patch, img.shape[1] // patch * patch
+    if h == 0 or w == 0:
+        raise InferenceError(f"image {img.shape[0]}x{img.shape[1]} is smaller than one {patch}-px patch")
+    return img[:h, :w]
+
+
+def model_input(
+    img: np.ndarray, short_side: int, long_side: int, patch: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The protocol's model input of an (H, W, 3) uint8 photo: resized as mmseg's keep-ratio ``Resize``
+    (bilinear, no antialias: :func:`resize_rgb`), then :func:`patch_crop`. Returns (pixels, resized size)."""
+    size = protocol_size(img.shape[0], img.shape[1], short_side, long_side, patch)
+    return patch_crop(resize_rgb(img, size), patch), size
 
 
 def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to ``size`` = (h, w) bilinearly (antialiased when shrinking)."""
-    if img.shape[:2] == tuple(size):
-        return img
-    return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+    """Resize (H, W, 3) uint8 to ``size`` = (h, w) as the reference's cv2 ``INTER_LINEAR``: bilinear with
+    half-pixel centres, no antialiasing when shrinking (:func:`pipeline.resize.resize_linear`)."""
+    return resize_linear(img, size)
 
 
 def default_stride(crop: int) -> int:
-    """The paper's teacher stride (24 at crop 224) scaled to ``crop``."""
-    return max(1, round(crop * 24 / 224))
+    """The paper's teacher stride: 24 px at every crop (CLIP 224, SigLIP2 512, DINOv3 384); at most the crop."""
+    return min(TEACHER_STRIDE, crop) if crop > 0 else TEACHER_STRIDE
 
 
 @torch.no_grad()
@@ -163,7 +182,7 @@ def dense_features(
     """Dense features of one image already at its processing size: (H, W, 3) uint8 -> (1, H/p, W/p, D) float32.
 
     ``single``: one forward pass; ``sliding``: the sliding-window teacher (crop/stride; 0 = native crop,
-    stride 24/224 of the crop).
+    stride 24 px).
     """
     dev = bb.mean.device
     x = bb.normalize(torch.tensor(np.ascontiguousarray(img))[None].to(dev))  # (1, 3, H, W)
@@ -322,7 +341,7 @@ class SegmentConfig:
     long_side: int = 2048
     mode: Literal["single", "sliding"] = "single"
     crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = 24/224 of the crop (the paper's teacher stride, scaled)
+    stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
     logit_scale: float = 40.0
     prob_thd: float = 0.0
     area_thd: float = 0.0
@@ -350,8 +369,8 @@ class EmbedConfig:
     short_side: int = 0  # 0 = keep the image's scale (snapped to the patch size)
     long_side: int = 2048
     mode: Literal["single", "sliding"] = "single"
-    crop: int = 0
-    stride: int = 0
+    crop: int = 0  # 0 = backbone's native size
+    stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
     dtype: Literal["float32", "float16"] = "float32"
     precision: Precision = "fp32"
     device: str = "auto"
@@ -390,8 +409,8 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
     records = []
     for path, img in photos:
         h, w = img.shape[:2]
-        size = protocol_size(h, w, cfg.short_side, cfg.long_side, bb.patch_size)
-        feats = dense_features(bb, resize_rgb(img, size), cfg.mode, cfg.crop, cfg.stride, cfg.precision)
+        x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
+        feats = dense_features(bb, x, cfg.mode, cfg.crop, cfg.stride, cfg.precision)
         with torch.no_grad():
             pred = (
                 predict(
@@ -416,7 +435,8 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
                 "overlay": str(ov),
                 "labels": str(lab),
                 "size": [h, w],
-                "processed_size": list(size),
+                "resized_size": list(size),
+                "processed_size": list(x.shape[:2]),
                 "classes_present": {
                     names[i]: round(c / pred.size, 4)
                     for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
@@ -447,8 +467,10 @@ def embed_images(images: list[str], cfg: EmbedConfig) -> list[dict[str, object]]
     records = []
     for path, img in photos:
         h, w = img.shape[:2]
-        size = protocol_size(h, w, cfg.short_side, cfg.long_side, bb.patch_size)
-        feats = dense_features(bb, resize_rgb(img, size), cfg.mode, cfg.crop, cfg.stride, cfg.precision)
+        x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
+        crop = (cfg.crop or bb.native_size) if cfg.mode == "sliding" else None
+        stride = (cfg.stride or default_stride(crop)) if crop is not None else None
+        feats = dense_features(bb, x, cfg.mode, crop or 0, stride or 0, cfg.precision)
         arr = feats[0].cpu().numpy().astype(cfg.dtype)  # (h, w, D)
         stem = safe_stem(path, used)
         npy, js = out_path(out_dir, f"{stem}.npy"), out_path(out_dir, f"{stem}.json")
@@ -458,14 +480,14 @@ def embed_images(images: list[str], cfg: EmbedConfig) -> list[dict[str, object]]
             "features": npy.name,
             "shape": list(arr.shape),
             "dtype": cfg.dtype,
-            "layout": "(h, w, D) row-major; h = processed_height / patch_size",
+            "layout": "(h, w, D) row-major; h = processed_height / patch_size; feature (i, j) covers "
+            "processed pixels [i*p, (i+1)*p) x [j*p, (j+1)*p), the top-left of the resized image",
             "input_size": [h, w],
-            "processed_size": list(size),
+            "resized_size": list(size),
+            "processed_size": list(x.shape[:2]),
             "mode": cfg.mode,
-            "crop": (cfg.crop or bb.native_size) if cfg.mode == "sliding" else None,
-            "stride": (cfg.stride or max(1, (cfg.crop or bb.native_size) // 2))
-            if cfg.mode == "sliding"
-            else None,
+            "crop": crop,
+            "stride": stride,
             **model_identity(bb),
         }
         js.write_text(json.dumps(meta, indent=1))

@@ -51,6 +51,7 @@ from pipeline.imageset import (
     pixel_sha256,
     shard_name,
 )
+from pipeline.resize import resize_linear
 
 # Ray reads this when it is first imported (ray_constants), so it must be set before any `import ray`;
 # `uv run` would otherwise make Ray rebuild the project environment for its workers.
@@ -266,16 +267,16 @@ def augmentation_for(key: str, height: int, width: int, cfg: IngestConfig) -> di
 
 
 def apply_augmentation(img: Image.Image, params: dict[str, Any]) -> np.ndarray:
-    """Resize (bicubic), crop and flip an RGB PIL image as ``params`` says → (h, w, 3) uint8."""
+    """Resize, crop and flip an RGB PIL image as ``params`` says → (h, w, 3) uint8.
+
+    The resize is the reference's cv2 ``INTER_LINEAR`` (bilinear, half-pixel centres, no antialiasing:
+    :func:`pipeline.resize.resize_linear`), as its mmcv ``RandomResize`` and ``RandomCropOrFullImage``."""
     rh, rw = params["resize"]
     top, left, ch, cw = params["crop"]
-    if (img.height, img.width) != (rh, rw):
-        img = img.resize((rw, rh), Image.Resampling.BICUBIC)
-    if (top, left, ch, cw) != (0, 0, rh, rw):
-        img = img.crop((left, top, left + cw, top + ch))
+    arr = resize_linear(np.asarray(img, dtype=np.uint8), (rh, rw))  # (rh, rw, 3)
+    arr = arr[top : top + ch, left : left + cw]
     if params["flip"]:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(img, dtype=np.uint8)
+        arr = arr[:, ::-1]
     return np.ascontiguousarray(arr)  # (h, w, 3) uint8
 
 
@@ -486,8 +487,12 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
+RESAMPLE = "cv2-inter-linear"  # part of every shard's plan: shards resized otherwise (bicubic) are rewritten
+
+
 def _plan_digest(cfg_dict: dict[str, Any], shard: int, items: Sequence[tuple[str, str]]) -> str:
-    return hashlib.sha256(canonical_json([FORMAT_VERSION, cfg_dict, shard, list(items)]).encode()).hexdigest()
+    plan = [FORMAT_VERSION, RESAMPLE, cfg_dict, shard, list(items)]
+    return hashlib.sha256(canonical_json(plan).encode()).hexdigest()
 
 
 def _file_sha256(fs: Any, path: str) -> str:

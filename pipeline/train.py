@@ -50,6 +50,7 @@ from pipeline.checkpoint import (
     write_checksums,
 )
 from pipeline.config import ConfigError, UserError
+from pipeline.inference import default_stride
 
 # Ray reads this when it is first imported: without it, a driver started by `uv run` ships the whole working
 # directory (virtualenv included) to every worker. Workers on this machine share our environment.
@@ -73,7 +74,8 @@ class DistillConfig:
     lr: float = 2e-5
     weight_decay: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
-    schedule: Literal["none", "cosine"] = "none"  # after warm-up: constant or cosine to 0 at the last step
+    # after warm-up: "constant" (the authors' run: AdamW without a scheduler; "none" is the same) or "cosine" to 0
+    schedule: Literal["none", "constant", "cosine"] = "none"
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (fp16) on GPU, fp32 on CPU
     epochs: int = 10
@@ -98,7 +100,7 @@ class DistillConfig:
     max_failures: int = 2  # worker-failure restarts (from the last checkpoint)
     teacher_online: bool = False  # compute the teacher inside the loop instead of reading the cache
     crop: int = 0  # online teacher window (0 = the cache's, else the backbone's native size)
-    stride: int = 0  # online teacher stride (0 = the cache's, else crop // 4)
+    stride: int = 0  # online teacher stride (0 = the cache's, else 24 px: the paper's teacher at every crop)
     window_batch: int = 32  # online teacher windows per forward
     ray_address: str = ""  # "" = local in-process cluster (or RAY_ADDRESS)
     fail_at_step: int = 0  # test hook: one worker raises once after this step (marker file in the workdir)
@@ -158,7 +160,8 @@ class DistillError(UserError):
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or cosine to 0."""
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant (``schedule`` "none" or
+    "constant") or cosine to 0 at ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -755,7 +758,7 @@ def _prepare(cfg: DistillConfig) -> dict[str, Any]:
                 f"warning: the student starts from {bb.weights_id}, the cache teacher was {cache.spec.weights_id}"
             )
     crop = cfg.crop or (cache.spec.crop if cache is not None else bb.native_size)
-    stride = cfg.stride or (cache.spec.stride if cache is not None else max(bb.patch_size, crop // 4))
+    stride = cfg.stride or (cache.spec.stride if cache is not None else default_stride(crop))
     if cfg.teacher_online and crop % bb.patch_size:
         raise DistillError(f"distill: crop {crop} is not a multiple of the patch size {bb.patch_size}")
     return {

@@ -1,9 +1,12 @@
 """Open-vocabulary segmentation from dense features (DESIGN §2 "Open-vocabulary segmentation").
 
 Class names (one entry per class, synonyms comma-separated) are embedded with open_clip's ImageNet prompt
-templates; pixel logits are ``logit_scale * cos(feature, text)``, upsampled bilinearly to the label size and
-softmaxed over all names; a class scores the max over its synonyms; pixels whose top probability is below
-``prob_thd`` become class 0 (background); classes covering less than ``area_thd`` of the image are suppressed.
+templates. Post-processing follows the authors' code (``segmentors/segmentor_vit.py`` at 0f63ff2, the SCLIP
+family) step by step: cosine similarities upsampled bilinearly to the label size, ``logit_scale * cos +
+logit_bias``, softmax over all names, a class scores the max over its synonyms; with ``area_thd``, every class
+but 0 whose predicted area (pixels where it wins) is not *greater than* ``area_thd`` × the total predicted area
+of the classes other than 0 gets its scores zeroed; then the argmax, and pixels whose top (remaining) score is
+below ``prob_thd`` become class 0 (background).
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from open_clip import OPENAI_IMAGENET_TEMPLATES
 
 from spar_core.backbones import Backbone
 
-__all__ = ["ClassListError", "parse_classes", "TextClassifier", "build_classifier", "class_logits", "predict"]
+__all__ = [
+    "ClassListError",
+    "parse_classes",
+    "TextClassifier",
+    "build_classifier",
+    "class_logits",
+    "postprocess",
+    "predict",
+]
 
 
 class ClassListError(ValueError):
@@ -86,19 +97,50 @@ def build_classifier(
 
 
 def class_logits(
-    feats: torch.Tensor, clf: TextClassifier, out_size: tuple[int, int], logit_scale: float = 40.0
+    feats: torch.Tensor,
+    clf: TextClassifier,
+    out_size: tuple[int, int],
+    logit_scale: float = 40.0,
+    logit_bias: float = 0.0,
 ) -> torch.Tensor:
-    """Per-class probabilities at ``out_size``: (B, h, w, D) -> (B, C, H, W) (max over synonyms of the softmax)."""
+    """Per-class probabilities at ``out_size``: (B, h, w, D) -> (B, C, H, W).
+
+    In the reference's order: cosine similarity to every name, bilinear upsampling of the cosines
+    (``align_corners=False``), ``logit_scale * cos + logit_bias``, softmax over all names, max over each
+    class's synonyms.
+    """
     f = F.normalize(feats.float(), dim=-1)
     w = clf.weights.to(f.device)
-    logits = logit_scale * torch.einsum("bhwd,nd->bnhw", f, w)  # (B, N_names, h, w)
-    logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-    probs = logits.softmax(dim=1)  # (B, N_names, H, W)
+    cos = torch.einsum("bhwd,nd->bnhw", f, w)  # (B, N_names, h, w)
+    cos = F.interpolate(cos, size=tuple(out_size), mode="bilinear", align_corners=False)  # (B, N, H, W)
+    probs = (cos * logit_scale + logit_bias).softmax(dim=1)  # (B, N_names, H, W)
     b, _, h, wd = probs.shape
     owner = clf.name_to_class.to(f.device)
     out = torch.full((b, clf.num_classes, h, wd), -1.0, device=f.device)
     idx = owner.view(1, -1, 1, 1).expand_as(probs)
     return out.scatter_reduce(1, idx, probs, reduce="amax", include_self=True)  # (B, C, H, W)
+
+
+def postprocess(scores: torch.Tensor, prob_thd: float = 0.0, area_thd: float = 0.0) -> torch.Tensor:
+    """Label map (B, H, W) int64 from per-class scores (B, C, H, W), as the reference post-processes.
+
+    ``area_thd`` > 0: a class other than 0 keeps its scores only if its predicted area (pixels where it is the
+    argmax) is strictly greater than ``area_thd`` × the summed predicted area of all classes other than 0
+    (not a fraction of the image; with no such pixels every class but 0 is zeroed). ``area_thd`` = 0 changes
+    nothing (the reference's ``None``). Then the argmax; ``prob_thd`` > 0: pixels whose top remaining score is
+    below it become class 0.
+    """
+    if area_thd > 0:
+        c = scores.shape[1]
+        won = F.one_hot(scores.argmax(1), c)  # (B, H, W, C)
+        area = won[..., 1:].sum((1, 2))  # (B, C-1) pixels each foreground class wins
+        keep = area.float() > area_thd * area.sum(1, keepdim=True).float()  # (B, C-1)
+        mask = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)  # class 0 is never suppressed
+        scores = scores * mask[:, :, None, None].to(scores.dtype)
+    pred = scores.argmax(1)  # (B, H, W)
+    if prob_thd > 0:
+        pred = torch.where(scores.max(1).values < prob_thd, torch.zeros_like(pred), pred)
+    return pred
 
 
 def predict(
@@ -108,21 +150,9 @@ def predict(
     logit_scale: float = 40.0,
     prob_thd: float = 0.0,
     area_thd: float = 0.0,
+    logit_bias: float = 0.0,
 ) -> torch.Tensor:
-    """Label map (B, H, W) int64 from dense features (B, h, w, D).
-
-    ``area_thd`` > 0: classes other than 0 whose predicted area is below that fraction of the image get their
-    score zeroed before the final argmax. ``prob_thd`` > 0: pixels whose winning score is below it become class 0.
-    """
-    scores = class_logits(feats, clf, out_size, logit_scale)  # (B, C, H, W)
-    pred = scores.argmax(1)  # (B, H, W)
-    if area_thd > 0:
-        c = clf.num_classes
-        area = F.one_hot(pred, c).flatten(1, 2).float().mean(1)  # (B, C) fraction of the image
-        keep = area >= area_thd
-        keep[:, 0] = True
-        scores = scores * keep[:, :, None, None]
-        pred = scores.argmax(1)
-    if prob_thd > 0:
-        pred = torch.where(scores.max(1).values < prob_thd, torch.zeros_like(pred), pred)
-    return pred
+    """Label map (B, H, W) int64 from dense features (B, h, w, D): :func:`class_logits` then
+    :func:`postprocess` (``area_thd`` relative to the predicted foreground area, then ``prob_thd``)."""
+    scores = class_logits(feats, clf, out_size, logit_scale, logit_bias)  # (B, C, H, W)
+    return postprocess(scores, prob_thd=prob_thd, area_thd=area_thd)

@@ -30,6 +30,7 @@ from pipeline.ingest import (
     sanitize_key,
     to_rgb,
 )
+from tests.cv2_reference import cv2_linear
 
 SKIMAGE_DIR = Path(skimage.data.__file__).parent
 # small targets keep the tests fast: short sides in [64, 128], long sides <= 256
@@ -376,11 +377,12 @@ def test_webdataset_reads_back_manifest_keys_and_hashes(photo_tree, tmp_path):
     p = rec.augmentation
     rh, rw = p["resize"]
     top, left, ch, cw = p["crop"]
-    ref = np.asarray(Image.fromarray(src).resize((rw, rh), Image.Resampling.BICUBIC))[
-        top : top + ch, left : left + cw
-    ]
+    ref = cv2_linear(src, rh, rw)[top : top + ch, left : left + cw]  # the reference's cv2 INTER_LINEAR
     ref = ref[:, ::-1] if p["flip"] else ref
-    np.testing.assert_array_equal(ims.read("rgb_astronaut"), ref)
+    got = ims.read("rgb_astronaut")
+    assert got.shape == ref.shape and p["resize"] != [512, 512]  # a real resize happened
+    diff = np.abs(got.astype(int) - ref.astype(int))  # float32 vs float64 weights: a rounding tie may flip
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
 
 
 def test_reader_detects_corruption(photo_tree, tmp_path):

@@ -1,0 +1,50 @@
+"""An independent re-implementation of OpenCV's ``cv2.resize(..., interpolation=cv2.INTER_LINEAR)`` for tests.
+
+Written from OpenCV's ``resizeGeneric`` (imgproc/src/resize.cpp): for output index ``d`` the source coordinate
+is ``f = (d + 0.5) * (in / out) - 0.5``, ``s = floor(f)``, ``a = f - s``; if ``s < 0`` then ``s = 0, a = 0``;
+if ``s >= in - 1`` then ``s = in - 1, a = 0``; the value is ``(1 - a) * src[s] + a * src[s + 1]``, separably
+along x then y, with no low-pass filter. OpenCV rounds its 11-bit fixed-point result; this keeps float64.
+(cv2 is not installed here; this is the formula, one tap at a time, in plain Python loops.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def cv2_taps(n_in: int, n_out: int) -> list[tuple[int, int, float]]:
+    """(left index, right index, right weight) per output sample, one at a time."""
+    scale = 1.0 / (n_out / n_in)  # cv2: scale_x = 1. / inv_scale_x, inv_scale_x = dsize.width / ssize.width
+    taps = []
+    for d in range(n_out):
+        f = (d + 0.5) * scale - 0.5
+        s = math.floor(f)
+        a = f - s
+        if s < 0:
+            s, a = 0, 0.0
+        if s >= n_in - 1:
+            s, a = n_in - 1, 0.0
+        taps.append((s, min(s + 1, n_in - 1), a))
+    return taps
+
+
+def cv2_linear_float(src: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(H, W[, C]) -> (h, w[, C]) float64, INTER_LINEAR before the final rounding."""
+    a = src.astype(np.float64)
+    rows = np.stack([(1 - t) * a[i] + t * a[j] for i, j, t in cv2_taps(a.shape[0], h)])  # (h, W[, C])
+    cols = [(1 - t) * rows[:, i] + t * rows[:, j] for i, j, t in cv2_taps(a.shape[1], w)]
+    return np.stack(cols, axis=1)  # (h, w[, C])
+
+
+def cv2_linear(src: np.ndarray, h: int, w: int) -> np.ndarray:
+    """INTER_LINEAR rounded half up to uint8."""
+    return np.floor(cv2_linear_float(src, h, w) + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def cv2_linear_pixel(src: np.ndarray, h: int, w: int, y: int, x: int) -> np.ndarray:
+    """One output pixel straight from the 2x2 neighbourhood (a per-pixel check of the separable form)."""
+    (y0, y1, ay), (x0, x1, ax) = cv2_taps(src.shape[0], h)[y], cv2_taps(src.shape[1], w)[x]
+    s = src.astype(np.float64)
+    return (1 - ay) * ((1 - ax) * s[y0, x0] + ax * s[y0, x1]) + ay * ((1 - ax) * s[y1, x0] + ax * s[y1, x1])
