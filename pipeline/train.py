@@ -719,6 +719,14 @@ def _export_student(ckpt: Any, out: Path) -> Path:
     return out
 
 
+def teacher_window(cfg: DistillConfig, spec: Any, native_size: int) -> tuple[int, int]:
+    """(crop, stride) of the teacher: the config's, else the cache spec's, else the backbone's native size and
+    the paper's 24 px stride (the online teacher without a cache)."""
+    crop = cfg.crop or (spec.crop if spec is not None else native_size)
+    stride = cfg.stride or (spec.stride if spec is not None else default_stride(crop))
+    return crop, stride
+
+
 def _prepare(cfg: DistillConfig) -> dict[str, Any]:
     """Open and check the inputs before anything starts; returns what the driver and workers need."""
     from pipeline.imageset import open_imageset
@@ -757,8 +765,7 @@ def _prepare(cfg: DistillConfig) -> dict[str, Any]:
             _log(
                 f"warning: the student starts from {bb.weights_id}, the cache teacher was {cache.spec.weights_id}"
             )
-    crop = cfg.crop or (cache.spec.crop if cache is not None else bb.native_size)
-    stride = cfg.stride or (cache.spec.stride if cache is not None else default_stride(crop))
+    crop, stride = teacher_window(cfg, cache.spec if cache is not None else None, bb.native_size)
     if cfg.teacher_online and crop % bb.patch_size:
         raise DistillError(f"distill: crop {crop} is not a multiple of the patch size {bb.patch_size}")
     return {

@@ -48,3 +48,34 @@ def cv2_linear_pixel(src: np.ndarray, h: int, w: int, y: int, x: int) -> np.ndar
     (y0, y1, ay), (x0, x1, ax) = cv2_taps(src.shape[0], h)[y], cv2_taps(src.shape[1], w)[x]
     s = src.astype(np.float64)
     return (1 - ay) * ((1 - ax) * s[y0, x0] + ax * s[y0, x1]) + ay * ((1 - ax) * s[y1, x0] + ax * s[y1, x1])
+
+
+def cv2_fixed_taps(n_in: int, n_out: int) -> list[tuple[int, int, int, int]]:
+    """OpenCV's 8-bit taps: ``fx`` in float32, weights ``cvRound(w * 2048)`` (INTER_RESIZE_COEF_BITS = 11)."""
+    scale = 1.0 / (n_out / n_in)
+    taps = []
+    for d in range(n_out):
+        fx = np.float32((d + 0.5) * scale - 0.5)
+        sx = math.floor(fx)
+        fx = np.float32(fx - np.float32(sx))
+        if sx < 0:
+            sx, fx = 0, np.float32(0)
+        if sx >= n_in - 1:
+            sx, fx = n_in - 1, np.float32(0)
+        w0 = int(np.rint(np.float32(np.float32(1) - fx) * np.float32(2048)))
+        w1 = int(np.rint(fx * np.float32(2048)))
+        taps.append((sx, min(sx + 1, n_in - 1), w0, w1))
+    return taps
+
+
+def cv2_fixed_pixel(src: np.ndarray, h: int, w: int, y: int, x: int) -> np.ndarray:
+    """One output pixel of OpenCV's scalar fixed-point INTER_LINEAR: horizontal integer sums, then
+    ``(b0 * row0 + b1 * row1 + (1 << 21)) >> 22`` (FixedPtCast with 22 bits)."""
+    y0, y1, b0, b1 = cv2_fixed_taps(src.shape[0], h)[y]
+    x0, x1, a0, a1 = cv2_fixed_taps(src.shape[1], w)[x]
+    out = []
+    for c in range(src.shape[2]):
+        r0 = int(src[y0, x0, c]) * a0 + int(src[y0, x1, c]) * a1
+        r1 = int(src[y1, x0, c]) * a0 + int(src[y1, x1, c]) * a1
+        out.append((b0 * r0 + b1 * r1 + (1 << 21)) >> 22)
+    return np.array(out, dtype=np.uint8)

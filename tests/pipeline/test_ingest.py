@@ -381,8 +381,8 @@ def test_webdataset_reads_back_manifest_keys_and_hashes(photo_tree, tmp_path):
     ref = ref[:, ::-1] if p["flip"] else ref
     got = ims.read("rgb_astronaut")
     assert got.shape == ref.shape and p["resize"] != [512, 512]  # a real resize happened
-    diff = np.abs(got.astype(int) - ref.astype(int))  # float32 vs float64 weights: a rounding tie may flip
-    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+    diff = np.abs(got.astype(int) - ref.astype(int))  # OpenCV fixed point vs exact weights: one grey level at most
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
 
 def test_reader_detects_corruption(photo_tree, tmp_path):
