@@ -79,3 +79,16 @@ def cv2_fixed_pixel(src: np.ndarray, h: int, w: int, y: int, x: int) -> np.ndarr
         r1 = int(src[y1, x0, c]) * a0 + int(src[y1, x1, c]) * a1
         out.append((b0 * r0 + b1 * r1 + (1 << 21)) >> 22)
     return np.array(out, dtype=np.uint8)
+
+
+def cv2_fixed(src: np.ndarray, h: int, w: int) -> np.ndarray:
+    """A whole (H, W, C) uint8 image through :func:`cv2_fixed_pixel`'s arithmetic, pixel by pixel."""
+    ty, tx = cv2_fixed_taps(src.shape[0], h), cv2_fixed_taps(src.shape[1], w)
+    s = src.astype(np.int64)
+    out = np.zeros((h, w, src.shape[2]), np.uint8)
+    for y, (y0, y1, b0, b1) in enumerate(ty):
+        for x, (x0, x1, a0, a1) in enumerate(tx):
+            r0 = s[y0, x0] * a0 + s[y0, x1] * a1
+            r1 = s[y1, x0] * a0 + s[y1, x1] * a1
+            out[y, x] = (b0 * r0 + b1 * r1 + (1 << 21)) >> 22
+    return out

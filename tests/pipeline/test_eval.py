@@ -155,8 +155,9 @@ def test_eval_sliding_any_stride(voc_root, tmp_path):
 
 def test_speed_report_and_runs_table(voc_root, tmp_path):
     res = speed_report(EvalConfig(speed=True, backbone="tiny-clip-64", resolutions=(64, 128), repeats=1,
-                                  workdir=str(tmp_path), experiment="speed-test", out=str(tmp_path / "out")))  # fmt: skip
-    assert res["strides"] == [64, 32, 14, 7] and res["resolutions"] == [64, 128]
+                                  strides=(224, 64, 32, 7), workdir=str(tmp_path), experiment="speed-test",
+                                  out=str(tmp_path / "out")))  # fmt: skip
+    assert res["strides"] == [64, 32, 7] and res["resolutions"] == [64, 128]  # pixels; 224 > crop 64 left out
     assert res["windows"]["7"] == [1, 11 * 11] and all(v > 0 for v in res["single"])
     assert (tmp_path / "out" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

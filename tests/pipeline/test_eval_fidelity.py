@@ -136,7 +136,7 @@ def test_quality_vs_cost_curve(held_out, tmp_path):
 
     images, _, ckpt = held_out
     res = speed_report(EvalConfig(speed=True, checkpoint=str(ckpt), images=str(images), resolutions=(64,),
-                                  strides=(224, 48), repeats=1, mlflow=False, out=str(tmp_path)))  # fmt: skip
+                                  strides=(64, 14), repeats=1, mlflow=False, out=str(tmp_path)))  # fmt: skip
     qc = res["quality_cost"]
     pts = {p["method"]: p for p in qc["points"]}
     assert qc["reference"] == "sliding s14" and set(pts) == {

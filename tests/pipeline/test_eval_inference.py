@@ -22,6 +22,7 @@ from pipeline.inference import (
     safe_stem,
 )
 from tests.conftest import load_photo
+from tests.cv2_reference import cv2_fixed
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +116,20 @@ def test_embed_writes_features_and_metadata(photo_files, tmp_path):
     )
     img = np.asarray(Image.open(photo_files[1]).convert("RGB"))  # coffee: 400 x 600
     size = protocol_size(*img.shape[:2], 0, 160, 16)
-    assert size == (112, 160)
+    assert size == (107, 160)  # mmcv rescale: int(400 * 160/600 + 0.5); the model reads the top 96 rows
     arr = np.load(out / "my_photo__1_.npy", allow_pickle=False)
     meta = json.loads((out / "my_photo__1_.json").read_text())
-    assert arr.shape == (7, 10, 32) and arr.dtype == np.float32
+    assert arr.shape == (6, 10, 32) and arr.dtype == np.float32
     assert (
-        meta["shape"] == [7, 10, 32]
+        meta["shape"] == [6, 10, 32]
         and meta["input_size"] == [400, 600]
-        and meta["processed_size"] == [112, 160]
+        and meta["resized_size"] == [107, 160]
+        and meta["processed_size"] == [96, 160]
     )
     assert meta["weights_id"] == "random:tiny-clip-64:seed0" and recs[0]["features"] == "my_photo__1_.npy"
     # the stored features are the backbone's dense features of the resized image
     bb = build_backbone("tiny-clip-64")
-    x = np.asarray(Image.fromarray(img).resize((160, 112), Image.BILINEAR))
+    x = cv2_fixed(img, 107, 160)[:96]  # cv2 INTER_LINEAR (no antialias), then the patch embedding's crop
     with torch.no_grad():
         ref = bb.dense(bb.normalize(torch.from_numpy(x.copy())[None]))[0].numpy()
     np.testing.assert_allclose(arr, ref, rtol=1e-5, atol=1e-5)
@@ -151,11 +153,9 @@ def test_names_cannot_escape_out(tmp_path):
 def test_protocol_size_and_label_png():
     assert protocol_size(375, 500, 672, 2048, 16) == (672, 896)  # 500 * 672/375 = 896
     assert protocol_size(1024, 2048, 1024, 2048, 16) == (1024, 2048)
-    assert protocol_size(100, 5000, 672, 2048, 16) == (48, 2048)  # the long-side cap wins
-    assert protocol_size(30, 40, 0, 2048, 16) == (
-        32,
-        48,
-    )  # 2.5 patches rounds up  # keep the scale, snap to 16
+    assert protocol_size(100, 5000, 672, 2048, 16) == (41, 2048)  # the long-side cap wins; mmcv rounding
+    assert protocol_size(30, 40, 0, 2048, 16) == (30, 40)  # keep the scale (the model reads 16 x 32)
+    assert protocol_size(10, 40, 0, 2048, 16) == (16, 40)  # at least one patch
     lab = np.array([[0, 1], [2, 300]])
     im = label_png(lab, make_palette(301))
     assert im.mode == "I;16" and np.asarray(im).tolist() == [[0, 1], [2, 300]]
