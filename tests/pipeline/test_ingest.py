@@ -381,7 +381,7 @@ def test_webdataset_reads_back_manifest_keys_and_hashes(photo_tree, tmp_path):
     ref = ref[:, ::-1] if p["flip"] else ref
     got = ims.read("rgb_astronaut")
     assert got.shape == ref.shape and p["resize"] != [512, 512]  # a real resize happened
-    diff = np.abs(got.astype(int) - ref.astype(int))  # OpenCV fixed point vs exact weights: one grey level at most
+    diff = np.abs(got.astype(int) - ref.astype(int))  # fixed point vs exact weights: 1 grey level
     assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
 
