@@ -44,6 +44,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--authors-precisions", default="fp32,bf16",
                    help="precisions of the authors' loop to run; the fastest is the reference")  # fmt: skip
     p.add_argument("--skip-naive", action="store_true", help="skip the one-window-per-pass naive reference")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the project teacher with torch.compile (inductor), interleaved with eager")  # fmt: skip
 
 
 def naive_teacher_fp32(bb, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
@@ -156,6 +158,19 @@ def run(args: argparse.Namespace) -> int:
     runs["project"] = lambda: sliding_window_features(
         bb_proj, x, crop, args.stride, args.window_batch, autocast_dtype=amp_dtype
     )
+    t_compile = None
+    if args.compile:
+        bb_comp = build_backbone(args.backbone, device=dev)
+        if amp_dtype is not None:
+            bb_comp.precast_for_autocast(amp_dtype)
+        comp = lambda: sliding_window_features(  # noqa: E731
+            bb_comp, x, crop, args.stride, args.window_batch, autocast_dtype=amp_dtype, compile=True
+        )
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            comp()  # compiles the full and the last (partial) window batch shapes
+            t_compile = time.perf_counter() - t0
+        runs["project_compiled"] = comp
     runs["single"] = lambda: bb.dense(x)
     best: dict[str, float] = {}
     outs: dict[str, torch.Tensor] = {}
@@ -188,10 +203,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"  project vs authors' loop: {t_ref / t_proj:6.2f}x  (reference: {ref_name.removeprefix('authors_')}, "
           "the faster of its runs; target >= 2x)")  # fmt: skip
     print(f"  project first call (incl. any compilation): {t_warm:.2f} s vs steady {t_proj:.2f} s")
+    if t_compile is not None:
+        t_c = best["project_compiled"]
+        print(f"  torch.compile: first call {t_compile:.1f} s (compile time, once per worker process; "
+              f"{t_compile - t_c:.1f} s over a steady run), steady {t_c:.2f} s = {t_proj / t_c:.2f}x eager; "
+              f"compiled vs authors' loop {t_ref / t_c:.2f}x")  # fmt: skip
     print("  matmul: " + ", ".join(f"{q} {r:.0f} GFLOP/s" for q, r in sorted(rates.items())))
-    for k, q in [(ref_name, ref_name.removeprefix("authors_")), ("fp32", "fp32"), ("project", prec)]:
+    for k, q in [(ref_name, ref_name.removeprefix("authors_")), ("fp32", "fp32"), ("project", prec),
+                 *([("project_compiled", prec)] if t_compile is not None else [])]:
         print(f"  {k:<14} {flops / best[k] / 1e9:7.1f} GFLOP/s = {flops / best[k] / 1e9 / rates[q]:.2f} of {q} matmul")
-    for k in [*(k for k in outs if k.startswith("authors_")), "fp32", "project"]:
+    for k in [*(k for k in outs if k.startswith("authors_")), "fp32", "project",
+              *(["project_compiled"] if t_compile is not None else [])]:
         print(f"  {k:<14} vs naive fp32: rel. error {_rel_err(outs[k], exact):.2e}")
     print(f"  teacher / single pass: {t_proj / best['single']:6.1f}x; single pass vs teacher rel. diff "
           f"{_rel_err(outs['single'], exact):.3f}")  # fmt: skip
