@@ -57,7 +57,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--held-out", type=int, default=2, help="photos held out for fidelity (--codec-fidelity)")
     p.add_argument("--lr", type=float, default=2e-5, help="student learning rate (--codec-fidelity)")
     p.add_argument("--trainable-blocks", type=int, default=2, help="last blocks trained (--codec-fidelity)")
-    p.add_argument("--precision", default="auto", help="teacher forward precision of the caches (auto, fp32, bf16)")
+    p.add_argument(
+        "--precision", default="auto", help="teacher forward precision of the caches (auto, fp32, bf16)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -231,7 +233,9 @@ def _train_student(args: argparse.Namespace, cache: Any, ims: Any, train_keys: l
         key = order.pop()
         item = {
             "image": torch.from_numpy(np.array(ims.read(key)))[None],  # (1, H, W, 3) uint8
-            "target": torch.from_numpy(np.asarray(cache.features(key), dtype=np.float32))[None],  # (1, h, w, D)
+            "target": torch.from_numpy(np.asarray(cache.features(key), dtype=np.float32))[
+                None
+            ],  # (1, h, w, D)
         }
         runner.step(item, step)
     return bb.eval()
@@ -265,7 +269,9 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ims = open_imageset(images)
     keys = [r.key for r in ims.records]
     if len(keys) <= args.held_out:
-        raise ValueError(f"--codec-fidelity needs more than --held-out {args.held_out} images, got {len(keys)}")
+        raise ValueError(
+            f"--codec-fidelity needs more than --held-out {args.held_out} images, got {len(keys)}"
+        )
     train_keys, held_keys = keys[: -args.held_out], keys[-args.held_out :]
     teacher = build_backbone(args.teacher, args.pretrained)
     crop = args.crop or teacher.native_size
@@ -287,7 +293,9 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         cache = open_cache(path)
         disk = sum(f.stat().st_size for f in (Path(path) / "shards").rglob("*") if f.is_file())
         ref_err = []
-        for k, (_, t) in zip(held_keys, held, strict=True):  # what the codec itself loses, on held-out targets
+        for k, (_, t) in zip(
+            held_keys, held, strict=True
+        ):  # what the codec itself loses, on held-out targets
             got = torch.from_numpy(np.asarray(cache.features(k), dtype=np.float32))
             ref_err.append(float((got - t[0]).norm() / t[0].norm()))
         runs = {s: _fidelity(_train_student(args, cache, ims, train_keys, s), held) for s in seeds}
@@ -303,8 +311,10 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def _print_codec_fidelity(res: dict[str, Any]) -> None:
     c = res["codecs"]
     b = res["baseline_single_pass"]
-    print(f"\ncodec fidelity: {res['train_images']} training / {res['held_out_images']} held-out images, "
-          f"{res['steps']} steps per student; untrained single pass: MSE {b['mse']:.5g}, cos {b['cosine']:.5f}")
+    print(
+        f"\ncodec fidelity: {res['train_images']} training / {res['held_out_images']} held-out images, "
+        f"{res['steps']} steps per student; untrained single pass: MSE {b['mse']:.5g}, cos {b['cosine']:.5f}"
+    )
     print(f"  {'codec':<8} {'x raw fp32':>10} {'target err':>10} " + " ".join(
         f"{'MSE s' + str(s):>12} {'cos s' + str(s):>9}" for s in next(iter(c.values()))["runs"]))  # fmt: skip
     for name, r in c.items():
@@ -320,8 +330,10 @@ def _print_codec_fidelity(res: dict[str, Any]) -> None:
             diff = float(np.mean([abs(c[other]["runs"][s]["mse"] - base[s]["mse"]) for s in seeds]))
             rel = diff / float(np.mean([base[s]["mse"] for s in seeds]))
             verdict = "within" if diff <= noise_mse else "OUTSIDE"
-            print(f"  {other} vs {names[0]}: held-out MSE differs by {diff:.3g} ({rel:.2%}) at the same seed; "
-                  f"run-to-run noise ({names[0]}, seeds {','.join(map(str, seeds))}): {noise_mse:.3g} -> {verdict} noise")
+            print(
+                f"  {other} vs {names[0]}: held-out MSE differs by {diff:.3g} ({rel:.2%}) at the same seed; "
+                f"run-to-run noise ({names[0]}, seeds {','.join(map(str, seeds))}): {noise_mse:.3g} -> {verdict} noise"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

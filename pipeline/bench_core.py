@@ -17,6 +17,7 @@ rate in its dtype, and each fast path's relative error against the naive fp32 re
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -40,7 +41,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rounds", type=int, default=2, help="interleaved rounds; the fastest time of each counts"
     )
-    p.add_argument("--precision", default="auto", help="the project's teacher precision (auto, fp32, bf16, fp16)")
+    p.add_argument(
+        "--precision", default="auto", help="the project's teacher precision (auto, fp32, bf16, fp16)"
+    )
     p.add_argument("--authors-precisions", default="fp32,bf16",
                    help="precisions of the authors' loop to run; the fastest is the reference")  # fmt: skip
     p.add_argument("--skip-naive", action="store_true", help="skip the one-window-per-pass naive reference")
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     if amp_dtype is not None:
         bb_proj.precast_for_autocast(amp_dtype)  # as precompute does
     ref_precs = [resolve(q, dev) for q in args.authors_precisions.split(",") if q]
-    runs = {f"authors_{q}": (lambda q: lambda: authors_loop(bb, x, crop, args.stride, autocast_dtype(q)))(q)
+    runs = {f"authors_{q}": functools.partial(authors_loop, bb, x, crop, args.stride, autocast_dtype(q))
             for q in ref_precs}  # fmt: skip
     if not args.skip_naive:
         runs["naive"] = lambda: naive_teacher_fp32(bb, x, crop, args.stride)
@@ -195,7 +198,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("naive reference (1 window/pass, fp32)", best["naive"]))
     rows += [
         (f"project teacher fp32 (batch {args.window_batch})", best["fp32"]),
-        (f"project teacher default ({prec}{', pre-cast' if amp_dtype else ''}, batch {args.window_batch})", t_proj),
+        (
+            f"project teacher default ({prec}{', pre-cast' if amp_dtype else ''}, batch {args.window_batch})",
+            t_proj,
+        ),
         ("single pass fp32", best["single"]),
     ]
     for name, t in rows:
@@ -209,11 +215,21 @@ def run(args: argparse.Namespace) -> int:
               f"{t_compile - t_c:.1f} s over a steady run), steady {t_c:.2f} s = {t_proj / t_c:.2f}x eager; "
               f"compiled vs authors' loop {t_ref / t_c:.2f}x")  # fmt: skip
     print("  matmul: " + ", ".join(f"{q} {r:.0f} GFLOP/s" for q, r in sorted(rates.items())))
-    for k, q in [(ref_name, ref_name.removeprefix("authors_")), ("fp32", "fp32"), ("project", prec),
-                 *([("project_compiled", prec)] if t_compile is not None else [])]:
-        print(f"  {k:<14} {flops / best[k] / 1e9:7.1f} GFLOP/s = {flops / best[k] / 1e9 / rates[q]:.2f} of {q} matmul")
-    for k in [*(k for k in outs if k.startswith("authors_")), "fp32", "project",
-              *(["project_compiled"] if t_compile is not None else [])]:
+    for k, q in [
+        (ref_name, ref_name.removeprefix("authors_")),
+        ("fp32", "fp32"),
+        ("project", prec),
+        *([("project_compiled", prec)] if t_compile is not None else []),
+    ]:
+        print(
+            f"  {k:<14} {flops / best[k] / 1e9:7.1f} GFLOP/s = {flops / best[k] / 1e9 / rates[q]:.2f} of {q} matmul"
+        )
+    for k in [
+        *(k for k in outs if k.startswith("authors_")),
+        "fp32",
+        "project",
+        *(["project_compiled"] if t_compile is not None else []),
+    ]:
         print(f"  {k:<14} vs naive fp32: rel. error {_rel_err(outs[k], exact):.2e}")
     print(f"  teacher / single pass: {t_proj / best['single']:6.1f}x; single pass vs teacher rel. diff "
           f"{_rel_err(outs['single'], exact):.3f}")  # fmt: skip

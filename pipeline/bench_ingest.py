@@ -8,6 +8,7 @@ Ray cluster. Ray start-up and a warm-up run are excluded; each timed run starts 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -116,16 +117,25 @@ def _npy(arr) -> bytes:
     return buf.getvalue()
 
 
+def _encode_png_at(arr, level: int) -> bytes:
+    from pipeline.ingest import encode_png
+
+    return encode_png(arr, level)
+
+
 def encode_options() -> dict[str, Any]:
     """Lossless encodings of an ingest image: name -> fn(arr) -> bytes. The first is the previous default."""
-    from pipeline.ingest import encode_png
 
     return {
         "PIL PNG level 1 (before)": _pil_png(1),
         "PIL PNG level 0 (stored)": _pil_png(0),
         "Up filter + zlib level 1": _zlib_up_png(1),
-        **{f"Up filter + ISA-L level {lv}{' (default)' if lv == 1 else ''}": (
-            lambda lv: lambda a: encode_png(a, lv))(lv) for lv in (0, 1, 2, 3)},  # fmt: skip
+        **{
+            f"Up filter + ISA-L level {lv}{' (default)' if lv == 1 else ''}": functools.partial(
+                _encode_png_at, level=lv
+            )
+            for lv in (0, 1, 2, 3)
+        },
         "raw .npy (webdataset decodes it)": _npy,
     }
 

@@ -128,7 +128,9 @@ def autocast_dtype(name: str) -> torch.dtype | None:
     """The autocast dtype of a concrete precision (``None`` for fp32). ``auto`` must be resolved first."""
     p = canonical(name)
     if p == "auto":
-        raise PrecisionError("precision 'auto' must be resolved for a device first (pipeline.precision.resolve)")
+        raise PrecisionError(
+            "precision 'auto' must be resolved for a device first (pipeline.precision.resolve)"
+        )
     return _DTYPES[p]
 
 

@@ -47,7 +47,7 @@ FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_")  # driver env forwarded to t
 def _autocast_dtypes() -> dict[str, Any]:
     from pipeline.precision import autocast_dtype
 
-    return {m: autocast_dtype(m) for m in ("bf16", "fp16", "none")}  # the cache spec's names (pipeline.precision)
+    return {m: autocast_dtype(m) for m in ("bf16", "fp16", "none")}  # the cache spec's names
 
 
 @dataclass

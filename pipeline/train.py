@@ -75,7 +75,7 @@ class DistillConfig:
     warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
     schedule: Literal["none", "cosine"] = "none"  # after warm-up: constant or cosine to 0 at the last step
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (fp16) on GPU; CPU: bf16 with AMX, else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: pipeline.precision.resolve
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many optimizer steps (epochs are repeated as needed)
     batch_size: int = 1  # > 1: batches of equal-size images (size buckets)

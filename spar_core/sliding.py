@@ -123,7 +123,9 @@ def window_forward(backbone: Backbone, compile: bool | None = None) -> Callable[
         try:
             state["fn"] = torch.compile(backbone.dense, dynamic=False)
         except Exception as e:  # noqa: BLE001 - no compiler on this platform: stay eager
-            warnings.warn(f"torch.compile unavailable ({type(e).__name__}: {e}); using the eager teacher", stacklevel=2)
+            warnings.warn(
+                f"torch.compile unavailable ({type(e).__name__}: {e}); using the eager teacher", stacklevel=2
+            )
             state["failed"] = True
             return backbone.dense
     compiled = state["fn"]
@@ -136,7 +138,9 @@ def window_forward(backbone: Backbone, compile: bool | None = None) -> Callable[
         except BackboneError:
             raise
         except Exception as e:  # noqa: BLE001 - a compiler/toolchain failure: fall back for good
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); using the eager teacher", stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}: {e}); using the eager teacher", stacklevel=2
+            )
             state["failed"] = True
             return backbone.dense(wins)
 

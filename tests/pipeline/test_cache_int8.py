@@ -15,7 +15,15 @@ import pytest
 import zarr
 
 import pipeline.cache as cache_mod
-from pipeline.cache import CacheError, CacheSpec, ShardEntry, ShardWriter, open_cache, verify_cache, write_spec
+from pipeline.cache import (
+    CacheError,
+    CacheSpec,
+    ShardEntry,
+    ShardWriter,
+    open_cache,
+    verify_cache,
+    write_spec,
+)
 
 DIM = 40
 SPEC16 = CacheSpec(
@@ -86,7 +94,9 @@ def test_quantize_matches_a_naive_loop_and_its_error_bound():
     q, s = cache_mod.quantize_int8(x)
     nq, ns = naive_roundtrip(x)
     np.testing.assert_array_equal(s, ns)
-    assert np.abs(q.astype(int) - nq.astype(int)).max() <= 1  # x/s in float32 vs float64 may round differently
+    assert (
+        np.abs(q.astype(int) - nq.astype(int)).max() <= 1
+    )  # x/s in float32 vs float64 may round differently
     assert (q != nq).mean() < 1e-3
     back = cache_mod.dequantize_int8(q, s)
     assert back.dtype == np.float32
