@@ -8,6 +8,11 @@ Everything is measured in one run, side by side:
   config (cross-checked against torch's FLOP counter);
 * end-to-end ``precompute`` (Ray task, teacher build, image decode, Zarr write) windows/s;
 * bytes per image on disk vs raw float32 targets; write and read MB/s; time to read one image's targets.
+
+``--codec-fidelity`` instead measures what a cache codec costs the method: it fills one cache per codec
+(``--codecs float16,int8``) from the same images and teacher, trains the same student from each (same seeds, same
+steps, in-process :class:`pipeline.train.StepRunner`), and compares held-out fidelity to the fp32 teacher (MSE,
+mean cosine) against the run-to-run noise of two seeds (``--seeds 0,1``), with each codec's bytes vs raw float32.
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-precompute", action="store_true", help="skip the end-to-end Ray precompute")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--codec-fidelity", action="store_true",
+                   help="train the same student from each codec's cache and compare held-out fidelity")  # fmt: skip
+    p.add_argument("--codecs", default="float16,int8", help="cache dtypes compared by --codec-fidelity")
+    p.add_argument("--seeds", default="0,1", help="training seeds (their spread is the run-to-run noise)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per student (--codec-fidelity)")
+    p.add_argument("--held-out", type=int, default=2, help="photos held out for fidelity (--codec-fidelity)")
+    p.add_argument("--lr", type=float, default=2e-5, help="student learning rate (--codec-fidelity)")
+    p.add_argument("--trainable-blocks", type=int, default=2, help="last blocks trained (--codec-fidelity)")
+    p.add_argument(
+        "--precision", default="auto", help="teacher forward precision of the caches (auto, fp32, bf16)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -196,9 +212,149 @@ def _ingest_photos(out: Path, n: int, side: int) -> str:
 # ------------------------------------------------------------------------------------------ run
 
 
+def _train_student(args: argparse.Namespace, cache: Any, ims: Any, train_keys: list[str], seed: int) -> Any:
+    """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
+    import torch
+
+    from pipeline.train import DistillConfig, StepRunner
+    from spar_core.backbones import build_backbone
+    from spar_core.distill import trainable_parameters
+
+    torch.manual_seed(seed)
+    bb = build_backbone(args.teacher, args.pretrained)
+    params = trainable_parameters(bb, args.trainable_blocks)
+    cfg = DistillConfig(lr=args.lr, precision="fp32", warmup_steps=0)
+    runner = StepRunner(bb, bb, params, cfg, torch.device("cpu"), args.steps)
+    rng = np.random.default_rng(seed)
+    order: list[str] = []
+    for step in range(args.steps):
+        if not order:
+            order = [train_keys[i] for i in rng.permutation(len(train_keys))]
+        key = order.pop()
+        item = {
+            "image": torch.from_numpy(np.array(ims.read(key)))[None],  # (1, H, W, 3) uint8
+            "target": torch.from_numpy(np.asarray(cache.features(key), dtype=np.float32))[
+                None
+            ],  # (1, h, w, D)
+        }
+        runner.step(item, step)
+    return bb.eval()
+
+
+def _fidelity(bb: Any, held: list[tuple[Any, Any]]) -> dict[str, float]:
+    """Mean over held-out images of MSE and cosine between the student's single pass and the fp32 teacher."""
+    import torch
+    import torch.nn.functional as F
+
+    mse, cos = [], []
+    with torch.no_grad():
+        for x, t in held:
+            s = bb.dense(x)  # (1, h, w, D)
+            mse.append(float(((s - t) ** 2).mean()))
+            cos.append(float(F.cosine_similarity(s.flatten(0, 2), t.flatten(0, 2), dim=-1).mean()))
+    return {"mse": float(np.mean(mse)), "cosine": float(np.mean(cos))}
+
+
+def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One cache per codec from the same images; a student trained from each per seed; held-out fidelity."""
+    import torch
+
+    from pipeline.cache import open_cache
+    from pipeline.imageset import open_imageset
+    from pipeline.precompute import PrecomputeConfig, precompute
+    from spar_core.backbones import build_backbone
+    from spar_core.sliding import sliding_window_features
+
+    images = args.images or _ingest_photos(tmp, args.num_images, args.side)
+    ims = open_imageset(images)
+    keys = [r.key for r in ims.records]
+    if len(keys) <= args.held_out:
+        raise ValueError(
+            f"--codec-fidelity needs more than --held-out {args.held_out} images, got {len(keys)}"
+        )
+    train_keys, held_keys = keys[: -args.held_out], keys[-args.held_out :]
+    teacher = build_backbone(args.teacher, args.pretrained)
+    crop = args.crop or teacher.native_size
+    held = []
+    for k in held_keys:  # the reference: the fp32 teacher computed here, not read from any cache
+        x = teacher.normalize(torch.from_numpy(np.array(ims.read(k)))[None])
+        held.append((x, sliding_window_features(teacher, x, crop, args.stride, window_batch=32)))
+    raw32 = sum(r.height // teacher.patch_size * (r.width // teacher.patch_size) * teacher.dim * 4
+                for r in ims.records)  # fmt: skip
+    out: dict[str, Any] = {"train_images": len(train_keys), "held_out_images": len(held_keys),
+                           "steps": args.steps, "codecs": {}}  # fmt: skip
+    out["baseline_single_pass"] = _fidelity(teacher, held)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    for codec in [c for c in args.codecs.split(",") if c]:
+        path = precompute(PrecomputeConfig(
+            images=images, teacher=args.teacher, pretrained=args.pretrained, crop=crop, stride=args.stride,
+            cache_root=str(tmp / "cache"), dtype=codec, autocast=args.precision, workers=1,
+            cpus_per_task=args.threads or os.cpu_count() or 1, progress=False))  # fmt: skip
+        cache = open_cache(path)
+        disk = sum(f.stat().st_size for f in (Path(path) / "shards").rglob("*") if f.is_file())
+        ref_err = []
+        for k, (_, t) in zip(
+            held_keys, held, strict=True
+        ):  # what the codec itself loses, on held-out targets
+            got = torch.from_numpy(np.asarray(cache.features(k), dtype=np.float32))
+            ref_err.append(float((got - t[0]).norm() / t[0].norm()))
+        runs = {s: _fidelity(_train_student(args, cache, ims, train_keys, s), held) for s in seeds}
+        out["codecs"][codec] = {"ratio_vs_raw_float32": disk / raw32, "bytes": disk,
+                                "target_rel_error_vs_fp32_teacher": float(np.mean(ref_err)),
+                                "autocast": cache.spec.autocast, "runs": runs}  # fmt: skip
+        print(f"codec {codec}: {disk / raw32:.3f}x raw float32, held-out target rel. error "
+              f"{np.mean(ref_err):.2e}; " + "; ".join(f"seed {s}: MSE {r['mse']:.5g}, cos {r['cosine']:.5f}"
+                                                       for s, r in runs.items()), flush=True)  # fmt: skip
+    return out
+
+
+def _print_codec_fidelity(res: dict[str, Any]) -> None:
+    c = res["codecs"]
+    b = res["baseline_single_pass"]
+    print(
+        f"\ncodec fidelity: {res['train_images']} training / {res['held_out_images']} held-out images, "
+        f"{res['steps']} steps per student; untrained single pass: MSE {b['mse']:.5g}, cos {b['cosine']:.5f}"
+    )
+    print(f"  {'codec':<8} {'x raw fp32':>10} {'target err':>10} " + " ".join(
+        f"{'MSE s' + str(s):>12} {'cos s' + str(s):>9}" for s in next(iter(c.values()))["runs"]))  # fmt: skip
+    for name, r in c.items():
+        print(f"  {name:<8} {r['ratio_vs_raw_float32']:>10.3f} {r['target_rel_error_vs_fp32_teacher']:>10.2e} "
+              + " ".join(f"{v['mse']:>12.5g} {v['cosine']:>9.5f}" for v in r["runs"].values()))  # fmt: skip
+    names = list(c)
+    if len(names) >= 2:
+        base = c[names[0]]["runs"]
+        seeds = list(base)
+        noise = [abs(base[seeds[i]]["mse"] - base[seeds[i + 1]]["mse"]) for i in range(len(seeds) - 1)]
+        noise_mse = max(noise) if noise else float("nan")
+        for other in names[1:]:
+            diff = float(np.mean([abs(c[other]["runs"][s]["mse"] - base[s]["mse"]) for s in seeds]))
+            rel = diff / float(np.mean([base[s]["mse"] for s in seeds]))
+            verdict = "within" if diff <= noise_mse else "OUTSIDE"
+            print(
+                f"  {other} vs {names[0]}: held-out MSE differs by {diff:.3g} ({rel:.2%}) at the same seed; "
+                f"run-to-run noise ({names[0]}, seeds {','.join(map(str, seeds))}): {noise_mse:.3g} -> {verdict} noise"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print a report (also JSON with ``--json``)."""
     import torch
+
+    if args.codec_fidelity:
+        from pipeline.raycluster import init_ray
+
+        init_ray(num_cpus=os.cpu_count())
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="spar-bench-codec-"))
+        try:
+            res = codec_fidelity(args, tmp)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _print_codec_fidelity(res)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
 
     from pipeline.imageset import open_imageset
     from pipeline.precompute import precast_for_autocast

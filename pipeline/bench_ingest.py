@@ -8,6 +8,7 @@ Ray cluster. Ray start-up and a warm-up run are excluded; each timed run starts 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.imageset import open_imageset
 from pipeline.ingest import IngestConfig, ingest
@@ -41,6 +43,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards-per-worker", type=int, default=4, help="shards per worker (sets shard_size)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--encode-only", action="store_true",
+                   help="only the lossless-encoding table (ms and bytes per image per option), no Ray")  # fmt: skip
+    p.add_argument("--encode-rounds", type=int, default=3, help="interleaved rounds of the encoding table")
 
 
 def _make_sources(dst: Path, copies: int) -> int:
@@ -76,9 +81,129 @@ def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
     return out
 
 
+def _pil_png(level: int):
+    def enc(arr):
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=level, optimize=False)
+        return buf.getvalue()
+
+    return enc
+
+
+def _zlib_up_png(level: int):
+    def enc(arr):
+        import zlib
+        from unittest import mock
+
+        from pipeline import ingest as ing
+
+        with mock.patch.object(ing, "_deflate", lambda data, lv: zlib.compress(data, lv)):
+            return ing.encode_png(arr, level)
+
+    return enc
+
+
+def _npy(arr) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _encode_png_at(arr, level: int) -> bytes:
+    from pipeline.ingest import encode_png
+
+    return encode_png(arr, level)
+
+
+def encode_options() -> dict[str, Any]:
+    """Lossless encodings of an ingest image: name -> fn(arr) -> bytes. The first is the previous default."""
+
+    return {
+        "PIL PNG level 1 (before)": _pil_png(1),
+        "PIL PNG level 0 (stored)": _pil_png(0),
+        "Up filter + zlib level 1": _zlib_up_png(1),
+        **{
+            f"Up filter + ISA-L level {lv}{' (default)' if lv == 1 else ''}": functools.partial(
+                _encode_png_at, level=lv
+            )
+            for lv in (0, 1, 2, 3)
+        },
+        "raw .npy (webdataset decodes it)": _npy,
+    }
+
+
+def encode_table(files: list[Path], cfg: IngestConfig, rounds: int = 3) -> list[dict[str, Any]]:
+    """CPU ms and bytes per image of every lossless encoding on the augmented photos, with the decode checked.
+
+    Process CPU time (not wall time), the fastest of ``rounds`` interleaved rounds: robust to other load."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.ingest import apply_augmentation, augmentation_for, decode_source
+
+    arrs = []
+    for i, f in enumerate(files):
+        img, _ = decode_source(f.read_bytes(), cfg)
+        arrs.append(apply_augmentation(img, augmentation_for(f"bench{i}", img.height, img.width, cfg)))
+    opts = encode_options()
+    best = {k: float("inf") for k in opts}
+    sizes: dict[str, int] = {}
+    for _ in range(max(1, rounds)):
+        for name, enc in opts.items():
+            t = time.process_time()
+            out = [enc(a) for a in arrs]
+            best[name] = min(best[name], time.process_time() - t)
+            sizes[name] = sum(map(len, out))
+            if "PNG" in name or "Up filter" in name:
+                for b, a in zip(out, arrs, strict=True):  # lossless, by PIL's decoder
+                    with Image.open(io.BytesIO(b)) as im:
+                        assert np.array_equal(np.asarray(im.convert("RGB")), a), name
+            elif "npy" in name:
+                assert all(np.array_equal(np.load(io.BytesIO(b)), a) for b, a in zip(out, arrs, strict=True))
+    raw = sum(a.nbytes for a in arrs)
+    base = best[next(iter(opts))]
+    return [
+        {
+            "option": k,
+            "encode_ms_per_image": 1e3 * best[k] / len(arrs),
+            "bytes_per_image": sizes[k] / len(arrs),
+            "fraction_of_raw": sizes[k] / raw,
+            "speedup_vs_before": base / best[k],
+        }
+        for k in opts
+    ]
+
+
+def _print_encode_table(rows: list[dict[str, Any]], n: int) -> None:
+    print(f"lossless encoding of {n} augmented photos (CPU time, one process, best of interleaved rounds):")
+    print(f"  {'option':<40} {'ms/image':>9} {'KB/image':>9} {'of raw':>7} {'speed-up':>9}")
+    for r in rows:
+        print(f"  {r['option']:<40} {r['encode_ms_per_image']:>9.2f} {r['bytes_per_image'] / 1e3:>9.1f} "
+              f"{r['fraction_of_raw']:>7.3f} {r['speedup_vs_before']:>8.2f}x")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     """Time ingest at each worker count; print a table and the speed-up."""
     from pipeline.raycluster import init_ray
+
+    if args.encode_only:
+        small = dict(target_long=256, target_short=128, min_short=128) if args.recipe == "small" else {}
+        files = skimage_photos()
+        rows = encode_table(files, IngestConfig(**small), args.encode_rounds)
+        _print_encode_table(rows, len(files))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"encoding": rows}, indent=2) + "\n")
+        return 0
 
     counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
     base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="spar-bench-ingest-"))
@@ -119,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
         cpu = cpu_breakdown(skimage_photos(), cfg)
+        enc_rows = encode_table(skimage_photos(), cfg, args.encode_rounds)
         fps = {r["fingerprint"] for r in results}
         info = {
             "recipe": args.recipe,
@@ -128,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
             "same_fingerprint_across_worker_counts": len(fps) == 1,
             "results": results,
             "cpu_seconds_per_image": {k: round(v, 5) for k, v in cpu.items()},
+            "encoding": enc_rows,
         }
         print(f"ingest bench: {n} inputs ({args.copies} copies of {n // args.copies} scikit-image files), "
               f"recipe={args.recipe}, shard_size={shard_size}, {os.cpu_count()} CPUs")  # fmt: skip
@@ -148,6 +275,11 @@ def run(args: argparse.Namespace) -> int:
             f"CPU time per image (one process, no Ray): {steps} -> at most {1 / cpu['total']:.1f} images/s "
             "per fully available core"
         )
+        _print_encode_table(enc_rows, len(skimage_photos()))
+        before = cpu["total"] - cpu["png_encode"] + enc_rows[0]["encode_ms_per_image"] / 1e3
+        info["images_per_s_per_core_before_after"] = [1 / before, 1 / cpu["total"]]
+        print(f"per-core ceiling: {1 / before:.1f} images/s with the previous encoder (PIL PNG level 1) -> "
+              f"{1 / cpu['total']:.1f} images/s now = {before / cpu['total']:.2f}x")  # fmt: skip
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
         return 0

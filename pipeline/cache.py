@@ -6,6 +6,9 @@ Layout of one cache (``<cache_root>/<fingerprint>/``)::
     shards/shard-000000.zarr/            Zarr v3 store of image shard 0:
         features/                        array [tokens, D] (float16, sharding codec, zstd); each image's h*w
                                          rows contiguous, images in image-shard order
+        scales/                          (int8 caches only) array [tokens] float32: row i of ``features`` holds
+                                         round(x / scales[i]) with scales[i] = max|x_i| / 127 (symmetric absmax
+                                         per token); readers return ``features * scales[:, None]`` as float32
         manifest.json                    written after the data: per image key, offset, h, w, height, width,
                                          pixel_sha256, checksum (sha256 of the rows as stored)
     shards/shard-000000.done             completion marker (written last)
@@ -21,6 +24,10 @@ into place (one atomic rename on a local disk, so store and manifest always trav
 agree on the attempt and the manifest hash matches; anything else (a crash half-way, two writers racing) reads
 as *incomplete* and is recomputed, never served as data. A writer that finds the shard already complete discards
 its own copy; one that finds an unfinished store in its way (a crashed attempt) moves it aside.
+
+Stored dtypes (the spec's ``dtype``, fingerprinted): ``float16`` (default), ``float32``, and ``int8`` (per-token
+absmax scale, ~0.25x the bytes of float32 before zstd). The checksum of an int8 image covers its int8 rows and their
+scales; readers dequantise transparently, so consumers always get floats.
 
 Nothing here is a pickle: JSON and Zarr only.
 """
@@ -56,8 +63,10 @@ FORMAT_VERSION = 1
 SPEC_NAME = "spec.json"
 SHARDS_DIR = "shards"
 ARRAY_NAME = "features"
+SCALES_NAME = "scales"  # int8 caches: one float32 scale per row
 MANIFEST_NAME = "manifest.json"
-STORED_DTYPES = ("float16", "float32")
+STORED_DTYPES = ("float16", "float32", "int8")
+QUANTIZED_DTYPES = ("int8",)
 AUTOCAST_MODES = ("bf16", "fp16", "none")
 CHUNK_BYTES = 1 << 20  # target uncompressed size of one inner Zarr chunk (the unit of reading)
 CHUNKS_PER_SHARD = 64  # inner chunks per Zarr shard object (the unit of writing), ~64 MB uncompressed
@@ -140,12 +149,37 @@ def cache_path_for(cache_root: str, fingerprint: str) -> str:
     return _join(cache_root, fingerprint)
 
 
-def feature_checksum(rows: np.ndarray) -> str:
-    """sha256 hex of feature rows as stored (C order, little-endian)."""
-    arr = np.ascontiguousarray(rows)
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return hashlib.sha256(arr.tobytes()).hexdigest()
+def feature_checksum(rows: np.ndarray, scales: np.ndarray | None = None) -> str:
+    """sha256 hex of feature rows as stored (C order, little-endian), followed by their scales (int8 caches)."""
+    h = hashlib.sha256()
+    for a in (rows, scales):
+        if a is None:
+            continue
+        arr = np.ascontiguousarray(a)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def quantize_int8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row absmax quantisation: (n, D) floats -> int8 (n, D) and float32 scales (n,).
+
+    ``q = round(x / s)`` with ``s = max|x| / 127`` (an all-zero row gets s = 0 and q = 0), so
+    ``|x - q * s| <= s / 2`` per element. Non-finite input is a CacheError (it has no int8 image).
+    """
+    x = np.asarray(rows, dtype=np.float32)  # (n, D)
+    if not np.isfinite(x).all():
+        raise CacheError("cannot store non-finite features (NaN/inf) in an int8 cache")
+    scales = (np.abs(x).max(axis=1) / np.float32(127.0)).astype(np.float32)  # (n,)
+    safe = np.where(scales > 0, scales, np.float32(1.0))[:, None]  # (n, 1)
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)  # (n, D)
+    return q, scales
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """(n, D) int8 and (n,) scales -> (n, D) float32."""
+    return q.astype(np.float32) * scales.astype(np.float32)[:, None]
 
 
 def chunk_rows_for(dim: int, dtype: str) -> int:
@@ -395,8 +429,9 @@ class ShardWriter:
         self.tmp_store = f"{stem}.zarr{TMP_TAG}{self.attempt}"
         self.chunk_rows = chunk_rows_for(dim, dtype)
         self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
+        store = _zarr_store(self.tmp_store, read_only=False)
         self._array = zarr.create_array(
-            _zarr_store(self.tmp_store, read_only=False),
+            store,
             name=ARRAY_NAME,
             shape=(self.rows, dim),
             dtype=dtype,
@@ -412,8 +447,23 @@ class ShardWriter:
             zarr_format=3,
             overwrite=True,
         )
+        self._scales = None
+        if dtype in QUANTIZED_DTYPES:
+            self._scales = zarr.create_array(
+                store,
+                name=SCALES_NAME,
+                shape=(self.rows,),
+                dtype="float32",
+                chunks=(self.chunk_rows,),
+                shards=(self.shard_rows,),
+                compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),
+                attributes={"attempt": self.attempt, "codec": "absmax-per-row"},
+                zarr_format=3,
+                overwrite=True,
+            )
         self._next = 0  # index into entries of the next image
         self._buf: list[np.ndarray] = []
+        self._sbuf: list[np.ndarray] = []  # int8: the scales of the rows in _buf
         self._buf_start = 0  # first row held in _buf
         self._buf_rows = 0
 
@@ -428,8 +478,13 @@ class ShardWriter:
             raise CacheError(
                 f"shard {self.shard} key {key!r}: features {feats.shape}, expected {(e.h, e.w, self.dim)}"
             )
-        rows = np.ascontiguousarray(feats.reshape(e.h * e.w, self.dim).astype(self.dtype))  # (h*w, D)
-        self.entries[self._next] = ShardEntry(**{**asdict(e), "checksum": feature_checksum(rows)})
+        scales = None
+        if self._scales is not None:
+            rows, scales = quantize_int8(feats.reshape(e.h * e.w, self.dim))  # (h*w, D) int8, (h*w,)
+            self._sbuf.append(scales)
+        else:
+            rows = np.ascontiguousarray(feats.reshape(e.h * e.w, self.dim).astype(self.dtype))  # (h*w, D)
+        self.entries[self._next] = ShardEntry(**{**asdict(e), "checksum": feature_checksum(rows, scales)})
         self._next += 1
         self._buf.append(rows)
         self._buf_rows += rows.shape[0]
@@ -444,6 +499,10 @@ class ShardWriter:
         block = np.concatenate(self._buf, axis=0) if len(self._buf) > 1 else self._buf[0]  # (rows, D)
         n = cut - self._buf_start
         self._array[self._buf_start : cut] = block[:n]
+        if self._scales is not None:
+            sblock = np.concatenate(self._sbuf) if len(self._sbuf) > 1 else self._sbuf[0]  # (rows,)
+            self._scales[self._buf_start : cut] = sblock[:n]
+            self._sbuf = [sblock[n:]] if sblock.shape[0] > n else []
         rest = block[n:]
         self._buf = [rest] if rest.shape[0] else []
         self._buf_start = cut
@@ -566,6 +625,7 @@ class TeacherCache:
         self.hints: dict[str, Any] = doc.get("hints") or {}
         self._manifests: dict[int, dict[str, Any]] = {}
         self._arrays: dict[int, zarr.Array] = {}
+        self._scale_arrays: dict[int, zarr.Array] = {}
         self._index: dict[str, tuple[int, int]] | None = None  # key -> (shard, entry index)
 
     # ---- completion
@@ -634,11 +694,23 @@ class TeacherCache:
             self._arrays[i] = arr
         return self._arrays[i]
 
+    def _scale_array(self, i: int) -> zarr.Array:
+        if i not in self._scale_arrays:
+            files = self._files(i)
+            self._scale_arrays[i] = zarr.open_array(
+                _zarr_store(files.store, read_only=True), path=SCALES_NAME, mode="r"
+            )
+        return self._scale_arrays[i]
+
     def _rows(self, i: int, e: dict[str, Any], verify: bool) -> np.ndarray:
-        """Image ``e``'s rows (h*w, D): one contiguous row range; CacheError naming shard and key if damaged."""
+        """Image ``e``'s rows (h*w, D): one contiguous row range; CacheError naming shard and key if damaged.
+        int8 caches are dequantised to float32."""
         n = e["h"] * e["w"]
+        scales = None
         try:
             rows = self._array(i)[e["offset"] : e["offset"] + n]  # (h*w, D)
+            if self.spec.dtype in QUANTIZED_DTYPES:
+                scales = self._scale_array(i)[e["offset"] : e["offset"] + n]  # (h*w,)
         except CacheError:
             raise
         except Exception as err:  # noqa: BLE001 - zarr/zstd/crc errors of a damaged or truncated chunk
@@ -646,15 +718,15 @@ class TeacherCache:
                 f"cache {self.path}: {shard_stem(i)} key {e['key']!r}: store truncated or corrupt "
                 f"({type(err).__name__}: {err}); run `spar cache verify --repair`"
             ) from err
-        if verify and feature_checksum(rows) != e["checksum"]:
+        if verify and feature_checksum(rows, scales) != e["checksum"]:
             raise CacheError(
                 f"cache {self.path}: {shard_stem(i)} key {e['key']!r}: features fail their checksum; "
                 "run `spar cache verify --repair`"
             )
-        return rows
+        return rows if scales is None else dequantize_int8(rows, scales)
 
     def features(self, key: str, verify: bool = True) -> np.ndarray:
-        """One image's teacher features ``(h, w, D)`` in the stored dtype.
+        """One image's teacher features ``(h, w, D)`` in the stored dtype (float32 for int8 caches).
 
         ``verify`` (default) checks the rows against the manifest's sha256, so a damaged store is an error,
         never a wrong target; it costs one sha256 over the rows (~1 GB/s)."""
@@ -781,6 +853,14 @@ def _verify_shard(cache: TeacherCache, i: int, check_data: bool) -> str:
         return f"store shape {tuple(arr.shape)} != manifest ({manifest['rows']}, {manifest['dim']})"
     if str(arr.dtype) != manifest["dtype"]:
         return f"store dtype {arr.dtype} != manifest {manifest['dtype']}"
+    sarr = None
+    if manifest["dtype"] in QUANTIZED_DTYPES:
+        try:
+            sarr = zarr.open_array(_zarr_store(files.store, read_only=True), path=SCALES_NAME, mode="r")
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable scales array is a finding
+            return f"scales unreadable: {type(e).__name__}: {e}"
+        if tuple(sarr.shape) != (manifest["rows"],):
+            return f"scales shape {tuple(sarr.shape)} != ({manifest['rows']},)"
     expected = 0
     for e in manifest["entries"]:
         if e["offset"] != expected:
@@ -792,11 +872,12 @@ def _verify_shard(cache: TeacherCache, i: int, check_data: bool) -> str:
         return ""
     try:
         data = arr[:]  # (rows, D)
+        sdata = sarr[:] if sarr is not None else None  # (rows,)
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt chunk fails to decode
         return f"store truncated or corrupt: {type(e).__name__}: {e}"
     for e in manifest["entries"]:
-        rows = data[e["offset"] : e["offset"] + e["h"] * e["w"]]
-        if feature_checksum(rows) != e["checksum"]:
+        sl = slice(e["offset"], e["offset"] + e["h"] * e["w"])
+        if feature_checksum(data[sl], None if sdata is None else sdata[sl]) != e["checksum"]:
             return f"bad checksum for key {e['key']!r}"
     return ""
 

@@ -46,18 +46,18 @@ def pick_device(pref: str = "auto") -> torch.device:
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """Autocast dtype for a precision name (None for fp32)."""
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """Autocast dtype for a precision name (None for fp32); see :mod:`pipeline.precision`."""
+    from pipeline.precision import autocast_dtype as _dtype
+
+    return _dtype(precision)
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """torch.autocast for bf16/fp16 on the device; a no-op for fp32."""
-    dt = autocast_dtype(precision)
-    if dt is None:
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=dt):
+    """torch.autocast for bf16/fp16 on the device; a no-op for fp32 (:func:`pipeline.precision.autocast`)."""
+    from pipeline.precision import autocast as _autocast
+
+    with _autocast(device, precision):
         yield
 
 

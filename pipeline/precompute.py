@@ -45,9 +45,9 @@ FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_")  # driver env forwarded to t
 
 
 def _autocast_dtypes() -> dict[str, Any]:
-    import torch
+    from pipeline.precision import autocast_dtype
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+    return {m: autocast_dtype(m) for m in ("bf16", "fp16", "none")}  # the cache spec's names
 
 
 @dataclass
@@ -61,11 +61,11 @@ class PrecomputeConfig:
     crop: int = 0  # window size in pixels; 0 = the teacher's native resolution
     stride: int = 24  # window step in pixels
     cache_root: str = ""  # caches live in <cache_root>/<fingerprint>; "" = $SPAR_CACHE_ROOT or work/cache
-    dtype: Literal["float16", "float32"] = "float16"  # stored dtype
+    dtype: Literal["float16", "float32", "int8"] = "float16"  # stored dtype (int8: per-token absmax scale)
     workers: int = 0  # max tasks in flight; 0 = as many as the cluster schedules
     window_batch: int = 32  # windows per teacher forward
-    autocast: Literal["bf16", "fp16", "none"] = (
-        "bf16"  # teacher forward precision (CPU and GPU); fingerprinted
+    autocast: Literal["auto", "bf16", "fp16", "none"] = (
+        "auto"  # teacher forward precision; auto = fastest here (pipeline.precision); resolved one fingerprinted
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus_per_task: int = 1  # Ray num_cpus per task = torch threads per task on CPU
@@ -111,7 +111,7 @@ def resolve_spec(cfg: PrecomputeConfig, ims: Any) -> tuple[CacheSpec, dict[str, 
         readout=bb.readout,
         dtype=cfg.dtype,
         imageset_fingerprint=ims.fingerprint,
-        autocast=cfg.autocast,
+        autocast=_resolved_autocast(cfg),
     )
     layout = {
         "num_shards": ims.num_shards,
@@ -120,6 +120,16 @@ def resolve_spec(cfg: PrecomputeConfig, ims: Any) -> tuple[CacheSpec, dict[str, 
         "patch_size": bb.patch_size,
     }
     return spec, layout
+
+
+def _resolved_autocast(cfg: PrecomputeConfig) -> str:
+    """The cache spec's autocast mode for ``cfg`` (``auto`` resolved for the device the tasks will use)."""
+    import torch
+
+    from pipeline.precision import cache_mode, resolve
+
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return cache_mode(resolve(cfg.autocast, device))
 
 
 def precompute(cfg: PrecomputeConfig, only_shards: list[int] | None = None) -> str:
@@ -414,7 +424,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, help="window size in pixels (default: the teacher's native size)")
     p.add_argument("--stride", type=int, help="window stride in pixels")
     p.add_argument("--cache-root", help="directory or s3:// prefix holding caches")
-    p.add_argument("--dtype", choices=["float16", "float32"])
+    p.add_argument("--dtype", choices=["float16", "float32", "int8"])
     p.add_argument("--workers", type=int, help="max shards computed at once")
     p.add_argument("--window-batch", type=int, help="windows per teacher forward")
     p.add_argument("--config", help="TOML recipe ([precompute] section)")

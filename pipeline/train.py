@@ -77,7 +77,7 @@ class DistillConfig:
     # after warm-up: "constant" (the authors' run: AdamW without a scheduler; "none" is the same) or "cosine" to 0
     schedule: Literal["none", "constant", "cosine"] = "none"
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (fp16) on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: pipeline.precision.resolve
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many optimizer steps (epochs are repeated as needed)
     batch_size: int = 1  # > 1: batches of equal-size images (size buckets)
@@ -172,18 +172,12 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str, total_ste
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a GradScaler is needed) for ``precision`` on ``device``."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    if device.type != "cuda":
+    from pipeline.precision import autocast_dtype, resolve
+
+    p = resolve(precision, device)  # auto: the fastest on this device (pipeline.precision)
+    if p == "fp16" and device.type != "cuda":
         raise DistillError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return torch.float16, True
+    return autocast_dtype(p), p == "fp16"
 
 
 # ----------------------------------------------------------------------------------------- one step

@@ -8,6 +8,9 @@ per window), divided by the per-cell coverage count, and resized bilinearly to t
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -22,7 +25,11 @@ __all__ = [
     "window_grid",
     "sliding_window_features",
     "validate_window_params",
+    "window_forward",
+    "COMPILE_ENV",
 ]
+
+COMPILE_ENV = "SPAR_COMPILE"  # "1": compile the teacher's window forward with torch.compile (inductor)
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -100,6 +107,46 @@ def _cell_index(oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: int, canvas_w: 
     return (iy * canvas_w + ix).reshape(oy.shape[0], kh * kw)
 
 
+def window_forward(backbone: Backbone, compile: bool | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher's window forward: ``backbone.dense``, or its ``torch.compile`` (inductor) version when
+    ``compile`` is True (``None``: when ``$SPAR_COMPILE`` is "1"). The compiled function is built once per
+    backbone object and reused; if compilation is unavailable or fails, a warning is given and the eager forward
+    is used from then on (the results are the same, only slower)."""
+    if compile is None:
+        compile = os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not compile:
+        return backbone.dense
+    state = backbone.__dict__.setdefault("_spar_compiled", {})
+    if state.get("failed"):
+        return backbone.dense
+    if "fn" not in state:
+        try:
+            state["fn"] = torch.compile(backbone.dense, dynamic=False)
+        except Exception as e:  # noqa: BLE001 - no compiler on this platform: stay eager
+            warnings.warn(
+                f"torch.compile unavailable ({type(e).__name__}: {e}); using the eager teacher", stacklevel=2
+            )
+            state["failed"] = True
+            return backbone.dense
+    compiled = state["fn"]
+
+    def run(wins: torch.Tensor) -> torch.Tensor:
+        if state.get("failed"):
+            return backbone.dense(wins)
+        try:
+            return compiled(wins)
+        except BackboneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler/toolchain failure: fall back for good
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}: {e}); using the eager teacher", stacklevel=2
+            )
+            state["failed"] = True
+            return backbone.dense(wins)
+
+    return run
+
+
 @torch.no_grad()
 def sliding_window_features(
     backbone: Backbone,
@@ -108,6 +155,7 @@ def sliding_window_features(
     stride: int,
     window_batch: int = 32,
     autocast_dtype: torch.dtype | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Teacher features: (B, 3, H, W) normalised images -> (B, H/p, W/p, D) float32.
 
@@ -115,6 +163,7 @@ def sliding_window_features(
         crop, stride: window size and step in pixels (crop a multiple of the patch size).
         window_batch: windows per forward pass.
         autocast_dtype: run the windows under autocast in this dtype (bf16/fp16); ``None`` = backbone dtype.
+        compile: run the windows through ``torch.compile`` (see :func:`window_forward`; ``None``: $SPAR_COMPILE).
     """
     backbone.check_input(x)
     b, _, h, w = x.shape
@@ -141,6 +190,7 @@ def sliding_window_features(
         )  # cannot happen with boundary windows
 
     amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    forward = window_forward(backbone, compile)
     out = []
     for i in range(b):
         canvas = None
@@ -148,7 +198,7 @@ def sliding_window_features(
             sl = slice(s, s + window_batch)
             wins = _crop_windows(x[i], oy[sl], ox[sl], ch, cw)  # (nb, 3, ch, cw)
             with amp:
-                f = backbone.dense(wins)  # (nb, ch/p, cw/p, D)
+                f = forward(wins)  # (nb, ch/p, cw/p, D)
             f = f.float().permute(0, 3, 1, 2)  # (nb, D, ch/p, cw/p)
             if r > 1:
                 f = F.interpolate(f, scale_factor=r, mode="bilinear", align_corners=False)  # (nb, D, kh, kw)

@@ -341,3 +341,27 @@ def test_missing_images_is_a_clear_error(tmp_path):
         precompute(cfg_for("", tmp_path))
     with pytest.raises(Exception, match=str(tmp_path / "nope")):
         precompute(cfg_for(str(tmp_path / "nope"), tmp_path))
+
+
+def test_int8_cache_matches_the_teacher_within_its_step_and_is_verified_and_repaired(imageset, tmp_path):
+    path = precompute(cfg_for(imageset, tmp_path, stride=32, dtype="int8"))
+    c = open_cache(path)
+    assert c.spec.dtype == "int8"
+    for r in open_imageset(imageset).records:
+        got = c.features(r.key)  # dequantised float32
+        ref = reference(imageset, r.key, 64, 32)
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        step = np.abs(ref).max(axis=-1, keepdims=True) / 127  # (h, w, 1): one int8 step per token
+        assert (np.abs(got - ref) <= 0.5 * step + 1e-4 * np.abs(ref).max()).all(), r.key
+    good = {k: c.features(k) for k in c.keys()}
+    scales = Path(path) / "shards" / "shard-000001.zarr" / "scales" / "c"
+    chunk = sorted(p for p in scales.rglob("*") if p.is_file())[-1]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    assert [p.where for p in verify_cache(path)[1]] == ["shard-000001"]
+    repair_cache(path, [1])
+    assert verify_cache(path)[1] == []
+    c = open_cache(path)
+    for k, v in good.items():
+        np.testing.assert_array_equal(c.features(k), v)

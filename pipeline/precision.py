@@ -1,0 +1,158 @@
+"""Precision: the one place that names, resolves and applies the teacher's and student's numeric precision.
+
+Every stage accepts the same names (``auto``, ``fp32``, ``bf16``, ``fp16``; ``none``/``float32``/``bfloat16``/
+``float16`` are accepted aliases) and calls :func:`resolve` to turn ``auto`` into what is fastest on the device:
+
+* CUDA: ``bf16`` where the GPU supports it, else ``fp16``;
+* CPU: ``bf16`` only where it beats fp32 — CPUs with AMX tiles (Intel Sapphire Rapids and later), where bf16
+  matmuls run on the tile unit. Without AMX (e.g. AVX512-BF16 on AMD Zen 4) bf16 matmuls are *slower* than fp32
+  (measured 111 vs 178 GFLOP/s on a 2-core Zen 4), so ``auto`` is ``fp32`` there.
+
+The CPU rule is a capability check, not a timing, on purpose: the resolved precision is recorded in the teacher
+cache's spec and fingerprint, so it must not flip with machine load. ``SPAR_CPU_BF16=1``/``0`` forces the CPU rule;
+``SPAR_PRECISION_PROBE=1`` replaces it with a short measured probe (:func:`cpu_bf16_speedup`, ~0.2 s, cached per
+process). A precision given explicitly (config, CLI) is used as is.
+
+The teacher cache keeps its historical vocabulary (``bf16``/``fp16``/``none``; see :func:`cache_mode`) so the
+fingerprints of existing caches do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from pipeline.config import UserError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+_ALIASES = {
+    "auto": "auto",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "none": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+}
+_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CACHE_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
+CPU_BF16_ENV = "SPAR_CPU_BF16"
+PROBE_ENV = "SPAR_PRECISION_PROBE"
+
+
+class PrecisionError(UserError, ValueError):
+    """An unknown precision name, or one the device cannot run."""
+
+
+def canonical(name: str) -> str:
+    """``auto`` | ``fp32`` | ``bf16`` | ``fp16`` for any accepted spelling; PrecisionError otherwise."""
+    key = str(name).strip().lower()
+    if key not in _ALIASES:
+        raise PrecisionError(
+            f"unknown precision {name!r}; use one of {', '.join(PRECISION_NAMES)} (or none = fp32)"
+        )
+    return _ALIASES[key]
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type if not isinstance(device, torch.device) else device.type
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True when the CPU has AMX tiles with bf16 (torch's runtime check, else ``/proc/cpuinfo``'s flags)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if check is not None:
+        try:
+            return bool(check())
+        except (RuntimeError, AttributeError):
+            pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(n: int = 384, seconds: float = 0.2) -> float:
+    """Measured bf16 / fp32 matmul rate on this CPU (> 1: bf16 faster), interleaved, best of each; cached."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for name, (x, y) in (("fp32", (a, b)), ("bf16", (a16, b16))):
+            t = time.perf_counter()
+            x @ y
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best["fp32"] / best["bf16"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_prefers_bf16() -> bool:
+    """Whether ``auto`` means bf16 on this CPU (see the module docstring for the rule and its overrides)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced in ("1", "true", "yes"):
+        return True
+    if forced in ("0", "false", "no"):
+        return False
+    if os.environ.get(PROBE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return cpu_bf16_speedup() > 1.1
+    return cpu_has_amx_bf16()
+
+
+def resolve(name: str, device: torch.device | str) -> Precision:
+    """The concrete precision (``fp32``/``bf16``/``fp16``) for ``name`` on ``device``; ``auto`` picks the fastest."""
+    p = canonical(name)
+    dev = _device_type(device)
+    if p != "auto":
+        return p  # type: ignore[return-value]
+    if dev == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dev == "cpu":
+        return "bf16" if cpu_prefers_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of a concrete precision (``None`` for fp32). ``auto`` must be resolved first."""
+    p = canonical(name)
+    if p == "auto":
+        raise PrecisionError(
+            "precision 'auto' must be resolved for a device first (pipeline.precision.resolve)"
+        )
+    return _DTYPES[p]
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
+    """``autocast_dtype(resolve(name, device))``."""
+    return autocast_dtype(resolve(name, device))
+
+
+def cache_mode(name: str) -> str:
+    """The teacher cache's spelling of a concrete precision: ``none`` (fp32), ``bf16``, ``fp16``."""
+    p = canonical(name)
+    if p == "auto":
+        raise PrecisionError("precision 'auto' must be resolved before it is recorded in a cache spec")
+    return _CACHE_MODES[p]
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device | str, name: str) -> Iterator[None]:
+    """torch.autocast in the precision's dtype on the device; a no-op for fp32 (``auto`` resolved here)."""
+    dt = resolve_dtype(name, device)
+    if dt is None:
+        yield
+        return
+    with torch.autocast(device_type=_device_type(device), dtype=dt):
+        yield
