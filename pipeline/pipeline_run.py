@@ -88,9 +88,12 @@ def _ingest(src: str, out: Path, icfg: Any) -> str:
     return str(out)
 
 
-def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
+def run_pipeline(
+    cfgs: dict[str, Any], precompute_stats: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """ingest -> precompute -> distill -> eval, as configured. Returns paths, results (``distill_result``,
-    ``eval``) and each stage's wall time in seconds (``seconds``: ingest, precompute, distill, eval)."""
+    ``eval``) and each stage's wall time in seconds (``seconds``: ingest, precompute, distill, eval).
+    ``precompute_stats``: when given, every precompute task's statistics are appended to it."""
     from pipeline.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
     from pipeline.evaluate import run_eval
     from pipeline.precompute import precompute
@@ -123,11 +126,15 @@ def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
     cache_root = pcfg.cache_root or str(work / "cache")
     ray_addr = run.ray_address or pcfg.ray_address
     print("[spar pipeline] precompute", flush=True)
-    cache = precompute(dataclasses.replace(pcfg, images=images, cache_root=cache_root, ray_address=ray_addr))
+    cache = precompute(
+        dataclasses.replace(pcfg, images=images, cache_root=cache_root, ray_address=ray_addr),
+        stats=precompute_stats,
+    )
     held_cache = None
     if heldout:
         held_cache = precompute(
-            dataclasses.replace(pcfg, images=heldout, cache_root=cache_root, ray_address=ray_addr)
+            dataclasses.replace(pcfg, images=heldout, cache_root=cache_root, ray_address=ray_addr),
+            stats=precompute_stats,
         )
 
     seconds["precompute"] = time.perf_counter() - t
