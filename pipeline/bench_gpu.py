@@ -377,7 +377,7 @@ def _photo(h: int, w: int) -> np.ndarray:
 
     from pipeline.photos import sample_photo_rgb
 
-    return np.asarray(Image.fromarray(sample_photo_rgb(PHOTO)).resize((w, h), Image.BICUBIC))
+    return np.array(Image.fromarray(sample_photo_rgb(PHOTO)).resize((w, h), Image.BICUBIC))
 
 
 # ----------------------------------------------------------------------------------------------- environment
@@ -1210,6 +1210,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = Context(plan=plan, device="cuda" if mode == "gpu" else "cpu", report=report, workdir=work)
     t0 = time.perf_counter()
     old_term = signal.getsignal(signal.SIGTERM)
+    ray_was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     say(f"mode {mode}, sections {', '.join(names)}, budget {args.budget_s:.0f} s, report in {out}")
     try:
         for i, name in enumerate(names):
@@ -1230,7 +1231,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         report.data["meta"]["total_seconds"] = round(time.perf_counter() - t0, 1)
         report.save()
-        _shutdown_ray()
+        if not ray_was_up:  # stop only the local cluster this run started
+            _shutdown_ray()
         signal.signal(signal.SIGTERM, old_term)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
