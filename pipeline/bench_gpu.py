@@ -861,7 +861,6 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     from pipeline.ingest import IngestConfig
     from pipeline.pipeline_run import RunConfig, run_pipeline
     from pipeline.precompute import PrecomputeConfig
-    from pipeline.raycluster import init_ray
     from pipeline.train import DistillConfig
 
     pp = ctx.plan.pipeline
@@ -870,10 +869,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     res["plan"] = asdict(pp)
     res["stages"] = {}
     t = time.perf_counter()
-    if os.environ.get("RAY_ADDRESS"):  # an existing cluster brings its own resources
-        init_ray()
-    else:
-        init_ray(num_cpus=os.cpu_count(), num_gpus=gpus)
+    _start_ray(res, gpus)
     import ray
 
     res["ray"] = {"version": ray.__version__, "resources": dict(ray.cluster_resources())}
@@ -984,6 +980,25 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
         )
         and bool(res["runs"]),
     )
+
+
+def _start_ray(res: dict[str, Any], gpus: int, tries: int = 2) -> None:
+    """A local Ray cluster with this machine's CPUs and ``gpus`` GPUs (or the cluster at RAY_ADDRESS); a node
+    that times out at start-up (an overloaded machine) is retried once."""
+    from pipeline.raycluster import init_ray, shutdown_ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            if os.environ.get("RAY_ADDRESS"):  # an existing cluster brings its own resources
+                init_ray()
+            else:
+                init_ray(num_cpus=os.cpu_count(), num_gpus=gpus)
+            return
+        except Exception as e:  # noqa: BLE001 - retried once, then raised
+            res.setdefault("ray_start_failures", []).append(f"{type(e).__name__}: {e}")
+            shutdown_ray()
+            if attempt == tries:
+                raise
 
 
 def _offline_photos(names: tuple[str, ...]) -> tuple[str, ...]:
