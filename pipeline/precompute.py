@@ -219,7 +219,11 @@ def _task_cpus(cfg: PrecomputeConfig, cluster_cpus: float) -> float:
 
 
 def _run_tasks(
-    cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int], stats: list[dict[str, Any]] | None = None
+    cfg: PrecomputeConfig,
+    cache_path: str,
+    ims: Any,
+    todo: list[int],
+    stats: list[dict[str, Any]] | None = None,
 ) -> dict[int, str]:
     """Run one Ray task per shard in ``todo`` with at most ``cfg.workers`` in flight; return failures
     (and append each finished task's statistics to ``stats`` when given)."""
