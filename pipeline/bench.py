@@ -13,6 +13,7 @@ BENCHES = {
     "ingest": "ingest throughput with 1 and 2 Ray workers",
     "cache": "cache size, read/write speed, precompute throughput vs measured matmul rate",
     "train": "training step: streaming vs in-memory targets, cached vs online teacher",
+    "gpu": "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,12 @@ def _ingest(src: str, out: Path, icfg: Any) -> str:
     return str(out)
 
 
-def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
-    """ingest -> precompute -> distill -> eval, as configured. Returns paths and results."""
+def run_pipeline(
+    cfgs: dict[str, Any], precompute_stats: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """ingest -> precompute -> distill -> eval, as configured. Returns paths, results (``distill_result``,
+    ``eval``) and each stage's wall time in seconds (``seconds``: ingest, precompute, distill, eval).
+    ``precompute_stats``: when given, every precompute task's statistics are appended to it."""
     from pipeline.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
     from pipeline.evaluate import run_eval
     from pipeline.precompute import precompute
@@ -106,6 +111,8 @@ def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
         if not held_source:
             write_photos(work / "raw" / "heldout", HELDOUT_PHOTOS)
             held_source = str(work / "raw" / "heldout")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
     print(f"[spar pipeline] ingest {source}", flush=True)
     images = _ingest(source, work / "images" / "train", cfgs["ingest"])
     heldout = None
@@ -113,17 +120,25 @@ def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
         held_cfg = dataclasses.replace(cfgs["ingest"], augment=False)
         heldout = _ingest(held_source, work / "images" / "heldout", held_cfg)
 
+    seconds["ingest"] = time.perf_counter() - t
+    t = time.perf_counter()
     pcfg = cfgs["precompute"]
     cache_root = pcfg.cache_root or str(work / "cache")
     ray_addr = run.ray_address or pcfg.ray_address
     print("[spar pipeline] precompute", flush=True)
-    cache = precompute(dataclasses.replace(pcfg, images=images, cache_root=cache_root, ray_address=ray_addr))
+    cache = precompute(
+        dataclasses.replace(pcfg, images=images, cache_root=cache_root, ray_address=ray_addr),
+        stats=precompute_stats,
+    )
     held_cache = None
     if heldout:
         held_cache = precompute(
-            dataclasses.replace(pcfg, images=heldout, cache_root=cache_root, ray_address=ray_addr)
+            dataclasses.replace(pcfg, images=heldout, cache_root=cache_root, ray_address=ray_addr),
+            stats=precompute_stats,
         )
 
+    seconds["precompute"] = time.perf_counter() - t
+    t = time.perf_counter()
     print("[spar pipeline] distill", flush=True)
     dcfg = dataclasses.replace(
         cfgs["distill"],
@@ -134,6 +149,7 @@ def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
         ray_address=run.ray_address or cfgs["distill"].ray_address,
     )
     result = distill(dcfg)
+    seconds["distill"] = time.perf_counter() - t
     out: dict[str, Any] = {
         "images": images,
         "heldout": heldout,
@@ -141,6 +157,8 @@ def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
         "heldout_cache": held_cache,
         "checkpoint": result.checkpoint_dir,
         "run_id": result.run_id,
+        "distill_result": result,
+        "seconds": seconds,
     }
     if run.skip_eval:
         return out
@@ -156,7 +174,9 @@ def run_pipeline(cfgs: dict[str, Any]) -> dict[str, Any]:
         print("[spar pipeline] eval skipped: [eval] has neither fidelity = true nor a data_root", flush=True)
         return out
     print("[spar pipeline] eval", flush=True)
+    t = time.perf_counter()
     out["eval"] = run_eval(ecfg)
+    seconds["eval"] = time.perf_counter() - t
     return out
 
 

@@ -132,10 +132,14 @@ def _resolved_autocast(cfg: PrecomputeConfig) -> str:
     return cache_mode(resolve(cfg.autocast, device))
 
 
-def precompute(cfg: PrecomputeConfig, only_shards: list[int] | None = None) -> str:
+def precompute(
+    cfg: PrecomputeConfig, only_shards: list[int] | None = None, stats: list[dict[str, Any]] | None = None
+) -> str:
     """Fill the cache for ``cfg``; return its path ``<cache_root>/<fingerprint>``.
 
     Only shards without a valid completion marker are computed (``only_shards`` narrows them further).
+    ``stats``: when given, each finished task's statistics are appended to it (shard, status, images, windows,
+    seconds, device, worker pid, teacher builds in that worker process).
     Raises :class:`CacheError` naming the shards that failed after their retries; finished shards are kept.
     """
     from pipeline.imageset import open_imageset
@@ -155,7 +159,7 @@ def precompute(cfg: PrecomputeConfig, only_shards: list[int] | None = None) -> s
         _say(cfg, f"cache complete, nothing to compute: {cache.path}")
         return cache.path
     _say(cfg, f"precompute {len(todo)}/{cache.num_shards} shard(s) into {cache.path}")
-    failures = _run_tasks(cfg, cache.path, ims, todo)
+    failures = _run_tasks(cfg, cache.path, ims, todo, stats)
     left = [i for i in todo if not cache.shard_complete(i)]
     if failures or left:
         detail = "; ".join(f"{shard_stem(i)}: {msg}" for i, msg in sorted(failures.items()))
@@ -224,8 +228,15 @@ def _task_cpus(cfg: PrecomputeConfig, cluster_cpus: float) -> float:
     return float(cfg.cpus_per_task)
 
 
-def _run_tasks(cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int]) -> dict[int, str]:
-    """Run one Ray task per shard in ``todo`` with at most ``cfg.workers`` in flight; return failures."""
+def _run_tasks(
+    cfg: PrecomputeConfig,
+    cache_path: str,
+    ims: Any,
+    todo: list[int],
+    stats: list[dict[str, Any]] | None = None,
+) -> dict[int, str]:
+    """Run one Ray task per shard in ``todo`` with at most ``cfg.workers`` in flight; return failures
+    (and append each finished task's statistics to ``stats`` when given)."""
     import ray
     from tqdm import tqdm
 
@@ -265,8 +276,10 @@ def _run_tasks(cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int]
             for ref in ready:
                 i = running.pop(ref)
                 try:
-                    stats = ray.get(ref)
-                    windows += int(stats.get("windows", 0))
+                    st = ray.get(ref)
+                    windows += int(st.get("windows", 0))
+                    if stats is not None:
+                        stats.append(st)
                 except Exception as e:  # noqa: BLE001 - report per shard, keep the others going
                     failures[i] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
                 done_shards += 1
@@ -283,6 +296,7 @@ def _run_tasks(cfg: PrecomputeConfig, cache_path: str, ims: Any, todo: list[int]
 # ----------------------------------------------------------------------------------------------- task
 
 _TEACHERS: dict[tuple[Any, ...], Any] = {}  # per worker process: the loaded teacher, reused across tasks
+_TEACHER_BUILDS = [0]  # how many times this process built a teacher (reported in the task statistics)
 
 
 def _teacher(name: str, pretrained: str | None, seed: int, device: str, amp: Any) -> Any:
@@ -293,6 +307,7 @@ def _teacher(name: str, pretrained: str | None, seed: int, device: str, amp: Any
         from spar_core.backbones import build_backbone
 
         _TEACHERS.clear()
+        _TEACHER_BUILDS[0] += 1
         bb = build_backbone(name, pretrained, device=device, dtype=torch.float32, seed=seed)
         _TEACHERS[key] = precast_for_autocast(bb, amp) if amp is not None else bb
     return _TEACHERS[key]
@@ -351,7 +366,15 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
     t0 = time.time()
     cache = open_cache(cache_path)
     if cache.shard_complete(shard):
-        return {"shard": shard, "status": "already-complete", "images": 0, "windows": 0, "seconds": 0.0}
+        return {
+            "shard": shard,
+            "status": "already-complete",
+            "images": 0,
+            "windows": 0,
+            "seconds": 0.0,
+            "pid": os.getpid(),
+            "teacher_builds": _TEACHER_BUILDS[0],
+        }
     s = cache.spec
     device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -388,6 +411,9 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
         "images": len(records),
         "windows": windows,
         "seconds": time.time() - t0,
+        "device": str(next(bb.parameters()).device),
+        "pid": os.getpid(),
+        "teacher_builds": _TEACHER_BUILDS[0],
     }
 
 

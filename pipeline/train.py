@@ -407,6 +407,14 @@ def _train_worker(job: dict[str, Any]) -> None:
         verify=cfg.verify_pixels,
     )
     mlog = _MetricLog(job["tracking_uri"], job["run_id"], cfg.log_every) if rank == 0 else None
+    if mlog is not None:  # where and how the steps really ran (a GPU check reads these back)
+        amp = runner.autocast_dtype
+        for k, v in {
+            "worker_device": str(device),
+            "autocast_dtype": str(amp).removeprefix("torch.") if amp is not None else "none",
+            "grad_scaler": str(runner.scaler is not None).lower(),
+        }.items():
+            mlog.client.set_tag(job["run_id"], k, v)
     _loop(cfg, job, runner, planner, make_loader(stream, cfg.loader_workers), state, rank, world, mlog)
 
 
@@ -456,6 +464,7 @@ def _loop(
                     "images_per_s": len(item["keys"]) * world / max(step_time, 1e-9),
                     "data_wait_frac": (t1 - t0) / max(step_time, 1e-9),
                     "step_time_s": step_time,
+                    **({"grad_scale": runner.scaler.get_scale()} if runner.scaler is not None else {}),
                 },
                 state.step,
             )

@@ -110,6 +110,31 @@ def test_cached_features_equal_the_direct_teacher_and_rerun_is_a_noop(imageset, 
     assert shard_attempts(path) == before  # nothing rewritten
 
 
+def test_task_stats_report_windows_device_and_one_teacher_build_per_worker(imageset, tmp_path):
+    def windows_1d(length: int, crop: int = 64, stride: int = 24) -> int:
+        if length <= crop:
+            return 1
+        return (length - crop) // stride + 1 + (1 if (length - crop) % stride else 0)
+
+    stats: list[dict] = []
+    path = precompute(cfg_for(imageset, tmp_path, workers=1), stats=stats)
+    ims = open_imageset(imageset)
+    assert sorted(s["shard"] for s in stats) == list(range(ims.num_shards))
+    assert {s["status"] for s in stats} == {"written"}
+    assert {s["device"] for s in stats} == {"cpu"}
+    want = {
+        i: sum(windows_1d(r.height) * windows_1d(r.width) for r in ims.shard_records(i))
+        for i in range(ims.num_shards)
+    }
+    assert {s["shard"]: s["windows"] for s in stats} == want
+    # the teacher is built once per worker process, however many shards that process computes
+    for pid in {s["pid"] for s in stats}:
+        assert max(s["teacher_builds"] for s in stats if s["pid"] == pid) == 1
+    more: list[dict] = []
+    assert precompute(cfg_for(imageset, tmp_path, workers=1), stats=more) == path
+    assert more == []  # a complete cache runs no task
+
+
 def test_bf16_autocast_default_is_close_to_float32(imageset, tmp_path):
     cfg = cfg_for(imageset, tmp_path, autocast="bf16", stride=32, workers=1)
     path = precompute(cfg)
