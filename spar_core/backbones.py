@@ -258,14 +258,18 @@ class Backbone(nn.Module):
         return self.model.encode_text(tokens).float()
 
     def set_trainable(self, last_k: int | str) -> list[str]:
-        """Freeze everything, then unfreeze the last ``k`` blocks (``"all"``: every parameter; 0: none).
+        """Freeze everything, then unfreeze the last ``k`` blocks (0: none).
 
+        ``"all"`` (SPAR-ALL) unfreezes every parameter the dense readout depends on: the whole image tower, less
+        what the readout bypasses (the attention pool's query for SigLIP). The text tower stays frozen: the
+        reference marks it trainable too, but it never receives a gradient there, so it never changes; leaving it
+        frozen keeps DDP free of unused parameters and checkpoints free of 100s of MB of unchanged text weights.
         Returns the names of the trainable parameters.
         """
         if last_k == "all":
-            for p in self.parameters():
-                p.requires_grad_(True)
-            return [n for n, _ in self.named_parameters()]
+            for n, p in self.named_parameters():
+                p.requires_grad_(self._used_by_readout(n))
+            return [n for n, p in self.named_parameters() if p.requires_grad]
         if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 0:
             raise BackboneError(f"trainable blocks must be an int >= 0 or 'all', got {last_k!r}")
         if last_k > self.num_blocks:
@@ -276,6 +280,10 @@ class Backbone(nn.Module):
             for p in blk.parameters():
                 p.requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _used_by_readout(self, param_name: str) -> bool:
+        """Whether the dense readout depends on this parameter (``named_parameters`` name)."""
+        return param_name.startswith("model.visual.")
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that currently require grad, by their ``state_dict`` names (detached)."""
@@ -412,6 +420,10 @@ class SigLipPoolBypassBackbone(Backbone):
     @property
     def blocks(self) -> nn.Sequential:
         return self.trunk.blocks
+
+    def _used_by_readout(self, param_name: str) -> bool:
+        bypassed = ("model.visual.trunk.attn_pool.latent", "model.visual.trunk.attn_pool.q.")
+        return param_name.startswith("model.visual.") and not param_name.startswith(bypassed)
 
     def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         tr = self.trunk
