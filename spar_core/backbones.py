@@ -517,28 +517,45 @@ class _Resolved:
     quick_gelu: bool  # asked for by the name or the flag (a tag may still turn it on)
 
 
+def _oc_quick_gelu(oc_name: str) -> bool:
+    return bool((open_clip.get_model_config(oc_name) or {}).get("quick_gelu", False))
+
+
 def _resolve_name(name: str, quick_gelu: bool) -> _Resolved:
-    """Map a backbone name (optionally ``<name>-quickgelu``) to what to build."""
-    if name in open_clip.list_models() and name.startswith("ViT-"):  # open_clip's own (incl. *-quickgelu)
-        readout = "siglip2-pool-bypass" if "SigLIP" in name else "maskclip"
-        qg = quick_gelu or bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
-        canon = name + QUICKGELU_SUFFIX if quick_gelu and not name.endswith(QUICKGELU_SUFFIX) else name
-        return _Resolved(canon, name, readout, name, qg)
-    base = name.removesuffix(QUICKGELU_SUFFIX)
-    qg = quick_gelu or base != name
-    canon = base + QUICKGELU_SUFFIX if qg else base
-    if base in _TINY:
-        return _Resolved(canon, None, "maskclip", "ViT-B-16", qg)
-    if base in _ALIASES:
+    """Map a backbone name (optionally ``<name>-quickgelu``) to what to build.
+
+    The canonical name rebuilds the same tower: open_clip's own ``*-quickgelu`` config where one exists, else the
+    name with the ``-quickgelu`` suffix.
+    """
+    oc_models = set(open_clip.list_models())
+    if name.startswith("ViT-") and name in oc_models:
+        base, qg = name, quick_gelu or _oc_quick_gelu(name)
+    else:
+        base = name.removesuffix(QUICKGELU_SUFFIX)
+        qg = quick_gelu or base != name
+    if base.startswith("ViT-") and base in oc_models:
+        oc_name = base
+        if qg and not _oc_quick_gelu(base) and base + QUICKGELU_SUFFIX in oc_models:
+            oc_name = base + QUICKGELU_SUFFIX
+        canon = base + QUICKGELU_SUFFIX if qg and not _oc_quick_gelu(oc_name) else oc_name
+        readout = "siglip2-pool-bypass" if "SigLIP" in base else "maskclip"
+        resolved = _Resolved(canon, oc_name, readout, oc_name, qg)
+    elif base in _TINY:
+        resolved = _Resolved(base + QUICKGELU_SUFFIX if qg else base, None, "maskclip", "ViT-B-16", qg)
+    elif base in _ALIASES:
         oc_name, readout = _ALIASES[base]
-        if qg and readout != "maskclip":
-            raise BackboneError(f"{name}: QuickGELU applies to CLIP towers only, not the {readout} readout")
-        return _Resolved(canon, oc_name, readout, oc_name, qg)
-    known = ", ".join(sorted(_TINY) + sorted(_ALIASES))
-    raise BackboneError(
-        f"unknown backbone {name!r}; known: {known} (each optionally with {QUICKGELU_SUFFIX!r}), "
-        "or any open_clip ViT-* model name"
-    )
+        resolved = _Resolved(base + QUICKGELU_SUFFIX if qg else base, oc_name, readout, oc_name, qg)
+    else:
+        known = ", ".join(sorted(_TINY) + sorted(_ALIASES))
+        raise BackboneError(
+            f"unknown backbone {name!r}; known: {known} (each optionally with {QUICKGELU_SUFFIX!r}), "
+            "or any open_clip ViT-* model name"
+        )
+    if resolved.quick_gelu and resolved.readout != "maskclip":
+        raise BackboneError(
+            f"{name}: QuickGELU applies to CLIP towers only, not the {resolved.readout} readout"
+        )
+    return resolved
 
 
 def _make_model(

@@ -215,6 +215,19 @@ def test_quick_gelu_with_local_weights_file(tmp_path):
         assert rel(gelu.dense(x), ref_maskclip(src.model, x, quick=False)) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["tiny-clip-64", "ViT-S-16", "ViT-B-16"])
+def test_quick_gelu_flag_name_rebuilds_the_same_tower(name):
+    """``bb.name`` is what caches and students record: rebuilding from it gives the same QuickGELU tower."""
+    a = build_backbone(name, quick_gelu=True, seed=4)
+    b = build_backbone(a.name, seed=4)
+    assert a.name.endswith("-quickgelu") and a.quick_gelu and b.quick_gelu
+    assert (a.name, a.weights_id) == (b.name, b.weights_id)
+    assert isinstance(b.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    x = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        assert torch.equal(a.dense(x), b.dense(x))
+
+
 def test_openai_tag_turns_quick_gelu_on(monkeypatch):
     """The reference builds with ``quick_gelu="openai" in pretrained``; no download here: open_clip's
     create_model is stood in by one that records its arguments and builds the architecture randomly."""

@@ -185,3 +185,17 @@ def test_export_vitb16_loads_in_open_clip(tmp_path):
 def test_export_refuses_a_missing_student(tmp_path):
     with pytest.raises(CheckpointIOError, match="no such directory"):
         export_open_clip(tmp_path / "nope", tmp_path / "x.pt")
+
+
+def test_quick_gelu_student_from_a_local_file_round_trips(tmp_path):
+    src = build_backbone("tiny-clip-64", seed=8)
+    f = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(f))
+    bb = build_backbone("tiny-clip-64", pretrained=str(f), quick_gelu=True)
+    bb.set_trainable(1)
+    student = load_student(save_student(bb, tmp_path / "s", trainable_blocks=1, config={}))
+    assert student.name == "tiny-clip-64-quickgelu" and student.quick_gelu
+    assert student.weights_id == bb.weights_id and student.weights_id.endswith("+quickgelu")
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert rel(student.dense(x), ref_maskclip(src.model, x, quick=True)) < 1e-5
