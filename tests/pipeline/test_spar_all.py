@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import STUDENT_FILE, load_student
+from pipeline.checkpoint import STUDENT_FILE, load_student, save_student
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from pipeline.train import DistillConfig, add_cli, config_from_args, distill
@@ -45,6 +45,7 @@ def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
     return build_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
 
 
+@pytest.mark.slow  # ~2.5 min on the 2-core machine (image set + cache + Ray Train start-up)
 def test_spar_all_distill_checkpoint_holds_the_image_tower_and_loads_everywhere(data, tmp_path: Path) -> None:
     cfg = DistillConfig(
         images=data["images"], cache=data["cache"], workdir=str(tmp_path / "wd"), workers=2, max_steps=2,
@@ -80,3 +81,23 @@ def test_spar_all_distill_checkpoint_holds_the_image_tower_and_loads_everywhere(
     assert a.shape == b.shape and np.abs(a - b).max() > 1e-3  # the trained tower, not the base
     assert main(["segment", str(photo), "--checkpoint", res.checkpoint_dir, "--classes", "sky;rocket;ground",
                  "--short-side", "64", "--out", str(tmp_path / "seg")]) == 0  # fmt: skip
+
+
+def test_spar_all_student_checkpoint_round_trip(tmp_path: Path) -> None:
+    """Fast companion of the Ray test: a whole-tower student is saved in full and loads exactly."""
+    bb = build_backbone("tiny-clip-224", seed=0)
+    names = bb.set_trainable("all")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    src = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    out = save_student(bb, tmp_path / "s", trainable_blocks="all", config={})
+    assert set(load_file(str(out / STUDENT_FILE))) == set(names)
+    ref = build_backbone("tiny-clip-224", seed=0)
+    ref.model.load_state_dict(src, strict=True)  # independent: plain open_clip load of the perturbed weights
+    student = load_student(out)
+    x = torch.randn(1, 3, 448, 672)
+    with torch.no_grad():
+        assert rel(student.dense(x), ref_maskclip(ref.model, x)) < 1e-5
