@@ -56,12 +56,21 @@ def _sha256(path: Path) -> str:
 
 def _refused_message(path: Path, err: Exception) -> str:
     found = re.search(r"Unsupported global:\s*GLOBAL\s+([\w.]+)", str(err))
-    what = f"a Python object ({found.group(1)})" if found else "Python objects"
+    out = path.with_suffix(".weights.pth")
+    if not found:
+        return (
+            f"{path}: holds Python objects that torch.load(weights_only=True) refuses to unpickle; allowlist the "
+            "classes it names with torch.serialization.add_safe_globals (only for a file you trust), re-save "
+            f"its 'state_dict' with torch.save to {out} and import that file"
+        )
+    module, _, name = found.group(1).rpartition(".")
     return (
-        f"{path}: holds {what} that torch.load(weights_only=True) refuses to unpickle (Lightning checkpoints often "
-        "store hyper_parameters or callback objects). Only in an environment you trust, keep its tensors: "
-        f"python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
-        f"torch.save(c.get('state_dict', c), '{path.with_suffix('.weights.pth')}')\" and import that file"
+        f"{path}: holds a Python object ({found.group(1)}) that torch.load(weights_only=True) refuses to unpickle "
+        "(Lightning checkpoints often store hyper_parameters or callback objects). Only if you trust the file, "
+        "keep its tensors with that one class allowed (repeat for any further class it names): "
+        f'python -c "import torch, importlib; torch.serialization.add_safe_globals([getattr(importlib.'
+        f"import_module('{module}'), '{name}')]); c = torch.load('{path}', map_location='cpu', weights_only=True); "
+        f"torch.save(c.get('state_dict', c), '{out}')\" and import {out.name}"
     )
 
 
