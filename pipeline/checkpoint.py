@@ -2,7 +2,8 @@
 
 A *student checkpoint* is a directory (see docs/INTERFACES.md):
 
-* ``student.safetensors`` -- the trainable parameters, names as in ``bb.state_dict()``;
+* ``student.safetensors`` -- the trainable parameters, names as in ``bb.state_dict()`` (``trainable_blocks="all"``,
+  SPAR-ALL: the whole image tower; an imported checkpoint: every parameter that differs from the base weights);
 * ``backbone.json`` -- ``{"name", "pretrained", "weights_id", "trainable_blocks", "cache_fingerprint", "seed"}``;
 * ``config.json`` -- the resolved distill config.
 

@@ -70,7 +70,7 @@ class DistillConfig:
     student: str = ""  # backbone name; "" = the cache's teacher backbone
     pretrained: str = "auto"  # "auto" = the cache teacher's weights; "none" = random seeded; a tag or a file
     backbone_seed: int = -1  # seed of random weights; -1 = the cache teacher's (or 0)
-    trainable_blocks: int = 2  # the last k blocks are trained, everything else frozen
+    trainable_blocks: int | Literal["all"] = 2  # the last k blocks are trained; "all": the whole image tower
     lr: float = 2e-5
     weight_decay: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
@@ -121,6 +121,8 @@ class DistillConfig:
             "fail_at_step",
         )
         for name in (*nonneg, "stop_at_step", "trainable_blocks", "shuffle_buffer"):
+            if name == "trainable_blocks" and self.trainable_blocks == "all":
+                continue
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -751,7 +753,7 @@ def _prepare(cfg: DistillConfig) -> dict[str, Any]:
             cache.check_pairing(ims)  # raises CachePairingError before any step
     name, pretrained, bseed = resolve_student(cfg, cache)
     bb = build_backbone(name, pretrained, seed=bseed)
-    if cfg.trainable_blocks > bb.num_blocks:
+    if cfg.trainable_blocks != "all" and cfg.trainable_blocks > bb.num_blocks:
         raise DistillError(
             f"distill: trainable_blocks={cfg.trainable_blocks} but {name} has {bb.num_blocks} blocks"
         )

@@ -2,7 +2,11 @@
 
 Every backbone maps a normalised image batch ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size to dense
 per-patch features ``(B, H/p, W/p, D)`` in one forward pass, interpolating the pretrained position embeddings
-bicubically to the input's patch grid. Two readouts:
+bicubically to the input's patch grid exactly as the authors' reference code does (naomikombol/SPAR 0f63ff2): for
+CLIP towers ``F.interpolate(..., scale_factor=((gh + 0.1) / G, (gw + 0.1) / G), mode="bicubic")`` (no antialias,
+the class token's embedding kept), for SigLIP2 towers size-based bicubic to ``(gh, gw)``. Normalisation comes from
+the model family whatever the weights source (SigLIP: mean = std = 0.5), and OpenAI weights run with QuickGELU.
+Two readouts:
 
 * ``maskclip`` (open_clip CLIP towers): the last block's attention is replaced by its value path,
   ``x = x + out_proj(v(ln_1(x)))``, then the MLP as usual, then ``ln_post`` and the visual projection; the class
@@ -31,6 +35,7 @@ __all__ = [
     "BackboneError",
     "build_backbone",
     "list_backbones",
+    "tiny_model_config",
     "interpolate_grid_pos",
     "state_dict_sha256",
 ]
@@ -73,10 +78,46 @@ _ALIASES: dict[str, tuple[str, str]] = {
 }
 
 
+QUICKGELU_SUFFIX = "-quickgelu"
+_CLIP_MEAN_STD = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+_HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 def list_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone` (plus any open_clip ViT model name)."""
     vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
     return sorted(_TINY) + sorted(_ALIASES) + vits
+
+
+def _family_mean_std(oc_name: str | None, tag: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input normalisation of a model family, independent of where the weights come from.
+
+    SigLIP/SigLIP2 towers: mean = std = 0.5 (the reference's ``processing_params``). Otherwise an open_clip
+    pretrained tag's own values when a tag is given; else the value every tag of that model name agrees on; else
+    OpenAI CLIP's (tiny models, the reference's CLIP ``processing_params``).
+    """
+    if oc_name is None:
+        return _CLIP_MEAN_STD
+    if "siglip" in oc_name.lower():
+        return _HALF_MEAN_STD
+    cfgs = [open_clip.get_pretrained_cfg(oc_name, t) for t in ([tag] if tag else [])]
+    if not cfgs:
+        cfgs = [
+            open_clip.get_pretrained_cfg(oc_name, t) for t in open_clip.list_pretrained_tags_by_model(oc_name)
+        ]
+    found = {(tuple(c["mean"]), tuple(c["std"])) for c in cfgs if c and c.get("mean") and c.get("std")}
+    if len(found) == 1:
+        return found.pop()
+    return _CLIP_MEAN_STD
+
+
+def _tag_wants_quick_gelu(oc_name: str | None, tag: str | None) -> bool:
+    """OpenAI weights (the reference passes ``quick_gelu="openai" in pretrained``) and any tag open_clip marks so."""
+    if not tag or oc_name is None:
+        return False
+    return "openai" in tag or bool(
+        (open_clip.get_pretrained_cfg(oc_name, tag) or {}).get("quick_gelu", False)
+    )
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -92,17 +133,33 @@ def _looks_like_path(pretrained: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def interpolate_grid_pos(grid_pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
-    """Bicubically resample a grid of position embeddings.
+def interpolate_grid_pos(
+    grid_pos: torch.Tensor,
+    src: tuple[int, int],
+    dst: tuple[int, int],
+    scale_offset: float | None = None,
+) -> torch.Tensor:
+    """Bicubically resample a grid of position embeddings (no antialias, ``align_corners=False``).
 
     grid_pos: (src_h * src_w, C) -> (dst_h * dst_w, C). Identity when ``src == dst``.
+
+    ``scale_offset=None`` resamples by size (SigLIP2 in the reference). ``scale_offset=0.1`` passes
+    ``scale_factor = ((dst_h + 0.1) / src_h, (dst_w + 0.1) / src_w)`` instead, as the reference's CLIP wrapper does
+    (DINO's trick): the output has ``floor(src * scale) = dst`` cells, but the sampling positions use that scale,
+    ``x_src = (x_dst + 0.5) * src / (dst + 0.1) - 0.5``, not ``src / dst``.
     """
     if tuple(src) == tuple(dst):
         return grid_pos
     c = grid_pos.shape[-1]
-    g = grid_pos.reshape(1, src[0], src[1], c).permute(0, 3, 1, 2)  # (1, C, sh, sw)
-    g = F.interpolate(g.float(), size=dst, mode="bicubic", align_corners=False).to(grid_pos.dtype)
-    return g.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], c)  # (dh*dw, C)
+    g = grid_pos.reshape(1, src[0], src[1], c).permute(0, 3, 1, 2).float()  # (1, C, sh, sw)
+    if scale_offset is None:
+        g = F.interpolate(g, size=tuple(dst), mode="bicubic", align_corners=False, antialias=False)
+    else:
+        scale = ((dst[0] + scale_offset) / src[0], (dst[1] + scale_offset) / src[1])
+        g = F.interpolate(g, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False)
+        if tuple(g.shape[-2:]) != tuple(dst):  # floor(src * scale) must land on dst
+            raise BackboneError(f"position grid {src} -> {dst}: scale {scale} gave {tuple(g.shape[-2:])}")
+    return g.to(grid_pos.dtype).permute(0, 2, 3, 1).reshape(dst[0] * dst[1], c)  # (dh*dw, C)
 
 
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
@@ -124,24 +181,31 @@ class Backbone(nn.Module):
     """A CLIP-like model exposing dense features, text embeddings and block-wise freezing.
 
     Attributes: ``name``, ``pretrained``, ``weights_id``, ``readout``, ``patch_size``, ``dim``, ``native_size``,
-    ``num_blocks``, ``mean``/``std`` (normalisation).
+    ``num_blocks``, ``mean``/``std`` (normalisation, from the model family), ``quick_gelu`` (activation).
     """
 
     readout: str = ""
+    open_clip_name: str | None = None  # the open_clip model name it was built from; None for tiny models
 
     def __init__(
-        self, model: nn.Module, name: str, pretrained: str | None, weights_id: str, tokenizer_name: str
+        self,
+        model: nn.Module,
+        name: str,
+        pretrained: str | None,
+        weights_id: str,
+        tokenizer_name: str,
+        mean_std: tuple[Sequence[float], Sequence[float]] = _CLIP_MEAN_STD,
+        quick_gelu: bool = False,
     ):
         super().__init__()
         self.model = model
         self.name = name
         self.pretrained = pretrained
         self.weights_id = weights_id
+        self.quick_gelu = quick_gelu
         self._tokenizer_name = tokenizer_name
         self._tokenizer: Callable | None = None
-        cfg = open_clip.get_model_preprocess_cfg(model)
-        mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
-        std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+        mean, std = mean_std
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -194,14 +258,18 @@ class Backbone(nn.Module):
         return self.model.encode_text(tokens).float()
 
     def set_trainable(self, last_k: int | str) -> list[str]:
-        """Freeze everything, then unfreeze the last ``k`` blocks (``"all"``: every parameter; 0: none).
+        """Freeze everything, then unfreeze the last ``k`` blocks (0: none).
 
+        ``"all"`` (SPAR-ALL) unfreezes every parameter the dense readout depends on: the whole image tower, less
+        what the readout bypasses (the attention pool's query for SigLIP). The text tower stays frozen: the
+        reference marks it trainable too, but it never receives a gradient there, so it never changes; leaving it
+        frozen keeps DDP free of unused parameters and checkpoints free of 100s of MB of unchanged text weights.
         Returns the names of the trainable parameters.
         """
         if last_k == "all":
-            for p in self.parameters():
-                p.requires_grad_(True)
-            return [n for n, _ in self.named_parameters()]
+            for n, p in self.named_parameters():
+                p.requires_grad_(self._used_by_readout(n))
+            return [n for n, p in self.named_parameters() if p.requires_grad]
         if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 0:
             raise BackboneError(f"trainable blocks must be an int >= 0 or 'all', got {last_k!r}")
         if last_k > self.num_blocks:
@@ -212,6 +280,10 @@ class Backbone(nn.Module):
             for p in blk.parameters():
                 p.requires_grad_(True)
         return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def _used_by_readout(self, param_name: str) -> bool:
+        """Whether the dense readout depends on this parameter (``named_parameters`` name)."""
+        return param_name.startswith("model.visual.")
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that currently require grad, by their ``state_dict`` names (detached)."""
@@ -276,7 +348,7 @@ class MaskClipBackbone(Backbone):
 
     def _pos(self, gh: int, gw: int) -> torch.Tensor:
         pos = self.model.visual.positional_embedding  # (1 + G*G, C)
-        grid = interpolate_grid_pos(pos[1:], self.native_grid, (gh, gw))  # (gh*gw, C)
+        grid = interpolate_grid_pos(pos[1:], self.native_grid, (gh, gw), scale_offset=0.1)  # (gh*gw, C)
         return torch.cat([pos[:1], grid], dim=0)  # class token's embedding kept as is
 
     def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
@@ -349,6 +421,10 @@ class SigLipPoolBypassBackbone(Backbone):
     def blocks(self) -> nn.Sequential:
         return self.trunk.blocks
 
+    def _used_by_readout(self, param_name: str) -> bool:
+        bypassed = ("model.visual.trunk.attn_pool.latent", "model.visual.trunk.attn_pool.q.")
+        return param_name.startswith("model.visual.") and not param_name.startswith(bypassed)
+
     def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         tr = self.trunk
         b = x.shape[0]
@@ -372,18 +448,43 @@ class SigLipPoolBypassBackbone(Backbone):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_clip(spec: _TinySpec) -> nn.Module:
-    vision = CLIPVisionCfg(
-        layers=spec.layers,
-        width=spec.width,
-        head_width=spec.head_width,
-        patch_size=16,
-        image_size=spec.image_size,
+def tiny_model_config(name: str, quick_gelu: bool = False) -> dict:
+    """The open_clip model config (the JSON layout of ``open_clip/model_configs``) of a tiny test backbone, so
+    that ``open_clip.add_model_config`` + ``open_clip.create_model`` can rebuild it without this project."""
+    base = name.removesuffix(QUICKGELU_SUFFIX)
+    if base not in _TINY:
+        raise BackboneError(f"{name!r} is not a tiny backbone; known: {', '.join(sorted(_TINY))}")
+    spec = _TINY[base]
+    cfg = {
+        "embed_dim": spec.embed_dim,
+        "vision_cfg": {
+            "image_size": spec.image_size,
+            "layers": spec.layers,
+            "width": spec.width,
+            "head_width": spec.head_width,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": spec.text_width,
+            "heads": 4,
+            "layers": spec.text_layers,
+        },
+    }
+    if quick_gelu or name.endswith(QUICKGELU_SUFFIX):
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def _tiny_clip(name: str, quick_gelu: bool) -> nn.Module:
+    cfg = tiny_model_config(name, quick_gelu)
+    return open_clip.model.CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
+        text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
+        quick_gelu=quick_gelu,
     )
-    text = CLIPTextCfg(
-        context_length=77, vocab_size=49408, width=spec.text_width, heads=4, layers=spec.text_layers
-    )
-    return open_clip.model.CLIP(embed_dim=spec.embed_dim, vision_cfg=vision, text_cfg=text)
 
 
 def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
@@ -405,42 +506,99 @@ def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _make_model(name: str, oc_name: str | None, pretrained: str | None, seed: int) -> tuple[nn.Module, str]:
-    """Build the open_clip model and its weights identity."""
+@dataclass(frozen=True)
+class _Resolved:
+    """What a backbone name means: its canonical name, open_clip model, readout, tokenizer and activation."""
+
+    name: str  # canonical: carries "-quickgelu" when QuickGELU was asked for explicitly
+    oc_name: str | None  # open_clip model name; None for tiny models
+    readout: str
+    tokenizer: str
+    quick_gelu: bool  # asked for by the name or the flag (a tag may still turn it on)
+
+
+def _oc_quick_gelu(oc_name: str) -> bool:
+    return bool((open_clip.get_model_config(oc_name) or {}).get("quick_gelu", False))
+
+
+def _resolve_name(name: str, quick_gelu: bool) -> _Resolved:
+    """Map a backbone name (optionally ``<name>-quickgelu``) to what to build.
+
+    The canonical name rebuilds the same tower: open_clip's own ``*-quickgelu`` config where one exists, else the
+    name with the ``-quickgelu`` suffix.
+    """
+    oc_models = set(open_clip.list_models())
+    if name.startswith("ViT-") and name in oc_models:
+        base, qg = name, quick_gelu or _oc_quick_gelu(name)
+    else:
+        base = name.removesuffix(QUICKGELU_SUFFIX)
+        qg = quick_gelu or base != name
+    if base.startswith("ViT-") and base in oc_models:
+        oc_name = base
+        if qg and not _oc_quick_gelu(base) and base + QUICKGELU_SUFFIX in oc_models:
+            oc_name = base + QUICKGELU_SUFFIX
+        canon = base + QUICKGELU_SUFFIX if qg and not _oc_quick_gelu(oc_name) else oc_name
+        readout = "siglip2-pool-bypass" if "SigLIP" in base else "maskclip"
+        resolved = _Resolved(canon, oc_name, readout, oc_name, qg)
+    elif base in _TINY:
+        resolved = _Resolved(base + QUICKGELU_SUFFIX if qg else base, None, "maskclip", "ViT-B-16", qg)
+    elif base in _ALIASES:
+        oc_name, readout = _ALIASES[base]
+        resolved = _Resolved(base + QUICKGELU_SUFFIX if qg else base, oc_name, readout, oc_name, qg)
+    else:
+        known = ", ".join(sorted(_TINY) + sorted(_ALIASES))
+        raise BackboneError(
+            f"unknown backbone {name!r}; known: {known} (each optionally with {QUICKGELU_SUFFIX!r}), "
+            "or any open_clip ViT-* model name"
+        )
+    if resolved.quick_gelu and resolved.readout != "maskclip":
+        raise BackboneError(
+            f"{name}: QuickGELU applies to CLIP towers only, not the {resolved.readout} readout"
+        )
+    return resolved
+
+
+def _make_model(
+    r: _Resolved, pretrained: str | None, seed: int
+) -> tuple[nn.Module, str, bool, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Build the open_clip model: (model, weights identity, QuickGELU on, family mean/std)."""
+    tag = pretrained if pretrained and not _looks_like_path(pretrained) else None
+    quick = r.quick_gelu or _tag_wants_quick_gelu(r.oc_name, tag)
+    mean_std = _family_mean_std(r.oc_name, tag)
+    suffix = "+quickgelu" if quick else ""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name in _TINY:
-            model = _tiny_clip(_TINY[name])
+        if r.oc_name is None:
+            if tag:
+                raise BackboneError(f"{r.name}: pretrained tag {tag!r} is not available for tiny models")
+            model = _tiny_clip(r.name, quick)
         else:
-            tag = pretrained if pretrained and not _looks_like_path(pretrained) else None
             try:
-                model = open_clip.create_model(oc_name, pretrained=tag)
+                model = open_clip.create_model(r.oc_name, pretrained=tag, force_quick_gelu=quick)
             except RuntimeError as e:  # unknown model names, unavailable tags, ...
                 raise BackboneError(
-                    f"cannot build open_clip model {oc_name!r} (pretrained={tag!r}): {e}"
+                    f"cannot build open_clip model {r.oc_name!r} (pretrained={tag!r}): {e}"
                 ) from e
             if tag:
-                return model, f"openclip:{oc_name}:{tag}"
-    if pretrained is None:
-        return model, f"random:{name}:seed{seed}"
-    if not _looks_like_path(pretrained):
-        raise BackboneError(f"{name}: pretrained tag {pretrained!r} is not available for tiny models")
+                return model, f"openclip:{r.oc_name}:{tag}{suffix}", quick, mean_std
+    if pretrained is None:  # the canonical name already carries "-quickgelu"
+        return model, f"random:{r.name}:seed{seed}", quick, mean_std
     sd = _load_weights_file(pretrained)
     own = model.state_dict()
     bad_shapes = [k for k in sd if k in own and own[k].shape != sd[k].shape]
     if bad_shapes:
         k = bad_shapes[0]
         raise BackboneError(
-            f"weights file {pretrained} does not match {name}: {k} has shape {tuple(sd[k].shape)}, "
+            f"weights file {pretrained} does not match {r.name}: {k} has shape {tuple(sd[k].shape)}, "
             f"expected {tuple(own[k].shape)} ({len(bad_shapes)} mismatching tensors)"
         )
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise BackboneError(
-            f"weights file {pretrained} does not match {name}: missing {sorted(missing)[:5]}, "
+            f"weights file {pretrained} does not match {r.name}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    return model, "sha256:" + state_dict_sha256(model.state_dict())
+    return model, "sha256:" + state_dict_sha256(model.state_dict()) + suffix, quick, mean_std
 
 
 def build_backbone(
@@ -449,29 +607,37 @@ def build_backbone(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    quick_gelu: bool = False,
 ) -> Backbone:
     """Build a named backbone in eval mode with every parameter frozen.
 
     Args:
         name: ``maskclip-vit-b16``, ``siglip2-vit-b16-512``, any open_clip ViT name (``ViT-S-16``, ...), or a tiny
-            seeded test model (``tiny-clip-64``, ``tiny-clip-224``, ``small-clip-224``).
+            seeded test model (``tiny-clip-64``, ``tiny-clip-224``, ``small-clip-224``). A CLIP name followed by
+            ``-quickgelu`` (``maskclip-vit-b16-quickgelu``, open_clip's ``ViT-B-16-quickgelu``) builds the tower
+            with QuickGELU, for a local weights file trained that way (OpenAI's).
         pretrained: ``None`` (random, seeded by ``seed``), an open_clip pretrained tag (downloaded by open_clip), or
-            a local weights file (``.safetensors``; ``.pt``/``.bin`` read with ``weights_only=True``).
+            a local weights file (``.safetensors``; ``.pt``/``.bin`` read with ``weights_only=True``). An OpenAI
+            tag (``"openai" in tag``, as the reference decides) turns QuickGELU on.
         device, dtype: where and in which precision the parameters live.
+        quick_gelu: force QuickGELU (same as the ``-quickgelu`` name suffix; the backbone's ``name`` then carries
+            the suffix, so checkpoints and caches record it).
+
+    The weights identity ``weights_id`` of a tag or a file ends in ``+quickgelu`` whenever the tower runs with
+    QuickGELU (a random one's names the canonical name), so caches computed with another activation never match. Normalisation (``mean``/``std``) comes from the model family.
     """
-    if name in _TINY:
-        oc_name, readout, tok = None, "maskclip", "ViT-B-16"
-    elif name in _ALIASES:
-        oc_name, readout = _ALIASES[name]
-        tok = oc_name
-    elif name in open_clip.list_models() and name.startswith("ViT-"):
-        oc_name, tok = name, name
-        readout = "siglip2-pool-bypass" if "SigLIP" in name else "maskclip"
-    else:
-        known = ", ".join(sorted(_TINY) + sorted(_ALIASES))
-        raise BackboneError(f"unknown backbone {name!r}; known: {known}, or any open_clip ViT-* model name")
-    model, weights_id = _make_model(name, oc_name, pretrained, seed)
-    cls = MaskClipBackbone if readout == "maskclip" else SigLipPoolBypassBackbone
-    bb = cls(model, name=name, pretrained=pretrained, weights_id=weights_id, tokenizer_name=tok)
+    r = _resolve_name(name, quick_gelu)
+    model, weights_id, quick, mean_std = _make_model(r, pretrained, seed)
+    cls = MaskClipBackbone if r.readout == "maskclip" else SigLipPoolBypassBackbone
+    bb = cls(
+        model,
+        name=r.name,
+        pretrained=pretrained,
+        weights_id=weights_id,
+        tokenizer_name=r.tokenizer,
+        mean_std=mean_std,
+        quick_gelu=quick,
+    )
+    bb.open_clip_name = r.oc_name
     bb.set_trainable(0)
     return bb.to(device=device, dtype=dtype).eval()
