@@ -75,8 +75,10 @@ _ALIASES: dict[str, tuple[str, str]] = {
 
 def list_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone` (plus any open_clip ViT model name)."""
+    from spar_core.dinov3txt import DINOTXT_BACKBONES
+
     vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
-    return sorted(_TINY) + sorted(_ALIASES) + vits
+    return sorted(_TINY) + sorted(_ALIASES) + sorted(DINOTXT_BACKBONES) + vits
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -459,6 +461,10 @@ def build_backbone(
             a local weights file (``.safetensors``; ``.pt``/``.bin`` read with ``weights_only=True``).
         device, dtype: where and in which precision the parameters live.
     """
+    from spar_core.dinov3txt import DINOTXT_BACKBONES, build_dinotxt_backbone
+
+    if name in DINOTXT_BACKBONES:  # DINOv3 dino.txt: own module, Meta's two weight files (spar_core/dinov3txt.py)
+        return build_dinotxt_backbone(name, pretrained, device=device, dtype=dtype, seed=seed)
     if name in _TINY:
         oc_name, readout, tok = None, "maskclip", "ViT-B-16"
     elif name in _ALIASES:
