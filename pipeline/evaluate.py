@@ -149,7 +149,11 @@ class Protocol:
 
 
 def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> Protocol:
-    """Fill the paper's per-dataset defaults into the fields left at None."""
+    """Fill the paper's per-dataset defaults into the fields left at None.
+
+    Non-CLIP readouts (SigLIP2, DINOv3 dino.txt ``dinotxt-*``) take no area_thd and prob_thd only on Context60,
+    as the reference's configs/{siglip2,dinov3txt}/cfg_*.py do.
+    """
     ds, clip = cfg.dataset, readout == "maskclip"
     short = cfg.short_side if cfg.short_side is not None else (1024 if ds == "cityscapes" else 672)
     long = cfg.long_side if cfg.long_side is not None else 2048
