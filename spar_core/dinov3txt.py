@@ -77,6 +77,7 @@ class DinoTxtSpec:
     storage_tokens: int = 4
     ffn_ratio: float = 4.0
     rope_base: float = 100.0
+    rope_rescale_coords: float | None = 2.0  # training-mode coordinate augmentation (Meta's dinov3_vitl16)
     head_blocks: int = 2
     swiglu_align: int = 64
     text_dim: int = 1280
@@ -148,10 +149,16 @@ class SwiGLUFFN(nn.Module):
 
 
 class RopePositionEmbedding(nn.Module):
-    """Axial RoPE without learnable weights; ``periods`` is a persistent buffer (it is in Meta's files)."""
+    """Axial RoPE without learnable weights; ``periods`` is a persistent buffer (it is in Meta's files).
 
-    def __init__(self, dim: int, heads: int, base: float):
+    In training mode (only), Meta's module multiplies the coordinates by a log-uniform factor in
+    ``[1/rescale, rescale]`` drawn from the global RNG on every call (``pos_embed_rope_rescale_coords=2`` for
+    dinov3_vitl16); eval mode is deterministic. The pipeline keeps students in eval mode.
+    """
+
+    def __init__(self, dim: int, heads: int, base: float, rescale_coords: float | None = None):
         super().__init__()
+        self.rescale_coords = rescale_coords
         if dim % (4 * heads):
             raise BackboneError(f"RoPE needs the width {dim} to be a multiple of 4 x heads ({heads})")
         d_head = dim // heads
@@ -166,6 +173,9 @@ class RopePositionEmbedding(nn.Module):
         coords = (
             torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
         )  # (N, 2)
+        if self.training and self.rescale_coords is not None:
+            r = math.log(self.rescale_coords)
+            coords = coords * torch.empty(1, device=dev, dtype=torch.float32).uniform_(-r, r).exp()
         angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]  # (N, 2, Dh/4)
         angles = angles.flatten(1, 2).tile(2)  # (N, Dh)
         return torch.sin(angles), torch.cos(angles)
@@ -247,7 +257,7 @@ class DinoVisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(s.patch_size, s.dim)
         self.cls_token = nn.Parameter(torch.empty(1, 1, s.dim))
         self.storage_tokens = nn.Parameter(torch.empty(1, s.storage_tokens, s.dim))
-        self.rope_embed = RopePositionEmbedding(s.dim, s.heads, s.rope_base)
+        self.rope_embed = RopePositionEmbedding(s.dim, s.heads, s.rope_base, s.rope_rescale_coords)
         hidden = int(s.dim * s.ffn_ratio)
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(s.dim, s.heads, Mlp(s.dim, hidden), qkv_bias=True, mask_k_bias=True)
@@ -263,9 +273,9 @@ class DinoVisionTransformer(nn.Module):
         t = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, gh*gw, C)
         prefix = torch.cat([self.cls_token, self.storage_tokens], dim=1).to(t.dtype)  # (1, 1+R, C)
         t = torch.cat([prefix.expand(b, -1, -1), t], dim=1)  # (B, 1+R+gh*gw, C)
-        rope = self.rope_embed(gh, gw)
+        rope = None if self.rope_embed.training else self.rope_embed(gh, gw)  # Meta: one call per block
         for blk in self.blocks:
-            t = blk(t, rope)
+            t = blk(t, rope if rope is not None else self.rope_embed(gh, gw))
         return self.norm(t)
 
 

@@ -56,8 +56,10 @@ def _lin(x, sd, pre):
     return x @ sd[pre + "weight"].T + sd[pre + "bias"]
 
 
-def ref_backbone_tokens(sd, x, heads, reg):
-    """Meta's DinoVisionTransformer.get_intermediate_layers(n=1, norm=True): normed tokens (B, 1+reg+N, C)."""
+def ref_backbone_tokens(sd, x, heads, reg, coord_scales=None):
+    """Meta's DinoVisionTransformer.get_intermediate_layers(n=1, norm=True): normed tokens (B, 1+reg+N, C).
+
+    ``coord_scales``: per block, the factor Meta's RoPE multiplies the coordinates by in training mode."""
     p = sd["patch_embed.proj.weight"].shape[-1]
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)  # (B, C, gh, gw)
     b, c, gh, gw = t.shape
@@ -68,8 +70,11 @@ def ref_backbone_tokens(sd, x, heads, reg):
     while f"blocks.{i}.norm1.weight" in sd:
         pre = f"blocks.{i}."
         bias = sd[pre + "attn.qkv.bias"] * sd[pre + "attn.qkv.bias_mask"]  # LinearKMaskedBias
+        th = (
+            theta if coord_scales is None else theta * coord_scales[i]
+        )  # angles are linear in the coordinates
         a = _attention(
-            _ln(t, sd, pre + "norm1."), sd, pre + "attn.", heads, bias=bias, theta=theta, n_prefix=1 + reg
+            _ln(t, sd, pre + "norm1."), sd, pre + "attn.", heads, bias=bias, theta=th, n_prefix=1 + reg
         )
         t = t + a * sd[pre + "ls1.gamma"]
         h = _ln(t, sd, pre + "norm2.")

@@ -246,6 +246,26 @@ def test_non_multiple_sizes_are_stretched_bicubically_like_the_reference(files):
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_training_mode_rescales_rope_coordinates_per_block_like_meta(files):
+    """Meta's RoPE in training mode (as the reference's Lightning student runs): each block's call draws a
+    log-uniform coordinate factor in [1/2, 2] from the global RNG; eval mode is deterministic."""
+    pb, ph, bsd, _ = files
+    bb = build_backbone("tiny-dinov3txt", pretrained=f"{pb},{ph}").train()
+    x = torch.randn(1, 3, 48, 80, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.manual_seed(7)
+        ours = bb.dense(x)
+        torch.manual_seed(7)
+        scales = [float(torch.empty(1).uniform_(-math.log(2), math.log(2)).exp()) for _ in range(4)]
+        ref = ref_backbone_tokens(bsd, x, TINY["heads"], TINY["reg"], coord_scales=scales)[:, 5:].reshape(
+            ours.shape
+        )
+        plain = bb.eval().dense(x)
+    assert len(set(scales)) == 4 and all(0.5 <= s <= 2 for s in scales)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(ours, plain, atol=1e-3)
+
+
 def test_text_embeddings_equal_independent_forward(files):
     pb, ph, _, hsd = files
     bb = build_backbone("tiny-dinov3txt", pretrained=f"{pb},{ph}")
