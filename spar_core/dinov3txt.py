@@ -27,9 +27,9 @@ the class token). The tokenizer is CLIP's BPE (``bpe_simple_vocab_16e6.txt.gz``,
 size and special tokens as Meta's ``dinov3/thirdparty/CLIP`` tokenizer): by default the copy shipped inside the
 installed ``open_clip`` package, or a vocabulary file the user passes (see :func:`parse_pretrained`).
 
-``--pretrained`` takes ``BACKBONE.pth,HEAD.pth[,VOCAB.txt.gz]`` or a directory holding exactly one
-``*pretrain*.pth`` and one ``*dinotxt_vision_head_and_text_encoder*.pth`` (and optionally
-``bpe_simple_vocab_16e6.txt.gz``). Files are read with ``torch.load(weights_only=True)`` (or safetensors).
+``--pretrained`` takes ``BACKBONE.pth,HEAD.pth[,VOCAB.txt.gz]`` (comma-separated local paths: the backbone
+file, the vision-head-and-text-encoder file, optionally the BPE vocabulary). Weight files are read with
+``torch.load(weights_only=True)`` (or safetensors).
 
 Pure model code: no network, no torch.hub.
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -492,29 +491,14 @@ class WeightFiles:
 
 
 def parse_pretrained(pretrained: str) -> WeightFiles:
-    """``BACKBONE.pth,HEAD.pth[,VOCAB.txt.gz]`` or a directory holding the released files."""
-    parts = [p.strip() for p in pretrained.split(",") if p.strip()]
-    if len(parts) in (2, 3):
+    """``BACKBONE.pth,HEAD.pth[,VOCAB.txt.gz]``: Meta's two released files, optionally the BPE vocabulary."""
+    parts = [p.strip() for p in pretrained.split(",")]
+    if len(parts) in (2, 3) and all(parts):
         return WeightFiles(*parts)
-    if len(parts) == 1 and Path(parts[0]).expanduser().is_dir():
-        d = Path(parts[0]).expanduser()
-
-        def one(pattern: str, what: str, required: bool = True) -> str | None:
-            found = sorted(p for p in d.glob(pattern) if p.is_file())
-            if len(found) == 1:
-                return str(found[0])
-            if not found and not required:
-                return None
-            raise BackboneError(
-                f"{d}: expected exactly one {what} file matching {pattern!r}, found {[p.name for p in found]}"
-            )
-
-        head = one("*dinotxt_vision_head_and_text_encoder*", "vision-head-and-text-encoder")
-        bb = one("*_pretrain_*", "backbone")
-        return WeightFiles(bb, head, one("bpe_simple_vocab_16e6.txt.gz", "BPE vocabulary", required=False))
     raise BackboneError(
-        f"dino.txt weights {pretrained!r}: pass 'BACKBONE.pth,HEAD.pth[,VOCAB.txt.gz]' or a directory holding "
-        "dinov3_vitl16_pretrain_lvd1689m-*.pth and dinov3_vitl16_dinotxt_vision_head_and_text_encoder-*.pth"
+        f"dino.txt weights {pretrained!r}: pass 'BACKBONE.pth,HEAD.pth[,VOCAB.txt.gz]', e.g. "
+        "'dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth,"
+        "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-a442d8f5.pth'"
     )
 
 
@@ -620,9 +604,12 @@ def build_dinotxt_backbone(
             model.logit_scale.fill_(math.log(1 / 0.07))  # the one tensor a head file may leave out
         load_meta_weights(model, files.backbone, files.head)
         vocab = files.vocab
-        if vocab is not None and not Path(vocab).expanduser().is_file():
-            raise BackboneError(f"BPE vocabulary file not found: {vocab}")
         weights_id = "sha256:" + state_dict_sha256(model.state_dict())
     bb = DinoTxtBackbone(model, name, pretrained, weights_id, readout, vocab)
+    if vocab is not None:  # read it now, so a bad path fails here and not at the first text
+        try:
+            bb.tokenize(["a"])
+        except Exception as e:  # missing file, not gzip, not a BPE merges list
+            raise BackboneError(f"cannot read BPE vocabulary file {vocab}: {type(e).__name__}: {e}") from e
     bb.set_trainable(0)
     return bb.to(device=device, dtype=dtype).eval()

@@ -45,7 +45,10 @@ def _randomised_files(tmp: Path, seed: int = 1) -> tuple[str, str, dict, dict]:
             else:
                 new[k] = 0.1 * torch.randn(v.shape, generator=g)
         out.append(new)
-    pb, ph = tmp / "backbone_pretrain_x.pth", tmp / "dinotxt_vision_head_and_text_encoder_x.pth"
+    pb, ph = (
+        tmp / "dinov3_tiny_pretrain_x.pth",
+        tmp / "dinov3_tiny_dinotxt_vision_head_and_text_encoder-x.pth",
+    )
     torch.save(out[0], pb)
     torch.save(out[1], ph)
     return str(pb), str(ph), out[0], out[1]
@@ -158,15 +161,19 @@ def test_random_weights_saved_in_meta_layout_load_back_bit_exactly(tmp_path):
             assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
 
 
-def test_directory_form_and_vocab(tmp_path, files):
+def test_vocabulary_file_as_third_item(tmp_path, files):
+    import open_clip
+
     pb, ph, _, _ = files
-    d = tmp_path / "released"
-    d.mkdir()
-    (d / "dinov3_vitl16_pretrain_lvd1689m-test.pth").write_bytes(Path(pb).read_bytes())
-    (d / "dinov3_vitl16_dinotxt_vision_head_and_text_encoder-test.pth").write_bytes(Path(ph).read_bytes())
-    a = build_backbone("tiny-dinov3txt", pretrained=str(d))
+    vocab = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    mine = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    mine.write_bytes(vocab.read_bytes())
+    a = build_backbone("tiny-dinov3txt", pretrained=f"{pb},{ph},{mine}")
     b = build_backbone("tiny-dinov3txt", pretrained=f"{pb},{ph}")
     assert a.weights_id == b.weights_id
+    assert torch.equal(a.tokenize(["a photo of a cat"]), b.tokenize(["a photo of a cat"]))
+    with pytest.raises(BackboneError, match="cannot read BPE vocabulary file"):
+        build_backbone("tiny-dinov3txt", pretrained=f"{pb},{ph},{tmp_path / 'missing.txt.gz'}")
 
 
 def test_bad_weight_files_name_the_keys(tmp_path, files):
@@ -187,8 +194,9 @@ def test_bad_weight_files_name_the_keys(tmp_path, files):
         build_backbone("tiny-dinov3txt", pretrained=f"{tmp_path / 'shape.pth'},{ph}")
     with pytest.raises(BackboneError, match="weights file not found"):
         build_backbone("tiny-dinov3txt", pretrained=f"{tmp_path / 'nope.pth'},{ph}")
-    with pytest.raises(BackboneError, match="BACKBONE.pth,HEAD.pth"):
-        build_backbone("tiny-dinov3txt", pretrained=str(tmp_path / "one-file.pth"))
+    for bad in (str(tmp_path / "one-file.pth"), f"{pb},", f"{pb},{ph},{ph},{ph}"):
+        with pytest.raises(BackboneError, match="BACKBONE.pth,HEAD.pth"):
+            build_backbone("tiny-dinov3txt", pretrained=bad)
     # logit_scale is the one tensor a head file may leave out
     torch.save({k: v for k, v in hsd.items() if k != "logit_scale"}, tmp_path / "h3.pth")
     build_backbone("tiny-dinov3txt", pretrained=f"{pb},{tmp_path / 'h3.pth'}")
