@@ -174,7 +174,10 @@ class Protocol:
 
 
 def backbone_family(readout: str) -> str:
-    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns)."""
+    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns).
+
+    DINOv3 dino.txt (``dinotxt-*`` readouts) takes the non-CLIP column, as the reference's configs/dinov3txt do.
+    """
     return "clip" if readout == "maskclip" else "siglip2"
 
 

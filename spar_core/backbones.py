@@ -85,8 +85,10 @@ _HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 def list_backbones() -> list[str]:
     """Names accepted by :func:`build_backbone` (plus any open_clip ViT model name)."""
+    from spar_core.dinov3txt import DINOTXT_BACKBONES
+
     vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
-    return sorted(_TINY) + sorted(_ALIASES) + vits
+    return sorted(_TINY) + sorted(_ALIASES) + sorted(DINOTXT_BACKBONES) + vits
 
 
 def _family_mean_std(oc_name: str | None, tag: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -626,6 +628,10 @@ def build_backbone(
     The weights identity ``weights_id`` of a tag or a file ends in ``+quickgelu`` whenever the tower runs with
     QuickGELU (a random one's names the canonical name), so caches computed with another activation never match. Normalisation (``mean``/``std``) comes from the model family.
     """
+    from spar_core.dinov3txt import DINOTXT_BACKBONES, build_dinotxt_backbone
+
+    if name in DINOTXT_BACKBONES:  # DINOv3 dino.txt: own module, Meta's two weight files (spar_core/dinov3txt.py)
+        return build_dinotxt_backbone(name, pretrained, device=device, dtype=dtype, seed=seed)
     r = _resolve_name(name, quick_gelu)
     model, weights_id, quick, mean_std = _make_model(r, pretrained, seed)
     cls = MaskClipBackbone if r.readout == "maskclip" else SigLipPoolBypassBackbone
