@@ -24,6 +24,7 @@ STAGE_MODULES = (
     "pipeline.pipeline_run",
     "pipeline.submit",
     "pipeline.bench",
+    "pipeline.viz",
 )
 
 # Errors raised for bad user input by the pure core (ValueError subclasses) are user errors too.
