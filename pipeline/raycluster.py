@@ -9,7 +9,15 @@ import os
 
 import ray
 
-__all__ = ["init_ray", "cluster_gpus", "shutdown_ray", "verbose", "set_verbose", "train_log_level"]
+__all__ = [
+    "init_ray",
+    "cluster_gpus",
+    "shutdown_ray",
+    "verbose",
+    "set_verbose",
+    "train_log_level",
+    "LatestValue",
+]
 
 VERBOSE_ENV = "SPAR_VERBOSE"  # "1": show Ray's own logs (Ray Train chatter, controller warnings)
 
@@ -78,8 +86,38 @@ def _skip_ray_chatter() -> None:
         for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
             own = dedup.skip_re.pattern if dedup.skip_re is not None else ""  # RAY_DEDUP_LOGS_SKIP_REGEX
             dedup.skip_re = re.compile(_CHATTER + (f"|{own}" if own and own not in _CHATTER else ""))
+            if not getattr(dedup, "_spar_quiet", False):
+                dedup.deduplicate = _drop_sources(dedup.deduplicate)
+                dedup._spar_quiet = True
     except (ImportError, AttributeError):  # another Ray version: its chatter stays
         pass
+
+
+class LatestValue:
+    """Body of a tiny Ray actor holding the latest value put (e.g. rank 0's training progress for the driver)."""
+
+    def __init__(self) -> None:
+        self.value = None
+
+    def put(self, value: object) -> None:
+        self.value = value
+
+    def get(self) -> object:
+        return self.value
+
+
+_QUIET_SOURCES = (
+    "PlacementGroupCleaner",
+)  # Ray Train's janitor actor: its state-API tracebacks are not ours
+
+
+def _drop_sources(deduplicate):  # noqa: ANN001, ANN202 - wraps Ray's LogDeduplicator.deduplicate
+    def run(batch: dict) -> list:
+        if any(s in str(batch.get("actor_name") or "") for s in _QUIET_SOURCES):
+            return []
+        return deduplicate(batch)
+
+    return run
 
 
 def cluster_gpus() -> float:

@@ -28,6 +28,7 @@ __all__ = [
     "tracking_uri",
     "artifact_root",
     "setup_experiment",
+    "quiet_mlflow",
     "git_commit",
     "flatten_params",
     "log_params_flat",
@@ -65,10 +66,20 @@ def artifact_root(workdir: str | Path) -> str:
     return (Path(workdir).resolve() / "mlartifacts").as_uri()
 
 
+def quiet_mlflow() -> None:
+    """MLflow's INFO chatter (database set-up, uv project detection, model registration) only when verbose."""
+    from pipeline.raycluster import verbose
+
+    if not verbose():
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def setup_experiment(name: str, workdir: str | Path) -> str:
     """Point MLflow at the project's store and return the id of experiment ``name`` (created once, here)."""
     import mlflow
 
+    quiet_mlflow()
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
     mlflow.set_tracking_uri(uri)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -463,7 +464,7 @@ def _loop(
         t_prev = t2
         images_per_s = len(item["keys"]) * world / max(step_time, 1e-9)
         if progress is not None:  # fire and forget: the driver's progress bar reads it
-            progress.update.remote(state.step, loss_v, images_per_s)
+            progress.put.remote((state.step, loss_v, images_per_s))
         if mlog is not None:
             mlog.add(
                 {
@@ -761,7 +762,10 @@ def _log_student_model(
         "dim": dim,
     }
     mlflow.set_tracking_uri(uri)
-    with warnings.catch_warnings():
+    from pipeline.raycluster import verbose
+
+    chatter = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), chatter:  # MLflow prints "Successfully registered model ..." to stderr
         warnings.simplefilter("ignore")  # MLflow's notes on pip requirements and model-from-code
         info = log_student_model(run_id, student_dir, cfg.register_model, lineage)
     if cfg.register_model and info.registered_model_version is not None:
@@ -952,22 +956,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     )
 
 
-class _Progress:
-    """A tiny Ray actor holding rank 0's latest (step, loss, images/s); the driver's progress bar polls it."""
-
-    def __init__(self) -> None:
-        self.latest: tuple[int, float, float] | None = None
-
-    def update(self, step: int, loss: float, images_per_s: float) -> None:
-        self.latest = (step, loss, images_per_s)
-
-    def get(self) -> tuple[int, float, float] | None:
-        return self.latest
-
-
 @contextlib.contextmanager
 def _progress_bar(job: dict[str, Any], total: int, poll_s: float = 0.5) -> Iterator[None]:
-    """A tqdm bar of distill steps (loss, images/s, ETA) fed by rank 0 through a :class:`_Progress` actor.
+    """A tqdm bar of distill steps (loss, images/s, ETA) fed by rank 0 through a small actor.
 
     Ray Train workers run in other processes; an actor survives worker restarts and costs one small message per
     step. The bar starts at the first reported step (a resumed run starts where it left off).
@@ -977,7 +968,9 @@ def _progress_bar(job: dict[str, Any], total: int, poll_s: float = 0.5) -> Itera
     import ray
     from tqdm import tqdm
 
-    actor = ray.remote(num_cpus=0)(_Progress).remote()
+    from pipeline.raycluster import LatestValue
+
+    actor = ray.remote(num_cpus=0)(LatestValue).remote()  # defined in a light module: the actor starts fast
     job["progress"] = actor
     stop = threading.Event()
     state: dict[str, Any] = {"bar": None}
