@@ -57,6 +57,7 @@ def compare_runs(
     Training runs of ``experiment`` (default: every experiment), newest first or sorted by ``metric``
     (descending). Columns: run id, name, the parameters whose values differ across the rows (every one with
     ``all_params``), then ``metric`` and the headline metrics present in any row. ``all_runs``: every run.
+    A table too wide for the terminal loses columns from the right (:func:`fit_columns`).
     """
     import mlflow
 
@@ -94,14 +95,11 @@ def compare_runs(
     header = ["run", "name"] + [c[len("params.") :] for c in params] + [label for _, label in metrics]
     rows = []
     for _, r in df.iterrows():
-        row = [str(r["run_id"])[:8], _fmt(r.get("tags.mlflow.runName", ""), 28)]
+        row = [str(r["run_id"])[:8], _tail(str(r.get("tags.mlflow.runName", "") or ""), 20)]
         row += [_fmt(r[c]) for c in params]
         row += [_fmt(r[f"metrics.{m}"]) for m, _ in metrics]
         rows.append(row)
-    # metrics first after the name: they are why one compares runs; then the differing settings
-    n_par = len(params)
-    order_idx = [0, 1] + list(range(2 + n_par, len(header))) + list(range(2, 2 + n_par))
-    return [header[i] for i in order_idx], [[row[i] for i in order_idx] for row in rows]
+    return header, rows
 
 
 def _metric_columns(df: Any, metric: str, all_runs: bool) -> list[tuple[str, str]]:
@@ -118,6 +116,11 @@ def _metric_columns(df: Any, metric: str, all_runs: bool) -> list[tuple[str, str
             cols.append((speed[0], "teacher_x_" + speed[0].rsplit("_", 2)[-2]))
     seen: set[str] = set()
     return [(m, lab) for m, lab in cols if not (m in seen or seen.add(m))]
+
+
+def _tail(s: str, limit: int) -> str:
+    """The end of a long name (generated run names differ in their time stamp, at the end)."""
+    return s if len(s) <= limit else "…" + s[-(limit - 1) :]
 
 
 def _fmt(v: Any, limit: int = 24) -> str:

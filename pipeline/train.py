@@ -437,7 +437,7 @@ def _loop(
     import torch.distributed as dist
 
     total = job["total_steps"]
-    progress = job.get("progress") if rank == 0 else None
+    progress = _progress_actor(job.get("progress")) if rank == 0 else None
     it: Iterator[dict[str, Any]] = iter(loader)
     epoch_t0 = t_prev = time.perf_counter()
     while state.step < total:
@@ -956,6 +956,21 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     )
 
 
+PROGRESS_NAMESPACE = "spar"
+
+
+def _progress_actor(name: str | None) -> Any:
+    """Rank 0's handle on the driver's progress actor (None when there is none)."""
+    if not name:
+        return None
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=PROGRESS_NAMESPACE)
+    except ValueError:
+        return None
+
+
 @contextlib.contextmanager
 def _progress_bar(job: dict[str, Any], total: int, poll_s: float = 0.5) -> Iterator[None]:
     """A tqdm bar of distill steps (loss, images/s, ETA) fed by rank 0 through a small actor.
@@ -970,8 +985,11 @@ def _progress_bar(job: dict[str, Any], total: int, poll_s: float = 0.5) -> Itera
 
     from pipeline.raycluster import LatestValue
 
-    actor = ray.remote(num_cpus=0)(LatestValue).remote()  # defined in a light module: the actor starts fast
-    job["progress"] = actor
+    # a named actor (workers look it up by name: a handle inside train_loop_config does not reach them intact),
+    # defined in a light module so that it starts fast
+    name = f"spar-progress-{job['run_id']}-{os.getpid()}"
+    actor = ray.remote(num_cpus=0)(LatestValue).options(name=name, namespace=PROGRESS_NAMESPACE).remote()
+    job["progress"] = name
     stop = threading.Event()
     state: dict[str, Any] = {"bar": None}
 

@@ -179,9 +179,8 @@ def test_mlflow_run_has_params_metrics_artifacts_and_cache_input(resumed, data, 
     model_uri = tags["registered_model"]  # models:/spar-student/<version>
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=res.tracking_uri,
                                                        registry_uri=res.tracking_uri))  # fmt: skip
-    assert {"student.safetensors", "backbone.json", "checksums.json"} <= {
-        p.name for p in (local / "artifacts" / "checkpoint").iterdir()
-    }
+    (ckpt,) = (local / "artifacts").iterdir()  # the checkpoint directory, stored under its own name
+    assert {"student.safetensors", "backbone.json", "checksums.json"} <= {p.name for p in ckpt.iterdir()}
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     cache_input = inputs[f"teacher-cache-{cache.fingerprint[:12]}"]
     assert cache_input.dataset.digest == cache.fingerprint[:36]
