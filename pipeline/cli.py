@@ -25,6 +25,7 @@ STAGE_MODULES = (
     "pipeline.submit",
     "pipeline.bench",
     "pipeline.checkpoint_io",
+    "pipeline.viz",
 )
 
 # Errors raised for bad user input by the pure core (ValueError subclasses) are user errors too.

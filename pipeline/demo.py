@@ -2,13 +2,18 @@
 
 ingest (train with the frozen augmentations, held-out without) -> precompute the teacher for both image sets ->
 distill the student -> evaluate (fidelity to the teacher on held-out images, speed, segmentation overlays).
-Everything lives under ``--workdir``: a second run reuses the image sets and the teacher caches and adds a new
-training run to compare in MLflow.
+Everything lives under ``--workdir``: a second run reuses the image sets and the teacher caches and trains a second
+student that differs in one setting (the last 1 trainable block instead of the last 2), so MLflow's compare view
+and ``spar runs`` show a real difference. The console shows our progress bars and one line per stage; Ray's own
+logs only with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +66,15 @@ class DemoConfig:
     heldout_max_side: int = 448
     steps: int = 300
     lr: float = 1e-3  # random-weight demo model, 300 steps: larger than the paper's 2e-5
-    trainable_blocks: int = 2
+    trainable_blocks: int = 0  # 0 = alternate: 2 for the workdir's first student, 1 for the second, ...
     workers: int = 1
     seed: int = 0
     classes: str = "person;cat,kitten;cup,mug;rocket;sky;grass;building;table;tree;road"
     experiment: str = "spar-demo"
 
     def __post_init__(self) -> None:
+        if self.trainable_blocks < 0:
+            raise ConfigError(f"demo.trainable_blocks must be >= 0, got {self.trainable_blocks}")
         for k in ("crop", "stride", "steps", "workers", "train_long", "train_short", "heldout_max_side"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"demo.{k} must be > 0, got {getattr(self, k)}")
@@ -75,6 +82,25 @@ class DemoConfig:
 
 def _say(msg: str) -> None:
     print(f"[spar demo] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Hide the stages' own stdout reports (the demo prints one line per stage) unless --verbose; lines that
+    start with ``warning`` still come through. Progress bars (stderr) are untouched."""
+    from pipeline.raycluster import verbose
+
+    if verbose():
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        for line in buf.getvalue().splitlines():
+            if line.lower().startswith(("warning", "error")):
+                print(line, file=sys.stderr, flush=True)
 
 
 def _photo(name: str) -> np.ndarray | None:
@@ -155,10 +181,13 @@ def stage_precompute(cfg: DemoConfig, work: Path, images: str, label: str) -> st
         stride=cfg.stride,
         cache_root=str(work / "cache"),
         workers=cfg.workers,
+        workdir=str(work),
+        experiment=cfg.experiment,
     )
     done_before = _complete_caches(work / "cache")
     t0 = time.perf_counter()
-    path = precompute(pcfg)
+    with _quiet():
+        path = precompute(pcfg)
     c = open_cache(path)
     how = "reused: already complete, nothing computed" if path in done_before else "computed"
     _say(
@@ -181,13 +210,22 @@ def _complete_caches(root: Path) -> set[str]:
     return out
 
 
+def demo_trainable_blocks(cfg: DemoConfig, work: Path) -> int:
+    """The configured value, else 2 for the workdir's first student, 1 for the second, 2 for the third, ..."""
+    if cfg.trainable_blocks:
+        return cfg.trainable_blocks
+    done = [d for d in (work / "students").glob("*") if d.is_dir() and not d.name.startswith(".")]
+    return 2 if len(done) % 2 == 0 else 1
+
+
 def stage_distill(cfg: DemoConfig, work: Path, images: str, cache: str) -> Any:
     from pipeline.train import DistillConfig, distill
 
+    blocks = demo_trainable_blocks(cfg, work)
     dcfg = DistillConfig(
         images=images,
         cache=cache,
-        trainable_blocks=cfg.trainable_blocks,
+        trainable_blocks=blocks,
         lr=cfg.lr,
         max_steps=cfg.steps,
         epochs=1000,
@@ -202,16 +240,47 @@ def stage_distill(cfg: DemoConfig, work: Path, images: str, cache: str) -> Any:
         shuffle_buffer=16,
     )
     _say(
-        f"3/4 distill: {cfg.steps} steps, last {cfg.trainable_blocks} blocks, lr {cfg.lr}, {cfg.workers} worker(s)"
+        f"3/4 distill: {cfg.steps} steps, last {blocks} block(s) trained, lr {cfg.lr}, {cfg.workers} worker(s)"
     )
-    return distill(dcfg)
+    with _quiet():
+        return distill(dcfg)
 
 
-def stage_evaluate(cfg: DemoConfig, work: Path, heldout: str, held_cache: str, ckpt: str) -> dict[str, Any]:
-    from pipeline.evaluate import EvalConfig, run_eval
+def stage_evaluate(
+    cfg: DemoConfig, work: Path, heldout: str, held_cache: str, ckpt: str, run_id: str
+) -> dict[str, Any]:
+    """Fidelity (a child run of the training run, found through the checkpoint), speed (a child run too) and
+    segmentation overlays (logged as images on the training run)."""
     from pipeline.inference import SegmentConfig, segment_images
 
     common = {"workdir": str(work), "experiment": cfg.experiment}
+    with _quiet():
+        ev = _evaluate(cfg, heldout, held_cache, ckpt, run_id, common)
+    out = work / "overlays"
+    photos = sorted(str(p) for p in (work / "raw" / "heldout").glob("*.png"))
+    segment_images(photos, SegmentConfig(classes=cfg.classes, checkpoint=ckpt, out=str(out), short_side=448))
+    _log_overlays(work, run_id, out)
+    return {**ev, "overlays": str(out)}
+
+
+def _log_overlays(work: Path, run_id: str, folder: Path) -> None:
+    """The overlays as MLflow images of the training run (the UI shows them as pictures)."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(work))
+    for png in sorted(folder.glob("*_overlay.png")):
+        with Image.open(png) as im:
+            client.log_image(run_id, im.convert("RGB"), key=f"overlay/{png.stem}", step=0)
+
+
+def _evaluate(
+    cfg: DemoConfig, heldout: str, held_cache: str, ckpt: str, run_id: str, common: dict[str, Any]
+) -> dict[str, Any]:
+    from pipeline.evaluate import EvalConfig, run_eval
+
     fid = run_eval(
         EvalConfig(
             fidelity=True,
@@ -224,13 +293,16 @@ def stage_evaluate(cfg: DemoConfig, work: Path, heldout: str, held_cache: str, c
     )
     speed = run_eval(
         EvalConfig(
-            speed=True, backbone=cfg.backbone, resolutions=(448,), strides=(cfg.stride,), repeats=3, **common
+            speed=True,
+            backbone=cfg.backbone,
+            resolutions=(448,),
+            strides=(cfg.stride,),
+            repeats=3,
+            parent_run=run_id,
+            **common,
         )
     )
-    out = work / "overlays"
-    photos = sorted(str(p) for p in (work / "raw" / "heldout").glob("*.png"))
-    segment_images(photos, SegmentConfig(classes=cfg.classes, checkpoint=ckpt, out=str(out), short_side=448))
-    return {"fidelity": fid, "speed": speed, "overlays": str(out)}
+    return {"fidelity": fid, "speed": speed}
 
 
 def _speed_ratio(speed: dict[str, Any]) -> float | None:
@@ -257,9 +329,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train_cache = stage_precompute(cfg, work, train, "train")
     held_cache = stage_precompute(cfg, work, heldout, "held-out")
     result = stage_distill(cfg, work, train, train_cache)
-    _say(f"    run {result.run_id}: {result.steps} steps, final loss {result.final_loss}")
-    _say("4/4 evaluate: fidelity on held-out images, speed, segmentation overlays")
-    ev = stage_evaluate(cfg, work, heldout, held_cache, result.checkpoint_dir)
+    loss = f"{result.final_loss:.4g}" if result.final_loss is not None else "?"
+    _say(f"    MLflow run {result.run_id}: {result.steps} steps, final loss {loss}")
+    _say(
+        "4/4 evaluate: fidelity on held-out images, speed, segmentation overlays (child runs of the training run)"
+    )
+    ev = stage_evaluate(cfg, work, heldout, held_cache, result.checkpoint_dir, result.run_id)
     fid = ev["fidelity"]
     base, stud = fid.get("baseline", {}), fid.get("student", {})
     ratio = stud.get("mse", float("nan")) / max(base.get("mse", float("nan")), 1e-12)
@@ -296,12 +371,59 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"  teacher caches: {train_cache}\n                  {held_cache}")
     print(f"  student checkpoint: {result.checkpoint_dir}")
     print(f"  segmentation overlays: {ev['overlays']}")
-    print(f"  MLflow run {result.run_id}; browse all runs with:\n    {mlflow_ui_command(work)}")
+    print(
+        f"  MLflow run {result.run_id} (student with the last {demo_trainable_blocks_used(result)} block(s) trained)"
+    )
+    model = _registered_model(work, result.run_id)
+    if model:
+        print(f"  registered MLflow model: {model}  (mlflow.pyfunc.load_model gives features or labels)")
+    print("  compare the students (their eval metrics and the settings that differ):")
+    print(f"    spar runs --workdir {work} --experiment {cfg.experiment}")
+    print(f"    {mlflow_ui_command(work)}")
+    print(f"    then open experiment '{cfg.experiment}', tick the training runs, press Compare")
+    if _training_runs(work, cfg.experiment) < 2:
+        print("  run the demo again to train a second student (last 1 block instead of 2) to compare with")
     print("=" * 78)
     return summary
 
 
+def demo_trainable_blocks_used(result: Any) -> str:
+    """trainable_blocks of the finished run, read back from its exported checkpoint."""
+    try:
+        from pipeline.checkpoint import read_backbone_info
+
+        return str(read_backbone_info(result.checkpoint_dir).get("trainable_blocks", "?"))
+    except Exception:  # noqa: BLE001 - only the closing note uses it
+        return "?"
+
+
+def _registered_model(work: Path, run_id: str) -> str:
+    """``models:/<name>/<version>`` of the run's student, or ""."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(work)).get_run(run_id).data.tags.get("registered_model", "")
+
+
+def _training_runs(work: Path, experiment: str) -> int:
+    """How many training runs the demo's experiment holds."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(work))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    return len(client.search_runs([exp.experiment_id], "tags.`spar.stage` = 'distill'", max_results=100))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.raycluster import set_verbose
+
+    if args.verbose:
+        set_verbose(True)
     flags = {k: v for k, v in {"workdir": args.workdir, "steps": args.steps}.items() if v is not None}
     cfg = load_config(DemoConfig, args.config, args.set or (), section="demo")
     cfg = apply_overrides(cfg, flags) if flags else cfg
@@ -316,6 +438,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="training steps")
     p.add_argument("--config", help="TOML recipe with a [demo] section")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and every stage's report")
     p.set_defaults(func=_cmd_demo)
 
 

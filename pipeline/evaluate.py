@@ -17,12 +17,14 @@ Everything is logged to MLflow (metrics, params, a per-class table, overlays / p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -130,6 +132,7 @@ class EvalConfig:
     overlays: int = 4
     out: str = ""  # optional folder for results.json / tables / plots (default: a temp dir, logged to MLflow)
     mlflow: bool = True
+    parent_run: str = ""  # MLflow id of the training run evaluated ("" = the one that produced --checkpoint)
 
     def __post_init__(self) -> None:
         for k in ("max_images", "crop", "stride", "workers", "overlays", "repeats", "window_batch"):
@@ -465,20 +468,59 @@ def _output_dir(cfg: EvalConfig) -> tuple[Path, tempfile.TemporaryDirectory | No
     return Path(tmp.name), tmp
 
 
-def _start_run(cfg: EvalConfig, default_name: str, extra_params: dict[str, Any]):
-    """Start an MLflow run with the resolved config, protocol and git commit as params."""
+def _parent_run(cfg: EvalConfig, uri: str) -> tuple[str, str] | None:
+    """(run id, experiment id) of the training run this evaluation belongs under, if any."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import training_run_of
+
+    if cfg.parent_run:
+        try:
+            run = MlflowClient(uri).get_run(cfg.parent_run)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
+            raise EvalError(f"--parent-run {cfg.parent_run}: no such MLflow run in {uri} ({e})") from None
+        return run.info.run_id, run.info.experiment_id
+    return training_run_of(cfg.checkpoint, uri)
+
+
+@contextlib.contextmanager
+def _start_run(cfg: EvalConfig, default_name: str, extra_params: dict[str, Any]) -> Iterator[Any]:
+    """An MLflow run with the resolved config (``extra_params`` override the config's unresolved values: one name
+    per parameter), git commit and system metrics; a child of the evaluated training run when there is one (in
+    that run's experiment), else a run of ``cfg.experiment``."""
     import mlflow
 
-    from pipeline.tracking import git_commit, log_params_flat, setup_experiment
+    from pipeline.tracking import (
+        PARENT_RUN_TAG,
+        git_commit,
+        log_params_flat,
+        setup_experiment,
+        system_metrics,
+        tracking_uri,
+    )
 
     exp_id = setup_experiment(cfg.experiment, _workdir(cfg))
-    run = mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or default_name)
-    log_params_flat({**to_dict(cfg), **extra_params})
-    commit = git_commit()
-    if commit:
-        mlflow.set_tag("git_commit", commit)
-    mlflow.set_tag("spar.stage", "eval")
-    return run
+    uri = tracking_uri(_workdir(cfg))
+    parent = _parent_run(cfg, uri)
+    tags = {"spar.stage": "eval", "git_commit": git_commit()}
+    if parent is not None:
+        exp_id = parent[1]
+        tags[PARENT_RUN_TAG] = parent[0]
+    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or default_name, tags=tags) as run:
+        log_params_flat({**to_dict(cfg), **extra_params, "parent_run": parent[0] if parent else ""})
+        with system_metrics(run.info.run_id, uri):
+            yield run
+
+
+def _to_parent(run: Any, kind: str, metrics: dict[str, float]) -> None:
+    """Copy an evaluation's headline metrics onto its training run (``<kind>/<name>``)."""
+    import mlflow
+
+    from pipeline.tracking import PARENT_RUN_TAG, log_headline_metrics
+
+    parent = run.data.tags.get(PARENT_RUN_TAG)
+    if parent:
+        log_headline_metrics(mlflow.get_tracking_uri(), parent, kind, metrics)
 
 
 def _lineage_params(cfg: EvalConfig, ident: dict[str, Any]) -> dict[str, Any]:
@@ -510,9 +552,9 @@ def _log_benchmark(cfg: EvalConfig, result: dict[str, Any], overlays: dict[str, 
         import mlflow
 
         role = "student" if cfg.checkpoint else ("teacher" if cfg.mode == "sliding" else "baseline")
-        params = {f"protocol.{k}": v for k, v in result["protocol"].items()}
+        params = dict(result["protocol"])  # the resolved protocol, under the config's own names
         params.update(_lineage_params(cfg, result["model"]))
-        with _start_run(cfg, f"{cfg.dataset}-{role}", params):
+        with _start_run(cfg, f"{cfg.dataset}-{role}", params) as run:
             mlflow.set_tag("spar.eval", "benchmark")
             mlflow.set_tag("spar.role", role)
             metrics = {
@@ -543,6 +585,9 @@ def _log_benchmark(cfg: EvalConfig, result: dict[str, Any], overlays: dict[str, 
             mlflow.log_artifact(str(out / "results.json"))
             if overlays:
                 mlflow.log_artifacts(str(out / "overlays"), artifact_path="overlays")
+                _log_images(out / "overlays", "overlay")
+            headline = {"mIoU": result["miou"], "images_per_s": result["images_per_s"]}
+            _to_parent(run, cfg.dataset if role == "student" else f"{cfg.dataset}_{role}", headline)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -701,17 +746,48 @@ def _log_fidelity(cfg: EvalConfig, result: dict[str, Any]) -> None:
             "teacher.crop": result["teacher"]["crop"],
             "teacher.stride": result["teacher"]["stride"],
         }
-        with _start_run(cfg, "fidelity", params):
+        with _start_run(cfg, "fidelity", params) as run:
             mlflow.set_tag("spar.eval", "fidelity")
             metrics = {"num_images": result["images"]}
             for m in ("baseline", "student"):
                 for k, v in result.get(m, {}).items():
                     metrics[f"{m}_{k}"] = v
-            mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
+            if "student" in result and result["baseline"]["mse"] > 0:
+                metrics["mse_ratio"] = result["student"]["mse"] / result["baseline"]["mse"]
+            metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+            mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(out / "fidelity.json"))
+            _log_feature_pca(cfg, out)
+            _to_parent(run, "fidelity", {k: v for k, v in metrics.items() if k != "num_images"})
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _log_images(folder: Path, key: str, only: list[str] | None = None) -> None:
+    """PNG files of ``folder`` as MLflow images of the active run (the UI shows them as pictures)."""
+    import mlflow
+    from PIL import Image
+
+    for png in sorted(folder.glob("*.png")):
+        if only is not None and png.name not in only:
+            continue
+        with Image.open(png) as im:
+            mlflow.log_image(im.convert("RGB"), key=f"{key}/{png.stem}", step=0)
+
+
+def _log_feature_pca(cfg: EvalConfig, out: Path) -> None:
+    """PCA pictures of teacher / baseline / student features (one shared basis per image) on the fidelity run."""
+    try:
+        from pipeline.viz import fidelity_pca_pngs
+    except ImportError:  # pragma: no cover - viz not available in this build
+        return
+    import mlflow
+
+    pngs = fidelity_pca_pngs(cfg, out / "pca")
+    if pngs:
+        mlflow.log_artifacts(str(out / "pca"), artifact_path="pca")
+        _log_images(out / "pca", "pca")
 
 
 # ---------------------------------------------------------------------------------------------- speed
@@ -941,7 +1017,12 @@ def _log_speed(cfg: EvalConfig, result: dict[str, Any]) -> None:
             return
         import mlflow
 
-        with _start_run(cfg, f"speed-{result['backbone']}", {"speed.crop": result["crop"]}):
+        resolved = {
+            "crop": result["crop"],
+            "resolutions": tuple(result["resolutions"]),
+            "strides": tuple(int(s) for s in result["sliding"]),
+        }
+        with _start_run(cfg, f"speed-{result['backbone']}", resolved) as run:
             mlflow.set_tag("spar.eval", "speed")
             metrics = {}
             for i, r in enumerate(result["resolutions"]):
@@ -959,6 +1040,10 @@ def _log_speed(cfg: EvalConfig, result: dict[str, Any]) -> None:
             mlflow.log_metrics(metrics)
             for f in files:
                 mlflow.log_artifact(str(out / f))
+            _log_images(out, "speed", only=[f for f in files if f.endswith(".png")])
+            _to_parent(
+                run, "speed", {k: v for k, v in metrics.items() if k.startswith(("slowdown_", "sec_"))}
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -1038,6 +1123,11 @@ def add_eval_cli(subparsers) -> None:
     p.add_argument("--overlays", type=int, help="prediction overlays to log")
     p.add_argument("--out", help="also keep results/tables/plots in this folder")
     p.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=False)
+    p.add_argument(
+        "--parent-run",
+        dest="parent_run",
+        help="MLflow run id of the training run evaluated (default: the run that produced --checkpoint)",
+    )
     p.add_argument("--config", help="TOML recipe ([eval] section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_eval)

@@ -125,6 +125,7 @@ def run_pipeline(
     pcfg = cfgs["precompute"]
     cache_root = pcfg.cache_root or str(work / "cache")
     ray_addr = run.ray_address or pcfg.ray_address
+    pcfg = dataclasses.replace(pcfg, workdir=pcfg.workdir or str(work), experiment=run.experiment)
     print("[spar pipeline] precompute", flush=True)
     cache = precompute(
         dataclasses.replace(pcfg, images=images, cache_root=cache_root, ray_address=ray_addr),

@@ -73,6 +73,9 @@ class PrecomputeConfig:
     max_retries: int = 3  # Ray task retries (worker death and exceptions)
     ray_address: str | None = None  # None = local in-process cluster (or RAY_ADDRESS)
     progress: bool = True
+    # MLflow: a run recording what the cache cost; "" = $SPAR_WORKDIR, else no run (the CLI defaults to ./work)
+    workdir: str = ""
+    experiment: str = "spar-precompute"
 
     def __post_init__(self) -> None:
         for name in ("crop", "workers", "max_retries", "seed"):
@@ -159,7 +162,14 @@ def precompute(
         _say(cfg, f"cache complete, nothing to compute: {cache.path}")
         return cache.path
     _say(cfg, f"precompute {len(todo)}/{cache.num_shards} shard(s) into {cache.path}")
-    failures = _run_tasks(cfg, cache.path, ims, todo, stats)
+    shard_stats: dict[int, dict[str, Any]] = {}
+    with _mlflow_run(cfg, spec, cache, todo) as run:
+        t0 = time.time()
+        failures = _run_tasks(cfg, cache.path, ims, todo, shard_stats)
+        if run is not None:
+            _log_cost(run, cache, shard_stats, failures, time.time() - t0)
+    if stats is not None:
+        stats.extend(shard_stats[i] for i in sorted(shard_stats))
     left = [i for i in todo if not cache.shard_complete(i)]
     if failures or left:
         detail = "; ".join(f"{shard_stem(i)}: {msg}" for i, msg in sorted(failures.items()))
@@ -208,6 +218,64 @@ def _abs(p: str) -> str:
     return p if "://" in p else os.path.abspath(p)
 
 
+@contextlib.contextmanager
+def _mlflow_run(cfg: PrecomputeConfig, spec: CacheSpec, cache: Any, todo: list[int]) -> Iterator[Any]:
+    """An MLflow run (params = the resolved config, tags = lineage, system metrics) around the computation, when
+    a workdir or ``$SPAR_WORKDIR`` names a store; else nothing (yields None)."""
+    workdir = cfg.workdir or os.environ.get("SPAR_WORKDIR", "")
+    if not workdir:
+        yield None
+        return
+    import mlflow
+
+    from pipeline.tracking import git_commit, log_params_flat, setup_experiment, system_metrics, tracking_uri
+
+    exp_id = setup_experiment(cfg.experiment, workdir)
+    tags = {
+        "spar.stage": "precompute",
+        "cache_fingerprint": cache.fingerprint,
+        "imageset_fingerprint": spec.imageset_fingerprint,
+        "weights_id": spec.weights_id,
+        "backbone": spec.backbone,
+        "git_commit": git_commit(),
+    }
+    name = f"precompute-{cache.fingerprint[:8]}"
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as run:
+        resolved = {**asdict(cfg), "crop": spec.crop, "images": _abs(cfg.images), "cache_path": cache.path}
+        resolved["pretrained"] = cfg.pretrained or "none"
+        log_params_flat({k: v for k, v in resolved.items() if k not in ("progress", "workdir", "experiment")})
+        mlflow.log_params({"shards_todo": len(todo), "shards_total": cache.num_shards})
+        with system_metrics(run.info.run_id, tracking_uri(workdir)):
+            yield run
+
+
+def _log_cost(
+    run: Any, cache: Any, stats: dict[int, dict[str, Any]], failures: dict[int, str], wall: float
+) -> None:
+    """What the cache cost: images, windows, seconds per shard, bytes written, wall time."""
+    import mlflow
+
+    from pipeline.cache import _size_on_disk
+
+    store = lambda i: f"{cache.path.rstrip('/')}/shards/{shard_stem(i)}.zarr"  # noqa: E731
+    written = {i: _size_on_disk(store(i)) for i in stats}
+    for i, st in sorted(stats.items()):
+        mlflow.log_metrics(
+            {"shard_seconds": float(st.get("seconds", 0.0)), "shard_bytes": float(written[i])}, step=i
+        )
+    mlflow.log_metrics(
+        {
+            "images": sum(int(st.get("images", 0)) for st in stats.values()),
+            "windows": sum(int(st.get("windows", 0)) for st in stats.values()),
+            "shards_computed": len(stats),
+            "shards_failed": len(failures),
+            "compute_seconds": sum(float(st.get("seconds", 0.0)) for st in stats.values()),
+            "wall_seconds": wall,
+            "bytes_written": sum(written.values()),
+        }
+    )
+
+
 def _say(cfg: PrecomputeConfig, msg: str) -> None:
     if cfg.progress:
         print(msg, file=sys.stderr, flush=True)
@@ -233,10 +301,11 @@ def _run_tasks(
     cache_path: str,
     ims: Any,
     todo: list[int],
-    stats: list[dict[str, Any]] | None = None,
+    stats_out: dict[int, dict[str, Any]] | None = None,
 ) -> dict[int, str]:
-    """Run one Ray task per shard in ``todo`` with at most ``cfg.workers`` in flight; return failures
-    (and append each finished task's statistics to ``stats`` when given)."""
+    """Run one Ray task per shard in ``todo`` with at most ``cfg.workers`` in flight; return failures.
+
+    ``stats_out`` receives each finished shard's task statistics (images, windows, seconds)."""
     import ray
     from tqdm import tqdm
 
@@ -276,10 +345,10 @@ def _run_tasks(
             for ref in ready:
                 i = running.pop(ref)
                 try:
-                    st = ray.get(ref)
-                    windows += int(st.get("windows", 0))
-                    if stats is not None:
-                        stats.append(st)
+                    stats = ray.get(ref)
+                    windows += int(stats.get("windows", 0))
+                    if stats_out is not None:
+                        stats_out[i] = stats
                 except Exception as e:  # noqa: BLE001 - report per shard, keep the others going
                     failures[i] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
                 done_shards += 1
@@ -434,6 +503,7 @@ def _cmd_precompute(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "workers": args.workers,
         "window_batch": args.window_batch,
+        "workdir": args.workdir,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     path = precompute(cfg)
@@ -453,6 +523,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "float32", "int8"])
     p.add_argument("--workers", type=int, help="max shards computed at once")
     p.add_argument("--window-batch", type=int, help="windows per teacher forward")
+    p.add_argument(
+        "--workdir", help="record the run (cost of the cache) in this MLflow store (default $SPAR_WORKDIR)"
+    )
     p.add_argument("--config", help="TOML recipe ([precompute] section)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.set_defaults(func=_cmd_precompute)

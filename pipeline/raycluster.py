@@ -9,7 +9,32 @@ import os
 
 import ray
 
-__all__ = ["init_ray", "cluster_gpus", "shutdown_ray"]
+__all__ = [
+    "init_ray",
+    "cluster_gpus",
+    "shutdown_ray",
+    "verbose",
+    "set_verbose",
+    "train_log_level",
+    "LatestValue",
+]
+
+VERBOSE_ENV = "SPAR_VERBOSE"  # "1": show Ray's own logs (Ray Train chatter, controller warnings)
+
+
+def verbose() -> bool:
+    """Whether Ray's own chatter is shown (``--verbose`` or ``SPAR_VERBOSE=1``); by default only ours is."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def set_verbose(on: bool) -> None:
+    """Switch Ray's chatter on or off for this process and the Ray workers it starts afterwards."""
+    os.environ[VERBOSE_ENV] = "1" if on else "0"
+
+
+def train_log_level() -> str:
+    """Console level of Ray Train's ``ray.train`` loggers (controller and workers): INFO when verbose."""
+    return "INFO" if verbose() else "ERROR"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -22,6 +47,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     """
     if ray.is_initialized():
         return
+    if not verbose():
+        kwargs.setdefault(
+            "logging_config", ray.LoggingConfig(log_level="WARNING")
+        )  # driver, tasks and actors
+        _skip_ray_chatter()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
@@ -35,6 +65,59 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         logging_level="warning",
         **kwargs,
     )
+
+
+# Lines the driver does not echo from Ray's processes unless verbose: Ray's C++ core log lines, Ray Train's per-report
+# and per-checkpoint INFO lines and its placement-group cleaner's state-API warnings.
+_CHATTER = (
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\] \S+\.(cc|h):\d+:"
+    r"|Reporting training result|Checkpoint successfully created|PlacementGroupCleaner"
+    r"|Failed to query Ray Train Controller"
+)
+
+
+def _skip_ray_chatter() -> None:
+    """Tell the driver's worker-log printer to drop :data:`_CHATTER` lines (Ray's own knob, set at runtime)."""
+    import re
+
+    try:
+        from ray._private import ray_logging
+
+        for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+            own = dedup.skip_re.pattern if dedup.skip_re is not None else ""  # RAY_DEDUP_LOGS_SKIP_REGEX
+            dedup.skip_re = re.compile(_CHATTER + (f"|{own}" if own and own not in _CHATTER else ""))
+            if not getattr(dedup, "_spar_quiet", False):
+                dedup.deduplicate = _drop_sources(dedup.deduplicate)
+                dedup._spar_quiet = True
+    except (ImportError, AttributeError):  # another Ray version: its chatter stays
+        pass
+
+
+class LatestValue:
+    """Body of a tiny Ray actor holding the latest value put (e.g. rank 0's training progress for the driver)."""
+
+    def __init__(self) -> None:
+        self.value = None
+
+    def put(self, value: object) -> None:
+        self.value = value
+
+    def get(self) -> object:
+        return self.value
+
+
+_QUIET_SOURCES = (
+    "PlacementGroupCleaner",
+)  # Ray Train's janitor actor: its state-API tracebacks are not ours
+
+
+def _drop_sources(deduplicate):  # noqa: ANN001, ANN202 - wraps Ray's LogDeduplicator.deduplicate
+    def run(batch: dict) -> list:
+        if any(s in str(batch.get("actor_name") or "") for s in _QUIET_SOURCES):
+            return []
+        return deduplicate(batch)
+
+    return run
 
 
 def cluster_gpus() -> float:

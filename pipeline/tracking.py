@@ -5,14 +5,22 @@
 * The driver creates the experiment once (SQLite races when several processes create it); workers only log to a
   run id they are given, and only rank 0 logs.
 * Every run gets the git commit, and its resolved config as flat params with the same names across runs, so the
-  MLflow UI's compare view lines runs up.
+  MLflow UI's compare view lines runs up; one name per parameter, holding the resolved value.
+* Experiments are tagged as model-training experiments (``mlflow.experimentKind = custom_model_development``, the
+  tag the MLflow 3 UI reads), so the UI opens them on their runs, not on the GenAI traces view.
+* Evaluation runs are children of the training run they evaluate (``mlflow.parentRunId``) and copy their headline
+  metrics onto it (``<kind>/<metric>``), so comparing training runs compares their evaluations.
+* System metrics (CPU, memory, disk, network; GPU when ``nvidia-ml-py`` is installed) on every stage's run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +28,25 @@ __all__ = [
     "tracking_uri",
     "artifact_root",
     "setup_experiment",
+    "quiet_mlflow",
     "git_commit",
     "flatten_params",
     "log_params_flat",
     "mlflow_ui_command",
+    "EXPERIMENT_KIND_TAG",
+    "MODEL_TRAINING_KIND",
+    "PARENT_RUN_TAG",
+    "system_metrics",
+    "log_headline_metrics",
+    "LINEAGE_FILE",
+    "write_run_lineage",
+    "training_run_of",
 ]
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to pick the experiment's landing page
+MODEL_TRAINING_KIND = "custom_model_development"  # (the other kind is "genai_development")
+PARENT_RUN_TAG = "mlflow.parentRunId"  # the UI nests a run under its parent
+LINEAGE_FILE = "mlflow_run.json"  # in an exported student: the training run that produced it
 
 
 # Read once: ``mlflow.set_tracking_uri`` writes this variable into our own environment, so reading it later would
@@ -44,10 +66,20 @@ def artifact_root(workdir: str | Path) -> str:
     return (Path(workdir).resolve() / "mlartifacts").as_uri()
 
 
+def quiet_mlflow() -> None:
+    """MLflow's INFO chatter (database set-up, uv project detection, model registration) only when verbose."""
+    from pipeline.raycluster import verbose
+
+    if not verbose():
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def setup_experiment(name: str, workdir: str | Path) -> str:
     """Point MLflow at the project's store and return the id of experiment ``name`` (created once, here)."""
     import mlflow
 
+    quiet_mlflow()
     Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
     mlflow.set_tracking_uri(uri)
@@ -58,12 +90,16 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     else:
         loc = artifact_root(workdir) if uri.startswith("sqlite:") else None
         try:
-            exp_id = client.create_experiment(name, artifact_location=loc)
+            exp_id = client.create_experiment(
+                name, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+            )
         except Exception:  # created concurrently by another driver
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
             exp_id = exp.experiment_id
+    if exp is not None and EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version, or by hand
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -115,3 +151,74 @@ def mlflow_ui_command(workdir: str | Path) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser"
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, uri: str, interval_s: float = 5.0) -> Iterator[None]:
+    """Log system metrics (``system/...``: CPU, memory, disk, network, GPU) to ``run_id`` while the block runs.
+
+    MLflow's own monitor samples every ``interval_s``; a block shorter than that still gets one sample at its end.
+    Best effort: a monitor that cannot start (no psutil) never fails the stage.
+    """
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started monitoring" chatter
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri)
+        mon.start()
+    except Exception:  # noqa: BLE001 - monitoring is optional
+        mon = None
+    try:
+        yield
+    finally:
+        if mon is not None:
+            _finish_monitor(mon)
+
+
+def _finish_monitor(mon: Any) -> None:
+    try:
+        mon.finish()
+        if getattr(mon, "_logging_step", 1) == 0:  # ended before the first interval: one sample now
+            mon.collect_metrics()
+            mon.publish_metrics(mon.aggregate_metrics())
+            mon.mlflow_logger.flush()
+    except Exception:  # noqa: BLE001 - monitoring is optional
+        pass
+
+
+def log_headline_metrics(uri: str, parent_run_id: str, kind: str, metrics: Mapping[str, float]) -> None:
+    """Copy an evaluation's headline metrics onto the training run it evaluates, as ``<kind>/<name>``."""
+    import math
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [
+        Metric(f"{kind}/{k}", float(v), ts, 0)
+        for k, v in metrics.items()
+        if v is not None and not (isinstance(v, float) and math.isnan(v))
+    ]
+    if items:
+        MlflowClient(uri).log_batch(parent_run_id, metrics=items)
+
+
+def write_run_lineage(student_dir: str | Path, run_id: str, experiment_id: str, uri: str) -> None:
+    """Record in an exported student which MLflow run trained it (so its evaluations nest under that run)."""
+    doc = {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+    (Path(student_dir) / LINEAGE_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def training_run_of(checkpoint: str, uri: str) -> tuple[str, str] | None:
+    """(run id, experiment id) of the training run that produced ``checkpoint``, when it is in store ``uri``."""
+    if not checkpoint or "://" in checkpoint:
+        return None
+    try:
+        doc = json.loads((Path(checkpoint) / LINEAGE_FILE).read_text())
+        from mlflow import MlflowClient
+
+        run = MlflowClient(uri).get_run(str(doc["run_id"]))
+    except Exception:  # noqa: BLE001 - no lineage, or another store: the evaluation stands alone
+        return None
+    return run.info.run_id, run.info.experiment_id

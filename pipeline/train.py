@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -95,6 +97,7 @@ class DistillConfig:
     verify_pixels: bool = True  # check every image's pixel sha256 while streaming
     workdir: str = "work"  # MLflow store, Ray results, exported students
     experiment: str = "spar-distill"
+    register_model: str = "spar-student"  # registered MLflow model name ("" = log it, do not register)
     run_name: str = ""  # Ray Train run name ("" = generated); --resume continues the last run of the workdir
     storage_path: str = ""  # Ray Train storage ("" = <workdir>/ray_results); shared/S3 on a cluster
     max_failures: int = 2  # worker-failure restarts (from the last checkpoint)
@@ -417,7 +420,14 @@ def _train_worker(job: dict[str, Any]) -> None:
             "grad_scaler": str(runner.scaler is not None).lower(),
         }.items():
             mlog.client.set_tag(job["run_id"], k, v)
-    _loop(cfg, job, runner, planner, make_loader(stream, cfg.loader_workers), state, rank, world, mlog)
+    loader = make_loader(stream, cfg.loader_workers)
+    if rank != 0:
+        _loop(cfg, job, runner, planner, loader, state, rank, world, mlog)
+        return
+    from pipeline.tracking import system_metrics
+
+    with system_metrics(job["run_id"], job["tracking_uri"]):  # on rank 0's node: its CPUs, memory, GPUs
+        _loop(cfg, job, runner, planner, loader, state, rank, world, mlog)
 
 
 def _loop(
@@ -434,6 +444,7 @@ def _loop(
     import torch.distributed as dist
 
     total = job["total_steps"]
+    progress = _progress_actor(job.get("progress")) if rank == 0 else None
     it: Iterator[dict[str, Any]] = iter(loader)
     epoch_t0 = t_prev = time.perf_counter()
     while state.step < total:
@@ -458,12 +469,15 @@ def _loop(
         state.extra["epoch_steps"] = state.extra.get("epoch_steps", 0) + 1
         step_time = t2 - t_prev
         t_prev = t2
+        images_per_s = len(item["keys"]) * world / max(step_time, 1e-9)
+        if progress is not None:  # fire and forget: the driver's progress bar reads it
+            progress.put.remote((state.step, loss_v, images_per_s))
         if mlog is not None:
             mlog.add(
                 {
                     "loss": loss_v,
                     "lr": lr,
-                    "images_per_s": len(item["keys"]) * world / max(step_time, 1e-9),
+                    "images_per_s": images_per_s,
                     "data_wait_frac": (t1 - t0) / max(step_time, 1e-9),
                     "step_time_s": step_time,
                     **({"grad_scale": runner.scaler.get_scale()} if runner.scaler is not None else {}),
@@ -706,8 +720,11 @@ def _loss_curve_png(client: Any, run_id: str, out: Path) -> Path | None:
     return out
 
 
-def _export_student(ckpt: Any, out: Path) -> Path:
-    """Copy the student files of a Ray training checkpoint to ``out`` (a plain student checkpoint)."""
+def _export_student(ckpt: Any, out: Path, lineage: dict[str, str] | None = None) -> Path:
+    """Copy the student files of a Ray training checkpoint to ``out`` (a plain student checkpoint).
+
+    ``lineage`` (run id, experiment id, tracking URI) is recorded beside them so evaluations nest under the run.
+    """
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -718,6 +735,10 @@ def _export_student(ckpt: Any, out: Path) -> Path:
             raise DistillError(f"the final checkpoint cannot be exported: {e}") from None
         for f in (STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE):
             shutil.copy2(Path(d) / f, tmp / f)
+    if lineage:
+        from pipeline.tracking import write_run_lineage
+
+        write_run_lineage(tmp, lineage["run_id"], lineage["experiment_id"], lineage["tracking_uri"])
     write_checksums(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -730,6 +751,43 @@ def teacher_window(cfg: DistillConfig, spec: Any, native_size: int) -> tuple[int
     crop = cfg.crop or (spec.crop if spec is not None else native_size)
     stride = cfg.stride or (spec.stride if spec is not None else default_stride(crop))
     return crop, stride
+
+
+def _log_image(client: Any, run_id: str, png: Path, key: str) -> None:
+    """A PNG as an MLflow image of the run (shown in the UI's image view, not only as a file)."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        client.log_image(run_id, im.convert("RGB"), key=key, step=0)
+
+
+def _log_student_model(
+    cfg: DistillConfig, client: Any, uri: str, run_id: str, student_dir: str, dim: int
+) -> None:
+    """The student as an MLflow pyfunc model (checkpoint files as artifacts), registered as cfg.register_model."""
+    import mlflow
+
+    from pipeline.mlflow_model import log_student_model
+
+    tags = client.get_run(run_id).data.tags
+    lineage = {
+        "cache_fingerprint": tags.get("cache_fingerprint", ""),
+        "imageset_fingerprint": tags.get("imageset_fingerprint", ""),
+        "teacher_weights_id": tags.get("teacher_weights_id", ""),
+        "git_commit": tags.get("git_commit", ""),
+        "dim": dim,
+    }
+    mlflow.set_tracking_uri(uri)
+    from pipeline.raycluster import verbose
+
+    chatter = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), chatter:  # MLflow prints "Successfully registered model ..." to stderr
+        warnings.simplefilter("ignore")  # MLflow's notes on pip requirements and model-from-code
+        info = log_student_model(run_id, student_dir, cfg.register_model, lineage)
+    if cfg.register_model and info.registered_model_version is not None:
+        client.set_tag(
+            run_id, "registered_model", f"models:/{cfg.register_model}/{info.registered_model_version}"
+        )
 
 
 def _prepare(cfg: DistillConfig) -> dict[str, Any]:
@@ -811,7 +869,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     from mlflow import MlflowClient
 
-    from pipeline.raycluster import cluster_gpus, init_ray
+    from pipeline.raycluster import cluster_gpus, init_ray, verbose
     from pipeline.stream import Planner, refs_from_imageset
     from pipeline.tracking import git_commit, mlflow_ui_command
 
@@ -838,18 +896,19 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
 
     resolved = asdict(cfg)
     resolved.update(images=_abs(cfg.images), cache=_abs(cfg.cache) if cfg.cache else "", storage_path=storage)
-    derived = {
-        "student_resolved": prep["student"],
-        "pretrained_resolved": str(prep["pretrained"]),
-        "backbone_seed_resolved": prep["backbone_seed"],
-        "crop_resolved": prep["crop"],
-        "stride_resolved": prep["stride"],
-        "total_steps": total,
-        "steps_per_epoch": planner.steps(0),
-        "gpus_per_worker_resolved": gpus,
-        "run_name_resolved": run_name,
+    # one name per parameter, holding the value used (no `x` next to `x_resolved`)
+    effective = {
+        **resolved,
+        "student": prep["student"],
+        "pretrained": prep["pretrained"] or "none",
+        "backbone_seed": prep["backbone_seed"],
+        "crop": prep["crop"],
+        "stride": prep["stride"],
+        "gpus_per_worker": gpus,
+        "run_name": run_name,
     }
-    params = {**resolved, **derived}
+    derived = {"total_steps": total, "steps_per_epoch": planner.steps(0)}
+    params = {**effective, **derived}
     tags = {
         "spar.stage": "distill",
         "cache_fingerprint": cache.fingerprint if cache is not None else "",
@@ -866,12 +925,14 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     client = MlflowClient(uri)
     from pipeline.config import save_resolved
 
-    resolved_path = save_resolved(cfg, workdir / "distill" / run_name / "resolved_config.json", extra=derived)
+    resolved_path = save_resolved(
+        cfg, workdir / "distill" / run_name / "resolved_config.json", extra={"effective": params}
+    )
     client.log_artifact(run_id, str(resolved_path))
 
     job = {
         "cfg": resolved,
-        "resolved": {"config": resolved, **derived},
+        "resolved": {"config": effective, **derived},
         "run_id": run_id,
         "tracking_uri": uri,
         "total_steps": total,
@@ -884,9 +945,11 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
         "cache_fingerprint": cache.fingerprint if cache is not None else None,
         "marker_dir": str(workdir / "distill" / run_name),
     }
-    _log(f"run {run_name}: {total} steps on {cfg.workers} worker(s), MLflow run {run_id}")
+    if verbose():
+        _log(f"run {run_name}: {total} steps on {cfg.workers} worker(s), MLflow run {run_id}")
     try:
-        result = _fit(cfg, job, run_name, storage, gpus)
+        with _progress_bar(job, total):
+            result = _fit(cfg, job, run_name, storage, gpus)
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         raise DistillError(
@@ -894,13 +957,98 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
             f"fix the cause and re-run with --resume"
         ) from e
     return _finish(
-        cfg, workdir, client, uri, exp_id, run_id, run_name, total, result, mlflow_ui_command(workdir)
+        cfg,
+        workdir,
+        client,
+        uri,
+        exp_id,
+        run_id,
+        run_name,
+        total,
+        result,
+        mlflow_ui_command(workdir),
+        prep["dim"],
     )
 
 
+PROGRESS_NAMESPACE = "spar"
+
+
+def _progress_actor(name: str | None) -> Any:
+    """Rank 0's handle on the driver's progress actor (None when there is none)."""
+    if not name:
+        return None
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=PROGRESS_NAMESPACE)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _progress_bar(job: dict[str, Any], total: int, poll_s: float = 0.5) -> Iterator[None]:
+    """A tqdm bar of distill steps (loss, images/s, ETA) fed by rank 0 through a small actor.
+
+    Ray Train workers run in other processes; an actor survives worker restarts and costs one small message per
+    step. The bar starts at the first reported step (a resumed run starts where it left off).
+    """
+    import threading
+
+    import ray
+    from tqdm import tqdm
+
+    from pipeline.raycluster import LatestValue
+
+    # a named actor (workers look it up by name: a handle inside train_loop_config does not reach them intact),
+    # defined in a light module so that it starts fast
+    name = f"spar-progress-{job['run_id']}-{os.getpid()}"
+    actor = ray.remote(num_cpus=0)(LatestValue).options(name=name, namespace=PROGRESS_NAMESPACE).remote()
+    job["progress"] = name
+    stop = threading.Event()
+    state: dict[str, Any] = {"bar": None}
+
+    def show(latest: tuple[int, float, float] | None) -> None:
+        if latest is None:
+            return
+        step, loss, ips = latest
+        bar = state["bar"]
+        if bar is None:
+            bar = state["bar"] = tqdm(
+                total=total, initial=step, unit="step", desc="distill", file=sys.stderr, dynamic_ncols=True
+            )
+        bar.update(step - bar.n)
+        bar.set_postfix_str(f"loss {loss:.4g}, {ips:.1f} img/s", refresh=False)
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            try:
+                show(ray.get(actor.get.remote(), timeout=10))
+            except Exception:  # noqa: BLE001 - the bar is cosmetic; training goes on
+                continue
+
+    thread = threading.Thread(target=poll, name="spar-distill-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        try:
+            show(ray.get(actor.get.remote(), timeout=10))
+        except Exception:  # noqa: BLE001
+            pass
+        if state["bar"] is not None:
+            state["bar"].close()
+        job.pop("progress", None)
+        ray.kill(actor)
+
+
 def _fit(cfg: DistillConfig, job: dict[str, Any], run_name: str, storage: str, gpus: float) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.raycluster import train_log_level
 
     resources: dict[str, float] = {"CPU": float(cfg.cpus_per_worker)}
     if gpus > 0:
@@ -916,6 +1064,7 @@ def _fit(cfg: DistillConfig, job: dict[str, Any], run_name: str, storage: str, g
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=train_log_level()),  # Ray's chatter only with --verbose
         ),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
     )
@@ -933,22 +1082,28 @@ def _finish(
     total: int,
     result: Any,
     ui_cmd: str,
+    dim: int = -1,
 ) -> DistillResult:
     metrics = result.metrics or {}
     steps = int(metrics.get("step", 0))
     ckpt = result.checkpoint
     export = ""
+    lineage = {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": uri}
     if ckpt is not None:
-        student_dir = _export_student(ckpt, workdir / "students" / run_name)
-        client.log_artifacts(run_id, str(student_dir), artifact_path="student")
+        student_dir = _export_student(ckpt, workdir / "students" / run_name, lineage)
         export = str(student_dir)
         if steps == 0:
             steps = int(step_of(posixpath.basename(ckpt.path.rstrip("/"))) or 0)
     png = _loss_curve_png(client, run_id, workdir / "distill" / run_name / "loss_curve.png")
     if png is not None:
         client.log_artifact(run_id, str(png))
+        _log_image(client, run_id, png, "loss_curve")
     final_loss = metrics.get("loss")
     completed = steps >= total
+    if export and completed:
+        _log_student_model(cfg, client, uri, run_id, export, dim)
+    elif export:  # an unfinished student: its files, not a model
+        client.log_artifacts(run_id, export, artifact_path="student")
     client.log_metric(run_id, "steps_done", steps)
     client.set_terminated(run_id, status="FINISHED" if completed else "KILLED")
     print(f"distill run {run_name}: {steps}/{total} steps, final loss {final_loss}")

@@ -630,7 +630,9 @@ def build_backbone(
     """
     from spar_core.dinov3txt import DINOTXT_BACKBONES, build_dinotxt_backbone
 
-    if name in DINOTXT_BACKBONES:  # DINOv3 dino.txt: own module, Meta's two weight files (spar_core/dinov3txt.py)
+    if (
+        name in DINOTXT_BACKBONES
+    ):  # DINOv3 dino.txt: own module, Meta's two weight files (spar_core/dinov3txt.py)
         return build_dinotxt_backbone(name, pretrained, device=device, dtype=dtype, seed=seed)
     r = _resolve_name(name, quick_gelu)
     model, weights_id, quick, mean_std = _make_model(r, pretrained, seed)

@@ -169,7 +169,8 @@ def test_speed_report_and_runs_table(voc_root, tmp_path):
     # runs table: two benchmark runs that differ in logit_scale
     for scale in (10.0, 50.0):
         evaluate(_cfg(voc_root, tmp_path, logit_scale=scale, max_images=1, overlays=0, experiment="cmp"))
-    header, rows = compare_runs("cmp", "mIoU", str(tmp_path))
+    header, rows = compare_runs("cmp", "mIoU", str(tmp_path), all_runs=True)  # evaluation runs, not training
+    assert compare_runs("cmp", "", str(tmp_path))[1] == []  # the default view: training runs only
     assert "logit_scale" in header and "mIoU" in header and "dataset" not in header and len(rows) == 2
     col = header.index("logit_scale")
     assert sorted(r[col] for r in rows) == ["10.0", "50.0"]
@@ -177,7 +178,7 @@ def test_speed_report_and_runs_table(voc_root, tmp_path):
     with pytest.raises(RunsError, match="no MLflow experiment named 'nope'; known: .*cmp"):
         compare_runs("nope", "", str(tmp_path))
     with pytest.raises(RunsError, match="no run has metric 'acc'"):
-        compare_runs("cmp", "acc", str(tmp_path))
+        compare_runs("cmp", "acc", str(tmp_path), all_runs=True)
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # exported by mlflow.set_tracking_uri above
     with pytest.raises(RunsError, match="no MLflow store"):
         compare_runs("cmp", "", str(tmp_path / "empty"))

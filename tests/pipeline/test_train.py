@@ -172,9 +172,15 @@ def test_mlflow_run_has_params_metrics_artifacts_and_cache_input(resumed, data, 
     epoch_losses = client.get_metric_history(res.run_id, "epoch_loss")
     assert sorted(m.step for m in epoch_losses) == [0, 1]  # 6 images / 2 workers = 3 steps per epoch
     arts = {a.path for a in client.list_artifacts(res.run_id)}
-    assert {"resolved_config.json", "loss_curve.png", "student"} <= arts
-    student_files = {a.path for a in client.list_artifacts(res.run_id, "student")}
-    assert "student/student.safetensors" in student_files and "student/backbone.json" in student_files
+    assert {"resolved_config.json", "loss_curve.png"} <= arts
+    # the finished student is a registered pyfunc model whose artifacts are the checkpoint files
+    import mlflow
+
+    model_uri = tags["registered_model"]  # models:/spar-student/<version>
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=res.tracking_uri,
+                                                       registry_uri=res.tracking_uri))  # fmt: skip
+    (ckpt,) = (local / "artifacts").iterdir()  # the checkpoint directory, stored under its own name
+    assert {"student.safetensors", "backbone.json", "checksums.json"} <= {p.name for p in ckpt.iterdir()}
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     cache_input = inputs[f"teacher-cache-{cache.fingerprint[:12]}"]
     assert cache_input.dataset.digest == cache.fingerprint[:36]

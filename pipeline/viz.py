@@ -1,0 +1,180 @@
+"""Pictures of dense features: ``spar viz`` and the PCA panels logged on fidelity runs.
+
+Each panel shows one image and, side by side, the sliding-window teacher's, the single-pass baseline's and the
+student's dense features mapped to RGB by the *same* 3-component PCA: the basis is fitted on the concatenation of
+the three feature maps, so equal colours mean equal features across the three, and the student's map should look
+like the teacher's, where the baseline's does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.config import UserError
+
+__all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "add_cli"]
+
+
+class VizError(UserError):
+    """Bad ``spar viz`` request."""
+
+
+def shared_pca_rgb(maps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Project every (h, w, D) map onto the top-3 principal components of all their rows together.
+
+    Returns (h, w, 3) float arrays in [0, 1]: each component is scaled by its 1st..99th percentile over all maps
+    (one scale for all, so the maps stay comparable).
+    """
+    if not maps:
+        return {}
+    dims = {m.shape[-1] for m in maps.values()}
+    if len(dims) != 1:
+        raise VizError(f"feature maps have different dims {sorted(dims)}; one PCA basis needs one dim")
+    rows = np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps.values()]).astype(np.float64)  # (N, D)
+    mean = rows.mean(0)
+    _, _, vt = np.linalg.svd(rows - mean, full_matrices=False)  # vt: (min(N, D), D)
+    basis = np.zeros((3, rows.shape[1]))
+    basis[: min(3, vt.shape[0])] = vt[:3]
+    proj_all = (rows - mean) @ basis.T  # (N, 3)
+    lo, hi = np.percentile(proj_all, 1, axis=0), np.percentile(proj_all, 99, axis=0)
+    span = np.where(hi - lo > 1e-12, hi - lo, 1.0)
+    out = {}
+    for name, m in maps.items():
+        p = (m.reshape(-1, m.shape[-1]).astype(np.float64) - mean) @ basis.T  # (h*w, 3)
+        out[name] = np.clip((p - lo) / span, 0.0, 1.0).reshape(*m.shape[:2], 3)
+    return out
+
+
+def pca_panel(img: np.ndarray, maps: dict[str, np.ndarray], tile: int = 256) -> Image.Image:
+    """One row: the image, then each map in a shared PCA colouring, each scaled to ``tile`` pixels high."""
+    rgb = shared_pca_rgb(maps)
+    h, w = img.shape[:2]
+    tw = max(1, round(w * tile / h))
+    tiles = [("image", Image.fromarray(img).resize((tw, tile), Image.BILINEAR))]
+    for name, m in rgb.items():
+        tiles.append(
+            (name, Image.fromarray((m * 255).round().astype(np.uint8)).resize((tw, tile), Image.NEAREST))
+        )
+    pad, head = 6, 18
+    panel = Image.new("RGB", (len(tiles) * (tw + pad) + pad, tile + head + pad), "white")
+    draw = ImageDraw.Draw(panel)
+    for i, (name, t) in enumerate(tiles):
+        x = pad + i * (tw + pad)
+        panel.paste(t, (x, head))
+        draw.text((x + 2, 3), name, fill="black")
+    return panel
+
+
+def _features(bb: Any, img: np.ndarray, mode: str, crop: int = 0, stride: int = 0) -> np.ndarray:
+    from pipeline.inference import dense_features
+
+    with torch.no_grad():
+        return dense_features(bb, img, mode, crop, stride)[0].cpu().numpy()  # (h, w, D)
+
+
+def viz_images(
+    images: list[str], checkpoint: str, out: str, short_side: int = 448, crop: int = 0, stride: int = 0
+) -> list[Path]:
+    """PCA panels (image | teacher | baseline | student) of photo files; the teacher is computed here."""
+    from pipeline.checkpoint import read_backbone_info
+    from pipeline.inference import (
+        load_model,
+        protocol_size,
+        read_photo,
+        resize_rgb,
+        safe_stem,
+    )
+
+    if not images:
+        raise VizError("no input images given")
+    photos = [(p, read_photo(p)) for p in images]
+    student = load_model(checkpoint=checkpoint)
+    info = read_backbone_info(checkpoint)
+    base = load_model(
+        backbone=info["name"], pretrained=info.get("pretrained") or "", seed=int(info.get("seed", 0))
+    )
+    out_dir = Path(out).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, used = [], set()
+    for path, img in photos:
+        size = protocol_size(*img.shape[:2], short_side, 0, base.patch_size)
+        x = resize_rgb(img, size)
+        maps = {
+            "teacher (sliding)": _features(base, x, "sliding", crop, stride),
+            "baseline (single pass)": _features(base, x, "single"),
+            "student": _features(student, x, "single"),
+        }
+        target = out_dir / f"{safe_stem(path, used)}_pca.png"
+        pca_panel(x, maps).save(target)
+        written.append(target)
+    return written
+
+
+def fidelity_pca_pngs(cfg: Any, out: Path) -> list[Path]:
+    """PCA panels of the first ``cfg.overlays`` held-out images of a fidelity report (teacher from the cache)."""
+    from pipeline.cache import open_cache
+    from pipeline.imageset import open_imageset
+    from pipeline.inference import load_model
+
+    if not cfg.checkpoint or cfg.overlays <= 0:
+        return []
+    ims, cache = open_imageset(cfg.images), open_cache(cfg.teacher_cache)
+    spec = cache.spec
+    student = load_model(checkpoint=cfg.checkpoint)
+    base = load_model(
+        backbone=spec.backbone, pretrained=cfg.pretrained or spec.pretrained or "", seed=student_seed(cfg)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for shard in range(ims.num_shards):
+        for rec, img in ims.iter_shard(shard):
+            if len(written) >= cfg.overlays:
+                return written
+            maps = {
+                "teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32),
+                "baseline": _features(base, img, "single"),
+                "student": _features(student, img, "single"),
+            }
+            target = out / f"{rec.key}_pca.png"
+            pca_panel(img, maps).save(target)
+            written.append(target)
+    return written
+
+
+def student_seed(cfg: Any) -> int:
+    """Seed of the random base weights the student was trained from (0 for pretrained weights)."""
+    from pipeline.checkpoint import read_backbone_info
+
+    return int(read_backbone_info(cfg.checkpoint).get("seed", 0))
+
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    paths = viz_images(
+        args.images, args.checkpoint, args.out, args.short_side, args.crop or 0, args.stride or 0
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``spar viz``."""
+    p = sub.add_parser(
+        "viz",
+        help="PCA pictures of dense features: teacher, single-pass baseline and student in one basis (PNG)",
+    )
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="student checkpoint directory")
+    p.add_argument("--out", default="viz", help="output folder (default ./viz)")
+    p.add_argument(
+        "--short-side", dest="short_side", type=int, default=448, help="resize short side (0 = keep)"
+    )
+    p.add_argument("--crop", type=int, help="teacher window (default: the backbone's native size)")
+    p.add_argument("--stride", type=int, help="teacher stride (default: 24 px per 224 of crop)")
+    p.set_defaults(func=_cmd_viz)
