@@ -156,3 +156,11 @@ def autocast(device: torch.device | str, name: str) -> Iterator[None]:
         return
     with torch.autocast(device_type=_device_type(device), dtype=dt):
         yield
+
+
+COMPILE_ENV = "SPAR_COMPILE"  # "1": compile the teacher's window forward with torch.compile (inductor)
+
+
+def compile_requested() -> bool:
+    """Whether ``$SPAR_COMPILE`` asks for the compiled teacher window forward (spar_core.sliding ``compile``)."""
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes")

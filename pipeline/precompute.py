@@ -430,6 +430,7 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
     import torch
 
     from pipeline.imageset import open_imageset
+    from pipeline.precision import compile_requested
     from spar_core.sliding import num_windows, sliding_window_features
 
     t0 = time.time()
@@ -466,7 +467,9 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
         for rec, img in ims.iter_shard(shard):  # (H, W, 3) uint8, verified against pixel_sha256
             img = np.require(img, np.uint8, ["C", "W"])  # torch wants a writable array
             x = bb.normalize(torch.from_numpy(img)[None].to(device)).float()  # (1, 3, H, W)
-            feats = sliding_window_features(bb, x, s.crop, s.stride, cfg.window_batch, autocast_dtype=amp)
+            feats = sliding_window_features(
+                bb, x, s.crop, s.stride, cfg.window_batch, autocast_dtype=amp, compile=compile_requested()
+            )
             writer.add(rec.key, feats[0].cpu().numpy())  # (H/p, W/p, D)
             windows += num_windows(rec.height, rec.width, s.crop, s.stride)
             _crash_hook("first-image")

@@ -8,7 +8,6 @@ per window), divided by the per-cell coverage count, and resized bilinearly to t
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,10 +25,7 @@ __all__ = [
     "sliding_window_features",
     "validate_window_params",
     "window_forward",
-    "COMPILE_ENV",
 ]
-
-COMPILE_ENV = "SPAR_COMPILE"  # "1": compile the teacher's window forward with torch.compile (inductor)
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -107,13 +103,11 @@ def _cell_index(oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: int, canvas_w: 
     return (iy * canvas_w + ix).reshape(oy.shape[0], kh * kw)
 
 
-def window_forward(backbone: Backbone, compile: bool | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def window_forward(backbone: Backbone, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The teacher's window forward: ``backbone.dense``, or its ``torch.compile`` (inductor) version when
-    ``compile`` is True (``None``: when ``$SPAR_COMPILE`` is "1"). The compiled function is built once per
+    ``compile`` is True (the pipeline sets it from ``$SPAR_COMPILE``: pipeline.precision). The compiled function is built once per
     backbone object and reused; if compilation is unavailable or fails, a warning is given and the eager forward
     is used from then on (the results are the same, only slower)."""
-    if compile is None:
-        compile = os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes")
     if not compile:
         return backbone.dense
     state = backbone.__dict__.setdefault("_spar_compiled", {})
@@ -155,7 +149,7 @@ def sliding_window_features(
     stride: int,
     window_batch: int = 32,
     autocast_dtype: torch.dtype | None = None,
-    compile: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Teacher features: (B, 3, H, W) normalised images -> (B, H/p, W/p, D) float32.
 
@@ -163,7 +157,7 @@ def sliding_window_features(
         crop, stride: window size and step in pixels (crop a multiple of the patch size).
         window_batch: windows per forward pass.
         autocast_dtype: run the windows under autocast in this dtype (bf16/fp16); ``None`` = backbone dtype.
-        compile: run the windows through ``torch.compile`` (see :func:`window_forward`; ``None``: $SPAR_COMPILE).
+        compile: run the windows through ``torch.compile`` (see :func:`window_forward`).
     """
     backbone.check_input(x)
     b, _, h, w = x.shape

@@ -45,12 +45,16 @@ def test_compiled_function_failing_at_run_time_falls_back(monkeypatch):
 
 
 def test_env_switch(monkeypatch):
+    from pipeline.precision import COMPILE_ENV, compile_requested
+
     bb, _ = _inputs()
-    monkeypatch.delenv(sliding_mod.COMPILE_ENV, raising=False)
-    assert sliding_mod.window_forward(bb) == bb.dense
-    monkeypatch.setenv(sliding_mod.COMPILE_ENV, "1")
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert not compile_requested()
+    assert sliding_mod.window_forward(bb, compile_requested()) == bb.dense
+    monkeypatch.setenv(COMPILE_ENV, "1")
+    assert compile_requested()
     monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)
-    assert sliding_mod.window_forward(bb) != bb.dense
+    assert sliding_mod.window_forward(bb, compile_requested()) != bb.dense
 
 
 @pytest.mark.slow
