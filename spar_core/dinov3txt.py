@@ -545,6 +545,14 @@ class DinoTxtBackbone(Backbone):
     def blocks(self) -> nn.ModuleList:
         return self.model.visual_model.backbone.blocks
 
+    def _used_by_readout(self, param_name: str) -> bool:
+        """SPAR-ALL trains what the dense readout reaches: the backbone (less its mask token, used only in masked
+        pre-training) and, for the head readout, the vision head; the text tower stays frozen."""
+        prefixes = ("model.visual_model.backbone.",)
+        if self.readout == READOUT_HEAD:
+            prefixes += ("model.visual_model.head.",)
+        return param_name.startswith(prefixes) and not param_name.endswith(".mask_token")
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, ceil(H/p), ceil(W/p), D); sizes that are not multiples of the patch size are
         stretched bicubically first, as the reference does (the pipeline always passes multiples)."""

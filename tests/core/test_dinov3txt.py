@@ -309,10 +309,22 @@ def test_set_trainable_freezes_like_the_reference():
     other = build_backbone("tiny-dinov3txt", seed=0)
     other.load_trainable_state_dict(sd)
     assert torch.equal(other.state_dict()[names[0]], sd[names[0]])
-    assert len(bb.set_trainable("all")) == len(list(bb.parameters()))
     assert bb.set_trainable(0) == []
     with pytest.raises(BackboneError):
         bb.set_trainable(5)
+
+
+@pytest.mark.parametrize("name", ["tiny-dinov3txt", "tiny-dinov3txt-head"])
+def test_spar_all_trains_exactly_what_the_readout_reaches(name):
+    """ "all" unfreezes exactly the parameters that receive a gradient from the dense features (found here by a
+    backward pass with everything unfrozen): the backbone, plus the vision head for the head readout."""
+    bb = build_backbone(name)
+    for p in bb.parameters():
+        p.requires_grad_(True)
+    bb.dense(torch.randn(1, 3, 64, 96)).square().sum().backward()
+    reached = {n for n, p in bb.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert set(bb.set_trainable("all")) == reached
+    assert any(".head." in n for n in reached) == name.endswith("-head")
 
 
 def test_gradients_reach_only_the_trainable_blocks():

@@ -120,7 +120,9 @@ def test_eval_run_logs_metrics_and_artifacts(voc_root, tmp_path):
     assert m["mIoU"] == pytest.approx(res["miou"])
     assert m["iou/background"] == pytest.approx(expected[0])
     assert m["num_images"] == 3 and m["images_per_s"] > 0
-    assert run.data.params["dataset"] == "voc21" and run.data.params["protocol.prob_thd"] == "1.0"
+    # one name per parameter, holding the resolved value (the protocol under the config's own names)
+    assert run.data.params["dataset"] == "voc21" and run.data.params["prob_thd"] == "1.0"
+    assert not any(k.startswith("protocol.") or k.endswith("_resolved") for k in run.data.params)
     assert run.data.params["model.weights_id"] == "random:tiny-clip-64:seed0"
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"per_class_iou.json", "per_class_iou.txt", "results.json", "overlays"} <= arts

@@ -189,7 +189,9 @@ def test_fingerprint_follows_every_spec_input(imageset, photo_dir, tmp_path):
     fb = fp(dataclasses.replace(base, pretrained=str(tmp_path / "b.safetensors")))
     assert fa == fb != f0
 
-    # re-ingesting the same photos gives the same cache; changing one pixel of one photo gives another
+    # re-ingesting the same photos gives the same cache; changing a patch of one photo gives another (a patch,
+    # not one pixel: the reference's resize has no antialiasing, so a downscale may skip a single changed pixel,
+    # and identical ingested pixels rightly give the same cache)
     same = tmp_path / "same"
     ingest(str(photo_dir), str(same), IngestConfig(**INGEST), workers=2, progress=False)
     assert fp(base, open_imageset(str(same))) == f0
@@ -197,7 +199,8 @@ def test_fingerprint_follows_every_spec_input(imageset, photo_dir, tmp_path):
     shutil.copytree(photo_dir, src)
     first = sorted(src.glob("*.png"))[0]
     arr = np.array(Image.open(first).convert("RGB"))
-    arr[arr.shape[0] // 2, arr.shape[1] // 2] ^= 0x40
+    cy, cx = arr.shape[0] // 2, arr.shape[1] // 2
+    arr[cy - 8 : cy + 8, cx - 8 : cx + 8] ^= 0x40
     Image.fromarray(arr).save(first)
     ingest(str(src), str(tmp_path / "changed"), IngestConfig(**INGEST), workers=2, progress=False)
     assert fp(base, open_imageset(str(tmp_path / "changed"))) != f0
