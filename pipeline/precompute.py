@@ -131,8 +131,8 @@ def _resolved_autocast(cfg: PrecomputeConfig) -> str:
 
     from pipeline.precision import cache_mode, resolve
 
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-    return cache_mode(resolve(cfg.autocast, device))
+    gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return cache_mode(resolve(cfg.autocast, "cuda" if gpu else "cpu"))
 
 
 def precompute(

@@ -101,3 +101,16 @@ def test_precompute_records_the_resolved_precision_in_the_cache_spec(cpu_rule):
     cpu_rule("0")
     assert _resolved_autocast(PrecomputeConfig(**cpu)) == "none"  # the cache spec's name for fp32
     assert _resolved_autocast(PrecomputeConfig(**cpu, autocast="bf16")) == "bf16"  # forced
+
+
+def test_auto_for_cuda_planned_on_a_driver_without_cuda(monkeypatch):
+    """A CPU-only driver planning GPU tasks (precompute device = "cuda") records bf16, not the CPU's choice."""
+    import torch
+
+    from pipeline.precision import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve("auto", "cuda") == "fp16"
