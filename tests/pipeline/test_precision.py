@@ -49,7 +49,14 @@ def test_auto_on_cpu_follows_the_amx_rule_and_its_override(cpu_rule):
     cpu_rule(None)
     if flags:  # the independent reading of the CPU's flags
         assert prec.cpu_has_amx_bf16() == ("amx_bf16" in flags)
-    assert resolve("auto", "cpu") == ("bf16" if prec.cpu_has_amx_bf16() else "fp32")
+        assert prec.cpu_has_avx512_bf16() == ("avx512_bf16" in flags)
+    if prec.cpu_has_amx_bf16():
+        want = "bf16"
+    elif prec.cpu_has_avx512_bf16():  # AVX512-BF16 without AMX: the measured probe decides
+        want = "bf16" if prec.cpu_bf16_speedup() > prec.PROBE_MIN_SPEEDUP else "fp32"
+    else:
+        want = "fp32"
+    assert resolve("auto", "cpu") == want
     cpu_rule("1")
     assert resolve("auto", torch.device("cpu")) == "bf16"
     cpu_rule("0")
