@@ -35,6 +35,7 @@ Nothing here is a pickle: JSON and Zarr only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -234,13 +235,18 @@ def _write_bytes_atomic(path: str, data: bytes) -> None:
     """Write a small file so readers see either nothing or all of it (temp + rename; one PUT on S3)."""
     if _is_local(path):
         p = _local(path)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
         tmp = f"{p}{TMP_TAG}{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        try:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        except OSError as e:  # full disk, read-only or forbidden: one clear line, no temp file left behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise CacheError(f"cannot write {p}: {e.strerror or e}") from e
         return
     fs, p = _fs(path)
     fs.pipe_file(p, data)

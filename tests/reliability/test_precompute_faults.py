@@ -242,13 +242,6 @@ def test_write_error_on_the_shards_directory_then_rerun(rel_imageset, rel_refere
     assert_cache_equals_reference(path, rel_reference_cache, rel_imageset)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="pipeline/cache.py write_spec/_write_bytes_atomic: an OSError (ENOSPC, EACCES, EROFS) while writing "
-    "spec.json escapes as a bare OSError, so `spar precompute` prints a traceback (exit 1); the temp file is not "
-    "removed when the write fails. Fix: catch OSError there, remove the temp file, raise CacheError naming the path",
-)
 def test_full_disk_before_the_spec_is_written_is_one_clear_line(rel_imageset, small_tmpfs, capsys):
     mnt, mount = small_tmpfs
     mount(4096, remount=True)  # one page, filled below
