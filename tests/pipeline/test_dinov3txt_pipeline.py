@@ -31,7 +31,6 @@ def _photos(d: Path, names: tuple[str, ...]) -> str:
     return str(d)
 
 
-@pytest.mark.slow
 def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     from pipeline.cache import open_cache
     from pipeline.checkpoint import load_student
