@@ -24,6 +24,7 @@ from spar_core.backbones import build_backbone
 from tests.pipeline.test_stream import build_data
 
 BASE = dict(
+    precision="fp32",  # the naive reference below is fp32; auto picks bf16 on CPUs where it is faster
     workers=2,
     max_steps=6,
     checkpoint_every=2,
