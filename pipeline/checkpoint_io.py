@@ -24,7 +24,6 @@ loads directly; for the tiny test backbones it also writes the open_clip model c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from pipeline.checkpoint import _sha256_file
 from pipeline.config import UserError
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)
@@ -44,14 +44,6 @@ class CheckpointIOError(UserError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ reading
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _refused_message(path: Path, err: Exception) -> str:
@@ -211,7 +203,7 @@ def import_checkpoint(
     config = {
         "imported_from": {
             "file": p.name,
-            "sha256": _sha256(p),
+            "sha256": _sha256_file(p),
             "layout": layout,
             **{k: v for k, v in info.items() if k != "container" and v is not None},
         }
