@@ -12,20 +12,20 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import UserError
+from pipeline.common.config import UserError
 
 STAGE_MODULES = (
-    "pipeline.ingest",
-    "pipeline.precompute",
-    "pipeline.cache",
-    "pipeline.train",
-    "pipeline.evaluate",
-    "pipeline.demo",
-    "pipeline.pipeline_run",
-    "pipeline.submit",
-    "pipeline.bench",
-    "pipeline.checkpoint_io",
-    "pipeline.viz",
+    "pipeline.data.ingest",
+    "pipeline.cache.precompute",
+    "pipeline.cache.store",
+    "pipeline.train.distill",
+    "pipeline.eval.benchmark",
+    "pipeline.workflow.demo",
+    "pipeline.workflow.orchestrator",
+    "pipeline.cluster.submit",
+    "pipeline.bench.cli",
+    "pipeline.train.checkpoint_io",
+    "pipeline.eval.viz",
 )
 
 # Errors raised for bad user input by the pure core (ValueError subclasses) are user errors too.

@@ -105,7 +105,7 @@ def _cell_index(oy: torch.Tensor, ox: torch.Tensor, kh: int, kw: int, canvas_w: 
 
 def window_forward(backbone: Backbone, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The teacher's window forward: ``backbone.dense``, or its ``torch.compile`` (inductor) version when
-    ``compile`` is True (the pipeline sets it from ``$SPAR_COMPILE``: pipeline.precision). The compiled function is built once per
+    ``compile`` is True (the pipeline sets it from ``$SPAR_COMPILE``: pipeline.common.precision). The compiled function is built once per
     backbone object and reused; if compilation is unavailable or fails, a warning is given and the eager forward
     is used from then on (the results are the same, only slower)."""
     if not compile:

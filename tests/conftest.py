@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import pipeline.tracking  # noqa: E402,F401 - captures the user's MLFLOW_TRACKING_URI before any test sets one
+import pipeline.common.tracking  # noqa: E402,F401 - captures the user's MLFLOW_TRACKING_URI before any test sets one
 
 # scikit-image's bundled photographs (no download needed)
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "cat", "immunohistochemistry")
@@ -19,7 +19,7 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "c
 
 def load_photo(name: str) -> np.ndarray:
     """A scikit-image sample photo as (H, W, 3) uint8 (grayscale/bool ones expanded to RGB)."""
-    from pipeline.photos import sample_photo_rgb
+    from pipeline.common.photos import sample_photo_rgb
 
     return sample_photo_rgb(name)
 
@@ -46,7 +46,7 @@ def ray_local():
     """A local Ray cluster (2 CPUs), shared by the tests of a session; re-initialised if a test shut it down."""
     import ray
 
-    from pipeline.raycluster import init_ray
+    from pipeline.common.tasks import init_ray
 
     init_ray(num_cpus=2)
     yield ray
@@ -56,7 +56,7 @@ def ray_local():
 @pytest.fixture
 def ray_up(ray_local):
     """Ensure Ray is initialised for this test (another test may have shut it down)."""
-    from pipeline.raycluster import init_ray
+    from pipeline.common.tasks import init_ray
 
     init_ray(num_cpus=2)
     return ray_local

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.bench_core import authors_loop, naive_teacher_fp32
+from pipeline.bench.teacher import authors_loop, naive_teacher_fp32
 from spar_core import build_backbone, sliding_window_features
 
 
@@ -27,7 +27,7 @@ def test_authors_loop_equals_the_naive_reference_and_the_project_teacher_non_squ
 def test_bench_core_prints_the_ratio(capsys):
     import argparse
 
-    from pipeline.bench_core import add_args, run
+    from pipeline.bench.teacher import add_args, run
 
     p = argparse.ArgumentParser()
     add_args(p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.bench_core import naive_teacher_fp32
+from pipeline.bench.teacher import naive_teacher_fp32
 from spar_core import build_backbone, sliding_window_features
 from spar_core import sliding as sliding_mod
 
@@ -45,7 +45,7 @@ def test_compiled_function_failing_at_run_time_falls_back(monkeypatch):
 
 
 def test_env_switch(monkeypatch):
-    from pipeline.precision import COMPILE_ENV, compile_requested
+    from pipeline.common.precision import COMPILE_ENV, compile_requested
 
     bb, _ = _inputs()
     monkeypatch.delenv(COMPILE_ENV, raising=False)

@@ -87,7 +87,7 @@ def test_jobs_entry_points_exist_and_forward_to_the_cli(monkeypatch, capsys):
             runpy.run_module(f"jobs.{name}", run_name="__main__", alter_sys=False)
         out = capsys.readouterr()
         if name == "pipeline" and "invalid choice: 'pipeline'" in out.err:
-            continue  # `spar pipeline` is registered by pipeline.pipeline_run, not in every build yet
+            continue  # `spar pipeline` is registered by pipeline.workflow.orchestrator, not in every build yet
         assert exc.value.code == 0, (name, out.err[-2000:])
         cmd = "eval" if name == "evaluate" else name
         assert f"usage: spar {cmd}" in out.out, (name, out.out[:500])
@@ -95,11 +95,11 @@ def test_jobs_entry_points_exist_and_forward_to_the_cli(monkeypatch, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_load_into_every_stage_config(recipe):
-    from pipeline.config import load_config
-    from pipeline.evaluate import EvalConfig
-    from pipeline.ingest import IngestConfig
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.train import DistillConfig
+    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.common.config import load_config
+    from pipeline.data.ingest import IngestConfig
+    from pipeline.eval.benchmark import EvalConfig
+    from pipeline.train.distill import DistillConfig
 
     data = tomllib.loads(recipe.read_text())
     assert set(data) == {"run", "ingest", "precompute", "distill", "eval"}, recipe
@@ -114,9 +114,9 @@ def test_recipes_load_into_every_stage_config(recipe):
 
 
 def test_paper_recipes_match_the_paper():
-    from pipeline.config import load_config
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.train import DistillConfig
+    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.common.config import load_config
+    from pipeline.train.distill import DistillConfig
 
     mc = ROOT / "jobs/configs/maskclip_vitb16.toml"
     pre = load_config(PrecomputeConfig, mc, section="precompute")
@@ -154,7 +154,7 @@ def _check_cli_args(cmd: str) -> None:
     stage = argv[argv.index("-m") + 1].split(".", 1)[1]
     args = build_parser().parse_args([stage, *argv[argv.index("-m") + 2 :]])
     if stage == "pipeline":
-        from pipeline.pipeline_run import load_recipe
+        from pipeline.workflow.orchestrator import load_recipe
 
         flags = {k: v for k, v in {"workdir": args.workdir, "source": args.source}.items() if v}
         cfgs = load_recipe(str(ROOT / args.config), list(args.set or ()), run_flags=flags)

@@ -18,8 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.config import UserError
-from pipeline.submit import (
+from pipeline.cluster.submit import (
     build_entrypoint,
     build_runtime_env,
     job_exit_code,
@@ -29,6 +28,7 @@ from pipeline.submit import (
     resolve_address,
     split_trailing_options,
 )
+from pipeline.common.config import UserError
 from tests.conftest import load_photo
 from tests.e2e.conftest import ROOT, RayHead, clean_env, http_status, listening_ips, run_spar
 
@@ -225,13 +225,13 @@ def test_submit_ingest_runs_the_stage_from_the_uploaded_project(ray_head: RayHea
     # the job ran from the uploaded copy of the project, with the venv's interpreter, and knows our commit
     assert Path(banner["project"]).is_relative_to(ray_head.tmp), banner
     assert Path(banner["python"]).parent == Path(sys.executable).parent
-    from pipeline.tracking import git_commit
+    from pipeline.common.tracking import git_commit
 
     assert banner["commit"] == git_commit(ROOT)
 
     # reference: each photo pushed through the stage's per-image function here, without Ray
-    from pipeline.imageset import open_imageset
-    from pipeline.ingest import IngestConfig, process_image
+    from pipeline.data.imageset import open_imageset
+    from pipeline.data.ingest import IngestConfig, process_image
 
     cfg = IngestConfig(target_long=128, target_short=96, min_short=48, shard_size=2)
     job = open_imageset(out_job)
@@ -285,8 +285,8 @@ def test_submit_demo_pipeline_logs_to_a_tracking_server(ray_head: RayHead, tmp_p
     """The whole pipeline as one Ray Job, MLflow through the local tracking server (URI forwarded by submit)."""
     import mlflow
 
-    from pipeline.cache import open_cache
-    from pipeline.checkpoint import load_student
+    from pipeline.cache.store import open_cache
+    from pipeline.train.checkpoint import load_student
     from tests.e2e.conftest import mlflow_server
 
     work = tmp_path / "work"

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import bench_gpu
-from pipeline.bench_cache import SIGLIP2_B16_512, vit_arch, vit_dense_flops
-from pipeline.bench_gpu import Report, check, project_precompute, run_section
+from pipeline.bench import gpu as bench_gpu
+from pipeline.bench.cache import SIGLIP2_B16_512, vit_arch, vit_dense_flops
+from pipeline.bench.gpu import Report, check, project_precompute, run_section
 from spar_core.backbones import build_backbone
 
 
@@ -132,7 +132,7 @@ def _windows_1d(length: int, crop: int, stride: int) -> int:
 
 
 def test_projection_counts_windows_flops_and_bytes() -> None:
-    from pipeline.ingest import IngestConfig, augmentation_for
+    from pipeline.data.ingest import IngestConfig, augmentation_for
 
     sizes = [(1500, 2250), (2000, 1500), (1500, 2667), (1500, 2000)] * 5
     got = project_precompute(sizes, 512, 24, window_flops=1e9, dim=768, patch=16)

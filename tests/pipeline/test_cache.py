@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import zarr
 
-import pipeline.cache as cache_mod
-from pipeline.cache import (
+import pipeline.cache.store as cache_mod
+from pipeline.cache.store import (
     CacheError,
     CachePairingError,
     CacheSpec,
@@ -34,7 +34,7 @@ from pipeline.cache import (
     verify_cache,
     write_spec,
 )
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.data.ingest import IngestConfig, ingest
 
 SPEC = CacheSpec(
     backbone="tiny-clip-64",
@@ -397,7 +397,7 @@ def two_imagesets(tmp_path_factory, photo_dir, ray_local):
             seed=seed, shard_size=3, target_long=160, target_short=112, min_short=64, max_side=160
         )
         ingest(str(photo_dir), str(out / f"set{seed}"), cfg, workers=2, progress=False)
-        from pipeline.imageset import open_imageset
+        from pipeline.data.imageset import open_imageset
 
         sets.append(open_imageset(str(out / f"set{seed}")))
     assert sets[0].fingerprint != sets[1].fingerprint

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import zarr
 
-import pipeline.cache as cache_mod
-from pipeline.cache import (
+import pipeline.cache.store as cache_mod
+from pipeline.cache.store import (
     CacheError,
     CacheSpec,
     ShardEntry,
@@ -41,7 +41,7 @@ ITEMS = [("a", 5, 7), ("b", 9, 4), ("c", 3, 3), ("z", 2, 2)]
 
 
 def test_float16_fingerprints_are_those_computed_before_the_int8_codec():
-    # literals computed with pipeline/cache.py at commit 0ade145 (before int8 existed)
+    # literals computed with pipeline/cache/store.py at commit 0ade145 (before int8 existed)
     assert SPEC16.fingerprint() == "14c2f632e43318a5c18d7425347eee5f53580aa6f58e02b77eccaf1a3d75c67c"
     fp32_forward = dataclasses.replace(SPEC16, autocast="none")
     assert fp32_forward.fingerprint() == "1d78c76c108a7e98364130b6b6c5e7fc3d0c478b9071759c9993aa928a7b9c90"

@@ -8,7 +8,7 @@ from open_clip import OPENAI_IMAGENET_TEMPLATES
 from open_clip.tokenizer import get_clean_fn
 
 from pipeline.cli import main
-from pipeline.datasets import DATASETS, INFOS, ClassNamesError, default_classes, format_classes
+from pipeline.data.datasets import DATASETS, INFOS, ClassNamesError, default_classes, format_classes
 from tests.reference_class_lists import REFERENCE_CLASS_FILES
 
 
@@ -89,11 +89,11 @@ def test_spar_classes_prints_the_list(capsys):
 
 
 def test_eval_uses_the_class_set(tmp_path):
-    from pipeline.evaluate import EvalConfig, _benchmark_classes
+    from pipeline.eval.benchmark import EvalConfig, _benchmark_classes
 
     assert _benchmark_classes(EvalConfig(dataset="voc20")) == default_classes("voc20")
     assert _benchmark_classes(EvalConfig(dataset="voc20", class_set="rich"))[0] == ["aeroplane", "airplane"]
-    from pipeline.config import ConfigError
+    from pipeline.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="class_set"):
         EvalConfig(class_set="nope")

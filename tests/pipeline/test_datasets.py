@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     INFOS,
     ClassNamesError,
     DatasetError,

@@ -32,11 +32,11 @@ def _photos(d: Path, names: tuple[str, ...]) -> str:
 
 
 def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
-    from pipeline.cache import open_cache
-    from pipeline.checkpoint import load_student
-    from pipeline.evaluate import EvalConfig, evaluate
-    from pipeline.imageset import open_imageset
-    from pipeline.pipeline_run import load_recipe, run_pipeline
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
+    from pipeline.eval.benchmark import EvalConfig, evaluate
+    from pipeline.train.checkpoint import load_student
+    from pipeline.workflow.orchestrator import load_recipe, run_pipeline
     from spar_core import build_backbone
     from spar_core.sliding import sliding_window_features
     from tests.pipeline.test_datasets import make_voc

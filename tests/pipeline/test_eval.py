@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError
-from pipeline.datasets import DatasetError
-from pipeline.evaluate import EvalConfig, EvalError, evaluate, merge_counts, resolve_protocol, speed_report
-from pipeline.runs import RunsError, compare_runs, format_table
+from pipeline.common.config import ConfigError
+from pipeline.data.datasets import DatasetError
+from pipeline.eval.benchmark import (
+    EvalConfig,
+    EvalError,
+    evaluate,
+    merge_counts,
+    resolve_protocol,
+    speed_report,
+)
+from pipeline.eval.runs import RunsError, compare_runs, format_table
 from spar_core.metrics import IoUAccumulator
 from tests.pipeline.test_datasets import make_voc
 
@@ -33,7 +40,7 @@ LABELS = {
 
 @pytest.fixture(autouse=True)
 def _fresh_tracking_env():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which pipeline.tracking would then prefer over
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which pipeline.common.tracking would then prefer over
     each test's own workdir: clear it around every test."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
@@ -210,7 +217,7 @@ def test_bad_input(voc_root, tmp_path, capsys):
 
 def test_config_recipe_and_cli_flags(tmp_path):
     from pipeline.cli import build_parser
-    from pipeline.inference import config_from_args
+    from pipeline.eval.inference import config_from_args
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('[eval]\ndataset = "context59"\nlogit_scale = 30.0\nresolutions = [448, 672]\n')
@@ -238,7 +245,7 @@ def test_config_recipe_and_cli_flags(tmp_path):
 def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):
     import torch
 
-    from pipeline.checkpoint import save_student
+    from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64")

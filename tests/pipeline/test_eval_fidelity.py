@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluate import EvalConfig, EvalError, fidelity_report
+from pipeline.eval.benchmark import EvalConfig, EvalError, fidelity_report
 from tests.conftest import load_photo
 
 CLASSES = "sky;person,people;wall;tree;road;cat;cup"
@@ -20,9 +20,9 @@ CLASSES = "sky;person,people;wall;tree;road;cat;cup"
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
-    from pipeline.checkpoint import save_student
-    from pipeline.ingest import IngestConfig, ingest
-    from pipeline.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.data.ingest import IngestConfig, ingest
+    from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("fid")
@@ -53,9 +53,9 @@ def held_out(tmp_path_factory, ray_local):
 def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, float]]:
     """Reference: every model's features of every image stacked, MSE/cosine in float64 numpy, and mIoU of
     each prediction against the teacher's from a numpy confusion matrix."""
-    from pipeline.cache import open_cache
-    from pipeline.checkpoint import load_student
-    from pipeline.imageset import open_imageset
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
+    from pipeline.train.checkpoint import load_student
     from spar_core.backbones import build_backbone
     from spar_core.segment import build_classifier, parse_classes, predict
 
@@ -128,9 +128,9 @@ def test_fidelity_bad_input(held_out, tmp_path):
 
 def test_quality_vs_cost_curve(held_out, tmp_path):
     """Speed report with --images: cosine of each method to the finest-stride teacher, checked directly."""
-    from pipeline.checkpoint import load_student
-    from pipeline.evaluate import speed_report
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
+    from pipeline.eval.benchmark import speed_report
+    from pipeline.train.checkpoint import load_student
     from spar_core.backbones import build_backbone
     from spar_core.sliding import sliding_window_features
 

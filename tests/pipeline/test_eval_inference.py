@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.inference import (
+from pipeline.eval.inference import (
     EmbedConfig,
     InferenceError,
     embed_images,

@@ -19,8 +19,8 @@ import skimage.data
 import webdataset as wds
 from PIL import Image
 
-from pipeline.imageset import ImageSetError, open_imageset
-from pipeline.ingest import (
+from pipeline.data.imageset import ImageSetError, open_imageset
+from pipeline.data.ingest import (
     IngestConfig,
     IngestError,
     add_cli,
@@ -526,7 +526,7 @@ def test_spar_cli_recipe_and_user_errors(photo_tree, tmp_path, capsys):
 
 
 def test_bench_ingest_runs_and_output_is_worker_count_independent(tmp_path):
-    from pipeline import bench_ingest
+    from pipeline.bench import ingest as bench_ingest
 
     p = argparse.ArgumentParser()
     bench_ingest.add_args(p)
@@ -543,7 +543,7 @@ def test_bench_ingest_runs_and_output_is_worker_count_independent(tmp_path):
 
 KILL_SCRIPT = """
 import sys
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.data.ingest import IngestConfig, ingest
 ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=1), workers=1, progress=False)
 """
 
@@ -556,7 +556,7 @@ def test_killed_ingest_resumes(tmp_path):
     import sys
     import time
 
-    from pipeline.bench_ingest import skimage_photos
+    from pipeline.bench.ingest import skimage_photos
 
     src = tmp_path / "src"
     src.mkdir()
@@ -592,7 +592,7 @@ def test_killed_ingest_resumes(tmp_path):
 
 S3_SCRIPT = """
 import sys
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.data.ingest import IngestConfig, ingest
 s = ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=2, target_long=256, target_short=128, min_short=64),
            workers=2, progress=False)
 print(s.line())

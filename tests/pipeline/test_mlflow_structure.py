@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import open_cache
-from pipeline.evaluate import EvalConfig, run_eval
-from pipeline.imageset import open_imageset
-from pipeline.precompute import PrecomputeConfig, precompute
-from pipeline.train import DistillConfig, distill
+from pipeline.cache.precompute import PrecomputeConfig, precompute
+from pipeline.cache.store import open_cache
+from pipeline.data.imageset import open_imageset
+from pipeline.eval.benchmark import EvalConfig, run_eval
+from pipeline.train.distill import DistillConfig, distill
 from tests.pipeline.test_stream import build_data
 
 # Ray Train start-up and five MLflow runs: ~80 s on a quiet 2-core machine (~5 min on a busy one); in the default
@@ -152,7 +152,7 @@ def test_one_name_per_parameter_with_the_resolved_value(pipeline_runs) -> None:
 def test_student_is_a_registered_pyfunc_model_giving_the_projects_features(pipeline_runs) -> None:
     import mlflow
 
-    from pipeline.checkpoint import load_student
+    from pipeline.train.checkpoint import load_student
     from spar_core.segment import predict
 
     res = pipeline_runs["res"]
@@ -175,7 +175,7 @@ def test_student_is_a_registered_pyfunc_model_giving_the_projects_features(pipel
     base = load_student(res.checkpoint_dir)
     assert not np.allclose(want, _untrained(img), atol=1e-4), "the model must be the trained student"
     labels = model.predict(np.asarray(img), params={"output": "segmentation", "classes": "sky;cat;person"})
-    from pipeline.inference import build_text_classifier
+    from pipeline.eval.inference import build_text_classifier
 
     clf = build_text_classifier(base, [["sky"], ["cat"], ["person"]])
     ref = predict(torch.from_numpy(want)[None], clf, out_size=img.shape[:2], logit_scale=40.0)[0].numpy()

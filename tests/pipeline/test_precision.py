@@ -1,4 +1,4 @@
-"""pipeline.precision: one vocabulary and one resolver for every stage; ``auto`` is the device's fastest."""
+"""pipeline.common.precision: one vocabulary and one resolver for every stage; ``auto`` is the device's fastest."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import precision as prec
-from pipeline.precision import PrecisionError, autocast, cache_mode, canonical, resolve
+from pipeline.common import precision as prec
+from pipeline.common.precision import PrecisionError, autocast, cache_mode, canonical, resolve
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_autocast_context_follows_the_resolved_dtype(cpu_rule):
 
 
 def test_train_uses_the_resolver(cpu_rule):
-    from pipeline.train import DistillError, resolve_precision
+    from pipeline.train.distill import DistillError, resolve_precision
 
     cpu = torch.device("cpu")
     cpu_rule("1")
@@ -92,14 +92,14 @@ def test_train_uses_the_resolver(cpu_rule):
 
 
 def test_inference_names_go_through_the_resolver():
-    from pipeline.inference import autocast_dtype
+    from pipeline.eval.inference import autocast_dtype
 
     assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("fp32") is None
     assert autocast_dtype("none") is None
 
 
 def test_precompute_records_the_resolved_precision_in_the_cache_spec(cpu_rule):
-    from pipeline.precompute import PrecomputeConfig, _resolved_autocast
+    from pipeline.cache.precompute import PrecomputeConfig, _resolved_autocast
 
     assert PrecomputeConfig().autocast == "auto"
     cpu = dict(images="x", device="cpu")
@@ -114,7 +114,7 @@ def test_auto_for_cuda_planned_on_a_driver_without_cuda(monkeypatch):
     """A CPU-only driver planning GPU tasks (precompute device = "cuda") records bf16, not the CPU's choice."""
     import torch
 
-    from pipeline.precision import resolve
+    from pipeline.common.precision import resolve
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve("auto", "cuda") == "bf16"

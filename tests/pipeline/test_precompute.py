@@ -17,10 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cache import CacheError, open_cache, verify_cache
-from pipeline.imageset import open_imageset
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.precompute import (
+from pipeline.cache.precompute import (
     CRASH_ENV,
     PrecomputeConfig,
     add_cli,
@@ -29,6 +26,9 @@ from pipeline.precompute import (
     repair_cache,
     resolve_spec,
 )
+from pipeline.cache.store import CacheError, open_cache, verify_cache
+from pipeline.data.imageset import open_imageset
+from pipeline.data.ingest import IngestConfig, ingest
 from spar_core.backbones import build_backbone
 from spar_core.sliding import sliding_window_features
 
@@ -272,7 +272,7 @@ def test_flipped_byte_is_caught_by_verify_and_fixed_by_repair(imageset, tmp_path
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd")
-    from pipeline.cache import add_cli as cache_cli
+    from pipeline.cache.store import add_cli as cache_cli
 
     cache_cli(sub)
     args = parser.parse_args(["cache", "verify", path])

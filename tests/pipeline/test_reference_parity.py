@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.evaluate import EvalConfig, resolve_protocol, speed_strides
-from pipeline.inference import EmbedConfig, default_stride, embed_images, model_input, protocol_size
-from pipeline.resize import resize_linear
+from pipeline.data.resize import resize_linear
+from pipeline.eval.benchmark import EvalConfig, resolve_protocol, speed_strides
+from pipeline.eval.inference import EmbedConfig, default_stride, embed_images, model_input, protocol_size
 from tests.conftest import load_photo
 from tests.cv2_reference import cv2_fixed_pixel, cv2_linear, cv2_linear_float, cv2_linear_pixel
 
@@ -140,7 +140,7 @@ def test_teacher_stride_is_24_px_at_every_crop():
 
 
 def test_online_teacher_defaults_to_24_px():
-    from pipeline.train import DistillConfig, teacher_window
+    from pipeline.train.distill import DistillConfig, teacher_window
 
     cfg = DistillConfig(images="x", teacher_online=True)
     assert teacher_window(cfg, None, 512) == (512, 24)
@@ -216,10 +216,10 @@ def test_paper_recipes_are_the_authors_run(name):
 
 
 def test_recipes_load_into_the_stage_configs():
-    from pipeline.config import load_config
-    from pipeline.ingest import IngestConfig
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.train import DistillConfig, lr_at
+    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.common.config import load_config
+    from pipeline.data.ingest import IngestConfig
+    from pipeline.train.distill import DistillConfig, lr_at
 
     for name in REFERENCE_TRAIN:
         path = str(REPO / "jobs" / "configs" / name)
@@ -229,7 +229,7 @@ def test_recipes_load_into_the_stage_configs():
             d = load_config(DistillConfig, path, [], section="distill")
             assert all(lr_at(s, d.lr, d.warmup_steps, d.schedule, 1000) == 2e-5 for s in (0, 500, 999))
         if name.endswith("_all.toml"):  # the extended generation reaches a 2560 px long side
-            from pipeline.ingest import sample_augmentation
+            from pipeline.data.ingest import sample_augmentation
 
             rng = np.random.default_rng(0)
             longs = [max(sample_augmentation(1500, 2250, ing, rng)["resize"]) for _ in range(400)]

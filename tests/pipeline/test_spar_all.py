@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import STUDENT_FILE, load_student, save_student
 from pipeline.cli import main
-from pipeline.config import ConfigError
-from pipeline.train import DistillConfig, add_cli, config_from_args, distill
+from pipeline.common.config import ConfigError
+from pipeline.train.checkpoint import STUDENT_FILE, load_student, save_student
+from pipeline.train.distill import DistillConfig, add_cli, config_from_args, distill
 from spar_core.backbones import build_backbone
 from tests.conftest import load_photo
 from tests.core.test_reference_parity import ref_maskclip, rel

@@ -1,6 +1,6 @@
 """The paired image/target stream: deterministic per-rank plans, exact resume, pairing checks.
 
-Real image sets (pipeline.ingest on scikit-image photos) and real teacher caches (pipeline.precompute with
+Real image sets (pipeline.data.ingest on scikit-image photos) and real teacher caches (pipeline.cache.precompute with
 tiny-clip-64); the stream's output is compared with independent reads (ImageSet.read, TeacherCache.features).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.stream import (
+from pipeline.data.stream import (
     PairedStream,
     Planner,
     SampleRef,
@@ -35,9 +35,9 @@ def build_data(root: str) -> dict[str, str]:
     other pixels (for pairing refusals). Built once per session, shared by the stream and train tests."""
     from PIL import Image
 
-    from pipeline.ingest import IngestConfig, ingest
-    from pipeline.precompute import PrecomputeConfig, precompute
-    from pipeline.raycluster import init_ray
+    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.common.tasks import init_ray
+    from pipeline.data.ingest import IngestConfig, ingest
     from tests.conftest import load_photo
 
     base = Path(root)
@@ -158,8 +158,8 @@ def _stream(data: dict[str, str], **kw) -> PairedStream:
 
 
 def test_stream_pairs_match_independent_reads(data: dict[str, str]) -> None:
-    from pipeline.cache import open_cache
-    from pipeline.imageset import open_imageset
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
 
     ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
     items = _collect(_stream(data, num_batches=6), 0)
@@ -214,7 +214,7 @@ def test_decode_checks_size_and_pixel_hash(data: dict[str, str]) -> None:
 
     from PIL import Image
 
-    from pipeline.imageset import open_imageset, pixel_sha256
+    from pipeline.data.imageset import open_imageset, pixel_sha256
 
     ims = open_imageset(data["images"])
     rec = ims.records[0]
@@ -231,7 +231,7 @@ def test_decode_checks_size_and_pixel_hash(data: dict[str, str]) -> None:
 
 
 def test_refs_follow_the_manifest(data: dict[str, str]) -> None:
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
 
     ims = open_imageset(data["images"])
     refs = refs_from_imageset(ims)

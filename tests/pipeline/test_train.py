@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CachePairingError, open_cache
-from pipeline.checkpoint import load_student
-from pipeline.imageset import open_imageset
-from pipeline.train import DistillConfig, StepRunner, distill
+from pipeline.cache.store import CachePairingError, open_cache
+from pipeline.data.imageset import open_imageset
+from pipeline.train.checkpoint import load_student
+from pipeline.train.distill import DistillConfig, StepRunner, distill
 from spar_core.backbones import build_backbone
 from tests.pipeline.test_stream import build_data
 
@@ -90,8 +90,8 @@ def test_two_workers_reduce_the_loss(resumed, data) -> None:
 def _naive_ddp_reference(data, cfg: DistillConfig) -> dict[str, torch.Tensor]:
     """The same training as a plain single-process loop: each step averages the two ranks' losses (what DDP's
     gradient all-reduce computes), images and targets read independently (ImageSet.read, TeacherCache.features)."""
-    from pipeline.stream import Planner, refs_from_imageset
-    from pipeline.train import lr_at
+    from pipeline.data.stream import Planner, refs_from_imageset
+    from pipeline.train.distill import lr_at
 
     ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
     planner = Planner(refs_from_imageset(ims), seed=cfg.seed, world_size=2, shuffle_buffer=cfg.shuffle_buffer)
@@ -148,7 +148,7 @@ def test_only_the_last_blocks_changed(resumed) -> None:
 def test_mlflow_run_has_params_metrics_artifacts_and_cache_input(resumed, data, workdir) -> None:
     from mlflow import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.common.tracking import tracking_uri
 
     cfg, _, res = resumed
     assert res.tracking_uri == tracking_uri(workdir) and res.tracking_uri.startswith("sqlite:")
@@ -221,7 +221,7 @@ def _trainable(ckpt_dir: str) -> dict[str, torch.Tensor]:
 
 def test_online_teacher_step_matches_the_cached_targets(data) -> None:
     """Online mode computes the same targets the cache holds (cache: fp16 storage of a bf16 teacher)."""
-    from pipeline.stream import PairedStream, make_loader
+    from pipeline.data.stream import PairedStream, make_loader
 
     cache = open_cache(data["cache"])
     cfg = DistillConfig(images=data["images"], teacher_online=True, lr=1e-3)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.train.checkpoint import (
     STUDENT_FILE,
     CheckpointError,
     TrainState,
@@ -26,7 +26,7 @@ from pipeline.checkpoint import (
     save_student,
     save_training_checkpoint,
 )
-from pipeline.train import DistillConfig, add_cli, config_from_args, lr_at
+from pipeline.train.distill import DistillConfig, add_cli, config_from_args, lr_at
 from spar_core.backbones import build_backbone
 
 
@@ -153,7 +153,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(tmp_path: Path) -> None:
 
     from ray.train import Checkpoint
 
-    from pipeline.train import _restore
+    from pipeline.train.distill import _restore
 
     state, _, where = _restore(Checkpoint(path=str(tmp_path / checkpoint_dir_name(6))))
     assert state.step == 2 and where.endswith(checkpoint_dir_name(2))
@@ -178,7 +178,7 @@ def test_cli_flags_override_recipe_and_set(tmp_path: Path) -> None:
     cfg = config_from_args(args)
     assert (cfg.images, cfg.cache, cfg.lr, cfg.workers, cfg.schedule) == ("I", "C", 0.25, 2, "cosine")
     assert cfg.trainable_blocks == 3 and cfg.teacher_online and args.resume is False
-    from pipeline.config import ConfigError
+    from pipeline.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="precision"):
         config_from_args(parser.parse_args(["distill", "--set", "precision=fp8"]))

@@ -56,7 +56,7 @@ def env(tmp_path_factory, rel_imageset, rel_reference_cache) -> Env:
     """Good inputs to break one at a time: an image set, its cache, another image set, a student checkpoint."""
     import torch
 
-    from pipeline.checkpoint import save_student
+    from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
 
     tmp = tmp_path_factory.mktemp("bad-input")
@@ -99,7 +99,7 @@ def _doctored_student(e: Env, name: str, change: Callable[[dict], None]) -> str:
     """A copy of the student checkpoint with backbone.json edited (checksums rewritten to match)."""
     import shutil
 
-    from pipeline.checkpoint import write_checksums
+    from pipeline.train.checkpoint import write_checksums
 
     d = e.tmp / name
     if not d.exists():
@@ -288,7 +288,7 @@ def test_failing_ingest_leaves_no_image_set_that_looks_complete(env, tmp_path, c
     r = run_main(["ingest", str(src), "--out", str(tmp_path / "out"), "--quiet"], capsys)
     assert "Traceback" not in r.err
     if r.rc == 0:  # accepted run: the summary says 0 accepted and the set holds no images
-        from pipeline.imageset import open_imageset
+        from pipeline.data.imageset import open_imageset
 
         assert open_imageset(str(tmp_path / "out")).records == []
         assert "2 rejected" in r.out + r.err

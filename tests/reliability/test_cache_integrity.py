@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheError, open_cache
+from pipeline.cache.store import CacheError, open_cache
 from tests.reliability.conftest import (
     assert_user_error,
     cache_features,
@@ -97,7 +97,7 @@ def test_spec_lying_about_the_teacher_is_reported_and_not_repaired(cache_copy, c
     elif lie == "weights_id":
         doc["spec"]["weights_id"] = "random:tiny-clip-64:seed9"
     else:  # a careful liar also rewrites the recorded fingerprint: the directory name still gives it away
-        from pipeline.cache import CacheSpec
+        from pipeline.cache.store import CacheSpec
 
         doc["spec"]["weights_id"] = "random:tiny-clip-64:seed9"
         doc["fingerprint"] = CacheSpec.from_dict(doc["spec"]).fingerprint()
@@ -121,7 +121,7 @@ def _first_key(path: str) -> str:
 
 
 def _stream_targets(images: str, cache: str) -> dict[str, np.ndarray]:
-    from pipeline.stream import PairedStream, make_loader
+    from pipeline.data.stream import PairedStream, make_loader
 
     n = len(open_cache(cache).keys())
     stream = PairedStream(images, cache, seed=0, rank=0, world_size=1, patch_size=16, num_batches=n)
@@ -136,7 +136,7 @@ def test_training_stream_never_serves_damaged_rows(cache_copy, rel_imageset):
     """Single-byte flips all over a chunk (before cache.py verified reads, ~90% of them still decoded and changed
     the rows silently): the training stream either refuses with an error naming the shard or key, or serves the
     exact original rows. Never a silently different target."""
-    from pipeline.stream import StreamError
+    from pipeline.data.stream import StreamError
 
     key = _first_key(cache_copy)
     good = np.asarray(open_cache(cache_copy).features(key), dtype=np.float32)

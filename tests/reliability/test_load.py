@@ -98,7 +98,7 @@ def _save(key: str, value) -> None:
 
 @pytest.fixture(scope="module")
 def load_set(tmp_path_factory, ray_local) -> str:
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.data.ingest import IngestConfig, ingest
 
     root = tmp_path_factory.mktemp("rel-load")
     write_synthetic_images(root / "src", N_IMAGES, size=SIZE, seed=11)
@@ -108,10 +108,10 @@ def load_set(tmp_path_factory, ray_local) -> str:
 
 
 def test_precompute_and_distill_300_images_with_flat_memory(load_set, tmp_path, ray_up, capsys):
-    from pipeline.cache import open_cache, verify_cache
-    from pipeline.imageset import open_imageset
-    from pipeline.precompute import precompute
-    from pipeline.train import DistillConfig, distill
+    from pipeline.cache.precompute import precompute
+    from pipeline.cache.store import open_cache, verify_cache
+    from pipeline.data.imageset import open_imageset
+    from pipeline.train.distill import DistillConfig, distill
 
     ims = open_imageset(load_set)
     assert len(ims.records) == N_IMAGES and ims.num_shards == 60

@@ -61,7 +61,7 @@ def marker(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory) -> Path:
-    from pipeline.checkpoint import save_student
+    from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64")
@@ -82,7 +82,7 @@ def photo(tmp_path) -> Path:
 @pytest.mark.parametrize("fmt", ["pickle", "torch-zip"])
 @pytest.mark.parametrize("checksums", ["stale", "rewritten-by-attacker"])
 def test_pickle_as_student_weights_is_refused(student_dir, tmp_path, marker, photo, capsys, fmt, checksums):
-    from pipeline.checkpoint import write_checksums
+    from pipeline.train.checkpoint import write_checksums
 
     d = tmp_path / "ckpt"
     shutil.copytree(student_dir, d)
@@ -109,7 +109,7 @@ def test_pickle_as_pretrained_weights_file_is_refused(tmp_path, marker, photo, c
 
 
 def test_pickle_in_a_training_checkpoint_is_refused_and_the_previous_one_used(student_dir, tmp_path, marker):
-    from pipeline.checkpoint import (
+    from pipeline.train.checkpoint import (
         CheckpointError,
         TrainState,
         checkpoint_dir_name,
@@ -138,7 +138,7 @@ def test_pickle_in_a_training_checkpoint_is_refused_and_the_previous_one_used(st
 
 @pytest.mark.parametrize("target", ["spec.json", "manifest.json", "marker", "chunk"])
 def test_pickle_planted_in_a_cache_is_never_unpickled(rel_reference_cache, tmp_path, marker, capsys, target):
-    from pipeline.cache import CacheError, open_cache
+    from pipeline.cache.store import CacheError, open_cache
 
     path = tmp_path / Path(rel_reference_cache).name
     shutil.copytree(rel_reference_cache, path)
@@ -165,7 +165,7 @@ def test_pickle_planted_in_a_cache_is_never_unpickled(rel_reference_cache, tmp_p
 
 @pytest.mark.parametrize("target", ["manifest.parquet", "imageset.json"])
 def test_pickle_planted_in_an_image_set_is_never_unpickled(rel_imageset, tmp_path, marker, capsys, target):
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
 
     root = tmp_path / "set"
     shutil.copytree(rel_imageset, root)
@@ -271,7 +271,7 @@ def test_ingest_with_hostile_file_names_keeps_keys_and_files_inside(tmp_path, ca
     assert r.rc == 0, r.err[-2000:]
     new = _new_files(tmp_path, before)
     assert new and all(out in p.parents for p in new)
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
 
     ims = open_imageset(str(out))
     keys = [rec.key for rec in ims.records]

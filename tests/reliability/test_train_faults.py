@@ -24,8 +24,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline.checkpoint import checkpoint_dir_name
-from pipeline.train import DistillConfig, DistillError, distill
+from pipeline.train.checkpoint import checkpoint_dir_name
+from pipeline.train.distill import DistillConfig, DistillError, distill
 
 pytestmark = pytest.mark.slow  # four Ray Train runs: well over a minute on the shared 2-core machine
 
@@ -95,7 +95,7 @@ def _registered_step(run_dir: Path) -> int:
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     latest = (doc.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
-    from pipeline.checkpoint import step_of
+    from pipeline.train.checkpoint import step_of
 
     return step_of(latest) or 0
 
@@ -189,7 +189,7 @@ def test_resume_with_another_student_backbone_is_refused(reference, workdir):
 @pytest.mark.xfail(
     strict=True,
     raises=DistillError,
-    reason="pipeline/train.py distill(resume=True)/_fit: Ray Train V2 refuses to restore a run whose "
+    reason="pipeline/train/distill.py distill(resume=True)/_fit: Ray Train V2 refuses to restore a run whose "
     "checkpoint_manager_snapshot.json names a checkpoint directory that no longer exists "
     "(CheckpointManagerInitializationError -> DistillError 'corrupted run directory'), so _restore's fall-back "
     "never runs. Fix: before building the trainer on --resume, drop missing checkpoints from the snapshot (or "

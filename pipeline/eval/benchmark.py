@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import ConfigError, UserError, to_dict
-from pipeline.datasets import (
+from pipeline.common.config import ConfigError, UserError, to_dict
+from pipeline.data.datasets import (
     CLASS_SETS,
     DATASETS,
     DEFAULT_CLASS_SET,
@@ -44,7 +44,7 @@ from pipeline.datasets import (
     open_dataset,
     read_class_file,
 )
-from pipeline.inference import (
+from pipeline.eval.inference import (
     Precision,
     build_text_classifier,
     config_from_args,
@@ -322,7 +322,7 @@ def _run_chunks(
         return [eval_chunk(cfg_dict, c, overlay_idx, model) for c in chunks]
     import ray
 
-    from pipeline.raycluster import cluster_gpus, init_ray
+    from pipeline.common.tasks import cluster_gpus, init_ray
 
     init_ray(address=cfg.ray_address or None)
     gpus = cfg.gpus_per_worker
@@ -472,7 +472,7 @@ def _parent_run(cfg: EvalConfig, uri: str) -> tuple[str, str] | None:
     """(run id, experiment id) of the training run this evaluation belongs under, if any."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import training_run_of
+    from pipeline.common.tracking import training_run_of
 
     if cfg.parent_run:
         try:
@@ -490,7 +490,7 @@ def _start_run(cfg: EvalConfig, default_name: str, extra_params: dict[str, Any])
     that run's experiment), else a run of ``cfg.experiment``."""
     import mlflow
 
-    from pipeline.tracking import (
+    from pipeline.common.tracking import (
         PARENT_RUN_TAG,
         git_commit,
         log_params_flat,
@@ -516,7 +516,7 @@ def _to_parent(run: Any, kind: str, metrics: dict[str, float]) -> None:
     """Copy an evaluation's headline metrics onto its training run (``<kind>/<name>``)."""
     import mlflow
 
-    from pipeline.tracking import PARENT_RUN_TAG, log_headline_metrics
+    from pipeline.common.tracking import PARENT_RUN_TAG, log_headline_metrics
 
     parent = run.data.tags.get(PARENT_RUN_TAG)
     if parent:
@@ -527,7 +527,7 @@ def _lineage_params(cfg: EvalConfig, ident: dict[str, Any]) -> dict[str, Any]:
     out = {f"model.{k}": v for k, v in ident.items()}
     if cfg.checkpoint:
         try:
-            from pipeline.checkpoint import read_backbone_info
+            from pipeline.train.checkpoint import read_backbone_info
 
             info = read_backbone_info(cfg.checkpoint)
             out["model.cache_fingerprint"] = info.get("cache_fingerprint", "")
@@ -612,8 +612,8 @@ def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
     segmentation agreement: mIoU (percent) and pixel agreement of each prediction against the teacher's own
     prediction for the class list. Returns {"images", "baseline": {...}, "student": {...}?}.
     """
-    from pipeline.cache import open_cache
-    from pipeline.imageset import open_imageset
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
     from spar_core.backbones import build_backbone
     from spar_core.metrics import IoUAccumulator, feature_fidelity
     from spar_core.segment import predict
@@ -645,7 +645,7 @@ def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
                 f"checkpoint {cfg.checkpoint} is a {student.name} student; the cache is for {spec.backbone}"
             )
         models["student"] = student
-        from pipeline.checkpoint import read_backbone_info
+        from pipeline.train.checkpoint import read_backbone_info
 
         trained_on = read_backbone_info(cfg.checkpoint).get("cache_fingerprint") or ""
         if trained_on and trained_on == cache.fingerprint:
@@ -779,7 +779,7 @@ def _log_images(folder: Path, key: str, only: list[str] | None = None) -> None:
 def _log_feature_pca(cfg: EvalConfig, out: Path) -> None:
     """PCA pictures of teacher / baseline / student features (one shared basis per image) on the fidelity run."""
     try:
-        from pipeline.viz import fidelity_pca_pngs
+        from pipeline.eval.viz import fidelity_pca_pngs
     except ImportError:  # pragma: no cover - viz not available in this build
         return
     import mlflow
@@ -820,7 +820,7 @@ def _time(fn, dev: torch.device, repeats: int, budget_s: float = 5.0) -> float:
 def speed_report(cfg: EvalConfig) -> dict[str, Any]:
     """Seconds per image: single pass vs sliding window (crop = native size) at strides in pixels and several
     square resolutions. Returns {"resolutions", "strides", "single": [s], "sliding": {stride: [s]}, "windows"}."""
-    from pipeline.inference import autocast, autocast_dtype
+    from pipeline.eval.inference import autocast, autocast_dtype
     from spar_core.sliding import num_windows, sliding_window_features
 
     if not (cfg.checkpoint or cfg.backbone):
@@ -876,7 +876,7 @@ def quality_vs_cost(cfg: EvalConfig, model, crop: int, strides: list[int]) -> di
     stride and (for a checkpoint) the student's single pass, each with mean seconds/image and the feature MSE
     and mean cosine to the reference pooled over every patch position.
     """
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
     from spar_core.backbones import build_backbone
     from spar_core.metrics import feature_fidelity
 
@@ -1149,8 +1149,8 @@ def add_classes_cli(subparsers) -> None:
 
 def add_cli(subparsers) -> None:
     """Register ``eval``, ``classes``, ``segment``, ``embed`` and ``runs``."""
-    from pipeline.inference import add_inference_cli
-    from pipeline.runs import add_runs_cli
+    from pipeline.eval.inference import add_inference_cli
+    from pipeline.eval.runs import add_runs_cli
 
     add_eval_cli(subparsers)
     add_classes_cli(subparsers)

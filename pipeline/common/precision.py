@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.config import UserError
+from pipeline.common.config import UserError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
@@ -146,7 +146,7 @@ def autocast_dtype(name: str) -> torch.dtype | None:
     p = canonical(name)
     if p == "auto":
         raise PrecisionError(
-            "precision 'auto' must be resolved for a device first (pipeline.precision.resolve)"
+            "precision 'auto' must be resolved for a device first (pipeline.common.precision.resolve)"
         )
     return _DTYPES[p]
 

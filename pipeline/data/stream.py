@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import UserError
+from pipeline.common.config import UserError
 
 
 class StreamError(UserError):
@@ -192,7 +192,7 @@ class _TarReader:
         self._seg = 0
 
     def _members(self, shard: int) -> Iterator[tuple[str, bytes]]:
-        from pipeline.imageset import iter_tar_samples, shard_name
+        from pipeline.data.imageset import iter_tar_samples, shard_name
 
         url = self.ims.shard_url(shard)
         try:
@@ -226,7 +226,7 @@ class _TarReader:
 
 def decode_png(data: bytes, ref: SampleRef, verify: bool = True) -> np.ndarray:
     """PNG bytes -> (H, W, 3) uint8, checked against the manifest's size and pixel hash."""
-    from pipeline.imageset import decode_png_rgb
+    from pipeline.data.imageset import decode_png_rgb
 
     arr = decode_png_rgb(data, f"image {ref.key!r} (shard {ref.shard})")  # (H, W, 3) uint8
     if arr.shape != (ref.height, ref.width, 3):
@@ -284,14 +284,14 @@ class PairedStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from pipeline.imageset import open_imageset
+        from pipeline.data.imageset import open_imageset
 
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ims = open_imageset(self.images)
         cache = None
         if self.cache is not None:
-            from pipeline.cache import open_cache
+            from pipeline.cache.store import open_cache
 
             cache = open_cache(self.cache)
         planner = self.planner(ims)
@@ -337,7 +337,7 @@ class PairedStream(IterableDataset):
 
     def _target(self, cache: Any, ref: SampleRef) -> np.ndarray:
         """The cached target of ``ref``, after checking the cache's record of the image against the manifest."""
-        from pipeline.cache import CacheError
+        from pipeline.cache.store import CacheError
 
         entries = self._entries(cache)
         e = entries.get(ref.key)
@@ -381,7 +381,7 @@ def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> DataLo
     kw: dict[str, Any] = {}
     if workers > 0:
         ctx = torch.multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pipeline.stream", "pipeline.imageset", "pipeline.cache"])
+        ctx.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.store"])
         kw = {"multiprocessing_context": ctx, "prefetch_factor": prefetch}
     return DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(), **kw

@@ -3,7 +3,7 @@
 ``precompute(cfg)`` resolves the cache's identity (image-set fingerprint + the teacher's weights identity + window
 parameters), writes ``spec.json`` and runs one Ray task per shard that is not complete yet. Each task builds the
 teacher once per worker process, runs the sliding-window teacher on every image of its shard and commits one cache
-shard (store, manifest, marker; see :mod:`pipeline.cache`). Re-running with the same spec computes nothing; a
+shard (store, manifest, marker; see :mod:`pipeline.cache.store`). Re-running with the same spec computes nothing; a
 partially filled cache computes only the missing shards; two precomputes racing on one cache never corrupt it.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.cache import (
+from pipeline.cache.store import (
     CacheError,
     CacheSpec,
     ShardEntry,
@@ -36,8 +36,8 @@ from pipeline.cache import (
 )
 
 try:
-    from pipeline.config import ConfigError
-except ImportError:  # pragma: no cover - until pipeline.config lands
+    from pipeline.common.config import ConfigError
+except ImportError:  # pragma: no cover - until pipeline.common.config lands
     ConfigError = CacheError  # type: ignore[misc,assignment]
 
 CRASH_ENV = "SPAR_TEST_PRECOMPUTE_CRASH_ONCE"  # test hook: "<marker file>[:<stage>]", see _crash_hook
@@ -45,7 +45,7 @@ FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_")  # driver env forwarded to t
 
 
 def _autocast_dtypes() -> dict[str, Any]:
-    from pipeline.precision import autocast_dtype
+    from pipeline.common.precision import autocast_dtype
 
     return {m: autocast_dtype(m) for m in ("bf16", "fp16", "none")}  # the cache spec's names
 
@@ -65,7 +65,7 @@ class PrecomputeConfig:
     workers: int = 0  # max tasks in flight; 0 = as many as the cluster schedules
     window_batch: int = 32  # windows per teacher forward
     autocast: Literal["auto", "bf16", "fp16", "none"] = (
-        "auto"  # teacher forward precision; auto = fastest here (pipeline.precision); resolved one fingerprinted
+        "auto"  # teacher forward precision; auto = fastest here (pipeline.common.precision); resolved one fingerprinted
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus_per_task: int = 1  # Ray num_cpus per task = torch threads per task on CPU
@@ -129,7 +129,7 @@ def _resolved_autocast(cfg: PrecomputeConfig) -> str:
     """The cache spec's autocast mode for ``cfg`` (``auto`` resolved for the device the tasks will use)."""
     import torch
 
-    from pipeline.precision import cache_mode, resolve
+    from pipeline.common.precision import cache_mode, resolve
 
     gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     return cache_mode(resolve(cfg.autocast, "cuda" if gpu else "cpu"))
@@ -145,7 +145,7 @@ def precompute(
     seconds, device, worker pid, teacher builds in that worker process).
     Raises :class:`CacheError` naming the shards that failed after their retries; finished shards are kept.
     """
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
 
     if not cfg.images:
         raise ConfigError("precompute.images is required (the image-set root)")
@@ -202,7 +202,7 @@ def repair_cache(path: str, shards: list[int], images: str | None = None, worker
         else os.path.dirname(cache.path),
         workers=workers or 0,
     )
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
 
     spec, _ = resolve_spec(cfg, open_imageset(images))
     if spec.fingerprint() != cache.fingerprint:
@@ -228,7 +228,13 @@ def _mlflow_run(cfg: PrecomputeConfig, spec: CacheSpec, cache: Any, todo: list[i
         return
     import mlflow
 
-    from pipeline.tracking import git_commit, log_params_flat, setup_experiment, system_metrics, tracking_uri
+    from pipeline.common.tracking import (
+        git_commit,
+        log_params_flat,
+        setup_experiment,
+        system_metrics,
+        tracking_uri,
+    )
 
     exp_id = setup_experiment(cfg.experiment, workdir)
     tags = {
@@ -255,7 +261,7 @@ def _log_cost(
     """What the cache cost: images, windows, seconds per shard, bytes written, wall time."""
     import mlflow
 
-    from pipeline.cache import _size_on_disk
+    from pipeline.cache.store import _size_on_disk
 
     store = lambda i: f"{cache.path.rstrip('/')}/shards/{shard_stem(i)}.zarr"  # noqa: E731
     written = {i: _size_on_disk(store(i)) for i in stats}
@@ -309,7 +315,7 @@ def _run_tasks(
     import ray
     from tqdm import tqdm
 
-    from pipeline.raycluster import cluster_gpus, init_ray
+    from pipeline.common.tasks import cluster_gpus, init_ray
 
     init_ray(cfg.ray_address)
     gpus = cluster_gpus()
@@ -429,8 +435,8 @@ def _driver_env(env: dict[str, str]) -> Iterator[None]:
 def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConfig) -> dict[str, Any]:
     import torch
 
-    from pipeline.imageset import open_imageset
-    from pipeline.precision import compile_requested
+    from pipeline.common.precision import compile_requested
+    from pipeline.data.imageset import open_imageset
     from spar_core.sliding import num_windows, sliding_window_features
 
     t0 = time.time()
@@ -493,7 +499,7 @@ def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConf
 
 
 def _cmd_precompute(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.common.config import load_config
 
     cfg = load_config(PrecomputeConfig, args.config, overrides=args.set or [], section="precompute")
     flags = {

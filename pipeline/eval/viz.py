@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.config import UserError
+from pipeline.common.config import UserError
 
 __all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "add_cli"]
 
@@ -72,7 +72,7 @@ def pca_panel(img: np.ndarray, maps: dict[str, np.ndarray], tile: int = 256) -> 
 
 
 def _features(bb: Any, img: np.ndarray, mode: str, crop: int = 0, stride: int = 0) -> np.ndarray:
-    from pipeline.inference import dense_features
+    from pipeline.eval.inference import dense_features
 
     with torch.no_grad():
         return dense_features(bb, img, mode, crop, stride)[0].cpu().numpy()  # (h, w, D)
@@ -82,14 +82,14 @@ def viz_images(
     images: list[str], checkpoint: str, out: str, short_side: int = 448, crop: int = 0, stride: int = 0
 ) -> list[Path]:
     """PCA panels (image | teacher | baseline | student) of photo files; the teacher is computed here."""
-    from pipeline.checkpoint import read_backbone_info
-    from pipeline.inference import (
+    from pipeline.eval.inference import (
         load_model,
         protocol_size,
         read_photo,
         resize_rgb,
         safe_stem,
     )
+    from pipeline.train.checkpoint import read_backbone_info
 
     if not images:
         raise VizError("no input images given")
@@ -118,9 +118,9 @@ def viz_images(
 
 def fidelity_pca_pngs(cfg: Any, out: Path) -> list[Path]:
     """PCA panels of the first ``cfg.overlays`` held-out images of a fidelity report (teacher from the cache)."""
-    from pipeline.cache import open_cache
-    from pipeline.imageset import open_imageset
-    from pipeline.inference import load_model
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
+    from pipeline.eval.inference import load_model
 
     if not cfg.checkpoint or cfg.overlays <= 0:
         return []
@@ -149,7 +149,7 @@ def fidelity_pca_pngs(cfg: Any, out: Path) -> list[Path]:
 
 def student_seed(cfg: Any) -> int:
     """Seed of the random base weights the student was trained from (0 for pretrained weights)."""
-    from pipeline.checkpoint import read_backbone_info
+    from pipeline.train.checkpoint import read_backbone_info
 
     return int(read_backbone_info(cfg.checkpoint).get("seed", 0))
 

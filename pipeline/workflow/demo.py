@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, apply_overrides, load_config
+from pipeline.common.config import ConfigError, apply_overrides, load_config
 
 # scikit-image's bundled photographs: colour, grayscale and RGBA ones (the ingest converts them all to RGB)
 TRAIN_PHOTOS = (
@@ -88,7 +88,7 @@ def _say(msg: str) -> None:
 def _quiet():
     """Hide the stages' own stdout reports (the demo prints one line per stage) unless --verbose; lines that
     start with ``warning`` still come through. Progress bars (stderr) are untouched."""
-    from pipeline.raycluster import verbose
+    from pipeline.common.tasks import verbose
 
     if verbose():
         yield
@@ -137,8 +137,8 @@ def write_photos(folder: Path, names: tuple[str, ...]) -> int:
 
 
 def stage_ingest(cfg: DemoConfig, work: Path) -> tuple[str, str]:
-    from pipeline.imageset import open_imageset
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.data.imageset import open_imageset
+    from pipeline.data.ingest import IngestConfig, ingest
 
     n_train = write_photos(work / "raw" / "train", TRAIN_PHOTOS)
     n_held = write_photos(work / "raw" / "heldout", HELDOUT_PHOTOS)
@@ -170,8 +170,8 @@ def _short(summary: Any) -> str:
 
 
 def stage_precompute(cfg: DemoConfig, work: Path, images: str, label: str) -> str:
-    from pipeline.cache import open_cache
-    from pipeline.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.store import open_cache
 
     pcfg = PrecomputeConfig(
         images=images,
@@ -198,7 +198,7 @@ def stage_precompute(cfg: DemoConfig, work: Path, images: str, label: str) -> st
 
 def _complete_caches(root: Path) -> set[str]:
     """Paths of the complete caches under ``root``."""
-    from pipeline.cache import open_cache
+    from pipeline.cache.store import open_cache
 
     out = set()
     for d in root.glob("*/spec.json"):
@@ -219,7 +219,7 @@ def demo_trainable_blocks(cfg: DemoConfig, work: Path) -> int:
 
 
 def stage_distill(cfg: DemoConfig, work: Path, images: str, cache: str) -> Any:
-    from pipeline.train import DistillConfig, distill
+    from pipeline.train.distill import DistillConfig, distill
 
     blocks = demo_trainable_blocks(cfg, work)
     dcfg = DistillConfig(
@@ -251,7 +251,7 @@ def stage_evaluate(
 ) -> dict[str, Any]:
     """Fidelity (a child run of the training run, found through the checkpoint), speed (a child run too) and
     segmentation overlays (logged as images on the training run)."""
-    from pipeline.inference import SegmentConfig, segment_images
+    from pipeline.eval.inference import SegmentConfig, segment_images
 
     common = {"workdir": str(work), "experiment": cfg.experiment}
     with _quiet():
@@ -268,7 +268,7 @@ def _log_overlays(work: Path, run_id: str, folder: Path) -> None:
     from mlflow import MlflowClient
     from PIL import Image
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.common.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(work))
     for png in sorted(folder.glob("*_overlay.png")):
@@ -279,7 +279,7 @@ def _log_overlays(work: Path, run_id: str, folder: Path) -> None:
 def _evaluate(
     cfg: DemoConfig, heldout: str, held_cache: str, ckpt: str, run_id: str, common: dict[str, Any]
 ) -> dict[str, Any]:
-    from pipeline.evaluate import EvalConfig, run_eval
+    from pipeline.eval.benchmark import EvalConfig, run_eval
 
     fid = run_eval(
         EvalConfig(
@@ -317,8 +317,8 @@ def _speed_ratio(speed: dict[str, Any]) -> float | None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run all four stages; returns what the final summary prints."""
-    from pipeline.raycluster import init_ray
-    from pipeline.tracking import mlflow_ui_command
+    from pipeline.common.tasks import init_ray
+    from pipeline.common.tracking import mlflow_ui_command
 
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -390,7 +390,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 def demo_trainable_blocks_used(result: Any) -> str:
     """trainable_blocks of the finished run, read back from its exported checkpoint."""
     try:
-        from pipeline.checkpoint import read_backbone_info
+        from pipeline.train.checkpoint import read_backbone_info
 
         return str(read_backbone_info(result.checkpoint_dir).get("trainable_blocks", "?"))
     except Exception:  # noqa: BLE001 - only the closing note uses it
@@ -401,7 +401,7 @@ def _registered_model(work: Path, run_id: str) -> str:
     """``models:/<name>/<version>`` of the run's student, or ""."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.common.tracking import tracking_uri
 
     return MlflowClient(tracking_uri(work)).get_run(run_id).data.tags.get("registered_model", "")
 
@@ -410,7 +410,7 @@ def _training_runs(work: Path, experiment: str) -> int:
     """How many training runs the demo's experiment holds."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.common.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(work))
     exp = client.get_experiment_by_name(experiment)
@@ -420,7 +420,7 @@ def _training_runs(work: Path, experiment: str) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.raycluster import set_verbose
+    from pipeline.common.tasks import set_verbose
 
     if args.verbose:
         set_verbose(True)

@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Any
 
-from pipeline.config import UserError
+from pipeline.common.config import UserError
 
 # (metric, column label): the headline metrics, in this order, when any row has them
 HEADLINE = (
@@ -61,7 +61,7 @@ def compare_runs(
     """
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.common.tracking import tracking_uri
 
     uri = tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "work"))
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):

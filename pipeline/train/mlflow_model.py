@@ -8,7 +8,7 @@ the base backbone and the cache lineage as metadata, and registers it under a na
     feats = model.predict(image)                                    # (H, W, 3) uint8 -> (H/p, W/p, D) float32
     labels = model.predict(image, params={"output": "segmentation", "classes": "sky;cat,kitten;grass"})
 
-loads the checkpoint with the project's own loader (:func:`pipeline.checkpoint.load_student`, checksums verified,
+loads the checkpoint with the project's own loader (:func:`pipeline.train.checkpoint.load_student`, checksums verified,
 base weights identity checked) and runs the project's own single-pass forward.
 """
 
@@ -30,7 +30,7 @@ class StudentModel(PythonModel):
     """pyfunc wrapper: dense features (default) or a segmentation label map of one RGB image."""
 
     def load_context(self, context: Any) -> None:
-        from pipeline.checkpoint import load_student
+        from pipeline.train.checkpoint import load_student
 
         self.bb = load_student(context.artifacts[CHECKPOINT_ARTIFACT], device="cpu")
         self._classifiers: dict[str, Any] = {}
@@ -47,7 +47,7 @@ class StudentModel(PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - no hints: MLflow reads them as a schema
         """(H, W, 3) uint8 -> features (H/p, W/p, D) float32, or with ``output=segmentation`` labels (H, W)."""
-        from pipeline.inference import dense_features, resize_rgb
+        from pipeline.eval.inference import dense_features, resize_rgb
 
         params = params or {}
         img = self._image(model_input)
@@ -64,7 +64,7 @@ class StudentModel(PythonModel):
     def _segment(self, feats: Any, classes: str, scale: float, out_size: tuple[int, int]) -> np.ndarray:
         import torch
 
-        from pipeline.inference import build_text_classifier, resolve_classes
+        from pipeline.eval.inference import build_text_classifier, resolve_classes
         from spar_core.segment import predict
 
         if classes not in self._classifiers:
@@ -103,7 +103,7 @@ def log_student_model(
     """
     import json
 
-    from pipeline.checkpoint import read_backbone_info
+    from pipeline.train.checkpoint import read_backbone_info
 
     info = read_backbone_info(student_dir)
     dim = int(lineage.get("dim", -1))

@@ -2,17 +2,17 @@
 
 Parts (``--parts``, default both):
 
-* ``step`` -- one process, the real :class:`pipeline.train.StepRunner`, the same batches in the same order:
+* ``step`` -- one process, the real :class:`pipeline.train.distill.StepRunner`, the same batches in the same order:
   (a) targets already in memory, (b) streamed from the image set + teacher cache through
-  :class:`pipeline.stream.PairedStream` with background decode workers, (c) teacher computed online with
+  :class:`pipeline.data.stream.PairedStream` with background decode workers, (c) teacher computed online with
   ``sliding_window_features``. The three are timed in interleaved rounds (robust to load from other processes);
   reported: mean step time of each and the ratios streaming/in-memory (target <= 1.05) and online/cached.
 * ``quality`` -- the method at work: ``spar distill`` (Ray Train, the real pipeline) on augmented photos, then on
   held-out photos (not trained on) the student's feature MSE to the sliding-window teacher divided by the
   single-pass baseline's (target <= 0.5).
 
-Data: scikit-image's bundled photographs (no download), ingested with :func:`pipeline.ingest.ingest`, cached
-with :func:`pipeline.precompute.precompute`; random seeded ``tiny-clip-224`` weights (no pretrained weights
+Data: scikit-image's bundled photographs (no download), ingested with :func:`pipeline.data.ingest.ingest`, cached
+with :func:`pipeline.cache.precompute.precompute`; random seeded ``tiny-clip-224`` weights (no pretrained weights
 offline).
 """
 
@@ -73,7 +73,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _photo(name: str) -> np.ndarray:
-    from pipeline.photos import sample_photo_rgb
+    from pipeline.common.photos import sample_photo_rgb
 
     return sample_photo_rgb(name)
 
@@ -82,9 +82,9 @@ def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> di
     """Train image set (augmented copies of TRAIN_PHOTOS) + a teacher cache per backbone; held-out set."""
     from PIL import Image
 
-    from pipeline.ingest import IngestConfig, ingest
-    from pipeline.precompute import PrecomputeConfig, precompute
-    from pipeline.raycluster import init_ray
+    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.common.tasks import init_ray
+    from pipeline.data.ingest import IngestConfig, ingest
 
     src, held = root / "src_train", root / "src_heldout"
     src.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> di
 
 
 def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) -> Any:
-    from pipeline.train import DistillConfig, StepRunner
+    from pipeline.train.distill import DistillConfig, StepRunner
     from spar_core.backbones import build_backbone
     from spar_core.distill import trainable_parameters
 
@@ -150,9 +150,9 @@ def _timed(runner: Any, items: Any, n: int, skip: int) -> list[float]:
 
 def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
     """CPU milliseconds per sample of the loader worker's jobs, measured in this process (robust to load)."""
-    from pipeline.cache import open_cache
-    from pipeline.imageset import open_imageset
-    from pipeline.stream import PairedStream, _TarReader, decode_png
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
+    from pipeline.data.stream import PairedStream, _TarReader, decode_png
 
     ims, cache = open_imageset(images), open_cache(cache_path)
     s = PairedStream(images, cache_path, seed=0, rank=0, world_size=1, patch_size=16)
@@ -175,8 +175,8 @@ def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
 
 
 def bench_step(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.cache import open_cache
-    from pipeline.stream import PairedStream, make_loader
+    from pipeline.cache.store import open_cache
+    from pipeline.data.stream import PairedStream, make_loader
 
     data = {**data, "cache": data["caches"][args.step_backbone]}
     cache = open_cache(data["cache"])
@@ -255,7 +255,7 @@ def _large_image_steps(
 
 def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: int) -> dict[str, float]:
     """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline."""
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
     from spar_core.metrics import feature_fidelity
     from spar_core.sliding import sliding_window_features
 
@@ -281,9 +281,9 @@ def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: i
 
 
 def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.cache import open_cache
-    from pipeline.checkpoint import load_student
-    from pipeline.train import DistillConfig, distill
+    from pipeline.cache.store import open_cache
+    from pipeline.train.checkpoint import load_student
+    from pipeline.train.distill import DistillConfig, distill
     from spar_core.backbones import build_backbone
 
     data = {**data, "cache": data["caches"][args.backbone]}
@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"step", "quality"}
     if unknown:
-        from pipeline.config import UserError
+        from pipeline.common.config import UserError
 
         raise UserError(f"bench train: unknown part(s) {sorted(unknown)}; use step and/or quality")
     tmp = None

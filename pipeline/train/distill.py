@@ -3,14 +3,14 @@
 ``distill(cfg)`` (driver):
 
 1. opens the image set and the teacher cache and refuses a cache that does not pair with the images
-   (:class:`~pipeline.cache.CachePairingError`) before anything is started;
+   (:class:`~pipeline.cache.store.CachePairingError`) before anything is started;
 2. creates the MLflow run (params = the full resolved config, tags = lineage, the cache and image set as dataset
    inputs) and hands its id to the workers;
 3. runs a Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU). Every worker streams its own shard pairs
-   (:mod:`pipeline.stream`), trains the last ``k`` blocks with AdamW, reports a checkpoint every
+   (:mod:`pipeline.data.stream`), trains the last ``k`` blocks with AdamW, reports a checkpoint every
    ``checkpoint_every`` steps and at every epoch end, and resumes from ``ray.train.get_checkpoint()`` (worker
    failure, or ``--resume`` = the same ``RunConfig(storage_path, name)``) at the exact data position;
-4. exports the final student (:func:`pipeline.checkpoint.save_student` layout), logs it, the resolved config and
+4. exports the final student (:func:`pipeline.train.checkpoint.save_student` layout), logs it, the resolved config and
    the loss curve to MLflow, and prints the run id with the ``mlflow ui`` command that shows it.
 """
 
@@ -36,7 +36,9 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.common.config import ConfigError, UserError
+from pipeline.eval.inference import default_stride
+from pipeline.train.checkpoint import (
     BACKBONE_FILE,
     CONFIG_FILE,
     STUDENT_FILE,
@@ -51,8 +53,6 @@ from pipeline.checkpoint import (
     verify_checkpoint,
     write_checksums,
 )
-from pipeline.config import ConfigError, UserError
-from pipeline.inference import default_stride
 
 # Ray reads this when it is first imported: without it, a driver started by `uv run` ships the whole working
 # directory (virtualenv included) to every worker. Workers on this machine share our environment.
@@ -79,7 +79,7 @@ class DistillConfig:
     # after warm-up: "constant" (the authors' run: AdamW without a scheduler; "none" is the same) or "cosine" to 0
     schedule: Literal["none", "constant", "cosine"] = "none"
     grad_clip: float = 0.0  # max gradient norm; 0 = off
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: pipeline.precision.resolve
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: pipeline.common.precision.resolve
     epochs: int = 10
     max_steps: int = 0  # > 0: stop after this many optimizer steps (epochs are repeated as needed)
     batch_size: int = 1  # > 1: batches of equal-size images (size buckets)
@@ -146,7 +146,7 @@ class DistillResult:
     run_id: str  # MLflow run id
     run_name: str  # Ray Train run name (resume with it)
     checkpoint_dir: (
-        str  # exported student checkpoint (load with pipeline.checkpoint.load_student); "" if none
+        str  # exported student checkpoint (load with pipeline.train.checkpoint.load_student); "" if none
     )
     ray_checkpoint: str  # last Ray Train checkpoint (training state)
     steps: int  # optimizer steps done
@@ -177,9 +177,9 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, schedule: str, total_ste
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, whether a GradScaler is needed) for ``precision`` on ``device``."""
-    from pipeline.precision import autocast_dtype, resolve
+    from pipeline.common.precision import autocast_dtype, resolve
 
-    p = resolve(precision, device)  # auto: the fastest on this device (pipeline.precision)
+    p = resolve(precision, device)  # auto: the fastest on this device (pipeline.common.precision)
     if p == "fp16" and device.type != "cuda":
         raise DistillError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
     return autocast_dtype(p), p == "fp16"
@@ -334,7 +334,7 @@ def _train_worker(job: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.stream import PairedStream, Planner, make_loader, refs_from_imageset
+    from pipeline.data.stream import PairedStream, Planner, make_loader, refs_from_imageset
 
     cfg = DistillConfig(**job["cfg"])
     ctx = ray.train.get_context()
@@ -383,7 +383,7 @@ def _train_worker(job: dict[str, Any]) -> None:
             runner.scaler.load_state_dict(state.scaler)
         restore_rng(state.rng)
 
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
 
     planner = Planner(
         refs_from_imageset(open_imageset(cfg.images)),
@@ -424,7 +424,7 @@ def _train_worker(job: dict[str, Any]) -> None:
     if rank != 0:
         _loop(cfg, job, runner, planner, loader, state, rank, world, mlog)
         return
-    from pipeline.tracking import system_metrics
+    from pipeline.common.tracking import system_metrics
 
     with system_metrics(job["run_id"], job["tracking_uri"]):  # on rank 0's node: its CPUs, memory, GPUs
         _loop(cfg, job, runner, planner, loader, state, rank, world, mlog)
@@ -640,7 +640,7 @@ def _start_mlflow_run(
     """Create (or reopen, on resume) the MLflow run; log params, tags, dataset inputs. (uri, exp id, run id)."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import flatten_params, setup_experiment, tracking_uri
+    from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri
 
     exp_id = setup_experiment(cfg.experiment, workdir)
     uri = tracking_uri(workdir)
@@ -736,7 +736,7 @@ def _export_student(ckpt: Any, out: Path, lineage: dict[str, str] | None = None)
         for f in (STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE):
             shutil.copy2(Path(d) / f, tmp / f)
     if lineage:
-        from pipeline.tracking import write_run_lineage
+        from pipeline.common.tracking import write_run_lineage
 
         write_run_lineage(tmp, lineage["run_id"], lineage["experiment_id"], lineage["tracking_uri"])
     write_checksums(tmp)
@@ -767,7 +767,7 @@ def _log_student_model(
     """The student as an MLflow pyfunc model (checkpoint files as artifacts), registered as cfg.register_model."""
     import mlflow
 
-    from pipeline.mlflow_model import log_student_model
+    from pipeline.train.mlflow_model import log_student_model
 
     tags = client.get_run(run_id).data.tags
     lineage = {
@@ -778,7 +778,7 @@ def _log_student_model(
         "dim": dim,
     }
     mlflow.set_tracking_uri(uri)
-    from pipeline.raycluster import verbose
+    from pipeline.common.tasks import verbose
 
     chatter = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
     with warnings.catch_warnings(), chatter:  # MLflow prints "Successfully registered model ..." to stderr
@@ -792,7 +792,7 @@ def _log_student_model(
 
 def _prepare(cfg: DistillConfig) -> dict[str, Any]:
     """Open and check the inputs before anything starts; returns what the driver and workers need."""
-    from pipeline.imageset import open_imageset
+    from pipeline.data.imageset import open_imageset
     from spar_core.backbones import build_backbone
 
     if not cfg.images:
@@ -804,7 +804,7 @@ def _prepare(cfg: DistillConfig) -> dict[str, Any]:
     ims = open_imageset(cfg.images)
     cache = None
     if cfg.cache:
-        from pipeline.cache import open_cache
+        from pipeline.cache.store import open_cache
 
         cache = open_cache(cfg.cache)
         if not cfg.teacher_online:
@@ -869,9 +869,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     from mlflow import MlflowClient
 
-    from pipeline.raycluster import cluster_gpus, init_ray, verbose
-    from pipeline.stream import Planner, refs_from_imageset
-    from pipeline.tracking import git_commit, mlflow_ui_command
+    from pipeline.common.tasks import cluster_gpus, init_ray, verbose
+    from pipeline.common.tracking import git_commit, mlflow_ui_command
+    from pipeline.data.stream import Planner, refs_from_imageset
 
     prep = _prepare(cfg)
     ims, cache = prep["ims"], prep["cache"]
@@ -923,7 +923,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     uri, exp_id, run_id = _start_mlflow_run(cfg, workdir, run_name, prev_run_id, params, tags, ims, cache)
     _remember_run(workdir, run_name, run_id)
     client = MlflowClient(uri)
-    from pipeline.config import save_resolved
+    from pipeline.common.config import save_resolved
 
     resolved_path = save_resolved(
         cfg, workdir / "distill" / run_name / "resolved_config.json", extra={"effective": params}
@@ -998,7 +998,7 @@ def _progress_bar(job: dict[str, Any], total: int, poll_s: float = 0.5) -> Itera
     import ray
     from tqdm import tqdm
 
-    from pipeline.raycluster import LatestValue
+    from pipeline.common.tasks import LatestValue
 
     # a named actor (workers look it up by name: a handle inside train_loop_config does not reach them intact),
     # defined in a light module so that it starts fast
@@ -1048,7 +1048,7 @@ def _fit(cfg: DistillConfig, job: dict[str, Any], run_name: str, storage: str, g
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.raycluster import train_log_level
+    from pipeline.common.tasks import train_log_level
 
     resources: dict[str, float] = {"CPU": float(cfg.cpus_per_worker)}
     if gpus > 0:
@@ -1132,7 +1132,7 @@ def _finish(
 
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """DistillConfig from ``spar distill`` arguments: defaults <- recipe [distill] <- --set <- explicit flags."""
-    from pipeline.config import apply_overrides, load_config
+    from pipeline.common.config import apply_overrides, load_config
 
     cfg = load_config(DistillConfig, args.config, args.set or (), section="distill")
     flags: dict[str, Any] = {}

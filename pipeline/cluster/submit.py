@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import UserError
+from pipeline.common.config import UserError
 
 # submit's stage name -> module under jobs/ (each one forwards to the `spar` subcommand of the same stage)
 STAGES: dict[str, str] = {
@@ -153,7 +153,7 @@ def build_runtime_env(
 
 
 def _git_commit(wd: Path) -> str:
-    from pipeline.tracking import git_commit
+    from pipeline.common.tracking import git_commit
 
     return git_commit(wd)
 

@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
-from pipeline.config import ConfigError, load_config
-from pipeline.imageset import (
+from pipeline.common.config import ConfigError, load_config
+from pipeline.data.imageset import (
     FORMAT_VERSION,
     IMAGES_DIR,
     IMAGESET_NAME,
@@ -51,7 +51,7 @@ from pipeline.imageset import (
     pixel_sha256,
     shard_name,
 )
-from pipeline.resize import resize_linear
+from pipeline.data.resize import resize_linear
 
 # Ray reads this when it is first imported (ray_constants), so it must be set before any `import ray`;
 # `uv run` would otherwise make Ray rebuild the project environment for its workers.
@@ -270,7 +270,7 @@ def apply_augmentation(img: Image.Image, params: dict[str, Any]) -> np.ndarray:
     """Resize, crop and flip an RGB PIL image as ``params`` says → (h, w, 3) uint8.
 
     The resize is the reference's cv2 ``INTER_LINEAR`` (bilinear, half-pixel centres, no antialiasing:
-    :func:`pipeline.resize.resize_linear`), as its mmcv ``RandomResize`` and ``RandomCropOrFullImage``."""
+    :func:`pipeline.data.resize.resize_linear`), as its mmcv ``RandomResize`` and ``RandomCropOrFullImage``."""
     rh, rw = params["resize"]
     top, left, ch, cw = params["crop"]
     arr = resize_linear(np.asarray(img, dtype=np.uint8), (rh, rw))  # (rh, rw, 3)
@@ -394,7 +394,7 @@ def encode_png(arr: np.ndarray, level: int) -> bytes:
 
 def _deflate(data: bytes, level: int) -> bytes:
     """zlib-format deflate stream of ``data`` (ISA-L for levels 0..3 when available)."""
-    import zlib  # imported here: this edit stays inside the encoder (pipeline/ingest.py has other editors)
+    import zlib  # imported here: this edit stays inside the encoder (pipeline/data/ingest.py has other editors)
 
     if level <= 3:
         try:
@@ -670,7 +670,7 @@ def load_complete_shard(
 
 
 def _init_ray(workers: int | None) -> None:
-    from pipeline.raycluster import init_ray
+    from pipeline.common.tasks import init_ray
 
     init_ray(num_cpus=workers)
 

@@ -11,7 +11,7 @@ writes and its ``eval.py`` reads:
 
 The file is read with ``torch.load(weights_only=True)`` (or safetensors); a file holding Python objects that
 refuses is reported with the object named and a one-line conversion. The result is a student checkpoint
-(:mod:`pipeline.checkpoint` layout): base backbone ``NAME`` built from ``--pretrained`` (the weights the authors
+(:mod:`pipeline.train.checkpoint` layout): base backbone ``NAME`` built from ``--pretrained`` (the weights the authors
 started from, e.g. ``laion2b_s34b_b88k`` for MaskCLIP; default: random seeded), and ``student.safetensors``
 holding every parameter that differs from that base, so ``eval``/``segment``/``embed`` load it as any student.
 The import is checked by reloading the student and comparing every tensor with the file.
@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import _sha256_file
-from pipeline.config import UserError
+from pipeline.common.config import UserError
+from pipeline.train.checkpoint import _sha256_file
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)
 WRAPPER_PREFIX = "model."  # OpenCLIPWrapper / SigLIP2Wrapper .model (the open_clip model)
@@ -186,7 +186,7 @@ def import_checkpoint(
     quick_gelu: bool = False,
 ) -> ImportResult:
     """Turn an authors' SPAR checkpoint into a student checkpoint directory (see the module docstring)."""
-    from pipeline.checkpoint import load_student, save_student
+    from pipeline.train.checkpoint import load_student, save_student
     from spar_core.backbones import build_backbone
 
     p = Path(path)
@@ -246,7 +246,7 @@ def export_open_clip(student_dir: str | Path, out: str | Path) -> ExportResult:
     import open_clip
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint import CheckpointError, load_student
+    from pipeline.train.checkpoint import CheckpointError, load_student
     from spar_core.backbones import QUICKGELU_SUFFIX, tiny_model_config
 
     try:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from pipeline.config import ConfigError, UserError, apply_overrides, load_config
-from pipeline.datasets import ClassNamesError, parse_class_text, read_class_file
-from pipeline.resize import resize_linear
+from pipeline.common.config import ConfigError, UserError, apply_overrides, load_config
+from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
+from pipeline.data.resize import resize_linear
 
 Precision = Literal["fp32", "bf16", "fp16"]
 TEACHER_STRIDE = 24  # px, the authors' slide_stride_gen for every backbone (configs/*/cfg_train_*.py)
@@ -46,16 +46,16 @@ def pick_device(pref: str = "auto") -> torch.device:
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """Autocast dtype for a precision name (None for fp32); see :mod:`pipeline.precision`."""
-    from pipeline.precision import autocast_dtype as _dtype
+    """Autocast dtype for a precision name (None for fp32); see :mod:`pipeline.common.precision`."""
+    from pipeline.common.precision import autocast_dtype as _dtype
 
     return _dtype(precision)
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """torch.autocast for bf16/fp16 on the device; a no-op for fp32 (:func:`pipeline.precision.autocast`)."""
-    from pipeline.precision import autocast as _autocast
+    """torch.autocast for bf16/fp16 on the device; a no-op for fp32 (:func:`pipeline.common.precision.autocast`)."""
+    from pipeline.common.precision import autocast as _autocast
 
     with _autocast(device, precision):
         yield
@@ -78,7 +78,7 @@ def load_model(
         ckpt = Path(checkpoint).expanduser()
         if not ckpt.is_dir():
             raise InferenceError(f"checkpoint directory not found: {ckpt}")
-        from pipeline.checkpoint import CheckpointError, load_student
+        from pipeline.train.checkpoint import CheckpointError, load_student
 
         try:
             return load_student(str(ckpt), device=device)
@@ -160,7 +160,7 @@ def model_input(
 
 def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize (H, W, 3) uint8 to ``size`` = (h, w) as the reference's cv2 ``INTER_LINEAR``: bilinear with
-    half-pixel centres, no antialiasing when shrinking (:func:`pipeline.resize.resize_linear`)."""
+    half-pixel centres, no antialiasing when shrinking (:func:`pipeline.data.resize.resize_linear`)."""
     return resize_linear(img, size)
 
 

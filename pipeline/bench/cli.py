@@ -1,6 +1,6 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
-Each benchmark lives in ``pipeline.bench_<name>`` and exposes ``add_args(parser)`` and ``run(args) -> int``.
+Each benchmark lives in a module of ``pipeline.bench`` (see :data:`MODULES`) and exposes ``add_args(parser)`` and ``run(args) -> int``.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
+MODULES = {"core": "teacher", "ingest": "ingest", "cache": "cache", "train": "train", "gpu": "gpu"}
 BENCHES = {
     "core": "teacher (batched, mixed precision) vs naive fp32 reference, and single pass vs teacher",
     "ingest": "ingest throughput with 1 and 2 Ray workers",
@@ -23,9 +24,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, helptext in BENCHES.items():
         try:
-            mod = importlib.import_module(f"pipeline.bench_{name}")
+            mod = importlib.import_module(f"pipeline.bench.{MODULES[name]}")
         except ModuleNotFoundError as e:
-            if e.name == f"pipeline.bench_{name}":
+            if e.name == f"pipeline.bench.{MODULES[name]}":
                 continue
             raise
         bp = bsub.add_parser(name, help=helptext)

@@ -53,8 +53,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 try:  # the lead's shared error base (cli prints these without a traceback)
-    from pipeline.config import UserError
-except ImportError:  # pragma: no cover - until pipeline.config lands
+    from pipeline.common.config import UserError
+except ImportError:  # pragma: no cover - until pipeline.common.config lands
 
     class UserError(Exception):  # type: ignore[no-redef]
         """A problem with the user's input, reported without a traceback."""
@@ -976,7 +976,7 @@ def _is_orphan(cpath: str) -> bool:
     if not images:
         return False
     try:
-        from pipeline.imageset import open_imageset
+        from pipeline.data.imageset import open_imageset
 
         ims = open_imageset(images)
     except Exception:  # noqa: BLE001 - an image set that cannot be opened is gone
@@ -1033,7 +1033,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise CacheError(
             f"{cache.path}: spec.json does not match the cache; cannot repair (remove it with `spar cache rm`)"
         )
-    from pipeline.precompute import repair_cache  # late import: precompute depends on this module
+    from pipeline.cache.precompute import repair_cache  # late import: precompute depends on this module
 
     bad = [int(p.where.split("-")[1]) for p in problems]
     repair_cache(cache.path, bad, images=args.images, workers=args.workers)

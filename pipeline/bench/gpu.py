@@ -12,7 +12,7 @@ section and after every item inside one, so a crash or a kill keeps everything m
   recipe's sizes) from the measured rate: windows, TFLOPs, GPU-hours, cache bytes;
 * ``pipeline``: ingest -> precompute (Ray GPU tasks) -> distill (Ray Train, bf16, then fp16 + gradient scaling or
   fp32 on CPU) -> fidelity eval -> segment, on real photos with a local Ray and the embedded MLflow store,
-  through :func:`pipeline.pipeline_run.run_pipeline`; each stage's time and where it really ran.
+  through :func:`pipeline.workflow.orchestrator.run_pipeline`; each stage's time and where it really ran.
 
 ``--mode cpu`` runs the same sections with tiny models and images (CI runs it so the script cannot rot).
 """
@@ -377,7 +377,7 @@ def _photo(h: int, w: int) -> np.ndarray:
     """The sample photo resized (PIL bicubic) to (h, w, 3) uint8."""
     from PIL import Image
 
-    from pipeline.photos import sample_photo_rgb
+    from pipeline.common.photos import sample_photo_rgb
 
     return np.array(Image.fromarray(sample_photo_rgb(PHOTO)).resize((w, h), Image.BICUBIC))
 
@@ -389,8 +389,8 @@ def section_environment(ctx: Context, res: dict[str, Any], dl: Deadline) -> None
     """Versions, the accelerator and the measured matmul rates."""
     import torch
 
-    from pipeline.bench_cache import matmul_gflops
-    from pipeline.tracking import git_commit
+    from pipeline.bench.cache import matmul_gflops
+    from pipeline.common.tracking import git_commit
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     versions["cuda"] = torch.version.cuda
@@ -451,7 +451,7 @@ def _version(mod: str) -> str | None:
 
 
 def _cpu_name() -> str:
-    from pipeline.bench_cache import _cpu_name as name
+    from pipeline.bench.cache import _cpu_name as name
 
     return name()
 
@@ -508,7 +508,7 @@ def section_correctness(ctx: Context, res: dict[str, Any], dl: Deadline) -> None
     """Teacher and single pass on the device vs the CPU fp32 reference, per backbone and precision."""
     import torch
 
-    from pipeline.bench_core import naive_teacher_fp32
+    from pipeline.bench.teacher import naive_teacher_fp32
     from spar_core.sliding import num_windows, sliding_window_features
 
     res["tolerance"] = {"rel_l2": REL_TOL, "note": TOLERANCE_NOTE}
@@ -650,7 +650,7 @@ def _throughput_backbone(
     """The window-batch sweep and the single pass of one backbone (fills ``row``)."""
     import torch
 
-    from pipeline.bench_cache import vit_arch, vit_dense_flops
+    from pipeline.bench.cache import vit_arch, vit_dense_flops
     from spar_core.sliding import num_windows, sliding_window_features
 
     name, crop = row["backbone"], row["crop"]
@@ -773,10 +773,10 @@ def project_precompute(
 ) -> dict[str, Any]:
     """Windows, FLOPs and float16 cache bytes of precomputing the ingest recipe's views of ``sizes``.
 
-    Each original gets the paper's frozen augmentation (``pipeline.ingest`` defaults: fit 2048x1024 x U(0.5, 1),
+    Each original gets the paper's frozen augmentation (``pipeline.data.ingest`` defaults: fit 2048x1024 x U(0.5, 1),
     short side >= 512, crop with prob 0.5, snap to 16), drawn as ingest draws it for key ``sa1b-<i>``.
     """
-    from pipeline.ingest import IngestConfig, augmentation_for
+    from pipeline.data.ingest import IngestConfig, augmentation_for
     from spar_core.sliding import num_windows
 
     cfg = IngestConfig(seed=seed)
@@ -802,7 +802,7 @@ def project_precompute(
 
 def section_projection(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     """Paper-scale precompute cost (SigLIP2 B/16 crop 512 stride 24) from the measured rate."""
-    from pipeline.bench_cache import SIGLIP2_B16_512, vit_dense_flops
+    from pipeline.bench.cache import SIGLIP2_B16_512, vit_dense_flops
 
     crop, stride = 512, 24
     arch = SIGLIP2_B16_512
@@ -814,7 +814,7 @@ def section_projection(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
         "teacher": "siglip2-vit-b16-512, crop 512, stride 24, bf16",
         "views": n,
         "originals": "short side 1500, long 2000/2250/2667 (50/40/10%), 20% portrait",
-        "ingest": "pipeline.ingest IngestConfig() defaults (the paper's recipe)",
+        "ingest": "pipeline.data.ingest IngestConfig() defaults (the paper's recipe)",
         "window_gflops": win_flops / 1e9,
     }
     if n != 25_000:
@@ -860,13 +860,13 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
 
     import torch
 
-    from pipeline.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, DemoConfig, write_photos
-    from pipeline.evaluate import EvalConfig
-    from pipeline.inference import SegmentConfig, segment_images
-    from pipeline.ingest import IngestConfig
-    from pipeline.pipeline_run import RunConfig, run_pipeline
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.train import DistillConfig
+    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.data.ingest import IngestConfig
+    from pipeline.eval.benchmark import EvalConfig
+    from pipeline.eval.inference import SegmentConfig, segment_images
+    from pipeline.train.distill import DistillConfig
+    from pipeline.workflow.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, DemoConfig, write_photos
+    from pipeline.workflow.orchestrator import RunConfig, run_pipeline
 
     pp = ctx.plan.pipeline
     work = ctx.workdir / "pipeline"
@@ -990,7 +990,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
 def _start_ray(res: dict[str, Any], gpus: int, tries: int = 2) -> None:
     """A local Ray cluster with this machine's CPUs and ``gpus`` GPUs (or the cluster at RAY_ADDRESS); a node
     that times out at start-up (an overloaded machine) is retried once."""
-    from pipeline.raycluster import init_ray, shutdown_ray
+    from pipeline.common.tasks import init_ray, shutdown_ray
 
     for attempt in range(1, tries + 1):
         try:
@@ -1313,7 +1313,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _shutdown_ray() -> None:
     try:
-        from pipeline.raycluster import shutdown_ray
+        from pipeline.common.tasks import shutdown_ray
 
         shutdown_ray()
     except Exception:  # noqa: BLE001 - best effort at exit

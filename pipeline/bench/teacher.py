@@ -7,7 +7,7 @@ Measured side by side in one run on one image (interleaved rounds, the fastest o
   features upsampled and folded into the canvas one window at a time in Python, weights not pre-cast; run in fp32
   and in bf16 autocast, and the faster of the two is the reference;
 * the naive reference (one window per forward, fp32, fold one window at a time);
-* the project's teacher in fp32 and at its default precision (``auto``: :mod:`pipeline.precision`; weights
+* the project's teacher in fp32 and at its default precision (``auto``: :mod:`pipeline.common.precision`; weights
   pre-cast as precompute does), and the single pass.
 
 Prints times, "project vs authors' loop", the rate of each teacher as a fraction of this machine's measured matmul
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.precision import autocast_dtype, resolve
+from pipeline.common.precision import autocast_dtype, resolve
 from spar_core import build_backbone, fine_factor, sliding_window_features
 from spar_core.sliding import window_grid
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from skimage import data
     from skimage.transform import resize
 
-    from pipeline.bench_cache import matmul_gflops, vit_window_flops
+    from pipeline.bench.cache import matmul_gflops, vit_window_flops
 
     img = resize(data.astronaut(), (h, w), anti_aliasing=True, preserve_range=True).astype("uint8")
     x = bb.normalize(torch.from_numpy(img)[None].to(dev))

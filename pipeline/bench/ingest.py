@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.imageset import open_imageset
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.data.imageset import open_imageset
+from pipeline.data.ingest import IngestConfig, ingest
 
 PHOTO_SUFFIXES = (".png", ".jpg")
 
@@ -59,8 +59,8 @@ def _make_sources(dst: Path, copies: int) -> int:
 
 def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
     """CPU seconds per image for each step, in this process (no Ray): robust to other load on the machine."""
-    from pipeline.imageset import pixel_sha256
-    from pipeline.ingest import apply_augmentation, augmentation_for, decode_source, encode_png
+    from pipeline.data.imageset import pixel_sha256
+    from pipeline.data.ingest import apply_augmentation, augmentation_for, decode_source, encode_png
 
     steps = {"decode": 0.0, "augment": 0.0, "sha256": 0.0, "png_encode": 0.0}
     for i, f in enumerate(files):
@@ -99,7 +99,7 @@ def _zlib_up_png(level: int):
         import zlib
         from unittest import mock
 
-        from pipeline import ingest as ing
+        from pipeline.data import ingest as ing
 
         with mock.patch.object(ing, "_deflate", lambda data, lv: zlib.compress(data, lv)):
             return ing.encode_png(arr, level)
@@ -118,7 +118,7 @@ def _npy(arr) -> bytes:
 
 
 def _encode_png_at(arr, level: int) -> bytes:
-    from pipeline.ingest import encode_png
+    from pipeline.data.ingest import encode_png
 
     return encode_png(arr, level)
 
@@ -149,7 +149,7 @@ def encode_table(files: list[Path], cfg: IngestConfig, rounds: int = 3) -> list[
     import numpy as np
     from PIL import Image
 
-    from pipeline.ingest import apply_augmentation, augmentation_for, decode_source
+    from pipeline.data.ingest import apply_augmentation, augmentation_for, decode_source
 
     arrs = []
     for i, f in enumerate(files):
@@ -194,7 +194,7 @@ def _print_encode_table(rows: list[dict[str, Any]], n: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Time ingest at each worker count; print a table and the speed-up."""
-    from pipeline.raycluster import init_ray
+    from pipeline.common.tasks import init_ray
 
     if args.encode_only:
         small = dict(target_long=256, target_short=128, min_short=128) if args.recipe == "small" else {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, apply_overrides, load_config, read_recipe
+from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
 
 SECTIONS = ("run", "ingest", "precompute", "distill", "eval")
 
@@ -57,10 +57,10 @@ def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | Non
 
     ``run_flags`` (from command-line flags) override ``[run]`` keys last.
     """
-    from pipeline.evaluate import EvalConfig
-    from pipeline.ingest import IngestConfig
-    from pipeline.precompute import PrecomputeConfig
-    from pipeline.train import DistillConfig
+    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.data.ingest import IngestConfig
+    from pipeline.eval.benchmark import EvalConfig
+    from pipeline.train.distill import DistillConfig
 
     recipe = read_recipe(path)
     unknown = sorted(set(recipe) - set(SECTIONS))
@@ -82,7 +82,7 @@ def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | Non
 
 
 def _ingest(src: str, out: Path, icfg: Any) -> str:
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     ingest(src, str(out), icfg)
     return str(out)
@@ -94,11 +94,11 @@ def run_pipeline(
     """ingest -> precompute -> distill -> eval, as configured. Returns paths, results (``distill_result``,
     ``eval``) and each stage's wall time in seconds (``seconds``: ingest, precompute, distill, eval).
     ``precompute_stats``: when given, every precompute task's statistics are appended to it."""
-    from pipeline.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
-    from pipeline.evaluate import run_eval
-    from pipeline.precompute import precompute
-    from pipeline.raycluster import init_ray
-    from pipeline.train import distill
+    from pipeline.cache.precompute import precompute
+    from pipeline.common.tasks import init_ray
+    from pipeline.eval.benchmark import run_eval
+    from pipeline.train.distill import distill
+    from pipeline.workflow.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 
     run: RunConfig = cfgs["run"]
     work = Path(run.workdir).resolve()

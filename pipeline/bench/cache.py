@@ -11,7 +11,7 @@ Everything is measured in one run, side by side:
 
 ``--codec-fidelity`` instead measures what a cache codec costs the method: it fills one cache per codec
 (``--codecs float16,int8``) from the same images and teacher, trains the same student from each (same seeds, same
-steps, in-process :class:`pipeline.train.StepRunner`), and compares held-out fidelity to the fp32 teacher (MSE,
+steps, in-process :class:`pipeline.train.distill.StepRunner`), and compares held-out fidelity to the fp32 teacher (MSE,
 mean cosine) against the run-to-run noise of two seeds (``--seeds 0,1``), with each codec's bytes vs raw float32.
 """
 
@@ -209,7 +209,7 @@ def teacher_rate(
 
 def io_rates(dim: int, workdir: Path) -> dict[str, float]:
     """Write and read MB/s of a synthetic shard (uncompressed float16 MB), and one image's read latency."""
-    from pipeline.cache import CacheSpec, ShardEntry, ShardWriter, open_cache, write_spec
+    from pipeline.cache.store import CacheSpec, ShardEntry, ShardWriter, open_cache, write_spec
 
     rng = np.random.default_rng(0)
     n_img, h, w = 48, 42, 32  # ~ 672x512 images at patch 16
@@ -254,7 +254,7 @@ def _ingest_photos(out: Path, n: int, side: int) -> str:
     from PIL import Image
     from skimage import data
 
-    from pipeline.ingest import IngestConfig, ingest
+    from pipeline.data.ingest import IngestConfig, ingest
 
     src = out / "photos"
     src.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ def _train_student(args: argparse.Namespace, cache: Any, ims: Any, train_keys: l
     """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
     import torch
 
-    from pipeline.train import DistillConfig, StepRunner
+    from pipeline.train.distill import DistillConfig, StepRunner
     from spar_core.backbones import build_backbone
     from spar_core.distill import trainable_parameters
 
@@ -321,9 +321,9 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One cache per codec from the same images; a student trained from each per seed; held-out fidelity."""
     import torch
 
-    from pipeline.cache import open_cache
-    from pipeline.imageset import open_imageset
-    from pipeline.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.store import open_cache
+    from pipeline.data.imageset import open_imageset
     from spar_core.backbones import build_backbone
     from spar_core.sliding import sliding_window_features
 
@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.codec_fidelity:
-        from pipeline.raycluster import init_ray
+        from pipeline.common.tasks import init_ray
 
         init_ray(num_cpus=os.cpu_count())
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -418,9 +418,9 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
 
-    from pipeline.imageset import open_imageset
-    from pipeline.precompute import precast_for_autocast
-    from pipeline.raycluster import init_ray
+    from pipeline.cache.precompute import precast_for_autocast
+    from pipeline.common.tasks import init_ray
+    from pipeline.data.imageset import open_imageset
     from spar_core.backbones import build_backbone
     from spar_core.sliding import num_windows
 
@@ -517,9 +517,9 @@ def _precompute(
     args: argparse.Namespace, images: str, crop: int, best: dict[str, Any], tmp: Path, flops: float, res: dict
 ) -> dict[str, Any]:
     """End-to-end ``precompute`` (one Ray task with all threads) at the best in-process setting."""
-    from pipeline.cache import open_cache, verify_cache
-    from pipeline.imageset import open_imageset
-    from pipeline.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.store import open_cache, verify_cache
+    from pipeline.data.imageset import open_imageset
 
     cfg = PrecomputeConfig(
         images=images,
@@ -570,8 +570,8 @@ def _task_rate(path: str, images: str, cfg: Any) -> dict[str, float]:
     decode, sliding-window teacher, Zarr write and commit of every shard, recomputed from scratch."""
     from dataclasses import asdict
 
-    from pipeline.cache import invalidate_shards, open_cache
-    from pipeline.precompute import compute_shard
+    from pipeline.cache.precompute import compute_shard
+    from pipeline.cache.store import invalidate_shards, open_cache
 
     n = open_cache(path).num_shards
     invalidate_shards(path, [0])

@@ -1,0 +1,1 @@
+"""Distillation: config and plan, the training step, the Ray Train worker loop, checkpoints, student import/export."""
