@@ -1,8 +1,11 @@
-"""The ``spar`` command: one subcommand per stage, registered by the stage modules themselves.
+"""The ``spar`` command: one subcommand per stage, each registered by its sub-package's ``cli`` module.
 
-Each module in :data:`STAGE_MODULES` exposes ``add_cli(subparsers)``, adding its subcommand(s) with
-``set_defaults(func=...)``; ``func(args) -> int`` is the exit code. User errors (bad paths, bad configs, bad
-inputs) print one clear line and exit with 2; unexpected failures print a traceback and exit with 1.
+:data:`COMMANDS` names, for every command, the module that registers it (``add_cli(subparsers)``) and its one-line
+help. ``spar --help`` is printed from this table alone; ``spar <command> ...`` imports only that command's module.
+The ``cli`` modules are light (argument definitions from the typed stage configs); a command's work runs in the
+function its parser names with ``set_defaults(handler="module:function")``, imported only when the command runs.
+``handler(args) -> int`` is the exit code. User errors (bad paths, configs, inputs) print one clear line and exit
+with 2; unexpected failures print a traceback and exit with 1.
 """
 
 from __future__ import annotations
@@ -10,64 +13,84 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import is_user_error
 
-STAGE_MODULES = (
-    "pipeline.data.ingest",
-    "pipeline.cache.precompute",
-    "pipeline.cache.store",
-    "pipeline.train.distill",
-    "pipeline.eval.benchmark",
-    "pipeline.workflow.demo",
-    "pipeline.workflow.orchestrator",
-    "pipeline.cluster.submit",
-    "pipeline.bench.cli",
-    "pipeline.train.checkpoint_io",
-    "pipeline.eval.viz",
-)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("pipeline.data.cli", "raw images -> frozen augmented webdataset shards + manifest"),
+    "precompute": ("pipeline.cache.cli", "compute the sliding-window teacher's features into a cache"),
+    "cache": ("pipeline.cache.cli", "inspect and maintain teacher caches"),
+    "distill": (
+        "pipeline.train.cli",
+        "train the single-pass student on cached teacher features (Ray Train + MLflow)",
+    ),
+    "eval": ("pipeline.eval.cli", "segmentation benchmarks (mIoU), --fidelity or --speed reports"),
+    "classes": ("pipeline.eval.cli", "print the class list a benchmark is evaluated with"),
+    "segment": ("pipeline.eval.cli", "open-vocabulary segmentation of images (overlay + label map PNGs)"),
+    "embed": ("pipeline.eval.cli", "dense features of images as .npy with shape metadata (JSON)"),
+    "runs": ("pipeline.eval.cli", "compare training runs: their eval metrics and the settings that differ"),
+    "demo": ("pipeline.workflow.cli", "the whole pipeline on sample photos, on this machine"),
+    "pipeline": ("pipeline.workflow.cli", "all stages from one TOML recipe (jobs/configs/*.toml)"),
+    "submit": ("pipeline.cluster.cli", "run a stage as a Ray Job on a cluster"),
+    "bench": ("pipeline.bench.cli", "run a benchmark (ratios measured side by side in one run)"),
+    "import-checkpoint": (
+        "pipeline.train.cli",
+        "turn an authors' SPAR checkpoint (.ckpt/.pth) into a student checkpoint",
+    ),
+    "export": ("pipeline.train.cli", "write a student as a full open_clip state dict"),
+    "viz": (
+        "pipeline.eval.cli",
+        "PCA pictures of dense features: teacher, single-pass baseline and student in one basis (PNG)",
+    ),
+}
 
-# Errors raised for bad user input by the pure core (ValueError subclasses) are user errors too.
-_USER_ERROR_NAMES = {"BackboneError", "ClassListError", "CacheError", "CachePairingError", "DatasetError"}
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word not starting with '-'), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``spar`` parser with every available stage registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``spar`` parser: every command listed; ``command``'s module imported and its arguments registered."""
     parser = argparse.ArgumentParser(
         prog="spar",
         description="SPAR: distil a sliding-window ViT teacher into a single-pass any-resolution student.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in STAGE_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # stage not available in this build
-                continue
-            raise
-        mod.add_cli(sub)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).add_cli(sub)
+    for name, (_module, helptext) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=helptext)
     return parser
 
 
-def _is_user_error(e: BaseException) -> bool:
-    return isinstance(e, UserError) or any(c.__name__ in _USER_ERROR_NAMES for c in type(e).__mro__)
+def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int] | None:
+    """The function that runs the parsed command: ``args.handler`` ("module:function"), or ``args.func``."""
+    spec = getattr(args, "handler", None)
+    if isinstance(spec, str):
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return getattr(args, "func", None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``spar`` (and of ``python -m jobs.<stage>``). Returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
+    args = parser.parse_args(argv)
     try:
-        rc = args.func(args)
+        handler = resolve_handler(args)
+        if handler is None:
+            parser.print_help()
+            return 2
+        rc = handler(args)
     except KeyboardInterrupt:
         print("spar: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI decides how to report
-        if _is_user_error(e):
+        if is_user_error(e):
             print(f"spar {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
+from spar_core.errors import InputError
+
 __all__ = [
     "Backbone",
     "BackboneError",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class BackboneError(ValueError):
+class BackboneError(InputError):
     """A backbone could not be built or was given input it cannot process."""
 
 

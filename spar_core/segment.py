@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from open_clip import OPENAI_IMAGENET_TEMPLATES
 
 from spar_core.backbones import Backbone
+from spar_core.errors import InputError
 
 __all__ = [
     "ClassListError",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-class ClassListError(ValueError):
+class ClassListError(InputError):
     """A class list is empty, has an empty name or repeats a name."""
 
 

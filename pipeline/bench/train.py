@@ -325,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"step", "quality"}
     if unknown:
-        from pipeline.common.config import UserError
+        from pipeline.common.errors import UserError
 
         raise UserError(f"bench train: unknown part(s) {sorted(unknown)}; use step and/or quality")
     tmp = None

@@ -31,14 +31,10 @@ from pipeline.cache.store import (
     default_cache_root,
     invalidate_shards,
     open_cache,
-    shard_stem,
     write_spec,
 )
-
-try:
-    from pipeline.common.config import ConfigError
-except ImportError:  # pragma: no cover - until pipeline.common.config lands
-    ConfigError = CacheError  # type: ignore[misc,assignment]
+from pipeline.common.config import ConfigError
+from pipeline.common.storage import shard_stem, size_on_disk
 
 CRASH_ENV = "SPAR_TEST_PRECOMPUTE_CRASH_ONCE"  # test hook: "<marker file>[:<stage>]", see _crash_hook
 FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_")  # driver env forwarded to tasks (S3 endpoint, test hooks)
@@ -261,10 +257,8 @@ def _log_cost(
     """What the cache cost: images, windows, seconds per shard, bytes written, wall time."""
     import mlflow
 
-    from pipeline.cache.store import _size_on_disk
-
     store = lambda i: f"{cache.path.rstrip('/')}/shards/{shard_stem(i)}.zarr"  # noqa: E731
-    written = {i: _size_on_disk(store(i)) for i in stats}
+    written = {i: size_on_disk(store(i)) for i in stats}
     for i, st in sorted(stats.items()):
         mlflow.log_metrics(
             {"shard_seconds": float(st.get("seconds", 0.0)), "shard_bytes": float(written[i])}, step=i

@@ -35,11 +35,9 @@ Nothing here is a pickle: JSON and Zarr only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -47,18 +45,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-try:  # the lead's shared error base (cli prints these without a traceback)
-    from pipeline.common.config import UserError
-except ImportError:  # pragma: no cover - until pipeline.common.config lands
-
-    class UserError(Exception):  # type: ignore[no-redef]
-        """A problem with the user's input, reported without a traceback."""
-
+from pipeline.common import storage
+from pipeline.common.errors import UserError
 
 FORMAT_VERSION = 1
 SPEC_NAME = "spec.json"
@@ -72,7 +64,6 @@ AUTOCAST_MODES = ("bf16", "fp16", "none")
 CHUNK_BYTES = 1 << 20  # target uncompressed size of one inner Zarr chunk (the unit of reading)
 CHUNKS_PER_SHARD = 64  # inner chunks per Zarr shard object (the unit of writing), ~64 MB uncompressed
 ZSTD_LEVEL = 3
-TMP_TAG = ".tmp-"
 STALE_TAG = ".stale-"
 
 
@@ -120,7 +111,7 @@ class CacheSpec:
 
     def fingerprint(self) -> str:
         """sha256 hex of the canonical JSON of :meth:`identity`."""
-        return hashlib.sha256(canonical_json(self.identity())).hexdigest()
+        return hashlib.sha256(storage.canonical_json(self.identity()).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheSpec:
@@ -135,19 +126,9 @@ class CacheSpec:
             raise CacheError(f"cache spec is incomplete: {e}") from e
 
 
-def canonical_json(obj: Any) -> bytes:
-    """Deterministic JSON bytes (sorted keys, no whitespace, ASCII)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def shard_stem(i: int) -> str:
-    """``shard-%06d``: the common stem of a cache shard's store, manifest and marker."""
-    return f"shard-{i:06d}"
-
-
 def cache_path_for(cache_root: str, fingerprint: str) -> str:
     """``<cache_root>/<fingerprint>`` (local path or URL)."""
-    return _join(cache_root, fingerprint)
+    return storage.join(cache_root, fingerprint)
 
 
 def feature_checksum(rows: np.ndarray, scales: np.ndarray | None = None) -> str:
@@ -191,181 +172,11 @@ def chunk_rows_for(dim: int, dtype: str) -> int:
 # --------------------------------------------------------------------------------------------- storage
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
-
-
-def _join(base: str, *parts: str) -> str:
-    if _is_local(base):
-        return os.path.join(_local(base), *parts)
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs, p
-
-
-def _exists(path: str) -> bool:
-    if _is_local(path):
-        return os.path.exists(_local(path))
-    fs, p = _fs(path)
-    fs.invalidate_cache()
-    return fs.exists(p)
-
-
-def _read_bytes(path: str) -> bytes | None:
-    """File contents, or None when it does not exist."""
-    try:
-        if _is_local(path):
-            with open(_local(path), "rb") as f:
-                return f.read()
-        fs, p = _fs(path)
-        fs.invalidate_cache()
-        return fs.cat_file(p)
-    except FileNotFoundError:
-        return None
-
-
-def _write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write a small file so readers see either nothing or all of it (temp + rename; one PUT on S3)."""
-    if _is_local(path):
-        p = _local(path)
-        tmp = f"{p}{TMP_TAG}{uuid.uuid4().hex}"
-        try:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except OSError as e:  # full disk, read-only or forbidden: one clear line, no temp file left behind
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise CacheError(f"cannot write {p}: {e.strerror or e}") from e
-        return
-    fs, p = _fs(path)
-    fs.pipe_file(p, data)
-
-
-def _rm(path: str) -> None:
-    """Remove a file or a directory tree; missing is fine."""
-    if _is_local(path):
-        p = _local(path)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.lexists(p):
-            try:
-                os.remove(p)
-            except FileNotFoundError:
-                pass
-        return
-    fs, p = _fs(path)
-    fs.invalidate_cache()
-    try:
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-    except FileNotFoundError:
-        pass
-
-
-def _rename_dir(src: str, dst: str) -> bool:
-    """Move directory ``src`` to ``dst`` if ``dst`` does not exist; return False when ``dst`` exists.
-
-    Local: one atomic ``rename`` (fails on a non-empty target). Remote object stores have no rename: the files
-    are copied one by one, then the source removed; the commit point there is the marker, not the rename.
-    """
-    if _is_local(src):
-        s, d = _local(src), _local(dst)
-        try:
-            os.rename(s, d)
-            return True
-        except OSError:
-            if os.path.exists(d):
-                return False
-            raise
-    fs, s = _fs(src)
-    _, d = _fs(dst)
-    fs.invalidate_cache()
-    if fs.exists(d):
-        return False
-    for f in fs.find(s):
-        rel = f[len(s) :].lstrip("/")
-        fs.copy(f, f"{d}/{rel}")
-    fs.rm(s, recursive=True)
-    fs.invalidate_cache()
-    return True
-
-
-def _listdir(path: str) -> list[str]:
-    """Base names of entries directly under ``path`` ([] when missing)."""
-    if _is_local(path):
-        try:
-            return sorted(os.listdir(_local(path)))
-        except FileNotFoundError:
-            return []
-    fs, p = _fs(path)
-    fs.invalidate_cache()
-    try:
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
-    except FileNotFoundError:
-        return []
-
-
-def _size_on_disk(path: str) -> int:
-    """Total bytes of the files under ``path``."""
-    if _is_local(path):
-        total = 0
-        for root, _dirs, files in os.walk(_local(path)):
-            for f in files:
-                try:
-                    total += os.path.getsize(os.path.join(root, f))
-                except FileNotFoundError:
-                    pass
-        return total
-    fs, p = _fs(path)
-    fs.invalidate_cache()
-    try:
-        return int(fs.du(p, total=True))
-    except FileNotFoundError:
-        return 0
-
-
-def _mtime(path: str) -> float | None:
-    try:
-        if _is_local(path):
-            return os.path.getmtime(_local(path))
-        fs, p = _fs(path)
-        info = fs.info(p)
-        m = info.get("LastModified") or info.get("mtime") or info.get("created")
-        if m is None:
-            return None
-        return m.timestamp() if hasattr(m, "timestamp") else float(m)
-    except (FileNotFoundError, OSError):
-        return None
-
-
 def _zarr_store(path: str, read_only: bool) -> zarr.abc.store.Store:
-    if _is_local(path):
-        return zarr.storage.LocalStore(_local(path), read_only=read_only)
+    if storage.is_local(path):
+        return zarr.storage.LocalStore(storage.local_path(path), read_only=read_only)
     return zarr.storage.FsspecStore.from_url(path, read_only=read_only)
 
-
-def _read_json(path: str, what: str) -> dict[str, Any] | None:
-    raw = _read_bytes(path)
-    if raw is None:
-        return None
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{what} {path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise CacheError(f"{what} {path} is not a JSON object")
-    return obj
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -388,8 +199,8 @@ class ShardEntry:
 def write_spec(cache_path: str, spec: CacheSpec, layout: dict[str, Any], hints: dict[str, Any]) -> None:
     """Write ``spec.json`` unless it exists; an existing one must describe the same spec (same fingerprint)."""
     fp = spec.fingerprint()
-    p = _join(cache_path, SPEC_NAME)
-    existing = _read_json(p, "cache spec")
+    p = storage.join(cache_path, SPEC_NAME)
+    existing = storage.read_json(p, "cache spec", CacheError)
     if existing is not None:
         if existing.get("fingerprint") != fp or CacheSpec.from_dict(existing["spec"]).fingerprint() != fp:
             raise CacheError(
@@ -399,7 +210,7 @@ def write_spec(cache_path: str, spec: CacheSpec, layout: dict[str, Any], hints: 
             raise CacheError(f"{p}: layout {existing.get('layout')} differs from the image set's {layout}")
         return
     doc = {"fingerprint": fp, "spec": asdict(spec), "layout": layout, "hints": hints}
-    _write_bytes_atomic(p, json.dumps(doc, indent=2, sort_keys=True).encode())
+    storage.write_bytes_atomic(p, json.dumps(doc, indent=2, sort_keys=True).encode())
 
 
 class ShardWriter:
@@ -430,9 +241,9 @@ class ShardWriter:
             self.entries.append(ShardEntry(e.key, offset, e.h, e.w, e.height, e.width, e.pixel_sha256))
             offset += e.h * e.w
         self.rows = offset
-        stem = _join(cache_path, SHARDS_DIR, shard_stem(shard))
+        stem = storage.join(cache_path, SHARDS_DIR, storage.shard_stem(shard))
         self.final_store = f"{stem}.zarr"
-        self.tmp_store = f"{stem}.zarr{TMP_TAG}{self.attempt}"
+        self.tmp_store = f"{stem}.zarr{storage.TMP_TAG}{self.attempt}"
         self.chunk_rows = chunk_rows_for(dim, dtype)
         self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
         store = _zarr_store(self.tmp_store, read_only=False)
@@ -516,7 +327,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Discard this attempt's temporary store."""
-        _rm(self.tmp_store)
+        storage.remove(self.tmp_store)
 
     def commit(self) -> str:
         """Make the shard complete. Returns "written", "already-complete" or "superseded"."""
@@ -534,7 +345,7 @@ class ShardWriter:
         }
         manifest_bytes = json.dumps(manifest, indent=1).encode()
         # the manifest travels inside the store, so store and manifest are placed together by one rename
-        _write_bytes_atomic(_join(self.tmp_store, MANIFEST_NAME), manifest_bytes)
+        storage.write_bytes_atomic(storage.join(self.tmp_store, MANIFEST_NAME), manifest_bytes)
         reader = _ShardFiles(self.cache_path, self.shard)
         if reader.state()[0]:
             self.abort()
@@ -552,21 +363,21 @@ class ShardWriter:
             "images": len(self.entries),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_bytes_atomic(reader.marker, json.dumps(marker).encode())
+        storage.write_bytes_atomic(reader.marker, json.dumps(marker).encode())
         return "written"
 
     def _place_store(self, reader: _ShardFiles) -> bool:
         """Rename the temporary store into place; False when the shard became complete meanwhile."""
         for _ in range(5):
-            if _rename_dir(self.tmp_store, self.final_store):
+            if storage.rename_dir(self.tmp_store, self.final_store):
                 return True
             if reader.state()[0]:
                 return False
             # a store from a crashed or concurrent unfinished attempt: move it aside and retry
             stale = f"{self.final_store}{STALE_TAG}{self.attempt}"
             try:
-                if _rename_dir(self.final_store, stale):
-                    _rm(stale)
+                if storage.rename_dir(self.final_store, stale):
+                    storage.remove(stale)
             except FileNotFoundError:
                 pass
         raise CacheError(f"could not place {self.final_store}: other writers keep replacing it")
@@ -579,14 +390,14 @@ class _ShardFiles:
     """Paths and completion state of one cache shard."""
 
     def __init__(self, cache_path: str, shard: int):
-        stem = _join(cache_path, SHARDS_DIR, shard_stem(shard))
-        self.name = shard_stem(shard)
+        stem = storage.join(cache_path, SHARDS_DIR, storage.shard_stem(shard))
+        self.name = storage.shard_stem(shard)
         self.store = f"{stem}.zarr"
-        self.manifest = _join(self.store, MANIFEST_NAME)
+        self.manifest = storage.join(self.store, MANIFEST_NAME)
         self.marker = f"{stem}.done"
 
     def store_attempt(self) -> str | None:
-        meta = _read_json(_join(self.store, ARRAY_NAME, "zarr.json"), "zarr metadata")
+        meta = storage.read_json(storage.join(self.store, ARRAY_NAME, "zarr.json"), "zarr metadata", CacheError)
         if meta is None:
             return None
         return (meta.get("attributes") or {}).get("attempt")
@@ -594,10 +405,10 @@ class _ShardFiles:
     def state(self) -> tuple[bool, str, dict[str, Any] | None]:
         """(complete, reason when not, manifest when complete)."""
         try:
-            marker = _read_json(self.marker, "completion marker")
+            marker = storage.read_json(self.marker, "completion marker", CacheError)
             if marker is None:
                 return False, "no completion marker", None
-            raw = _read_bytes(self.manifest)
+            raw = storage.read_bytes(self.manifest)
             if raw is None:
                 return False, "manifest missing", None
             if hashlib.sha256(raw).hexdigest() != marker.get("manifest_sha256"):
@@ -661,7 +472,7 @@ class TeacherCache:
         if i not in self._manifests:
             ok, reason, manifest = self._files(i).state()
             if not ok or manifest is None:
-                raise CacheError(f"cache {self.path}: {shard_stem(i)} is not complete ({reason})")
+                raise CacheError(f"cache {self.path}: {storage.shard_stem(i)} is not complete ({reason})")
             self._manifests[i] = manifest
         return self._manifests[i]
 
@@ -721,12 +532,12 @@ class TeacherCache:
             raise
         except Exception as err:  # noqa: BLE001 - zarr/zstd/crc errors of a damaged or truncated chunk
             raise CacheError(
-                f"cache {self.path}: {shard_stem(i)} key {e['key']!r}: store truncated or corrupt "
+                f"cache {self.path}: {storage.shard_stem(i)} key {e['key']!r}: store truncated or corrupt "
                 f"({type(err).__name__}: {err}); run `spar cache verify --repair`"
             ) from err
         if verify and feature_checksum(rows, scales) != e["checksum"]:
             raise CacheError(
-                f"cache {self.path}: {shard_stem(i)} key {e['key']!r}: features fail their checksum; "
+                f"cache {self.path}: {storage.shard_stem(i)} key {e['key']!r}: features fail their checksum; "
                 "run `spar cache verify --repair`"
             )
         return rows if scales is None else dequantize_int8(rows, scales)
@@ -768,7 +579,7 @@ class TeacherCache:
             if not self.shard_complete(i):
                 if require_complete:
                     raise CachePairingError(
-                        f"cache {self.path}: {shard_stem(i)} is not complete; run `spar precompute` to finish it"
+                        f"cache {self.path}: {storage.shard_stem(i)} is not complete; run `spar precompute` to finish it"
                     )
                 continue
             entries = self.manifest(i)["entries"]
@@ -776,7 +587,7 @@ class TeacherCache:
             for e, r in zip(entries, records, strict=False):
                 if e["key"] != r.key:
                     raise CachePairingError(
-                        f"cache {self.path} {shard_stem(i)}: key {e['key']!r}, image set {r.key!r}"
+                        f"cache {self.path} {storage.shard_stem(i)}: key {e['key']!r}, image set {r.key!r}"
                     )
                 if (e["height"], e["width"]) != (r.height, r.width):
                     raise CachePairingError(
@@ -789,15 +600,15 @@ class TeacherCache:
                     )
             if len(entries) != len(records):
                 raise CachePairingError(
-                    f"cache {self.path} {shard_stem(i)}: {len(entries)} images in the cache, {len(records)} in the image set"
+                    f"cache {self.path} {storage.shard_stem(i)}: {len(entries)} images in the cache, {len(records)} in the image set"
                 )
 
 
 def open_cache(path: str) -> TeacherCache:
     """Open the teacher cache at ``path`` (``<cache_root>/<fingerprint>``, local or fsspec URL)."""
-    path = path.rstrip("/") if not _is_local(path) else os.path.abspath(_local(path))
-    p = _join(path, SPEC_NAME)
-    doc = _read_json(p, "cache spec")
+    path = path.rstrip("/") if not storage.is_local(path) else os.path.abspath(storage.local_path(path))
+    p = storage.join(path, SPEC_NAME)
+    doc = storage.read_json(p, "cache spec", CacheError)
     if doc is None:
         raise CacheError(f"{path} is not a teacher cache (no {SPEC_NAME})")
     for k in ("fingerprint", "spec", "layout"):
@@ -838,14 +649,14 @@ def verify_cache(path: str, check_data: bool = True) -> tuple[TeacherCache, list
     for i in range(cache.num_shards):
         p = _verify_shard(cache, i, check_data)
         if p:
-            problems.append(Problem(shard_stem(i), p))
+            problems.append(Problem(storage.shard_stem(i), p))
     return cache, problems
 
 
 def _verify_shard(cache: TeacherCache, i: int, check_data: bool) -> str:
     files = _ShardFiles(cache.path, i)
-    if not _exists(files.marker):
-        if not _exists(files.store):
+    if not storage.exists(files.marker):
+        if not storage.exists(files.store):
             return "missing (never computed or not finished)"
         return "incomplete (no completion marker)"
     ok, reason, manifest = files.state()
@@ -892,16 +703,16 @@ def invalidate_shards(path: str, shards: Sequence[int]) -> None:
     """Make shards incomplete (marker first, then the store with its manifest) so precompute recomputes them."""
     for i in shards:
         files = _ShardFiles(path, i)
-        _rm(files.marker)
-        _rm(files.store)
+        storage.remove(files.marker)
+        storage.remove(files.store)
 
 
 def list_caches(cache_root: str) -> list[str]:
     """Paths of the caches (directories with a spec.json) directly under ``cache_root``."""
     out = []
-    for name in _listdir(cache_root):
-        p = _join(cache_root, name)
-        if _exists(_join(p, SPEC_NAME)):
+    for name in storage.listdir(cache_root):
+        p = storage.join(cache_root, name)
+        if storage.exists(storage.join(p, SPEC_NAME)):
             out.append(p)
     return out
 
@@ -911,7 +722,7 @@ def summarize(path: str) -> dict[str, Any]:
     c = open_cache(path)
     done = [i for i in range(c.num_shards) if c.shard_complete(i)]
     images = sum(len(c.manifest(i)["entries"]) for i in done)
-    size = _size_on_disk(c.path)
+    size = storage.size_on_disk(c.path)
     s = c.spec
     return {
         "path": c.path,
@@ -944,25 +755,25 @@ def gc_caches(cache_root: str, older_than_s: float = 3600.0, orphans: bool = Fal
     now = time.time()
 
     def old(p: str) -> bool:
-        m = _mtime(p)
+        m = storage.mtime(p)
         return m is None or now - m >= older_than_s
 
-    for name in _listdir(cache_root):
-        cpath = _join(cache_root, name)
-        if not _exists(_join(cpath, SPEC_NAME)):
-            if (TMP_TAG in name or _looks_like_fingerprint(name)) and old(cpath):
-                _rm(cpath)
+    for name in storage.listdir(cache_root):
+        cpath = storage.join(cache_root, name)
+        if not storage.exists(storage.join(cpath, SPEC_NAME)):
+            if (storage.TMP_TAG in name or _looks_like_fingerprint(name)) and old(cpath):
+                storage.remove(cpath)
                 removed.append(cpath)
             continue
         if orphans and _is_orphan(cpath):
-            _rm(cpath)
+            storage.remove(cpath)
             removed.append(cpath)
             continue
-        sdir = _join(cpath, SHARDS_DIR)
-        for entry in _listdir(sdir):
-            if (TMP_TAG in entry or STALE_TAG in entry) and old(_join(sdir, entry)):
-                _rm(_join(sdir, entry))
-                removed.append(_join(sdir, entry))
+        sdir = storage.join(cpath, SHARDS_DIR)
+        for entry in storage.listdir(sdir):
+            if (storage.TMP_TAG in entry or STALE_TAG in entry) and old(storage.join(sdir, entry)):
+                storage.remove(storage.join(sdir, entry))
+                removed.append(storage.join(sdir, entry))
     return removed
 
 
@@ -986,9 +797,9 @@ def _is_orphan(cpath: str) -> bool:
 
 def remove_cache(path: str) -> None:
     """Delete a cache directory (must contain a spec.json)."""
-    if not _exists(_join(path, SPEC_NAME)):
+    if not storage.exists(storage.join(path, SPEC_NAME)):
         raise CacheError(f"{path} is not a teacher cache (no {SPEC_NAME}); refusing to delete it")
-    _rm(path)
+    storage.remove(path)
 
 
 # --------------------------------------------------------------------------------------------- CLI

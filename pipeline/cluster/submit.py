@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 # submit's stage name -> module under jobs/ (each one forwards to the `spar` subcommand of the same stage)
 STAGES: dict[str, str] = {

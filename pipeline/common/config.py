@@ -8,6 +8,7 @@ TOML recipe section plus command-line overrides and rejects unknown keys, wrong 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -17,8 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from pipeline.common.errors import UserError
+
 __all__ = [
-    "UserError",
     "ConfigError",
     "load_config",
     "from_dict",
@@ -27,13 +29,10 @@ __all__ = [
     "to_dict",
     "save_resolved",
     "read_recipe",
+    "config_from_cli",
 ]
 
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """An error caused by the user's input; the CLI prints its message (no traceback) and exits with 2."""
 
 
 class ConfigError(UserError, ValueError):
@@ -233,3 +232,22 @@ def save_resolved(cfg: Any, path: str | Path, extra: Mapping[str, Any] | None = 
     data = {"config": to_dict(cfg), "type": type(cfg).__name__, **(extra or {})}
     p.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     return p
+
+
+def config_from_cli(
+    cls: type[T], args: argparse.Namespace, section: str, extra: Mapping[str, Any] | None = None
+) -> T:
+    """The one way a command builds its stage config: defaults <- recipe ``[section]`` (``--config``) <- ``--set``
+    overrides <- explicit flags.
+
+    An explicit flag is any argument whose ``dest`` is a field of ``cls`` and whose value is not None (flags
+    default to None, ``store_true``/``store_false`` flags too, so an absent flag never overrides the recipe);
+    ``extra`` adds values under other names (e.g. a flag spelled differently from its field).
+    """
+    cfg = load_config(
+        cls, getattr(args, "config", None), list(getattr(args, "set", None) or ()), section=section
+    )
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return apply_overrides(cfg, given) if given else cfg

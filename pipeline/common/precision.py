@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")

@@ -1,4 +1,6 @@
-"""Connecting to Ray: a local in-process cluster by default, or an existing cluster by address.
+"""Ray for every stage: connecting (a local in-process cluster by default, or an existing cluster by address), the
+one bounded task pool with its progress bar (ingest shards, precompute shards, eval chunks), and the quieting of
+Ray's own console chatter.
 
 Token authentication stays on (Ray's default); a local cluster binds to 127.0.0.1 and runs no dashboard.
 """
@@ -6,8 +8,14 @@ Token authentication stays on (Ray's default); a local cluster binds to 127.0.0.
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import ray
+from tqdm import tqdm
 
 __all__ = [
     "init_ray",
@@ -17,7 +25,13 @@ __all__ = [
     "set_verbose",
     "train_log_level",
     "LatestValue",
+    "PoolResult",
+    "run_pool",
+    "cluster_cpus",
+    "bars_disabled",
 ]
+
+K = TypeVar("K", bound=Hashable)
 
 VERBOSE_ENV = "SPAR_VERBOSE"  # "1": show Ray's own logs (Ray Train chatter, controller warnings)
 
@@ -129,3 +143,84 @@ def shutdown_ray() -> None:
     """Disconnect (and stop a local cluster)."""
     if ray.is_initialized():
         ray.shutdown()
+
+
+def cluster_cpus() -> int:
+    """CPUs in the connected cluster (at least 1)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def bars_disabled() -> bool:
+    """True when progress bars are switched off by the environment (``TQDM_DISABLE``)."""
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class PoolResult(Generic[K]):
+    """What :func:`run_pool` brings back: each finished key's value, and each failed key's exception."""
+
+    done: dict[K, Any] = field(default_factory=dict)
+    failed: dict[K, BaseException] = field(default_factory=dict)
+
+
+def run_pool(
+    submit: Callable[[K], ray.ObjectRef],
+    keys: Sequence[K],
+    limit: int,
+    *,
+    desc: str,
+    weight: Callable[[K], int] = lambda k: 1,
+    unit: str = "item",
+    progress: bool = True,
+    stop_on_failure: bool = False,
+    partial: Callable[[], dict[K, int]] | None = None,
+    postfix: Callable[[PoolResult[K], float], str] | None = None,
+    on_done: Callable[[K, Any], None] | None = None,
+    force_cancel: bool = False,
+) -> PoolResult[K]:
+    """Run one Ray task per key, at most ``limit`` in flight, with a progress bar counting ``weight(key)`` units.
+
+    ``submit(key)`` starts the task and returns its ref. A task's exception is recorded in ``failed`` (the others
+    keep going, unless ``stop_on_failure``: then no new task starts, and those in flight finish and are kept).
+    ``partial()`` may report progress inside running tasks (units per key) for a smoother bar; ``postfix`` writes the
+    bar's suffix from the result so far and the elapsed seconds. On exit (also by an exception or Ctrl-C) the
+    tasks still in flight are cancelled.
+    """
+    result: PoolResult[K] = PoolResult()
+    queue = list(keys)
+    running: dict[ray.ObjectRef, K] = {}
+    finished_units = 0
+    t0 = time.perf_counter()
+    show = progress and not bars_disabled()
+    bar = tqdm(total=sum(weight(k) for k in keys), unit=unit, desc=desc, disable=not show, file=sys.stderr)
+    try:
+        while queue or running:
+            while queue and len(running) < max(1, limit):
+                key = queue.pop(0)
+                running[submit(key)] = key
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5 if partial else None)
+            for ref in ready:
+                key = running.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - recorded per key, reported by the caller
+                    result.failed[key] = e
+                    if stop_on_failure:
+                        queue.clear()
+                else:
+                    result.done[key] = value
+                    if on_done is not None:
+                        on_done(key, value)
+                finished_units += weight(key)
+            inflight = 0
+            if partial is not None and running:
+                got = partial()
+                inflight = sum(min(got.get(k, 0), weight(k)) for k in running.values())
+            bar.update(finished_units + inflight - bar.n)
+            if postfix is not None and ready:
+                bar.set_postfix_str(postfix(result, time.perf_counter() - t0))
+    finally:
+        bar.close()
+        for ref in running:
+            ray.cancel(ref, force=force_cancel)
+    return result

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 IGNORE_INDEX = 255
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.parquet"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 
 class StreamError(UserError):

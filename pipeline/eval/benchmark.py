@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.common.config import ConfigError, UserError, to_dict
+from pipeline.common.config import ConfigError, to_dict
+from pipeline.common.errors import UserError
 from pipeline.data.datasets import (
     CLASS_SETS,
     DATASETS,

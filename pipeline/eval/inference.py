@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from pipeline.common.config import ConfigError, UserError, apply_overrides, load_config
+from pipeline.common.config import ConfigError, apply_overrides, load_config
+from pipeline.common.errors import UserError
 from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
 from pipeline.data.resize import resize_linear
 

@@ -14,7 +14,7 @@ import os
 import shutil
 from typing import Any
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 # (metric, column label): the headline metrics, in this order, when any row has them
 HEADLINE = (

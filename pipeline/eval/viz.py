@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 
 __all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "add_cli"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 from pipeline.train.checkpoint import _sha256_file
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)

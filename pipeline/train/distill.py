@@ -36,7 +36,8 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.common.config import ConfigError, UserError
+from pipeline.common.config import ConfigError
+from pipeline.common.errors import UserError
 from pipeline.eval.inference import default_stride
 from pipeline.train.checkpoint import (
     BACKBONE_FILE,

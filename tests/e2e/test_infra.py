@@ -152,7 +152,7 @@ def _check_cli_args(cmd: str) -> None:
 
     argv = shlex.split(cmd)
     stage = argv[argv.index("-m") + 1].split(".", 1)[1]
-    args = build_parser().parse_args([stage, *argv[argv.index("-m") + 2 :]])
+    args = build_parser(stage).parse_args([stage, *argv[argv.index("-m") + 2 :]])
     if stage == "pipeline":
         from pipeline.workflow.orchestrator import load_recipe
 

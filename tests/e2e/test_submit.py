@@ -28,7 +28,7 @@ from pipeline.cluster.submit import (
     resolve_address,
     split_trailing_options,
 )
-from pipeline.common.config import UserError
+from pipeline.common.errors import UserError
 from tests.conftest import load_photo
 from tests.e2e.conftest import ROOT, RayHead, clean_env, http_status, listening_ips, run_spar
 

@@ -221,7 +221,7 @@ def test_config_recipe_and_cli_flags(tmp_path):
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('[eval]\ndataset = "context59"\nlogit_scale = 30.0\nresolutions = [448, 672]\n')
-    args = build_parser().parse_args(
+    args = build_parser("eval").parse_args(
         [
             "eval",
             "--config",
@@ -237,7 +237,7 @@ def test_config_recipe_and_cli_flags(tmp_path):
     cfg = config_from_args(EvalConfig, args, "eval")
     assert (cfg.dataset, cfg.logit_scale, cfg.repeats) == ("context59", 5.0, 2)
     assert cfg.resolutions == (448, 672) and cfg.strides == (224, 24) and cfg.prob_thd is None
-    args = build_parser().parse_args(["eval", "--set", "eval.mode=diagonal"])
+    args = build_parser("eval").parse_args(["eval", "--set", "eval.mode=diagonal"])
     with pytest.raises(ConfigError, match="mode"):
         config_from_args(EvalConfig, args, "eval")
 
