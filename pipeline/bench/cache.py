@@ -31,38 +31,6 @@ from typing import Any
 
 import numpy as np
 
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench cache``."""
-    p.add_argument(
-        "--teacher", default="maskclip-vit-b16", help="backbone (random weights unless --pretrained)"
-    )
-    p.add_argument("--pretrained", default=None)
-    p.add_argument("--crop", type=int, default=0, help="window size (default: the teacher's native size)")
-    p.add_argument("--stride", type=int, default=112)
-    p.add_argument("--images", default=None, help="existing image set (default: ingest scikit-image photos)")
-    p.add_argument("--num-images", type=int, default=2, help="photos to ingest when --images is not given")
-    p.add_argument("--side", type=int, default=448, help="long side of the ingested photos")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    p.add_argument("--batches", default="8,32", help="window batch sizes to sweep (in-process)")
-    p.add_argument("--precisions", default="bf16,none", help="autocast modes to sweep: bf16, fp16, none")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (the fastest counts)")
-    p.add_argument("--skip-precompute", action="store_true", help="skip the end-to-end Ray precompute")
-    p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
-    p.add_argument("--codec-fidelity", action="store_true",
-                   help="train the same student from each codec's cache and compare held-out fidelity")  # fmt: skip
-    p.add_argument("--codecs", default="float16,int8", help="cache dtypes compared by --codec-fidelity")
-    p.add_argument("--seeds", default="0,1", help="training seeds (their spread is the run-to-run noise)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per student (--codec-fidelity)")
-    p.add_argument("--held-out", type=int, default=2, help="photos held out for fidelity (--codec-fidelity)")
-    p.add_argument("--lr", type=float, default=2e-5, help="student learning rate (--codec-fidelity)")
-    p.add_argument("--trainable-blocks", type=int, default=2, help="last blocks trained (--codec-fidelity)")
-    p.add_argument(
-        "--precision", default="auto", help="teacher forward precision of the caches (auto, fp32, bf16)"
-    )
-
-
 # ------------------------------------------------------------------------------------------ measurements
 
 

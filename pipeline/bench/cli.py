@@ -1,20 +1,145 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
-Each benchmark lives in a module of ``pipeline.bench`` (see :data:`MODULES`) and exposes ``add_args(parser)`` and ``run(args) -> int``.
+Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
+runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``gpu``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-MODULES = {"core": "teacher", "ingest": "ingest", "cache": "cache", "train": "train", "gpu": "gpu"}
 BENCHES = {
-    "core": "teacher (batched, mixed precision) vs naive fp32 reference, and single pass vs teacher",
-    "ingest": "ingest throughput with 1 and 2 Ray workers",
-    "cache": "cache size, read/write speed, precompute throughput vs measured matmul rate",
-    "train": "training step: streaming vs in-memory targets, cached vs online teacher",
-    "gpu": "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
+    "core": (
+        "teacher",
+        "teacher (batched, mixed precision) vs naive fp32 reference, and single pass vs teacher",
+    ),
+    "ingest": ("ingest", "ingest throughput with 1 and 2 Ray workers"),
+    "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
+    "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
+    "gpu": (
+        "gpu",
+        "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
+    ),
+}
+
+
+def _teacher_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="maskclip-vit-b16")
+    p.add_argument("--size", default="448x448", help="HxW")
+    p.add_argument("--crop", type=int, default=None, help="default: the backbone's native size")
+    p.add_argument("--stride", type=int, default=24)
+    p.add_argument("--window-batch", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds; the fastest time of each counts"
+    )
+    p.add_argument(
+        "--precision", default="auto", help="the project's teacher precision (auto, fp32, bf16, fp16)"
+    )
+    p.add_argument("--authors-precisions", default="fp32,bf16",
+                   help="precisions of the authors' loop to run; the fastest is the reference")  # fmt: skip
+    p.add_argument("--skip-naive", action="store_true", help="skip the one-window-per-pass naive reference")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the project teacher with torch.compile (inductor), interleaved with eager")  # fmt: skip
+
+
+def _ingest_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``spar bench ingest``."""
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts to time (default 1,2)")
+    p.add_argument(
+        "--copies", type=int, default=3, help="copies of the photo set (more images, steadier timing)"
+    )
+    p.add_argument("--recipe", choices=("paper", "small"), default="paper",
+                   help="paper: DESIGN §2 sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
+    p.add_argument("--shards-per-worker", type=int, default=4, help="shards per worker (sets shard_size)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--encode-only", action="store_true",
+                   help="only the lossless-encoding table (ms and bytes per image per option), no Ray")  # fmt: skip
+    p.add_argument("--encode-rounds", type=int, default=3, help="interleaved rounds of the encoding table")
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench cache``."""
+    p.add_argument(
+        "--teacher", default="maskclip-vit-b16", help="backbone (random weights unless --pretrained)"
+    )
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--crop", type=int, default=0, help="window size (default: the teacher's native size)")
+    p.add_argument("--stride", type=int, default=112)
+    p.add_argument("--images", default=None, help="existing image set (default: ingest scikit-image photos)")
+    p.add_argument("--num-images", type=int, default=2, help="photos to ingest when --images is not given")
+    p.add_argument("--side", type=int, default=448, help="long side of the ingested photos")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--batches", default="8,32", help="window batch sizes to sweep (in-process)")
+    p.add_argument("--precisions", default="bf16,none", help="autocast modes to sweep: bf16, fp16, none")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (the fastest counts)")
+    p.add_argument("--skip-precompute", action="store_true", help="skip the end-to-end Ray precompute")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--codec-fidelity", action="store_true",
+                   help="train the same student from each codec's cache and compare held-out fidelity")  # fmt: skip
+    p.add_argument("--codecs", default="float16,int8", help="cache dtypes compared by --codec-fidelity")
+    p.add_argument("--seeds", default="0,1", help="training seeds (their spread is the run-to-run noise)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per student (--codec-fidelity)")
+    p.add_argument("--held-out", type=int, default=2, help="photos held out for fidelity (--codec-fidelity)")
+    p.add_argument("--lr", type=float, default=2e-5, help="student learning rate (--codec-fidelity)")
+    p.add_argument("--trainable-blocks", type=int, default=2, help="last blocks trained (--codec-fidelity)")
+    p.add_argument(
+        "--precision", default="auto", help="teacher forward precision of the caches (auto, fp32, bf16)"
+    )
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parts", default="step,quality", help="comma-separated: step, quality (default both)")
+    p.add_argument(
+        "--backbone", default="tiny-clip-224", help="teacher = student backbone of the quality part"
+    )
+    p.add_argument("--step-backbone", default="small-clip-224", help="backbone of the step part")
+    p.add_argument(
+        "--copies", type=int, default=6, help="augmented copies of each training photo (default 6)"
+    )
+    p.add_argument("--stride", type=int, default=56, help="teacher stride in pixels (crop = native size)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round and condition (step part)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (step part)")
+    p.add_argument("--loader-workers", type=int, default=1, help="background decode processes (step part)")
+    p.add_argument(
+        "--large", default="896x1344", help="HxW of the larger image for cached vs online (step part)"
+    )
+    p.add_argument("--train-steps", type=int, default=300, help="distillation steps (quality part)")
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="learning rate (quality part; raised for few steps)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (quality part)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+def _gpu_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench gpu``."""
+    p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "gpu", "cpu"],
+        default="auto",
+        help="gpu: full sizes on CUDA; cpu: tiny models and images (CI); auto: gpu when CUDA is available",
+    )
+    p.add_argument("--budget-s", type=float, default=330.0, help="total time budget, shared by the sections")
+    p.add_argument(
+        "--sections",
+        default=None,
+        help="comma-separated subset (default: all, in order: environment, correctness, throughput, projection, pipeline)",
+    )
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
+
+
+_ARGS = {
+    "core": _teacher_args,
+    "ingest": _ingest_args,
+    "cache": _cache_args,
+    "train": _train_args,
+    "gpu": _gpu_args,
 }
 
 
@@ -22,13 +147,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register ``spar bench``."""
     p = sub.add_parser("bench", help="run a benchmark (ratios measured side by side in one run)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, helptext in BENCHES.items():
-        try:
-            mod = importlib.import_module(f"pipeline.bench.{MODULES[name]}")
-        except ModuleNotFoundError as e:
-            if e.name == f"pipeline.bench.{MODULES[name]}":
-                continue
-            raise
+    for name, (module, helptext) in BENCHES.items():
         bp = bsub.add_parser(name, help=helptext)
-        mod.add_args(bp)
-        bp.set_defaults(func=mod.run)
+        _ARGS[name](bp)
+        bp.set_defaults(handler=f"pipeline.bench.{module}:run")

@@ -172,20 +172,6 @@ CPU_PLAN = Plan(
 )
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench gpu``."""
-    p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
-    p.add_argument(
-        "--mode",
-        choices=["auto", "gpu", "cpu"],
-        default="auto",
-        help="gpu: full sizes on CUDA; cpu: tiny models and images (CI); auto: gpu when CUDA is available",
-    )
-    p.add_argument("--budget-s", type=float, default=330.0, help="total time budget, shared by the sections")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
-
-
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -861,12 +847,13 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     import torch
 
     from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
     from pipeline.data.ingest import IngestConfig
     from pipeline.eval.benchmark import EvalConfig
-    from pipeline.eval.inference import SegmentConfig, segment_images
+    from pipeline.eval.inference import SegmentConfig
     from pipeline.train.distill import DistillConfig
-    from pipeline.workflow.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, DemoConfig, write_photos
-    from pipeline.workflow.orchestrator import RunConfig, run_pipeline
+    from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
+    from pipeline.workflow.orchestrator import Extras, Reporter, run_pipeline
 
     pp = ctx.plan.pipeline
     work = ctx.workdir / "pipeline"
@@ -886,14 +873,14 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     res["photos"] = {"train": n_train, "heldout": n_held}
     ctx.save()
     classes = DemoConfig.classes
-    base = {
-        "run": RunConfig(
+    base = Recipe(
+        run=RunConfig(
             workdir=str(work),
             experiment="spar-gpu-check",
             source=str(work / "raw" / "train"),
             heldout_source=str(work / "raw" / "heldout"),
         ),
-        "ingest": IngestConfig(
+        ingest=IngestConfig(
             seed=0,
             shard_size=pp.shard_size,
             target_long=pp.target_long,
@@ -901,7 +888,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
             min_short=pp.min_short,
             max_side=pp.max_side,
         ),
-        "precompute": PrecomputeConfig(
+        precompute=PrecomputeConfig(
             teacher=pp.backbone,
             crop=pp.crop,
             stride=24,
@@ -911,7 +898,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
             gpus_per_task=1.0,
             progress=False,
         ),
-        "distill": DistillConfig(
+        distill=DistillConfig(
             trainable_blocks=2,
             lr=pp.lr,
             max_steps=pp.steps,
@@ -924,8 +911,8 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
             shuffle_buffer=8,
             log_every=5,
         ),
-        "eval": EvalConfig(fidelity=True, precision=pp.eval_precision, classes=classes),
-    }
+        eval=EvalConfig(fidelity=True, precision=pp.eval_precision, classes=classes),
+    )
     res["runs"] = []
     for i, prec in enumerate(pp.precisions):
         if i > 0:  # a later run reuses the image sets and caches: it costs about distill + eval + segment
@@ -936,17 +923,22 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
                     f"distill {prec}: out of time ({dl.left():.0f} s left, ~{need:.0f} s needed)"
                 )
                 continue
-        cfgs = dict(base)
-        cfgs["distill"] = dataclasses.replace(base["distill"], precision=prec)
+        recipe = dataclasses.replace(base, distill=dataclasses.replace(base.distill, precision=prec))
         stats: list[dict[str, Any]] = []
         say(f"pipeline: run {i + 1}/{len(pp.precisions)}: distill precision {prec}")
+        seg = SegmentConfig(
+            classes=classes,
+            out=str(work / f"segment-{prec}"),
+            short_side=pp.segment_short_side,
+            precision=pp.eval_precision,
+        )
         t = time.perf_counter()
-        out = run_pipeline(cfgs, precompute_stats=stats)
-        run = {"precision": prec, "seconds": out["seconds"], "total_seconds": time.perf_counter() - t}
+        out = run_pipeline(recipe, Extras(segment=seg, precompute_stats=stats), Reporter("gpu-check"))
+        run = {"precision": prec, "seconds": out.seconds, "total_seconds": time.perf_counter() - t}
         res["runs"].append(run)
         _precompute_evidence(ctx, res, run, stats, first=i == 0)
         _distill_evidence(ctx, res, run, out, prec)
-        ev = out.get("eval") or {}
+        ev = out.eval or {}
         run["fidelity"] = {k: ev.get(k) for k in ("images", "baseline", "student")}
         b, s = ev.get("baseline") or {}, ev.get("student") or {}
         check(
@@ -956,21 +948,10 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
             f"MSE student {s.get('mse')} vs baseline {b.get('mse')}",
         )
         ctx.save()
-        t = time.perf_counter()
+        recs = out.segments
         photos = sorted(str(f) for f in (work / "raw" / "heldout").glob("*.png"))
-        recs = segment_images(
-            photos,
-            SegmentConfig(
-                classes=classes,
-                checkpoint=out["checkpoint"],
-                out=str(work / f"segment-{prec}"),
-                short_side=pp.segment_short_side,
-                precision=pp.eval_precision,
-            ),
-        )
-        run["seconds"]["segment"] = time.perf_counter() - t
         run["segment"] = [
-            {"image": Path(r["image"]).name, "classes_present": r["classes_present"]} for r in recs
+            {"image": Path(str(r["image"])).name, "classes_present": r["classes_present"]} for r in recs
         ]
         check(res, f"segment {prec}: one label map per photo", len(recs) == len(photos) > 0)
         stage_line = ", ".join(f"{k} {v:.1f} s" for k, v in run["seconds"].items())
@@ -1073,11 +1054,11 @@ def _precompute_evidence(
     )
 
 
-def _distill_evidence(ctx: Context, res: dict[str, Any], run: dict[str, Any], out: dict, prec: str) -> None:
+def _distill_evidence(ctx: Context, res: dict[str, Any], run: dict[str, Any], out: Any, prec: str) -> None:
     """What the Ray Train worker recorded in MLflow: device, autocast dtype, gradient scaler, loss curve."""
     from mlflow import MlflowClient
 
-    r = out["distill_result"]
+    r = out.distill
     client = MlflowClient(r.tracking_uri)
     tags = client.get_run(r.run_id).data.tags
     loss = [m.value for m in sorted(client.get_metric_history(r.run_id, "loss"), key=lambda m: m.step)]
@@ -1251,7 +1232,7 @@ def run(args: argparse.Namespace) -> int:
         print("spar bench gpu: --mode gpu but CUDA is not available (use --mode cpu)", file=sys.stderr)
         return 2
     plan = GPU_PLAN if mode == "gpu" else CPU_PLAN
-    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTION_FNS]
     if unknown:
         print(f"spar bench gpu: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)

@@ -18,38 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.photos import sample_photo_files
 from pipeline.data.imageset import open_imageset
 from pipeline.data.ingest import IngestConfig, ingest
 
-PHOTO_SUFFIXES = (".png", ".jpg")
-
-
-def skimage_photos() -> list[Path]:
-    """The image files bundled with scikit-image (sorted)."""
-    import skimage.data
-
-    d = Path(skimage.data.__file__).parent
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    """Options of ``spar bench ingest``."""
-    p.add_argument("--workers", default="1,2", help="comma-separated worker counts to time (default 1,2)")
-    p.add_argument(
-        "--copies", type=int, default=3, help="copies of the photo set (more images, steadier timing)"
-    )
-    p.add_argument("--recipe", choices=("paper", "small"), default="paper",
-                   help="paper: DESIGN §2 sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
-    p.add_argument("--shards-per-worker", type=int, default=4, help="shards per worker (sets shard_size)")
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
-    p.add_argument("--encode-only", action="store_true",
-                   help="only the lossless-encoding table (ms and bytes per image per option), no Ray")  # fmt: skip
-    p.add_argument("--encode-rounds", type=int, default=3, help="interleaved rounds of the encoding table")
-
 
 def _make_sources(dst: Path, copies: int) -> int:
-    photos = skimage_photos()
+    photos = sample_photo_files()
     for c in range(copies):
         (dst / f"c{c}").mkdir(parents=True, exist_ok=True)
         for p in photos:
@@ -198,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.encode_only:
         small = dict(target_long=256, target_short=128, min_short=128) if args.recipe == "small" else {}
-        files = skimage_photos()
+        files = sample_photo_files()
         rows = encode_table(files, IngestConfig(**small), args.encode_rounds)
         _print_encode_table(rows, len(files))
         if args.json:
@@ -243,8 +218,8 @@ def run(args: argparse.Namespace) -> int:
                     "tar_bytes_per_image": round(tar_bytes / len(recs)),
                 }
             )
-        cpu = cpu_breakdown(skimage_photos(), cfg)
-        enc_rows = encode_table(skimage_photos(), cfg, args.encode_rounds)
+        cpu = cpu_breakdown(sample_photo_files(), cfg)
+        enc_rows = encode_table(sample_photo_files(), cfg, args.encode_rounds)
         fps = {r["fingerprint"] for r in results}
         info = {
             "recipe": args.recipe,
@@ -275,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
             f"CPU time per image (one process, no Ray): {steps} -> at most {1 / cpu['total']:.1f} images/s "
             "per fully available core"
         )
-        _print_encode_table(enc_rows, len(skimage_photos()))
+        _print_encode_table(enc_rows, len(sample_photo_files()))
         before = cpu["total"] - cpu["png_encode"] + enc_rows[0]["encode_ms_per_image"] / 1e3
         info["images_per_s_per_core_before_after"] = [1 / before, 1 / cpu["total"]]
         print(f"per-core ceiling: {1 / before:.1f} images/s with the previous encoder (PIL PNG level 1) -> "

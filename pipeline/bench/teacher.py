@@ -30,27 +30,6 @@ from spar_core.sliding import window_grid
 AUTHORS_WINDOW_BATCH = 10  # the reference configs' gen_windowslide_bs
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="maskclip-vit-b16")
-    p.add_argument("--size", default="448x448", help="HxW")
-    p.add_argument("--crop", type=int, default=None, help="default: the backbone's native size")
-    p.add_argument("--stride", type=int, default=24)
-    p.add_argument("--window-batch", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument(
-        "--rounds", type=int, default=2, help="interleaved rounds; the fastest time of each counts"
-    )
-    p.add_argument(
-        "--precision", default="auto", help="the project's teacher precision (auto, fp32, bf16, fp16)"
-    )
-    p.add_argument("--authors-precisions", default="fp32,bf16",
-                   help="precisions of the authors' loop to run; the fastest is the reference")  # fmt: skip
-    p.add_argument("--skip-naive", action="store_true", help="skip the one-window-per-pass naive reference")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the project teacher with torch.compile (inductor), interleaved with eager")  # fmt: skip
-
-
 def naive_teacher_fp32(bb, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
     """The reference: each window alone in fp32, its features folded into the canvas one window at a time."""
     _, _, h, w = x.shape
@@ -130,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.lower().split("x"))
-    dev = torch.device(args.device)
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     bb = build_backbone(args.backbone, device=dev)
     crop = args.crop or bb.native_size
     prec = resolve(args.precision, dev)

@@ -32,42 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-TRAIN_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "camera",
-    "horse",
-    "immunohistochemistry",
-    "hubble_deep_field",
-    "retina",
-)
-HELDOUT_PHOTOS = ("coffee", "rocket")
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--parts", default="step,quality", help="comma-separated: step, quality (default both)")
-    p.add_argument(
-        "--backbone", default="tiny-clip-224", help="teacher = student backbone of the quality part"
-    )
-    p.add_argument("--step-backbone", default="small-clip-224", help="backbone of the step part")
-    p.add_argument(
-        "--copies", type=int, default=6, help="augmented copies of each training photo (default 6)"
-    )
-    p.add_argument("--stride", type=int, default=56, help="teacher stride in pixels (crop = native size)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per round and condition (step part)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (step part)")
-    p.add_argument("--loader-workers", type=int, default=1, help="background decode processes (step part)")
-    p.add_argument(
-        "--large", default="896x1344", help="HxW of the larger image for cached vs online (step part)"
-    )
-    p.add_argument("--train-steps", type=int, default=300, help="distillation steps (quality part)")
-    p.add_argument(
-        "--lr", type=float, default=1e-3, help="learning rate (quality part; raised for few steps)"
-    )
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (quality part)")
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
-
+from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -79,7 +44,7 @@ def _photo(name: str) -> np.ndarray:
 
 
 def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> dict[str, Any]:
-    """Train image set (augmented copies of TRAIN_PHOTOS) + a teacher cache per backbone; held-out set."""
+    """Train image set (augmented copies of BENCH_TRAIN_PHOTOS) + a teacher cache per backbone; held-out set."""
     from PIL import Image
 
     from pipeline.cache.precompute import PrecomputeConfig, precompute
@@ -89,11 +54,11 @@ def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> di
     src, held = root / "src_train", root / "src_heldout"
     src.mkdir(parents=True, exist_ok=True)
     held.mkdir(parents=True, exist_ok=True)
-    for n in TRAIN_PHOTOS:
+    for n in BENCH_TRAIN_PHOTOS:
         img = Image.fromarray(_photo(n))
         for c in range(copies):
             img.save(src / f"{n}_{c}.png")
-    for n in HELDOUT_PHOTOS:
+    for n in BENCH_HELDOUT_PHOTOS:
         Image.fromarray(_photo(n)).save(held / f"{n}.png")
     init_ray()
     sizes = dict(target_long=448, target_short=336, min_short=224)
@@ -310,7 +275,7 @@ def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) ->
     return {
         "backbone": cache.spec.backbone,
         "train_images": cache.num_images,
-        "heldout_photos": list(HELDOUT_PHOTOS),
+        "heldout_photos": list(BENCH_HELDOUT_PHOTOS),
         "steps": res.steps,
         "lr": args.lr,
         "workers": args.workers,

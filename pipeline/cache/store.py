@@ -178,7 +178,6 @@ def _zarr_store(path: str, read_only: bool) -> zarr.abc.store.Store:
     return zarr.storage.FsspecStore.from_url(path, read_only=read_only)
 
 
-
 # --------------------------------------------------------------------------------------------- writing
 
 
@@ -397,7 +396,9 @@ class _ShardFiles:
         self.marker = f"{stem}.done"
 
     def store_attempt(self) -> str | None:
-        meta = storage.read_json(storage.join(self.store, ARRAY_NAME, "zarr.json"), "zarr metadata", CacheError)
+        meta = storage.read_json(
+            storage.join(self.store, ARRAY_NAME, "zarr.json"), "zarr metadata", CacheError
+        )
         if meta is None:
             return None
         return (meta.get("attributes") or {}).get("attempt")

@@ -1,203 +1,299 @@
-"""``spar pipeline --config RECIPE``: every stage from one TOML recipe.
+"""The one orchestrator: ingest -> precompute -> distill -> eval (-> segment), for ``spar pipeline``, ``spar demo``,
+the GPU check and the tests that need a whole run.
 
-Recipe sections: ``[run]`` (:class:`RunConfig`), ``[ingest]`` (``IngestConfig``), ``[precompute]``
-(``PrecomputeConfig``), ``[distill]`` (``DistillConfig``), ``[eval]`` (``EvalConfig``). Paths that connect the
-stages (image roots, cache path, checkpoint, workdir, experiment) are filled in here, so a recipe only states
-choices. ``--set section.key=value`` overrides any key.
+One image's path through it: a raw file is decoded, augmented once and frozen into a webdataset shard
+(:mod:`pipeline.data.ingest`); the sliding-window teacher's features of that frozen image go into a Zarr shard of
+the teacher cache (:mod:`pipeline.cache.precompute`); Ray Train workers stream the image and its cached features as
+one pair and train the student on it (:mod:`pipeline.train`); the student is then measured against the teacher on
+held-out images and on benchmarks (:mod:`pipeline.eval`).
+
+Paths that connect the stages (image roots, the cache, the checkpoint, workdir and experiment) are filled in here,
+so a :class:`~pipeline.workflow.config.Recipe` only states choices.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
+from mlflow import MlflowClient
+from PIL import Image
 
-SECTIONS = ("run", "ingest", "precompute", "distill", "eval")
+from pipeline.cache.precompute import PrecomputeConfig, precompute
+from pipeline.cache.store import open_cache
+from pipeline.common.config import ConfigError
+from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
+from pipeline.common.tasks import init_ray, verbose
+from pipeline.common.tracking import tracking_uri
+from pipeline.data.imageset import open_imageset
+from pipeline.data.ingest import IngestConfig, IngestSummary, ingest
+from pipeline.eval.benchmark import EvalConfig, run_eval
+from pipeline.eval.inference import SegmentConfig, segment_images
+from pipeline.train.distill import DistillResult, distill
+from pipeline.workflow.config import Recipe, load_recipe
+
+STAGES = ("ingest", "precompute", "distill", "eval")
+
+
+class Reporter:
+    """One console line per stage (``[spar <who>] 2/4 precompute: ...``) plus indented details. With ``quiet``,
+    the stages' own stdout reports are hidden (lines starting with "warning"/"error" still come through on
+    stderr) unless Ray's verbose mode is on; progress bars (stderr) are untouched."""
+
+    def __init__(self, who: str, quiet: bool = False) -> None:
+        self.who = who
+        self.quiet_stages = quiet
+
+    def stage(self, name: str, text: str) -> None:
+        print(f"[spar {self.who}] {STAGES.index(name) + 1}/{len(STAGES)} {name}: {text}", flush=True)
+
+    def detail(self, text: str) -> None:
+        print(f"[spar {self.who}]     {text}", flush=True)
+
+    @contextlib.contextmanager
+    def stage_output(self) -> Iterator[None]:
+        if not self.quiet_stages or verbose():
+            yield
+            return
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                yield
+        finally:
+            for line in buf.getvalue().splitlines():
+                if line.lower().startswith(("warning", "error")):
+                    print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
-class RunConfig:
-    """``[run]``: where the pipeline works and what it reads."""
+class PipelineResult:
+    """Where a run left everything, what each stage returned, and each stage's wall time in seconds."""
 
-    workdir: str = "spar-work"
-    experiment: str = "spar"
-    source: str = ""  # raw training images (folder, list file, glob, s3://); "" = the bundled sample photos
-    heldout_source: str = (
-        ""  # raw held-out images for the fidelity report; "" = sample photos (if source is "")
-    )
-    ray_address: str = ""  # "" = local in-process cluster (or RAY_ADDRESS)
-    skip_eval: bool = False
+    images: str
+    heldout: str | None
+    heldout_source: str | None
+    cache: str
+    heldout_cache: str | None
+    distill: DistillResult
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    segments: list[dict[str, object]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def checkpoint(self) -> str:
+        return self.distill.checkpoint_dir
 
-def _section_overrides(overrides: list[str], section: str) -> list[str]:
-    out = []
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if "." not in key:
-            raise ConfigError(
-                f"pipeline override {item!r} must name its section: one of {', '.join(SECTIONS)}"
-            )
-        sec = key.split(".", 1)[0]
-        if sec not in SECTIONS:
-            raise ConfigError(
-                f"pipeline override {item!r}: unknown section {sec!r}; allowed: {', '.join(SECTIONS)}"
-            )
-        if sec == section:
-            out.append(item)
-    return out
+    @property
+    def run_id(self) -> str:
+        return self.distill.run_id
+
+    @property
+    def eval(self) -> dict[str, Any] | None:
+        """The first evaluation's result (the recipe's ``[eval]``), if any ran."""
+        return self.evals[0] if self.evals else None
 
 
-def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load and validate every section of a recipe (unknown sections and keys are errors).
+@dataclass
+class Extras:
+    """What a caller adds to a recipe's run: a separate ingest config for the held-out images (default: the
+    training one without augmentation), evaluations instead of the recipe's ``[eval]``, segmentation of the
+    held-out photos (overlays logged on the training run) and a list that collects precompute task statistics."""
 
-    ``run_flags`` (from command-line flags) override ``[run]`` keys last.
-    """
-    from pipeline.cache.precompute import PrecomputeConfig
-    from pipeline.data.ingest import IngestConfig
-    from pipeline.eval.benchmark import EvalConfig
-    from pipeline.train.distill import DistillConfig
-
-    recipe = read_recipe(path)
-    unknown = sorted(set(recipe) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"recipe {path}: unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
-    classes = {
-        "run": RunConfig,
-        "ingest": IngestConfig,
-        "precompute": PrecomputeConfig,
-        "distill": DistillConfig,
-        "eval": EvalConfig,
-    }
-    out = {}
-    for sec, cls in classes.items():
-        out[sec] = load_config(cls, path, _section_overrides(overrides, sec), section=sec)
-    if run_flags:
-        out["run"] = apply_overrides(out["run"], run_flags)
-    return out
+    heldout_ingest: IngestConfig | None = None
+    evals: Sequence[EvalConfig] | None = None
+    segment: SegmentConfig | None = None
+    precompute_stats: list[dict[str, Any]] | None = None
 
 
-def _ingest(src: str, out: Path, icfg: Any) -> str:
-    from pipeline.data.ingest import ingest
-
-    ingest(src, str(out), icfg)
-    return str(out)
+# ---------------------------------------------------------------------------------------------------- stages
 
 
-def run_pipeline(
-    cfgs: dict[str, Any], precompute_stats: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """ingest -> precompute -> distill -> eval, as configured. Returns paths, results (``distill_result``,
-    ``eval``) and each stage's wall time in seconds (``seconds``: ingest, precompute, distill, eval).
-    ``precompute_stats``: when given, every precompute task's statistics are appended to it."""
-    from pipeline.cache.precompute import precompute
-    from pipeline.common.tasks import init_ray
-    from pipeline.eval.benchmark import run_eval
-    from pipeline.train.distill import distill
-    from pipeline.workflow.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
-
-    run: RunConfig = cfgs["run"]
-    work = Path(run.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    init_ray(address=run.ray_address or None)
-    source, held_source = run.source, run.heldout_source
+def _sources(recipe: Recipe, work: Path) -> tuple[str, str]:
+    """The raw training and held-out sources; the bundled sample photos when the recipe names none."""
+    source, held = recipe.run.source, recipe.run.heldout_source
     if not source:
         write_photos(work / "raw" / "train", TRAIN_PHOTOS)
         source = str(work / "raw" / "train")
-        if not held_source:
+        if not held:
             write_photos(work / "raw" / "heldout", HELDOUT_PHOTOS)
-            held_source = str(work / "raw" / "heldout")
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
-    print(f"[spar pipeline] ingest {source}", flush=True)
-    images = _ingest(source, work / "images" / "train", cfgs["ingest"])
-    heldout = None
-    if held_source:
-        held_cfg = dataclasses.replace(cfgs["ingest"], augment=False)
-        heldout = _ingest(held_source, work / "images" / "heldout", held_cfg)
+            held = str(work / "raw" / "heldout")
+    return source, held
 
-    seconds["ingest"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pcfg = cfgs["precompute"]
-    cache_root = pcfg.cache_root or str(work / "cache")
-    ray_addr = run.ray_address or pcfg.ray_address
-    pcfg = dataclasses.replace(pcfg, workdir=pcfg.workdir or str(work), experiment=run.experiment)
-    print("[spar pipeline] precompute", flush=True)
-    cache = precompute(
-        dataclasses.replace(pcfg, images=images, cache_root=cache_root, ray_address=ray_addr),
-        stats=precompute_stats,
+
+def _ingest_one(src: str, root: Path, cfg: IngestConfig, label: str, rep: Reporter) -> str:
+    summary: IngestSummary = ingest(src, str(root), cfg)
+    ims = open_imageset(str(root))
+    rep.detail(
+        f"{label}: {len(ims.records)} images in {ims.num_shards} shards -> {root} "
+        f"(accepted {summary.accepted}, rejected {summary.rejected})"
     )
-    held_cache = None
-    if heldout:
-        held_cache = precompute(
-            dataclasses.replace(pcfg, images=heldout, cache_root=cache_root, ray_address=ray_addr),
-            stats=precompute_stats,
-        )
+    return str(root)
 
-    seconds["precompute"] = time.perf_counter() - t
-    t = time.perf_counter()
-    print("[spar pipeline] distill", flush=True)
-    dcfg = dataclasses.replace(
-        cfgs["distill"],
+
+def stage_ingest(
+    recipe: Recipe, work: Path, extras: Extras, rep: Reporter
+) -> tuple[str, str | None, str | None]:
+    """Raw sources -> the training image set (augmented as configured) and the held-out one (not augmented).
+    Returns the two image-set roots and the held-out source."""
+    source, held = _sources(recipe, work)
+    what = f"training images from {source}" + (f", held-out images from {held}" if held else "")
+    rep.stage("ingest", what)
+    images = _ingest_one(source, work / "images" / "train", recipe.ingest, "train", rep)
+    if not held:
+        return images, None, None
+    held_cfg = extras.heldout_ingest or dataclasses.replace(recipe.ingest, augment=False)
+    return images, _ingest_one(held, work / "images" / "heldout", held_cfg, "held-out", rep), held
+
+
+def _complete(cache_path: str) -> bool:
+    try:
+        return open_cache(cache_path).is_complete()
+    except Exception:  # noqa: BLE001 - a missing or unreadable cache is simply not complete yet
+        return False
+
+
+def _precompute_one(cfg: PrecomputeConfig, label: str, extras: Extras, rep: Reporter) -> str:
+    root = Path(cfg.cache_root)
+    before = {str(d.parent) for d in root.glob("*/spec.json")} if root.is_dir() else set()
+    reused = {p for p in before if _complete(p)}
+    t0 = time.perf_counter()
+    with rep.stage_output():
+        path = precompute(cfg, stats=extras.precompute_stats)
+    how = "reused: already complete, nothing computed" if path in reused else "computed"
+    shards = open_cache(path).num_shards
+    rep.detail(f"{label}: teacher cache {path} ({shards} shards, {how}, {time.perf_counter() - t0:.1f} s)")
+    return path
+
+
+def stage_precompute(
+    recipe: Recipe, work: Path, images: str, heldout: str | None, extras: Extras, rep: Reporter
+) -> tuple[str, str | None]:
+    """The teacher's features of both image sets, into ``<cache_root>/<fingerprint>`` (reused when complete)."""
+    p = recipe.precompute
+    rep.stage("precompute", f"sliding-window teacher {p.teacher}, crop {p.crop}, stride {p.stride}")
+    base = dataclasses.replace(
+        p,
+        cache_root=p.cache_root or str(work / "cache"),
+        ray_address=recipe.run.ray_address or p.ray_address,
+        workdir=p.workdir or str(work),
+        experiment=recipe.run.experiment,
+    )
+    cache = _precompute_one(dataclasses.replace(base, images=images), "train", extras, rep)
+    if heldout is None:
+        return cache, None
+    return cache, _precompute_one(dataclasses.replace(base, images=heldout), "held-out", extras, rep)
+
+
+def stage_distill(recipe: Recipe, work: Path, images: str, cache: str, rep: Reporter) -> DistillResult:
+    """Train the student on the cached targets (Ray Train); its MLflow run is the run's parent run."""
+    d = dataclasses.replace(
+        recipe.distill,
         images=images,
         cache=cache,
         workdir=str(work),
-        experiment=run.experiment,
-        ray_address=run.ray_address or cfgs["distill"].ray_address,
+        experiment=recipe.run.experiment,
+        ray_address=recipe.run.ray_address or recipe.distill.ray_address,
     )
-    result = distill(dcfg)
-    seconds["distill"] = time.perf_counter() - t
-    out: dict[str, Any] = {
-        "images": images,
-        "heldout": heldout,
-        "cache": cache,
-        "heldout_cache": held_cache,
-        "checkpoint": result.checkpoint_dir,
-        "run_id": result.run_id,
-        "distill_result": result,
-        "seconds": seconds,
-    }
-    if run.skip_eval:
-        return out
-    ecfg = cfgs["eval"]
-    common = {"workdir": str(work), "experiment": run.experiment, "checkpoint": result.checkpoint_dir}
-    if ecfg.fidelity:
-        if not heldout:
+    steps = f"{d.max_steps} steps" if d.max_steps else f"{d.epochs} epochs"
+    rep.stage(
+        "distill", f"{steps}, last {d.trainable_blocks} block(s) trained, lr {d.lr}, {d.workers} worker(s)"
+    )
+    with rep.stage_output():
+        result = distill(d)
+    loss = f"{result.final_loss:.4g}" if result.final_loss is not None else "?"
+    rep.detail(f"MLflow run {result.run_id}: {result.steps} steps, final loss {loss}")
+    return result
+
+
+def _complete_eval(cfg: EvalConfig, work: Path, recipe: Recipe, out: PipelineResult) -> EvalConfig | None:
+    """An eval config with the run's paths filled in, or None when it cannot run (no data)."""
+    common = {"workdir": str(work), "experiment": recipe.run.experiment}
+    if cfg.fidelity:
+        if not out.heldout:
             raise ConfigError("[eval] fidelity = true needs held-out images: set run.heldout_source")
-        ecfg = dataclasses.replace(ecfg, images=heldout, teacher_cache=held_cache, **common)
-    elif ecfg.data_root:
-        ecfg = dataclasses.replace(ecfg, **common)
-    else:
-        print("[spar pipeline] eval skipped: [eval] has neither fidelity = true nor a data_root", flush=True)
-        return out
-    print("[spar pipeline] eval", flush=True)
+        return dataclasses.replace(
+            cfg, images=out.heldout, teacher_cache=out.heldout_cache, checkpoint=out.checkpoint, **common
+        )
+    if cfg.speed:
+        return dataclasses.replace(cfg, parent_run=cfg.parent_run or out.run_id, **common)
+    if cfg.data_root:
+        return dataclasses.replace(cfg, checkpoint=out.checkpoint, **common)
+    return None
+
+
+def stage_eval(recipe: Recipe, work: Path, out: PipelineResult, extras: Extras, rep: Reporter) -> None:
+    """Fidelity to the teacher on held-out images, benchmarks and speed, as child runs of the training run."""
+    todo = [c for c in (_complete_eval(e, work, recipe, out) for e in extras.evals or [recipe.eval]) if c]
+    if not todo:
+        rep.stage("eval", "skipped: [eval] has neither fidelity = true nor a data_root")
+        return
+    kinds = ", ".join("fidelity" if c.fidelity else "speed" if c.speed else c.dataset for c in todo)
+    rep.stage("eval", f"{kinds} (child runs of the training run)")
+    with rep.stage_output():
+        out.evals.extend(run_eval(c) for c in todo)
+
+
+def stage_segment(work: Path, out: PipelineResult, cfg: SegmentConfig, photos: Path, rep: Reporter) -> None:
+    """Segment the held-out photos with the student; the overlays become MLflow images of the training run."""
+    files = sorted(str(p) for p in photos.glob("*.png"))
+    cfg = dataclasses.replace(cfg, checkpoint=out.checkpoint, out=cfg.out or str(work / "overlays"))
+    out.segments = segment_images(files, cfg)
+    client = MlflowClient(tracking_uri(work))
+    for png in sorted(Path(cfg.out).glob("*_overlay.png")):
+        with Image.open(png) as im:
+            client.log_image(out.run_id, im.convert("RGB"), key=f"overlay/{png.stem}", step=0)
+    rep.detail(f"segmentation overlays of {len(files)} held-out photos -> {cfg.out}")
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_pipeline(
+    recipe: Recipe, extras: Extras | None = None, reporter: Reporter | None = None
+) -> PipelineResult:
+    """ingest -> precompute -> distill -> eval (-> segment), as configured; see the module docstring."""
+    extras = extras or Extras()
+    rep = reporter or Reporter("pipeline")
+    work = Path(recipe.run.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    init_ray(address=recipe.run.ray_address or None)
+    seconds: dict[str, float] = {}
+
     t = time.perf_counter()
-    out["eval"] = run_eval(ecfg)
-    seconds["eval"] = time.perf_counter() - t
+    images, heldout, held_source = stage_ingest(recipe, work, extras, rep)
+    seconds["ingest"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cache, held_cache = stage_precompute(recipe, work, images, heldout, extras, rep)
+    seconds["precompute"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    result = stage_distill(recipe, work, images, cache, rep)
+    seconds["distill"] = time.perf_counter() - t
+    out = PipelineResult(images, heldout, held_source, cache, held_cache, result, seconds=seconds)
+
+    if not recipe.run.skip_eval:
+        t = time.perf_counter()
+        stage_eval(recipe, work, out, extras, rep)
+        seconds["eval"] = time.perf_counter() - t
+    if extras.segment is not None and held_source and Path(held_source).is_dir():
+        t = time.perf_counter()
+        stage_segment(work, out, extras.segment, Path(held_source), rep)
+        seconds["segment"] = time.perf_counter() - t
     return out
 
 
-def _cmd_pipeline(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``spar pipeline --config RECIPE``."""
     flags = {k: v for k, v in {"workdir": args.workdir, "source": args.source}.items() if v}
-    cfgs = load_recipe(args.config, list(args.set or ()), run_flags=flags)
-    out = run_pipeline(cfgs)
-    print(
-        f"[spar pipeline] done: cache {out['cache']}, student {out['checkpoint']}, MLflow run {out['run_id']}"
-    )
+    out = run_pipeline(load_recipe(args.config, list(args.set or ()), run_flags=flags))
+    print(f"[spar pipeline] done: cache {out.cache}, student {out.checkpoint}, MLflow run {out.run_id}")
     return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``spar pipeline``."""
-    p = sub.add_parser("pipeline", help="all stages from one TOML recipe (jobs/configs/*.toml)")
-    p.add_argument(
-        "--config", required=True, help="recipe TOML with [run] [ingest] [precompute] [distill] [eval]"
-    )
-    p.add_argument("--workdir", help="override run.workdir")
-    p.add_argument("--source", help="override run.source (raw training images)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe key")
-    p.set_defaults(func=_cmd_pipeline)

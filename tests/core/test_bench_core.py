@@ -25,14 +25,11 @@ def test_authors_loop_equals_the_naive_reference_and_the_project_teacher_non_squ
 
 
 def test_bench_core_prints_the_ratio(capsys):
-    import argparse
+    from pipeline.bench.teacher import run
+    from pipeline.cli import build_parser
 
-    from pipeline.bench.teacher import add_args, run
-
-    p = argparse.ArgumentParser()
-    add_args(p)
-    args = p.parse_args(
-        ["--backbone", "tiny-clip-64", "--size", "64x112", "--rounds", "1", "--device", "cpu"]
+    args = build_parser("bench").parse_args(
+        ["bench", "core", "--backbone", "tiny-clip-64", "--size", "64x112", "--rounds", "1", "--device", "cpu"]
     )
     assert run(args) == 0
     out = capsys.readouterr().out

@@ -154,12 +154,12 @@ def _check_cli_args(cmd: str) -> None:
     stage = argv[argv.index("-m") + 1].split(".", 1)[1]
     args = build_parser(stage).parse_args([stage, *argv[argv.index("-m") + 2 :]])
     if stage == "pipeline":
-        from pipeline.workflow.orchestrator import load_recipe
+        from pipeline.workflow.config import load_recipe
 
         flags = {k: v for k, v in {"workdir": args.workdir, "source": args.source}.items() if v}
         cfgs = load_recipe(str(ROOT / args.config), list(args.set or ()), run_flags=flags)
-        assert cfgs["run"].workdir.startswith("/mnt/spar/")
-        assert cfgs["distill"].storage_path.startswith("/mnt/spar/")
+        assert cfgs.run.workdir.startswith("/mnt/spar/")
+        assert cfgs.distill.storage_path.startswith("/mnt/spar/")
 
 
 def test_every_named_path_module_and_recipe_exists():

@@ -36,7 +36,8 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     from pipeline.data.imageset import open_imageset
     from pipeline.eval.benchmark import EvalConfig, evaluate
     from pipeline.train.checkpoint import load_student
-    from pipeline.workflow.orchestrator import load_recipe, run_pipeline
+    from pipeline.workflow.config import load_recipe
+    from pipeline.workflow.orchestrator import run_pipeline
     from spar_core import build_backbone
     from spar_core.sliding import sliding_window_features
     from tests.pipeline.test_datasets import make_voc
@@ -57,7 +58,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     out = run_pipeline(cfgs)
 
     # precompute: the cache holds the sliding-window teacher of tiny-dinov3txt (crop 64, stride 24)
-    cache = open_cache(out["cache"])
+    cache = open_cache(out.cache)
     spec = cache.spec
     assert (spec.backbone, spec.readout, spec.crop, spec.stride) == (
         "tiny-dinov3txt",
@@ -66,7 +67,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
         24,
     )
     teacher = build_backbone("tiny-dinov3txt", seed=0)
-    ims = open_imageset(out["images"])
+    ims = open_imageset(out.images)
     rec = ims.records[0]
     x = teacher.normalize(torch.from_numpy(ims.read(rec.key))[None])  # (1, 3, H, W)
     with torch.no_grad():
@@ -76,7 +77,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # float16 storage
 
     # distill: a tiny-dinov3txt student whose last two backbone blocks moved, nothing else
-    student = load_student(out["checkpoint"])
+    student = load_student(out.checkpoint)
     assert student.name == "tiny-dinov3txt"
     base, trained = teacher.state_dict(), student.state_dict()
     changed = {k for k in base if not torch.equal(base[k], trained[k])}
@@ -84,7 +85,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
                                          "model.visual_model.backbone.blocks.3.")) for k in changed)  # fmt: skip
 
     # fidelity eval on the held-out images: the student is closer to its teacher than the single pass
-    fid = out["eval"]
+    fid = out.eval
     assert fid["student"]["mse"] < fid["baseline"]["mse"]
 
     # benchmark eval of the student on a VOC-layout set (the text tower and tokenizer in use)
@@ -92,7 +93,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
               for i in range(2)}  # fmt: skip
     make_voc(tmp_path / "voc", labels)
     res = evaluate(
-        EvalConfig(dataset="voc21", data_root=str(tmp_path / "voc"), checkpoint=out["checkpoint"],
+        EvalConfig(dataset="voc21", data_root=str(tmp_path / "voc"), checkpoint=out.checkpoint,
                    short_side=64, templates="simple", mlflow=False, overlays=0, workdir=str(tmp_path / "work"))
     )  # fmt: skip
     assert res["images"] == 2 and 0.0 <= res["miou"] <= 100.0  # percent

@@ -1,0 +1,113 @@
+"""What a whole run is made of: the ``[run]`` section, the typed :class:`Recipe` (one config per stage, read from one
+TOML file) and the demo's own small config. Light: argument definitions and recipes only, no stage code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.cache.precompute import PrecomputeConfig
+from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
+from pipeline.data.ingest import IngestConfig
+from pipeline.eval.benchmark import EvalConfig
+from pipeline.train.distill import DistillConfig
+
+SECTIONS = ("run", "ingest", "precompute", "distill", "eval")
+
+
+@dataclass
+class RunConfig:
+    """``[run]``: where the pipeline works and what it reads."""
+
+    workdir: str = "spar-work"
+    experiment: str = "spar"
+    source: str = ""  # raw training images (folder, list file, glob, s3://); "" = the bundled sample photos
+    heldout_source: str = (
+        ""  # raw held-out images for the fidelity report; "" = sample photos (if source is "")
+    )
+    ray_address: str = ""  # "" = local in-process cluster (or RAY_ADDRESS)
+    skip_eval: bool = False
+
+
+@dataclass
+class Recipe:
+    """Every stage's config for one run. Paths that connect the stages (image roots, cache, checkpoint, workdir,
+    experiment) are left empty here and filled in by the orchestrator."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "run": RunConfig,
+    "ingest": IngestConfig,
+    "precompute": PrecomputeConfig,
+    "distill": DistillConfig,
+    "eval": EvalConfig,
+}
+
+
+def _section_overrides(overrides: list[str], section: str) -> list[str]:
+    """The ``section.key=value`` overrides of one section (every override must name a known section)."""
+    out = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "." not in key:
+            raise ConfigError(
+                f"pipeline override {item!r} must name its section: one of {', '.join(SECTIONS)}"
+            )
+        sec = key.split(".", 1)[0]
+        if sec not in SECTIONS:
+            raise ConfigError(
+                f"pipeline override {item!r}: unknown section {sec!r}; allowed: {', '.join(SECTIONS)}"
+            )
+        if sec == section:
+            out.append(item)
+    return out
+
+
+def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | None = None) -> Recipe:
+    """Load and validate every section of a recipe (unknown sections and keys are errors); ``run_flags`` (from
+    command-line flags) override ``[run]`` keys last."""
+    recipe = read_recipe(path)
+    unknown = sorted(set(recipe) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"recipe {path}: unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
+    sections = {
+        sec: load_config(cls, path, _section_overrides(overrides, sec), section=sec)
+        for sec, cls in _SECTION_TYPES.items()
+    }
+    if run_flags:
+        sections["run"] = apply_overrides(sections["run"], run_flags)
+    return Recipe(**sections)
+
+
+@dataclass
+class DemoConfig:
+    """``spar demo`` (TOML section ``[demo]``): small enough for a 2-core CPU in minutes."""
+
+    workdir: str = "spar-work"
+    backbone: str = "small-clip-224"
+    crop: int = 224
+    stride: int = 24
+    train_long: int = 640  # ingest resize box (the paper's 2048 x 1024, scaled down)
+    train_short: int = 320
+    train_min_short: int = 224
+    heldout_max_side: int = 448
+    steps: int = 300
+    lr: float = 1e-3  # random-weight demo model, 300 steps: larger than the paper's 2e-5
+    trainable_blocks: int = 0  # 0 = alternate: 2 for the workdir's first student, 1 for the second, ...
+    workers: int = 1
+    seed: int = 0
+    classes: str = "person;cat,kitten;cup,mug;rocket;sky;grass;building;table;tree;road"
+    experiment: str = "spar-demo"
+
+    def __post_init__(self) -> None:
+        if self.trainable_blocks < 0:
+            raise ConfigError(f"demo.trainable_blocks must be >= 0, got {self.trainable_blocks}")
+        for k in ("crop", "stride", "steps", "workers", "train_long", "train_short", "heldout_max_side"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"demo.{k} must be > 0, got {getattr(self, k)}")
