@@ -19,6 +19,8 @@ offline).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import platform
@@ -31,56 +33,46 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS
+from pipeline.cache.precompute import PrecomputeConfig
+from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sample_photo_rgb
+from pipeline.data.ingest import IngestConfig
+from pipeline.workflow.config import Recipe, RunConfig
+from pipeline.workflow.orchestrator import Extras, Reporter, prepare_data
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _photo(name: str) -> np.ndarray:
-    from pipeline.common.photos import sample_photo_rgb
-
-    return sample_photo_rgb(name)
-
-
 def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> dict[str, Any]:
-    """Train image set (augmented copies of BENCH_TRAIN_PHOTOS) + a teacher cache per backbone; held-out set."""
-    from PIL import Image
-
-    from pipeline.cache.precompute import PrecomputeConfig, precompute
-    from pipeline.common.tasks import init_ray
-    from pipeline.data.ingest import IngestConfig, ingest
-
+    """Train image set (augmented copies of BENCH_TRAIN_PHOTOS) + a teacher cache per backbone; held-out set.
+    Built by the orchestrator's data stages (ingest and precompute; reruns reuse what is complete)."""
     src, held = root / "src_train", root / "src_heldout"
     src.mkdir(parents=True, exist_ok=True)
     held.mkdir(parents=True, exist_ok=True)
     for n in BENCH_TRAIN_PHOTOS:
-        img = Image.fromarray(_photo(n))
+        img = Image.fromarray(sample_photo_rgb(n))
         for c in range(copies):
             img.save(src / f"{n}_{c}.png")
     for n in BENCH_HELDOUT_PHOTOS:
-        Image.fromarray(_photo(n)).save(held / f"{n}.png")
-    init_ray()
+        Image.fromarray(sample_photo_rgb(n)).save(held / f"{n}.png")
     sizes = dict(target_long=448, target_short=336, min_short=224)
-    ingest(str(src), str(root / "train"), IngestConfig(shard_size=8, **sizes), progress=False)
-    ingest(
-        str(held), str(root / "heldout"), IngestConfig(augment=False, max_side=448, **sizes), progress=False
-    )
-    caches = {
-        bb: precompute(
-            PrecomputeConfig(
-                images=str(root / "train"),
-                teacher=bb,
-                crop=0,
-                stride=stride,
-                cache_root=str(root / "cache"),
-                autocast="none",
-                progress=False,
-            )
+    caches: dict[str, str] = {}
+    data = None
+    for bb in dict.fromkeys(backbones):
+        recipe = Recipe(
+            run=RunConfig(workdir=str(root), source=str(src), heldout_source=str(held)),
+            ingest=IngestConfig(shard_size=8, **sizes),
+            precompute=PrecomputeConfig(teacher=bb, crop=0, stride=stride, autocast="none", progress=False),
         )
-        for bb in dict.fromkeys(backbones)
-    }
-    return {"images": str(root / "train"), "caches": caches, "heldout": str(root / "heldout")}
+        extras = Extras(
+            heldout_ingest=IngestConfig(augment=False, max_side=448, **sizes), heldout_cache=False
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            data = prepare_data(recipe, extras, Reporter("bench train"))
+        caches[bb] = data.cache
+    assert data is not None
+    return {"images": data.images, "caches": caches, "heldout": data.heldout}
 
 
 # ------------------------------------------------------------------------------------------------ step
@@ -198,7 +190,7 @@ def _large_image_steps(
     from spar_core.sliding import num_windows, sliding_window_features
 
     h, w = (int(v) for v in args.large.lower().split("x"))
-    img = np.asarray(Image.fromarray(_photo("astronaut")).resize((w, h), Image.BICUBIC))
+    img = np.asarray(Image.fromarray(sample_photo_rgb("astronaut")).resize((w, h), Image.BICUBIC))
     item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "keys": ["large"]}
     with torch.no_grad():
         item["target"] = sliding_window_features(

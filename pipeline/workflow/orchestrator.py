@@ -104,10 +104,11 @@ class PipelineResult:
 @dataclass
 class Extras:
     """What a caller adds to a recipe's run: a separate ingest config for the held-out images (default: the
-    training one without augmentation), evaluations instead of the recipe's ``[eval]``, segmentation of the
+    training one without augmentation; whether the teacher runs on them too), evaluations instead of the recipe's ``[eval]``, segmentation of the
     held-out photos (overlays logged on the training run) and a list that collects precompute task statistics."""
 
     heldout_ingest: IngestConfig | None = None
+    heldout_cache: bool = True  # also precompute the teacher on the held-out images
     evals: Sequence[EvalConfig] | None = None
     segment: SegmentConfig | None = None
     precompute_stats: list[dict[str, Any]] | None = None
@@ -187,7 +188,7 @@ def stage_precompute(
         experiment=recipe.run.experiment,
     )
     cache = _precompute_one(dataclasses.replace(base, images=images), "train", extras, rep)
-    if heldout is None:
+    if heldout is None or not extras.heldout_cache:
         return cache, None
     return cache, _precompute_one(dataclasses.replace(base, images=heldout), "held-out", extras, rep)
 
@@ -256,6 +257,37 @@ def stage_segment(work: Path, out: PipelineResult, cfg: SegmentConfig, photos: P
 # ------------------------------------------------------------------------------------------------ the run
 
 
+@dataclass
+class PreparedData:
+    """The training inputs of a run: image sets and teacher caches (what any number of students can reuse)."""
+
+    images: str
+    heldout: str | None
+    heldout_source: str | None
+    cache: str
+    heldout_cache: str | None
+    seconds: dict[str, float]
+
+
+def prepare_data(
+    recipe: Recipe, extras: Extras | None = None, reporter: Reporter | None = None
+) -> PreparedData:
+    """ingest -> precompute: the image sets and their teacher caches (each reused when already complete)."""
+    extras = extras or Extras()
+    rep = reporter or Reporter("pipeline")
+    work = Path(recipe.run.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    init_ray(address=recipe.run.ray_address or None)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    images, heldout, held_source = stage_ingest(recipe, work, extras, rep)
+    seconds["ingest"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cache, held_cache = stage_precompute(recipe, work, images, heldout, extras, rep)
+    seconds["precompute"] = time.perf_counter() - t
+    return PreparedData(images, heldout, held_source, cache, held_cache, seconds)
+
+
 def run_pipeline(
     recipe: Recipe, extras: Extras | None = None, reporter: Reporter | None = None
 ) -> PipelineResult:
@@ -263,30 +295,28 @@ def run_pipeline(
     extras = extras or Extras()
     rep = reporter or Reporter("pipeline")
     work = Path(recipe.run.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    init_ray(address=recipe.run.ray_address or None)
-    seconds: dict[str, float] = {}
-
+    data = prepare_data(recipe, extras, rep)
+    seconds = data.seconds
     t = time.perf_counter()
-    images, heldout, held_source = stage_ingest(recipe, work, extras, rep)
-    seconds["ingest"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    cache, held_cache = stage_precompute(recipe, work, images, heldout, extras, rep)
-    seconds["precompute"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    result = stage_distill(recipe, work, images, cache, rep)
+    result = stage_distill(recipe, work, data.images, data.cache, rep)
     seconds["distill"] = time.perf_counter() - t
-    out = PipelineResult(images, heldout, held_source, cache, held_cache, result, seconds=seconds)
-
+    out = PipelineResult(
+        data.images,
+        data.heldout,
+        data.heldout_source,
+        data.cache,
+        data.heldout_cache,
+        result,
+        seconds=seconds,
+    )
     if not recipe.run.skip_eval:
         t = time.perf_counter()
         stage_eval(recipe, work, out, extras, rep)
         seconds["eval"] = time.perf_counter() - t
-    if extras.segment is not None and held_source and Path(held_source).is_dir():
+    held = data.heldout_source
+    if extras.segment is not None and held and Path(held).is_dir():
         t = time.perf_counter()
-        stage_segment(work, out, extras.segment, Path(held_source), rep)
+        stage_segment(work, out, extras.segment, Path(held), rep)
         seconds["segment"] = time.perf_counter() - t
     return out
 
