@@ -20,8 +20,9 @@ from PIL import Image
 from pipeline.cache.cli import add_cli
 from pipeline.cache.config import PrecomputeConfig
 from pipeline.cache.maintenance import verify_cache
-from pipeline.cache.precompute import precast_for_autocast, precompute, repair_cache, resolve_spec
+from pipeline.cache.precompute import precompute, repair_cache, resolve_spec
 from pipeline.cache.reader import open_cache
+from pipeline.cache.shard_task import precast_for_autocast
 from pipeline.cache.spec import CacheError
 from pipeline.cli import resolve_handler
 from pipeline.data.imageset import open_imageset
