@@ -95,7 +95,7 @@ def test_jobs_entry_points_exist_and_forward_to_the_cli(monkeypatch, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_load_into_every_stage_config(recipe):
-    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
     from pipeline.data.ingest import IngestConfig
     from pipeline.eval.benchmark import EvalConfig
@@ -114,7 +114,7 @@ def test_recipes_load_into_every_stage_config(recipe):
 
 
 def test_paper_recipes_match_the_paper():
-    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
     from pipeline.train.distill import DistillConfig
 

@@ -285,7 +285,7 @@ def test_submit_demo_pipeline_logs_to_a_tracking_server(ray_head: RayHead, tmp_p
     """The whole pipeline as one Ray Job, MLflow through the local tracking server (URI forwarded by submit)."""
     import mlflow
 
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.train.checkpoint import load_student
     from tests.e2e.conftest import mlflow_server
 

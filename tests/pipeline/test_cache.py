@@ -19,21 +19,13 @@ import numpy as np
 import pytest
 import zarr
 
-import pipeline.cache.store as cache_mod
-from pipeline.cache.store import (
-    CacheError,
-    CachePairingError,
-    CacheSpec,
-    ShardEntry,
-    ShardWriter,
-    add_cli,
-    gc_caches,
-    list_caches,
-    open_cache,
-    summarize,
-    verify_cache,
-    write_spec,
-)
+import pipeline.cache.writer as writer_mod
+from pipeline.cache.cli import add_cli
+from pipeline.cache.maintenance import gc_caches, list_caches, summarize, verify_cache
+from pipeline.cache.reader import open_cache
+from pipeline.cache.spec import CacheError, CachePairingError, CacheSpec, ShardEntry
+from pipeline.cache.writer import ShardWriter, write_spec
+from pipeline.cli import resolve_handler
 from pipeline.data.ingest import IngestConfig, ingest
 
 SPEC = CacheSpec(
@@ -117,8 +109,17 @@ def random_feats(items: list[tuple[str, int, int]], seed: int) -> dict[str, np.n
     return {k: rng.standard_normal((h, w, DIM)).astype(np.float32) * 3 for k, h, w in items}
 
 
-def write_shard(path: str, shard: int, items, feats, **kw) -> tuple[ShardWriter, str]:
-    w = ShardWriter(path, shard, entries_for(items), dim=DIM, dtype="float16", **kw)
+def write_shard(path: str, shard: int, items, feats, before_seal=None) -> tuple[ShardWriter, str]:
+    """Write and commit one shard; ``before_seal("placed")`` runs after the store is placed, before the marker."""
+    w = ShardWriter(path, shard, entries_for(items), dim=DIM, dtype="float16")
+    if before_seal is not None:
+        seal = w._seal
+
+        def hooked(*args):
+            before_seal("placed")
+            return seal(*args)
+
+        w._seal = hooked
     for k, _, _ in items:
         w.add(k, feats[k])
     return w, w.commit()
@@ -131,8 +132,8 @@ ITEMS1 = [("e", 4, 4), ("f", 6, 8)]
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Tiny Zarr chunks (16 rows) and shards (3 chunks) so a shard store holds several of each."""
-    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 16 * DIM * 2)
-    monkeypatch.setattr(cache_mod, "CHUNKS_PER_SHARD", 3)
+    monkeypatch.setattr(writer_mod, "CHUNK_BYTES", 16 * DIM * 2)
+    monkeypatch.setattr(writer_mod, "CHUNKS_PER_SHARD", 3)
 
 
 def chunk_files(store: Path) -> list[Path]:
@@ -184,8 +185,8 @@ def test_round_trip_through_real_zarr_with_several_chunks_and_shards(tmp_path, s
 
 
 def test_default_chunks_are_about_one_megabyte():
-    assert cache_mod.chunk_rows_for(512, "float16") * 512 * 2 == 1 << 20
-    assert cache_mod.chunk_rows_for(768, "float16") * 768 * 2 <= 1 << 20
+    assert writer_mod.chunk_rows_for(512, "float16") * 512 * 2 == 1 << 20
+    assert writer_mod.chunk_rows_for(768, "float16") * 768 * 2 <= 1 << 20
 
 
 def test_nothing_in_a_cache_is_a_pickle(tmp_path):
@@ -261,7 +262,7 @@ def test_store_left_by_a_crashed_attempt_is_replaced(tmp_path):
         raise KeyboardInterrupt(stage)  # dies after placing its store, before the marker
 
     with pytest.raises(KeyboardInterrupt):
-        write_shard(path, 0, ITEMS0, random_feats(ITEMS0, 1), on_stage=crash)
+        write_shard(path, 0, ITEMS0, random_feats(ITEMS0, 1), before_seal=crash)
     assert (Path(path) / "shards" / "shard-000000.zarr").exists()
     assert not open_cache(path).shard_complete(0)
     fresh = random_feats(ITEMS0, 2)
@@ -284,7 +285,7 @@ def test_racing_writers_leave_one_consistent_shard(tmp_path):
     def b_finishes_now(stage):
         results["b"] = wb.commit()
 
-    _, results["a"] = write_shard(path, 0, ITEMS0, fa, on_stage=b_finishes_now)
+    _, results["a"] = write_shard(path, 0, ITEMS0, fa, before_seal=b_finishes_now)
     assert results == {"b": "written", "a": "superseded"}
     c = open_cache(path)
     assert c.is_complete()
@@ -464,7 +465,7 @@ def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(list(argv))
-    return args.func(args)
+    return resolve_handler(args)(args)
 
 
 def test_ls_rm_gc(tmp_path, capsys):

@@ -14,16 +14,12 @@ import numpy as np
 import pytest
 import zarr
 
-import pipeline.cache.store as cache_mod
-from pipeline.cache.store import (
-    CacheError,
-    CacheSpec,
-    ShardEntry,
-    ShardWriter,
-    open_cache,
-    verify_cache,
-    write_spec,
-)
+import pipeline.cache.spec as spec_mod
+import pipeline.cache.writer as writer_mod
+from pipeline.cache.maintenance import verify_cache
+from pipeline.cache.reader import open_cache
+from pipeline.cache.spec import CacheError, CacheSpec, ShardEntry
+from pipeline.cache.writer import ShardWriter, write_spec
 
 DIM = 40
 SPEC16 = CacheSpec(
@@ -85,20 +81,20 @@ def make(path: Path, dtype: str, items=ITEMS, seed=0) -> tuple[str, dict[str, np
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Inner chunks of 16 rows, 3 per Zarr shard: images straddle chunk and shard boundaries."""
-    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 16 * DIM)
-    monkeypatch.setattr(cache_mod, "CHUNKS_PER_SHARD", 3)
+    monkeypatch.setattr(writer_mod, "CHUNK_BYTES", 16 * DIM)
+    monkeypatch.setattr(writer_mod, "CHUNKS_PER_SHARD", 3)
 
 
 def test_quantize_matches_a_naive_loop_and_its_error_bound():
     x = features(3, 6, 5).reshape(-1, DIM)
-    q, s = cache_mod.quantize_int8(x)
+    q, s = spec_mod.quantize_int8(x)
     nq, ns = naive_roundtrip(x)
     np.testing.assert_array_equal(s, ns)
     assert (
         np.abs(q.astype(int) - nq.astype(int)).max() <= 1
     )  # x/s in float32 vs float64 may round differently
     assert (q != nq).mean() < 1e-3
-    back = cache_mod.dequantize_int8(q, s)
+    back = spec_mod.dequantize_int8(q, s)
     assert back.dtype == np.float32
     err = np.abs(back - x)
     assert (err <= ns[:, None] * 0.5 * (1 + 1e-5) + 1e-7).all()  # half a step per element

@@ -32,7 +32,7 @@ def _photos(d: Path, names: tuple[str, ...]) -> str:
 
 
 def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
     from pipeline.eval.benchmark import EvalConfig, evaluate
     from pipeline.train.checkpoint import load_student

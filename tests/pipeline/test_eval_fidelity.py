@@ -20,7 +20,8 @@ CLASSES = "sky;person,people;wall;tree;road;cat;cup"
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
-    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.config import PrecomputeConfig
+    from pipeline.cache.precompute import precompute
     from pipeline.data.ingest import IngestConfig, ingest
     from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
@@ -53,7 +54,7 @@ def held_out(tmp_path_factory, ray_local):
 def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, float]]:
     """Reference: every model's features of every image stacked, MSE/cosine in float64 numpy, and mIoU of
     each prediction against the teacher's from a numpy confusion matrix."""
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
     from pipeline.train.checkpoint import load_student
     from spar_core.backbones import build_backbone

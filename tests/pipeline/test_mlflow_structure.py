@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.precompute import PrecomputeConfig, precompute
-from pipeline.cache.store import open_cache
+from pipeline.cache.config import PrecomputeConfig
+from pipeline.cache.precompute import precompute
+from pipeline.cache.reader import open_cache
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.benchmark import EvalConfig, run_eval
 from pipeline.train.distill import DistillConfig, distill

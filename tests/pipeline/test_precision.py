@@ -99,7 +99,8 @@ def test_inference_names_go_through_the_resolver():
 
 
 def test_precompute_records_the_resolved_precision_in_the_cache_spec(cpu_rule):
-    from pipeline.cache.precompute import PrecomputeConfig, _resolved_autocast
+    from pipeline.cache.config import PrecomputeConfig
+    from pipeline.cache.precompute import _resolved_autocast
 
     assert PrecomputeConfig().autocast == "auto"
     cpu = dict(images="x", device="cpu")

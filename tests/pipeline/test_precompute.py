@@ -17,20 +17,19 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cache.precompute import (
-    CRASH_ENV,
-    PrecomputeConfig,
-    add_cli,
-    precast_for_autocast,
-    precompute,
-    repair_cache,
-    resolve_spec,
-)
-from pipeline.cache.store import CacheError, open_cache, verify_cache
+from pipeline.cache.cli import add_cli
+from pipeline.cache.config import PrecomputeConfig
+from pipeline.cache.maintenance import verify_cache
+from pipeline.cache.precompute import precompute, repair_cache, resolve_spec
+from pipeline.cache.reader import open_cache
+from pipeline.cache.shard_task import precast_for_autocast
+from pipeline.cache.spec import CacheError
+from pipeline.cli import resolve_handler
 from pipeline.data.imageset import open_imageset
 from pipeline.data.ingest import IngestConfig, ingest
 from spar_core.backbones import build_backbone
 from spar_core.sliding import sliding_window_features
+from tests.reliability.faults import crash_once_in_workers
 
 INGEST = dict(shard_size=2, target_long=160, target_short=112, min_short=64, max_side=160)
 
@@ -217,23 +216,23 @@ def test_bad_window_parameters_are_refused_before_any_task(imageset, tmp_path):
 # ------------------------------------------------------------------------------------------ faults
 
 
-def test_sigkilled_task_then_rerun_gives_a_complete_verified_cache(imageset, tmp_path, monkeypatch):
+def test_sigkilled_task_then_rerun_gives_a_complete_verified_cache(imageset, tmp_path):
     """A task SIGKILLs its own worker after computing part of its shard; no retries: the run fails, keeps the
     finished shards, and the re-run computes only what is missing."""
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(CRASH_ENV, f"{marker}:first-image")
     cfg = cfg_for(imageset, tmp_path / "cache", max_retries=0)
-    with pytest.raises(CacheError, match="incomplete"):
-        precompute(cfg)
-    assert marker.exists()
-    path = str(next((tmp_path / "cache").iterdir()))
-    c = open_cache(path)
-    missing = c.incomplete_shards()
-    assert len(missing) == 1
-    kept = shard_attempts(path)
-    assert len(kept) == 2
+    with crash_once_in_workers(marker, "first-image"):
+        with pytest.raises(CacheError, match="incomplete"):
+            precompute(cfg)
+        assert marker.exists()
+        path = str(next((tmp_path / "cache").iterdir()))
+        c = open_cache(path)
+        missing = c.incomplete_shards()
+        assert len(missing) == 1
+        kept = shard_attempts(path)
+        assert len(kept) == 2
 
-    precompute(cfg)  # marker exists: no more crashes
+        precompute(cfg)  # marker exists: no more crashes
     now = shard_attempts(path)
     assert {k: now[k] for k in kept} == kept  # finished shards were not recomputed
     assert len(now) == 3
@@ -246,11 +245,11 @@ def test_sigkilled_task_then_rerun_gives_a_complete_verified_cache(imageset, tmp
     assert_matches_reference(path, imageset, 64, 24)
 
 
-def test_worker_killed_after_placing_its_store_is_retried_by_ray(imageset, tmp_path, monkeypatch):
+def test_worker_killed_after_placing_its_store_is_retried_by_ray(imageset, tmp_path):
     """Dies between placing the store and writing the marker; Ray's retry replaces the orphan store."""
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(CRASH_ENV, f"{marker}:placed")
-    path = precompute(cfg_for(imageset, tmp_path / "cache", max_retries=2, stride=32))
+    with crash_once_in_workers(marker, "placed"):
+        path = precompute(cfg_for(imageset, tmp_path / "cache", max_retries=2, stride=32))
     assert marker.exists()
     assert open_cache(path).is_complete() and verify_cache(path)[1] == []
     leftovers = [
@@ -272,14 +271,12 @@ def test_flipped_byte_is_caught_by_verify_and_fixed_by_repair(imageset, tmp_path
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd")
-    from pipeline.cache.store import add_cli as cache_cli
-
-    cache_cli(sub)
+    add_cli(sub)
     args = parser.parse_args(["cache", "verify", path])
-    assert args.func(args) == 1
+    assert resolve_handler(args)(args) == 1
     assert "BAD shard-000002" in capsys.readouterr().out
     args = parser.parse_args(["cache", "verify", path, "--repair"])
-    assert args.func(args) == 0
+    assert resolve_handler(args)(args) == 0
     assert "repaired" in capsys.readouterr().out
     c = open_cache(path)
     for k, v in good.items():
@@ -357,7 +354,7 @@ def test_cli_precompute_with_recipe_and_flags(imageset, tmp_path, capsys):
         str(tmp_path / "c"),
     ]
     args = parser.parse_args([*argv, "--config", str(recipe), "--set", "window_batch=4"])
-    assert args.func(args) == 0
+    assert resolve_handler(args)(args) == 0
     path = capsys.readouterr().out.strip().splitlines()[-1]
     spec = open_cache(path).spec
     assert (spec.crop, spec.stride, spec.autocast, spec.backbone) == (64, 32, "none", "tiny-clip-64")

@@ -216,7 +216,7 @@ def test_paper_recipes_are_the_authors_run(name):
 
 
 def test_recipes_load_into_the_stage_configs():
-    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
     from pipeline.data.ingest import IngestConfig
     from pipeline.train.distill import DistillConfig, lr_at

@@ -35,7 +35,8 @@ def build_data(root: str) -> dict[str, str]:
     other pixels (for pairing refusals). Built once per session, shared by the stream and train tests."""
     from PIL import Image
 
-    from pipeline.cache.precompute import PrecomputeConfig, precompute
+    from pipeline.cache.config import PrecomputeConfig
+    from pipeline.cache.precompute import precompute
     from pipeline.common.tasks import init_ray
     from pipeline.data.ingest import IngestConfig, ingest
     from tests.conftest import load_photo
@@ -158,7 +159,7 @@ def _stream(data: dict[str, str], **kw) -> PairedStream:
 
 
 def test_stream_pairs_match_independent_reads(data: dict[str, str]) -> None:
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
 
     ims, cache = open_imageset(data["images"]), open_cache(data["cache"])

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.store import CachePairingError, open_cache
+from pipeline.cache.reader import open_cache
+from pipeline.cache.spec import CachePairingError
 from pipeline.data.imageset import open_imageset
 from pipeline.train.checkpoint import load_student
 from pipeline.train.distill import DistillConfig, StepRunner, distill

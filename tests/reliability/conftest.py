@@ -72,7 +72,7 @@ def make_imageset(root: Path, n: int, shard_size: int, seed: int = 0, size=(96, 
 
 def precompute_cfg(images: str, cache_root: Path | str, **kw):
     """A PrecomputeConfig for the tiny teacher (float32 forward, so results do not depend on autocast)."""
-    from pipeline.cache.precompute import PrecomputeConfig
+    from pipeline.cache.config import PrecomputeConfig
 
     base = dict(images=images, teacher=TEACHER, crop=CROP, stride=STRIDE, cache_root=str(cache_root),
                 autocast="none", workers=2, window_batch=16, progress=False, max_retries=0)  # fmt: skip
@@ -105,7 +105,7 @@ def rel_reference_cache(tmp_path_factory, rel_imageset, ray_local) -> str:
 
 def cache_features(path: str) -> dict[str, np.ndarray]:
     """Every key's features (verified against their checksums), float32."""
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
 
     c = open_cache(path)
     return {k: np.asarray(c.features(k, verify=True), dtype=np.float32) for k in c.keys()}
@@ -114,7 +114,8 @@ def cache_features(path: str) -> dict[str, np.ndarray]:
 def assert_cache_equals_reference(path: str, reference: str, images: str) -> None:
     """Complete, verifies, one entry per image-set key (no key missing or duplicated), features equal the
     fault-free reference cache (same teacher, same pixels)."""
-    from pipeline.cache.store import open_cache, verify_cache
+    from pipeline.cache.maintenance import verify_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
 
     c = open_cache(path)
@@ -139,7 +140,7 @@ def shard_attempts(path: str) -> dict[str, str]:
 
 
 def complete_shards(path: str) -> list[int]:
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
 
     c = open_cache(path)
     return [i for i in range(c.num_shards) if c.shard_complete(i)]

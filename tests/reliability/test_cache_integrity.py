@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.store import CacheError, open_cache
+from pipeline.cache.reader import open_cache
+from pipeline.cache.spec import CacheError
 from tests.reliability.conftest import (
     assert_user_error,
     cache_features,
@@ -97,7 +98,7 @@ def test_spec_lying_about_the_teacher_is_reported_and_not_repaired(cache_copy, c
     elif lie == "weights_id":
         doc["spec"]["weights_id"] = "random:tiny-clip-64:seed9"
     else:  # a careful liar also rewrites the recorded fingerprint: the directory name still gives it away
-        from pipeline.cache.store import CacheSpec
+        from pipeline.cache.spec import CacheSpec
 
         doc["spec"]["weights_id"] = "random:tiny-clip-64:seed9"
         doc["fingerprint"] = CacheSpec.from_dict(doc["spec"]).fingerprint()

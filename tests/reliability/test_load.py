@@ -108,8 +108,9 @@ def load_set(tmp_path_factory, ray_local) -> str:
 
 
 def test_precompute_and_distill_300_images_with_flat_memory(load_set, tmp_path, ray_up, capsys):
+    from pipeline.cache.maintenance import verify_cache
     from pipeline.cache.precompute import precompute
-    from pipeline.cache.store import open_cache, verify_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
     from pipeline.train.distill import DistillConfig, distill
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.cache.maintenance import verify_cache
 from pipeline.cache.precompute import precompute
-from pipeline.cache.store import CacheError, open_cache, verify_cache
+from pipeline.cache.reader import open_cache
+from pipeline.cache.spec import CacheError
 from tests.reliability.conftest import (
     assert_cache_equals_reference,
     assert_user_error,
@@ -117,7 +119,7 @@ def test_whole_local_cluster_killed_mid_run_then_rerun(slow_set, tmp_path, wait_
     assert {k: now[k] for k in kept} == kept  # finished shards were not recomputed
     assert_cache_equals_reference(path, slow_set["reference"], slow_set["images"])
     # leftovers of the killed attempt are garbage, never data; gc removes them
-    from pipeline.cache.store import gc_caches
+    from pipeline.cache.maintenance import gc_caches
 
     gc_caches(str(root), older_than_s=0)
     assert sorted(p.name for p in (Path(path) / "shards").iterdir()) == sorted(

@@ -138,7 +138,8 @@ def test_pickle_in_a_training_checkpoint_is_refused_and_the_previous_one_used(st
 
 @pytest.mark.parametrize("target", ["spec.json", "manifest.json", "marker", "chunk"])
 def test_pickle_planted_in_a_cache_is_never_unpickled(rel_reference_cache, tmp_path, marker, capsys, target):
-    from pipeline.cache.store import CacheError, open_cache
+    from pipeline.cache.reader import open_cache
+    from pipeline.cache.spec import CacheError
 
     path = tmp_path / Path(rel_reference_cache).name
     shutil.copytree(rel_reference_cache, path)
