@@ -251,7 +251,8 @@ def stage_evaluate(
 ) -> dict[str, Any]:
     """Fidelity (a child run of the training run, found through the checkpoint), speed (a child run too) and
     segmentation overlays (logged as images on the training run)."""
-    from pipeline.eval.inference import SegmentConfig, segment_images
+    from pipeline.eval.config import SegmentConfig
+    from pipeline.eval.segment import segment_images
 
     common = {"workdir": str(work), "experiment": cfg.experiment}
     with _quiet():
@@ -279,7 +280,8 @@ def _log_overlays(work: Path, run_id: str, folder: Path) -> None:
 def _evaluate(
     cfg: DemoConfig, heldout: str, held_cache: str, ckpt: str, run_id: str, common: dict[str, Any]
 ) -> dict[str, Any]:
-    from pipeline.eval.benchmark import EvalConfig, run_eval
+    from pipeline.eval.benchmark import run_eval
+    from pipeline.eval.config import EvalConfig
 
     fid = run_eval(
         EvalConfig(

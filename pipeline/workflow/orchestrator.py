@@ -59,7 +59,7 @@ def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | Non
     """
     from pipeline.cache.precompute import PrecomputeConfig
     from pipeline.data.ingest import IngestConfig
-    from pipeline.eval.benchmark import EvalConfig
+    from pipeline.eval.config import EvalConfig
     from pipeline.train.distill import DistillConfig
 
     recipe = read_recipe(path)
