@@ -16,6 +16,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class ChunkResult:
 
 
 def eval_chunk(
-    cfg: EvalConfig, indices: list[int], overlay_indices: list[int] = (), model: Backbone | None = None
+    cfg: EvalConfig, indices: list[int], overlay_indices: Sequence[int] = (), model: Backbone | None = None
 ) -> ChunkResult:
     """Evaluate the images ``indices`` of the configured dataset.
 
