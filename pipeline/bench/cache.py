@@ -272,16 +272,18 @@ def _train_student(args: argparse.Namespace, cache: Any, ims: Any, train_keys: l
 
 
 def _fidelity(bb: Any, held: list[tuple[Any, Any]]) -> dict[str, float]:
-    """Mean over held-out images of MSE and cosine between the student's single pass and the fp32 teacher."""
+    """Mean over held-out images of MSE and cosine between the student's single pass and the fp32 teacher
+    (each image's by ``spar_core.metrics.feature_fidelity``)."""
     import torch
-    import torch.nn.functional as F
+
+    from spar_core.metrics import feature_fidelity
 
     mse, cos = [], []
     with torch.no_grad():
         for x, t in held:
-            s = bb.dense(x)  # (1, h, w, D)
-            mse.append(float(((s - t) ** 2).mean()))
-            cos.append(float(F.cosine_similarity(s.flatten(0, 2), t.flatten(0, 2), dim=-1).mean()))
+            f = feature_fidelity(bb.dense(x), t)  # (1, h, w, D) each
+            mse.append(f["mse"])
+            cos.append(f["cosine"])
     return {"mse": float(np.mean(mse)), "cosine": float(np.mean(cos))}
 
 

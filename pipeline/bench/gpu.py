@@ -849,8 +849,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     from pipeline.cache.precompute import PrecomputeConfig
     from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
     from pipeline.data.ingest import IngestConfig
-    from pipeline.eval.benchmark import EvalConfig
-    from pipeline.eval.inference import SegmentConfig
+    from pipeline.eval.config import EvalConfig, SegmentConfig
     from pipeline.train.distill import DistillConfig
     from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
     from pipeline.workflow.orchestrator import Extras, Reporter, run_pipeline

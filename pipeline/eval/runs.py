@@ -12,9 +12,16 @@ import argparse
 import math
 import os
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import mlflow
 
 from pipeline.common.errors import UserError
+from pipeline.common.tracking import tracking_uri
+from pipeline.eval.config import RUNS_WIDTH as WIDTH
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # (metric, column label): the headline metrics, in this order, when any row has them
 HEADLINE = (
@@ -37,7 +44,6 @@ DEFAULT_METRICS = (
 )
 # parameters that name places or runs, not settings: never a "difference" worth a column
 SKIP_PARAMS = ("run_name", "out", "workdir", "storage_path", "marker_dir", "parent_run")
-WIDTH = 120
 
 
 class RunsError(UserError):
@@ -59,10 +65,6 @@ def compare_runs(
     ``all_params``), then ``metric`` and the headline metrics present in any row. ``all_runs``: every run.
     A table too wide for the terminal loses columns from the right (:func:`fit_columns`).
     """
-    import mlflow
-
-    from pipeline.common.tracking import tracking_uri
-
     uri = tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "work"))
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
         raise RunsError(
@@ -102,7 +104,7 @@ def compare_runs(
     return header, rows
 
 
-def _metric_columns(df: Any, metric: str, all_runs: bool) -> list[tuple[str, str]]:
+def _metric_columns(df: pd.DataFrame, metric: str, all_runs: bool) -> list[tuple[str, str]]:
     """(metric, label) columns present in ``df``: ``metric``, the headline ones, benchmark mIoUs, the speed ratio."""
     present = {c[len("metrics.") :] for c in df.columns if c.startswith("metrics.")}
     cols: list[tuple[str, str]] = [(metric, metric)] if metric else []
@@ -156,7 +158,8 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_runs(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``spar runs``: the comparison table, fitted to the terminal unless ``--wide`` or ``--all``."""
     header, rows = compare_runs(
         args.experiment or "",
         args.metric or "",
@@ -175,24 +178,3 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     if dropped:
         print(f"({dropped} more column(s): spar runs --wide)")
     return 0
-
-
-def add_runs_cli(subparsers) -> None:
-    """Register ``runs``."""
-    p = subparsers.add_parser(
-        "runs", help="compare training runs: their eval metrics and the settings that differ"
-    )
-    p.add_argument("--experiment", help="experiment name (default: all)")
-    p.add_argument("--metric", help="sort by this metric (descending) and show it")
-    p.add_argument(
-        "--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./work, as spar distill)"
-    )
-    p.add_argument("--max-runs", dest="max_runs", type=int, default=50)
-    p.add_argument("--wide", action="store_true", help="every differing param and metric, whatever the width")
-    p.add_argument(
-        "--all", action="store_true", help="every run (evaluations, precomputes) with all its params"
-    )
-    p.add_argument(
-        "--width", type=int, help=f"fit this many columns (default: the terminal's, at most {WIDTH})"
-    )
-    p.set_defaults(func=_cmd_runs)

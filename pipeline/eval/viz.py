@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.cache.store import open_cache
 from pipeline.common.errors import UserError
+from pipeline.data.imageset import open_imageset
+from pipeline.eval.config import EvalConfig
+from pipeline.eval.model import dense_features, load_model, protocol_size, resize_rgb
+from pipeline.eval.segment import read_photo, safe_stem
+from pipeline.train.checkpoint import read_backbone_info
+from spar_core.backbones import Backbone
 
-__all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "add_cli"]
+__all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "run_cli"]
 
 
 class VizError(UserError):
@@ -71,9 +77,7 @@ def pca_panel(img: np.ndarray, maps: dict[str, np.ndarray], tile: int = 256) -> 
     return panel
 
 
-def _features(bb: Any, img: np.ndarray, mode: str, crop: int = 0, stride: int = 0) -> np.ndarray:
-    from pipeline.eval.inference import dense_features
-
+def _features(bb: Backbone, img: np.ndarray, mode: str, crop: int = 0, stride: int = 0) -> np.ndarray:
     with torch.no_grad():
         return dense_features(bb, img, mode, crop, stride)[0].cpu().numpy()  # (h, w, D)
 
@@ -82,15 +86,6 @@ def viz_images(
     images: list[str], checkpoint: str, out: str, short_side: int = 448, crop: int = 0, stride: int = 0
 ) -> list[Path]:
     """PCA panels (image | teacher | baseline | student) of photo files; the teacher is computed here."""
-    from pipeline.eval.inference import (
-        load_model,
-        protocol_size,
-        read_photo,
-        resize_rgb,
-        safe_stem,
-    )
-    from pipeline.train.checkpoint import read_backbone_info
-
     if not images:
         raise VizError("no input images given")
     photos = [(p, read_photo(p)) for p in images]
@@ -116,12 +111,8 @@ def viz_images(
     return written
 
 
-def fidelity_pca_pngs(cfg: Any, out: Path) -> list[Path]:
+def fidelity_pca_pngs(cfg: EvalConfig, out: Path) -> list[Path]:
     """PCA panels of the first ``cfg.overlays`` held-out images of a fidelity report (teacher from the cache)."""
-    from pipeline.cache.store import open_cache
-    from pipeline.data.imageset import open_imageset
-    from pipeline.eval.inference import load_model
-
     if not cfg.checkpoint or cfg.overlays <= 0:
         return []
     ims, cache = open_imageset(cfg.images), open_cache(cfg.teacher_cache)
@@ -147,34 +138,16 @@ def fidelity_pca_pngs(cfg: Any, out: Path) -> list[Path]:
     return written
 
 
-def student_seed(cfg: Any) -> int:
+def student_seed(cfg: EvalConfig) -> int:
     """Seed of the random base weights the student was trained from (0 for pretrained weights)."""
-    from pipeline.train.checkpoint import read_backbone_info
-
     return int(read_backbone_info(cfg.checkpoint).get("seed", 0))
 
 
-def _cmd_viz(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace) -> int:
+    """``spar viz``: write the PCA panels of the photos, print their paths."""
     paths = viz_images(
         args.images, args.checkpoint, args.out, args.short_side, args.crop or 0, args.stride or 0
     )
     for p in paths:
         print(p)
     return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``spar viz``."""
-    p = sub.add_parser(
-        "viz",
-        help="PCA pictures of dense features: teacher, single-pass baseline and student in one basis (PNG)",
-    )
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="student checkpoint directory")
-    p.add_argument("--out", default="viz", help="output folder (default ./viz)")
-    p.add_argument(
-        "--short-side", dest="short_side", type=int, default=448, help="resize short side (0 = keep)"
-    )
-    p.add_argument("--crop", type=int, help="teacher window (default: the backbone's native size)")
-    p.add_argument("--stride", type=int, help="teacher stride (default: 24 px per 224 of crop)")
-    p.set_defaults(func=_cmd_viz)

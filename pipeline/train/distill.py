@@ -38,7 +38,7 @@ import torch
 
 from pipeline.common.config import ConfigError
 from pipeline.common.errors import UserError
-from pipeline.eval.inference import default_stride
+from pipeline.eval.config import default_stride
 from pipeline.train.checkpoint import (
     BACKBONE_FILE,
     CONFIG_FILE,

@@ -47,7 +47,7 @@ class StudentModel(PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - no hints: MLflow reads them as a schema
         """(H, W, 3) uint8 -> features (H/p, W/p, D) float32, or with ``output=segmentation`` labels (H, W)."""
-        from pipeline.eval.inference import dense_features, resize_rgb
+        from pipeline.eval.model import dense_features, resize_rgb
 
         params = params or {}
         img = self._image(model_input)
@@ -64,7 +64,7 @@ class StudentModel(PythonModel):
     def _segment(self, feats: Any, classes: str, scale: float, out_size: tuple[int, int]) -> np.ndarray:
         import torch
 
-        from pipeline.eval.inference import build_text_classifier, resolve_classes
+        from pipeline.eval.model import build_text_classifier, resolve_classes
         from spar_core.segment import predict
 
         if classes not in self._classifiers:

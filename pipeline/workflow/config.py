@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
 from pipeline.data.ingest import IngestConfig
-from pipeline.eval.benchmark import EvalConfig
+from pipeline.eval.config import EvalConfig
 from pipeline.train.distill import DistillConfig
 
 SECTIONS = ("run", "ingest", "precompute", "distill", "eval")

@@ -24,8 +24,7 @@ from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import set_verbose
 from pipeline.common.tracking import mlflow_ui_command, tracking_uri
 from pipeline.data.ingest import IngestConfig
-from pipeline.eval.benchmark import EvalConfig
-from pipeline.eval.inference import SegmentConfig
+from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.train.checkpoint import read_backbone_info
 from pipeline.train.distill import DistillConfig
 from pipeline.workflow.config import DemoConfig, Recipe, RunConfig

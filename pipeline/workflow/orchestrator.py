@@ -35,8 +35,9 @@ from pipeline.common.tasks import init_ray, verbose
 from pipeline.common.tracking import tracking_uri
 from pipeline.data.imageset import open_imageset
 from pipeline.data.ingest import IngestConfig, IngestSummary, ingest
-from pipeline.eval.benchmark import EvalConfig, run_eval
-from pipeline.eval.inference import SegmentConfig, segment_images
+from pipeline.eval.benchmark import run_eval
+from pipeline.eval.config import EvalConfig, SegmentConfig
+from pipeline.eval.segment import segment_images
 from pipeline.train.distill import DistillResult, distill
 from pipeline.workflow.config import Recipe, load_recipe
 

@@ -98,7 +98,7 @@ def test_recipes_load_into_every_stage_config(recipe):
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
     from pipeline.data.ingest import IngestConfig
-    from pipeline.eval.benchmark import EvalConfig
+    from pipeline.eval.config import EvalConfig
     from pipeline.train.distill import DistillConfig
 
     data = tomllib.loads(recipe.read_text())

@@ -89,10 +89,11 @@ def test_spar_classes_prints_the_list(capsys):
 
 
 def test_eval_uses_the_class_set(tmp_path):
-    from pipeline.eval.benchmark import EvalConfig, _benchmark_classes
+    from pipeline.eval.benchmark import benchmark_classes
+    from pipeline.eval.config import EvalConfig
 
-    assert _benchmark_classes(EvalConfig(dataset="voc20")) == default_classes("voc20")
-    assert _benchmark_classes(EvalConfig(dataset="voc20", class_set="rich"))[0] == ["aeroplane", "airplane"]
+    assert benchmark_classes(EvalConfig(dataset="voc20")) == default_classes("voc20")
+    assert benchmark_classes(EvalConfig(dataset="voc20", class_set="rich"))[0] == ["aeroplane", "airplane"]
     from pipeline.common.config import ConfigError
 
     with pytest.raises(ConfigError, match="class_set"):

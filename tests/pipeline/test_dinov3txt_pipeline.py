@@ -34,7 +34,8 @@ def _photos(d: Path, names: tuple[str, ...]) -> str:
 def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
-    from pipeline.eval.benchmark import EvalConfig, evaluate
+    from pipeline.eval.benchmark import evaluate
+    from pipeline.eval.config import EvalConfig
     from pipeline.train.checkpoint import load_student
     from pipeline.workflow.config import load_recipe
     from pipeline.workflow.orchestrator import run_pipeline

@@ -13,17 +13,12 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.common.config import ConfigError
+from pipeline.common.config import ConfigError, config_from_cli
 from pipeline.data.datasets import DatasetError
-from pipeline.eval.benchmark import (
-    EvalConfig,
-    EvalError,
-    evaluate,
-    merge_counts,
-    resolve_protocol,
-    speed_report,
-)
+from pipeline.eval.benchmark import evaluate
+from pipeline.eval.config import EvalConfig, EvalError, resolve_protocol
 from pipeline.eval.runs import RunsError, compare_runs, format_table
+from pipeline.eval.speed import speed_report
 from spar_core.metrics import IoUAccumulator
 from tests.pipeline.test_datasets import make_voc
 
@@ -72,20 +67,22 @@ def test_miou_equals_hand_computed_confusion_matrix():
     a, b = IoUAccumulator(3), IoUAccumulator(3)
     a.update(np.array([0, 1, 1, 1, 2, 0]), np.array([0, 0, 1, 1, 255, 2]))
     b.update(np.array([2, 0, 1, 1]), np.array([2, 2, 1, 7]))
-    parts = [{"intersection": x.intersection, "union": x.union, "label_area": x.label_area} for x in (a, b)]
-    got = merge_counts(parts)
+    got = IoUAccumulator(3)  # the driver's merge of the chunks' counts
+    for part in (a, b):
+        got.merge(part)
     # confusion matrix (rows label, cols pred): [[1,1,0],[0,2,0],[1,0,1]] + [[0,0,0],[0,1,0],[1,0,1]]
     #   = [[1,1,0],[0,3,0],[2,0,1]]; inter = diag = [1,3,1]; union = row + col - diag = [2+3-1, 3+4-3, 3+1-1]
-    np.testing.assert_array_equal(got["intersection"], [1, 3, 1])
-    np.testing.assert_array_equal(got["union"], [4, 4, 3])
-    np.testing.assert_array_equal(got["label_area"], [2, 3, 3])
-    np.testing.assert_allclose(got["iou"], [25.0, 75.0, 100 / 3])
-    assert got["miou"] == pytest.approx((25 + 75 + 100 / 3) / 3)
+    np.testing.assert_array_equal(got.intersection, [1, 3, 1])
+    np.testing.assert_array_equal(got.union, [4, 4, 3])
+    np.testing.assert_array_equal(got.label_area, [2, 3, 3])
+    np.testing.assert_allclose(got.iou() * 100, [25.0, 75.0, 100 / 3])
+    assert got.miou() * 100 == pytest.approx((25 + 75 + 100 / 3) / 3)
     # a class absent from labels and predictions is NaN and left out of the mean
     c = IoUAccumulator(4)
     c.update(np.array([0, 1]), np.array([0, 0]))
-    got = merge_counts([{"intersection": c.intersection, "union": c.union, "label_area": c.label_area}])
-    assert math.isnan(got["iou"][2]) and got["miou"] == pytest.approx((50 + 0) / 2)
+    got = IoUAccumulator(4)
+    got.merge(c)
+    assert math.isnan(got.iou()[2]) and got.miou() * 100 == pytest.approx((50 + 0) / 2)
 
 
 def test_protocol_defaults():
@@ -217,7 +214,6 @@ def test_bad_input(voc_root, tmp_path, capsys):
 
 def test_config_recipe_and_cli_flags(tmp_path):
     from pipeline.cli import build_parser
-    from pipeline.eval.inference import config_from_args
 
     recipe = tmp_path / "r.toml"
     recipe.write_text('[eval]\ndataset = "context59"\nlogit_scale = 30.0\nresolutions = [448, 672]\n')
@@ -234,12 +230,12 @@ def test_config_recipe_and_cli_flags(tmp_path):
             "224,24",
         ]
     )
-    cfg = config_from_args(EvalConfig, args, "eval")
+    cfg = config_from_cli(EvalConfig, args, "eval")
     assert (cfg.dataset, cfg.logit_scale, cfg.repeats) == ("context59", 5.0, 2)
     assert cfg.resolutions == (448, 672) and cfg.strides == (224, 24) and cfg.prob_thd is None
     args = build_parser("eval").parse_args(["eval", "--set", "eval.mode=diagonal"])
     with pytest.raises(ConfigError, match="mode"):
-        config_from_args(EvalConfig, args, "eval")
+        config_from_cli(EvalConfig, args, "eval")
 
 
 def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.eval.benchmark import EvalConfig, EvalError, fidelity_report
+from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.fidelity import fidelity_report
 from tests.conftest import load_photo
 
 CLASSES = "sky;person,people;wall;tree;road;cat;cup"
@@ -130,7 +131,7 @@ def test_fidelity_bad_input(held_out, tmp_path):
 def test_quality_vs_cost_curve(held_out, tmp_path):
     """Speed report with --images: cosine of each method to the finest-stride teacher, checked directly."""
     from pipeline.data.imageset import open_imageset
-    from pipeline.eval.benchmark import speed_report
+    from pipeline.eval.speed import speed_report
     from pipeline.train.checkpoint import load_student
     from spar_core.backbones import build_backbone
     from spar_core.sliding import sliding_window_features

@@ -11,16 +11,9 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.eval.inference import (
-    EmbedConfig,
-    InferenceError,
-    embed_images,
-    label_png,
-    make_palette,
-    out_path,
-    protocol_size,
-    safe_stem,
-)
+from pipeline.eval.config import EmbedConfig
+from pipeline.eval.model import InferenceError, protocol_size
+from pipeline.eval.segment import embed_images, label_png, make_palette, out_path, safe_stem
 from tests.conftest import load_photo
 from tests.cv2_reference import cv2_fixed
 

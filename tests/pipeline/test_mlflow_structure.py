@@ -21,7 +21,8 @@ from pipeline.cache.config import PrecomputeConfig
 from pipeline.cache.precompute import precompute
 from pipeline.cache.reader import open_cache
 from pipeline.data.imageset import open_imageset
-from pipeline.eval.benchmark import EvalConfig, run_eval
+from pipeline.eval.benchmark import run_eval
+from pipeline.eval.config import EvalConfig
 from pipeline.train.distill import DistillConfig, distill
 from tests.pipeline.test_stream import build_data
 
@@ -176,7 +177,7 @@ def test_student_is_a_registered_pyfunc_model_giving_the_projects_features(pipel
     base = load_student(res.checkpoint_dir)
     assert not np.allclose(want, _untrained(img), atol=1e-4), "the model must be the trained student"
     labels = model.predict(np.asarray(img), params={"output": "segmentation", "classes": "sky;cat;person"})
-    from pipeline.eval.inference import build_text_classifier
+    from pipeline.eval.model import build_text_classifier
 
     clf = build_text_classifier(base, [["sky"], ["cat"], ["person"]])
     ref = predict(torch.from_numpy(want)[None], clf, out_size=img.shape[:2], logit_scale=40.0)[0].numpy()

@@ -92,7 +92,7 @@ def test_train_uses_the_resolver(cpu_rule):
 
 
 def test_inference_names_go_through_the_resolver():
-    from pipeline.eval.inference import autocast_dtype
+    from pipeline.common.precision import autocast_dtype
 
     assert autocast_dtype("bf16") is torch.bfloat16 and autocast_dtype("fp32") is None
     assert autocast_dtype("none") is None

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.resize import resize_linear
-from pipeline.eval.benchmark import EvalConfig, resolve_protocol, speed_strides
-from pipeline.eval.inference import EmbedConfig, default_stride, embed_images, model_input, protocol_size
+from pipeline.eval.config import EmbedConfig, EvalConfig, default_stride, resolve_protocol
+from pipeline.eval.model import model_input, protocol_size
+from pipeline.eval.segment import embed_images
+from pipeline.eval.speed import speed_strides
 from tests.conftest import load_photo
 from tests.cv2_reference import cv2_fixed_pixel, cv2_linear, cv2_linear_float, cv2_linear_pixel
 

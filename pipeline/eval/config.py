@@ -1,0 +1,268 @@
+"""What an evaluation is asked to do: the typed configs of ``spar eval``, ``spar segment`` and ``spar embed``, and
+the authors' evaluation protocol (per-dataset, per-backbone-family defaults) that :func:`resolve_protocol` fills in.
+
+Light on purpose (stdlib, the config layer and the benchmark names): the ``spar`` CLI builds its parsers from this
+module without importing torch. The work lives in :mod:`pipeline.eval.model` (backbone, model input, dense
+features), :mod:`~pipeline.eval.segment`, :mod:`~pipeline.eval.benchmark`, :mod:`~pipeline.eval.fidelity` and
+:mod:`~pipeline.eval.speed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.common.config import ConfigError
+from pipeline.common.errors import UserError
+from pipeline.data.datasets import CLASS_SETS, DATASETS, DEFAULT_CLASS_SET
+
+__all__ = [
+    "CLASS_SETS",
+    "DATASETS",
+    "DEFAULT_CLASS_SET",
+    "PAPER_AREA_THD",
+    "PAPER_LOGIT_SCALE",
+    "PAPER_PROB_THD",
+    "PAPER_SIZES",
+    "PAPER_STRIDES",
+    "RUNS_WIDTH",
+    "TEACHER_STRIDE",
+    "DatasetName",
+    "Mode",
+    "Precision",
+    "Templates",
+    "EmbedConfig",
+    "EvalConfig",
+    "EvalError",
+    "Protocol",
+    "SegmentConfig",
+    "backbone_family",
+    "default_stride",
+    "resolve_protocol",
+]
+
+# the concrete names of pipeline.common.precision (which imports torch, so they are spelled out here)
+Precision = Literal["fp32", "bf16", "fp16"]
+DatasetName = Literal["voc21", "voc20", "context60", "context59", "cityscapes", "ade20k"]
+Mode = Literal["single", "sliding"]
+Templates = Literal["imagenet", "simple"]
+
+TEACHER_STRIDE = 24  # px, the authors' slide_stride_gen for every backbone (configs/*/cfg_train_*.py)
+RUNS_WIDTH = 120  # spar runs: the widest table it fits to the terminal by default
+PAPER_STRIDES = (224, 112, 48, 24)  # speed report sweep, in pixels at every crop (24 = the paper's teacher)
+
+# The authors' evaluation protocol (configs/{maskclip,siglip2}/base_config.py and cfg_<dataset>.py at 0f63ff2):
+# mmseg Resize(scale=(long, short), keep_ratio=True), logit_scale (model default 40), prob_thd (default 0),
+# area_thd (default None = off), per dataset and backbone family ("clip" = the MaskCLIP readout, "siglip2").
+PAPER_SIZES: dict[str, tuple[int, int]] = {"cityscapes": (1024, 2048)}  # (short, long); others (672, 2048)
+PAPER_LOGIT_SCALE: dict[str, float] = {"voc21": 65.0, "context60": 50.0}  # others 40
+PAPER_PROB_THD: dict[tuple[str, str], float] = {
+    ("voc21", "clip"): 0.1,
+    ("context60", "clip"): 0.1,
+    ("context60", "siglip2"): 0.1,
+}  # others 0
+PAPER_AREA_THD: dict[tuple[str, str], float] = {("voc21", "clip"): 0.1}  # others off
+
+
+class EvalError(UserError):
+    """Bad evaluation request (conflicting options, missing inputs)."""
+
+
+@dataclass
+class EvalConfig:
+    """``spar eval``. Fields left at ``None`` take the paper's protocol default for the dataset/backbone."""
+
+    # what to run: benchmark (default), or the fidelity / speed report
+    fidelity: bool = False
+    speed: bool = False
+    # model: a student checkpoint, or a named backbone (single-pass baseline; with mode=sliding the teacher)
+    checkpoint: str = ""
+    baseline: bool = False
+    backbone: str = ""
+    pretrained: str = ""
+    # benchmark
+    dataset: DatasetName = "voc21"
+    data_root: str = ""
+    split: str = "val"
+    max_images: int = 0  # 0 = all
+    classes_file: str = ""  # default: the packaged list spar_core/data/<class_set>/<dataset>.txt
+    class_set: str = DEFAULT_CLASS_SET  # "paper" (the authors' lists) or "rich" (more synonyms)
+    templates: Templates = "imagenet"
+    # protocol (None = paper default)
+    short_side: int | None = None  # 672; Cityscapes 1024
+    long_side: int | None = None  # 2048
+    logit_scale: float | None = None  # 40; VOC21 65; Context60 50
+    prob_thd: float | None = None  # 0.1 Context60 and VOC21 with a CLIP backbone; else 0
+    area_thd: float | None = None  # 0.1 VOC21 with a CLIP backbone; else 0
+    # inference
+    mode: Mode = "single"
+    crop: int = 0  # 0 = backbone's native size
+    stride: int = 0  # 0 = the paper's teacher stride, 24 px at every crop
+    window_batch: int = 32
+    precision: Precision = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    # distribution
+    workers: int = 0  # >0: split the images across this many Ray tasks
+    ray_address: str = ""
+    gpus_per_worker: float = 0.0  # 0: one GPU per task when the cluster has GPUs (unless device=cpu)
+    # fidelity report
+    images: str = ""  # fidelity: held-out image set; speed: adds the quality-vs-cost curve on these images
+    teacher_cache: str = ""
+    classes: str = ""  # fidelity class list (default: Context59's names)
+    # speed report
+    resolutions: tuple[int, ...] = ()  # default: 2x, 3x, 4x the native size
+    strides: tuple[int, ...] = PAPER_STRIDES  # pixels; those larger than the crop are left out
+    repeats: int = 3
+    # tracking & output
+    experiment: str = "spar-eval"
+    run_name: str = ""
+    workdir: str = ""  # default: $SPAR_WORKDIR or ./work (as spar distill)
+    overlays: int = 4
+    out: str = ""  # optional folder for results.json / tables / plots (default: a temp dir, logged to MLflow)
+    mlflow: bool = True
+    parent_run: str = ""  # MLflow id of the training run evaluated ("" = the one that produced --checkpoint)
+
+    def __post_init__(self) -> None:
+        for k in ("max_images", "crop", "stride", "workers", "overlays", "repeats", "window_batch"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.window_batch == 0 or self.repeats == 0:
+            raise ConfigError("window_batch and repeats must be >= 1")
+        for k in ("short_side", "long_side"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ConfigError(f"{k} must be >= 0, got {v}")
+        for k in ("prob_thd", "area_thd"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{k} must be in [0, 1], got {v}")
+        if self.logit_scale is not None and self.logit_scale <= 0:
+            raise ConfigError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if any(r <= 0 for r in self.resolutions) or any(s <= 0 for s in self.strides):
+            raise ConfigError("resolutions and strides must be positive")
+        if self.class_set not in CLASS_SETS:
+            raise ConfigError(f"class_set must be one of {', '.join(CLASS_SETS)}, got {self.class_set!r}")
+        if self.fidelity and self.speed:
+            raise ConfigError("choose one of --fidelity and --speed")
+        if self.baseline and self.checkpoint:
+            raise ConfigError(
+                "--baseline evaluates a named backbone; it cannot be combined with --checkpoint"
+            )
+
+    def model_spec(self) -> dict[str, str | int]:
+        """The :func:`pipeline.eval.model.load_model` arguments naming the evaluated model."""
+        return {
+            "checkpoint": self.checkpoint,
+            "backbone": self.backbone,
+            "pretrained": self.pretrained,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class SegmentConfig:
+    """``spar segment``: open-vocabulary segmentation of photos."""
+
+    classes: str = ""
+    classes_file: str = ""
+    checkpoint: str = ""
+    backbone: str = ""
+    pretrained: str = ""
+    out: str = "segment-out"
+    short_side: int = 672  # 0 = keep the image's scale
+    long_side: int = 2048
+    mode: Mode = "single"
+    crop: int = 0  # 0 = backbone's native size
+    stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    templates: Templates = "imagenet"
+    precision: Precision = "fp32"
+    device: str = "auto"
+    alpha: float = 0.5
+    window_batch: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_sizes(self)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class EmbedConfig:
+    """``spar embed``: dense features of photos as .npy plus shape metadata."""
+
+    checkpoint: str = ""
+    backbone: str = ""
+    pretrained: str = ""
+    out: str = "embed-out"
+    short_side: int = 0  # 0 = keep the image's scale (snapped to the patch size)
+    long_side: int = 2048
+    mode: Mode = "single"
+    crop: int = 0  # 0 = backbone's native size
+    stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
+    dtype: Literal["float32", "float16"] = "float32"
+    precision: Precision = "fp32"
+    device: str = "auto"
+    window_batch: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_sizes(self)
+
+
+def _check_sizes(cfg: SegmentConfig | EmbedConfig) -> None:
+    for k in ("short_side", "long_side", "crop", "stride", "window_batch"):
+        if getattr(cfg, k) < 0:
+            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.window_batch == 0:
+        raise ConfigError("window_batch must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The resolved evaluation protocol for one dataset and backbone."""
+
+    short_side: int
+    long_side: int
+    logit_scale: float
+    prob_thd: float
+    area_thd: float
+    mode: str
+    crop: int
+    stride: int
+
+
+def default_stride(crop: int) -> int:
+    """The paper's teacher stride: 24 px at every crop (CLIP 224, SigLIP2 512, DINOv3 384); at most the crop."""
+    return min(TEACHER_STRIDE, crop) if crop > 0 else TEACHER_STRIDE
+
+
+def backbone_family(readout: str) -> str:
+    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns).
+
+    DINOv3 dino.txt (``dinotxt-*`` readouts) takes the non-CLIP column, as the reference's configs/dinov3txt do.
+    """
+    return "clip" if readout == "maskclip" else "siglip2"
+
+
+def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> Protocol:
+    """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
+    ds, fam = cfg.dataset, backbone_family(readout)
+    paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
+    short = cfg.short_side if cfg.short_side is not None else paper_short
+    long = cfg.long_side if cfg.long_side is not None else paper_long
+    scale = cfg.logit_scale if cfg.logit_scale is not None else PAPER_LOGIT_SCALE.get(ds, 40.0)
+    prob = cfg.prob_thd if cfg.prob_thd is not None else PAPER_PROB_THD.get((ds, fam), 0.0)
+    area = cfg.area_thd if cfg.area_thd is not None else PAPER_AREA_THD.get((ds, fam), 0.0)
+    crop = cfg.crop or native_size
+    if crop % patch:
+        raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
+    stride = cfg.stride or default_stride(crop)
+    return Protocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)

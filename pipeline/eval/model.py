@@ -1,0 +1,201 @@
+"""The model side of every evaluation: which model (a student checkpoint or a named backbone) on which device,
+what it sees (an (H, W, 3) photo resized as the authors' protocol, then cut to whole patches) and what comes out
+(dense features, single pass or sliding window; a text classifier over a class list).
+
+An image's path through an evaluation: photo -> :func:`model_input` (keep-ratio resize, :func:`patch_crop`) ->
+:func:`dense_features` (1, h, w, D) -> ``spar_core.segment.predict`` with :func:`build_text_classifier` -> labels.
+Precision (autocast) comes from :mod:`pipeline.common.precision` only.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.common.errors import UserError
+from pipeline.common.precision import autocast, autocast_dtype
+from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
+from pipeline.data.resize import resize_linear
+from pipeline.eval.config import default_stride
+from pipeline.train.checkpoint import CheckpointError, load_student
+from spar_core.backbones import Backbone, BackboneError, build_backbone
+from spar_core.segment import TextClassifier, build_classifier
+from spar_core.sliding import sliding_window_features
+
+
+class InferenceError(UserError):
+    """Bad input to segment/embed (unreadable image, missing model, bad option)."""
+
+
+# ---------------------------------------------------------------------------------------------- model & device
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; otherwise the named device."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(pref)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"device {pref!r} requested but CUDA is not available")
+    return dev
+
+
+def load_model(
+    checkpoint: str = "",
+    backbone: str = "",
+    pretrained: str = "",
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Backbone:
+    """A Backbone from a student checkpoint directory or a named backbone (baseline/teacher).
+
+    Exactly one of ``checkpoint`` and ``backbone`` must be given.
+    """
+    if bool(checkpoint) == bool(backbone):
+        raise InferenceError("give exactly one of --checkpoint CKPT or --backbone NAME")
+    if checkpoint:
+        ckpt = Path(checkpoint).expanduser()
+        if not ckpt.is_dir():
+            raise InferenceError(f"checkpoint directory not found: {ckpt}")
+        try:
+            return load_student(str(ckpt), device=device)
+        except CheckpointError as e:
+            raise InferenceError(str(e)) from e
+    try:
+        return build_backbone(backbone, pretrained or None, device=device, seed=seed)
+    except (BackboneError, FileNotFoundError) as e:
+        raise InferenceError(f"cannot build backbone {backbone!r}: {e}") from e
+
+
+def model_identity(bb: Backbone) -> dict[str, object]:
+    """Identity of a backbone for logs and metadata."""
+    return {
+        "backbone": bb.name,
+        "pretrained": bb.pretrained or "",
+        "weights_id": bb.weights_id,
+        "readout": bb.readout,
+        "patch_size": bb.patch_size,
+        "dim": bb.dim,
+        "native_size": bb.native_size,
+    }
+
+
+def random_weights_seed(weights_id: str, default: int) -> int:
+    """The seed of random weights from a weights id 'random:<name>:seed<k>' (else ``default``)."""
+    m = re.fullmatch(r"random:.*:seed(\d+)", weights_id or "")
+    return int(m.group(1)) if m else default
+
+
+def model_device(bb: Backbone) -> torch.device:
+    """The device a backbone's weights are on."""
+    return next(bb.parameters()).device
+
+
+def synchronize(dev: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer measures the work itself."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# ---------------------------------------------------------------------------------------------- model input
+
+
+def protocol_size(h: int, w: int, short_side: int, long_side: int, multiple: int = 1) -> tuple[int, int]:
+    """Size after mmseg's ``Resize(scale=(long_side, short_side), keep_ratio=True)`` (mmcv ``rescale_size``):
+    scale ``s = min(long_side / max(h, w), short_side / min(h, w))``, each side ``int(side * s + 0.5)``.
+
+    ``short_side=0`` keeps the scale (only the long-side cap applies, never upscaling); ``long_side=0`` means no
+    cap. A side below ``multiple`` is raised to it (at least one patch). The model then sees the top-left
+    ``floor(side / patch) * patch`` pixels (:func:`patch_crop`), as the reference's strided patch embedding does.
+    """
+    scales = []
+    if short_side > 0:
+        scales.append(short_side / min(h, w))
+    if long_side > 0:
+        scales.append(long_side / max(h, w))
+    s = min(scales) if scales else 1.0
+    if short_side <= 0:
+        s = min(s, 1.0)
+    return max(multiple, int(h * s + 0.5)), max(multiple, int(w * s + 0.5))
+
+
+def patch_crop(img: np.ndarray, patch: int) -> np.ndarray:
+    """The top-left ``floor(H/p)·p × floor(W/p)·p`` pixels of (H, W, ...): what a stride-p patch embedding reads
+    (the reference feeds un-snapped images to its conv; the remainder on the right/bottom is dropped)."""
+    h, w = img.shape[0] // patch * patch, img.shape[1] // patch * patch
+    if h == 0 or w == 0:
+        raise InferenceError(f"image {img.shape[0]}x{img.shape[1]} is smaller than one {patch}-px patch")
+    return img[:h, :w]
+
+
+def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to ``size`` = (h, w) as the reference's cv2 ``INTER_LINEAR``: bilinear with
+    half-pixel centres, no antialiasing when shrinking (:func:`pipeline.data.resize.resize_linear`)."""
+    return resize_linear(img, size)
+
+
+def model_input(
+    img: np.ndarray, short_side: int, long_side: int, patch: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The protocol's model input of an (H, W, 3) uint8 photo: resized as mmseg's keep-ratio ``Resize``
+    (bilinear, no antialias: :func:`resize_rgb`), then :func:`patch_crop`. Returns (pixels, resized size)."""
+    size = protocol_size(img.shape[0], img.shape[1], short_side, long_side, patch)
+    return patch_crop(resize_rgb(img, size), patch), size
+
+
+# ---------------------------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def dense_features(
+    bb: Backbone,
+    img: np.ndarray,
+    mode: str = "single",
+    crop: int = 0,
+    stride: int = 0,
+    precision: str = "fp32",
+    window_batch: int = 32,
+) -> torch.Tensor:
+    """Dense features of one image already at its processing size: (H, W, 3) uint8 -> (1, H/p, W/p, D) float32.
+
+    ``single``: one forward pass; ``sliding``: the sliding-window teacher (crop/stride; 0 = native crop,
+    stride 24 px).
+    """
+    dev = bb.mean.device
+    x = bb.normalize(torch.tensor(np.ascontiguousarray(img))[None].to(dev))  # (1, 3, H, W)
+    if mode == "single":
+        with autocast(dev, precision):
+            return bb.dense(x).float()  # (1, H/p, W/p, D)
+    crop = crop or bb.native_size
+    stride = stride or default_stride(crop)
+    return sliding_window_features(
+        bb, x, crop=crop, stride=stride, window_batch=window_batch, autocast_dtype=autocast_dtype(precision)
+    ).float()
+
+
+# ---------------------------------------------------------------------------------------------- classes
+
+
+def resolve_classes(classes: str = "", classes_file: str = "") -> list[list[str]]:
+    """Class list from ``--classes "a,b;c"`` or ``--classes-file F`` (exactly one)."""
+    if classes and classes_file:
+        raise ClassNamesError("give either --classes or --classes-file, not both")
+    if classes_file:
+        return read_class_file(classes_file)
+    if not classes.strip():
+        raise ClassNamesError(
+            "the class list is empty: give --classes 'sky,clouds;road;...' or --classes-file"
+        )
+    return parse_class_text(classes, source="--classes")
+
+
+def build_text_classifier(
+    bb: Backbone, classes: list[list[str]], templates: str = "imagenet"
+) -> TextClassifier:
+    """spar_core's text classifier; ``templates='simple'`` uses the single prompt 'a photo of a {}.'."""
+    tmpl = None if templates == "imagenet" else [lambda c: f"a photo of a {c}."]
+    with torch.no_grad():
+        return build_classifier(bb, classes, templates=tmpl)

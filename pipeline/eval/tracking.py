@@ -1,0 +1,142 @@
+"""The one MLflow logging path of ``spar eval``: the benchmark, the fidelity report and the speed report each
+describe what they log as an :class:`EvalRun`, and :func:`log_eval` logs it the same way.
+
+An evaluation run holds the resolved config as flat params (one name per parameter: ``params`` replace the config's
+unresolved values), the git commit, system metrics, its metrics (NaN left out), artifacts and PNG pictures
+(as MLflow images too). It is a child of the training run it evaluates (``--parent-run``, or the run recorded in
+the checkpoint), in that run's experiment, and copies its headline metrics onto it as ``<kind>/<name>``; without
+one it is a run of ``cfg.experiment``. Result files go to ``--out``, or a temporary folder (:func:`output_dir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from PIL import Image
+
+from pipeline.common.config import to_dict
+from pipeline.common.tracking import (
+    PARENT_RUN_TAG,
+    git_commit,
+    log_headline_metrics,
+    log_params_flat,
+    setup_experiment,
+    system_metrics,
+    tracking_uri,
+    training_run_of,
+)
+from pipeline.eval.config import EvalConfig, EvalError
+
+
+@dataclass
+class EvalRun:
+    """What one evaluation logs (file names are relative to the output folder)."""
+
+    kind: str  # the ``spar.eval`` tag: benchmark | fidelity | speed
+    default_name: str  # the run name unless ``cfg.run_name`` is given
+    params: dict[str, object]  # resolved values, logged over the config's own (unresolved) ones
+    metrics: dict[str, float]
+    headline_kind: str  # copied onto the training run as ``<headline_kind>/<name>``
+    headline: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
+    table: dict[str, list] | None = None  # columns of an MLflow table, logged as ``table_file``
+    table_file: str = ""
+    files: list[str] = field(default_factory=list)  # logged as artifacts at the root
+    folders: list[str] = field(default_factory=list)  # logged as artifact folders of the same name
+    images: dict[str, str] = field(default_factory=dict)  # PNG file -> MLflow image key prefix
+
+
+def workdir(cfg: EvalConfig) -> str:
+    """Where the MLflow store lives: ``cfg.workdir``, else ``$SPAR_WORKDIR``, else ``./work`` (as spar distill)."""
+    return cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")
+
+
+@contextlib.contextmanager
+def output_dir(cfg: EvalConfig) -> Iterator[Path]:
+    """``cfg.out`` (created), or a temporary folder removed at the end of the block."""
+    if cfg.out:
+        p = Path(cfg.out).expanduser()
+        p.mkdir(parents=True, exist_ok=True)
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="spar-eval-") as tmp:
+        yield Path(tmp)
+
+
+def metric_key(name: str) -> str:
+    """A name as an MLflow metric key (characters MLflow refuses replaced, at most 200)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:200]
+
+
+def class_key_part(name: str) -> str:
+    """A class name as one metric-key segment: no '/', '\\' or '..' (MLflow refuses path-like keys)."""
+    part = re.sub(r"[^A-Za-z0-9_\- ]", "_", str(name)).strip() or "_"
+    return part[:120]
+
+
+def png_images(out: Path, folder: str, key: str) -> dict[str, str]:
+    """Every PNG of ``out / folder`` as an :attr:`EvalRun.images` entry under ``key``."""
+    return {f"{folder}/{p.name}": key for p in sorted((out / folder).glob("*.png"))}
+
+
+def log_eval(cfg: EvalConfig, out: Path, run: EvalRun) -> None:
+    """Log ``run`` (files under ``out``) to MLflow; nothing when ``cfg.mlflow`` is off."""
+    if not cfg.mlflow:
+        return
+    with _start_run(cfg, run.default_name, run.params, {"spar.eval": run.kind, **run.tags}) as active:
+        mlflow.log_metrics({k: v for k, v in run.metrics.items() if not _is_nan(v)})
+        if run.table is not None:
+            mlflow.log_table(run.table, artifact_file=run.table_file)
+        for f in run.files:
+            mlflow.log_artifact(str(out / f))
+        for d in run.folders:
+            mlflow.log_artifacts(str(out / d), artifact_path=d)
+        for f, key in run.images.items():
+            with Image.open(out / f) as im:
+                mlflow.log_image(im.convert("RGB"), key=f"{key}/{Path(f).stem}", step=0)
+        parent = active.data.tags.get(PARENT_RUN_TAG)
+        if parent:
+            log_headline_metrics(mlflow.get_tracking_uri(), parent, run.headline_kind, run.headline)
+
+
+def _is_nan(v: float) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _parent_run(cfg: EvalConfig, uri: str) -> tuple[str, str] | None:
+    """(run id, experiment id) of the training run this evaluation belongs under, if any."""
+    if cfg.parent_run:
+        try:
+            run = MlflowClient(uri).get_run(cfg.parent_run)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
+            raise EvalError(f"--parent-run {cfg.parent_run}: no such MLflow run in {uri} ({e})") from None
+        return run.info.run_id, run.info.experiment_id
+    return training_run_of(cfg.checkpoint, uri)
+
+
+@contextlib.contextmanager
+def _start_run(
+    cfg: EvalConfig, default_name: str, extra_params: dict[str, object], tags: dict[str, str]
+) -> Iterator[Run]:
+    """An MLflow run with the resolved config, git commit and system metrics, under its training run if any."""
+    exp_id = setup_experiment(cfg.experiment, workdir(cfg))
+    uri = tracking_uri(workdir(cfg))
+    parent = _parent_run(cfg, uri)
+    tags = {"spar.stage": "eval", "git_commit": git_commit(), **tags}
+    if parent is not None:
+        exp_id = parent[1]
+        tags[PARENT_RUN_TAG] = parent[0]
+    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or default_name, tags=tags) as run:
+        log_params_flat({**to_dict(cfg), **extra_params, "parent_run": parent[0] if parent else ""})
+        with system_metrics(run.info.run_id, uri):
+            yield run
