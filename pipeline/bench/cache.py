@@ -278,7 +278,8 @@ def _train_student(args: argparse.Namespace, cache: Any, ims: Any, train_keys: l
     """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
     import torch
 
-    from pipeline.train.distill import DistillConfig, StepRunner
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.step import StepRunner
     from spar_core.backbones import build_backbone
     from spar_core.distill import trainable_parameters
 

@@ -864,7 +864,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     from pipeline.data.ingest import IngestConfig
     from pipeline.eval.benchmark import EvalConfig
     from pipeline.eval.inference import SegmentConfig, segment_images
-    from pipeline.train.distill import DistillConfig
+    from pipeline.train.config import DistillConfig
     from pipeline.workflow.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, DemoConfig, write_photos
     from pipeline.workflow.orchestrator import RunConfig, run_pipeline
 

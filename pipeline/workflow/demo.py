@@ -219,7 +219,8 @@ def demo_trainable_blocks(cfg: DemoConfig, work: Path) -> int:
 
 
 def stage_distill(cfg: DemoConfig, work: Path, images: str, cache: str) -> Any:
-    from pipeline.train.distill import DistillConfig, distill
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.driver import distill
 
     blocks = demo_trainable_blocks(cfg, work)
     dcfg = DistillConfig(

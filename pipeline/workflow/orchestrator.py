@@ -60,7 +60,7 @@ def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | Non
     from pipeline.cache.precompute import PrecomputeConfig
     from pipeline.data.ingest import IngestConfig
     from pipeline.eval.benchmark import EvalConfig
-    from pipeline.train.distill import DistillConfig
+    from pipeline.train.config import DistillConfig
 
     recipe = read_recipe(path)
     unknown = sorted(set(recipe) - set(SECTIONS))
@@ -97,7 +97,7 @@ def run_pipeline(
     from pipeline.cache.precompute import precompute
     from pipeline.common.tasks import init_ray
     from pipeline.eval.benchmark import run_eval
-    from pipeline.train.distill import distill
+    from pipeline.train.driver import distill
     from pipeline.workflow.demo import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 
     run: RunConfig = cfgs["run"]

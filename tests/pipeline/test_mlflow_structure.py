@@ -21,7 +21,8 @@ from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.store import open_cache
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.benchmark import EvalConfig, run_eval
-from pipeline.train.distill import DistillConfig, distill
+from pipeline.train.config import DistillConfig
+from pipeline.train.driver import distill
 from tests.pipeline.test_stream import build_data
 
 # Ray Train start-up and five MLflow runs: ~80 s on a quiet 2-core machine (~5 min on a busy one); in the default
