@@ -11,7 +11,7 @@ Everything is measured in one run, side by side:
 
 ``--codec-fidelity`` instead measures what a cache codec costs the method: it fills one cache per codec
 (``--codecs float16,int8``) from the same images and teacher, trains the same student from each (same seeds, same
-steps, in-process :class:`pipeline.train.distill.StepRunner`), and compares held-out fidelity to the fp32 teacher (MSE,
+steps, in-process :class:`pipeline.train.step.StepRunner`), and compares held-out fidelity to the fp32 teacher (MSE,
 mean cosine) against the run-to-run noise of two seeds (``--seeds 0,1``), with each codec's bytes vs raw float32.
 """
 
@@ -246,7 +246,8 @@ def _train_student(args: argparse.Namespace, cache: Any, ims: Any, train_keys: l
     """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
     import torch
 
-    from pipeline.train.distill import DistillConfig, StepRunner
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.step import StepRunner
     from spar_core.backbones import build_backbone
     from spar_core.distill import trainable_parameters
 

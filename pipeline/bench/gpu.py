@@ -850,7 +850,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
     from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
     from pipeline.data.ingest import IngestConfig
     from pipeline.eval.config import EvalConfig, SegmentConfig
-    from pipeline.train.distill import DistillConfig
+    from pipeline.train.config import DistillConfig
     from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
     from pipeline.workflow.orchestrator import Extras, Reporter, run_pipeline
 

@@ -2,7 +2,7 @@
 
 Parts (``--parts``, default both):
 
-* ``step`` -- one process, the real :class:`pipeline.train.distill.StepRunner`, the same batches in the same order:
+* ``step`` -- one process, the real :class:`pipeline.train.step.StepRunner`, the same batches in the same order:
   (a) targets already in memory, (b) streamed from the image set + teacher cache through
   :class:`pipeline.data.stream.PairedStream` with background decode workers, (c) teacher computed online with
   ``sliding_window_features``. The three are timed in interleaved rounds (robust to load from other processes);
@@ -79,7 +79,8 @@ def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> di
 
 
 def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) -> Any:
-    from pipeline.train.distill import DistillConfig, StepRunner
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.step import StepRunner
     from spar_core.backbones import build_backbone
     from spar_core.distill import trainable_parameters
 
@@ -240,7 +241,8 @@ def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: i
 def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.cache.store import open_cache
     from pipeline.train.checkpoint import load_student
-    from pipeline.train.distill import DistillConfig, distill
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.driver import distill
     from spar_core.backbones import build_backbone
 
     data = {**data, "cache": data["caches"][args.backbone]}

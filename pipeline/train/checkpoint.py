@@ -13,25 +13,36 @@ A *training checkpoint* (what Ray Train stores every N steps) is a student check
 * ``train_state.json`` -- step, epoch, data position, optimizer param groups, scaler and python/numpy RNG
   states, anything else JSON-able;
 * ``checksums.json`` -- sha256 of every file above, written last. A directory without it, or whose files do
-  not match it, is *corrupt* and is skipped in favour of the previous good one.
+  not match it, is *corrupt* and is skipped in favour of the previous good one
+  (:func:`restore_latest_good`, what a Ray Train worker resumes from).
+
+A finished run's last training checkpoint is exported as a plain student checkpoint (:func:`export_student`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import posixpath
 import random
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipeline.common.storage import sha256_of
+from pipeline.common.tracking import write_run_lineage
+from spar_core.backbones import Backbone, build_backbone
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
 
 STUDENT_FILE = "student.safetensors"
 BACKBONE_FILE = "backbone.json"
@@ -47,14 +58,6 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -85,7 +88,9 @@ def _read_json(path: Path) -> Any:
 def write_checksums(ckpt_dir: str | os.PathLike) -> None:
     """Write ``checksums.json`` (sha256 of every other file in the directory); call it last."""
     d = Path(ckpt_dir)
-    sums = {p.name: _sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE}
+    sums = {
+        p.name: sha256_of(str(p)) for p in sorted(d.iterdir()) if p.is_file() and p.name != CHECKSUMS_FILE
+    }
     _write_json(d / CHECKSUMS_FILE, {"format_version": FORMAT_VERSION, "sha256": sums})
 
 
@@ -102,7 +107,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, required: Iterable[str] = ())
         p = d / name
         if not p.is_file():
             raise CheckpointError(f"checkpoint {d}: missing {name}")
-        if _sha256_file(p) != digest:
+        if sha256_of(str(p)) != digest:
             raise CheckpointError(f"checkpoint {d}: {name} does not match its checksum (corrupt)")
 
 
@@ -110,7 +115,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, required: Iterable[str] = ())
 
 
 def write_student_files(
-    bb: Any,
+    bb: Backbone,
     out_dir: str | os.PathLike,
     *,
     trainable_blocks: int | str,
@@ -153,7 +158,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 def save_student(
-    bb: Any,
+    bb: Backbone,
     out_dir: str | os.PathLike,
     *,
     trainable_blocks: int | str,
@@ -199,14 +204,12 @@ def load_student(
     dtype: torch.dtype = torch.float32,
     *,
     expect_backbone: str | None = None,
-) -> Any:
+) -> Backbone:
     """Rebuild the base backbone named in ``backbone.json`` and load the trained weights into it.
 
     Refuses (CheckpointError) a checkpoint whose files are corrupt, whose base weights identity differs from
     the backbone that can be built here, or (``expect_backbone``) that is for another backbone.
     """
-    from spar_core.backbones import build_backbone
-
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"student checkpoint {d}: no such directory")
@@ -314,7 +317,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 
 def save_training_checkpoint(
-    bb: Any,
+    bb: Backbone,
     out_dir: str | os.PathLike,
     state: TrainState,
     *,
@@ -406,20 +409,67 @@ def step_of(name: str) -> int | None:
     return None
 
 
-def latest_good_checkpoint(
-    candidates: Iterable[str | os.PathLike], log: Any = print
-) -> tuple[Path, TrainState, dict[str, torch.Tensor]] | None:
-    """The newest (highest step) candidate directory that verifies; corrupt ones are reported via ``log``."""
-    ordered = sorted(
-        (Path(c) for c in candidates),
-        key=lambda p: (step_of(p.name) is not None, step_of(p.name) or 0),
+def _log(msg: str) -> None:
+    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
+
+
+def _ray_candidates(ckpt: Checkpoint) -> list[Checkpoint]:
+    """Ray's latest checkpoint first, then its older siblings in the run directory (newest first)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
+    parent = posixpath.dirname(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        infos = []
+    steps = {
+        i.path.rstrip("/"): step_of(posixpath.basename(i.path.rstrip("/")))
+        for i in infos
+        if i.type == pafs.FileType.Directory
+    }
+    latest = steps.get(path)
+    others = sorted(
+        (p for p, s in steps.items() if s is not None and p != path and (latest is None or s <= latest)),
+        key=lambda p: steps[p] or 0,
         reverse=True,
     )
-    for p in ordered:
+    return [ckpt] + [Checkpoint(path=p, filesystem=fs) for p in others]
+
+
+def restore_latest_good(
+    ckpt: Checkpoint, log: Callable[[str], None] = _log
+) -> tuple[TrainState, dict[str, torch.Tensor], str] | None:
+    """(state, trainable weights, path) of the newest good checkpoint from Ray's ``ckpt`` back; corrupt or
+    incomplete ones are reported through ``log`` and skipped. None when none is usable."""
+    for cand in _ray_candidates(ckpt):
         try:
-            state, weights = load_training_checkpoint(p)
-        except CheckpointError as e:
-            log(f"[spar distill] skipping unusable checkpoint: {e}")
-            continue
-        return p, state, weights
+            with cand.as_directory() as d:
+                state, weights = load_training_checkpoint(d)
+            return state, weights, cand.path
+        except (CheckpointError, OSError) as e:
+            log(f"checkpoint {cand.path} is unusable, trying the previous one: {e}")
+    log("no usable checkpoint found; starting from the base weights")
     return None
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def export_student(src: str | os.PathLike, out: Path, lineage: dict[str, str] | None = None) -> Path:
+    """Copy the student files of the training checkpoint ``src`` to ``out`` (a plain student checkpoint, replaced
+    atomically). ``lineage`` (run id, experiment id, tracking URI) is recorded beside them so evaluations nest
+    under the run. Raises CheckpointError when ``src`` is incomplete or corrupt."""
+    verify_checkpoint(src, required=(STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE))
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in (STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE):
+        shutil.copy2(Path(src) / f, tmp / f)
+    if lineage:
+        write_run_lineage(tmp, lineage["run_id"], lineage["experiment_id"], lineage["tracking_uri"])
+    write_checksums(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.common.errors import UserError
-from pipeline.train.checkpoint import _sha256_file
+from pipeline.common.storage import sha256_of
+from pipeline.train.checkpoint import CheckpointError, load_student, save_student
+from spar_core.backbones import QUICKGELU_SUFFIX, Backbone, build_backbone, tiny_model_config
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)
 WRAPPER_PREFIX = "model."  # OpenCLIPWrapper / SigLIP2Wrapper .model (the open_clip model)
@@ -72,8 +75,6 @@ def read_tensor_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     if not p.is_file():
         raise CheckpointIOError(f"checkpoint file {p}: not found")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             obj: Any = load_file(str(p))
         except Exception as e:  # safetensors raises its own error types on bad headers
@@ -136,7 +137,7 @@ class ImportResult:
     max_abs_diff: float  # reloaded student vs the file, over every tensor (0.0 = exact)
 
 
-def _changed_params(bb: Any, sd: dict[str, torch.Tensor], src: str) -> list[str]:
+def _changed_params(bb: Backbone, sd: dict[str, torch.Tensor], src: str) -> list[str]:
     """Check ``sd`` (open_clip keys) fits ``bb.model`` exactly and return the parameter names that differ."""
     own = bb.model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -160,7 +161,7 @@ def _changed_params(bb: Any, sd: dict[str, torch.Tensor], src: str) -> list[str]
     return sorted(k for k in params if not torch.equal(sd[k].to(own[k].dtype), own[k]))
 
 
-def _blocks_needed(bb: Any, changed: list[str]) -> int | str:
+def _blocks_needed(bb: Backbone, changed: list[str]) -> int | str:
     """The smallest ``k`` such that every changed parameter lies in the last ``k`` blocks, else ``"all"``."""
     if not changed:
         return 0
@@ -186,9 +187,6 @@ def import_checkpoint(
     quick_gelu: bool = False,
 ) -> ImportResult:
     """Turn an authors' SPAR checkpoint into a student checkpoint directory (see the module docstring)."""
-    from pipeline.train.checkpoint import load_student, save_student
-    from spar_core.backbones import build_backbone
-
     p = Path(path)
     raw, info = read_tensor_file(p)
     sd, layout = to_open_clip_keys(raw, where=str(p))
@@ -203,7 +201,7 @@ def import_checkpoint(
     config = {
         "imported_from": {
             "file": p.name,
-            "sha256": _sha256_file(p),
+            "sha256": sha256_of(str(p)),
             "layout": layout,
             **{k: v for k, v in info.items() if k != "container" and v is not None},
         }
@@ -244,10 +242,6 @@ class ExportResult:
 def export_open_clip(student_dir: str | Path, out: str | Path) -> ExportResult:
     """Write the student as a full open_clip state dict (see the module docstring)."""
     import open_clip
-    from safetensors.torch import save_file
-
-    from pipeline.train.checkpoint import CheckpointError, load_student
-    from spar_core.backbones import QUICKGELU_SUFFIX, tiny_model_config
 
     try:
         bb = load_student(student_dir)
@@ -278,7 +272,8 @@ def export_open_clip(student_dir: str | Path, out: str | Path) -> ExportResult:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
+def run_import_cli(args: argparse.Namespace) -> int:
+    """``spar import-checkpoint`` (arguments: :mod:`pipeline.train.cli`)."""
     res = import_checkpoint(
         args.file,
         args.backbone,
@@ -294,38 +289,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def run_export_cli(args: argparse.Namespace) -> int:
+    """``spar export`` (arguments: :mod:`pipeline.train.cli`)."""
     res = export_open_clip(args.student, args.out)
     print(f"spar export: wrote {res.file}; load it with open_clip alone:\n{res.python()}")
     return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``spar import-checkpoint`` and ``spar export``."""
-    p = subparsers.add_parser(
-        "import-checkpoint",
-        help="turn an authors' SPAR checkpoint (.ckpt/.pth) into a student checkpoint",
-        description="Import a released SPAR checkpoint (Lightning .ckpt or .pth state dict) as a student that "
-        "spar eval/segment/embed accept.",
-    )
-    p.add_argument("file", help="the .ckpt / .pth / .safetensors file")
-    p.add_argument("--backbone", required=True, help="backbone it was trained from (e.g. maskclip-vit-b16)")
-    p.add_argument("--out", required=True, help="student checkpoint directory to write")
-    p.add_argument(
-        "--pretrained",
-        help="base weights the authors started from (open_clip tag or file; e.g. laion2b_s34b_b88k); "
-        "default: random seeded base, every tensor stored",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of a random base (default 0)")
-    p.add_argument("--quick-gelu", action="store_true", help="the tower runs QuickGELU (OpenAI weights)")
-    p.set_defaults(func=_cmd_import)
-
-    e = subparsers.add_parser(
-        "export",
-        help="write a student as a full open_clip state dict",
-        description="Export a student checkpoint so that open_clip.create_model(name, pretrained=FILE) loads it.",
-    )
-    e.add_argument("student", help="student checkpoint directory")
-    e.add_argument("--format", choices=["open_clip"], default="open_clip", help="output format (open_clip)")
-    e.add_argument("--out", required=True, help="file to write (.safetensors, or .pt/.pth)")
-    e.set_defaults(func=_cmd_export)

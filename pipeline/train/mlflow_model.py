@@ -14,12 +14,18 @@ base weights identity checked) and runs the project's own single-pass forward.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 from mlflow.pyfunc import PythonModel
+
+from pipeline.eval.model import build_text_classifier, dense_features, resize_rgb, resolve_classes
+from pipeline.train.checkpoint import load_student, read_backbone_info
+from spar_core.segment import predict
 
 __all__ = ["StudentModel", "log_student_model", "student_signature", "CHECKPOINT_ARTIFACT"]
 
@@ -30,8 +36,6 @@ class StudentModel(PythonModel):
     """pyfunc wrapper: dense features (default) or a segmentation label map of one RGB image."""
 
     def load_context(self, context: Any) -> None:
-        from pipeline.train.checkpoint import load_student
-
         self.bb = load_student(context.artifacts[CHECKPOINT_ARTIFACT], device="cpu")
         self._classifiers: dict[str, Any] = {}
 
@@ -47,8 +51,6 @@ class StudentModel(PythonModel):
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - no hints: MLflow reads them as a schema
         """(H, W, 3) uint8 -> features (H/p, W/p, D) float32, or with ``output=segmentation`` labels (H, W)."""
-        from pipeline.eval.model import dense_features, resize_rgb
-
         params = params or {}
         img = self._image(model_input)
         h, w = img.shape[:2]
@@ -62,11 +64,6 @@ class StudentModel(PythonModel):
         )
 
     def _segment(self, feats: Any, classes: str, scale: float, out_size: tuple[int, int]) -> np.ndarray:
-        import torch
-
-        from pipeline.eval.model import build_text_classifier, resolve_classes
-        from spar_core.segment import predict
-
         if classes not in self._classifiers:
             self._classifiers[classes] = build_text_classifier(self.bb, resolve_classes(classes))
         with torch.no_grad():
@@ -101,10 +98,6 @@ def log_student_model(
 
     Returns the ``ModelInfo`` (``registered_model_version`` holds the version). The active tracking URI is used.
     """
-    import json
-
-    from pipeline.train.checkpoint import read_backbone_info
-
     info = read_backbone_info(student_dir)
     dim = int(lineage.get("dim", -1))
     metadata = {

@@ -10,7 +10,7 @@ from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
 from pipeline.data.ingest import IngestConfig
 from pipeline.eval.config import EvalConfig
-from pipeline.train.distill import DistillConfig
+from pipeline.train.config import DistillConfig
 
 SECTIONS = ("run", "ingest", "precompute", "distill", "eval")
 

@@ -38,7 +38,7 @@ from pipeline.data.ingest import IngestConfig, IngestSummary, ingest
 from pipeline.eval.benchmark import run_eval
 from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.eval.segment import segment_images
-from pipeline.train.distill import DistillResult, distill
+from pipeline.train.driver import DistillResult, distill
 from pipeline.workflow.config import Recipe, load_recipe
 
 STAGES = ("ingest", "precompute", "distill", "eval")

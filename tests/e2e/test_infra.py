@@ -99,7 +99,7 @@ def test_recipes_load_into_every_stage_config(recipe):
     from pipeline.common.config import load_config
     from pipeline.data.ingest import IngestConfig
     from pipeline.eval.config import EvalConfig
-    from pipeline.train.distill import DistillConfig
+    from pipeline.train.config import DistillConfig
 
     data = tomllib.loads(recipe.read_text())
     assert set(data) == {"run", "ingest", "precompute", "distill", "eval"}, recipe
@@ -116,7 +116,7 @@ def test_recipes_load_into_every_stage_config(recipe):
 def test_paper_recipes_match_the_paper():
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
-    from pipeline.train.distill import DistillConfig
+    from pipeline.train.config import DistillConfig
 
     mc = ROOT / "jobs/configs/maskclip_vitb16.toml"
     pre = load_config(PrecomputeConfig, mc, section="precompute")

@@ -23,7 +23,8 @@ from pipeline.cache.reader import open_cache
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.benchmark import run_eval
 from pipeline.eval.config import EvalConfig
-from pipeline.train.distill import DistillConfig, distill
+from pipeline.train.config import DistillConfig
+from pipeline.train.driver import distill
 from tests.pipeline.test_stream import build_data
 
 # Ray Train start-up and five MLflow runs: ~80 s on a quiet 2-core machine (~5 min on a busy one); in the default

@@ -80,7 +80,13 @@ def test_autocast_context_follows_the_resolved_dtype(cpu_rule):
 
 
 def test_train_uses_the_resolver(cpu_rule):
-    from pipeline.train.distill import DistillError, resolve_precision
+    from pipeline.common.precision import autocast_dtype
+    from pipeline.train.config import DistillError
+    from pipeline.train.step import step_precision
+
+    def resolve_precision(name, device):  # (autocast dtype, GradScaler?) as the step runner derives them
+        p = step_precision(name, device)
+        return autocast_dtype(p), p == "fp16"
 
     cpu = torch.device("cpu")
     cpu_rule("1")

@@ -142,7 +142,8 @@ def test_teacher_stride_is_24_px_at_every_crop():
 
 
 def test_online_teacher_defaults_to_24_px():
-    from pipeline.train.distill import DistillConfig, teacher_window
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.plan import teacher_window
 
     cfg = DistillConfig(images="x", teacher_online=True)
     assert teacher_window(cfg, None, 512) == (512, 24)
@@ -221,7 +222,8 @@ def test_recipes_load_into_the_stage_configs():
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
     from pipeline.data.ingest import IngestConfig
-    from pipeline.train.distill import DistillConfig, lr_at
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.step import lr_at
 
     for name in REFERENCE_TRAIN:
         path = str(REPO / "jobs" / "configs" / name)

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from pipeline.cli import main
 from pipeline.common.config import ConfigError
 from pipeline.train.checkpoint import STUDENT_FILE, load_student, save_student
-from pipeline.train.distill import DistillConfig, add_cli, config_from_args, distill
+from pipeline.train.cli import add_cli
+from pipeline.train.config import DistillConfig
+from pipeline.train.driver import config_from_args, distill
 from spar_core.backbones import build_backbone
 from tests.conftest import load_photo
 from tests.core.test_reference_parity import ref_maskclip, rel

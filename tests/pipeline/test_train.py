@@ -20,9 +20,12 @@ from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CachePairingError
 from pipeline.data.imageset import open_imageset
 from pipeline.train.checkpoint import load_student
-from pipeline.train.distill import DistillConfig, StepRunner, distill
+from pipeline.train.config import DistillConfig
+from pipeline.train.driver import distill
+from pipeline.train.step import StepRunner
 from spar_core.backbones import build_backbone
 from tests.pipeline.test_stream import build_data
+from tests.reliability.train_faults import fail_once_at_step
 
 BASE = dict(
     precision="fp32",  # the naive reference below is fp32; auto picks bf16 on CPUs where it is faster
@@ -54,8 +57,9 @@ def resumed(data, workdir):
     cfg = DistillConfig(images=data["images"], cache=data["cache"], workdir=str(workdir), run_name="resumed",
                         loader_workers=1, stop_at_step=3, **BASE)  # fmt: skip
     first = distill(cfg)
-    cfg2 = dataclasses.replace(cfg, stop_at_step=0, fail_at_step=5, loader_workers=0)
-    second = distill(cfg2, resume=True)
+    cfg2 = dataclasses.replace(cfg, stop_at_step=0, loader_workers=0)
+    with fail_once_at_step(5, workdir / "distill" / "resumed"):  # the last rank raises once after step 5
+        second = distill(cfg2, resume=True)
     return cfg2, first, second
 
 
@@ -92,7 +96,7 @@ def _naive_ddp_reference(data, cfg: DistillConfig) -> dict[str, torch.Tensor]:
     """The same training as a plain single-process loop: each step averages the two ranks' losses (what DDP's
     gradient all-reduce computes), images and targets read independently (ImageSet.read, TeacherCache.features)."""
     from pipeline.data.stream import Planner, refs_from_imageset
-    from pipeline.train.distill import lr_at
+    from pipeline.train.step import lr_at
 
     ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
     planner = Planner(refs_from_imageset(ims), seed=cfg.seed, world_size=2, shuffle_buffer=cfg.shuffle_buffer)
@@ -200,13 +204,13 @@ def test_resume_continues_the_run_and_the_failure_was_recovered(resumed, workdir
 
     run = MlflowClient(second.tracking_uri).get_run(second.run_id)
     assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
-    assert run.data.tags.get("resume.changed.fail_at_step") == "5"
+    assert run.data.tags.get("resume.changed.loader_workers") == "0"
 
 
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_ray_run(data, workdir, resumed) -> None:
     cfg, _, res = resumed
-    straight = dataclasses.replace(cfg, run_name="straight", fail_at_step=0, loader_workers=1)
+    straight = dataclasses.replace(cfg, run_name="straight", loader_workers=1)
     ref = distill(straight)
     a, b = _trainable(ref.checkpoint_dir), _trainable(res.checkpoint_dir)
     assert a.keys() == b.keys()

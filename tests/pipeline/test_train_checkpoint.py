@@ -19,14 +19,16 @@ from pipeline.train.checkpoint import (
     TrainState,
     capture_rng,
     checkpoint_dir_name,
-    latest_good_checkpoint,
     load_student,
     load_training_checkpoint,
     restore_rng,
     save_student,
     save_training_checkpoint,
 )
-from pipeline.train.distill import DistillConfig, add_cli, config_from_args, lr_at
+from pipeline.train.cli import add_cli
+from pipeline.train.config import DistillConfig
+from pipeline.train.driver import config_from_args
+from pipeline.train.step import lr_at
 from spar_core.backbones import build_backbone
 
 
@@ -145,17 +147,16 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(tmp_path: Path) -> None:
                                  config={})  # fmt: skip
     (tmp_path / checkpoint_dir_name(6) / "train_state.json").write_text("{not json")
     (tmp_path / checkpoint_dir_name(4) / "checksums.json").unlink()  # an interrupted write
-    logged: list[str] = []
-    found = latest_good_checkpoint(sorted(tmp_path.iterdir()), log=logged.append)
-    assert found is not None and found[1].step == 2
-    assert len(logged) == 2
-    assert "step000000006" in logged[0] and "step000000004" in logged[1] and "checksums.json" in logged[1]
-
     from ray.train import Checkpoint
 
-    from pipeline.train.distill import _restore
+    from pipeline.train.checkpoint import restore_latest_good
 
-    state, _, where = _restore(Checkpoint(path=str(tmp_path / checkpoint_dir_name(6))))
+    logged: list[str] = []
+    found = restore_latest_good(Checkpoint(path=str(tmp_path / checkpoint_dir_name(6))), log=logged.append)
+    assert found is not None and found[0].step == 2
+    assert len(logged) == 2
+    assert "step000000006" in logged[0] and "step000000004" in logged[1] and "checksums.json" in logged[1]
+    state, _, where = found
     assert state.step == 2 and where.endswith(checkpoint_dir_name(2))
 
 

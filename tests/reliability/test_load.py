@@ -112,7 +112,8 @@ def test_precompute_and_distill_300_images_with_flat_memory(load_set, tmp_path, 
     from pipeline.cache.precompute import precompute
     from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
-    from pipeline.train.distill import DistillConfig, distill
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.driver import distill
 
     ims = open_imageset(load_set)
     assert len(ims.records) == N_IMAGES and ims.num_shards == 60

@@ -113,8 +113,8 @@ def test_pickle_in_a_training_checkpoint_is_refused_and_the_previous_one_used(st
         CheckpointError,
         TrainState,
         checkpoint_dir_name,
-        latest_good_checkpoint,
         load_training_checkpoint,
+        restore_latest_good,
         save_training_checkpoint,
         write_checksums,
     )
@@ -131,8 +131,10 @@ def test_pickle_in_a_training_checkpoint_is_refused_and_the_previous_one_used(st
     with pytest.raises(CheckpointError, match="cannot read"):
         load_training_checkpoint(bad)
     logged: list[str] = []
-    found = latest_good_checkpoint([tmp_path / checkpoint_dir_name(s) for s in (1, 2)], log=logged.append)
-    assert found is not None and found[1].step == 1
+    from ray.train import Checkpoint
+
+    found = restore_latest_good(Checkpoint(path=str(tmp_path / checkpoint_dir_name(2))), log=logged.append)
+    assert found is not None and found[0].step == 1
     assert len(logged) == 1 and checkpoint_dir_name(2) in logged[0]
 
 

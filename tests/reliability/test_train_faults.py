@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from pipeline.train.checkpoint import checkpoint_dir_name
-from pipeline.train.distill import DistillConfig, DistillError, distill
+from pipeline.train.config import DistillConfig, DistillError
+from pipeline.train.driver import distill
 
 pytestmark = pytest.mark.slow  # four Ray Train runs: well over a minute on the shared 2-core machine
 
@@ -189,9 +190,9 @@ def test_resume_with_another_student_backbone_is_refused(reference, workdir):
 @pytest.mark.xfail(
     strict=True,
     raises=DistillError,
-    reason="pipeline/train/distill.py distill(resume=True)/_fit: Ray Train V2 refuses to restore a run whose "
+    reason="pipeline/train/driver.py distill(resume=True)/_fit: Ray Train V2 refuses to restore a run whose "
     "checkpoint_manager_snapshot.json names a checkpoint directory that no longer exists "
-    "(CheckpointManagerInitializationError -> DistillError 'corrupted run directory'), so _restore's fall-back "
+    "(CheckpointManagerInitializationError -> DistillError 'corrupted run directory'), so restore_latest_good's fall-back "
     "never runs. Fix: before building the trainer on --resume, drop missing checkpoints from the snapshot (or "
     "start a fresh RunConfig name with resume_from_checkpoint=<newest good checkpoint>)",
 )

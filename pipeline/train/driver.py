@@ -1,0 +1,348 @@
+"""``distill(cfg)``: the driver of a distillation, in three parts.
+
+1. **prepare**: open the image set and the teacher cache and refuse a cache that does not pair with the images
+   (:class:`~pipeline.cache.store.CachePairingError`), resolve the student and the teacher window, and build the
+   :class:`~pipeline.train.plan.DistillPlan`, all before anything is started;
+2. **fit**: create (or reopen) the MLflow run with the plan as its params (:mod:`pipeline.train.tracking`) and run a
+   Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) of :func:`pipeline.train.worker.train_worker` on it;
+   workers resume from ``ray.train.get_checkpoint()`` (worker failure, or ``--resume`` = the same
+   ``RunConfig(storage_path, name)``) at the exact data position;
+3. **finish**: export the final student (:func:`pipeline.train.checkpoint.export_student`), log it, the resolved
+   config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.cache.store import TeacherCache, open_cache
+from pipeline.common.config import config_from_cli, save_resolved
+from pipeline.common.tasks import cluster_gpus, init_ray, train_log_level, verbose
+from pipeline.common.tracking import git_commit, mlflow_ui_command
+from pipeline.data.imageset import ImageSet, open_imageset
+from pipeline.data.stream import Planner, refs_from_imageset
+from pipeline.train.checkpoint import CheckpointError, export_student, step_of
+from pipeline.train.config import DistillConfig, DistillError
+from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
+from pipeline.train.progress import progress_bar
+from pipeline.train.tracking import log_loss_curve, log_student_model, start_run
+from pipeline.train.worker import train_worker
+from spar_core.backbones import Backbone, build_backbone
+
+# Ray reads this when it is first imported: without it, a driver started by `uv run` ships the whole working
+# directory (virtualenv included) to every worker. Workers on this machine share our environment.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+__all__ = ["DistillResult", "distill", "config_from_args", "run_cli"]
+
+
+@dataclass
+class DistillResult:
+    """What a finished (or interrupted) distillation left behind."""
+
+    run_id: str  # MLflow run id
+    run_name: str  # Ray Train run name (resume with it)
+    checkpoint_dir: str  # exported student checkpoint (pipeline.train.checkpoint.load_student); "" if none
+    ray_checkpoint: str  # last Ray Train checkpoint (training state)
+    steps: int  # optimizer steps done
+    total_steps: int  # steps planned
+    final_loss: float | None
+    tracking_uri: str
+    experiment_id: str
+    completed: bool  # False when stopped before total_steps (resume to continue)
+
+
+@dataclass
+class _Inputs:
+    """The opened inputs and the student they call for (checked against each other)."""
+
+    ims: ImageSet
+    cache: TeacherCache | None
+    student: Backbone  # built from the resolved name, weights and seed below
+    pretrained: str  # an open_clip tag or a file, "none" = random seeded
+    seed: int
+
+
+def _log(msg: str) -> None:
+    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
+
+
+def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
+    """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
+    inputs = _open_inputs(cfg)
+    workdir = Path(cfg.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    lineage_fp = inputs.cache.fingerprint if inputs.cache is not None else inputs.ims.fingerprint
+    run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
+    storage = cfg.storage_path or str(workdir / "ray_results")
+    if resume:
+        _check_resume_backbone(Path(storage) / run_name, inputs.student)
+    init_ray(cfg.ray_address or None)
+    plan = _plan(cfg, inputs, workdir, run_name, storage)
+    uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
+    _remember_run(workdir, run_name, run_id)
+    client = MlflowClient(uri)
+    resolved = save_resolved(cfg, workdir / "distill" / run_name / "resolved_config.json",
+                             extra={"effective": plan.params()})  # fmt: skip
+    client.log_artifact(run_id, str(resolved))
+    if verbose():
+        _log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
+    try:
+        with progress_bar(run_id, plan.total_steps) as actor:
+            result = _fit(plan, RunLink(run_id, uri, actor))
+    except Exception as e:
+        client.set_terminated(run_id, status="FAILED")
+        raise DistillError(
+            f"distill run {run_name} failed: {e}. Finished checkpoints are kept under {storage}/{run_name}; "
+            f"fix the cause and re-run with --resume"
+        ) from e
+    return _finish(plan, client, RunLink(run_id, uri), exp_id, result, inputs.student.dim)
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def _open_inputs(cfg: DistillConfig) -> _Inputs:
+    """Open and check the inputs before anything starts."""
+    if not cfg.images:
+        raise DistillError("distill: --images is required")
+    if not cfg.cache and not cfg.teacher_online:
+        raise DistillError(
+            "distill: --cache is required (or --teacher-online to compute the teacher in the loop)"
+        )
+    ims = open_imageset(cfg.images)
+    cache = open_cache(cfg.cache) if cfg.cache else None
+    if cache is not None and not cfg.teacher_online:
+        cache.check_pairing(ims)  # raises CachePairingError before any step
+    name, pretrained, seed = resolve_student(cfg, cache.spec if cache is not None else None)
+    bb = build_backbone(name, None if pretrained == "none" else pretrained, seed=seed)
+    if cfg.trainable_blocks != "all" and cfg.trainable_blocks > bb.num_blocks:
+        raise DistillError(
+            f"distill: trainable_blocks={cfg.trainable_blocks} but {name} has {bb.num_blocks} blocks"
+        )
+    if cache is not None and not cfg.teacher_online:
+        _check_student_fits_cache(bb, cache)
+    return _Inputs(ims, cache, bb, pretrained, seed)
+
+
+def _check_student_fits_cache(bb: Backbone, cache: TeacherCache) -> None:
+    if cache.dim and cache.dim != bb.dim:
+        raise DistillError(
+            f"distill: student {bb.name} has feature dim {bb.dim}, the cache holds {cache.dim}"
+        )
+    if cache.patch_size and cache.patch_size != bb.patch_size:
+        raise DistillError(
+            f"distill: student {bb.name} has patch size {bb.patch_size}, the cache {cache.patch_size}"
+        )
+    if bb.weights_id != cache.spec.weights_id:
+        _log(
+            f"warning: the student starts from {bb.weights_id}, the cache teacher was {cache.spec.weights_id}"
+        )
+
+
+def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: Path, run_name: str, storage: str) -> DistillPlan:
+    """The resolved plan of the run (Ray must be up: ``gpus_per_worker`` -1 asks the cluster)."""
+    cache, bb = inputs.cache, inputs.student
+    crop, stride = teacher_window(cfg, cache.spec if cache is not None else None, bb.native_size)
+    if cfg.teacher_online and crop % bb.patch_size:
+        raise DistillError(f"distill: crop {crop} is not a multiple of the patch size {bb.patch_size}")
+    planner = Planner(refs_from_imageset(inputs.ims), seed=cfg.seed, world_size=cfg.workers,
+                      batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus() > 0 else 0.0)
+    return make_plan(
+        cfg,
+        images=_abs(cfg.images),
+        cache=_abs(cfg.cache) if cfg.cache else "",
+        cache_fingerprint=cache.fingerprint if cache is not None else "",
+        student=bb.name,
+        pretrained=inputs.pretrained,
+        backbone_seed=inputs.seed,
+        patch_size=bb.patch_size,
+        crop=crop,
+        stride=stride,
+        total_steps=cfg.max_steps if cfg.max_steps > 0 else planner.total_steps(cfg.epochs),
+        steps_per_epoch=planner.steps(0),
+        gpus_per_worker=gpus,
+        workdir=str(workdir),
+        run_name=run_name,
+        storage_path=storage,
+    )
+
+
+def _tags(plan: DistillPlan, inputs: _Inputs) -> dict[str, str]:
+    """The run's lineage tags."""
+    cache, bb = inputs.cache, inputs.student
+    return {
+        "spar.stage": "distill",
+        "cache_fingerprint": plan.cache_fingerprint,
+        "imageset_fingerprint": inputs.ims.fingerprint,
+        "git_commit": git_commit(),
+        "backbone": plan.student,
+        "weights_id": bb.weights_id,
+        "teacher_weights_id": cache.spec.weights_id if cache is not None else bb.weights_id,
+        "teacher_online": str(plan.teacher_online).lower(),
+        "ray_run_name": plan.run_name,
+    }
+
+
+def _abs(p: str) -> str:
+    return p if "://" in p else os.path.abspath(p)
+
+
+def _last_run_file(workdir: Path) -> Path:
+    d = workdir / "distill"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / "last_run.json"
+
+
+def _resolve_run_name(
+    cfg: DistillConfig, workdir: Path, resume: bool, fingerprint: str
+) -> tuple[str, str | None]:
+    """(Ray Train run name, MLflow run id to continue or None)."""
+    last = _last_run_file(workdir)
+    if resume:
+        prev = json.loads(last.read_text()) if last.exists() else {}
+        name = cfg.run_name or prev.get("run_name", "")
+        if not name:
+            raise DistillError(
+                f"--resume: no previous distill run recorded in {last}; pass --set run_name=NAME"
+            )
+        return name, prev.get("runs", {}).get(name)
+    if cfg.run_name:
+        return cfg.run_name, None
+    return f"distill-{fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}", None
+
+
+def _remember_run(workdir: Path, run_name: str, run_id: str) -> None:
+    last = _last_run_file(workdir)
+    prev = json.loads(last.read_text()) if last.exists() else {}
+    runs = prev.get("runs", {})
+    runs[run_name] = run_id
+    tmp = last.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_name": run_name, "runs": runs}, indent=2))
+    os.replace(tmp, last)
+
+
+def _check_resume_backbone(run_dir: Path, student: Backbone) -> None:
+    """Refuse to resume a run whose checkpoints hold another backbone's (or other base weights') student."""
+    if not run_dir.is_dir():  # remote storage or nothing saved yet: the workers' restore checks shapes
+        return
+    for ckpt in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
+        try:
+            meta = json.loads((ckpt / "backbone.json").read_text())
+        except (OSError, ValueError):
+            continue  # unusable checkpoints are reported and skipped by the restore
+        if meta.get("name") != student.name or meta.get("weights_id") != student.weights_id:
+            raise DistillError(
+                f"distill --resume: run {run_dir.name} trains a {meta.get('name')} student from "
+                f"{meta.get('weights_id')} (checkpoint {ckpt.name}), not {student.name} from "
+                f"{student.weights_id}; resume with the same student or start a new run"
+            )
+        return
+
+
+# ---------------------------------------------------------------------------------------------------- fit
+
+
+def _fit(plan: DistillPlan, link: RunLink) -> Result:
+    """Run the Ray Train job of the plan; returns Ray's result (last metrics and checkpoint)."""
+    resources: dict[str, float] = {"CPU": float(plan.cpus_per_worker)}
+    gpus = plan.gpus_per_worker
+    if gpus > 0:
+        resources["GPU"] = gpus
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"plan": plan, "link": link},
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=plan.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=train_log_level()),  # Ray's chatter only with --verbose
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+    )
+    return trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------------- finish
+
+
+def _export(plan: DistillPlan, result: Result, link: RunLink, exp_id: str) -> str:
+    """The final student exported to ``<workdir>/students/<run name>`` ("" when the run saved no checkpoint)."""
+    if result.checkpoint is None:
+        return ""
+    lineage = {"run_id": link.run_id, "experiment_id": exp_id, "tracking_uri": link.tracking_uri}
+    out = Path(plan.workdir) / "students" / plan.run_name
+    with result.checkpoint.as_directory() as d:
+        try:
+            return str(export_student(d, out, lineage))
+        except CheckpointError as e:
+            raise DistillError(f"the final checkpoint cannot be exported: {e}") from None
+
+
+def _finish(
+    plan: DistillPlan, client: MlflowClient, link: RunLink, exp_id: str, result: Result, dim: int
+) -> DistillResult:
+    """Export and log the student and the loss curve, close the run, print where everything is."""
+    metrics, ckpt, run_id = result.metrics or {}, result.checkpoint, link.run_id
+    steps = int(metrics.get("step", 0))
+    export = _export(plan, result, link, exp_id)
+    if ckpt is not None and steps == 0:
+        steps = int(step_of(posixpath.basename(ckpt.path.rstrip("/"))) or 0)
+    log_loss_curve(client, run_id, Path(plan.workdir) / "distill" / plan.run_name / "loss_curve.png")
+    final_loss = metrics.get("loss")
+    completed = steps >= plan.total_steps
+    if export and completed:
+        log_student_model(client, link.tracking_uri, run_id, export, plan.register_model, dim)
+    elif export:  # an unfinished student: its files, not a model
+        client.log_artifacts(run_id, export, artifact_path="student")
+    client.log_metric(run_id, "steps_done", steps)
+    client.set_terminated(run_id, status="FINISHED" if completed else "KILLED")
+    print(f"distill run {plan.run_name}: {steps}/{plan.total_steps} steps, final loss {final_loss}")
+    if export:
+        print(f"student checkpoint: {export}")
+    if not completed:
+        print(f"stopped before the last step; continue with: spar distill ... --resume (run {plan.run_name})")
+    print(f"MLflow run id: {run_id}")
+    print(f"view it with: {mlflow_ui_command(plan.workdir)}")
+    return DistillResult(
+        run_id=run_id,
+        run_name=plan.run_name,
+        checkpoint_dir=export,
+        ray_checkpoint=ckpt.path if ckpt is not None else "",
+        steps=steps,
+        total_steps=plan.total_steps,
+        final_loss=float(final_loss) if final_loss is not None else None,
+        tracking_uri=link.tracking_uri,
+        experiment_id=exp_id,
+        completed=completed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """DistillConfig from ``spar distill`` arguments: defaults <- recipe [distill] <- --set <- explicit flags."""
+    return config_from_cli(DistillConfig, args, "distill")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``spar distill`` (arguments: :mod:`pipeline.train.cli`)."""
+    distill(config_from_args(args), resume=args.resume)
+    return 0

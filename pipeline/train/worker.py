@@ -1,0 +1,260 @@
+"""The Ray Train worker loop (every rank runs it): build the student, resume from the newest good checkpoint, stream
+this rank's image + target batches, step, report.
+
+Every rank streams its own shard pairs (:mod:`pipeline.data.stream`) at the exact data position of the checkpoint,
+trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
+``checkpoint_every`` steps and at every epoch end; rank 0 attaches the training checkpoint
+(:mod:`pipeline.train.checkpoint`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
+and feeds the driver's progress bar.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from pipeline.common.tracking import system_metrics
+from pipeline.data.imageset import open_imageset
+from pipeline.data.stream import PairedStream, Planner, make_loader, refs_from_imageset
+from pipeline.train.checkpoint import (
+    TrainState,
+    capture_rng,
+    checkpoint_dir_name,
+    restore_latest_good,
+    restore_rng,
+    save_training_checkpoint,
+)
+from pipeline.train.plan import DistillPlan, RunLink
+from pipeline.train.progress import progress_actor
+from pipeline.train.step import StepRunner
+from pipeline.train.tracking import MetricLog
+from spar_core.backbones import Backbone, build_backbone
+from spar_core.distill import trainable_parameters
+
+__all__ = ["train_worker"]
+
+
+def _log(msg: str) -> None:
+    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point; ``config`` = ``{"plan": DistillPlan, "link": RunLink}``."""
+    plan: DistillPlan = config["plan"]
+    link: RunLink = config["link"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(plan.cpus_per_worker)
+    torch.manual_seed(plan.seed)
+    runner, state = _build(plan, device, rank, world)
+    if state.step >= plan.total_steps:
+        _log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
+        ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
+        return
+    mlog = MetricLog(link.tracking_uri, link.run_id, plan.log_every) if rank == 0 else None
+    if mlog is not None:  # where and how the steps really ran (a GPU check reads these back)
+        amp = runner.autocast_dtype
+        mlog.tag({
+            "worker_device": str(device),
+            "autocast_dtype": str(amp).removeprefix("torch.") if amp is not None else "none",
+            "grad_scaler": str(runner.scaler is not None).lower(),
+        })  # fmt: skip
+    loop = _Loop(plan, link, runner, state, rank, world, mlog)
+    if rank != 0:
+        loop.run()
+        return
+    with system_metrics(link.run_id, link.tracking_uri):  # on rank 0's node: its CPUs, memory, GPUs
+        loop.run()
+
+
+def _student(plan: DistillPlan, device: torch.device) -> Backbone:
+    return build_backbone(plan.student, plan.base_weights, device=device, seed=plan.backbone_seed)
+
+
+def _build(plan: DistillPlan, device: torch.device, rank: int, world: int) -> tuple[StepRunner, TrainState]:
+    """The student (restored from the newest good checkpoint, if any), its DDP wrapper and the step runner."""
+    bb = _student(plan, device)
+    params = trainable_parameters(bb, plan.trainable_blocks)
+    state = TrainState(extra={"epoch_loss_sum": 0.0, "epoch_steps": 0})
+    ckpt = ray.train.get_checkpoint()
+    restored = restore_latest_good(ckpt) if ckpt else None
+    if restored is not None:
+        state, weights, where = restored
+        bb.load_trainable_state_dict({k: v.to(device) for k, v in weights.items()})
+        _log(f"rank {rank}: resumed from {where} at step {state.step} (epoch {state.epoch}, "
+             f"batch {state.batch_in_epoch})")  # fmt: skip
+        saved_world = state.extra.get("world_size")
+        if saved_world not in (None, world):
+            _log(
+                f"warning: the checkpoint was written by {saved_world} workers, this run has {world}: the data "
+                "order changes from here on (samples may repeat or be skipped in the current epoch)"
+            )
+    model: torch.nn.Module = bb
+    if world > 1:
+        model = ray.train.torch.prepare_model(bb, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    teacher = _student(plan, device) if plan.teacher_online else None
+    runner = StepRunner(bb, model, params, plan, device, plan.total_steps, teacher=teacher, crop=plan.crop,
+                        stride=plan.stride)  # fmt: skip
+    if restored is not None:
+        if state.optimizer is not None:
+            runner.opt.load_state_dict(state.optimizer)
+        if runner.scaler is not None and state.scaler:
+            runner.scaler.load_state_dict(state.scaler)
+        restore_rng(state.rng)
+    return runner, state
+
+
+class _Loop:
+    """The steps of one rank from its state to the end of the run (or ``stop_at_step``)."""
+
+    def __init__(
+        self,
+        plan: DistillPlan,
+        link: RunLink,
+        runner: StepRunner,
+        state: TrainState,
+        rank: int,
+        world: int,
+        mlog: MetricLog | None,
+    ) -> None:
+        self.plan, self.link, self.runner, self.state = plan, link, runner, state
+        self.rank, self.world, self.mlog = rank, world, mlog
+        self.planner = Planner(refs_from_imageset(open_imageset(plan.images)), seed=plan.seed, world_size=world,
+                               batch_size=plan.batch_size, shuffle_buffer=plan.shuffle_buffer)  # fmt: skip
+        self.progress = progress_actor(link.progress_actor) if rank == 0 else None
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's batches from the state's data position on."""
+        p, s = self.plan, self.state
+        stream = PairedStream(
+            p.images,
+            None if p.teacher_online else p.cache,
+            seed=p.seed,
+            rank=self.rank,
+            world_size=self.world,
+            patch_size=p.patch_size,
+            batch_size=p.batch_size,
+            shuffle_buffer=p.shuffle_buffer,
+            start_epoch=s.epoch,
+            start_batch=s.batch_in_epoch,
+            num_batches=p.total_steps - s.step,
+            verify=p.verify_pixels,
+        )
+        return iter(make_loader(stream, p.loader_workers))
+
+    def run(self) -> None:
+        plan, state = self.plan, self.state
+        it = self._batches()
+        epoch_t0 = t_prev = time.perf_counter()
+        while state.step < plan.total_steps:
+            t0 = time.perf_counter()
+            item = next(it)
+            t1 = time.perf_counter()
+            if (item["epoch"], item["batch"]) != (state.epoch, state.batch_in_epoch):
+                raise RuntimeError(
+                    f"stream out of step: got batch {item['batch']} of epoch {item['epoch']}, expected "
+                    f"{state.batch_in_epoch} of {state.epoch}"
+                )
+            loss, lr = self._step(item)
+            t2 = time.perf_counter()
+            ended_epoch = state.epoch
+            state.epoch, state.batch_in_epoch = self.planner.advance(item["epoch"], item["batch"])
+            self._record(item, loss, lr, t1 - t0, t2 - t_prev)
+            t_prev = t2
+            metrics: dict[str, Any] = {"step": state.step, "epoch": ended_epoch, "loss": loss}
+            epoch_done = state.epoch != ended_epoch
+            if epoch_done:
+                metrics["epoch_loss"] = self._end_epoch(ended_epoch, t2 - epoch_t0)
+                epoch_t0 = t2
+            stop = plan.stop_at_step > 0 and state.step >= plan.stop_at_step
+            if (
+                epoch_done
+                or state.step % plan.checkpoint_every == 0
+                or state.step >= plan.total_steps
+                or stop
+            ):
+                if self.mlog is not None:
+                    self.mlog.flush()
+                self._report(metrics)
+            if stop and state.step < plan.total_steps:
+                _log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
+                break
+        if self.mlog is not None:
+            self.mlog.flush()
+
+    def _step(self, item: dict[str, Any]) -> tuple[float, float]:
+        """One optimizer step; returns (loss averaged over the ranks, lr)."""
+        loss, lr = self.runner.step(item, self.state.step)
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss = loss / self.world
+        self.state.step += 1
+        return float(loss), lr
+
+    def _record(self, item: dict[str, Any], loss: float, lr: float, wait_s: float, step_s: float) -> None:
+        """The step's loss into the epoch sums, the progress bar and (rank 0) the run's metrics."""
+        extra = self.state.extra
+        extra["epoch_loss_sum"] = extra.get("epoch_loss_sum", 0.0) + loss
+        extra["epoch_steps"] = extra.get("epoch_steps", 0) + 1
+        images_per_s = len(item["keys"]) * self.world / max(step_s, 1e-9)
+        if self.progress is not None:  # fire and forget: the driver's progress bar reads it
+            self.progress.put.remote((self.state.step, loss, images_per_s))
+        if self.mlog is None:
+            return
+        scaler = self.runner.scaler
+        self.mlog.add(
+            {
+                "loss": loss,
+                "lr": lr,
+                "images_per_s": images_per_s,
+                "data_wait_frac": wait_s / max(step_s, 1e-9),
+                "step_time_s": step_s,
+                **({"grad_scale": scaler.get_scale()} if scaler is not None else {}),
+            },
+            self.state.step,
+        )
+
+    def _end_epoch(self, epoch: int, seconds: float) -> float:
+        """The epoch's mean loss (logged by rank 0); resets the sums."""
+        extra = self.state.extra
+        mean = extra["epoch_loss_sum"] / max(1, extra["epoch_steps"])
+        if self.mlog is not None:
+            self.mlog.add({"epoch_loss": mean, "epoch_time_s": seconds}, epoch)
+        extra["epoch_loss_sum"], extra["epoch_steps"] = 0.0, 0
+        return mean
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        """Every rank reports (a barrier); rank 0 attaches the training checkpoint."""
+        state, name = self.state, checkpoint_dir_name(self.state.step)
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        runner = self.runner
+        state.optimizer = runner.opt.state_dict()
+        state.scaler = runner.scaler.state_dict() if runner.scaler is not None else None
+        state.rng = capture_rng()
+        state.extra["mlflow_run_id"] = self.link.run_id
+        state.extra["world_size"] = self.world
+        with tempfile.TemporaryDirectory(prefix="spar-ckpt-") as tmp:
+            save_training_checkpoint(
+                runner.bb,
+                tmp,
+                state,
+                trainable_blocks=self.plan.trainable_blocks,
+                config=self.plan.checkpoint_config(),
+                cache_fingerprint=self.plan.cache_fingerprint or None,
+                seed=self.plan.backbone_seed,
+            )
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+            )
+        state.optimizer = None
