@@ -177,7 +177,9 @@ def teacher_rate(
 
 def io_rates(dim: int, workdir: Path) -> dict[str, float]:
     """Write and read MB/s of a synthetic shard (uncompressed float16 MB), and one image's read latency."""
-    from pipeline.cache.store import CacheSpec, ShardEntry, ShardWriter, open_cache, write_spec
+    from pipeline.cache.reader import open_cache
+    from pipeline.cache.spec import CacheSpec, ShardEntry
+    from pipeline.cache.writer import ShardWriter, write_spec
 
     rng = np.random.default_rng(0)
     n_img, h, w = 48, 42, 32  # ~ 672x512 images at patch 16
@@ -293,7 +295,7 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     import torch
 
     from pipeline.cache.precompute import PrecomputeConfig, precompute
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
     from spar_core.backbones import build_backbone
     from spar_core.sliding import sliding_window_features
@@ -488,8 +490,9 @@ def _precompute(
     args: argparse.Namespace, images: str, crop: int, best: dict[str, Any], tmp: Path, flops: float, res: dict
 ) -> dict[str, Any]:
     """End-to-end ``precompute`` (one Ray task with all threads) at the best in-process setting."""
+    from pipeline.cache.maintenance import verify_cache
     from pipeline.cache.precompute import PrecomputeConfig, precompute
-    from pipeline.cache.store import open_cache, verify_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
 
     cfg = PrecomputeConfig(
@@ -541,8 +544,9 @@ def _task_rate(path: str, images: str, cfg: Any) -> dict[str, float]:
     decode, sliding-window teacher, Zarr write and commit of every shard, recomputed from scratch."""
     from dataclasses import asdict
 
+    from pipeline.cache.maintenance import invalidate_shards
     from pipeline.cache.precompute import compute_shard
-    from pipeline.cache.store import invalidate_shards, open_cache
+    from pipeline.cache.reader import open_cache
 
     n = open_cache(path).num_shards
     invalidate_shards(path, [0])

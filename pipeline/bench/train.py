@@ -108,7 +108,7 @@ def _timed(runner: Any, items: Any, n: int, skip: int) -> list[float]:
 
 def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
     """CPU milliseconds per sample of the loader worker's jobs, measured in this process (robust to load)."""
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
     from pipeline.data.stream import PairedStream, _TarReader, decode_png
 
@@ -133,7 +133,7 @@ def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
 
 
 def bench_step(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.data.stream import PairedStream, make_loader
 
     data = {**data, "cache": data["caches"][args.step_backbone]}
@@ -239,7 +239,7 @@ def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: i
 
 
 def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.cache.store import open_cache
+    from pipeline.cache.reader import open_cache
     from pipeline.train.checkpoint import load_student
     from pipeline.train.config import DistillConfig
     from pipeline.train.driver import distill

@@ -291,7 +291,7 @@ class PairedStream(IterableDataset):
         ims = open_imageset(self.images)
         cache = None
         if self.cache is not None:
-            from pipeline.cache.store import open_cache
+            from pipeline.cache.reader import open_cache
 
             cache = open_cache(self.cache)
         planner = self.planner(ims)
@@ -337,7 +337,7 @@ class PairedStream(IterableDataset):
 
     def _target(self, cache: Any, ref: SampleRef) -> np.ndarray:
         """The cached target of ``ref``, after checking the cache's record of the image against the manifest."""
-        from pipeline.cache.store import CacheError
+        from pipeline.cache.spec import CacheError
 
         entries = self._entries(cache)
         e = entries.get(ref.key)
@@ -381,7 +381,9 @@ def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> DataLo
     kw: dict[str, Any] = {}
     if workers > 0:
         ctx = torch.multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.store"])
+        ctx.set_forkserver_preload(
+            ["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.reader"]
+        )
         kw = {"multiprocessing_context": ctx, "prefetch_factor": prefetch}
     return DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(), **kw

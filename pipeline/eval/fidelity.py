@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.store import TeacherCache, open_cache
+from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.data.datasets import default_classes
 from pipeline.data.imageset import ImageRecord, ImageSet, open_imageset
 from pipeline.eval.config import EvalConfig, EvalError

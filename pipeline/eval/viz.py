@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.cache.store import open_cache
+from pipeline.cache.reader import open_cache
 from pipeline.common.errors import UserError
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import EvalConfig

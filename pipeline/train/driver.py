@@ -1,7 +1,7 @@
 """``distill(cfg)``: the driver of a distillation, in three parts.
 
 1. **prepare**: open the image set and the teacher cache and refuse a cache that does not pair with the images
-   (:class:`~pipeline.cache.store.CachePairingError`), resolve the student and the teacher window, and build the
+   (:class:`~pipeline.cache.spec.CachePairingError`), resolve the student and the teacher window, and build the
    :class:`~pipeline.train.plan.DistillPlan`, all before anything is started;
 2. **fit**: create (or reopen) the MLflow run with the plan as its params (:mod:`pipeline.train.tracking`) and run a
    Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) of :func:`pipeline.train.worker.train_worker` on it;
@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.cache.store import TeacherCache, open_cache
+from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
 from pipeline.common.tasks import cluster_gpus, init_ray, train_log_level, verbose
 from pipeline.common.tracking import git_commit, mlflow_ui_command

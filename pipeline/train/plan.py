@@ -16,7 +16,7 @@ from pipeline.eval.config import default_stride
 from pipeline.train.config import DistillConfig, DistillError
 
 if TYPE_CHECKING:
-    from pipeline.cache.store import CacheSpec
+    from pipeline.cache.spec import CacheSpec
 
 __all__ = ["DistillPlan", "RunLink", "make_plan", "resolve_student", "teacher_window"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from pipeline.cache.store import TeacherCache
+from pipeline.cache.reader import TeacherCache
 from pipeline.common.tasks import verbose
 from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri
 from pipeline.data.imageset import ImageSet

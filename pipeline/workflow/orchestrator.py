@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.cache.precompute import PrecomputeConfig, precompute
-from pipeline.cache.store import open_cache
+from pipeline.cache.reader import open_cache
 from pipeline.common.config import ConfigError
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import init_ray, verbose

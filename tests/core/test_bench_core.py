@@ -29,7 +29,18 @@ def test_bench_core_prints_the_ratio(capsys):
     from pipeline.cli import build_parser
 
     args = build_parser("bench").parse_args(
-        ["bench", "core", "--backbone", "tiny-clip-64", "--size", "64x112", "--rounds", "1", "--device", "cpu"]
+        [
+            "bench",
+            "core",
+            "--backbone",
+            "tiny-clip-64",
+            "--size",
+            "64x112",
+            "--rounds",
+            "1",
+            "--device",
+            "cpu",
+        ]
     )
     assert run(args) == 0
     out = capsys.readouterr().out
