@@ -21,6 +21,7 @@ This module is pure model code: no storage, no distribution. A local weights fil
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -651,3 +652,9 @@ def build_backbone(
     bb.open_clip_name = r.oc_name
     bb.set_trainable(0)
     return bb.to(device=device, dtype=dtype).eval()
+
+
+def random_weights_seed(weights_id: str) -> int | None:
+    """The seed ``k`` of seeded random weights from their weights id ``random:<name>:seed<k>`` (None otherwise)."""
+    m = re.fullmatch(r"random:.*:seed(\d+)", weights_id or "")
+    return int(m.group(1)) if m else None

@@ -27,13 +27,12 @@ from pipeline.eval.model import (
     dense_features,
     load_model,
     pick_device,
-    random_weights_seed,
     resolve_classes,
 )
 from pipeline.eval.tracking import EvalRun, log_eval, output_dir, png_images
 from pipeline.eval.viz import fidelity_pca_pngs
 from pipeline.train.checkpoint import read_backbone_info
-from spar_core.backbones import Backbone, build_backbone
+from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.metrics import IoUAccumulator, feature_fidelity
 from spar_core.segment import TextClassifier, predict
 
@@ -140,7 +139,8 @@ def _baseline(cfg: EvalConfig, cache: TeacherCache, dev: torch.device) -> Backbo
     spec = cache.spec
     pretrained = cfg.pretrained or spec.pretrained or None  # the spec's path is a hint from another machine
     try:
-        seed = random_weights_seed(spec.weights_id, cfg.seed)
+        seed = random_weights_seed(spec.weights_id)
+        seed = cfg.seed if seed is None else seed
         base = build_backbone(spec.backbone, pretrained, device=dev, seed=seed)
     except (ValueError, FileNotFoundError) as e:
         raise EvalError(

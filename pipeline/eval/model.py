@@ -9,7 +9,6 @@ Precision (autocast) comes from :mod:`pipeline.common.precision` only.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +80,6 @@ def model_identity(bb: Backbone) -> dict[str, object]:
         "dim": bb.dim,
         "native_size": bb.native_size,
     }
-
-
-def random_weights_seed(weights_id: str, default: int) -> int:
-    """The seed of random weights from a weights id 'random:<name>:seed<k>' (else ``default``)."""
-    m = re.fullmatch(r"random:.*:seed(\d+)", weights_id or "")
-    return int(m.group(1)) if m else default
 
 
 def model_device(bb: Backbone) -> torch.device:

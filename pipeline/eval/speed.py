@@ -30,11 +30,10 @@ from pipeline.eval.model import (
     load_model,
     model_device,
     pick_device,
-    random_weights_seed,
     synchronize,
 )
 from pipeline.eval.tracking import EvalRun, log_eval, metric_key, output_dir
-from spar_core.backbones import Backbone, build_backbone
+from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.sliding import num_windows, sliding_window_features
 
 Method = tuple[str, Backbone, int | None]  # (name, model, sliding stride or None for a single pass)
@@ -181,7 +180,8 @@ def quality_vs_cost(cfg: EvalConfig, model: Backbone, crop: int, strides: list[i
 def _methods(cfg: EvalConfig, model: Backbone, dev: torch.device, strides: list[int]) -> list[Method]:
     """Single pass and sliding (coarsest stride first) of the base backbone, and the student for a checkpoint."""
     if cfg.checkpoint:  # the teacher/baseline are the student's untrained base
-        seed = random_weights_seed(model.weights_id, 0)
+        seed = random_weights_seed(model.weights_id)
+        seed = 0 if seed is None else seed
         base = build_backbone(model.name, model.pretrained or None, device=dev, seed=seed)
     else:
         base = model

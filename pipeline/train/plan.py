@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipeline.eval.config import default_stride
 from pipeline.train.config import DistillConfig, DistillError
+from spar_core.backbones import random_weights_seed
 
 if TYPE_CHECKING:
     from pipeline.cache.spec import CacheSpec
@@ -125,17 +126,8 @@ def resolve_student(cfg: DistillConfig, spec: CacheSpec | None) -> tuple[str, st
         pretrained = cfg.pretrained
     seed = cfg.backbone_seed
     if seed < 0:
-        seed = (_parse_random_seed(spec.weights_id) if same else None) or 0
+        seed = (random_weights_seed(spec.weights_id) if same else None) or 0
     return name, pretrained, seed
-
-
-def _parse_random_seed(weights_id: str) -> int | None:
-    """``random:<name>:seed<k>`` -> k."""
-    if weights_id.startswith("random:") and ":seed" in weights_id:
-        tail = weights_id.rsplit(":seed", 1)[1]
-        if tail.isdigit():
-            return int(tail)
-    return None
 
 
 def teacher_window(cfg: DistillConfig, spec: _WindowSpec | None, native_size: int) -> tuple[int, int]:
