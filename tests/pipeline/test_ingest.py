@@ -19,17 +19,13 @@ import skimage.data
 import webdataset as wds
 from PIL import Image
 
+from pipeline.cli import resolve_handler
+from pipeline.data.augment import augmentation_for, to_rgb
+from pipeline.data.cli import add_cli
+from pipeline.data.config import IngestConfig, IngestError
 from pipeline.data.imageset import ImageSetError, open_imageset
-from pipeline.data.ingest import (
-    IngestConfig,
-    IngestError,
-    add_cli,
-    assign_keys,
-    augmentation_for,
-    ingest,
-    sanitize_key,
-    to_rgb,
-)
+from pipeline.data.ingest import ingest
+from pipeline.data.sources import assign_keys, sanitize_key
 from tests.cv2_reference import cv2_linear
 
 SKIMAGE_DIR = Path(skimage.data.__file__).parent
@@ -485,7 +481,7 @@ def test_cli(photo_tree, tmp_path, capsys):
             "--no-augment", "--max-side", "256", "--workers", "1", "--quiet",
         ]
     )  # fmt: skip
-    assert args.func(args) == 0
+    assert resolve_handler(args)(args) == 0
     line = capsys.readouterr().out
     assert "3 inputs -> 3 accepted, 0 rejected" in line
     ims = open_imageset(str(tmp_path / "cli"))
