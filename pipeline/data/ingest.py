@@ -105,53 +105,34 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
     """
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
-    sources = list_sources(src)
-    keys = assign_keys(rel for _, rel in sources)
-    items = [(k, s) for k, (s, _) in zip(keys, sources, strict=True)]
-    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    shards = _plan_shards(src, cfg)
     plans = [plan_digest(cfg, i, sh) for i, sh in enumerate(shards)]
+    num_inputs = sum(len(sh) for sh in shards)
 
     fs, images, images_url = _open_output(out)
-    done = {
-        i: sc
-        for i, p in enumerate(plans)
-        if (sc := load_complete_shard(fs, images, i, p, shards[i])) is not None
-    }
+    done = {i: sc for i, p in enumerate(plans) if (sc := load_complete_shard(fs, images, i, p, shards[i]))}
     todo = [i for i in range(len(shards)) if i not in done]
     work_s = 0.0
     if todo:
         init_ray(num_cpus=workers)
         t_work = time.perf_counter()  # throughput excludes Ray start-up
-        failed = _run_shard_tasks(images_url, shards, todo, cfg, plans, done, workers, progress)
+        _run_shard_tasks(out, images_url, shards, todo, cfg, plans, done, workers, progress)
         work_s = time.perf_counter() - t_work
-        if failed:
-            first = min(failed)
-            cause = getattr(failed[first], "cause", None) or failed[first]
-            raise IngestError(
-                f"ingest into {out}: shard(s) {sorted(failed)} failed ({type(cause).__name__}: {cause}); "
-                f"{len(done)} of {len(shards)} shards are complete and kept; fix the cause and re-run to resume"
-            ) from failed[first]
 
-    records = [ImageRecord(**{**r, "augmentation": json.loads(r["augmentation"])})
-               for i in range(len(shards)) for r in done[i]["records"]]  # fmt: skip
-    rejected = [tuple(x) for i in range(len(shards)) for x in done[i]["rejected"]]
-    if len(records) + len(rejected) != len(items):
-        raise RuntimeError(
-            f"ingest into {out}: {len(items)} inputs but {len(records)} + {len(rejected)} results"
-        )
+    records, rejected = _results(done, len(shards), num_inputs, out)
     remove_stale(fs, images, len(shards))
     fingerprint = manifest_fingerprint(records)
     reasons = Counter(r.split(":", 1)[0] for _, r in rejected)
     _write_tables(fs, images, records, rejected)
     meta = _imageset_meta(
-        fingerprint, cfg, src, len(items), len(shards), len(records), len(rejected), reasons
+        fingerprint, cfg, src, num_inputs, len(shards), len(records), len(rejected), reasons
     )
     write_bytes_atomic(join(images_url, IMAGESET_NAME), meta, error=IngestError)  # last: the set is complete
     return IngestSummary(
         root=out,
         images_dir=images_url,
         fingerprint=fingerprint,
-        num_inputs=len(items),
+        num_inputs=num_inputs,
         accepted=len(records),
         rejected=len(rejected),
         num_shards=len(shards),
@@ -161,6 +142,14 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
         rejected_reasons=dict(reasons),
         processed=sum(len(shards[i]) for i in todo),
     )
+
+
+def _plan_shards(src: str, cfg: IngestConfig) -> list[Shard]:
+    """The sources of ``src`` (sorted), keyed, split into shards of ``cfg.shard_size``."""
+    sources = list_sources(src)
+    keys = assign_keys(rel for _, rel in sources)
+    items = [(k, s) for k, (s, _) in zip(keys, sources, strict=True)]
+    return [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
 
 
 def _open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
@@ -178,24 +167,15 @@ def _open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
     return fs, images, images_url
 
 
-def _run_shard_tasks(
-    images_url: str,
-    shards: list[Shard],
-    todo: list[int],
-    cfg: IngestConfig,
-    plans: list[str],
-    done: dict[int, Sidecar],
-    workers: int | None,
-    progress: bool,
-) -> dict[int, BaseException]:
+def _run_shard_tasks(out: str, images_url: str, shards: list[Shard], todo: list[int], cfg: IngestConfig,
+                     plans: list[str], done: dict[int, Sidecar], workers: int | None, progress: bool) -> None:  # fmt: skip
     """Run one Ray task per shard in ``todo``, at most ``workers`` at once; fill ``done`` with their sidecars.
 
-    Returns the failed shards. After a failure no new shard is started, but those in flight finish (and stay).
+    After a failure no new shard starts, but those in flight finish (and are kept); then an IngestError names the
+    failed shards and the first one's cause.
     """
     task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-    show = (
-        progress and not bars_disabled()
-    )  # a per-image progress feed costs an actor process: only for a bar
+    show = progress and not bars_disabled()  # a per-image feed costs an actor process: only for a bar
     tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
     try:
         result = run_pool(
@@ -213,7 +193,27 @@ def _run_shard_tasks(
         if tracker is not None:
             ray.kill(tracker)
     done.update(result.done)
-    return result.failed
+    if result.failed:
+        first = min(result.failed)
+        cause = getattr(result.failed[first], "cause", None) or result.failed[first]
+        raise IngestError(
+            f"ingest into {out}: shard(s) {sorted(result.failed)} failed ({type(cause).__name__}: {cause}); "
+            f"{len(done)} of {len(shards)} shards are complete and kept; fix the cause and re-run to resume"
+        ) from result.failed[first]
+
+
+def _results(
+    done: dict[int, Sidecar], num_shards: int, num_inputs: int, out: str
+) -> tuple[list[ImageRecord], list[tuple[str, ...]]]:
+    """The accepted records and the (source, reason) rejections of all shards, in shard order."""
+    records = [ImageRecord(**{**r, "augmentation": json.loads(r["augmentation"])})
+               for i in range(num_shards) for r in done[i]["records"]]  # fmt: skip
+    rejected = [tuple(x) for i in range(num_shards) for x in done[i]["rejected"]]
+    if len(records) + len(rejected) != num_inputs:
+        raise RuntimeError(
+            f"ingest into {out}: {num_inputs} inputs but {len(records)} + {len(rejected)} results"
+        )
+    return records, rejected
 
 
 def _write_tables(
