@@ -224,7 +224,8 @@ def _ingest_photos(out: Path, n: int, side: int) -> str:
     from PIL import Image
     from skimage import data
 
-    from pipeline.data.ingest import IngestConfig, ingest
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
 
     src = out / "photos"
     src.mkdir(parents=True, exist_ok=True)

@@ -762,7 +762,8 @@ def project_precompute(
     Each original gets the paper's frozen augmentation (``pipeline.data.ingest`` defaults: fit 2048x1024 x U(0.5, 1),
     short side >= 512, crop with prob 0.5, snap to 16), drawn as ingest draws it for key ``sa1b-<i>``.
     """
-    from pipeline.data.ingest import IngestConfig, augmentation_for
+    from pipeline.data.augment import augmentation_for
+    from pipeline.data.config import IngestConfig
     from spar_core.sliding import num_windows
 
     cfg = IngestConfig(seed=seed)
@@ -848,7 +849,7 @@ def section_pipeline(ctx: Context, res: dict[str, Any], dl: Deadline) -> None:
 
     from pipeline.cache.precompute import PrecomputeConfig
     from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
-    from pipeline.data.ingest import IngestConfig
+    from pipeline.data.config import IngestConfig
     from pipeline.eval.config import EvalConfig, SegmentConfig
     from pipeline.train.config import DistillConfig
     from pipeline.workflow.config import DemoConfig, Recipe, RunConfig

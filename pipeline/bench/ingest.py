@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common.photos import sample_photo_files
+from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.ingest import ingest
 
 
 def _make_sources(dst: Path, copies: int) -> int:
@@ -34,8 +35,9 @@ def _make_sources(dst: Path, copies: int) -> int:
 
 def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
     """CPU seconds per image for each step, in this process (no Ray): robust to other load on the machine."""
+    from pipeline.data.augment import apply_augmentation, augmentation_for, decode_source
     from pipeline.data.imageset import pixel_sha256
-    from pipeline.data.ingest import apply_augmentation, augmentation_for, decode_source, encode_png
+    from pipeline.data.png import encode_png
 
     steps = {"decode": 0.0, "augment": 0.0, "sha256": 0.0, "png_encode": 0.0}
     for i, f in enumerate(files):
@@ -74,10 +76,10 @@ def _zlib_up_png(level: int):
         import zlib
         from unittest import mock
 
-        from pipeline.data import ingest as ing
+        from pipeline.data import png
 
-        with mock.patch.object(ing, "_deflate", lambda data, lv: zlib.compress(data, lv)):
-            return ing.encode_png(arr, level)
+        with mock.patch.object(png, "_deflate", lambda data, lv: zlib.compress(data, lv)):
+            return png.encode_png(arr, level)
 
     return enc
 
@@ -93,7 +95,7 @@ def _npy(arr) -> bytes:
 
 
 def _encode_png_at(arr, level: int) -> bytes:
-    from pipeline.data.ingest import encode_png
+    from pipeline.data.png import encode_png
 
     return encode_png(arr, level)
 
@@ -124,7 +126,7 @@ def encode_table(files: list[Path], cfg: IngestConfig, rounds: int = 3) -> list[
     import numpy as np
     from PIL import Image
 
-    from pipeline.data.ingest import apply_augmentation, augmentation_for, decode_source
+    from pipeline.data.augment import apply_augmentation, augmentation_for, decode_source
 
     arrs = []
     for i, f in enumerate(files):

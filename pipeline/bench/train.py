@@ -37,7 +37,7 @@ from PIL import Image
 
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sample_photo_rgb
-from pipeline.data.ingest import IngestConfig
+from pipeline.data.config import IngestConfig
 from pipeline.workflow.config import Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, Reporter, prepare_data
 

@@ -1,2 +1,9 @@
-"""Images in: ingest (files or URLs -> webdataset image sets), the image-set reader, the paired training stream,
-benchmark datasets and class lists, and the reference resize."""
+"""Images in. One image's path from file to training sample, a module per step:
+
+``sources`` (list SRC, assign keys) -> ``augment`` (decode, validate, RGB, frozen augmentation; ``resize`` is the
+reference's cv2 resize) -> ``png`` (deterministic PNG) -> ``shards`` (webdataset tar + sidecar, resume) ->
+``ingest`` (the driver: Ray tasks, manifest, ``imageset.json``) -> ``imageset`` (the format and its reader) ->
+``stream`` (per-rank (image, cached teacher target) batches for training).
+
+Beside it: ``config`` (IngestConfig), ``cli`` (``spar ingest``), ``datasets`` (benchmark readers, class lists).
+"""

@@ -288,6 +288,7 @@ def parse_class_text(text: str, source: str = "class list") -> list[list[str]]:
 
     Raises ClassNamesError (naming ``source``) for an empty list, an empty name, or a name used twice.
     """
+    # imported here: spar_core.segment pulls in torch and open_clip, which reading benchmark files does not need
     from spar_core.segment import ClassListError, parse_classes
 
     try:
@@ -329,8 +330,3 @@ def default_classes(dataset: str, class_set: str = DEFAULT_CLASS_SET) -> list[li
 def format_classes(classes: list[list[str]]) -> str:
     """A class list as text: one class a line, synonyms separated by ', ' (what ``spar classes`` prints)."""
     return "\n".join(", ".join(syn) for syn in classes)
-
-
-def class_label(names: list[str]) -> str:
-    """Display name of a class: its first synonym."""
-    return names[0]

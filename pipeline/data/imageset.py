@@ -10,6 +10,9 @@ Layout of an image set (``<root>/images/``)::
 
 ``open_imageset`` accepts the image-set root (the parent of ``images/``) or the ``images/`` directory itself,
 as a local path or any fsspec URL (``s3://...``). Nothing here unpickles anything.
+
+On an image's path this is the format ingest writes (:mod:`pipeline.data.shards`) and what every later stage reads
+(the teacher precompute, the training stream, evaluation): records, pixel hashes and the set's fingerprint.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, TypedDict
 
 import fsspec
 import numpy as np
@@ -29,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.common.errors import UserError
+from pipeline.common.storage import canonical_json, sha256_of, shard_stem
 
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.parquet"
@@ -54,9 +58,14 @@ class ImageSetError(UserError):
     """An image set is missing, incomplete or inconsistent."""
 
 
-def shard_name(i: int) -> str:
-    """File name of shard ``i``: ``shard-%06d.tar``."""
-    return f"shard-{i:06d}.tar"
+class Augmentation(TypedDict):
+    """How ingest turned a source into the stored pixels (a manifest row's ``augmentation``, JSON)."""
+
+    mode: str  # "upscale", "full", "crop", or "plain" (no augmentation)
+    t: float  # the scale draw
+    resize: list[int]  # [h, w] after resizing
+    crop: list[int]  # [top, left, h, w] in the resized image; (h, w) is the stored size
+    flip: bool  # flipped horizontally
 
 
 def pixel_sha256(arr: np.ndarray) -> str:
@@ -76,7 +85,7 @@ class ImageRecord:
     width: int
     source: str
     pixel_sha256: str
-    augmentation: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    augmentation: Augmentation = field(default_factory=dict, compare=False, hash=False)  # type: ignore[assignment]
 
     def manifest_row(self) -> dict[str, Any]:
         """The row as stored in manifest.parquet (augmentation as canonical JSON)."""
@@ -89,11 +98,6 @@ class ImageRecord:
             "pixel_sha256": self.pixel_sha256,
             "augmentation": canonical_json(self.augmentation),
         }
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no whitespace) used for hashing and storage."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def manifest_fingerprint(records: list[ImageRecord]) -> str:
@@ -125,7 +129,7 @@ def decode_png_rgb(data: bytes, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)  # (H, W, 3) uint8
 
 
-def iter_tar_samples(fileobj: Any, what: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(fileobj: IO[bytes], what: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream a webdataset tar: yield (key, {ext: bytes}) groups in tar order (key = name up to first dot)."""
     current: str | None = None
     group: dict[str, bytes] = {}
@@ -199,7 +203,11 @@ class ImageSet:
     def shard_url(self, i: int) -> str:
         """Path (local) or URL (remote) of ``shard-%06d.tar``."""
         self._check_shard(i)
-        return f"{self.url}/{shard_name(i)}"
+        return f"{self.url}/{shard_stem(i)}.tar"
+
+    def shard_path(self, i: int) -> str:
+        """Path of shard ``i``'s tar inside :attr:`fs`."""
+        return f"{self.images_path}/{shard_stem(i)}.tar"
 
     def iter_shard(self, i: int, verify: bool = True) -> Iterator[tuple[ImageRecord, np.ndarray]]:
         """Yield (record, (H, W, 3) uint8 pixels) for shard ``i`` in tar order.
@@ -248,8 +256,8 @@ class ImageSet:
         """
         problems = []
         for i in range(self.num_shards):
-            tar = f"{self.images_path}/{shard_name(i)}"
-            side = f"{self.images_path}/{shard_name(i)[:-4]}.json"
+            tar = self.shard_path(i)
+            side = f"{self.images_path}/{shard_stem(i)}.json"
             try:
                 with self.fs.open(side, "rb") as f:
                     sc = json.loads(f.read())
@@ -267,19 +275,15 @@ class ImageSet:
             if got != [(r.key, r.pixel_sha256) for r in self._by_shard[i]]:
                 problems.append(f"shard {i}: sidecar and manifest disagree on keys or pixel hashes")
             if deep:
-                h = hashlib.sha256()
-                with self.fs.open(tar, "rb") as f:
-                    while chunk := f.read(1 << 22):
-                        h.update(chunk)
-                if h.hexdigest() != sc.get("tar_sha256"):
+                if sha256_of(tar, self.fs) != sc.get("tar_sha256"):
                     problems.append(
                         f"shard {i}: tar sha256 differs from the one recorded at ingest (corrupt)"
                     )
         return problems
 
-    def _open_shard(self, i: int) -> Any:
+    def _open_shard(self, i: int) -> IO[bytes]:
         try:
-            return self.fs.open(f"{self.images_path}/{shard_name(i)}", "rb")
+            return self.fs.open(self.shard_path(i), "rb")
         except FileNotFoundError:
             raise ImageSetError(f"{self.shard_url(i)}: shard file is missing") from None
 
@@ -311,7 +315,7 @@ def _verify(rec: ImageRecord, arr: np.ndarray, what: str) -> None:
         raise ImageSetError(f"{what}: {rec.key!r} pixels do not match the manifest's sha256 (corrupt shard?)")
 
 
-def _resolve_images_dir(fs: Any, path: str, url: str) -> str:
+def _resolve_images_dir(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:
     path = path.rstrip("/")
     for cand in (f"{path}/{IMAGES_DIR}", path):
         if fs.exists(f"{cand}/{IMAGESET_NAME}"):
@@ -330,7 +334,7 @@ def _join_url(url: str, path: str, images_path: str) -> str:
     return f"{scheme}://{images_path}"
 
 
-def _read_manifest(fs: Any, path: str, url: str) -> list[ImageRecord]:
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[ImageRecord]:
     try:
         with fs.open(path, "rb") as f:
             t = pq.read_table(f)

@@ -1,4 +1,4 @@
-"""Per-worker stream of (image, cached teacher target) pairs for distillation.
+"""Last step of an image's path: the per-worker stream of (image, cached teacher target) pairs for distillation.
 
 Each Ray Train worker (rank ``r`` of ``world_size``) reads its own subset of shard pairs -- image shard ``i``
 (webdataset tar) with cache shard ``i`` (Zarr) -- and yields batches in an order that is a pure function of
@@ -20,17 +20,21 @@ happens in background DataLoader workers (forkserver); batch ``j`` of the stream
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.cache.reader import TeacherCache, open_cache
+from pipeline.cache.spec import CacheError, ShardEntry
 from pipeline.common.errors import UserError
+from pipeline.data.imageset import ImageSet, decode_png_rgb, iter_tar_samples, open_imageset, pixel_sha256
+
+T = TypeVar("T")
 
 
 class StreamError(UserError):
@@ -48,7 +52,17 @@ class SampleRef:
     sha256: str
 
 
-def refs_from_imageset(ims: Any) -> list[list[SampleRef]]:
+class Batch(TypedDict, total=False):
+    """One batch of the stream (``target`` only with a cache)."""
+
+    image: torch.Tensor  # (B, H, W, 3) uint8
+    target: torch.Tensor  # (B, H/p, W/p, D) cached teacher features
+    keys: list[str]
+    epoch: int
+    batch: int  # index of the batch in its epoch
+
+
+def refs_from_imageset(ims: ImageSet) -> list[list[SampleRef]]:
     """Per image shard, its samples in tar order (from the image set's manifest)."""
     return [
         [
@@ -63,7 +77,7 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]))
 
 
-def buffer_shuffle(items: list[Any], buffer_size: int, rng: np.random.Generator) -> list[Any]:
+def buffer_shuffle(items: list[T], buffer_size: int, rng: np.random.Generator) -> list[T]:
     """Streaming shuffle with a bounded buffer (as webdataset's ``shuffle``), deterministic given ``rng``.
 
     The first ``buffer_size`` items fill the buffer; every further item replaces a random buffer entry, which is
@@ -71,8 +85,8 @@ def buffer_shuffle(items: list[Any], buffer_size: int, rng: np.random.Generator)
     """
     if buffer_size <= 1:
         return list(items)
-    out: list[Any] = []
-    buf: list[Any] = []
+    out: list[T] = []
+    buf: list[T] = []
     for it in items:
         if len(buf) < buffer_size:
             buf.append(it)
@@ -183,7 +197,7 @@ class Planner:
 class _TarReader:
     """Reads a rank's input segments sequentially, keeping raw PNG bytes only for the keys asked for."""
 
-    def __init__(self, ims: Any, inputs: list[tuple[int, list[SampleRef]]], wanted: set[str]) -> None:
+    def __init__(self, ims: ImageSet, inputs: list[tuple[int, list[SampleRef]]], wanted: set[str]) -> None:
         self.ims = ims
         self.segments = [(s, refs) for s, refs in inputs if any(r.key in wanted for r in refs)]
         self.wanted = wanted
@@ -192,11 +206,9 @@ class _TarReader:
         self._seg = 0
 
     def _members(self, shard: int) -> Iterator[tuple[str, bytes]]:
-        from pipeline.data.imageset import iter_tar_samples, shard_name
-
         url = self.ims.shard_url(shard)
         try:
-            f = self.ims.fs.open(f"{self.ims.images_path}/{shard_name(shard)}", "rb")
+            f = self.ims.fs.open(self.ims.shard_path(shard), "rb")
         except FileNotFoundError:
             raise StreamError(f"image shard {url} is missing") from None
         with f:
@@ -226,15 +238,13 @@ class _TarReader:
 
 def decode_png(data: bytes, ref: SampleRef, verify: bool = True) -> np.ndarray:
     """PNG bytes -> (H, W, 3) uint8, checked against the manifest's size and pixel hash."""
-    from pipeline.data.imageset import decode_png_rgb
-
     arr = decode_png_rgb(data, f"image {ref.key!r} (shard {ref.shard})")  # (H, W, 3) uint8
     if arr.shape != (ref.height, ref.width, 3):
         raise StreamError(
             f"image {ref.key!r} (shard {ref.shard}) decodes to {arr.shape[1]}x{arr.shape[0]}, the manifest says "
             f"{ref.width}x{ref.height}"
         )
-    if verify and hashlib.sha256(arr.tobytes()).hexdigest() != ref.sha256:
+    if verify and pixel_sha256(arr) != ref.sha256:
         raise StreamError(
             f"image {ref.key!r} (shard {ref.shard}): pixel sha256 does not match the manifest (corrupt or altered "
             "image shard)"
@@ -273,8 +283,9 @@ class PairedStream(IterableDataset):
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.num_batches = num_batches
         self.verify = verify
+        self._entry_cache: tuple[TeacherCache, dict[str, ShardEntry]] | None = None
 
-    def planner(self, ims: Any) -> Planner:
+    def planner(self, ims: ImageSet) -> Planner:
         return Planner(
             refs_from_imageset(ims),
             seed=self.seed,
@@ -283,17 +294,11 @@ class PairedStream(IterableDataset):
             shuffle_buffer=self.shuffle_buffer,
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from pipeline.data.imageset import open_imageset
-
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         ims = open_imageset(self.images)
-        cache = None
-        if self.cache is not None:
-            from pipeline.cache.reader import open_cache
-
-            cache = open_cache(self.cache)
+        cache = open_cache(self.cache) if self.cache is not None else None
         planner = self.planner(ims)
         reader: _TarReader | None = None
         reader_epoch = -1
@@ -309,7 +314,7 @@ class PairedStream(IterableDataset):
             yield self._load(batch, reader, cache, epoch, b)
 
     def _reader_for(
-        self, ims: Any, planner: Planner, epoch: int, first: int, rel: int, wid: int, nw: int
+        self, ims: ImageSet, planner: Planner, epoch: int, first: int, rel: int, wid: int, nw: int
     ) -> _TarReader:
         """A tar reader for this epoch that keeps only the samples this loader worker will emit."""
         batches = planner.batches(epoch, self.rank)
@@ -322,10 +327,10 @@ class PairedStream(IterableDataset):
         return _TarReader(ims, planner.inputs(epoch, self.rank), wanted)
 
     def _load(
-        self, batch: list[SampleRef], reader: _TarReader, cache: Any, epoch: int, b: int
-    ) -> dict[str, Any]:
+        self, batch: list[SampleRef], reader: _TarReader, cache: TeacherCache | None, epoch: int, b: int
+    ) -> Batch:
         imgs = [decode_png(reader.get(r.key, r.shard), r, self.verify) for r in batch]
-        item: dict[str, Any] = {
+        item: Batch = {
             "image": torch.from_numpy(np.stack(imgs)),  # (B, H, W, 3) uint8
             "keys": [r.key for r in batch],
             "epoch": epoch,
@@ -335,10 +340,8 @@ class PairedStream(IterableDataset):
             item["target"] = torch.from_numpy(np.stack([self._target(cache, r) for r in batch]))
         return item
 
-    def _target(self, cache: Any, ref: SampleRef) -> np.ndarray:
+    def _target(self, cache: TeacherCache, ref: SampleRef) -> np.ndarray:
         """The cached target of ``ref``, after checking the cache's record of the image against the manifest."""
-        from pipeline.cache.spec import CacheError
-
         entries = self._entries(cache)
         e = entries.get(ref.key)
         if e is None:
@@ -365,8 +368,9 @@ class PairedStream(IterableDataset):
             )
         return t  # (h, w, D)
 
-    def _entries(self, cache: Any) -> dict[str, Any]:
-        if getattr(self, "_entry_cache", None) is None or self._entry_cache[0] is not cache:
+    def _entries(self, cache: TeacherCache) -> dict[str, ShardEntry]:
+        """The cache's entries by key (read once per opened cache)."""
+        if self._entry_cache is None or self._entry_cache[0] is not cache:
             entries = {e.key: e for i in range(cache.num_shards) for e in cache.shard_entries(i)}
             self._entry_cache = (cache, entries)
         return self._entry_cache[1]

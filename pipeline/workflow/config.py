@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
-from pipeline.data.ingest import IngestConfig
+from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig
 from pipeline.train.config import DistillConfig
 

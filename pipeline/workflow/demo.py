@@ -23,7 +23,7 @@ from pipeline.common.config import config_from_cli
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import set_verbose
 from pipeline.common.tracking import mlflow_ui_command, tracking_uri
-from pipeline.data.ingest import IngestConfig
+from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.train.checkpoint import read_backbone_info
 from pipeline.train.config import DistillConfig

@@ -33,8 +33,9 @@ from pipeline.common.config import ConfigError
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import init_ray, verbose
 from pipeline.common.tracking import tracking_uri
+from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
-from pipeline.data.ingest import IngestConfig, IngestSummary, ingest
+from pipeline.data.ingest import IngestSummary, ingest
 from pipeline.eval.benchmark import run_eval
 from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.eval.segment import segment_images

@@ -97,7 +97,7 @@ def test_jobs_entry_points_exist_and_forward_to_the_cli(monkeypatch, capsys):
 def test_recipes_load_into_every_stage_config(recipe):
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
-    from pipeline.data.ingest import IngestConfig
+    from pipeline.data.config import IngestConfig
     from pipeline.eval.config import EvalConfig
     from pipeline.train.config import DistillConfig
 

@@ -230,8 +230,9 @@ def test_submit_ingest_runs_the_stage_from_the_uploaded_project(ray_head: RayHea
     assert banner["commit"] == git_commit(ROOT)
 
     # reference: each photo pushed through the stage's per-image function here, without Ray
+    from pipeline.data.augment import process_image
+    from pipeline.data.config import IngestConfig
     from pipeline.data.imageset import open_imageset
-    from pipeline.data.ingest import IngestConfig, process_image
 
     cfg = IngestConfig(target_long=128, target_short=96, min_short=48, shard_size=2)
     job = open_imageset(out_job)

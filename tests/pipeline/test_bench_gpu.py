@@ -132,7 +132,8 @@ def _windows_1d(length: int, crop: int, stride: int) -> int:
 
 
 def test_projection_counts_windows_flops_and_bytes() -> None:
-    from pipeline.data.ingest import IngestConfig, augmentation_for
+    from pipeline.data.augment import augmentation_for
+    from pipeline.data.config import IngestConfig
 
     sizes = [(1500, 2250), (2000, 1500), (1500, 2667), (1500, 2000)] * 5
     got = project_precompute(sizes, 512, 24, window_flops=1e9, dim=768, patch=16)

@@ -26,7 +26,8 @@ from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CacheError, CachePairingError, CacheSpec, ShardEntry
 from pipeline.cache.writer import ShardWriter, write_spec
 from pipeline.cli import resolve_handler
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
 
 SPEC = CacheSpec(
     backbone="tiny-clip-64",

@@ -23,7 +23,8 @@ def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.cache.precompute import precompute
-    from pipeline.data.ingest import IngestConfig, ingest
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
     from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
 

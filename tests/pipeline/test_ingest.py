@@ -19,17 +19,13 @@ import skimage.data
 import webdataset as wds
 from PIL import Image
 
+from pipeline.cli import resolve_handler
+from pipeline.data.augment import augmentation_for, to_rgb
+from pipeline.data.cli import add_cli
+from pipeline.data.config import IngestConfig, IngestError
 from pipeline.data.imageset import ImageSetError, open_imageset
-from pipeline.data.ingest import (
-    IngestConfig,
-    IngestError,
-    add_cli,
-    assign_keys,
-    augmentation_for,
-    ingest,
-    sanitize_key,
-    to_rgb,
-)
+from pipeline.data.ingest import ingest
+from pipeline.data.sources import assign_keys, sanitize_key
 from tests.cv2_reference import cv2_linear
 
 SKIMAGE_DIR = Path(skimage.data.__file__).parent
@@ -485,7 +481,7 @@ def test_cli(photo_tree, tmp_path, capsys):
             "--no-augment", "--max-side", "256", "--workers", "1", "--quiet",
         ]
     )  # fmt: skip
-    assert args.func(args) == 0
+    assert resolve_handler(args)(args) == 0
     line = capsys.readouterr().out
     assert "3 inputs -> 3 accepted, 0 rejected" in line
     ims = open_imageset(str(tmp_path / "cli"))
@@ -527,23 +523,35 @@ def test_spar_cli_recipe_and_user_errors(photo_tree, tmp_path, capsys):
 
 def test_bench_ingest_runs_and_output_is_worker_count_independent(tmp_path):
     from pipeline.bench import ingest as bench_ingest
+    from pipeline.cli import build_parser
+    from pipeline.common.photos import sample_photo_files
 
-    p = argparse.ArgumentParser()
-    bench_ingest.add_args(p)
-    args = p.parse_args(
-        ["--copies", "1", "--recipe", "small", "--workers", "1,2", "--json", str(tmp_path / "b.json")]
+    args = build_parser("bench").parse_args(
+        [
+            "bench",
+            "ingest",
+            "--copies",
+            "1",
+            "--recipe",
+            "small",
+            "--workers",
+            "1,2",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
     )
     assert bench_ingest.run(args) == 0
     info = json.loads((tmp_path / "b.json").read_text())
     assert info["same_fingerprint_across_worker_counts"] is True
     assert [r["workers"] for r in info["results"]] == [1, 2]
-    n = len(bench_ingest.skimage_photos())
+    n = len(sample_photo_files())
     assert all(r["inputs"] == n == r["accepted"] + r["rejected"] for r in info["results"])
 
 
 KILL_SCRIPT = """
 import sys
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
 ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=1), workers=1, progress=False)
 """
 
@@ -556,11 +564,11 @@ def test_killed_ingest_resumes(tmp_path):
     import sys
     import time
 
-    from pipeline.bench.ingest import skimage_photos
+    from pipeline.common.photos import sample_photo_files
 
     src = tmp_path / "src"
     src.mkdir()
-    for p in skimage_photos():
+    for p in sample_photo_files():
         shutil.copyfile(p, src / p.name)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(src), str(out)], start_new_session=True,
@@ -576,7 +584,7 @@ def test_killed_ingest_resumes(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finished = sorted(images.glob("shard-*.tar"))
-    total = len(skimage_photos())
+    total = len(sample_photo_files())
     if len(finished) >= total:
         pytest.skip("ingest finished before it could be killed")
     assert not (images / "imageset.json").exists()
@@ -592,7 +600,8 @@ def test_killed_ingest_resumes(tmp_path):
 
 S3_SCRIPT = """
 import sys
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
 s = ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=2, target_long=256, target_short=128, min_short=64),
            workers=2, progress=False)
 print(s.line())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.ingest import encode_png
+from pipeline.data.png import encode_png
 
 
 def photo(h: int, w: int) -> np.ndarray:

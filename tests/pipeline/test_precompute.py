@@ -25,8 +25,9 @@ from pipeline.cache.reader import open_cache
 from pipeline.cache.shard_task import precast_for_autocast
 from pipeline.cache.spec import CacheError
 from pipeline.cli import resolve_handler
+from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.ingest import ingest
 from spar_core.backbones import build_backbone
 from spar_core.sliding import sliding_window_features
 from tests.reliability.faults import crash_once_in_workers

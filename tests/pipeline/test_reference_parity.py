@@ -221,7 +221,7 @@ def test_paper_recipes_are_the_authors_run(name):
 def test_recipes_load_into_the_stage_configs():
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.common.config import load_config
-    from pipeline.data.ingest import IngestConfig
+    from pipeline.data.config import IngestConfig
     from pipeline.train.config import DistillConfig
     from pipeline.train.step import lr_at
 
@@ -233,7 +233,7 @@ def test_recipes_load_into_the_stage_configs():
             d = load_config(DistillConfig, path, [], section="distill")
             assert all(lr_at(s, d.lr, d.warmup_steps, d.schedule, 1000) == 2e-5 for s in (0, 500, 999))
         if name.endswith("_all.toml"):  # the extended generation reaches a 2560 px long side
-            from pipeline.data.ingest import sample_augmentation
+            from pipeline.data.augment import sample_augmentation
 
             rng = np.random.default_rng(0)
             longs = [max(sample_augmentation(1500, 2250, ing, rng)["resize"]) for _ in range(400)]

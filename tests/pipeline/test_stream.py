@@ -38,7 +38,8 @@ def build_data(root: str) -> dict[str, str]:
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.cache.precompute import precompute
     from pipeline.common.tasks import init_ray
-    from pipeline.data.ingest import IngestConfig, ingest
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
     from tests.conftest import load_photo
 
     base = Path(root)

@@ -60,7 +60,8 @@ def write_synthetic_images(
 
 def make_imageset(root: Path, n: int, shard_size: int, seed: int = 0, size=(96, 128)) -> str:
     """Ingest ``n`` synthetic images into ``root/set`` (small IngestConfig); returns the image-set root."""
-    from pipeline.data.ingest import IngestConfig, ingest
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
 
     src = root / "src"
     write_synthetic_images(src, n, size=size, seed=seed)

@@ -98,7 +98,8 @@ def _save(key: str, value) -> None:
 
 @pytest.fixture(scope="module")
 def load_set(tmp_path_factory, ray_local) -> str:
-    from pipeline.data.ingest import IngestConfig, ingest
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("rel-load")
     write_synthetic_images(root / "src", N_IMAGES, size=SIZE, seed=11)
