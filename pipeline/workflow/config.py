@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.cache.precompute import PrecomputeConfig
+from pipeline.cache.config import PrecomputeConfig
 from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
 from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig

@@ -18,7 +18,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from pipeline.cache.precompute import PrecomputeConfig
+from pipeline.cache.config import PrecomputeConfig
 from pipeline.common.config import config_from_cli
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import set_verbose

@@ -9,11 +9,10 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.fidelity import fidelity_report
-from tests.conftest import load_photo
+from tests.builders import tiny_cache, write_photo_pngs
 
 CLASSES = "sky;person,people;wall;tree;road;cat;cup"
 
@@ -21,25 +20,17 @@ CLASSES = "sky;person,people;wall;tree;road;cat;cup"
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
-    from pipeline.cache.config import PrecomputeConfig
-    from pipeline.cache.precompute import precompute
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
     from pipeline.train.checkpoint import save_student
     from spar_core.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("fid")
-    src = root / "src"
-    src.mkdir()
-    for n in ("astronaut", "coffee", "chelsea"):
-        Image.fromarray(load_photo(n)).save(src / f"{n}.png")
+    src = write_photo_pngs(root / "src", ("astronaut", "coffee", "chelsea"))
     ingest(
         str(src), str(root / "set"), IngestConfig(augment=False, max_side=96, shard_size=2), progress=False
     )
-    cache = precompute(
-        PrecomputeConfig(images=str(root / "set"), teacher="tiny-clip-64", crop=64, stride=32,
-                         cache_root=str(root / "cache"), device="cpu", autocast="none", progress=False)
-    )  # fmt: skip
+    cache = tiny_cache(str(root / "set"), root / "cache", device="cpu")
     bb = build_backbone("tiny-clip-64")
     bb.set_trainable(2)
     gen = torch.Generator().manual_seed(1)

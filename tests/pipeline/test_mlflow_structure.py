@@ -25,7 +25,7 @@ from pipeline.eval.benchmark import run_eval
 from pipeline.eval.config import EvalConfig
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
-from tests.pipeline.test_stream import build_data
+from tests.builders import paired_data
 
 # Ray Train start-up and five MLflow runs: ~80 s on a quiet 2-core machine (~5 min on a busy one); in the default
 # run, because this structure is what users compare runs by
@@ -36,7 +36,7 @@ MODEL = "spar-test-student"
 
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
-    data = build_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+    data = paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
     wd = tmp_path_factory.mktemp("mlflow-structure")
     # the held-out set's cache is computed here, with a run recording its cost
     held_cache = precompute(

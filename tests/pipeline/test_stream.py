@@ -6,9 +6,7 @@ tiny-clip-64); the stream's output is compared with independent reads (ImageSet.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,58 +23,12 @@ from pipeline.data.stream import (
     make_loader,
     refs_from_imageset,
 )
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
-
-
-@functools.cache
-def build_data(root: str) -> dict[str, str]:
-    """Image set (6 photos, 3 shards of 2, ~128x192 pixels) + its tiny-clip-64 cache, plus a second image set with
-    other pixels (for pairing refusals). Built once per session, shared by the stream and train tests."""
-    from PIL import Image
-
-    from pipeline.cache.config import PrecomputeConfig
-    from pipeline.cache.precompute import precompute
-    from pipeline.common.tasks import init_ray
-    from pipeline.data.config import IngestConfig
-    from pipeline.data.ingest import ingest
-    from tests.conftest import load_photo
-
-    base = Path(root)
-    src, other_src = base / "photos", base / "photos_other"
-    src.mkdir(parents=True, exist_ok=True)
-    other_src.mkdir(parents=True, exist_ok=True)
-    for n in PHOTOS:
-        Image.fromarray(load_photo(n)).save(src / f"{n}.png")
-    # same keys and sizes as two of the photos above, other pixels for "astronaut"
-    Image.fromarray(load_photo("camera")).save(other_src / "astronaut.png")
-    Image.fromarray(load_photo("coffee")).save(other_src / "coffee.png")
-    init_ray(num_cpus=2)
-    small = dict(target_long=192, target_short=128, min_short=128)
-    ingest(str(src), str(base / "set"), IngestConfig(shard_size=2, **small), workers=2, progress=False)
-    ingest(
-        str(other_src),
-        str(base / "other"),
-        IngestConfig(shard_size=2, seed=7, **small),
-        workers=1,
-        progress=False,
-    )
-    cache = precompute(
-        PrecomputeConfig(
-            images=str(base / "set"),
-            teacher="tiny-clip-64",
-            crop=64,
-            stride=32,
-            cache_root=str(base / "cache"),
-            progress=False,
-        )
-    )
-    return {"images": str(base / "set"), "cache": cache, "other": str(base / "other")}
+from tests.builders import paired_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
-    return build_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
 
 
 def _refs(n_shards: int, per: int, sizes: list[tuple[int, int]] | None = None) -> list[list[SampleRef]]:

@@ -19,72 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from tests.builders import CROP, STRIDE, TEACHER, make_imageset, precompute_cfg  # noqa: F401 - used by fixtures
 
 REPO = Path(__file__).resolve().parents[2]
-TEACHER = "tiny-clip-64"
-CROP, STRIDE = 64, 32
-INGEST_SMALL = dict(target_long=192, target_short=128, min_short=64)
 CLI_TIMEOUT = 300  # seconds for one `spar` process on a loaded 2-core machine
-
-
-# ------------------------------------------------------------------------------------------ synthetic images
-
-
-def synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """(h, w, 3) uint8: noise plus a few flat rectangles and a disc (so features are not pure noise)."""
-    img = rng.integers(0, 64, (h, w, 3), dtype=np.uint8)
-    for _ in range(3):
-        y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
-        y1, x1 = int(rng.integers(y0 + 4, h)), int(rng.integers(x0 + 4, w))
-        img[y0:y1, x0:x1] = rng.integers(64, 256, 3, dtype=np.uint8)
-    yy, xx = np.mgrid[:h, :w]
-    cy, cx, r = h / 2, w / 2, min(h, w) / 4
-    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3, dtype=np.uint8)
-    return img
-
-
-def write_synthetic_images(
-    d: Path, n: int, size: tuple[int, int] = (96, 128), seed: int = 0, prefix: str = "img"
-) -> list[Path]:
-    """Write ``n`` synthetic PNGs of ``size`` (h, w) into ``d``."""
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        p = d / f"{prefix}{i:04d}.png"
-        Image.fromarray(synthetic_image(rng, *size)).save(p)
-        paths.append(p)
-    return paths
-
-
-def make_imageset(root: Path, n: int, shard_size: int, seed: int = 0, size=(96, 128)) -> str:
-    """Ingest ``n`` synthetic images into ``root/set`` (small IngestConfig); returns the image-set root."""
-    from pipeline.data.config import IngestConfig
-    from pipeline.data.ingest import ingest
-
-    src = root / "src"
-    write_synthetic_images(src, n, size=size, seed=seed)
-    out = root / "set"
-    ingest(str(src), str(out), IngestConfig(shard_size=shard_size, seed=seed, **INGEST_SMALL), workers=2,
-           progress=False)  # fmt: skip
-    return str(out)
-
-
-def precompute_cfg(images: str, cache_root: Path | str, **kw):
-    """A PrecomputeConfig for the tiny teacher (float32 forward, so results do not depend on autocast)."""
-    from pipeline.cache.config import PrecomputeConfig
-
-    base = dict(images=images, teacher=TEACHER, crop=CROP, stride=STRIDE, cache_root=str(cache_root),
-                autocast="none", workers=2, window_batch=16, progress=False, max_retries=0)  # fmt: skip
-    return PrecomputeConfig(**{**base, **kw})
-
-
-def precompute_argv(images: str, cache_root: Path | str, *extra: str) -> list[str]:
-    """``spar precompute`` arguments matching :func:`precompute_cfg`."""
-    return ["precompute", "--images", images, "--teacher", TEACHER, "--crop", str(CROP), "--stride",
-            str(STRIDE), "--cache-root", str(cache_root), "--set", "autocast=none", "--set", "progress=false",
-            "--set", "max_retries=0", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

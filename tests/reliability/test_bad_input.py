@@ -27,13 +27,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.conftest import (
-    REPO,
-    assert_user_error,
-    cli_env,
-    make_imageset,
-    run_main,
-)
+from tests.builders import make_imageset
+from tests.reliability.conftest import REPO, assert_user_error, cli_env, run_main
 
 
 @pytest.fixture(autouse=True)

@@ -19,12 +19,7 @@ import pytest
 
 from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CacheError
-from tests.reliability.conftest import (
-    assert_user_error,
-    cache_features,
-    run_main,
-    shard_attempts,
-)
+from tests.reliability.conftest import assert_user_error, cache_features, run_main, shard_attempts
 
 
 @pytest.fixture(autouse=True)

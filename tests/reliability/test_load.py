@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.reliability.conftest import precompute_cfg, write_synthetic_images
+from tests.builders import precompute_cfg, write_synthetic_images
 
 pytestmark = pytest.mark.slow
 

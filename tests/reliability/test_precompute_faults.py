@@ -24,14 +24,12 @@ from pipeline.cache.maintenance import verify_cache
 from pipeline.cache.precompute import precompute
 from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CacheError
+from tests.builders import make_imageset, precompute_argv, precompute_cfg
 from tests.reliability.conftest import (
     assert_cache_equals_reference,
     assert_user_error,
     complete_shards,
     kill_session,
-    make_imageset,
-    precompute_argv,
-    precompute_cfg,
     run_main,
     shard_attempts,
     start_spar,

@@ -1,0 +1,116 @@
+"""Test data builders shared by every suite (the one place for them): real sample photos, synthetic images, small
+image sets and tiny teacher caches built with the real stages, and the paired image set + cache that the stream,
+train and MLflow tests share. Fixtures that use them live in ``tests/conftest.py``.
+
+Everything is small on purpose (the machine has 2 shared cores): the ``tiny-clip-64`` backbone, crop 64 / stride 32.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.cache.config import PrecomputeConfig
+from pipeline.cache.precompute import precompute
+from pipeline.common.photos import sample_photo_rgb
+from pipeline.common.tasks import init_ray
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
+
+TEACHER = "tiny-clip-64"
+CROP, STRIDE = 64, 32
+INGEST_SMALL = dict(target_long=192, target_short=128, min_short=64)
+PAIRED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
+
+
+def write_photo_pngs(folder: Path, names: tuple[str, ...]) -> Path:
+    """Sample photos (RGB) as ``<name>.png`` files in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(sample_photo_rgb(n)).save(folder / f"{n}.png")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ synthetic images
+
+
+def synthetic_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8: noise plus a few flat rectangles and a disc (so features are not pure noise)."""
+    img = rng.integers(0, 64, (h, w, 3), dtype=np.uint8)
+    for _ in range(3):
+        y0, x0 = int(rng.integers(0, h - 8)), int(rng.integers(0, w - 8))
+        y1, x1 = int(rng.integers(y0 + 4, h)), int(rng.integers(x0 + 4, w))
+        img[y0:y1, x0:x1] = rng.integers(64, 256, 3, dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx, r = h / 2, w / 2, min(h, w) / 4
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3, dtype=np.uint8)
+    return img
+
+
+def write_synthetic_images(
+    d: Path, n: int, size: tuple[int, int] = (96, 128), seed: int = 0, prefix: str = "img"
+) -> list[Path]:
+    """Write ``n`` synthetic PNGs of ``size`` (h, w) into ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = d / f"{prefix}{i:04d}.png"
+        Image.fromarray(synthetic_image(rng, *size)).save(p)
+        paths.append(p)
+    return paths
+
+
+def make_imageset(root: Path, n: int, shard_size: int, seed: int = 0, size=(96, 128)) -> str:
+    """Ingest ``n`` synthetic images into ``root/set`` (small IngestConfig); returns the image-set root."""
+    src = root / "src"
+    write_synthetic_images(src, n, size=size, seed=seed)
+    out = root / "set"
+    ingest(str(src), str(out), IngestConfig(shard_size=shard_size, seed=seed, **INGEST_SMALL), workers=2,
+           progress=False)  # fmt: skip
+    return str(out)
+
+
+def precompute_cfg(images: str, cache_root: Path | str, **kw):
+    """A PrecomputeConfig for the tiny teacher (float32 forward, so results do not depend on autocast)."""
+    base = dict(images=images, teacher=TEACHER, crop=CROP, stride=STRIDE, cache_root=str(cache_root),
+                autocast="none", workers=2, window_batch=16, progress=False, max_retries=0)  # fmt: skip
+    return PrecomputeConfig(**{**base, **kw})
+
+
+def precompute_argv(images: str, cache_root: Path | str, *extra: str) -> list[str]:
+    """``spar precompute`` arguments matching :func:`precompute_cfg`."""
+    return ["precompute", "--images", images, "--teacher", TEACHER, "--crop", str(CROP), "--stride",
+            str(STRIDE), "--cache-root", str(cache_root), "--set", "autocast=none", "--set", "progress=false",
+            "--set", "max_retries=0", *extra]  # fmt: skip
+
+
+def tiny_cache(images: str, cache_root: Path | str, **kw) -> str:
+    """The tiny teacher's cache of ``images`` (see :func:`precompute_cfg`)."""
+    return precompute(precompute_cfg(images, cache_root, **kw))
+
+
+@functools.cache
+def paired_data(root: str) -> dict[str, str]:
+    """Image set (6 photos, 3 shards of 2, ~128x192 pixels) + its tiny-clip-64 cache, plus a second image set with
+    other pixels (for pairing refusals). Built once per session, shared by the stream, train and MLflow tests."""
+    base = Path(root)
+    src = write_photo_pngs(base / "photos", PAIRED_PHOTOS)
+    other_src = base / "photos_other"
+    other_src.mkdir(parents=True, exist_ok=True)
+    # same keys and sizes as two of the photos above, other pixels for "astronaut"
+    Image.fromarray(sample_photo_rgb("camera")).save(other_src / "astronaut.png")
+    Image.fromarray(sample_photo_rgb("coffee")).save(other_src / "coffee.png")
+    init_ray(num_cpus=2)
+    small = dict(target_long=192, target_short=128, min_short=128)
+    ingest(str(src), str(base / "set"), IngestConfig(shard_size=2, **small), workers=2, progress=False)
+    ingest(str(other_src), str(base / "other"), IngestConfig(shard_size=2, seed=7, **small), workers=1,
+           progress=False)  # fmt: skip
+    cache = precompute(
+        PrecomputeConfig(images=str(base / "set"), teacher=TEACHER, crop=CROP, stride=STRIDE,
+                         cache_root=str(base / "cache"), progress=False)
+    )  # fmt: skip
+    return {"images": str(base / "set"), "cache": cache, "other": str(base / "other")}
