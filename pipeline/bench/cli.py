@@ -1,7 +1,7 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
-runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``gpu``.
+runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``gpu`` -> :mod:`pipeline.bench.gpu.driver`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ BENCHES = {
     "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
     "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
     "gpu": (
-        "gpu",
+        "gpu.driver",
         "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
     ),
 }

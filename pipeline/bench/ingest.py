@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import os
 import platform
 import shutil
-import tempfile
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import numpy as np
+from PIL import Image
+
+from pipeline.bench.measure import scratch_dir
 from pipeline.common.photos import sample_photo_files
+from pipeline.common.tasks import init_ray
+from pipeline.data import png
+from pipeline.data.augment import apply_augmentation, augmentation_for, decode_source
 from pipeline.data.config import IngestConfig
-from pipeline.data.imageset import open_imageset
-from pipeline.data.ingest import ingest
+from pipeline.data.imageset import open_imageset, pixel_sha256
+from pipeline.data.ingest import IngestSummary, ingest
+from pipeline.data.png import encode_png
+
+Encoder = Callable[[np.ndarray], bytes]
+SMALL_RECIPE = dict(target_long=256, target_short=128, min_short=128)
 
 
 def _make_sources(dst: Path, copies: int) -> int:
@@ -35,10 +49,6 @@ def _make_sources(dst: Path, copies: int) -> int:
 
 def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
     """CPU seconds per image for each step, in this process (no Ray): robust to other load on the machine."""
-    from pipeline.data.augment import apply_augmentation, augmentation_for, decode_source
-    from pipeline.data.imageset import pixel_sha256
-    from pipeline.data.png import encode_png
-
     steps = {"decode": 0.0, "augment": 0.0, "sha256": 0.0, "png_encode": 0.0}
     for i, f in enumerate(files):
         data = f.read_bytes()
@@ -58,12 +68,8 @@ def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
     return out
 
 
-def _pil_png(level: int):
-    def enc(arr):
-        import io
-
-        from PIL import Image
-
+def _pil_png(level: int) -> Encoder:
+    def enc(arr: np.ndarray) -> bytes:
         buf = io.BytesIO()
         Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=level, optimize=False)
         return buf.getvalue()
@@ -71,36 +77,25 @@ def _pil_png(level: int):
     return enc
 
 
-def _zlib_up_png(level: int):
-    def enc(arr):
-        import zlib
-        from unittest import mock
-
-        from pipeline.data import png
-
+def _zlib_up_png(level: int) -> Encoder:
+    def enc(arr: np.ndarray) -> bytes:
         with mock.patch.object(png, "_deflate", lambda data, lv: zlib.compress(data, lv)):
             return png.encode_png(arr, level)
 
     return enc
 
 
-def _npy(arr) -> bytes:
-    import io
-
-    import numpy as np
-
+def _npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
 
 
-def _encode_png_at(arr, level: int) -> bytes:
-    from pipeline.data.png import encode_png
-
+def _encode_png_at(arr: np.ndarray, level: int) -> bytes:
     return encode_png(arr, level)
 
 
-def encode_options() -> dict[str, Any]:
+def encode_options() -> dict[str, Encoder]:
     """Lossless encodings of an ingest image: name -> fn(arr) -> bytes. The first is the previous default."""
 
     return {
@@ -121,13 +116,6 @@ def encode_table(files: list[Path], cfg: IngestConfig, rounds: int = 3) -> list[
     """CPU ms and bytes per image of every lossless encoding on the augmented photos, with the decode checked.
 
     Process CPU time (not wall time), the fastest of ``rounds`` interleaved rounds: robust to other load."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from pipeline.data.augment import apply_augmentation, augmentation_for, decode_source
-
     arrs = []
     for i, f in enumerate(files):
         img, _ = decode_source(f.read_bytes(), cfg)
@@ -171,95 +159,91 @@ def _print_encode_table(rows: list[dict[str, Any]], n: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Time ingest at each worker count; print a table and the speed-up."""
-    from pipeline.common.tasks import init_ray
-
+    small = SMALL_RECIPE if args.recipe == "small" else {}
     if args.encode_only:
-        small = dict(target_long=256, target_short=128, min_short=128) if args.recipe == "small" else {}
         files = sample_photo_files()
         rows = encode_table(files, IngestConfig(**small), args.encode_rounds)
         _print_encode_table(rows, len(files))
         if args.json:
             Path(args.json).write_text(json.dumps({"encoding": rows}, indent=2) + "\n")
         return 0
-
     counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
-    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="spar-bench-ingest-"))
-    try:
+    with scratch_dir(args.workdir, "spar-bench-ingest-") as base:
         n = _make_sources(base / "src", args.copies)
-        small = dict(target_long=256, target_short=128, min_short=128) if args.recipe == "small" else {}
         shard_size = max(1, -(-n // (max(counts) * args.shards_per_worker)))
         cfg = IngestConfig(shard_size=shard_size, **small)
         init_ray(num_cpus=max(counts))
         ingest(str(base / "src" / "c0"), str(base / "warmup"), cfg, workers=max(counts), progress=False)
-        results = []
-        for w in counts:
-            out = base / f"out-w{w}"
-            shutil.rmtree(out, ignore_errors=True)
-            load0 = os.getloadavg()[0]
-            t = time.perf_counter()
-            s = ingest(str(base / "src"), str(out), cfg, workers=w, progress=False)
-            wall = time.perf_counter() - t
-            recs = open_imageset(str(out)).records
-            tar_bytes = sum(f.stat().st_size for f in (out / "images").glob("shard-*.tar"))
-            results.append(
-                {
-                    "workers": w,
-                    "inputs": s.num_inputs,
-                    "accepted": s.accepted,
-                    "rejected": s.rejected,
-                    "shards": s.num_shards,
-                    "seconds": round(s.seconds, 3),
-                    "images_per_s": round(s.processed / s.seconds, 3),
-                    "wall_s_incl_listing_and_manifest": round(wall, 3),
-                    "loadavg_1m_before": round(load0, 2),
-                    "loadavg_1m_after": round(os.getloadavg()[0], 2),
-                    "fingerprint": s.fingerprint,
-                    "mean_output_megapixels": round(
-                        sum(r.height * r.width for r in recs) / len(recs) / 1e6, 3
-                    ),
-                    "tar_bytes_per_image": round(tar_bytes / len(recs)),
-                }
-            )
+        results = [_timed_ingest(base, cfg, w) for w in counts]
         cpu = cpu_breakdown(sample_photo_files(), cfg)
         enc_rows = encode_table(sample_photo_files(), cfg, args.encode_rounds)
-        fps = {r["fingerprint"] for r in results}
         info = {
             "recipe": args.recipe,
             "shard_size": shard_size,
             "cpu_count": os.cpu_count(),
             "machine": platform.platform(),
-            "same_fingerprint_across_worker_counts": len(fps) == 1,
+            "same_fingerprint_across_worker_counts": len({r["fingerprint"] for r in results}) == 1,
             "results": results,
             "cpu_seconds_per_image": {k: round(v, 5) for k, v in cpu.items()},
             "encoding": enc_rows,
         }
-        print(f"ingest bench: {n} inputs ({args.copies} copies of {n // args.copies} scikit-image files), "
-              f"recipe={args.recipe}, shard_size={shard_size}, {os.cpu_count()} CPUs")  # fmt: skip
-        r0 = results[0]
-        print(
-            f"outputs: {r0['mean_output_megapixels']} Mpx and {r0['tar_bytes_per_image'] / 1e6:.2f} MB per image"
-        )
-        print(f"{'workers':>7} {'images/s':>9} {'seconds':>8} {'accepted':>8} {'rejected':>8} {'load1m':>11}")
-        for r in results:
-            print(f"{r['workers']:>7} {r['images_per_s']:>9.2f} {r['seconds']:>8.2f} {r['accepted']:>8} "
-                  f"{r['rejected']:>8} {r['loadavg_1m_before']:>5.1f}->{r['loadavg_1m_after']:<5.1f}")  # fmt: skip
-        if len(results) > 1:
-            print(f"speed-up {results[-1]['workers']} vs {results[0]['workers']} workers: "
-                  f"{results[-1]['images_per_s'] / results[0]['images_per_s']:.2f}x; identical output: "
-                  f"{info['same_fingerprint_across_worker_counts']}")  # fmt: skip
-        steps = ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in cpu.items())
-        print(
-            f"CPU time per image (one process, no Ray): {steps} -> at most {1 / cpu['total']:.1f} images/s "
-            "per fully available core"
-        )
-        _print_encode_table(enc_rows, len(sample_photo_files()))
-        before = cpu["total"] - cpu["png_encode"] + enc_rows[0]["encode_ms_per_image"] / 1e3
-        info["images_per_s_per_core_before_after"] = [1 / before, 1 / cpu["total"]]
-        print(f"per-core ceiling: {1 / before:.1f} images/s with the previous encoder (PIL PNG level 1) -> "
-              f"{1 / cpu['total']:.1f} images/s now = {before / cpu['total']:.2f}x")  # fmt: skip
+        _print_results(args, n, info, cpu)
         if args.json:
             Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
         return 0
-    finally:
-        if not args.workdir:
-            shutil.rmtree(base, ignore_errors=True)
+
+
+def _timed_ingest(base: Path, cfg: IngestConfig, workers: int) -> dict[str, Any]:
+    """One ingest of every source copy from an empty output folder with ``workers`` workers."""
+    out = base / f"out-w{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
+    s: IngestSummary = ingest(str(base / "src"), str(out), cfg, workers=workers, progress=False)
+    wall = time.perf_counter() - t
+    recs = open_imageset(str(out)).records
+    tar_bytes = sum(f.stat().st_size for f in (out / "images").glob("shard-*.tar"))
+    return {
+        "workers": workers,
+        "inputs": s.num_inputs,
+        "accepted": s.accepted,
+        "rejected": s.rejected,
+        "shards": s.num_shards,
+        "seconds": round(s.seconds, 3),
+        "images_per_s": round(s.processed / s.seconds, 3),
+        "wall_s_incl_listing_and_manifest": round(wall, 3),
+        "loadavg_1m_before": round(load0, 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        "fingerprint": s.fingerprint,
+        "mean_output_megapixels": round(sum(r.height * r.width for r in recs) / len(recs) / 1e6, 3),
+        "tar_bytes_per_image": round(tar_bytes / len(recs)),
+    }
+
+
+def _print_results(args: argparse.Namespace, n: int, info: dict[str, Any], cpu: dict[str, float]) -> None:
+    """The worker-count table, the CPU breakdown and the encoding table (adds the per-core ceilings to ``info``)."""
+    results, enc_rows = info["results"], info["encoding"]
+    print(f"ingest bench: {n} inputs ({args.copies} copies of {n // args.copies} scikit-image files), "
+          f"recipe={args.recipe}, shard_size={info['shard_size']}, {os.cpu_count()} CPUs")  # fmt: skip
+    r0 = results[0]
+    print(
+        f"outputs: {r0['mean_output_megapixels']} Mpx and {r0['tar_bytes_per_image'] / 1e6:.2f} MB per image"
+    )
+    print(f"{'workers':>7} {'images/s':>9} {'seconds':>8} {'accepted':>8} {'rejected':>8} {'load1m':>11}")
+    for r in results:
+        print(f"{r['workers']:>7} {r['images_per_s']:>9.2f} {r['seconds']:>8.2f} {r['accepted']:>8} "
+              f"{r['rejected']:>8} {r['loadavg_1m_before']:>5.1f}->{r['loadavg_1m_after']:<5.1f}")  # fmt: skip
+    if len(results) > 1:
+        print(f"speed-up {results[-1]['workers']} vs {results[0]['workers']} workers: "
+              f"{results[-1]['images_per_s'] / results[0]['images_per_s']:.2f}x; identical output: "
+              f"{info['same_fingerprint_across_worker_counts']}")  # fmt: skip
+    steps = ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in cpu.items())
+    print(
+        f"CPU time per image (one process, no Ray): {steps} -> at most {1 / cpu['total']:.1f} images/s "
+        "per fully available core"
+    )
+    _print_encode_table(enc_rows, len(sample_photo_files()))
+    before = cpu["total"] - cpu["png_encode"] + enc_rows[0]["encode_ms_per_image"] / 1e3
+    info["images_per_s_per_core_before_after"] = [1 / before, 1 / cpu["total"]]
+    print(f"per-core ceiling: {1 / before:.1f} images/s with the previous encoder (PIL PNG level 1) -> "
+          f"{1 / cpu['total']:.1f} images/s now = {before / cpu['total']:.2f}x")  # fmt: skip

@@ -19,18 +19,24 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from skimage.transform import resize
 
-from pipeline.common.precision import autocast_dtype, resolve
+from pipeline.bench.measure import matmul_gflops, timed, vit_window_flops
+from pipeline.common.photos import sample_photo_rgb
+from pipeline.common.precision import Precision, autocast_dtype, resolve
 from spar_core import build_backbone, fine_factor, sliding_window_features
+from spar_core.backbones import Backbone
 from spar_core.sliding import window_grid
 
 AUTHORS_WINDOW_BATCH = 10  # the reference configs' gen_windowslide_bs
 
 
-def naive_teacher_fp32(bb, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+def naive_teacher_fp32(bb: Backbone, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
     """The reference: each window alone in fp32, its features folded into the canvas one window at a time."""
     _, _, h, w = x.shape
     p = bb.patch_size
@@ -54,7 +60,9 @@ def naive_teacher_fp32(bb, x: torch.Tensor, crop: int, stride: int) -> torch.Ten
     return out.permute(0, 2, 3, 1)
 
 
-def authors_loop(bb, x: torch.Tensor, crop: int, stride: int, amp: torch.dtype | None) -> torch.Tensor:
+def authors_loop(
+    bb: Backbone, x: torch.Tensor, crop: int, stride: int, amp: torch.dtype | None
+) -> torch.Tensor:
     """The reference code's teacher loop, re-implemented: (1, 3, H, W) -> (1, H/p, W/p, D) float32.
 
     Windows are cut one by one in Python and concatenated; every batch of 10 runs through the backbone (under
@@ -91,23 +99,46 @@ def authors_loop(bb, x: torch.Tensor, crop: int, stride: int, amp: torch.dtype |
     return out.permute(0, 2, 3, 1)
 
 
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref.float()).norm() / ref.float().norm())
 
 
+@dataclass
+class _Setup:
+    """One run's image, models and settings."""
+
+    args: argparse.Namespace
+    dev: torch.device
+    bb: Backbone  # fp32, as loaded
+    bb_proj: Backbone  # the project's teacher: pre-cast for its autocast dtype
+    x: torch.Tensor  # (1, 3, H, W) normalised, on the device
+    crop: int
+    prec: Precision
+    amp: torch.dtype | None
+    ref_precs: list[Precision]
+    n_win: int
+    t_compile: float | None = None
+    runs: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Time every teacher in interleaved rounds and print the comparison."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    st = _setup(args)
+    print(
+        f"spar bench core: {args.backbone} (random weights), {st.x.shape[2]}x{st.x.shape[3]}, crop {st.crop}, "
+        f"stride {args.stride}, {st.n_win} windows, device {st.dev}, {torch.get_num_threads()} threads, best of "
+        f"{args.rounds} round(s); project precision {args.precision} -> {st.prec}"
+    )
+    _add_runs(st)
+    best, outs, t_warm = _time_rounds(st)
+    _print_times(st, best, t_warm)
+    _print_rates_and_errors(st, best, outs)
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> _Setup:
     h, w = (int(v) for v in args.size.lower().split("x"))
     dev = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -115,72 +146,79 @@ def run(args: argparse.Namespace) -> int:
     bb = build_backbone(args.backbone, device=dev)
     crop = args.crop or bb.native_size
     prec = resolve(args.precision, dev)
-    amp_dtype = autocast_dtype(prec)
-    from skimage import data
-    from skimage.transform import resize
-
-    from pipeline.bench.cache import matmul_gflops, vit_window_flops
-
-    img = resize(data.astronaut(), (h, w), anti_aliasing=True, preserve_range=True).astype("uint8")
+    amp = autocast_dtype(prec)
+    img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True).astype(
+        "uint8"
+    )
     x = bb.normalize(torch.from_numpy(img)[None].to(dev))
     ys, xs, _, _ = window_grid(h, w, crop, args.stride)
-    n_win = len(ys) * len(xs)
-    print(
-        f"spar bench core: {args.backbone} (random weights), {h}x{w}, crop {crop}, stride {args.stride}, "
-        f"{n_win} windows, device {dev}, {torch.get_num_threads()} threads, best of {args.rounds} round(s); "
-        f"project precision {args.precision} -> {prec}"
-    )
     bb_proj = build_backbone(args.backbone, device=dev)
-    if amp_dtype is not None:
-        bb_proj.precast_for_autocast(amp_dtype)  # as precompute does
+    if amp is not None:
+        bb_proj.precast_for_autocast(amp)  # as precompute does
     ref_precs = [resolve(q, dev) for q in args.authors_precisions.split(",") if q]
-    runs = {f"authors_{q}": functools.partial(authors_loop, bb, x, crop, args.stride, autocast_dtype(q))
-            for q in ref_precs}  # fmt: skip
-    if not args.skip_naive:
-        runs["naive"] = lambda: naive_teacher_fp32(bb, x, crop, args.stride)
-    runs["fp32"] = lambda: sliding_window_features(bb, x, crop, args.stride, args.window_batch)
-    runs["project"] = lambda: sliding_window_features(
-        bb_proj, x, crop, args.stride, args.window_batch, autocast_dtype=amp_dtype
+    return _Setup(args, dev, bb, bb_proj, x, crop, prec, amp, ref_precs, len(ys) * len(xs))
+
+
+def _add_runs(st: _Setup) -> None:
+    """The methods to time, by name (the compiled one compiled here, its first call timed apart)."""
+    a, bb, x, crop = st.args, st.bb, st.x, st.crop
+    st.runs = {f"authors_{q}": functools.partial(authors_loop, bb, x, crop, a.stride, autocast_dtype(q))
+               for q in st.ref_precs}  # fmt: skip
+    if not a.skip_naive:
+        st.runs["naive"] = lambda: naive_teacher_fp32(bb, x, crop, a.stride)
+    st.runs["fp32"] = lambda: sliding_window_features(bb, x, crop, a.stride, a.window_batch)
+    st.runs["project"] = lambda: sliding_window_features(
+        st.bb_proj, x, crop, a.stride, a.window_batch, autocast_dtype=st.amp
     )
-    t_compile = None
-    if args.compile:
-        bb_comp = build_backbone(args.backbone, device=dev)
-        if amp_dtype is not None:
-            bb_comp.precast_for_autocast(amp_dtype)
+    if a.compile:
+        bb_comp = build_backbone(a.backbone, device=st.dev)
+        if st.amp is not None:
+            bb_comp.precast_for_autocast(st.amp)
         comp = lambda: sliding_window_features(  # noqa: E731
-            bb_comp, x, crop, args.stride, args.window_batch, autocast_dtype=amp_dtype, compile=True
+            bb_comp, x, crop, a.stride, a.window_batch, autocast_dtype=st.amp, compile=True
         )
         with torch.no_grad():
             t0 = time.perf_counter()
             comp()  # compiles the full and the last (partial) window batch shapes
-            t_compile = time.perf_counter() - t0
-        runs["project_compiled"] = comp
-    runs["single"] = lambda: bb.dense(x)
+            st.t_compile = time.perf_counter() - t0
+        st.runs["project_compiled"] = comp
+    st.runs["single"] = lambda: bb.dense(x)
+
+
+def _time_rounds(st: _Setup) -> tuple[dict[str, float], dict[str, torch.Tensor], float]:
+    """The fastest time and the output of every run, and the project teacher's first call."""
+    a = st.args
     best: dict[str, float] = {}
     outs: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         t_warm = time.perf_counter()
-        sliding_window_features(bb_proj, x, crop, args.stride, args.window_batch, autocast_dtype=amp_dtype)
+        sliding_window_features(st.bb_proj, st.x, st.crop, a.stride, a.window_batch, autocast_dtype=st.amp)
         t_warm = time.perf_counter() - t_warm  # first call: includes compilation where it is on
-        bb.dense(x[:, :, :crop, :crop])
-        for _ in range(max(1, args.rounds)):  # interleaved, so a change in machine load hits every method
-            for name, fn in runs.items():
-                outs[name], t = _timed(fn)
+        st.bb.dense(st.x[:, :, : st.crop, : st.crop])
+        for _ in range(max(1, a.rounds)):  # interleaved, so a change in machine load hits every method
+            for name, fn in st.runs.items():
+                outs[name], t = timed(fn, st.dev.type)
                 best[name] = min(best.get(name, float("inf")), t)
-    ref_name = min((k for k in best if k.startswith("authors_")), key=best.__getitem__)
+    return best, outs, t_warm
+
+
+def _ref_name(best: dict[str, float]) -> str:
+    """The authors' loop reference: the faster of its runs."""
+    return min((k for k in best if k.startswith("authors_")), key=best.__getitem__)
+
+
+def _print_times(st: _Setup, best: dict[str, float], t_warm: float) -> None:
+    a, prec = st.args, st.prec
+    ref_name = _ref_name(best)
     t_ref, t_proj = best[ref_name], best["project"]
-    flops = n_win * vit_window_flops(bb, crop)["flops"] if bb.readout == "maskclip" else float("nan")
-    rates = {q: matmul_gflops(autocast_dtype(q) or torch.float32, seconds=1.0, device=dev.type)
-             for q in {prec, "fp32", *ref_precs}}  # fmt: skip
-    exact = outs["naive"] if "naive" in outs else outs["fp32"]
     rows = [(f"authors' loop {k.removeprefix('authors_')} (batch {AUTHORS_WINDOW_BATCH}, Python fold)", best[k])
             for k in best if k.startswith("authors_")]  # fmt: skip
     if "naive" in best:
         rows.append(("naive reference (1 window/pass, fp32)", best["naive"]))
     rows += [
-        (f"project teacher fp32 (batch {args.window_batch})", best["fp32"]),
+        (f"project teacher fp32 (batch {a.window_batch})", best["fp32"]),
         (
-            f"project teacher default ({prec}{', pre-cast' if amp_dtype else ''}, batch {args.window_batch})",
+            f"project teacher default ({prec}{', pre-cast' if st.amp else ''}, batch {a.window_batch})",
             t_proj,
         ),
         ("single pass fp32", best["single"]),
@@ -190,17 +228,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"  project vs authors' loop: {t_ref / t_proj:6.2f}x  (reference: {ref_name.removeprefix('authors_')}, "
           "the faster of its runs; target >= 2x)")  # fmt: skip
     print(f"  project first call (incl. any compilation): {t_warm:.2f} s vs steady {t_proj:.2f} s")
-    if t_compile is not None:
+    if st.t_compile is not None:
         t_c = best["project_compiled"]
-        print(f"  torch.compile: first call {t_compile:.1f} s (compile time, once per worker process; "
-              f"{t_compile - t_c:.1f} s over a steady run), steady {t_c:.2f} s = {t_proj / t_c:.2f}x eager; "
+        print(f"  torch.compile: first call {st.t_compile:.1f} s (compile time, once per worker process; "
+              f"{st.t_compile - t_c:.1f} s over a steady run), steady {t_c:.2f} s = {t_proj / t_c:.2f}x eager; "
               f"compiled vs authors' loop {t_ref / t_c:.2f}x")  # fmt: skip
+
+
+def _print_rates_and_errors(st: _Setup, best: dict[str, float], outs: dict[str, torch.Tensor]) -> None:
+    """Each teacher's GFLOP/s as a fraction of the matmul rate in its dtype, and its error vs the naive one."""
+    prec, bb = st.prec, st.bb
+    ref_name = _ref_name(best)
+    compiled = st.t_compile is not None
+    flops = st.n_win * vit_window_flops(bb, st.crop)["flops"] if bb.readout == "maskclip" else float("nan")
+    rates = {q: matmul_gflops(autocast_dtype(q) or torch.float32, seconds=1.0, device=st.dev.type)
+             for q in {prec, "fp32", *st.ref_precs}}  # fmt: skip
+    exact = outs["naive"] if "naive" in outs else outs["fp32"]
     print("  matmul: " + ", ".join(f"{q} {r:.0f} GFLOP/s" for q, r in sorted(rates.items())))
     for k, q in [
         (ref_name, ref_name.removeprefix("authors_")),
         ("fp32", "fp32"),
         ("project", prec),
-        *([("project_compiled", prec)] if t_compile is not None else []),
+        *([("project_compiled", prec)] if compiled else []),
     ]:
         print(
             f"  {k:<14} {flops / best[k] / 1e9:7.1f} GFLOP/s = {flops / best[k] / 1e9 / rates[q]:.2f} of {q} matmul"
@@ -209,9 +258,8 @@ def run(args: argparse.Namespace) -> int:
         *(k for k in outs if k.startswith("authors_")),
         "fp32",
         "project",
-        *(["project_compiled"] if t_compile is not None else []),
+        *(["project_compiled"] if compiled else []),
     ]:
         print(f"  {k:<14} vs naive fp32: rel. error {_rel_err(outs[k], exact):.2e}")
-    print(f"  teacher / single pass: {t_proj / best['single']:6.1f}x; single pass vs teacher rel. diff "
+    print(f"  teacher / single pass: {best['project'] / best['single']:6.1f}x; single pass vs teacher rel. diff "
           f"{_rel_err(outs['single'], exact):.3f}")  # fmt: skip
-    return 0

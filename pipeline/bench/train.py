@@ -9,7 +9,8 @@ Parts (``--parts``, default both):
   reported: mean step time of each and the ratios streaming/in-memory (target <= 1.05) and online/cached.
 * ``quality`` -- the method at work: ``spar distill`` (Ray Train, the real pipeline) on augmented photos, then on
   held-out photos (not trained on) the student's feature MSE to the sliding-window teacher divided by the
-  single-pass baseline's (target <= 0.5).
+  single-pass baseline's (target <= 0.5); MSE and cosine pooled over every patch position of every held-out
+  image (:class:`pipeline.eval.fidelity.PooledFidelity`, the project's one definition).
 
 Data: scikit-image's bundled photographs (no download), ingested with :func:`pipeline.data.ingest.ingest`, cached
 with :func:`pipeline.cache.precompute.precompute`; random seeded ``tiny-clip-224`` weights (no pretrained weights
@@ -24,10 +25,10 @@ import io
 import json
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +36,38 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.bench.measure import scratch_dir
 from pipeline.cache.precompute import PrecomputeConfig
+from pipeline.cache.reader import open_cache
+from pipeline.common.errors import UserError
 from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sample_photo_rgb
 from pipeline.data.config import IngestConfig
+from pipeline.data.imageset import open_imageset
+from pipeline.data.stream import PairedStream, _TarReader, decode_png, make_loader
+from pipeline.eval.fidelity import PooledFidelity
+from pipeline.train.checkpoint import load_student
+from pipeline.train.config import DistillConfig
+from pipeline.train.driver import distill
+from pipeline.train.step import StepRunner
 from pipeline.workflow.config import Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, Reporter, prepare_data
+from spar_core.backbones import Backbone, build_backbone
+from spar_core.distill import trainable_parameters
+from spar_core.sliding import num_windows, sliding_window_features
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchData:
+    """The benchmark's training image set, a teacher cache per backbone, and the held-out image set."""
+
+    images: str
+    caches: dict[str, str]
+    heldout: str
+
+
+def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> BenchData:
     """Train image set (augmented copies of BENCH_TRAIN_PHOTOS) + a teacher cache per backbone; held-out set.
     Built by the orchestrator's data stages (ingest and precompute; reruns reuse what is complete)."""
     src, held = root / "src_train", root / "src_heldout"
@@ -71,19 +94,14 @@ def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> di
         with contextlib.redirect_stdout(io.StringIO()):
             data = prepare_data(recipe, extras, Reporter("bench train"))
         caches[bb] = data.cache
-    assert data is not None
-    return {"images": data.images, "caches": caches, "heldout": data.heldout}
+    assert data is not None and data.heldout is not None
+    return BenchData(data.images, caches, data.heldout)
 
 
 # ------------------------------------------------------------------------------------------------ step
 
 
-def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) -> Any:
-    from pipeline.train.config import DistillConfig
-    from pipeline.train.step import StepRunner
-    from spar_core.backbones import build_backbone
-    from spar_core.distill import trainable_parameters
-
+def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) -> StepRunner:
     torch.manual_seed(0)
     bb = build_backbone(backbone)
     params = trainable_parameters(bb, 2)
@@ -92,7 +110,7 @@ def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) ->
     return StepRunner(bb, bb, params, cfg, torch.device("cpu"), total, teacher=t, crop=crop, stride=stride)
 
 
-def _timed(runner: Any, items: Any, n: int, skip: int) -> list[float]:
+def step_times(runner: StepRunner, items: Iterable[dict[str, Any]], n: int, skip: int) -> list[float]:
     """Per-step wall times (data wait + step), the first ``skip`` steps (loader start-up) not counted."""
     out = []
     it = iter(items)
@@ -108,10 +126,6 @@ def _timed(runner: Any, items: Any, n: int, skip: int) -> list[float]:
 
 def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
     """CPU milliseconds per sample of the loader worker's jobs, measured in this process (robust to load)."""
-    from pipeline.cache.reader import open_cache
-    from pipeline.data.imageset import open_imageset
-    from pipeline.data.stream import PairedStream, _TarReader, decode_png
-
     ims, cache = open_imageset(images), open_cache(cache_path)
     s = PairedStream(images, cache_path, seed=0, rank=0, world_size=1, patch_size=16)
     planner = s.planner(ims)
@@ -132,18 +146,16 @@ def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
     return {k: v / len(refs) * 1e3 for k, v in cost.items()}
 
 
-def bench_step(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.cache.reader import open_cache
-    from pipeline.data.stream import PairedStream, make_loader
-
-    data = {**data, "cache": data["caches"][args.step_backbone]}
-    cache = open_cache(data["cache"])
+def bench_step(data: BenchData, args: argparse.Namespace) -> dict[str, Any]:
+    """In-memory vs streamed targets vs online teacher, the same batches, timed in interleaved rounds."""
+    cache_path = data.caches[args.step_backbone]
+    cache = open_cache(cache_path)
     crop, stride = cache.spec.crop, cache.spec.stride
     skip = 3
     n = args.steps
 
     def stream(num: int) -> PairedStream:
-        return PairedStream(data["images"], data["cache"], seed=0, rank=0, world_size=1, patch_size=16,
+        return PairedStream(data.images, cache_path, seed=0, rank=0, world_size=1, patch_size=16,
                             num_batches=num)  # fmt: skip
 
     memory = [dict(it) for it in make_loader(stream(n + skip), 0)]  # the same batches, decoded up front
@@ -152,20 +164,18 @@ def bench_step(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     cached_runner = _runner(args.step_backbone, False, crop, stride, n + skip)
     online_runner = _runner(args.step_backbone, True, crop, stride, n + skip)
     for _ in range(args.rounds):
-        times["in_memory"] += _timed(cached_runner, memory, n, skip)
+        times["in_memory"] += step_times(cached_runner, memory, n, skip)
         loader = make_loader(stream(n + skip), args.loader_workers)
-        times["streaming"] += _timed(cached_runner, loader, n, skip)
+        times["streaming"] += step_times(cached_runner, loader, n, skip)
         del loader
-        times["online_teacher"] += _timed(online_runner, memory, max(3, n // 3), 1)
+        times["online_teacher"] += step_times(online_runner, memory, max(3, n // 3), 1)
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     sizes = [tuple(m["image"].shape[1:3]) for m in memory]
-    from spar_core.sliding import num_windows
-
     large = _large_image_steps(args, cached_runner, online_runner, crop, stride)
     return {
         "backbone": args.step_backbone,
-        "loader_worker_cpu_ms_per_sample": worker_cost(data["images"], data["cache"]),
+        "loader_worker_cpu_ms_per_sample": worker_cost(data.images, cache_path),
         "teacher_crop": crop,
         "teacher_stride": stride,
         "loader_workers": args.loader_workers,
@@ -183,13 +193,9 @@ def bench_step(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
 
 
 def _large_image_steps(
-    args: argparse.Namespace, cached: Any, online: Any, crop: int, stride: int
+    args: argparse.Namespace, cached: StepRunner, online: StepRunner, crop: int, stride: int
 ) -> dict[str, Any]:
     """Cached vs online step on one larger photo (``--large`` HxW): the teacher's cost grows with its windows."""
-    from PIL import Image
-
-    from spar_core.sliding import num_windows, sliding_window_features
-
     h, w = (int(v) for v in args.large.lower().split("x"))
     img = np.asarray(Image.fromarray(sample_photo_rgb("astronaut")).resize((w, h), Image.BICUBIC))
     item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "keys": ["large"]}
@@ -197,8 +203,8 @@ def _large_image_steps(
         item["target"] = sliding_window_features(
             online.teacher, online.bb.normalize(item["image"]), crop, stride
         )
-    t_cached = statistics.median(_timed(cached, [item] * 4, 3, 1))
-    t_online = statistics.median(_timed(online, [item] * 3, 2, 1))
+    t_cached = statistics.median(step_times(cached, [item] * 4, 3, 1))
+    t_online = statistics.median(step_times(online, [item] * 3, 2, 1))
     return {
         "size": [h, w],
         "teacher_windows": num_windows(h, w, crop, stride),
@@ -211,45 +217,36 @@ def _large_image_steps(
 # --------------------------------------------------------------------------------------------- quality
 
 
-def heldout_fidelity(student: Any, base: Any, heldout: str, crop: int, stride: int) -> dict[str, float]:
-    """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline."""
-    from pipeline.data.imageset import open_imageset
-    from spar_core.metrics import feature_fidelity
-    from spar_core.sliding import sliding_window_features
-
+def heldout_fidelity(
+    student: Backbone, base: Backbone, heldout: str, crop: int, stride: int
+) -> dict[str, float]:
+    """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline,
+    pooled over every patch position of every image (:class:`pipeline.eval.fidelity.PooledFidelity`)."""
     ims = open_imageset(heldout)
-    s_mse, b_mse, s_cos, b_cos = [], [], [], []
+    s_fid, b_fid = PooledFidelity(), PooledFidelity()
     with torch.no_grad():
         for rec in ims.records:
             x = base.normalize(torch.from_numpy(np.array(ims.read(rec.key)))[None])  # (1, 3, H, W)
-            teacher = sliding_window_features(base, x, crop, stride)  # (1, H/p, W/p, D)
-            fs, fb = feature_fidelity(student.dense(x), teacher), feature_fidelity(base.dense(x), teacher)
-            s_mse.append(fs["mse"])
-            b_mse.append(fb["mse"])
-            s_cos.append(fs["cosine"])
-            b_cos.append(fb["cosine"])
+            teacher = sliding_window_features(base, x, crop, stride)[0]  # (H/p, W/p, D)
+            s_fid.add(student.dense(x)[0], teacher)
+            b_fid.add(base.dense(x)[0], teacher)
     return {
         "images": len(ims.records),
-        "student_mse": float(np.mean(s_mse)),
-        "baseline_mse": float(np.mean(b_mse)),
-        "mse_ratio": float(np.mean(s_mse) / np.mean(b_mse)),
-        "student_cosine": float(np.mean(s_cos)),
-        "baseline_cosine": float(np.mean(b_cos)),
+        "student_mse": s_fid.mse(),
+        "baseline_mse": b_fid.mse(),
+        "mse_ratio": s_fid.mse() / b_fid.mse(),
+        "student_cosine": s_fid.cosine(),
+        "baseline_cosine": b_fid.cosine(),
     }
 
 
-def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.cache.reader import open_cache
-    from pipeline.train.checkpoint import load_student
-    from pipeline.train.config import DistillConfig
-    from pipeline.train.driver import distill
-    from spar_core.backbones import build_backbone
-
-    data = {**data, "cache": data["caches"][args.backbone]}
-    cache = open_cache(data["cache"])
+def bench_quality(data: BenchData, root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``spar distill`` on the training set, then held-out fidelity of the student vs the single pass."""
+    cache_path = data.caches[args.backbone]
+    cache = open_cache(cache_path)
     cfg = DistillConfig(
-        images=data["images"],
-        cache=data["cache"],
+        images=data.images,
+        cache=cache_path,
         workers=args.workers,
         max_steps=args.train_steps,
         lr=args.lr,
@@ -265,7 +262,7 @@ def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) ->
     wall = time.perf_counter() - t0
     student = load_student(res.checkpoint_dir)
     base = build_backbone(cache.spec.backbone, seed=0)
-    fid = heldout_fidelity(student, base, data["heldout"], cache.spec.crop, cache.spec.stride)
+    fid = heldout_fidelity(student, base, data.heldout, cache.spec.crop, cache.spec.stride)
     return {
         "backbone": cache.spec.backbone,
         "train_images": cache.num_images,
@@ -280,15 +277,15 @@ def bench_quality(data: dict[str, Any], root: Path, args: argparse.Namespace) ->
     }
 
 
+# --------------------------------------------------------------------------------------------- run
+
+
 def run(args: argparse.Namespace) -> int:
+    """Build the data, run the chosen parts, print each part's line and the whole result as JSON."""
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"step", "quality"}
     if unknown:
-        from pipeline.common.errors import UserError
-
         raise UserError(f"bench train: unknown part(s) {sorted(unknown)}; use step and/or quality")
-    tmp = None
-    root = Path(args.workdir) if args.workdir else Path(tmp := tempfile.mkdtemp(prefix="spar-bench-train-"))
     out: dict[str, Any] = {
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
@@ -296,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "load_avg_start": os.getloadavg()[0],
     }
-    try:
+    with scratch_dir(args.workdir, "spar-bench-train-") as root:
         t0 = time.perf_counter()
         backbones = [args.step_backbone] if "step" in parts else []
         if "quality" in parts:
@@ -305,17 +302,7 @@ def run(args: argparse.Namespace) -> int:
         out["data_build_s"] = time.perf_counter() - t0
         if "step" in parts:
             out["step"] = bench_step(data, args)
-            s = out["step"]
-            print(f"loader worker CPU per sample (ms): {s['loader_worker_cpu_ms_per_sample']}")
-            print(
-                f"step time ({s['backbone']}, ~{s['mean_image_pixels'] / 1e3:.0f}k px): in memory "
-                f"{s['step_s_mean']['in_memory'] * 1e3:.1f} ms, streaming {s['step_s_mean']['streaming'] * 1e3:.1f} ms "
-                f"(ratio {s['ratio_streaming_vs_memory_mean']:.3f}, median {s['ratio_streaming_vs_memory_median']:.3f}), "
-                f"online teacher {s['step_s_mean']['online_teacher'] * 1e3:.1f} ms "
-                f"({s['ratio_online_vs_cached_mean']:.1f}x the cached step, {s['mean_teacher_windows']:.1f} windows); "
-                f"at {s['large_image']['size'][0]}x{s['large_image']['size'][1]} ({s['large_image']['teacher_windows']} "
-                f"windows) online/cached {s['large_image']['ratio_online_vs_cached']:.1f}x"
-            )
+            _print_step(out["step"])
         if "quality" in parts:
             out["quality"] = q = bench_quality(data, root, args)
             print(
@@ -327,7 +314,17 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _print_step(s: dict[str, Any]) -> None:
+    print(f"loader worker CPU per sample (ms): {s['loader_worker_cpu_ms_per_sample']}")
+    print(
+        f"step time ({s['backbone']}, ~{s['mean_image_pixels'] / 1e3:.0f}k px): in memory "
+        f"{s['step_s_mean']['in_memory'] * 1e3:.1f} ms, streaming {s['step_s_mean']['streaming'] * 1e3:.1f} ms "
+        f"(ratio {s['ratio_streaming_vs_memory_mean']:.3f}, median {s['ratio_streaming_vs_memory_median']:.3f}), "
+        f"online teacher {s['step_s_mean']['online_teacher'] * 1e3:.1f} ms "
+        f"({s['ratio_online_vs_cached_mean']:.1f}x the cached step, {s['mean_teacher_windows']:.1f} windows); "
+        f"at {s['large_image']['size'][0]}x{s['large_image']['size'][1]} ({s['large_image']['teacher_windows']} "
+        f"windows) online/cached {s['large_image']['ratio_online_vs_cached']:.1f}x"
+    )

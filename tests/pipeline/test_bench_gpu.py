@@ -18,9 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench import gpu as bench_gpu
-from pipeline.bench.cache import SIGLIP2_B16_512, vit_arch, vit_dense_flops
-from pipeline.bench.gpu import Report, check, project_precompute, run_section
+from pipeline.bench.gpu import driver as bench_gpu
+from pipeline.bench.gpu.context import photo
+from pipeline.bench.gpu.plan import CPU_PLAN, REL_TOL, SECTIONS, UNIT_ROUNDOFF
+from pipeline.bench.gpu.projection import project_precompute
+from pipeline.bench.gpu.report import Report, check
+from pipeline.bench.gpu.runner import run_section
+from pipeline.bench.measure import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 from spar_core.backbones import build_backbone
 
 
@@ -181,7 +185,7 @@ def _naive_teacher(bb, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
 
 
 def _check_correctness(cor: dict) -> None:
-    plan = bench_gpu.CPU_PLAN
+    plan = CPU_PLAN
     assert cor["status"] == "ok", cor.get("traceback")
     cases = cor["result"]["cases"]
     assert {(c["backbone"], c["precision"]) for c in cases} == {
@@ -190,16 +194,16 @@ def _check_correctness(cor: dict) -> None:
     for c in cases:
         for part in ("teacher", "single"):
             e = c[part]
-            assert math.isfinite(e["rel_l2"]) and e["rel_l2"] <= bench_gpu.REL_TOL[c["precision"]], c
+            assert math.isfinite(e["rel_l2"]) and e["rel_l2"] <= REL_TOL[c["precision"]], c
             assert e["ok"] is True
         if (
             c["precision"] != "fp32"
         ):  # rounding really happened: the comparison is not of a tensor with itself
-            assert c["teacher"]["rel_l2"] > 0.1 * bench_gpu.UNIT_ROUNDOFF[c["precision"]]
+            assert c["teacher"]["rel_l2"] > 0.1 * UNIT_ROUNDOFF[c["precision"]]
     # the reference is what this test computes independently on the same photo
     name, h, w = plan.correctness[0]
     bb = build_backbone(name)
-    x = bb.normalize(torch.from_numpy(bench_gpu._photo(h, w))[None])
+    x = bb.normalize(torch.from_numpy(photo(h, w))[None])
     mine = _naive_teacher(bb, x, bb.native_size, 24)
     ref = next(c for c in cases if c["backbone"] == name)
     assert ref["shape"] == list(mine.shape)
@@ -233,13 +237,13 @@ def test_cpu_mode_environment_correctness_projection(tmp_path: Path) -> None:
 def test_cpu_mode_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = argparse.Namespace(
-        out=str(out), mode="cpu", budget_s=900, sections=",".join(bench_gpu.SECTIONS), workdir=None
+        out=str(out), mode="cpu", budget_s=900, sections=",".join(SECTIONS), workdir=None
     )
     rc = bench_gpu.run(args)
     data = _read(out)
     s = data["sections"]
-    assert list(s) == list(bench_gpu.SECTIONS)
-    assert {n: e["status"] for n, e in s.items()} == dict.fromkeys(bench_gpu.SECTIONS, "ok"), {
+    assert list(s) == list(SECTIONS)
+    assert {n: e["status"] for n, e in s.items()} == dict.fromkeys(SECTIONS, "ok"), {
         n: e.get("traceback") for n, e in s.items()
     }
     assert rc == 0
@@ -248,15 +252,12 @@ def test_cpu_mode_end_to_end(tmp_path: Path) -> None:
     assert thr["best"]["teacher_windows_per_s"] > 0 and thr["single_pass"]["teacher_over_single_flops"] > 1
     assert s["projection"]["result"]["rate_source"].startswith("measured fraction")
     pipe = s["pipeline"]["result"]
-    assert [r["precision"] for r in pipe["runs"]] == list(bench_gpu.CPU_PLAN.pipeline.precisions)
+    assert [r["precision"] for r in pipe["runs"]] == list(CPU_PLAN.pipeline.precisions)
     for r in pipe["runs"]:
         assert set(r["seconds"]) == {"ingest", "precompute", "distill", "eval", "segment"}
         assert all(v > 0 for v in r["seconds"].values())
-        assert (
-            r["distill"]["worker_device"] == "cpu"
-            and r["distill"]["steps"] == bench_gpu.CPU_PLAN.pipeline.steps
-        )
-        assert r["fidelity"]["images"] == bench_gpu.CPU_PLAN.pipeline.heldout_photos
+        assert r["distill"]["worker_device"] == "cpu" and r["distill"]["steps"] == CPU_PLAN.pipeline.steps
+        assert r["fidelity"]["images"] == CPU_PLAN.pipeline.heldout_photos
     first, second = pipe["runs"]
     assert first["precompute_tasks"]["computed"] > 0 and first["precompute_tasks"]["devices"] == ["cpu"]
     assert second["precompute_tasks"]["computed"] == 0  # the second run reuses the caches

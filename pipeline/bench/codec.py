@@ -1,0 +1,187 @@
+"""``spar bench cache --codec-fidelity``: what a cache codec costs the method.
+
+One cache per codec (``--codecs float16,int8``) is filled from the same images and teacher; the same student is
+trained from each (same seeds, same steps, in-process :class:`pipeline.train.step.StepRunner`), and held-out
+fidelity to the fp32 teacher (MSE and mean cosine pooled over every patch position of every held-out image:
+:class:`pipeline.eval.fidelity.PooledFidelity`) is compared against the run-to-run noise of two seeds
+(``--seeds 0,1``), with each codec's bytes vs raw float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.bench.measure import scratch_dir
+from pipeline.bench.sample_set import ingest_photos
+from pipeline.cache.precompute import PrecomputeConfig, precompute
+from pipeline.cache.reader import TeacherCache, open_cache
+from pipeline.common.tasks import init_ray
+from pipeline.data.imageset import ImageSet, open_imageset
+from pipeline.eval.fidelity import PooledFidelity
+from pipeline.train.config import DistillConfig
+from pipeline.train.step import StepRunner
+from spar_core.backbones import Backbone, build_backbone
+from spar_core.distill import trainable_parameters
+from spar_core.sliding import sliding_window_features
+
+
+@dataclass
+class HeldOut:
+    """Held-out images and their fp32 teacher features, computed here (not read from any cache)."""
+
+    keys: list[str]
+    inputs: list[torch.Tensor]  # (1, 3, H, W) normalised, one per key
+    targets: list[torch.Tensor]  # (1, H/p, W/p, D) fp32 teacher, one per key
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fill a cache per codec, train a student from each per seed, print and (``--json``) write the comparison."""
+    init_ray(num_cpus=os.cpu_count())
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    with scratch_dir(args.workdir, "spar-bench-codec-") as tmp:
+        res = codec_fidelity(args, tmp)
+    _print_codec_fidelity(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One cache per codec from the same images; a student trained from each per seed; held-out fidelity."""
+    images = args.images or ingest_photos(tmp, args.num_images, args.side)
+    ims = open_imageset(images)
+    keys = [r.key for r in ims.records]
+    if len(keys) <= args.held_out:
+        raise ValueError(
+            f"--codec-fidelity needs more than --held-out {args.held_out} images, got {len(keys)}"
+        )
+    train_keys = keys[: -args.held_out]
+    teacher = build_backbone(args.teacher, args.pretrained)
+    crop = args.crop or teacher.native_size
+    held = _held_out(teacher, ims, keys[-args.held_out :], crop, args.stride)
+    raw32 = sum(r.height // teacher.patch_size * (r.width // teacher.patch_size) * teacher.dim * 4
+                for r in ims.records)  # fmt: skip
+    out: dict[str, Any] = {"train_images": len(train_keys), "held_out_images": len(held.keys),
+                           "steps": args.steps, "codecs": {}}  # fmt: skip
+    out["baseline_single_pass"] = fidelity(teacher, held)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    for codec in [c for c in args.codecs.split(",") if c]:
+        out["codecs"][codec] = _one_codec(args, codec, images, crop, tmp, ims, train_keys, held, seeds, raw32)
+    return out
+
+
+def _held_out(teacher: Backbone, ims: ImageSet, keys: list[str], crop: int, stride: int) -> HeldOut:
+    inputs, targets = [], []
+    for k in keys:  # the reference: the fp32 teacher computed here, not read from any cache
+        x = teacher.normalize(torch.from_numpy(np.array(ims.read(k)))[None])
+        inputs.append(x)
+        targets.append(sliding_window_features(teacher, x, crop, stride, window_batch=32))
+    return HeldOut(keys, inputs, targets)
+
+
+def _one_codec(
+    args: argparse.Namespace,
+    codec: str,
+    images: str,
+    crop: int,
+    tmp: Path,
+    ims: ImageSet,
+    train_keys: list[str],
+    held: HeldOut,
+    seeds: list[int],
+    raw32: int,
+) -> dict[str, Any]:
+    """Fill the codec's cache, measure what it loses on held-out targets, train a student per seed from it."""
+    path = precompute(PrecomputeConfig(
+        images=images, teacher=args.teacher, pretrained=args.pretrained, crop=crop, stride=args.stride,
+        cache_root=str(tmp / "cache"), dtype=codec, autocast=args.precision, workers=1,
+        cpus_per_task=args.threads or os.cpu_count() or 1, progress=False))  # fmt: skip
+    cache = open_cache(path)
+    disk = sum(f.stat().st_size for f in (Path(path) / "shards").rglob("*") if f.is_file())
+    ref_err = []
+    for k, t in zip(held.keys, held.targets, strict=True):  # what the codec itself loses, on held-out targets
+        got = torch.from_numpy(np.asarray(cache.features(k), dtype=np.float32))
+        ref_err.append(float((got - t[0]).norm() / t[0].norm()))
+    runs = {s: fidelity(_train_student(args, cache, ims, train_keys, s), held) for s in seeds}
+    print(f"codec {codec}: {disk / raw32:.3f}x raw float32, held-out target rel. error "
+          f"{np.mean(ref_err):.2e}; " + "; ".join(f"seed {s}: MSE {r['mse']:.5g}, cos {r['cosine']:.5f}"
+                                                   for s, r in runs.items()), flush=True)  # fmt: skip
+    return {"ratio_vs_raw_float32": disk / raw32, "bytes": disk,
+            "target_rel_error_vs_fp32_teacher": float(np.mean(ref_err)),
+            "autocast": cache.spec.autocast, "runs": runs}  # fmt: skip
+
+
+def _train_student(
+    args: argparse.Namespace, cache: TeacherCache, ims: ImageSet, train_keys: list[str], seed: int
+) -> Backbone:
+    """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
+    torch.manual_seed(seed)
+    bb = build_backbone(args.teacher, args.pretrained)
+    params = trainable_parameters(bb, args.trainable_blocks)
+    cfg = DistillConfig(lr=args.lr, precision="fp32", warmup_steps=0)
+    runner = StepRunner(bb, bb, params, cfg, torch.device("cpu"), args.steps)
+    rng = np.random.default_rng(seed)
+    order: list[str] = []
+    for step in range(args.steps):
+        if not order:
+            order = [train_keys[i] for i in rng.permutation(len(train_keys))]
+        key = order.pop()
+        item = {
+            "image": torch.from_numpy(np.array(ims.read(key)))[None],  # (1, H, W, 3) uint8
+            "target": torch.from_numpy(np.asarray(cache.features(key), dtype=np.float32))[
+                None
+            ],  # (1, h, w, D)
+        }
+        runner.step(item, step)
+    return bb.eval()
+
+
+def fidelity(bb: Backbone, held: HeldOut) -> dict[str, float]:
+    """MSE and mean cosine of ``bb``'s single pass to the fp32 teacher, pooled over every patch position of every
+    held-out image (the project's one definition: :class:`pipeline.eval.fidelity.PooledFidelity`)."""
+    pooled = PooledFidelity()
+    with torch.no_grad():
+        for x, t in zip(held.inputs, held.targets, strict=True):
+            pooled.add(bb.dense(x)[0], t[0])  # (h, w, D) each
+    return {"mse": pooled.mse(), "cosine": pooled.cosine()}
+
+
+def _print_codec_fidelity(res: dict[str, Any]) -> None:
+    c = res["codecs"]
+    b = res["baseline_single_pass"]
+    print(
+        f"\ncodec fidelity: {res['train_images']} training / {res['held_out_images']} held-out images, "
+        f"{res['steps']} steps per student; untrained single pass: MSE {b['mse']:.5g}, cos {b['cosine']:.5f}"
+    )
+    print(f"  {'codec':<8} {'x raw fp32':>10} {'target err':>10} " + " ".join(
+        f"{'MSE s' + str(s):>12} {'cos s' + str(s):>9}" for s in next(iter(c.values()))["runs"]))  # fmt: skip
+    for name, r in c.items():
+        print(f"  {name:<8} {r['ratio_vs_raw_float32']:>10.3f} {r['target_rel_error_vs_fp32_teacher']:>10.2e} "
+              + " ".join(f"{v['mse']:>12.5g} {v['cosine']:>9.5f}" for v in r["runs"].values()))  # fmt: skip
+    names = list(c)
+    if len(names) >= 2:
+        _print_noise(c, names)
+
+
+def _print_noise(c: dict[str, Any], names: list[str]) -> None:
+    """Each other codec's MSE difference at the same seed against the first codec's seed-to-seed noise."""
+    base = c[names[0]]["runs"]
+    seeds = list(base)
+    noise = [abs(base[seeds[i]]["mse"] - base[seeds[i + 1]]["mse"]) for i in range(len(seeds) - 1)]
+    noise_mse = max(noise) if noise else float("nan")
+    for other in names[1:]:
+        diff = float(np.mean([abs(c[other]["runs"][s]["mse"] - base[s]["mse"]) for s in seeds]))
+        rel = diff / float(np.mean([base[s]["mse"] for s in seeds]))
+        verdict = "within" if diff <= noise_mse else "OUTSIDE"
+        print(
+            f"  {other} vs {names[0]}: held-out MSE differs by {diff:.3g} ({rel:.2%}) at the same seed; "
+            f"run-to-run noise ({names[0]}, seeds {','.join(map(str, seeds))}): {noise_mse:.3g} -> {verdict} noise"
+        )
