@@ -43,7 +43,9 @@ def imports(path: Path, mods: dict[str, Path], pkg: str) -> tuple[set[str], set[
         if not internal:
             continue
         every.update(internal)
-        is_top = node in tree.body or any(node in getattr(b, "body", []) for b in tree.body if isinstance(b, ast.If))
+        is_top = node in tree.body or any(
+            node in getattr(b, "body", []) for b in tree.body if isinstance(b, ast.If)
+        )
         if is_top:
             n_top += 1
             top.update(internal)
