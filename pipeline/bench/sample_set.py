@@ -7,20 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.common.photos import sample_photo_rgb
+from pipeline.common.photos import CACHE_BENCH_PHOTOS, sample_photo_rgb
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
-
-CACHE_BENCH_PHOTOS = (
-    "astronaut",
-    "coffee",
-    "chelsea",
-    "rocket",
-    "camera",
-    "horse",
-    "cat",
-    "immunohistochemistry",
-)
 
 
 def ingest_photos(out: Path, n: int, side: int) -> str:

@@ -47,6 +47,17 @@ BENCH_TRAIN_PHOTOS = (
     "retina",
 )
 BENCH_HELDOUT_PHOTOS = ("coffee", "rocket")
+# `spar bench cache`: the first n of these, ingested without augmentation
+CACHE_BENCH_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "horse",
+    "cat",
+    "immunohistochemistry",
+)
 
 FILE_SUFFIXES = (".png", ".jpg")
 
@@ -103,3 +114,24 @@ def sample_photo_files() -> list[Path]:
 
     d = Path(skimage.data.__file__).parent
     return sorted(p for p in d.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+
+
+def offline_photos(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The sample photos among ``names`` that load without a download (an offline machine): those whose registry
+    file is on disk, and the aliases of bundled files (no registry entry of that name)."""
+    import skimage.data
+    from skimage.data import _registry
+
+    try:
+        dirs = [
+            Path(skimage.data.__file__).parent,
+            Path(str(getattr(skimage.data, "data_dir", skimage.data.__file__))),
+        ]
+        keep = []
+        for n in names:
+            keys = [k for k in _registry.registry if Path(k).stem == n]
+            if not keys or any((d / Path(k).name).exists() for k in keys for d in dirs):
+                keep.append(n)
+        return tuple(keep)
+    except Exception:  # noqa: BLE001 - another scikit-image layout: try them all (failures are skipped)
+        return names

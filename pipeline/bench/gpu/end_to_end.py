@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import skimage.data
 import torch
 from mlflow import MlflowClient
-from skimage.data import _registry
 
 from pipeline.bench.gpu.context import Context
 from pipeline.bench.gpu.plan import PipelinePlan
 from pipeline.bench.gpu.report import check, say
 from pipeline.bench.gpu.runner import Deadline
 from pipeline.cache.precompute import PrecomputeConfig
-from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
+from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, offline_photos, write_photos
 from pipeline.common.tasks import init_ray, shutdown_ray
 from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig, SegmentConfig
@@ -67,8 +65,8 @@ def _ray_and_photos(ctx: Context, res: dict[str, Any], pp: PipelinePlan, work: P
     res["stages"]["ray_start"] = time.perf_counter() - t
     check(res, "ray sees the GPUs", float(ray.cluster_resources().get("GPU", 0)) == gpus, f"{gpus} expected")
     with _no_network():
-        n_train = write_photos(work / "raw" / "train", _offline_photos(TRAIN_PHOTOS)[: pp.train_photos])
-        n_held = write_photos(work / "raw" / "heldout", _offline_photos(HELDOUT_PHOTOS)[: pp.heldout_photos])
+        n_train = write_photos(work / "raw" / "train", offline_photos(TRAIN_PHOTOS)[: pp.train_photos])
+        n_held = write_photos(work / "raw" / "heldout", offline_photos(HELDOUT_PHOTOS)[: pp.heldout_photos])
     res["photos"] = {"train": n_train, "heldout": n_held}
     ctx.save()
 
@@ -173,24 +171,6 @@ def _start_ray(res: dict[str, Any], gpus: int, tries: int = 2) -> None:
             shutdown_ray()
             if attempt == tries:
                 raise
-
-
-def _offline_photos(names: tuple[str, ...]) -> tuple[str, ...]:
-    """The scikit-image photos among ``names`` that load without a download (the device machine is offline):
-    those whose registry file is on disk, and the aliases of bundled files (no registry entry of that name)."""
-    try:
-        dirs = [
-            Path(skimage.data.__file__).parent,
-            Path(str(getattr(skimage.data, "data_dir", skimage.data.__file__))),
-        ]
-        keep = []
-        for n in names:
-            keys = [k for k in _registry.registry if Path(k).stem == n]
-            if not keys or any((d / Path(k).name).exists() for k in keys for d in dirs):
-                keep.append(n)
-        return tuple(keep)
-    except Exception:  # noqa: BLE001 - another scikit-image layout: try them all (failures are skipped)
-        return names
 
 
 @contextlib.contextmanager
