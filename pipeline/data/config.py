@@ -92,3 +92,13 @@ class IngestConfig:
         if not 0 <= self.png_compress_level <= 9:
             problems.append(f"png_compress_level must be in 0..9 (got {self.png_compress_level})")
         return problems
+
+
+# The segmentation benchmarks and their class lists (readers: pipeline.data.datasets); here so that argument
+# definitions can name them without loading the readers.
+DATASETS = ("voc21", "voc20", "context60", "context59", "cityscapes", "ade20k")
+CLASS_SETS: dict[str, str] = {
+    "paper": "the authors' lists (configs/siglip2/cls_*.txt at 0f63ff2, the SCLIP lists; default)",
+    "rich": "more synonyms per class (e.g. 'aeroplane,airplane'; 'traffic light')",
+}
+DEFAULT_CLASS_SET = "paper"

@@ -27,10 +27,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.common.errors import UserError
+from pipeline.data.config import CLASS_SETS, DATASETS, DEFAULT_CLASS_SET
 
 IGNORE_INDEX = 255
 
-DATASETS = ("voc21", "voc20", "context60", "context59", "cityscapes", "ade20k")
 
 
 class DatasetError(UserError):
@@ -305,11 +305,6 @@ def read_class_file(path: str | Path) -> list[list[str]]:
     return parse_class_text(p.read_text(encoding="utf-8"), source=str(p))
 
 
-CLASS_SETS: dict[str, str] = {
-    "paper": "the authors' lists (configs/siglip2/cls_*.txt at 0f63ff2, the SCLIP lists; default)",
-    "rich": "more synonyms per class (e.g. 'aeroplane,airplane'; 'traffic light')",
-}
-DEFAULT_CLASS_SET = "paper"
 
 
 def default_classes(dataset: str, class_set: str = DEFAULT_CLASS_SET) -> list[list[str]]:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pipeline.common.config import ConfigError
 from pipeline.common.errors import UserError
-from pipeline.data.datasets import CLASS_SETS, DATASETS, DEFAULT_CLASS_SET
+from pipeline.data.config import CLASS_SETS, DATASETS, DEFAULT_CLASS_SET
 
 __all__ = [
     "CLASS_SETS",
