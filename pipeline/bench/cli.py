@@ -151,3 +151,28 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         bp = bsub.add_parser(name, help=helptext)
         _ARGS[name](bp)
         bp.set_defaults(handler=f"pipeline.bench.{module}:run")
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench distill`` (defaults: the demo's settings)."""
+    p.add_argument("--workers", default="1,2", help="comma-separated Ray Train worker counts (default 1,2)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per worker count (default 40)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (default 5)")
+    p.add_argument("--backbone", default="small-clip-224", help="teacher = student backbone (the demo's)")
+    p.add_argument("--crop", type=int, default=None, help="teacher window (default: the demo's 224)")
+    p.add_argument("--stride", type=int, default=None, help="teacher stride (default: the demo's 24)")
+    p.add_argument("--train-long", type=int, default=None, help="ingest long side (default: the demo's)")
+    p.add_argument("--train-short", type=int, default=None, help="ingest short side (default: the demo's)")
+    p.add_argument("--train-min-short", type=int, default=None, help="ingest short-side floor (the demo's)")
+    p.add_argument(
+        "--photos", type=int, default=0, help="use the first N training photos (0: all, the demo's)"
+    )
+    p.add_argument(
+        "--loader-workers", type=int, default=None, help="decode processes per worker (the demo's 1)"
+    )
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+BENCHES["distill"] = ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction")
+_ARGS["distill"] = _distill_args

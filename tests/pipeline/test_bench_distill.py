@@ -1,0 +1,46 @@
+"""``spar bench distill`` at a tiny size, through the real CLI parser: the reported steps/s, images/s and data-wait
+fraction are checked against the same quantities recomputed here from the run's MLflow metric history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.bench.distill import run
+from pipeline.cli import build_parser
+from pipeline.common.tracking import tracking_uri
+
+STEPS, WARMUP = 8, 3
+
+
+def test_bench_distill_reports_its_run_metrics(ray_up, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "bench.json"
+    args = build_parser("bench").parse_args([
+        "bench", "distill", "--backbone", "tiny-clip-64", "--crop", "64", "--stride", "32",
+        "--train-long", "128", "--train-short", "64", "--train-min-short", "64", "--photos", "3",
+        "--steps", str(STEPS), "--warmup", str(WARMUP), "--workers", "1",
+        "--workdir", str(work), "--json", str(out),
+    ])  # fmt: skip
+    assert run(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["images"] == 3 and rep["settings"]["backbone"] == "tiny-clip-64"
+    assert "images_per_s_ratio" not in rep  # one worker count: nothing to compare
+    (r,) = rep["runs"]
+    assert r["workers"] == 1 and r["steps"] == STEPS
+
+    client = MlflowClient(tracking_uri(work))
+    step_s = {m.step: m.value for m in client.get_metric_history(r["run_id"], "step_time_s")}
+    frac = {m.step: m.value for m in client.get_metric_history(r["run_id"], "data_wait_frac")}
+    assert sorted(step_s) == sorted(frac) == list(range(1, STEPS + 1))  # one value per optimizer step
+    timed = [s for s in step_s if s > WARMUP]
+    assert r["timed_steps"] == len(timed) == STEPS - WARMUP
+    total = sum(step_s[s] for s in timed)
+    wait = sum(frac[s] * step_s[s] for s in timed)
+    assert r["data_wait_frac"] == pytest.approx(wait / total, rel=1e-9)
+    assert 0.0 <= r["data_wait_frac"] < 1.0
+    assert r["steps_per_s"] == pytest.approx(len(timed) / total, rel=1e-9)
+    assert r["images_per_s"] == pytest.approx(len(timed) / total, rel=1e-9)  # batch 1, one worker
+    # the steps tile the worker loop's wall time, which lies inside the whole distill call
+    assert sum(step_s.values()) < r["distill_wall_s"]
