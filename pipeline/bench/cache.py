@@ -274,6 +274,8 @@ def _precompute(
         "fraction_of_matmul_end_to_end": wins / wall * flops / 1e9 / matmul,
         "task_windows_per_s": task["windows_per_s"],
         "task_fraction_of_matmul": task["windows_per_s"] * flops / 1e9 / matmul,
+        "task_vs_bare_teacher": task["windows_per_s"] / best["windows_per_s"],  # issue 15 item 5: >= 0.9
+        "task_seconds": {k: task[k] for k in ("seconds", "compute_s", "decode_wait_s", "write_wait_s")},
         "bytes_on_disk": disk,
         "bytes_per_image": disk / n,
         "raw_float32_bytes_per_image": raw32 / n,
@@ -290,7 +292,8 @@ def _task_rate(path: str, images: str, cfg: PrecomputeConfig) -> dict[str, float
     invalidate_shards(path, range(n))
     stats = [compute_shard(path, images, i, asdict(cfg)) for i in range(n)]
     wins, secs = sum(s["windows"] for s in stats), sum(s["seconds"] for s in stats)
-    return {"windows": wins, "seconds": secs, "windows_per_s": wins / secs}
+    waits = {k: sum(s[k] for s in stats) for k in ("compute_s", "decode_wait_s", "write_wait_s")}
+    return {"windows": wins, "seconds": secs, "windows_per_s": wins / secs, **waits}
 
 
 def _print(res: dict[str, Any]) -> None:
@@ -328,6 +331,12 @@ def _print_precompute(p: dict[str, Any]) -> None:
     print(
         f"precompute task body, warm teacher: {p['task_windows_per_s']:.2f} win/s, "
         f"{p['task_fraction_of_matmul']:.3f} of matmul"
+    )
+    ts = p["task_seconds"]
+    print(
+        f"precompute task body vs bare teacher: {p['task_vs_bare_teacher']:.2f}x windows/s (target >= 0.9); "
+        f"task {ts['seconds']:.2f} s = teacher {ts['compute_s']:.2f} s + waiting for decode "
+        f"{ts['decode_wait_s']:.2f} s + for the writer {ts['write_wait_s']:.2f} s (+ open, commit)"
     )
     print(
         f"size: {p['bytes_per_image'] / 1e3:.1f} KB/image on disk vs {p['raw_float32_bytes_per_image'] / 1e3:.1f} KB raw "

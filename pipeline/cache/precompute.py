@@ -95,7 +95,7 @@ def precompute(
 
     Only shards without a valid completion marker are computed (``only_shards`` narrows them further).
     ``stats``: when given, each finished task's statistics are appended to it (shard, status, images, windows,
-    seconds, device, worker pid, teacher builds in that worker process).
+    seconds, compute_s/decode_wait_s/write_wait_s, device, worker pid, teacher builds in that worker process).
     Raises :class:`CacheError` naming the shards that failed after their retries; finished shards are kept.
     """
     if not cfg.images:
@@ -210,17 +210,21 @@ def _mlflow_run(
             yield run
 
 
+SHARD_TIMES = ("compute_s", "decode_wait_s", "write_wait_s")  # a computed shard's timings (see compute_shard)
+
+
 def _log_cost(
     cache: TeacherCache, stats: dict[int, dict[str, Any]], failures: dict[int, str], wall: float
 ) -> None:
-    """What the cache cost (into the active MLflow run): images, windows, seconds per shard, bytes, wall time."""
+    """What the cache cost (into the active MLflow run): images, windows, bytes, wall time, and per shard (step =
+    shard index) the task's seconds, its teacher seconds and its waits for decoded images and for the writer."""
     import mlflow
 
     written = {i: size_on_disk(f"{cache.path.rstrip('/')}/shards/{shard_stem(i)}.zarr") for i in stats}
     for i, st in sorted(stats.items()):
-        mlflow.log_metrics(
-            {"shard_seconds": float(st.get("seconds", 0.0)), "shard_bytes": float(written[i])}, step=i
-        )
+        per_shard = {"shard_seconds": float(st.get("seconds", 0.0)), "shard_bytes": float(written[i])}
+        per_shard.update({f"shard_{k}": float(st[k]) for k in SHARD_TIMES if k in st})
+        mlflow.log_metrics(per_shard, step=i)
     mlflow.log_metrics(
         {
             "images": sum(int(st.get("images", 0)) for st in stats.values()),
@@ -228,6 +232,7 @@ def _log_cost(
             "shards_computed": len(stats),
             "shards_failed": len(failures),
             "compute_seconds": sum(float(st.get("seconds", 0.0)) for st in stats.values()),
+            "teacher_seconds": sum(float(st.get("compute_s", 0.0)) for st in stats.values()),
             "wall_seconds": wall,
             "bytes_written": sum(written.values()),
         }

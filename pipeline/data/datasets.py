@@ -32,7 +32,6 @@ from pipeline.data.config import CLASS_SETS, DATASETS, DEFAULT_CLASS_SET
 IGNORE_INDEX = 255
 
 
-
 class DatasetError(UserError):
     """A benchmark dataset is missing, incomplete or malformed."""
 
@@ -303,8 +302,6 @@ def read_class_file(path: str | Path) -> list[list[str]]:
     if not p.is_file():
         raise ClassNamesError(f"class-name file not found: {p}")
     return parse_class_text(p.read_text(encoding="utf-8"), source=str(p))
-
-
 
 
 def default_classes(dataset: str, class_set: str = DEFAULT_CLASS_SET) -> list[list[str]]:

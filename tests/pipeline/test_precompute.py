@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import shutil
+import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +25,13 @@ from pipeline.cache.config import PrecomputeConfig
 from pipeline.cache.maintenance import verify_cache
 from pipeline.cache.precompute import precompute, repair_cache, resolve_spec
 from pipeline.cache.reader import open_cache
-from pipeline.cache.shard_task import precast_for_autocast
-from pipeline.cache.spec import CacheError
+from pipeline.cache.shard_task import compute_shard, precast_for_autocast
+from pipeline.cache.spec import CacheError, ShardEntry, cache_path_for
+from pipeline.cache.writer import ShardWriter, write_spec
 from pipeline.cli import resolve_handler
+from pipeline.common import tracking
 from pipeline.data.config import IngestConfig
-from pipeline.data.imageset import open_imageset
+from pipeline.data.imageset import ImageSetError, open_imageset
 from pipeline.data.ingest import ingest
 from spar_core.backbones import build_backbone
 from spar_core.sliding import sliding_window_features
@@ -391,3 +396,168 @@ def test_int8_cache_matches_the_teacher_within_its_step_and_is_verified_and_repa
     c = open_cache(path)
     for k, v in good.items():
         np.testing.assert_array_equal(c.features(k), v)
+
+
+# ------------------------------------------------------------------------------------------ the task body in-process
+# compute_shard called directly (no Ray): decode, teacher and write overlap in three threads inside it.
+
+
+@pytest.fixture
+def one_thread():
+    """compute_shard sets torch's threads to cpus_per_task (1); run the reference at the same count, restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def spec_only_cache(images: str, root: Path, **kw) -> tuple[str, PrecomputeConfig]:
+    """A cache with its spec.json written and no shard computed yet."""
+    cfg = cfg_for(images, root, **kw)
+    spec, layout = resolve_spec(cfg, open_imageset(images))
+    path = cache_path_for(str(root), spec.fingerprint())
+    write_spec(path, spec, layout, {"images": images})
+    return path, cfg
+
+
+def sequential_shard(cache_path: str, images: str, shard: int, window_batch: int) -> None:
+    """The reference: one plain loop, image by image: decode, teacher, ShardWriter.add; then commit."""
+    c, ims = open_cache(cache_path), open_imageset(images)
+    bb = build_backbone(c.spec.backbone)
+    entries = [
+        ShardEntry(r.key, 0, r.height // 16, r.width // 16, r.height, r.width, r.pixel_sha256)
+        for r in ims.shard_records(shard)
+    ]
+    writer = ShardWriter(cache_path, shard, entries, dim=bb.dim, dtype=c.spec.dtype)
+    for rec, img in ims.iter_shard(shard):
+        x = bb.normalize(torch.from_numpy(np.array(img))[None]).float()
+        feats = sliding_window_features(bb, x, c.spec.crop, c.spec.stride, window_batch)
+        writer.add(rec.key, feats[0].numpy())
+    assert writer.commit() == "written"
+
+
+def chunk_bytes(store: Path) -> dict[str, bytes]:
+    """Every stored chunk file of a Zarr store (``<array>/c/...``), by its path inside the store."""
+    files = [p for p in store.rglob("*") if p.is_file() and "c" in p.relative_to(store).parts]
+    return {str(p.relative_to(store)): p.read_bytes() for p in files}
+
+
+def task_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("precompute-")]
+
+
+def test_pipelined_task_writes_the_same_bytes_as_a_sequential_loop_and_times_its_stages(
+    imageset, tmp_path, one_thread
+):
+    path, cfg = spec_only_cache(imageset, tmp_path / "piped", window_batch=3)
+    ref = tmp_path / "seq" / Path(path).name
+    ref.mkdir(parents=True)
+    shutil.copy(Path(path) / "spec.json", ref / "spec.json")
+    n = open_imageset(imageset).num_shards
+    stats = [compute_shard(path, imageset, i, dataclasses.asdict(cfg)) for i in range(n)]
+    for i in range(n):
+        sequential_shard(str(ref), imageset, i, window_batch=3)
+    assert task_threads() == []
+
+    got, want = open_cache(path), open_cache(str(ref))
+    assert got.is_complete() and want.is_complete() and verify_cache(path)[1] == []
+    for i in range(n):
+        assert got.shard_keys(i) == want.shard_keys(i)
+        for k in got.shard_keys(i):
+            np.testing.assert_array_equal(got.features(k), want.features(k), err_msg=k)
+        stem = f"shards/shard-{i:06d}.zarr"
+        chunks, ref_chunks = chunk_bytes(Path(path) / stem), chunk_bytes(ref / stem)
+        assert chunks and chunks == ref_chunks  # the stored (compressed) chunks, byte for byte
+        entries = [
+            json.loads((root / stem / "manifest.json").read_text())["entries"] for root in (Path(path), ref)
+        ]
+        assert entries[0] == entries[1]  # keys, offsets, sizes, pixel hashes and feature checksums
+
+    for st in stats:
+        assert st["status"] == "written"
+        times = [st["compute_s"], st["decode_wait_s"], st["write_wait_s"]]
+        assert st["compute_s"] > 0 and min(times) >= 0
+        assert st["compute_s"] <= st["seconds"]
+        assert sum(times) <= st["seconds"]  # disjoint intervals of the task's own thread
+
+
+def tamper_second_image(images: Path, shard: int) -> str:
+    """Replace the pixels of shard ``shard``'s second image inside its tar (a valid PNG, wrong content)."""
+    key = open_imageset(str(images)).shard_records(shard)[1].key
+    tar = images / "images" / f"shard-{shard:06d}.tar"
+    with tarfile.open(tar) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(tar, "w") as tf:
+        for m, data in members:
+            if m.name == f"{key}.png":
+                arr = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+                arr[0, 0] ^= 0xFF
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                data = buf.getvalue()
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    return key
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["decode", "teacher", "write"])
+def test_a_failure_in_any_stage_fails_the_task_and_leaves_no_shard(imageset, tmp_path, monkeypatch, where):
+    images = tmp_path / "set"
+    shutil.copytree(imageset, images)
+    if where == "decode":
+        key = tamper_second_image(images, 1)
+        error, match = ImageSetError, key
+    elif where == "teacher":
+        calls = []
+
+        def broken_teacher(*a, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("teacher ran out of memory")
+            return sliding_window_features(*a, **kw)
+
+        monkeypatch.setattr("pipeline.cache.shard_task.sliding_window_features", broken_teacher)
+        error, match = RuntimeError, "teacher ran out of memory"
+    else:
+        add = ShardWriter.add
+
+        def broken_add(self, key, feats):
+            if self._next == 1:
+                raise OSError("disk full while writing")
+            add(self, key, feats)
+
+        monkeypatch.setattr(ShardWriter, "add", broken_add)
+        error, match = OSError, "disk full while writing"
+    path, cfg = spec_only_cache(str(images), tmp_path / "cache")
+    with pytest.raises(error, match=match):
+        compute_shard(path, str(images), 1, dataclasses.asdict(cfg))
+    assert task_threads() == []  # both helper threads stopped
+    assert not open_cache(path).shard_complete(1)
+    assert sorted(p.name for p in (Path(path) / "shards").glob("shard-000001*")) == []  # attempt discarded
+    monkeypatch.undo()
+    again = compute_shard(path, str(images), 0, dataclasses.asdict(cfg))
+    assert again["status"] == "written"  # nothing left stuck
+
+
+def test_precompute_run_logs_teacher_seconds_per_shard(imageset, tmp_path):
+    import mlflow
+
+    wd = tmp_path / "wd"
+    stats: list[dict] = []
+    path = precompute(
+        cfg_for(imageset, tmp_path / "c", stride=32, workdir=str(wd), progress=False), stats=stats
+    )
+    client = mlflow.MlflowClient(tracking.tracking_uri(wd))
+    (run,) = client.search_runs([client.get_experiment_by_name("spar-precompute").experiment_id])
+    n = open_cache(path).num_shards
+    by_step = {}
+    for name in ("shard_seconds", "shard_compute_s", "shard_decode_wait_s", "shard_write_wait_s"):
+        hist = client.get_metric_history(run.info.run_id, name)
+        assert sorted(h.step for h in hist) == list(range(n)), name
+        by_step[name] = {h.step: h.value for h in hist}
+    for st in stats:
+        i = st["shard"]
+        assert by_step["shard_compute_s"][i] == pytest.approx(st["compute_s"]) and st["compute_s"] > 0
+        assert by_step["shard_compute_s"][i] <= by_step["shard_seconds"][i]
+    assert run.data.metrics["teacher_seconds"] == pytest.approx(sum(st["compute_s"] for st in stats))
