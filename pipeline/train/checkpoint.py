@@ -16,6 +16,10 @@ A *training checkpoint* (what Ray Train stores every N steps) is a student check
   not match it, is *corrupt* and is skipped in favour of the previous good one
   (:func:`restore_latest_good`, what a Ray Train worker resumes from).
 
+Ray Train keeps a run's training checkpoints in its run directory (``<storage>/<run name>/checkpoint_step…``) with
+its own record of them (``checkpoint_manager_snapshot.json``); :func:`snapshot_missing` tells when that record names
+a deleted checkpoint (Ray then refuses the directory) and :func:`newest_checkpoint` finds the newest one left.
+
 A finished run's last training checkpoint is exported as a plain student checkpoint (:func:`export_student`).
 """
 
@@ -28,7 +32,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.common.storage import sha256_of
+from pipeline.common.storage import StorageError, exists, join, listdir, read_json, sha256_of
 from pipeline.common.tracking import write_run_lineage
 from spar_core.backbones import Backbone, build_backbone
 
@@ -50,6 +54,7 @@ CONFIG_FILE = "config.json"
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_JSON_FILE = "train_state.json"
 CHECKSUMS_FILE = "checksums.json"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 FORMAT_VERSION = 1
 
 
@@ -439,11 +444,16 @@ def _ray_candidates(ckpt: Checkpoint) -> list[Checkpoint]:
 
 
 def restore_latest_good(
-    ckpt: Checkpoint, log: Callable[[str], None] = _log
+    ckpt: Checkpoint | None, log: Callable[[str], None] = _log, *, then: Checkpoint | None = None
 ) -> tuple[TrainState, dict[str, torch.Tensor], str] | None:
-    """(state, trainable weights, path) of the newest good checkpoint from Ray's ``ckpt`` back; corrupt or
+    """(state, trainable weights, path) of the newest good checkpoint from Ray's ``ckpt`` back, then from
+    ``then`` back (the checkpoint a continued run started from, in its earlier run directory); corrupt or
     incomplete ones are reported through ``log`` and skipped. None when none is usable."""
-    for cand in _ray_candidates(ckpt):
+    seen: set[str] = set()
+    for cand in (c for start in (ckpt, then) if start is not None for c in _ray_candidates(start)):
+        if cand.path in seen:
+            continue
+        seen.add(cand.path)
         try:
             with cand.as_directory() as d:
                 state, weights = load_training_checkpoint(d)
@@ -452,6 +462,47 @@ def restore_latest_good(
             log(f"checkpoint {cand.path} is unusable, trying the previous one: {e}")
     log("no usable checkpoint found; starting from the base weights")
     return None
+
+
+# ------------------------------------------------------------------------------------ Ray Train run dirs
+
+
+def _dir_names(obj: Any) -> Iterator[str]:
+    """Every ``checkpoint_dir_name`` string value in a JSON document, wherever it sits."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "checkpoint_dir_name" and isinstance(v, str):
+                yield v
+            else:
+                yield from _dir_names(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _dir_names(v)
+
+
+def snapshot_missing(run_dir: str) -> list[str]:
+    """Names of the checkpoint directories that Ray Train's snapshot of ``run_dir`` lists but that no longer
+    exist: Ray Train V2 refuses to restore such a run directory (``CheckpointManagerInitializationError``).
+
+    The snapshot is Ray's internal format, so only its ``checkpoint_dir_name`` values are read, wherever they
+    sit; nothing is written. A missing or unreadable snapshot gives [] (Ray starts afresh or reports it)."""
+    try:
+        doc = read_json(join(run_dir, RAY_SNAPSHOT_FILE), "Ray Train snapshot")
+    except StorageError:
+        return []
+    return sorted({n for n in _dir_names(doc or {}) if not exists(join(run_dir, n))})
+
+
+def newest_checkpoint(run_dirs: Sequence[str]) -> str | None:
+    """Path of the newest ``checkpoint_step…`` directory left in ``run_dirs`` (oldest directory first: a later
+    one wins a tie); None when there is none. Whether it is good is for :func:`restore_latest_good` to tell."""
+    best: tuple[int, int, str] | None = None
+    for i, run_dir in enumerate(run_dirs):
+        for name in listdir(run_dir):
+            step = step_of(name)
+            if step is not None and (best is None or (step, i) >= best[:2]):
+                best = (step, i, join(run_dir, name))
+    return best[2] if best is not None else None
 
 
 # ------------------------------------------------------------------------------------------------ export

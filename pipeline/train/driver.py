@@ -6,7 +6,9 @@
 2. **fit**: create (or reopen) the MLflow run with the plan as its params (:mod:`pipeline.train.tracking`) and run a
    Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) of :func:`pipeline.train.worker.train_worker` on it;
    workers resume from ``ray.train.get_checkpoint()`` (worker failure, or ``--resume`` = the same
-   ``RunConfig(storage_path, name)``) at the exact data position;
+   ``RunConfig(storage_path, name)``) at the exact data position. Ray refuses a run directory whose snapshot names
+   a deleted checkpoint; ``--resume`` then continues the run in a new Ray Train directory from the newest
+   checkpoint left (:func:`_ray_run`), same MLflow run, nothing deleted;
 3. **finish**: export the final student (:func:`pipeline.train.checkpoint.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
 """
@@ -21,18 +23,34 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
+from pipeline.common.storage import exists, join
 from pipeline.common.tasks import cluster_gpus, init_ray, train_log_level, verbose
 from pipeline.common.tracking import git_commit, mlflow_ui_command
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.data.stream import Planner, refs_from_imageset
-from pipeline.train.checkpoint import CheckpointError, export_student, step_of
+from pipeline.train.checkpoint import (
+    CheckpointError,
+    export_student,
+    newest_checkpoint,
+    snapshot_missing,
+    step_of,
+)
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
 from pipeline.train.progress import progress_bar
@@ -74,6 +92,16 @@ class _Inputs:
     seed: int
 
 
+@dataclass(frozen=True)
+class _RayRun:
+    """The Ray Train directory a run trains in: its own (``<storage>/<run name>``) or, once Ray refused that
+    one on --resume, a continuation started from a checkpoint of an earlier one."""
+
+    name: str  # RunConfig name
+    start: str  # checkpoint a continuation starts from ("" = Ray's own checkpoints only)
+    dirs: list[str]  # every Ray Train directory of the run, oldest first (this one last)
+
+
 def _log(msg: str) -> None:
     print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
 
@@ -86,8 +114,9 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     lineage_fp = inputs.cache.fingerprint if inputs.cache is not None else inputs.ims.fingerprint
     run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
     storage = cfg.storage_path or str(workdir / "ray_results")
+    ray_run = _ray_run(workdir, storage, run_name, resume)
     if resume:
-        _check_resume_backbone(Path(storage) / run_name, inputs.student)
+        _check_resume_backbone(ray_run.dirs, inputs.student)
     init_ray(cfg.ray_address or None)
     plan = _plan(cfg, inputs, workdir, run_name, storage)
     uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
@@ -100,14 +129,14 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
         _log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
     try:
         with progress_bar(run_id, plan.total_steps) as actor:
-            result = _fit(plan, RunLink(run_id, uri, actor))
+            result = _fit(plan, RunLink(run_id, uri, actor), ray_run)
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         raise DistillError(
-            f"distill run {run_name} failed: {e}. Finished checkpoints are kept under {storage}/{run_name}; "
+            f"distill run {run_name} failed: {e}. Finished checkpoints are kept under {ray_run.dirs[-1]}; "
             f"fix the cause and re-run with --resume"
         ) from e
-    return _finish(plan, client, RunLink(run_id, uri), exp_id, result, inputs.student.dim)
+    return _finish(plan, client, RunLink(run_id, uri), exp_id, result, inputs.student.dim, ray_run.start)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -206,13 +235,28 @@ def _last_run_file(workdir: Path) -> Path:
     return d / "last_run.json"
 
 
+def _read_last_run(workdir: Path) -> dict[str, Any]:
+    """``last_run.json``: {"run_name": last run, "runs": {run name: MLflow run id},
+    "continuations": {run name: [{"ray_run": Ray Train run name, "from": checkpoint it started from}]}}."""
+    last = _last_run_file(workdir)
+    return json.loads(last.read_text()) if last.exists() else {}
+
+
+def _write_last_run(workdir: Path, doc: dict[str, Any]) -> None:
+    last = _last_run_file(workdir)
+    tmp = last.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, last)
+
+
 def _resolve_run_name(
     cfg: DistillConfig, workdir: Path, resume: bool, fingerprint: str
 ) -> tuple[str, str | None]:
-    """(Ray Train run name, MLflow run id to continue or None)."""
+    """(run name: the MLflow run's, the student's and its first Ray Train directory's; MLflow run id to continue
+    or None)."""
     last = _last_run_file(workdir)
     if resume:
-        prev = json.loads(last.read_text()) if last.exists() else {}
+        prev = _read_last_run(workdir)
         name = cfg.run_name or prev.get("run_name", "")
         if not name:
             raise DistillError(
@@ -225,50 +269,87 @@ def _resolve_run_name(
 
 
 def _remember_run(workdir: Path, run_name: str, run_id: str) -> None:
-    last = _last_run_file(workdir)
-    prev = json.loads(last.read_text()) if last.exists() else {}
-    runs = prev.get("runs", {})
-    runs[run_name] = run_id
-    tmp = last.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_name": run_name, "runs": runs}, indent=2))
-    os.replace(tmp, last)
+    doc = _read_last_run(workdir)
+    doc.setdefault("runs", {})[run_name] = run_id
+    doc["run_name"] = run_name
+    _write_last_run(workdir, doc)
 
 
-def _check_resume_backbone(run_dir: Path, student: Backbone) -> None:
+def _ray_run(workdir: Path, storage: str, run_name: str, resume: bool) -> _RayRun:
+    """The Ray Train directory the run trains in: the newest of the run's recorded directories.
+
+    On --resume, when Ray's snapshot of that directory names a deleted checkpoint, Ray Train V2 would refuse it
+    (its snapshot is internal, so it is left untouched). The run then continues in a new directory
+    ``<run name>.resumed-step<N>`` whose workers start from the newest checkpoint left (and fall back from
+    there over corrupt ones); the continuation is recorded in ``last_run.json`` so later resumes use it."""
+    doc = _read_last_run(workdir)
+    conts: list[dict[str, str]] = doc.get("continuations", {}).get(run_name, [])
+    names = [run_name] + [c["ray_run"] for c in conts]
+    dirs = [join(storage, n) for n in names]
+    here = _RayRun(names[-1], conts[-1]["from"] if conts else "", dirs)
+    missing = snapshot_missing(dirs[-1]) if resume else []
+    if not missing:
+        return here
+    start = newest_checkpoint(dirs) or ""
+    name = _continuation_name(storage, run_name, start)
+    gone = ", ".join(join(dirs[-1], m) for m in missing)
+    using = f"resuming from {start}, the newest checkpoint left" if start else "none is left: starting anew"
+    _log(
+        f"checkpoint {gone} no longer exists: skipped; {using}. Ray Train cannot reopen {dirs[-1]} without it, "
+        f"so the run continues in {join(storage, name)} (the earlier directories are kept as they are)"
+    )
+    doc.setdefault("continuations", {})[run_name] = [*conts, {"ray_run": name, "from": start}]
+    _write_last_run(workdir, doc)
+    return _RayRun(name, start, [*dirs, join(storage, name)])
+
+
+def _continuation_name(storage: str, run_name: str, start: str) -> str:
+    """A Ray Train run name not used yet in ``storage`` for continuing ``run_name`` from checkpoint ``start``."""
+    base = f"{run_name}.resumed-step{step_of(start.rstrip('/').rsplit('/', 1)[-1]) or 0:09d}"
+    name, n = base, 1
+    while exists(join(storage, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _check_resume_backbone(run_dirs: list[str], student: Backbone) -> None:
     """Refuse to resume a run whose checkpoints hold another backbone's (or other base weights') student."""
-    if not run_dir.is_dir():  # remote storage or nothing saved yet: the workers' restore checks shapes
-        return
-    for ckpt in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
-        try:
-            meta = json.loads((ckpt / "backbone.json").read_text())
-        except (OSError, ValueError):
-            continue  # unusable checkpoints are reported and skipped by the restore
-        if meta.get("name") != student.name or meta.get("weights_id") != student.weights_id:
-            raise DistillError(
-                f"distill --resume: run {run_dir.name} trains a {meta.get('name')} student from "
-                f"{meta.get('weights_id')} (checkpoint {ckpt.name}), not {student.name} from "
-                f"{student.weights_id}; resume with the same student or start a new run"
-            )
-        return
+    for run_dir in map(Path, reversed(run_dirs)):
+        if not run_dir.is_dir():  # remote storage or nothing saved yet: the workers' restore checks shapes
+            continue
+        for ckpt in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
+            try:
+                meta = json.loads((ckpt / "backbone.json").read_text())
+            except (OSError, ValueError):
+                continue  # unusable checkpoints are reported and skipped by the restore
+            if meta.get("name") != student.name or meta.get("weights_id") != student.weights_id:
+                raise DistillError(
+                    f"distill --resume: run {Path(run_dirs[0]).name} trains a {meta.get('name')} student from "
+                    f"{meta.get('weights_id')} (checkpoint {ckpt.name}), not {student.name} from "
+                    f"{student.weights_id}; resume with the same student or start a new run"
+                )
+            return
 
 
 # ---------------------------------------------------------------------------------------------------- fit
 
 
-def _fit(plan: DistillPlan, link: RunLink) -> Result:
-    """Run the Ray Train job of the plan; returns Ray's result (last metrics and checkpoint)."""
+def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
+    """Run the Ray Train job of the plan in ``ray_run``'s directory; returns Ray's result (last metrics and
+    checkpoint)."""
     resources: dict[str, float] = {"CPU": float(plan.cpus_per_worker)}
     gpus = plan.gpus_per_worker
     if gpus > 0:
         resources["GPU"] = gpus
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"plan": plan, "link": link},
+        train_loop_config={"plan": plan, "link": link, "start": ray_run.start},
         scaling_config=ScalingConfig(
             num_workers=plan.workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=plan.run_name,
+            name=ray_run.name,
             storage_path=plan.storage_path,
             failure_config=FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.keep_checkpoints),
@@ -282,13 +363,13 @@ def _fit(plan: DistillPlan, link: RunLink) -> Result:
 # ------------------------------------------------------------------------------------------------- finish
 
 
-def _export(plan: DistillPlan, result: Result, link: RunLink, exp_id: str) -> str:
+def _export(plan: DistillPlan, ckpt: Checkpoint | None, link: RunLink, exp_id: str) -> str:
     """The final student exported to ``<workdir>/students/<run name>`` ("" when the run saved no checkpoint)."""
-    if result.checkpoint is None:
+    if ckpt is None:
         return ""
     lineage = {"run_id": link.run_id, "experiment_id": exp_id, "tracking_uri": link.tracking_uri}
     out = Path(plan.workdir) / "students" / plan.run_name
-    with result.checkpoint.as_directory() as d:
+    with ckpt.as_directory() as d:
         try:
             return str(export_student(d, out, lineage))
         except CheckpointError as e:
@@ -296,12 +377,15 @@ def _export(plan: DistillPlan, result: Result, link: RunLink, exp_id: str) -> st
 
 
 def _finish(
-    plan: DistillPlan, client: MlflowClient, link: RunLink, exp_id: str, result: Result, dim: int
+    plan: DistillPlan, client: MlflowClient, link: RunLink, exp_id: str, result: Result, dim: int, start: str
 ) -> DistillResult:
-    """Export and log the student and the loss curve, close the run, print where everything is."""
+    """Export and log the student and the loss curve, close the run, print where everything is. ``start``: the
+    checkpoint a continuation started from (the last one when it had no step left to train)."""
     metrics, ckpt, run_id = result.metrics or {}, result.checkpoint, link.run_id
+    if ckpt is None and start:
+        ckpt = Checkpoint(path=start)
     steps = int(metrics.get("step", 0))
-    export = _export(plan, result, link, exp_id)
+    export = _export(plan, ckpt, link, exp_id)
     if ckpt is not None and steps == 0:
         steps = int(step_of(posixpath.basename(ckpt.path.rstrip("/"))) or 0)
     log_loss_curve(client, run_id, Path(plan.workdir) / "distill" / plan.run_name / "loss_curve.png")

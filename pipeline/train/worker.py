@@ -47,7 +47,8 @@ def _log(msg: str) -> None:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point; ``config`` = ``{"plan": DistillPlan, "link": RunLink}``."""
+    """Ray Train worker entry point; ``config`` = ``{"plan": DistillPlan, "link": RunLink, "start": str}``
+    (``start``: the checkpoint a run continued in a new Ray Train directory starts from, "" for none)."""
     plan: DistillPlan = config["plan"]
     link: RunLink = config["link"]
     ctx = ray.train.get_context()
@@ -55,7 +56,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(plan.cpus_per_worker)
     torch.manual_seed(plan.seed)
-    runner, state = _build(plan, device, rank, world)
+    runner, state = _build(plan, device, rank, world, config.get("start", ""))
     if state.step >= plan.total_steps:
         _log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
@@ -80,13 +81,17 @@ def _student(plan: DistillPlan, device: torch.device) -> Backbone:
     return build_backbone(plan.student, plan.base_weights, device=device, seed=plan.backbone_seed)
 
 
-def _build(plan: DistillPlan, device: torch.device, rank: int, world: int) -> tuple[StepRunner, TrainState]:
-    """The student (restored from the newest good checkpoint, if any), its DDP wrapper and the step runner."""
+def _build(
+    plan: DistillPlan, device: torch.device, rank: int, world: int, start: str
+) -> tuple[StepRunner, TrainState]:
+    """The student (restored from the newest good checkpoint, if any: Ray's latest of this run directory, else
+    ``start``), its DDP wrapper and the step runner."""
     bb = _student(plan, device)
     params = trainable_parameters(bb, plan.trainable_blocks)
     state = TrainState(extra={"epoch_loss_sum": 0.0, "epoch_steps": 0})
     ckpt = ray.train.get_checkpoint()
-    restored = restore_latest_good(ckpt) if ckpt else None
+    first = ray.train.Checkpoint(path=start) if start else None
+    restored = restore_latest_good(ckpt, then=first) if ckpt or first else None
     if restored is not None:
         state, weights, where = restored
         bb.load_trainable_state_dict({k: v.to(device) for k, v in weights.items()})
