@@ -18,7 +18,8 @@ A *training checkpoint* (what Ray Train stores every N steps) is a student check
 
 Ray Train keeps a run's training checkpoints in its run directory (``<storage>/<run name>/checkpoint_step…``) with
 its own record of them (``checkpoint_manager_snapshot.json``); :func:`snapshot_missing` tells when that record names
-a deleted checkpoint (Ray then refuses the directory) and :func:`newest_checkpoint` finds the newest one left.
+a deleted checkpoint (Ray then refuses the directory); :func:`checkpoints_newest_first` and :func:`newest_good`
+find the newest good one left.
 
 A finished run's last training checkpoint is exported as a plain student checkpoint (:func:`export_student`).
 """
@@ -449,8 +450,17 @@ def restore_latest_good(
     """(state, trainable weights, path) of the newest good checkpoint from Ray's ``ckpt`` back, then from
     ``then`` back (the checkpoint a continued run started from, in its earlier run directory); corrupt or
     incomplete ones are reported through ``log`` and skipped. None when none is usable."""
+    return _first_good(
+        (c for start in (ckpt, then) if start is not None for c in _ray_candidates(start)), log
+    )
+
+
+def _first_good(
+    cands: Iterable[Checkpoint], log: Callable[[str], None]
+) -> tuple[TrainState, dict[str, torch.Tensor], str] | None:
+    """(state, weights, path) of the first of ``cands`` that loads; the unusable ones before it are logged."""
     seen: set[str] = set()
-    for cand in (c for start in (ckpt, then) if start is not None for c in _ray_candidates(start)):
+    for cand in cands:
         if cand.path in seen:
             continue
         seen.add(cand.path)
@@ -462,6 +472,15 @@ def restore_latest_good(
             log(f"checkpoint {cand.path} is unusable, trying the previous one: {e}")
     log("no usable checkpoint found; starting from the base weights")
     return None
+
+
+def newest_good(paths: Sequence[str], log: Callable[[str], None] = _log) -> str | None:
+    """The first of the checkpoint ``paths`` (newest first) that loads as a training checkpoint, as a worker's
+    restore would load it; the unusable ones before it are reported through ``log``. None when none loads."""
+    from ray.train import Checkpoint
+
+    found = _first_good((Checkpoint(path=p) for p in paths), log)
+    return found[2] if found is not None else None
 
 
 # ------------------------------------------------------------------------------------ Ray Train run dirs
@@ -493,16 +512,16 @@ def snapshot_missing(run_dir: str) -> list[str]:
     return sorted({n for n in _dir_names(doc or {}) if not exists(join(run_dir, n))})
 
 
-def newest_checkpoint(run_dirs: Sequence[str]) -> str | None:
-    """Path of the newest ``checkpoint_step…`` directory left in ``run_dirs`` (oldest directory first: a later
-    one wins a tie); None when there is none. Whether it is good is for :func:`restore_latest_good` to tell."""
-    best: tuple[int, int, str] | None = None
-    for i, run_dir in enumerate(run_dirs):
-        for name in listdir(run_dir):
-            step = step_of(name)
-            if step is not None and (best is None or (step, i) >= best[:2]):
-                best = (step, i, join(run_dir, name))
-    return best[2] if best is not None else None
+def checkpoints_newest_first(run_dirs: Sequence[str]) -> list[str]:
+    """Paths of the ``checkpoint_step…`` directories in ``run_dirs`` (oldest directory first), newest step
+    first; at the same step a later directory's comes first."""
+    found = [
+        (step, i, join(run_dir, name))
+        for i, run_dir in enumerate(run_dirs)
+        for name in listdir(run_dir)
+        if (step := step_of(name)) is not None
+    ]
+    return [path for _, _, path in sorted(found, reverse=True)]
 
 
 # ------------------------------------------------------------------------------------------------ export

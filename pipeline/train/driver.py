@@ -7,8 +7,9 @@
    Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) of :func:`pipeline.train.worker.train_worker` on it;
    workers resume from ``ray.train.get_checkpoint()`` (worker failure, or ``--resume`` = the same
    ``RunConfig(storage_path, name)``) at the exact data position. Ray refuses a run directory whose snapshot names
-   a deleted checkpoint; ``--resume`` then continues the run in a new Ray Train directory from the newest
-   checkpoint left (:func:`_ray_run`), same MLflow run, nothing deleted;
+   a deleted checkpoint (and would train over older ones after a corrupt latest one); ``--resume`` then
+   continues the run in a new Ray Train directory from the newest good checkpoint (:func:`_resume_ray_run`),
+   same MLflow run, nothing deleted;
 3. **finish**: export the final student (:func:`pipeline.train.checkpoint.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
 """
@@ -46,8 +47,9 @@ from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.data.stream import Planner, refs_from_imageset
 from pipeline.train.checkpoint import (
     CheckpointError,
+    checkpoints_newest_first,
     export_student,
-    newest_checkpoint,
+    newest_good,
     snapshot_missing,
     step_of,
 )
@@ -114,9 +116,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     lineage_fp = inputs.cache.fingerprint if inputs.cache is not None else inputs.ims.fingerprint
     run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
     storage = cfg.storage_path or str(workdir / "ray_results")
-    ray_run = _ray_run(workdir, storage, run_name, resume)
+    ray_run = _ray_run(workdir, storage, run_name)
     if resume:
         _check_resume_backbone(ray_run.dirs, inputs.student)
+        ray_run = _resume_ray_run(workdir, storage, run_name, ray_run)
     init_ray(cfg.ray_address or None)
     plan = _plan(cfg, inputs, workdir, run_name, storage)
     uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
@@ -275,32 +278,43 @@ def _remember_run(workdir: Path, run_name: str, run_id: str) -> None:
     _write_last_run(workdir, doc)
 
 
-def _ray_run(workdir: Path, storage: str, run_name: str, resume: bool) -> _RayRun:
-    """The Ray Train directory the run trains in: the newest of the run's recorded directories.
-
-    On --resume, when Ray's snapshot of that directory names a deleted checkpoint, Ray Train V2 would refuse it
-    (its snapshot is internal, so it is left untouched). The run then continues in a new directory
-    ``<run name>.resumed-step<N>`` whose workers start from the newest checkpoint left (and fall back from
-    there over corrupt ones); the continuation is recorded in ``last_run.json`` so later resumes use it."""
-    doc = _read_last_run(workdir)
-    conts: list[dict[str, str]] = doc.get("continuations", {}).get(run_name, [])
+def _ray_run(workdir: Path, storage: str, run_name: str) -> _RayRun:
+    """The Ray Train directory the run trains in: the newest of its recorded directories (``last_run.json``)."""
+    conts = _read_last_run(workdir).get("continuations", {}).get(run_name, [])
     names = [run_name] + [c["ray_run"] for c in conts]
-    dirs = [join(storage, n) for n in names]
-    here = _RayRun(names[-1], conts[-1]["from"] if conts else "", dirs)
-    missing = snapshot_missing(dirs[-1]) if resume else []
-    if not missing:
+    return _RayRun(names[-1], conts[-1]["from"] if conts else "", [join(storage, n) for n in names])
+
+
+def _resume_ray_run(workdir: Path, storage: str, run_name: str, here: _RayRun) -> _RayRun:
+    """``here``, or a new Ray Train directory when Ray would not resume ``here`` from the newest good checkpoint.
+
+    Ray Train V2 refuses a directory whose snapshot names a deleted checkpoint, and resumes from its latest
+    registered one even when that one is corrupt; falling back from there inside the same directory would let
+    Ray's ``num_to_keep`` delete the older checkpoints it trains over. In both cases the run continues in a new
+    directory ``<run name>.resumed-step<N>`` whose workers start from the newest good checkpoint of the run (the
+    V2 way: the checkpoint goes in ``train_loop_config``; Ray's internal snapshot is never rewritten). Nothing is
+    deleted; the continuation is recorded in ``last_run.json`` so later resumes use it."""
+    ckpts = checkpoints_newest_first(here.dirs)
+    missing = [join(here.dirs[-1], m) for m in snapshot_missing(here.dirs[-1])]
+    if not ckpts and not missing:
+        return here  # nothing saved yet: Ray starts afresh
+    start = newest_good(ckpts) or ""
+    if not missing and ckpts and start == ckpts[0]:
         return here
-    start = newest_checkpoint(dirs) or ""
     name = _continuation_name(storage, run_name, start)
-    gone = ", ".join(join(dirs[-1], m) for m in missing)
-    using = f"resuming from {start}, the newest checkpoint left" if start else "none is left: starting anew"
-    _log(
-        f"checkpoint {gone} no longer exists: skipped; {using}. Ray Train cannot reopen {dirs[-1]} without it, "
-        f"so the run continues in {join(storage, name)} (the earlier directories are kept as they are)"
+    using = (
+        f"resuming from {start}, the newest good checkpoint left" if start else "none is left: starting anew"
     )
-    doc.setdefault("continuations", {})[run_name] = [*conts, {"ray_run": name, "from": start}]
+    skipped = f"checkpoint {', '.join(missing)} no longer exists: skipped; " if missing else ""
+    _log(
+        f"{skipped}{using}. Ray Train would not resume {here.dirs[-1]} from it, so the run continues in "
+        f"{join(storage, name)} (the earlier directories are kept as they are)"
+    )
+    doc = _read_last_run(workdir)
+    conts = doc.setdefault("continuations", {}).setdefault(run_name, [])
+    conts.append({"ray_run": name, "from": start})
     _write_last_run(workdir, doc)
-    return _RayRun(name, start, [*dirs, join(storage, name)])
+    return _RayRun(name, start, [*here.dirs, join(storage, name)])
 
 
 def _continuation_name(storage: str, run_name: str, start: str) -> str:

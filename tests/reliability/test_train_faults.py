@@ -195,11 +195,12 @@ def test_resume_with_another_student_backbone_is_refused(reference, workdir):
     "(IndexError in the set-up on the merged main, 2026-11-26)",
 )
 def test_missing_latest_checkpoint_is_skipped_on_resume(reference, workdir, capfd):
-    """Runs after the test above (same run): the newest checkpoint directory is deleted; resume must say so, use
+    """Runs after the tests above (same run): the newest checkpoint directory is deleted; resume must say so, use
     the newest remaining good one (in a new Ray Train directory: Ray refuses the old one) and end with the same
     weights. Nothing else is deleted."""
     cfg, _, keep = reference
-    run_dir = workdir / "ray_results" / cfg.run_name
+    # the run's newest Ray Train directory: the test above continued the run in a new one (from step 32)
+    run_dir = sorted((workdir / "ray_results").glob(f"{cfg.run_name}*"))[-1]
     ckpts = sorted(p for p in run_dir.glob("checkpoint_step*") if p.is_dir())
     assert ckpts[-1].name == checkpoint_dir_name(STEPS)
     shutil.rmtree(ckpts[-1])
@@ -211,3 +212,7 @@ def test_missing_latest_checkpoint_is_skipped_on_resume(reference, workdir, capf
     assert res.completed and res.steps == STEPS
     _assert_same_as_reference(res.checkpoint_dir, res.ray_checkpoint, keep)
     assert all(p.is_dir() for p in ckpts[:-1])  # the older checkpoints are kept
+    first = workdir / "ray_results" / cfg.run_name  # and so are the first directory's, corrupt ones included
+    assert [p.name for p in sorted(first.glob("checkpoint_step*"))] == [
+        checkpoint_dir_name(s) for s in (STEPS - 8, STEPS - 4, STEPS)
+    ]
