@@ -187,13 +187,6 @@ def test_resume_with_another_student_backbone_is_refused(reference, workdir):
         distill(dataclasses.replace(cfg, student="tiny-clip-224", pretrained="none"), resume=True)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the continuation fix (train/driver.py::_ray_run) is in, but after the corrupt-checkpoint test above the "
-    "run already lives in a continuation directory and this test's set-up (which deletes the newest checkpoint of "
-    "the first Ray Train directory) finds no checkpoint there: the test's set-up and the fix still need to agree "
-    "(IndexError in the set-up on the merged main, 2026-11-26)",
-)
 def test_missing_latest_checkpoint_is_skipped_on_resume(reference, workdir, capfd):
     """Runs after the tests above (same run): the newest checkpoint directory is deleted; resume must say so, use
     the newest remaining good one (in a new Ray Train directory: Ray refuses the old one) and end with the same
