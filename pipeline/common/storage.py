@@ -271,3 +271,49 @@ def sha256_of(path: str, fs: fsspec.AbstractFileSystem | None = None, chunk: int
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def put_dir(local_dir: str, url: str) -> None:
+    """Copy the files under the local folder ``local_dir`` to the folder ``url`` (local path or URL), keeping the
+    relative layout; existing files there are overwritten. Callers that need all-or-nothing write a marker last."""
+    for root, _dirs, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as f:
+                write_bytes_atomic(join(url, *rel.split("/")), f.read())
+
+
+def get_dir(url: str, local_dir: str) -> None:
+    """Copy the files under the folder ``url`` into the local folder ``local_dir`` (created); a StorageError names
+    ``url`` when it holds no file."""
+    if is_local(url):
+        src = local_path(url)
+        if not os.path.isdir(src):
+            raise StorageError(f"{url} is not a folder")
+        shutil.copytree(src, local_dir, dirs_exist_ok=True)
+        return
+    fs, p = filesystem(url)
+    fs.invalidate_cache()
+    files = fs.find(p)
+    if not files:
+        raise StorageError(f"{url} holds no file")
+    for f in files:
+        rel = f[len(p.rstrip("/")) :].lstrip("/")
+        dst = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        fs.get_file(f, dst)
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """``(pyarrow filesystem or None, path)`` for libraries that take a pyarrow filesystem (Ray Train's
+    ``RunConfig(storage_filesystem=, storage_path=)``): None and the plain path for a local folder; else fsspec's
+    filesystem of ``url`` wrapped for pyarrow, so credentials and endpoints come from the same place as every
+    other remote access of the project (environment / fsspec config, never arguments)."""
+    if is_local(url):
+        return None, os.path.abspath(local_path(url))
+    # pyarrow is heavy and only needed here: imported on use so that light commands do not load it
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, p = filesystem(url)
+    return PyFileSystem(FSSpecHandler(fs)), p.rstrip("/")
