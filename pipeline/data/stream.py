@@ -14,16 +14,19 @@ Each Ray Train worker (rank ``r`` of ``world_size``) reads its own subset of sha
 Because the order is computed from the manifest alone, a *data position* ``(epoch, batches consumed)`` pins
 the rest of the sequence: a stream started there yields exactly what an uninterrupted stream would have yielded
 next, and samples before it are skipped without being decoded. Decoding (PNG + pixel hash check + cache read)
-happens in background DataLoader workers (forkserver); batch ``j`` of the stream is produced by loader worker
-``j mod num_workers`` and the DataLoader's in-order delivery restores the plan order.
+happens ahead of the trainer: in background DataLoader workers (forkserver; batch ``j`` of the stream is produced by
+loader worker ``j mod num_workers`` and the DataLoader's in-order delivery restores the plan order), or with no
+loader workers in one background thread of the trainer's process (:class:`ThreadPrefetch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, TypedDict, TypeVar
+from typing import Any, Generic, TypedDict, TypeVar
 
 import numpy as np
 import torch
@@ -376,19 +379,72 @@ class PairedStream(IterableDataset):
         return self._entry_cache[1]
 
 
-def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> DataLoader:
-    """A DataLoader decoding in ``workers`` background processes (forkserver); 0 = in this process.
+def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> Iterable[Batch]:
+    """The stream's batches, decoded ahead of the consumer: in ``workers`` background processes (a forkserver
+    DataLoader), or, with ``workers == 0``, in one background thread of this process (no inter-process hand-over:
+    PNG decoding, hashing and Zarr reads release the GIL). Either way up to ``prefetch`` batches wait, in plan order.
 
     The forkserver preloads this module (torch, numpy, the readers) once, so its workers start fast, and does
     not re-import the caller's ``__main__``.
     """
-    kw: dict[str, Any] = {}
-    if workers > 0:
-        ctx = torch.multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(
-            ["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.reader"]
-        )
-        kw = {"multiprocessing_context": ctx, "prefetch_factor": prefetch}
+    if workers == 0:
+        return ThreadPrefetch(DataLoader(stream, batch_size=None, num_workers=0), prefetch)
+    ctx = torch.multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.reader"])
     return DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(), **kw
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        multiprocessing_context=ctx,
+        prefetch_factor=prefetch,
     )
+
+
+class ThreadPrefetch(Generic[T]):
+    """Iterate ``source`` in a background thread, ``depth`` items ahead; items come out in the source's order and
+    an exception of the source is raised in the consumer, at the item where it happened. Leaving the loop early
+    stops the thread."""
+
+    _END = object()
+
+    def __init__(self, source: Iterable[T], depth: int = 4) -> None:
+        self.source, self.depth = source, max(1, depth)
+
+    def __iter__(self) -> Iterator[T]:
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(q, stop), name="spar-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = q.get()
+                if kind is self._END:
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def _produce(self, q: queue.Queue[Any], stop: threading.Event) -> None:
+        try:
+            for item in self.source:
+                if not self._put(q, stop, ("item", item)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(q, stop, ("error", e))
+            return
+        self._put(q, stop, (self._END, None))
+
+    @staticmethod
+    def _put(q: queue.Queue[Any], stop: threading.Event, entry: tuple[Any, Any]) -> bool:
+        """Block until there is room (or the consumer left); False when it left."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False

@@ -52,7 +52,7 @@ class DistillConfig:
     workers: int = 1  # Ray Train workers (DDP ranks)
     cpus_per_worker: int = 1  # Ray CPUs per worker = torch threads
     gpus_per_worker: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
-    loader_workers: int = 2  # background decode processes per worker (0 = decode in the training process)
+    loader_workers: int = 2  # background decode processes per worker (0 = one decode thread in the trainer)
     verify_pixels: bool = True  # check every image's pixel sha256 while streaming
     workdir: str = "work"  # MLflow store, Ray results, exported students
     experiment: str = "spar-distill"

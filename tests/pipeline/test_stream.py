@@ -6,7 +6,9 @@ tiny-clip-64); the stream's output is compared with independent reads (ImageSet.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from pipeline.data.stream import (
     Planner,
     SampleRef,
     StreamError,
+    ThreadPrefetch,
     bucket_batches,
     buffer_shuffle,
     decode_png,
@@ -192,3 +195,39 @@ def test_refs_follow_the_manifest(data: dict[str, str]) -> None:
     assert [[r.key for r in s] for s in refs] == [
         [r.key for r in ims.shard_records(i)] for i in range(ims.num_shards)
     ]
+
+
+# ------------------------------------------------------------------------------------ background-thread prefetch
+
+
+def test_thread_prefetch_keeps_order_and_raises_where_the_source_failed() -> None:
+    def source() -> Iterator[int]:
+        yield from range(7)
+        raise StreamError("shard 3 unreadable")
+
+    got: list[int] = []
+    with pytest.raises(StreamError, match="shard 3 unreadable"):
+        for x in ThreadPrefetch(source(), depth=2):
+            got.append(x)
+    assert got == list(range(7))  # everything before the failure, in order, then the source's own exception
+    assert list(ThreadPrefetch(range(50), depth=3)) == list(range(50))
+
+
+def test_thread_prefetch_runs_ahead_of_an_idle_consumer_and_stops_when_left() -> None:
+    produced: list[int] = []
+    ahead = threading.Event()
+
+    def source() -> Iterator[int]:
+        for i in range(100):
+            produced.append(i)
+            if i == 3:
+                ahead.set()  # reached only if the producer works while the consumer holds item 0
+            yield i
+
+    it = iter(ThreadPrefetch(source(), depth=3))
+    assert next(it) == 0
+    assert ahead.wait(timeout=10), "the producer did not run ahead of the consumer"
+    it.close()  # the consumer leaves early
+    workers = [t for t in threading.enumerate() if t.name == "spar-prefetch"]
+    assert not workers, "the prefetch thread outlived its consumer"
+    assert len(produced) <= 1 + 3 + 2  # bounded: item 0, the queue's depth, one blocked in put (+ slack)
