@@ -10,6 +10,7 @@ and feeds the driver's progress bar.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import tempfile
 import time
@@ -77,6 +78,13 @@ def train_worker(config: dict[str, Any]) -> None:
         loop.run()
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for "do not broadcast buffers before each forward" (the backbones' buffers are constants):
+    ``forward_sync_buffers`` in newer torch (which deprecates the old name), ``broadcast_buffers`` before it."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+
+
 def _student(plan: DistillPlan, device: torch.device) -> Backbone:
     return build_backbone(plan.student, plan.base_weights, device=device, seed=plan.backbone_seed)
 
@@ -105,7 +113,7 @@ def _build(
             )
     model: torch.nn.Module = bb
     if world > 1:
-        model = ray.train.torch.prepare_model(bb, parallel_strategy_kwargs={"forward_sync_buffers": False})
+        model = ray.train.torch.prepare_model(bb, parallel_strategy_kwargs=_no_buffer_sync())
     teacher = _student(plan, device) if plan.teacher_online else None
     runner = StepRunner(bb, model, params, plan, device, plan.total_steps, teacher=teacher, crop=plan.crop,
                         stride=plan.stride)  # fmt: skip
