@@ -25,13 +25,13 @@ from ray.remote_function import RemoteFunction
 from pipeline.cache.config import PrecomputeConfig, default_cache_root
 from pipeline.cache.maintenance import invalidate_shards
 from pipeline.cache.reader import TeacherCache, open_cache
-from pipeline.cache.shard_task import compute_shard, forwarded_env, precast_for_autocast
+from pipeline.cache.shard_task import compute_shard
 from pipeline.cache.spec import CacheError, CacheSpec, cache_path_for
 from pipeline.cache.writer import write_spec
 from pipeline.common import precision, tracking
 from pipeline.common.config import ConfigError
 from pipeline.common.storage import shard_stem, size_on_disk
-from pipeline.common.tasks import PoolResult, cluster_cpus, cluster_gpus, init_ray, run_pool
+from pipeline.common.tasks import PoolResult, cluster_cpus, cluster_gpus, init_ray, run_pool, task_runtime_env
 from pipeline.data.imageset import ImageSet, open_imageset
 from spar_core.backbones import build_backbone
 from spar_core.sliding import validate_window_params
@@ -39,15 +39,7 @@ from spar_core.sliding import validate_window_params
 if TYPE_CHECKING:  # an annotation only: mlflow is imported when a run is recorded
     from mlflow import ActiveRun
 
-# compute_shard and precast_for_autocast live in .shard_task; named here too for pipeline.bench.cache's imports
-__all__ = [
-    "PrecomputeConfig",
-    "precompute",
-    "repair_cache",
-    "resolve_spec",
-    "compute_shard",
-    "precast_for_autocast",
-]
+__all__ = ["PrecomputeConfig", "precompute", "repair_cache", "resolve_spec"]
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -253,7 +245,8 @@ def _task_cpus(cfg: PrecomputeConfig, cluster_cpus: float) -> float:
 def _shard_task(cfg: PrecomputeConfig) -> tuple[RemoteFunction, float]:
     """The Ray remote of :func:`compute_shard` with this run's resources, and the CPUs each task gets."""
     cpus = _task_cpus(cfg, float(cluster_cpus()))
-    opts: dict[str, Any] = {"num_cpus": cpus, "max_retries": cfg.max_retries, "retry_exceptions": True}
+    opts: dict[str, Any] = {"num_cpus": cpus, "max_retries": cfg.max_retries, "retry_exceptions": True,
+                            "runtime_env": task_runtime_env()}  # fmt: skip
     if cluster_gpus() > 0 and cfg.device != "cpu":
         opts["num_gpus"] = cfg.gpus_per_task
         opts["max_calls"] = 0  # keep the worker (and its loaded teacher) across tasks
@@ -269,7 +262,7 @@ def _run_shard_tasks(
     """
     init_ray(cfg.ray_address)
     task, cpus = _shard_task(cfg)
-    task_cfg = {**asdict(cfg), "cpus_per_task": int(cpus), "_env": forwarded_env()}
+    task_cfg = {**asdict(cfg), "cpus_per_task": int(cpus)}
     images = _abs(cfg.images)
     sizes = {i: len(ims.shard_records(i)) for i in todo}
 

@@ -9,11 +9,9 @@ by the tasks that process runs. The driver (:mod:`.precompute`) submits one such
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,17 +25,6 @@ from pipeline.common import precision
 from pipeline.data.imageset import ImageSet, open_imageset
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.sliding import num_windows, sliding_window_features
-
-# The driver's variables a task runs with: a task may run in a worker process started before the driver set them
-# (e.g. an S3 endpoint and credentials, AWS_*/FSSPEC_*), and SPAR_* settings are read inside the task
-# (SPAR_COMPILE). Forwarded as an argument, not a task runtime_env: a runtime_env would start a separate worker pool.
-FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_")
-
-
-def forwarded_env() -> dict[str, str]:
-    """The driver's variables to hand to :func:`compute_shard` (``cfg_dict["_env"]``)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-
 
 QUEUE_DEPTH = 2  # images decoded ahead of the teacher, and features waiting for the writer (per task)
 
@@ -64,25 +51,9 @@ def compute_shard(cache_path: str, images: str, shard: int, cfg_dict: dict[str, 
     """Ray task body: compute and commit cache shard ``shard``. Returns stats (status, images, windows, seconds,
     and for a computed shard compute_s, decode_wait_s, write_wait_s: see :func:`_write_shard`).
 
-    ``cfg_dict`` is the run's :class:`PrecomputeConfig` as a dict, plus ``_env``: the driver's forwarded
-    variables (:data:`FORWARD_ENV_PREFIXES`)."""
-    cfg_dict = dict(cfg_dict)
-    with _driver_env(cfg_dict.pop("_env", {})):
-        return _compute_shard(cache_path, images, shard, PrecomputeConfig(**{**cfg_dict, "progress": False}))
-
-
-@contextlib.contextmanager
-def _driver_env(env: dict[str, str]) -> Iterator[None]:
-    """Run with the driver's forwarded variables (and without stale ones a previous task left), then restore."""
-    saved = dict(os.environ)
-    for k in [k for k in os.environ if k.startswith(FORWARD_ENV_PREFIXES) and k not in env]:
-        del os.environ[k]
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    ``cfg_dict`` is the run's :class:`PrecomputeConfig` as a dict. Credentials and endpoints come from the task's
+    runtime environment (:func:`pipeline.common.tasks.task_runtime_env`), never from its arguments."""
+    return _compute_shard(cache_path, images, shard, PrecomputeConfig(**{**cfg_dict, "progress": False}))
 
 
 def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConfig) -> dict[str, Any]:

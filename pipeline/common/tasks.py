@@ -18,6 +18,8 @@ import ray
 from tqdm import tqdm
 
 __all__ = [
+    "FORWARD_ENV_PREFIXES",
+    "task_runtime_env",
     "init_ray",
     "cluster_gpus",
     "shutdown_ray",
@@ -49,6 +51,20 @@ def set_verbose(on: bool) -> None:
 def train_log_level() -> str:
     """Console level of Ray Train's ``ray.train`` loggers (controller and workers): INFO when verbose."""
     return "INFO" if verbose() else "ERROR"
+
+
+# The driver's variables that Ray tasks and workers need: object-store credentials and endpoints (AWS_*, FSSPEC_*),
+# SPAR_* settings read inside tasks (SPAR_COMPILE) and the MLflow client's (MLFLOW_*). They travel in the tasks'
+# runtime environment, the way Ray intends, never as task arguments: a task may run in a worker process started
+# before the driver set them (a cluster's nodes, or a long-lived local Ray).
+FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_", "MLFLOW_")
+
+
+def task_runtime_env() -> dict[str, dict[str, str]] | None:
+    """``runtime_env`` for this driver's Ray tasks and workers: its :data:`FORWARD_ENV_PREFIXES` variables
+    (None when it has none, so that tasks share the job's default worker pool)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+    return {"env_vars": env} if env else None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:

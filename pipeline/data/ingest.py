@@ -31,7 +31,7 @@ import ray
 
 from pipeline.common.config import config_from_cli, to_dict
 from pipeline.common.storage import is_url, join, write_bytes_atomic
-from pipeline.common.tasks import bars_disabled, cluster_cpus, init_ray, run_pool
+from pipeline.common.tasks import bars_disabled, cluster_cpus, init_ray, run_pool, task_runtime_env
 from pipeline.data.config import IngestConfig, IngestError
 from pipeline.data.imageset import (
     FORMAT_VERSION,
@@ -164,7 +164,7 @@ def _run_shard_tasks(out: str, images_url: str, shards: list[Shard], todo: list[
     After a failure no new shard starts, but those in flight finish (and are kept); then an IngestError names the
     failed shards and the first one's cause.
     """
-    task = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    task = ray.remote(num_cpus=1, max_retries=2, runtime_env=task_runtime_env())(write_shard)
     show = progress and not bars_disabled()  # a per-image feed costs an actor process: only for a bar
     tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
     try:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline.common.config import config_from_cli
-from pipeline.common.tasks import cluster_gpus, init_ray, run_pool
+from pipeline.common.tasks import cluster_gpus, init_ray, run_pool, task_runtime_env
 from pipeline.data.datasets import (
     INFOS,
     SegDataset,
@@ -194,7 +194,7 @@ def _run_chunks(
     gpus = cfg.gpus_per_worker
     if gpus == 0 and cfg.device != "cpu" and cluster_gpus() > 0:
         gpus = 1.0  # a GPU cluster: one GPU per task unless told otherwise
-    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(eval_chunk)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2, runtime_env=task_runtime_env())(eval_chunk)
 
     def submit(k: int) -> ray.ObjectRef:
         return task.remote(cfg, chunks[k], [i for i in overlay_idx if i in chunks[k]])

@@ -302,6 +302,9 @@ def test_repair_refuses_when_the_recorded_teacher_no_longer_matches(imageset, tm
 # ------------------------------------------------------------------------------------------ S3 and CLI
 
 
+SECRET = "secret-7f3a9c-never-a-task-argument"
+
+
 @pytest.fixture
 def s3_server(monkeypatch):
     from moto.server import ThreadedMotoServer
@@ -311,7 +314,7 @@ def s3_server(monkeypatch):
     host, port = server.get_host_and_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     import s3fs
 
@@ -323,9 +326,31 @@ def s3_server(monkeypatch):
     server.stop()
 
 
-def test_s3_round_trip(imageset, tmp_path, s3_server):
+def test_s3_round_trip(imageset, tmp_path, s3_server, monkeypatch):
+    import pipeline.cache.precompute as pc
+
+    sent: list[str] = []  # every task's arguments and options, as the driver hands them to Ray
+    make_task = pc._shard_task
+
+    def recording_task(cfg):
+        task, cpus = make_task(cfg)
+
+        class Recorder:
+            def remote(self, *args):
+                sent.append(repr(args))
+                return task.remote(*args)
+
+        sent.append(repr(task._default_options))
+        return Recorder(), cpus
+
+    monkeypatch.setattr(pc, "_shard_task", recording_task)
     local = precompute(cfg_for(imageset, tmp_path, stride=32))
     remote = precompute(cfg_for(imageset, "s3://spar-caches/teacher", stride=32))
+    # the Ray workers (started before this test set the variables) reached S3 with the credentials of the runtime
+    # environment; the secret was in the tasks' runtime_env, never in their arguments
+    args, options = [x for x in sent if "runtime_env" not in x], [x for x in sent if "runtime_env" in x]
+    assert args and not any(SECRET in a for a in args)
+    assert any(SECRET in o for o in options)
     assert remote == f"s3://spar-caches/teacher/{Path(local).name}"  # same spec, same fingerprint anywhere
     files = s3_server.find("spar-caches/teacher")
     assert any(f.endswith("shards/shard-000002.done") for f in files)
