@@ -155,6 +155,8 @@ def test_precompute_and_distill_300_images_with_flat_memory(load_set, tmp_path, 
     assert len(pre_rows) == 2 and len(train_rows) == 2, (pre_rows, train_rows)
     for r in pre_rows:  # second pass: within 5% + 30 MB of where the first pass ended
         assert r["rss_end_mb"] <= 1.05 * r["rss_end_first_pass_mb"] + 30, r
-    for r in train_rows:  # after warm-up (60% of the run) no further growth: within 10% + 40 MB
+    for r in train_rows:  # after warm-up (70% of the run) no further growth: within 10% + 40 MB
+        # (the plateau, ~1.09 GB, was reached at 70-80% of the sampled time in every recorded run; at 60% it was
+        # reached on a quiet machine only: under load 5 on 2 cores d[6] was 949 MB and the plateau 1,095 MB)
         d = r["rss_deciles_mb"]
-        assert max(d[6:]) <= 1.10 * d[6] + 40, r
+        assert max(d[7:]) <= 1.10 * d[7] + 40, r
