@@ -1,7 +1,8 @@
 """MLflow conventions shared by every stage.
 
 * Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a tracking server on a cluster), else the embedded store
-  ``sqlite:///<workdir>/mlflow.db`` with artifacts in ``<workdir>/mlartifacts``.
+  ``sqlite:///<workdir>/mlflow.db`` with artifacts in ``<workdir>/mlartifacts``. A workdir on object storage
+  (``s3://…``) cannot hold the embedded store: it needs ``MLFLOW_TRACKING_URI`` (:func:`require_remote_store`).
 * The driver creates the experiment once (SQLite races when several processes create it); workers only log to a
   run id they are given, and only rank 0 logs.
 * Every run gets the git commit, and its resolved config as flat params with the same names across runs, so the
@@ -24,7 +25,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.errors import UserError
+from pipeline.common.storage import is_local
+
 __all__ = [
+    "TrackingError",
+    "require_remote_store",
     "tracking_uri",
     "artifact_root",
     "setup_experiment",
@@ -54,10 +60,26 @@ LINEAGE_FILE = "mlflow_run.json"  # in an exported student: the training run tha
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+class TrackingError(UserError):
+    """The MLflow store cannot be used as configured."""
+
+
+def require_remote_store(workdir: str | Path) -> None:
+    """Refuse (TrackingError) a workdir on object storage without ``MLFLOW_TRACKING_URI``: the embedded sqlite
+    store cannot live there. Call it before anything starts."""
+    if not is_local(str(workdir)) and not _USER_TRACKING_URI:
+        raise TrackingError(
+            f"--workdir {workdir} needs a tracking server: set MLFLOW_TRACKING_URI (the embedded sqlite store "
+            "cannot live on object storage)"
+        )
+
+
 def tracking_uri(workdir: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` as set when the process started, else ``sqlite:///<abs workdir>/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI`` as set when the process started, else ``sqlite:///<abs workdir>/mlflow.db``
+    (a workdir URL without it: TrackingError)."""
     if _USER_TRACKING_URI:
         return _USER_TRACKING_URI
+    require_remote_store(workdir)
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
@@ -80,7 +102,9 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     import mlflow
 
     quiet_mlflow()
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    local = is_local(str(workdir))
+    if local:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
@@ -88,7 +112,7 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     if exp is not None:
         exp_id = exp.experiment_id
     else:
-        loc = artifact_root(workdir) if uri.startswith("sqlite:") else None
+        loc = artifact_root(workdir) if uri.startswith("sqlite:") and local else None
         try:
             exp_id = client.create_experiment(
                 name, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}

@@ -16,6 +16,7 @@ import torch
 
 from pipeline.common.errors import UserError
 from pipeline.common.precision import autocast, autocast_dtype
+from pipeline.common.storage import is_local, local_path
 from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
 from pipeline.data.resize import resize_linear
 from pipeline.eval.config import default_stride
@@ -49,18 +50,20 @@ def load_model(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> Backbone:
-    """A Backbone from a student checkpoint directory or a named backbone (baseline/teacher).
+    """A Backbone from a student checkpoint (a local directory or a URL) or a named backbone (baseline/teacher).
 
     Exactly one of ``checkpoint`` and ``backbone`` must be given.
     """
     if bool(checkpoint) == bool(backbone):
         raise InferenceError("give exactly one of --checkpoint CKPT or --backbone NAME")
     if checkpoint:
-        ckpt = Path(checkpoint).expanduser()
-        if not ckpt.is_dir():
-            raise InferenceError(f"checkpoint directory not found: {ckpt}")
+        ckpt = checkpoint  # a URL (s3://...) is downloaded and verified by load_student
+        if is_local(checkpoint):
+            ckpt = str(Path(local_path(checkpoint)).expanduser())
+            if not Path(ckpt).is_dir():
+                raise InferenceError(f"checkpoint directory not found: {ckpt}")
         try:
-            return load_student(str(ckpt), device=device)
+            return load_student(ckpt, device=device)
         except CheckpointError as e:
             raise InferenceError(str(e)) from e
     try:

@@ -22,10 +22,16 @@ a deleted checkpoint (Ray then refuses the directory); :func:`checkpoints_newest
 find the newest good one left.
 
 A finished run's last training checkpoint is exported as a plain student checkpoint (:func:`export_student`).
+
+Every location may be a local path or an fsspec URL (``s3://…``; files through :mod:`pipeline.common.storage`):
+Ray checkpoints of a URL are read through the same filesystem (:func:`ray_checkpoint`, :func:`checkpoint_location`);
+a student exported to a URL is built locally and uploaded with ``checksums.json`` last (its commit point), and
+:func:`load_student` downloads one (:func:`local_student`) and verifies it before loading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -40,9 +46,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load_file, save_file
 
-from pipeline.common.storage import StorageError, exists, join, listdir, read_json, sha256_of
+from pipeline.common.storage import (
+    StorageError,
+    arrow_filesystem,
+    exists,
+    get_dir,
+    is_local,
+    join,
+    listdir,
+    local_path,
+    put_dir,
+    read_json,
+    remove,
+    sha256_of,
+    write_bytes_atomic,
+)
 from pipeline.common.tracking import write_run_lineage
 from spar_core.backbones import Backbone, build_backbone
 
@@ -213,18 +234,29 @@ def load_student(
 ) -> Backbone:
     """Rebuild the base backbone named in ``backbone.json`` and load the trained weights into it.
 
-    Refuses (CheckpointError) a checkpoint whose files are corrupt, whose base weights identity differs from
-    the backbone that can be built here, or (``expect_backbone``) that is for another backbone.
+    ``ckpt_dir``: a local directory or a URL (downloaded and verified first, :func:`local_student`). Refuses
+    (CheckpointError) a checkpoint whose files are corrupt, whose base weights identity differs from the backbone
+    that can be built here, or (``expect_backbone``) that is for another backbone.
     """
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"student checkpoint {d}: no such directory")
-    if (d / CHECKSUMS_FILE).exists():
-        verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE))
+    if is_local(str(ckpt_dir)):
+        d = Path(local_path(str(ckpt_dir)))
+        if not d.is_dir():
+            raise CheckpointError(f"student checkpoint {ckpt_dir}: no such directory")
+        if (d / CHECKSUMS_FILE).exists():
+            verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE))
+        return _load_student_files(d, str(ckpt_dir), device, dtype, expect_backbone)
+    with local_student(str(ckpt_dir)) as d:
+        return _load_student_files(d, str(ckpt_dir), device, dtype, expect_backbone)
+
+
+def _load_student_files(
+    d: Path, where: str, device: str | torch.device, dtype: torch.dtype, expect_backbone: str | None
+) -> Backbone:
+    """:func:`load_student` of the (verified) local directory ``d``; errors name ``where``."""
     info = read_backbone_info(d)
     if expect_backbone is not None and info["name"] != expect_backbone:
         raise CheckpointError(
-            f"student checkpoint {d} is for backbone {info['name']!r}, not {expect_backbone!r}"
+            f"student checkpoint {where} is for backbone {info['name']!r}, not {expect_backbone!r}"
         )
     bb = build_backbone(
         info["name"], pretrained=info.get("pretrained") or None, device=device, dtype=dtype,
@@ -232,28 +264,53 @@ def load_student(
     )  # fmt: skip
     if bb.weights_id != info["weights_id"]:
         raise CheckpointError(
-            f"student checkpoint {d} was trained from base weights {info['weights_id']!r}, but the backbone "
+            f"student checkpoint {where} was trained from base weights {info['weights_id']!r}, but the backbone "
             f"built here has {bb.weights_id!r}; pass the same --pretrained weights"
         )
     try:
         sd = load_file(str(d / STUDENT_FILE), device="cpu")
     except FileNotFoundError:
-        raise CheckpointError(f"student checkpoint {d}: missing {STUDENT_FILE}") from None
+        raise CheckpointError(f"student checkpoint {where}: missing {STUDENT_FILE}") from None
     except Exception as e:  # safetensors raises its own error types on bad headers
-        raise CheckpointError(f"student checkpoint {d}: cannot read {STUDENT_FILE} ({e})") from None
+        raise CheckpointError(f"student checkpoint {where}: cannot read {STUDENT_FILE} ({e})") from None
     own = bb.state_dict()
     for k, v in sd.items():
         if k not in own:
             raise CheckpointError(
-                f"student checkpoint {d}: tensor {k!r} is not a parameter of {info['name']}"
+                f"student checkpoint {where}: tensor {k!r} is not a parameter of {info['name']}"
             )
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"student checkpoint {d}: tensor {k!r} has shape {tuple(v.shape)}, backbone expects "
+                f"student checkpoint {where}: tensor {k!r} has shape {tuple(v.shape)}, backbone expects "
                 f"{tuple(own[k].shape)}"
             )
     bb.load_trainable_state_dict({k: v.to(device=device, dtype=own[k].dtype) for k, v in sd.items()})
     return bb
+
+
+@contextlib.contextmanager
+def local_student(location: str) -> Iterator[Path]:
+    """A local directory holding the student checkpoint at ``location``: the directory itself for a local path;
+    for a URL, a verified download into a temporary directory of the same name (removed afterwards).
+
+    A remote student is complete only once its ``checksums.json`` exists (:func:`export_student` writes it
+    last): without it, or with a file that does not match it, a CheckpointError names the URL."""
+    if is_local(location):
+        yield Path(local_path(location))
+        return
+    url = location.rstrip("/")
+    if not exists(join(url, CHECKSUMS_FILE)):
+        missing = not exists(url)
+        what = "no such directory" if missing else f"no {CHECKSUMS_FILE} (incomplete: still being written?)"
+        raise CheckpointError(f"student checkpoint {url}: {what}")
+    with tempfile.TemporaryDirectory(prefix="spar-student-") as tmp:
+        d = Path(tmp) / posixpath.basename(url)
+        try:
+            get_dir(url, str(d))
+            verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE))
+        except (CheckpointError, StorageError) as e:
+            raise CheckpointError(str(e).replace(str(d), url)) from None
+        yield d
 
 
 # ----------------------------------------------------------------------------------------- train state
@@ -419,6 +476,23 @@ def _log(msg: str) -> None:
     print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
 
 
+def ray_checkpoint(location: str) -> Checkpoint:
+    """The Ray Train checkpoint at ``location`` (a local path or URL), read through the project's filesystem layer
+    (:func:`pipeline.common.storage.arrow_filesystem`: credentials from the environment, as everywhere else)."""
+    from ray.train import Checkpoint
+
+    fs, path = arrow_filesystem(location)
+    return Checkpoint(path=path, filesystem=fs)
+
+
+def checkpoint_location(ckpt: Checkpoint) -> str:
+    """Where ``ckpt`` is, as the project names locations: its path when local, else a URL (``s3://…``)."""
+    inner = getattr(getattr(ckpt.filesystem, "handler", None), "fs", None)  # an fsspec fs wrapped for pyarrow
+    if inner is None or isinstance(inner, LocalFileSystem):
+        return ckpt.path
+    return inner.unstrip_protocol(ckpt.path)
+
+
 def _ray_candidates(ckpt: Checkpoint) -> list[Checkpoint]:
     """Ray's latest checkpoint first, then its older siblings in the run directory (newest first)."""
     import pyarrow.fs as pafs
@@ -447,7 +521,7 @@ def _ray_candidates(ckpt: Checkpoint) -> list[Checkpoint]:
 def restore_latest_good(
     ckpt: Checkpoint | None, log: Callable[[str], None] = _log, *, then: Checkpoint | None = None
 ) -> tuple[TrainState, dict[str, torch.Tensor], str] | None:
-    """(state, trainable weights, path) of the newest good checkpoint from Ray's ``ckpt`` back, then from
+    """(state, trainable weights, location) of the newest good checkpoint from Ray's ``ckpt`` back, then from
     ``then`` back (the checkpoint a continued run started from, in its earlier run directory); corrupt or
     incomplete ones are reported through ``log`` and skipped. None when none is usable."""
     return _first_good(
@@ -467,19 +541,18 @@ def _first_good(
         try:
             with cand.as_directory() as d:
                 state, weights = load_training_checkpoint(d)
-            return state, weights, cand.path
+            return state, weights, checkpoint_location(cand)
         except (CheckpointError, OSError) as e:
-            log(f"checkpoint {cand.path} is unusable, trying the previous one: {e}")
+            log(f"checkpoint {checkpoint_location(cand)} is unusable, trying the previous one: {e}")
     log("no usable checkpoint found; starting from the base weights")
     return None
 
 
 def newest_good(paths: Sequence[str], log: Callable[[str], None] = _log) -> str | None:
     """The first of the checkpoint ``paths`` (newest first) that loads as a training checkpoint, as a worker's
-    restore would load it; the unusable ones before it are reported through ``log``. None when none loads."""
-    from ray.train import Checkpoint
-
-    found = _first_good((Checkpoint(path=p) for p in paths), log)
+    restore would load it; the unusable ones before it are reported through ``log``. None when none loads.
+    Paths may be URLs (returned as given)."""
+    found = _first_good((ray_checkpoint(p) for p in paths), log)
     return found[2] if found is not None else None
 
 
@@ -527,19 +600,48 @@ def checkpoints_newest_first(run_dirs: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ export
 
 
-def export_student(src: str | os.PathLike, out: Path, lineage: dict[str, str] | None = None) -> Path:
-    """Copy the student files of the training checkpoint ``src`` to ``out`` (a plain student checkpoint, replaced
-    atomically). ``lineage`` (run id, experiment id, tracking URI) is recorded beside them so evaluations nest
-    under the run. Raises CheckpointError when ``src`` is incomplete or corrupt."""
+def export_student(
+    src: str | os.PathLike, out: str | os.PathLike, lineage: dict[str, str] | None = None
+) -> str:
+    """Copy the student files of the (local) training checkpoint ``src`` to ``out``, a plain student checkpoint,
+    and return ``out``. ``lineage`` (run id, experiment id, tracking URI) is recorded beside them so evaluations
+    nest under the run. Raises CheckpointError when ``src`` is incomplete or corrupt.
+
+    A local ``out`` is replaced atomically (built beside it, then renamed). A URL ``out`` is built in a local
+    temporary directory and uploaded: the old ``checksums.json`` is removed first and the new one written last,
+    so a reader (:func:`local_student`) never takes a half-written student for a complete one."""
     verify_checkpoint(src, required=(STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE))
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    loc = str(out)
+    if not is_local(loc):
+        with tempfile.TemporaryDirectory(prefix="spar-export-") as tmp:
+            build = Path(tmp) / "student"
+            _build_student(src, build, lineage)
+            _upload_student(build, loc.rstrip("/"))
+        return loc.rstrip("/")
+    dst = Path(local_path(loc))
+    tmp_dir = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    _build_student(src, tmp_dir, lineage)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp_dir, dst)
+    return loc
+
+
+def _build_student(src: str | os.PathLike, d: Path, lineage: dict[str, str] | None) -> None:
+    """The exported student's files in the new local directory ``d``, ``checksums.json`` last."""
+    d.mkdir(parents=True)
     for f in (STUDENT_FILE, BACKBONE_FILE, CONFIG_FILE):
-        shutil.copy2(Path(src) / f, tmp / f)
+        shutil.copy2(Path(src) / f, d / f)
     if lineage:
-        write_run_lineage(tmp, lineage["run_id"], lineage["experiment_id"], lineage["tracking_uri"])
-    write_checksums(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+        write_run_lineage(d, lineage["run_id"], lineage["experiment_id"], lineage["tracking_uri"])
+    write_checksums(d)
+
+
+def _upload_student(build: Path, url: str) -> None:
+    """Replace the student at ``url`` by the local directory ``build``, its commit point (checksums) last."""
+    sums = (build / CHECKSUMS_FILE).read_bytes()
+    (build / CHECKSUMS_FILE).unlink()
+    remove(join(url, CHECKSUMS_FILE))  # an older student there is incomplete from here on ...
+    remove(url)  # ... and none of its files is left
+    put_dir(str(build), url)
+    write_bytes_atomic(join(url, CHECKSUMS_FILE), sums, error=CheckpointError)

@@ -12,6 +12,13 @@
    same MLflow run, nothing deleted;
 3. **finish**: export the final student (:func:`pipeline.train.checkpoint.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
+
+The workdir and the Ray Train storage may be local paths or URLs (``s3://bucket/prefix``, any fsspec scheme): the
+driver's own files (``<workdir>/distill/last_run.json``, ``<workdir>/distill/<run>/resolved_config.json`` and
+``loss_curve.png``, the student under ``<workdir>/students/<run>``) go through :mod:`pipeline.common.storage`, Ray
+Train gets the storage's filesystem (:func:`pipeline.common.storage.arrow_filesystem`), so a cluster needs no
+shared disk. A workdir URL needs an MLflow tracking server (``MLFLOW_TRACKING_URI``), checked before anything
+starts.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import posixpath
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +48,30 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
-from pipeline.common.storage import exists, join
+from pipeline.common.storage import (
+    StorageError,
+    arrow_filesystem,
+    exists,
+    is_local,
+    join,
+    listdir,
+    local_path,
+    read_json,
+    write_bytes_atomic,
+)
 from pipeline.common.tasks import cluster_gpus, init_ray, train_log_level, verbose
-from pipeline.common.tracking import git_commit, mlflow_ui_command
+from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.data.stream import Planner, refs_from_imageset
 from pipeline.train.checkpoint import (
+    BACKBONE_FILE,
     CheckpointError,
+    checkpoint_location,
     checkpoints_newest_first,
     export_student,
+    local_student,
     newest_good,
+    ray_checkpoint,
     snapshot_missing,
     step_of,
 )
@@ -73,8 +95,8 @@ class DistillResult:
 
     run_id: str  # MLflow run id
     run_name: str  # Ray Train run name (resume with it)
-    checkpoint_dir: str  # exported student checkpoint (pipeline.train.checkpoint.load_student); "" if none
-    ray_checkpoint: str  # last Ray Train checkpoint (training state)
+    checkpoint_dir: str  # exported student checkpoint, path or URL (checkpoint.load_student); "" if none
+    ray_checkpoint: str  # last Ray Train checkpoint (training state), path or URL
     steps: int  # optimizer steps done
     total_steps: int  # steps planned
     final_loss: float | None
@@ -110,12 +132,12 @@ def _log(msg: str) -> None:
 
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
+    require_remote_store(cfg.workdir)
     inputs = _open_inputs(cfg)
-    workdir = Path(cfg.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = _workdir(cfg.workdir)
     lineage_fp = inputs.cache.fingerprint if inputs.cache is not None else inputs.ims.fingerprint
     run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
-    storage = cfg.storage_path or str(workdir / "ray_results")
+    storage = cfg.storage_path or join(workdir, "ray_results")
     ray_run = _ray_run(workdir, storage, run_name)
     if resume:
         _check_resume_backbone(ray_run.dirs, inputs.student)
@@ -125,9 +147,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
     _remember_run(workdir, run_name, run_id)
     client = MlflowClient(uri)
-    resolved = save_resolved(cfg, workdir / "distill" / run_name / "resolved_config.json",
-                             extra={"effective": plan.params()})  # fmt: skip
-    client.log_artifact(run_id, str(resolved))
+    _save_resolved(cfg, plan, client, run_id)
     if verbose():
         _log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
     try:
@@ -183,7 +203,7 @@ def _check_student_fits_cache(bb: Backbone, cache: TeacherCache) -> None:
         )
 
 
-def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: Path, run_name: str, storage: str) -> DistillPlan:
+def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, storage: str) -> DistillPlan:
     """The resolved plan of the run (Ray must be up: ``gpus_per_worker`` -1 asks the cluster)."""
     cache, bb = inputs.cache, inputs.student
     crop, stride = teacher_window(cfg, cache.spec if cache is not None else None, bb.native_size)
@@ -206,7 +226,7 @@ def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: Path, run_name: str, sto
         total_steps=cfg.max_steps if cfg.max_steps > 0 else planner.total_steps(cfg.epochs),
         steps_per_epoch=planner.steps(0),
         gpus_per_worker=gpus,
-        workdir=str(workdir),
+        workdir=workdir,
         run_name=run_name,
         storage_path=storage,
     )
@@ -232,28 +252,42 @@ def _abs(p: str) -> str:
     return p if "://" in p else os.path.abspath(p)
 
 
-def _last_run_file(workdir: Path) -> Path:
-    d = workdir / "distill"
+def _workdir(path: str) -> str:
+    """The workdir as the run records it: an absolute local directory (created), or the URL as given."""
+    if not is_local(path):
+        return path.rstrip("/")
+    d = Path(local_path(path)).resolve()
     d.mkdir(parents=True, exist_ok=True)
-    return d / "last_run.json"
+    return str(d)
 
 
-def _read_last_run(workdir: Path) -> dict[str, Any]:
+def _save_resolved(cfg: DistillConfig, plan: DistillPlan, client: MlflowClient, run_id: str) -> None:
+    """``<workdir>/distill/<run>/resolved_config.json`` (the config and the plan), also an artifact of the run."""
+    with tempfile.TemporaryDirectory(prefix="spar-distill-") as tmp:
+        local = save_resolved(
+            cfg, os.path.join(tmp, "resolved_config.json"), extra={"effective": plan.params()}
+        )
+        out = join(plan.workdir, "distill", plan.run_name, "resolved_config.json")
+        write_bytes_atomic(out, local.read_bytes(), error=DistillError)
+        client.log_artifact(run_id, str(local))
+
+
+def _last_run_file(workdir: str) -> str:
+    return join(workdir, "distill", "last_run.json")
+
+
+def _read_last_run(workdir: str) -> dict[str, Any]:
     """``last_run.json``: {"run_name": last run, "runs": {run name: MLflow run id},
     "continuations": {run name: [{"ray_run": Ray Train run name, "from": checkpoint it started from}]}}."""
-    last = _last_run_file(workdir)
-    return json.loads(last.read_text()) if last.exists() else {}
+    return read_json(_last_run_file(workdir), "the distill run record", DistillError) or {}
 
 
-def _write_last_run(workdir: Path, doc: dict[str, Any]) -> None:
-    last = _last_run_file(workdir)
-    tmp = last.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, last)
+def _write_last_run(workdir: str, doc: dict[str, Any]) -> None:
+    write_bytes_atomic(_last_run_file(workdir), json.dumps(doc, indent=2).encode(), error=DistillError)
 
 
 def _resolve_run_name(
-    cfg: DistillConfig, workdir: Path, resume: bool, fingerprint: str
+    cfg: DistillConfig, workdir: str, resume: bool, fingerprint: str
 ) -> tuple[str, str | None]:
     """(run name: the MLflow run's, the student's and its first Ray Train directory's; MLflow run id to continue
     or None)."""
@@ -271,21 +305,21 @@ def _resolve_run_name(
     return f"distill-{fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}", None
 
 
-def _remember_run(workdir: Path, run_name: str, run_id: str) -> None:
+def _remember_run(workdir: str, run_name: str, run_id: str) -> None:
     doc = _read_last_run(workdir)
     doc.setdefault("runs", {})[run_name] = run_id
     doc["run_name"] = run_name
     _write_last_run(workdir, doc)
 
 
-def _ray_run(workdir: Path, storage: str, run_name: str) -> _RayRun:
+def _ray_run(workdir: str, storage: str, run_name: str) -> _RayRun:
     """The Ray Train directory the run trains in: the newest of its recorded directories (``last_run.json``)."""
     conts = _read_last_run(workdir).get("continuations", {}).get(run_name, [])
     names = [run_name] + [c["ray_run"] for c in conts]
     return _RayRun(names[-1], conts[-1]["from"] if conts else "", [join(storage, n) for n in names])
 
 
-def _resume_ray_run(workdir: Path, storage: str, run_name: str, here: _RayRun) -> _RayRun:
+def _resume_ray_run(workdir: str, storage: str, run_name: str, here: _RayRun) -> _RayRun:
     """``here``, or a new Ray Train directory when Ray would not resume ``here`` from the newest good checkpoint.
 
     Ray Train V2 refuses a directory whose snapshot names a deleted checkpoint, and resumes from its latest
@@ -329,21 +363,25 @@ def _continuation_name(storage: str, run_name: str, start: str) -> str:
 
 def _check_resume_backbone(run_dirs: list[str], student: Backbone) -> None:
     """Refuse to resume a run whose checkpoints hold another backbone's (or other base weights') student."""
-    for run_dir in map(Path, reversed(run_dirs)):
-        if not run_dir.is_dir():  # remote storage or nothing saved yet: the workers' restore checks shapes
-            continue
-        for ckpt in sorted(run_dir.glob("checkpoint_step*"), reverse=True):
+    for run_dir in reversed(run_dirs):  # nothing saved yet: nothing to check
+        for name in sorted((n for n in listdir(run_dir) if step_of(n) is not None), reverse=True):
             try:
-                meta = json.loads((ckpt / "backbone.json").read_text())
-            except (OSError, ValueError):
+                meta = read_json(join(run_dir, name, BACKBONE_FILE), "checkpoint backbone record")
+            except StorageError:
+                meta = None
+            if meta is None:
                 continue  # unusable checkpoints are reported and skipped by the restore
             if meta.get("name") != student.name or meta.get("weights_id") != student.weights_id:
                 raise DistillError(
-                    f"distill --resume: run {Path(run_dirs[0]).name} trains a {meta.get('name')} student from "
-                    f"{meta.get('weights_id')} (checkpoint {ckpt.name}), not {student.name} from "
+                    f"distill --resume: run {_basename(run_dirs[0])} trains a {meta.get('name')} student from "
+                    f"{meta.get('weights_id')} (checkpoint {name}), not {student.name} from "
                     f"{student.weights_id}; resume with the same student or start a new run"
                 )
             return
+
+
+def _basename(location: str) -> str:
+    return posixpath.basename(location.rstrip("/")) if not is_local(location) else Path(location).name
 
 
 # ---------------------------------------------------------------------------------------------------- fit
@@ -356,6 +394,7 @@ def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
     gpus = plan.gpus_per_worker
     if gpus > 0:
         resources["GPU"] = gpus
+    fs, storage_path = arrow_filesystem(plan.storage_path)  # a URL's fsspec filesystem, wrapped for pyarrow
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"plan": plan, "link": link, "start": ray_run.start},
@@ -364,7 +403,8 @@ def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
         ),
         run_config=RunConfig(
             name=ray_run.name,
-            storage_path=plan.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.keep_checkpoints),
             logging_config=LoggingConfig(log_level=train_log_level()),  # Ray's chatter only with --verbose
@@ -378,14 +418,15 @@ def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
 
 
 def _export(plan: DistillPlan, ckpt: Checkpoint | None, link: RunLink, exp_id: str) -> str:
-    """The final student exported to ``<workdir>/students/<run name>`` ("" when the run saved no checkpoint)."""
+    """The final student exported to ``<workdir>/students/<run name>`` (path or URL; "" when the run saved no
+    checkpoint)."""
     if ckpt is None:
         return ""
     lineage = {"run_id": link.run_id, "experiment_id": exp_id, "tracking_uri": link.tracking_uri}
-    out = Path(plan.workdir) / "students" / plan.run_name
-    with ckpt.as_directory() as d:
+    out = join(plan.workdir, "students", plan.run_name)
+    with ckpt.as_directory() as d:  # a remote checkpoint is downloaded
         try:
-            return str(export_student(d, out, lineage))
+            return export_student(d, out, lineage)
         except CheckpointError as e:
             raise DistillError(f"the final checkpoint cannot be exported: {e}") from None
 
@@ -397,18 +438,20 @@ def _finish(
     checkpoint a continuation started from (the last one when it had no step left to train)."""
     metrics, ckpt, run_id = result.metrics or {}, result.checkpoint, link.run_id
     if ckpt is None and start:
-        ckpt = Checkpoint(path=start)
+        ckpt = ray_checkpoint(start)
     steps = int(metrics.get("step", 0))
     export = _export(plan, ckpt, link, exp_id)
     if ckpt is not None and steps == 0:
         steps = int(step_of(posixpath.basename(ckpt.path.rstrip("/"))) or 0)
-    log_loss_curve(client, run_id, Path(plan.workdir) / "distill" / plan.run_name / "loss_curve.png")
+    log_loss_curve(client, run_id, join(plan.workdir, "distill", plan.run_name, "loss_curve.png"))
     final_loss = metrics.get("loss")
     completed = steps >= plan.total_steps
-    if export and completed:
-        log_student_model(client, link.tracking_uri, run_id, export, plan.register_model, dim)
-    elif export:  # an unfinished student: its files, not a model
-        client.log_artifacts(run_id, export, artifact_path="student")
+    if export:
+        with local_student(export) as local:  # MLflow logs local files: a remote student is downloaded
+            if completed:
+                log_student_model(client, link.tracking_uri, run_id, str(local), plan.register_model, dim)
+            else:  # an unfinished student: its files, not a model
+                client.log_artifacts(run_id, str(local), artifact_path="student")
     client.log_metric(run_id, "steps_done", steps)
     client.set_terminated(run_id, status="FINISHED" if completed else "KILLED")
     print(f"distill run {plan.run_name}: {steps}/{plan.total_steps} steps, final loss {final_loss}")
@@ -422,7 +465,7 @@ def _finish(
         run_id=run_id,
         run_name=plan.run_name,
         checkpoint_dir=export,
-        ray_checkpoint=ckpt.path if ckpt is not None else "",
+        ray_checkpoint=checkpoint_location(ckpt) if ckpt is not None else "",
         steps=steps,
         total_steps=plan.total_steps,
         final_loss=float(final_loss) if final_loss is not None else None,

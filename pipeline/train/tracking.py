@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from pipeline.cache.reader import TeacherCache
+from pipeline.common.storage import write_bytes_atomic
 from pipeline.common.tasks import verbose
 from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri
 from pipeline.data.imageset import ImageSet
@@ -106,16 +109,19 @@ class MetricLog:
         self.buf = []
 
 
-def log_loss_curve(client: MlflowClient, run_id: str, out: Path) -> None:
-    """Plot the per-step loss to ``out`` and log it as a file and as an image of the run (nothing if no loss)."""
-    png = _loss_curve_png(client, run_id, out)
-    if png is None:
-        return
-    client.log_artifact(run_id, str(png))
-    from PIL import Image
+def log_loss_curve(client: MlflowClient, run_id: str, out: str) -> None:
+    """Plot the per-step loss to ``out`` (a path or URL) and log it as a file and as an image of the run (nothing
+    if no loss)."""
+    with tempfile.TemporaryDirectory(prefix="spar-loss-") as tmp:
+        png = _loss_curve_png(client, run_id, Path(tmp) / os.path.basename(out.rstrip("/")))
+        if png is None:
+            return
+        write_bytes_atomic(out, png.read_bytes())
+        client.log_artifact(run_id, str(png))
+        from PIL import Image
 
-    with Image.open(png) as im:  # shown in the UI's image view, not only as a file
-        client.log_image(run_id, im.convert("RGB"), key="loss_curve", step=0)
+        with Image.open(png) as im:  # shown in the UI's image view, not only as a file
+            client.log_image(run_id, im.convert("RGB"), key="loss_curve", step=0)
 
 
 def _loss_curve_png(client: MlflowClient, run_id: str, out: Path) -> Path | None:

@@ -29,6 +29,7 @@ from pipeline.train.checkpoint import (
     TrainState,
     capture_rng,
     checkpoint_dir_name,
+    ray_checkpoint,
     restore_latest_good,
     restore_rng,
     save_training_checkpoint,
@@ -98,7 +99,7 @@ def _build(
     params = trainable_parameters(bb, plan.trainable_blocks)
     state = TrainState(extra={"epoch_loss_sum": 0.0, "epoch_steps": 0})
     ckpt = ray.train.get_checkpoint()
-    first = ray.train.Checkpoint(path=start) if start else None
+    first = ray_checkpoint(start) if start else None  # a local path or URL
     restored = restore_latest_good(ckpt, then=first) if ckpt or first else None
     if restored is not None:
         state, weights, where = restored
