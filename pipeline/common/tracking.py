@@ -80,7 +80,9 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     import mlflow
 
     quiet_mlflow()
-    Path(workdir).mkdir(parents=True, exist_ok=True)
+    # the embedded store's folder; a URL workdir (an object store) goes with a tracking server: no local folder
+    if "://" not in str(workdir):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
