@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -35,6 +37,7 @@ __all__ = [
     "join",
     "filesystem",
     "exists",
+    "isdir",
     "makedirs",
     "read_bytes",
     "read_json",
@@ -46,6 +49,10 @@ __all__ = [
     "size_on_disk",
     "mtime",
     "sha256_of",
+    "put_dir",
+    "get_dir",
+    "staged_dir",
+    "arrow_filesystem",
 ]
 
 TMP_TAG = ".tmp-"  # infix of temporary files and folders (``<name>.tmp-<hex>``)
@@ -101,6 +108,15 @@ def exists(path: str) -> bool:
     fs, p = filesystem(path)
     fs.invalidate_cache()
     return fs.exists(p)
+
+
+def isdir(path: str) -> bool:
+    """Whether ``path`` is a folder (on an object store: a prefix with objects under it)."""
+    if is_local(path):
+        return os.path.isdir(local_path(path))
+    fs, p = filesystem(path)
+    fs.invalidate_cache()
+    return fs.isdir(p)
 
 
 def makedirs(path: str) -> None:
@@ -282,6 +298,21 @@ def put_dir(local_dir: str, url: str) -> None:
             rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
             with open(src, "rb") as f:
                 write_bytes_atomic(join(url, *rel.split("/")), f.read())
+
+
+@contextlib.contextmanager
+def staged_dir(path: str) -> Iterator[str]:
+    """A local folder to write the files of the folder ``path`` into: ``path`` itself (created) when it is local;
+    for a URL a temporary folder, whose files are copied to ``path`` (:func:`put_dir`) when the block ends without
+    an error, and which is removed in any case."""
+    if is_local(path):
+        p = os.path.expanduser(local_path(path))
+        makedirs(p)
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="spar-staged-") as tmp:
+        yield tmp
+        put_dir(tmp, path)
 
 
 def get_dir(url: str, local_dir: str) -> None:

@@ -102,7 +102,7 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     import mlflow
 
     quiet_mlflow()
-    local = is_local(str(workdir))
+    local = is_local(str(workdir))  # a URL workdir goes with a tracking server: no local folder for it
     if local:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)

@@ -3,12 +3,14 @@
 segment: photo -> model input -> dense features -> labels at the photo's size -> ``<stem>_overlay.png`` (colours
 over the photo, with a legend) and ``<stem>_labels.png`` (class indices), plus ``classes.json``.
 embed: photo -> model input -> dense features -> ``<stem>.npy`` (h, w, D) and ``<stem>.json`` (shape metadata).
+Photos and the output folder may be local or any fsspec URL (outputs to a URL are written locally, then copied).
 Also the drawing the benchmark reuses (palette, overlay, label PNG) and safe output names.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from pipeline.common import storage
 from pipeline.common.config import config_from_cli
 from pipeline.eval.config import EmbedConfig, SegmentConfig, default_stride
 from pipeline.eval.model import (
@@ -36,12 +39,23 @@ from spar_core.segment import TextClassifier, predict
 
 
 def read_photo(path: str | Path) -> np.ndarray:
-    """Read a photo as (H, W, 3) uint8 RGB, honouring EXIF orientation; clear error when unreadable."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise InferenceError(f"image not found: {p}")
+    """Read a photo (a local file or a URL) as (H, W, 3) uint8 RGB, honouring EXIF orientation; clear error when
+    missing or unreadable."""
+    if not storage.is_local(str(path)):
+        p: str | Path = str(path)
+        try:
+            raw = storage.read_bytes(p)
+        except OSError as e:
+            raise InferenceError(f"cannot read image {p}: {e}") from e
+        if raw is None:
+            raise InferenceError(f"image not found: {p}")
+        src: str | Path | io.BytesIO = io.BytesIO(raw)
+    else:
+        p = src = Path(storage.local_path(str(path))).expanduser()
+        if not p.is_file():
+            raise InferenceError(f"image not found: {p}")
     try:
-        with Image.open(p) as im:
+        with Image.open(src) as im:
             im = ImageOps.exif_transpose(im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, Image.DecompressionBombError, ValueError) as e:
@@ -75,10 +89,10 @@ def out_path(out_dir: Path, filename: str) -> Path:
     return p
 
 
-def _out_dir(out: str) -> Path:
-    d = Path(out).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def published(out: str, written: Path) -> str:
+    """Where a file written into the staged folder of ``out`` ends up: itself for a local ``out``, else
+    ``<out URL>/<name>``."""
+    return str(written) if storage.is_local(out) else storage.join(out, written.name)
 
 
 # ---------------------------------------------------------------------------------------------- drawing
@@ -164,27 +178,29 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
     photos = [(p, read_photo(p)) for p in images]  # read all first: fail before any work
     bb = load_model(cfg.checkpoint, cfg.backbone, cfg.pretrained, pick_device(cfg.device), cfg.seed)
     clf = build_text_classifier(bb, classes, cfg.templates)
-    out_dir = _out_dir(cfg.out)
     names = [c[0] for c in classes]
     pal = make_palette(len(classes))
     used: set[str] = set()
     records = []
-    for path, img in photos:
-        x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
-        pred = _segment_one(bb, clf, x, img.shape[:2], cfg)  # (H, W)
-        stem = safe_stem(path, used)
-        ov, lab = out_path(out_dir, f"{stem}_overlay.png"), out_path(out_dir, f"{stem}_labels.png")
-        overlay(img, pred, names, pal, cfg.alpha).save(ov)
-        label_png(pred, pal).save(lab)
-        records.append(_segment_record(path, ov, lab, img, size, x, pred, names))
-    meta = {
-        "classes": classes,
-        "palette": pal.tolist(),
-        **model_identity(bb),
-        "mode": cfg.mode,
-        "images": records,
-    }
-    out_path(out_dir, "classes.json").write_text(json.dumps(meta, indent=1))
+    with storage.staged_dir(cfg.out) as staged:
+        out_dir = Path(staged)
+        for path, img in photos:
+            x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
+            pred = _segment_one(bb, clf, x, img.shape[:2], cfg)  # (H, W)
+            stem = safe_stem(str(path), used)
+            ov, lab = out_path(out_dir, f"{stem}_overlay.png"), out_path(out_dir, f"{stem}_labels.png")
+            overlay(img, pred, names, pal, cfg.alpha).save(ov)
+            label_png(pred, pal).save(lab)
+            where = published(cfg.out, ov), published(cfg.out, lab)
+            records.append(_segment_record(path, *where, img, size, x, pred, names))
+        meta = {
+            "classes": classes,
+            "palette": pal.tolist(),
+            **model_identity(bb),
+            "mode": cfg.mode,
+            "images": records,
+        }
+        out_path(out_dir, "classes.json").write_text(json.dumps(meta, indent=1))
     return records
 
 
@@ -207,8 +223,8 @@ def _segment_one(
 
 def _segment_record(
     path: str,
-    ov: Path,
-    lab: Path,
+    ov: str,
+    lab: str,
     img: np.ndarray,
     size: tuple[int, int],
     x: np.ndarray,
@@ -218,8 +234,8 @@ def _segment_record(
     ids, counts = np.unique(pred, return_counts=True)
     return {
         "image": str(path),
-        "overlay": str(ov),
-        "labels": str(lab),
+        "overlay": ov,
+        "labels": lab,
         "size": list(img.shape[:2]),
         "resized_size": list(size),
         "processed_size": list(x.shape[:2]),
@@ -238,35 +254,36 @@ def embed_images(images: list[str], cfg: EmbedConfig) -> list[dict[str, object]]
         raise InferenceError("no input images given")
     photos = [(p, read_photo(p)) for p in images]
     bb = load_model(cfg.checkpoint, cfg.backbone, cfg.pretrained, pick_device(cfg.device), cfg.seed)
-    out_dir = _out_dir(cfg.out)
     crop = (cfg.crop or bb.native_size) if cfg.mode == "sliding" else None
     stride = (cfg.stride or default_stride(crop)) if crop is not None else None
     used: set[str] = set()
     records = []
-    for path, img in photos:
-        x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
-        feats = dense_features(bb, x, cfg.mode, crop or 0, stride or 0, cfg.precision)  # (1, h, w, D)
-        arr = feats[0].cpu().numpy().astype(cfg.dtype)  # (h, w, D)
-        stem = safe_stem(path, used)
-        npy, js = out_path(out_dir, f"{stem}.npy"), out_path(out_dir, f"{stem}.json")
-        np.save(npy, arr, allow_pickle=False)
-        meta = {
-            "image": str(path),
-            "features": npy.name,
-            "shape": list(arr.shape),
-            "dtype": cfg.dtype,
-            "layout": "(h, w, D) row-major; h = processed_height / patch_size; feature (i, j) covers "
-            "processed pixels [i*p, (i+1)*p) x [j*p, (j+1)*p), the top-left of the resized image",
-            "input_size": list(img.shape[:2]),
-            "resized_size": list(size),
-            "processed_size": list(x.shape[:2]),
-            "mode": cfg.mode,
-            "crop": crop,
-            "stride": stride,
-            **model_identity(bb),
-        }
-        js.write_text(json.dumps(meta, indent=1))
-        records.append(meta)
+    with storage.staged_dir(cfg.out) as staged:
+        out_dir = Path(staged)
+        for path, img in photos:
+            x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
+            feats = dense_features(bb, x, cfg.mode, crop or 0, stride or 0, cfg.precision)  # (1, h, w, D)
+            arr = feats[0].cpu().numpy().astype(cfg.dtype)  # (h, w, D)
+            stem = safe_stem(str(path), used)
+            npy, js = out_path(out_dir, f"{stem}.npy"), out_path(out_dir, f"{stem}.json")
+            np.save(npy, arr, allow_pickle=False)
+            meta = {
+                "image": str(path),
+                "features": npy.name,
+                "shape": list(arr.shape),
+                "dtype": cfg.dtype,
+                "layout": "(h, w, D) row-major; h = processed_height / patch_size; feature (i, j) covers "
+                "processed pixels [i*p, (i+1)*p) x [j*p, (j+1)*p), the top-left of the resized image",
+                "input_size": list(img.shape[:2]),
+                "resized_size": list(size),
+                "processed_size": list(x.shape[:2]),
+                "mode": cfg.mode,
+                "crop": crop,
+                "stride": stride,
+                **model_identity(bb),
+            }
+            js.write_text(json.dumps(meta, indent=1))
+            records.append(meta)
     return records
 
 
@@ -287,5 +304,5 @@ def run_embed_cli(args: argparse.Namespace) -> int:
     """``spar embed``: write the photos' dense features, print one line per photo."""
     cfg = config_from_cli(EmbedConfig, args, "embed")
     for r in embed_images(args.images, cfg):
-        print(f"{r['image']} -> {Path(cfg.out) / r['features']} {tuple(r['shape'])} {r['dtype']}")
+        print(f"{r['image']} -> {storage.join(cfg.out, r['features'])} {tuple(r['shape'])} {r['dtype']}")
     return 0

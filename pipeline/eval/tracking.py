@@ -5,7 +5,8 @@ An evaluation run holds the resolved config as flat params (one name per paramet
 unresolved values), the git commit, system metrics, its metrics (NaN left out), artifacts and PNG pictures
 (as MLflow images too). It is a child of the training run it evaluates (``--parent-run``, or the run recorded in
 the checkpoint), in that run's experiment, and copies its headline metrics onto it as ``<kind>/<name>``; without
-one it is a run of ``cfg.experiment``. Result files go to ``--out``, or a temporary folder (:func:`output_dir`).
+one it is a run of ``cfg.experiment``. Result files go to ``--out`` (a folder or any fsspec URL: written to a local
+folder for MLflow, then copied there), or a temporary folder (:func:`output_dir`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from PIL import Image
 
+from pipeline.common import storage
 from pipeline.common.config import to_dict
 from pipeline.common.tracking import (
     PARENT_RUN_TAG,
@@ -63,11 +65,12 @@ def workdir(cfg: EvalConfig) -> str:
 
 @contextlib.contextmanager
 def output_dir(cfg: EvalConfig) -> Iterator[Path]:
-    """``cfg.out`` (created), or a temporary folder removed at the end of the block."""
+    """The local folder the block writes its result files into: ``cfg.out`` (created) when it is a local folder;
+    for a URL ``cfg.out`` a temporary folder copied there when the block succeeds (:func:`storage.staged_dir`);
+    without ``cfg.out`` a temporary folder removed at the end of the block."""
     if cfg.out:
-        p = Path(cfg.out).expanduser()
-        p.mkdir(parents=True, exist_ok=True)
-        yield p
+        with storage.staged_dir(cfg.out) as d:
+            yield Path(d)
         return
     with tempfile.TemporaryDirectory(prefix="spar-eval-") as tmp:
         yield Path(tmp)

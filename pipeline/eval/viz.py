@@ -16,11 +16,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline.cache.reader import open_cache
+from pipeline.common import storage
 from pipeline.common.errors import UserError
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.model import dense_features, load_model, protocol_size, resize_rgb
-from pipeline.eval.segment import read_photo, safe_stem
+from pipeline.eval.segment import published, read_photo, safe_stem
 from pipeline.train.checkpoint import read_backbone_info
 from spar_core.backbones import Backbone
 
@@ -84,8 +85,9 @@ def _features(bb: Backbone, img: np.ndarray, mode: str, crop: int = 0, stride: i
 
 def viz_images(
     images: list[str], checkpoint: str, out: str, short_side: int = 448, crop: int = 0, stride: int = 0
-) -> list[Path]:
-    """PCA panels (image | teacher | baseline | student) of photo files; the teacher is computed here."""
+) -> list[str]:
+    """PCA panels (image | teacher | baseline | student) of photo files (local or URLs) into the folder ``out``
+    (local or a URL); the teacher is computed here. Returns where the panels are."""
     if not images:
         raise VizError("no input images given")
     photos = [(p, read_photo(p)) for p in images]
@@ -94,20 +96,19 @@ def viz_images(
     base = load_model(
         backbone=info["name"], pretrained=info.get("pretrained") or "", seed=int(info.get("seed", 0))
     )
-    out_dir = Path(out).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
     written, used = [], set()
-    for path, img in photos:
-        size = protocol_size(*img.shape[:2], short_side, 0, base.patch_size)
-        x = resize_rgb(img, size)
-        maps = {
-            "teacher (sliding)": _features(base, x, "sliding", crop, stride),
-            "baseline (single pass)": _features(base, x, "single"),
-            "student": _features(student, x, "single"),
-        }
-        target = out_dir / f"{safe_stem(path, used)}_pca.png"
-        pca_panel(x, maps).save(target)
-        written.append(target)
+    with storage.staged_dir(out) as staged:
+        for path, img in photos:
+            size = protocol_size(*img.shape[:2], short_side, 0, base.patch_size)
+            x = resize_rgb(img, size)
+            maps = {
+                "teacher (sliding)": _features(base, x, "sliding", crop, stride),
+                "baseline (single pass)": _features(base, x, "single"),
+                "student": _features(student, x, "single"),
+            }
+            target = Path(staged) / f"{safe_stem(path, used)}_pca.png"
+            pca_panel(x, maps).save(target)
+            written.append(published(out, target))
     return written
 
 

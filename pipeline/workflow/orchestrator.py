@@ -8,7 +8,10 @@ one pair and train the student on it (:mod:`pipeline.train`); the student is the
 held-out images and on benchmarks (:mod:`pipeline.eval`).
 
 Paths that connect the stages (image roots, the cache, the checkpoint, workdir and experiment) are filled in here,
-so a :class:`~pipeline.workflow.config.Recipe` only states choices.
+so a :class:`~pipeline.workflow.config.Recipe` only states choices. The workdir is a local folder or any fsspec URL
+(``s3://bucket/prefix``): every file of a run goes under it through :mod:`pipeline.common.storage` (``raw/`` sample
+photos, ``images/``, ``cache/``, ``eval/``, ``overlays/``, the training run's state); a URL workdir needs an MLflow
+tracking server (``MLFLOW_TRACKING_URI``), as the embedded SQLite store cannot live on an object store.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +32,14 @@ from typing import Any
 from mlflow import MlflowClient
 from PIL import Image
 
+from pipeline.cache.maintenance import list_caches
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import open_cache
+from pipeline.common import storage
 from pipeline.common.config import ConfigError
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import init_ray, verbose
-from pipeline.common.tracking import tracking_uri
+from pipeline.common.tracking import require_remote_store, tracking_uri
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
 from pipeline.data.ingest import IngestSummary, ingest
@@ -119,41 +126,63 @@ class Extras:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
-def _sources(recipe: Recipe, work: Path) -> tuple[str, str]:
-    """The raw training and held-out sources; the bundled sample photos when the recipe names none."""
+def workdir_of(recipe: Recipe) -> str:
+    """``run.workdir`` as the run uses it: an absolute local path, or the URL without a trailing ``/``."""
+    w = recipe.run.workdir
+    if storage.is_local(w):
+        return str(Path(storage.local_path(w)).resolve())
+    return w.rstrip("/")
+
+
+def _sample_photos(folder: str, names: tuple[str, ...]) -> str:
+    """The bundled sample photos as PNG files in ``folder`` (local or URL; files already there are kept)."""
+    if storage.is_local(folder):
+        write_photos(Path(folder), names)
+        return folder
+    have = set(storage.listdir(folder))
+    with tempfile.TemporaryDirectory(prefix="spar-photos-") as tmp:
+        write_photos(Path(tmp), names)
+        for name in sorted(set(os.listdir(tmp)) - have):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes_atomic(storage.join(folder, name), f.read())
+    return folder
+
+
+def _sources(recipe: Recipe, work: str) -> tuple[str, str]:
+    """The raw training and held-out sources; the bundled sample photos (under ``<work>/raw``) when the recipe
+    names none."""
     source, held = recipe.run.source, recipe.run.heldout_source
     if not source:
-        write_photos(work / "raw" / "train", TRAIN_PHOTOS)
-        source = str(work / "raw" / "train")
+        source = _sample_photos(storage.join(work, "raw", "train"), TRAIN_PHOTOS)
         if not held:
-            write_photos(work / "raw" / "heldout", HELDOUT_PHOTOS)
-            held = str(work / "raw" / "heldout")
+            held = _sample_photos(storage.join(work, "raw", "heldout"), HELDOUT_PHOTOS)
     return source, held
 
 
-def _ingest_one(src: str, root: Path, cfg: IngestConfig, label: str, rep: Reporter) -> str:
-    summary: IngestSummary = ingest(src, str(root), cfg)
-    ims = open_imageset(str(root))
+def _ingest_one(src: str, root: str, cfg: IngestConfig, label: str, rep: Reporter) -> str:
+    summary: IngestSummary = ingest(src, root, cfg)
+    ims = open_imageset(root)
     rep.detail(
         f"{label}: {len(ims.records)} images in {ims.num_shards} shards -> {root} "
         f"(accepted {summary.accepted}, rejected {summary.rejected})"
     )
-    return str(root)
+    return root
 
 
 def stage_ingest(
-    recipe: Recipe, work: Path, extras: Extras, rep: Reporter
+    recipe: Recipe, work: str, extras: Extras, rep: Reporter
 ) -> tuple[str, str | None, str | None]:
     """Raw sources -> the training image set (augmented as configured) and the held-out one (not augmented).
     Returns the two image-set roots and the held-out source."""
     source, held = _sources(recipe, work)
     what = f"training images from {source}" + (f", held-out images from {held}" if held else "")
     rep.stage("ingest", what)
-    images = _ingest_one(source, work / "images" / "train", recipe.ingest, "train", rep)
+    images = _ingest_one(source, storage.join(work, "images", "train"), recipe.ingest, "train", rep)
     if not held:
         return images, None, None
     held_cfg = extras.heldout_ingest or dataclasses.replace(recipe.ingest, augment=False)
-    return images, _ingest_one(held, work / "images" / "heldout", held_cfg, "held-out", rep), held
+    heldout = _ingest_one(held, storage.join(work, "images", "heldout"), held_cfg, "held-out", rep)
+    return images, heldout, held
 
 
 def _complete(cache_path: str) -> bool:
@@ -164,9 +193,7 @@ def _complete(cache_path: str) -> bool:
 
 
 def _precompute_one(cfg: PrecomputeConfig, label: str, extras: Extras, rep: Reporter) -> str:
-    root = Path(cfg.cache_root)
-    before = {str(d.parent) for d in root.glob("*/spec.json")} if root.is_dir() else set()
-    reused = {p for p in before if _complete(p)}
+    reused = {p for p in list_caches(cfg.cache_root) if _complete(p)}
     t0 = time.perf_counter()
     with rep.stage_output():
         path = precompute(cfg, stats=extras.precompute_stats)
@@ -177,16 +204,16 @@ def _precompute_one(cfg: PrecomputeConfig, label: str, extras: Extras, rep: Repo
 
 
 def stage_precompute(
-    recipe: Recipe, work: Path, images: str, heldout: str | None, extras: Extras, rep: Reporter
+    recipe: Recipe, work: str, images: str, heldout: str | None, extras: Extras, rep: Reporter
 ) -> tuple[str, str | None]:
     """The teacher's features of both image sets, into ``<cache_root>/<fingerprint>`` (reused when complete)."""
     p = recipe.precompute
     rep.stage("precompute", f"sliding-window teacher {p.teacher}, crop {p.crop}, stride {p.stride}")
     base = dataclasses.replace(
         p,
-        cache_root=p.cache_root or str(work / "cache"),
+        cache_root=p.cache_root or storage.join(work, "cache"),
         ray_address=recipe.run.ray_address or p.ray_address,
-        workdir=p.workdir or str(work),
+        workdir=p.workdir or work,
         experiment=recipe.run.experiment,
     )
     cache = _precompute_one(dataclasses.replace(base, images=images), "train", extras, rep)
@@ -195,13 +222,13 @@ def stage_precompute(
     return cache, _precompute_one(dataclasses.replace(base, images=heldout), "held-out", extras, rep)
 
 
-def stage_distill(recipe: Recipe, work: Path, images: str, cache: str, rep: Reporter) -> DistillResult:
+def stage_distill(recipe: Recipe, work: str, images: str, cache: str, rep: Reporter) -> DistillResult:
     """Train the student on the cached targets (Ray Train); its MLflow run is the run's parent run."""
     d = dataclasses.replace(
         recipe.distill,
         images=images,
         cache=cache,
-        workdir=str(work),
+        workdir=work,
         experiment=recipe.run.experiment,
         ray_address=recipe.run.ray_address or recipe.distill.ray_address,
     )
@@ -216,43 +243,65 @@ def stage_distill(recipe: Recipe, work: Path, images: str, cache: str, rep: Repo
     return result
 
 
-def _complete_eval(cfg: EvalConfig, work: Path, recipe: Recipe, out: PipelineResult) -> EvalConfig | None:
-    """An eval config with the run's paths filled in, or None when it cannot run (no data)."""
-    common = {"workdir": str(work), "experiment": recipe.run.experiment}
+def _complete_eval(cfg: EvalConfig, work: str, recipe: Recipe, out: PipelineResult) -> EvalConfig | None:
+    """An eval config with the run's paths filled in (result files in ``<work>/eval/<kind>`` unless ``out`` is
+    set; a child run of the training run), or None when it cannot run (no data)."""
+    common = {
+        "workdir": work,
+        "experiment": recipe.run.experiment,
+        "parent_run": cfg.parent_run or out.run_id,
+    }
     if cfg.fidelity:
         if not out.heldout:
             raise ConfigError("[eval] fidelity = true needs held-out images: set run.heldout_source")
+        where = cfg.out or storage.join(work, "eval", "fidelity")
         return dataclasses.replace(
-            cfg, images=out.heldout, teacher_cache=out.heldout_cache, checkpoint=out.checkpoint, **common
+            cfg,
+            images=out.heldout,
+            teacher_cache=out.heldout_cache,
+            checkpoint=out.checkpoint,
+            out=where,
+            **common,
         )
     if cfg.speed:
-        return dataclasses.replace(cfg, parent_run=cfg.parent_run or out.run_id, **common)
+        return dataclasses.replace(cfg, out=cfg.out or storage.join(work, "eval", "speed"), **common)
     if cfg.data_root:
-        return dataclasses.replace(cfg, checkpoint=out.checkpoint, **common)
+        where = cfg.out or storage.join(work, "eval", cfg.dataset)
+        return dataclasses.replace(cfg, checkpoint=out.checkpoint, out=where, **common)
     return None
 
 
-def stage_eval(recipe: Recipe, work: Path, out: PipelineResult, extras: Extras, rep: Reporter) -> None:
+def stage_eval(recipe: Recipe, work: str, out: PipelineResult, extras: Extras, rep: Reporter) -> None:
     """Fidelity to the teacher on held-out images, benchmarks and speed, as child runs of the training run."""
     todo = [c for c in (_complete_eval(e, work, recipe, out) for e in extras.evals or [recipe.eval]) if c]
     if not todo:
         rep.stage("eval", "skipped: [eval] has neither fidelity = true nor a data_root")
         return
     kinds = ", ".join("fidelity" if c.fidelity else "speed" if c.speed else c.dataset for c in todo)
-    rep.stage("eval", f"{kinds} (child runs of the training run)")
+    rep.stage("eval", f"{kinds} (child runs of the training run; files in {storage.join(work, 'eval')})")
     with rep.stage_output():
         out.evals.extend(run_eval(c) for c in todo)
 
 
-def stage_segment(work: Path, out: PipelineResult, cfg: SegmentConfig, photos: Path, rep: Reporter) -> None:
-    """Segment the held-out photos with the student; the overlays become MLflow images of the training run."""
-    files = sorted(str(p) for p in photos.glob("*.png"))
-    cfg = dataclasses.replace(cfg, checkpoint=out.checkpoint, out=cfg.out or str(work / "overlays"))
+def heldout_photos(held: str) -> list[str]:
+    """The ``*.png`` files directly in the folder ``held`` (local or URL), sorted."""
+    return [storage.join(held, n) for n in storage.listdir(held) if n.endswith(".png")]
+
+
+def stage_segment(
+    work: str, out: PipelineResult, cfg: SegmentConfig, files: list[str], rep: Reporter
+) -> None:
+    """Segment the held-out photos (local files or URLs) with the student; the overlays go to ``cfg.out`` (default
+    ``<work>/overlays``) and become MLflow images of the training run."""
+    cfg = dataclasses.replace(cfg, checkpoint=out.checkpoint, out=cfg.out or storage.join(work, "overlays"))
     out.segments = segment_images(files, cfg)
     client = MlflowClient(tracking_uri(work))
-    for png in sorted(Path(cfg.out).glob("*_overlay.png")):
-        with Image.open(png) as im:
-            client.log_image(out.run_id, im.convert("RGB"), key=f"overlay/{png.stem}", step=0)
+    for where in sorted(str(r["overlay"]) for r in out.segments):
+        png = storage.read_bytes(where)
+        if png is None:
+            raise FileNotFoundError(f"segmentation overlay {where} is missing")
+        with Image.open(io.BytesIO(png)) as im:
+            client.log_image(out.run_id, im.convert("RGB"), key=f"overlay/{Path(where).stem}", step=0)
     rep.detail(f"segmentation overlays of {len(files)} held-out photos -> {cfg.out}")
 
 
@@ -277,8 +326,9 @@ def prepare_data(
     """ingest -> precompute: the image sets and their teacher caches (each reused when already complete)."""
     extras = extras or Extras()
     rep = reporter or Reporter("pipeline")
-    work = Path(recipe.run.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir_of(recipe)
+    require_remote_store(work)  # a URL workdir needs a tracking server: refused before anything is created
+    storage.makedirs(work)
     init_ray(address=recipe.run.ray_address or None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -296,8 +346,8 @@ def run_pipeline(
     """ingest -> precompute -> distill -> eval (-> segment), as configured; see the module docstring."""
     extras = extras or Extras()
     rep = reporter or Reporter("pipeline")
-    work = Path(recipe.run.workdir).resolve()
-    data = prepare_data(recipe, extras, rep)
+    work = workdir_of(recipe)
+    data = prepare_data(recipe, extras, rep)  # refuses a URL workdir without a tracking server first
     seconds = data.seconds
     t = time.perf_counter()
     result = stage_distill(recipe, work, data.images, data.cache, rep)
@@ -316,9 +366,9 @@ def run_pipeline(
         stage_eval(recipe, work, out, extras, rep)
         seconds["eval"] = time.perf_counter() - t
     held = data.heldout_source
-    if extras.segment is not None and held and Path(held).is_dir():
+    if extras.segment is not None and held and storage.isdir(held):
         t = time.perf_counter()
-        stage_segment(work, out, extras.segment, Path(held), rep)
+        stage_segment(work, out, extras.segment, heldout_photos(held), rep)
         seconds["segment"] = time.perf_counter() - t
     return out
 
