@@ -59,7 +59,7 @@ from pipeline.common.storage import (
     read_json,
     write_bytes_atomic,
 )
-from pipeline.common.tasks import cluster_gpus, init_ray, train_log_level, verbose
+from pipeline.common.tasks import cluster_gpus, init_ray, task_runtime_env, train_log_level, verbose
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.data.stream import Planner, refs_from_imageset
@@ -405,6 +405,7 @@ def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
             name=ray_run.name,
             storage_path=storage_path,
             storage_filesystem=fs,
+            worker_runtime_env=task_runtime_env(),  # storage credentials and endpoints, never as arguments
             failure_config=FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.keep_checkpoints),
             logging_config=LoggingConfig(log_level=train_log_level()),  # Ray's chatter only with --verbose
