@@ -41,8 +41,10 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "--gpus-per-worker", dest="gpus_per_worker", type=float, help="GPUs per worker (default auto)"
     )
     p.add_argument(
-        "--workdir", dest="workdir", help="MLflow store, Ray results and exported students (default ./work)"
-    )
+        "--workdir", dest="workdir",
+        help="MLflow store, Ray results and exported students (default ./work); a URL (s3://bucket/prefix) "
+        "keeps them on object storage and needs MLFLOW_TRACKING_URI",
+    )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the last run of the workdir (or run_name)")
     p.add_argument(
         "--teacher-online", dest="teacher_online", action="store_true", default=None,

@@ -54,7 +54,7 @@ class DistillConfig:
     gpus_per_worker: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
     loader_workers: int = 2  # background decode processes per worker (0 = one decode thread in the trainer)
     verify_pixels: bool = True  # check every image's pixel sha256 while streaming
-    workdir: str = "work"  # MLflow store, Ray results, exported students
+    workdir: str = "work"  # MLflow store, Ray results, exported students; s3://… needs MLFLOW_TRACKING_URI
     experiment: str = "spar-distill"
     register_model: str = "spar-student"  # registered MLflow model name ("" = log it, do not register)
     run_name: str = ""  # Ray Train run name ("" = generated); --resume continues the last run of the workdir
