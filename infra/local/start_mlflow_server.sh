@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Start an MLflow tracking server for local development on 127.0.0.1.
 #
-#   infra/local/start_mlflow_server.sh [--workdir DIR] [--port 5000] [--workers 1] [--auth]
+#   infra/local/start_mlflow_server.sh [--workdir DIR] [--port 5000] [--workers 1] [--auth] [--artifacts-destination URI]
 #
 # Backend: sqlite:///DIR/mlflow.db (the same store `spar` writes to by default, so the server shows those runs);
-# artifacts: DIR/mlartifacts, served through the server (mlflow-artifacts:/).
+# artifacts: DIR/mlartifacts, or --artifacts-destination (e.g. s3://bucket/mlartifacts: the server's environment
+# then needs AWS_* / MLFLOW_S3_ENDPOINT_URL), served through the server (mlflow-artifacts:/): clients need no
+# storage credentials for MLflow.
 # --auth: MLflow's basic-auth app. Users live in DIR/auth/basic_auth.db. The admin password comes from
 #   MLFLOW_AUTH_ADMIN_PASSWORD, else from DIR/auth/admin_password (created with a random password, mode 600, on
 #   first start). Clients then set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
@@ -20,28 +22,31 @@ WORKDIR="${SPAR_WORKDIR:-$PWD/spar-work}"
 PORT="${SPAR_MLFLOW_PORT:-5000}"
 WORKERS=1
 AUTH=0
+ARTIFACTS=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --workdir) WORKDIR="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --auth) AUTH=1; shift ;;
+    --artifacts-destination) ARTIFACTS="$2"; shift 2 ;;
     --host)
       echo "start_mlflow_server.sh: the host is fixed to 127.0.0.1 (deploy infra/mlflow to serve others)" >&2
       exit 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "start_mlflow_server.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 mkdir -p "$WORKDIR/mlartifacts"
 WORKDIR="$(cd "$WORKDIR" && pwd)"
+ARTIFACTS="${ARTIFACTS:-$WORKDIR/mlartifacts}"
 ARGS=(
   --host 127.0.0.1
   --port "$PORT"
   --workers "$WORKERS"
   --backend-store-uri "sqlite:///$WORKDIR/mlflow.db"
-  --artifacts-destination "$WORKDIR/mlartifacts"
+  --artifacts-destination "$ARTIFACTS"
   --serve-artifacts
 )
 
@@ -72,5 +77,5 @@ if [[ "$AUTH" == 1 ]]; then
   ARGS+=(--app-name basic-auth)
 fi
 
-echo "start_mlflow_server.sh: http://127.0.0.1:$PORT (store $WORKDIR/mlflow.db$([[ $AUTH == 1 ]] && echo ', basic auth on'))" >&2
+echo "start_mlflow_server.sh: http://127.0.0.1:$PORT (store $WORKDIR/mlflow.db, artifacts $ARTIFACTS$([[ $AUTH == 1 ]] && echo ', basic auth on'))" >&2
 exec mlflow server "${ARGS[@]}"

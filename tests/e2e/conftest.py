@@ -185,18 +185,26 @@ class MlflowServer:
 
 @contextlib.contextmanager
 def mlflow_server(
-    workdir: Path, auth: bool = False, env_extra: dict[str, str] | None = None
+    workdir: Path,
+    auth: bool = False,
+    env_extra: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[MlflowServer]:
-    """infra/local/start_mlflow_server.sh on a free 127.0.0.1 port; waits until it answers; stops it after."""
+    """infra/local/start_mlflow_server.sh on a free 127.0.0.1 port; waits until it answers; stops it after.
+
+    `args`: more options of the script (e.g. `--artifacts-destination s3://...`); `env`: the server's whole
+    environment (default: clean_env(**env_extra))."""
     (port,) = free_ports(1)
     log = workdir / f"mlflow-server-{port}.log"
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [str(ROOT / "infra/local/start_mlflow_server.sh"), "--workdir", str(workdir), "--port", str(port)]
     if auth:
         cmd.append("--auth")
+    cmd.extend(args)
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=clean_env(**(env_extra or {})), stdout=fh, stderr=subprocess.STDOUT,
+            cmd, cwd=ROOT, env=env or clean_env(**(env_extra or {})), stdout=fh, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     server = MlflowServer(f"http://127.0.0.1:{port}", port, workdir, log, proc)
