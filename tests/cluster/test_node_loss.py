@@ -243,9 +243,9 @@ DISTILL_SETS = [f"{k}={v}" for k, v in dict(
 TINY_INGEST = ["--shard-size", "2", "--set", "target_long=192", "--set", "target_short=128",
                "--set", "min_short=64", "--quiet"]  # fmt: skip
 TINY_PRECOMPUTE = ["--teacher", "tiny-clip-64", "--crop", "64", "--stride", "32", "--set", "autocast=none"]
-# the distill workdir on S3 needs pipeline/train's object-storage support (issue 16; set True once main has it);
+# True: the distill workdir (driver state, exported student) is on S3 too, not only the Ray Train storage;
 # False: a workdir local to the job (on the head node: the job's own scratch) with Ray Train storage on S3
-DISTILL_WORKDIR_ON_S3 = False
+DISTILL_WORKDIR_ON_S3 = True
 
 
 def _distill_args(images: str, cache: str, workdir: str, storage: str, run: str) -> list[str]:
