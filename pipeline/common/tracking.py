@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.common.errors import UserError
-from pipeline.common.storage import is_local
+from pipeline.common.storage import is_local, join, read_bytes
 
 __all__ = [
     "TrackingError",
@@ -236,10 +236,10 @@ def write_run_lineage(student_dir: str | Path, run_id: str, experiment_id: str, 
 
 def training_run_of(checkpoint: str, uri: str) -> tuple[str, str] | None:
     """(run id, experiment id) of the training run that produced ``checkpoint``, when it is in store ``uri``."""
-    if not checkpoint or "://" in checkpoint:
+    if not checkpoint:
         return None
     try:
-        doc = json.loads((Path(checkpoint) / LINEAGE_FILE).read_text())
+        doc = json.loads(read_bytes(join(checkpoint, LINEAGE_FILE)) or b"")
         from mlflow import MlflowClient
 
         run = MlflowClient(uri).get_run(str(doc["run_id"]))

@@ -217,8 +217,13 @@ def save_student(
 
 
 def read_backbone_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``backbone.json`` of a student checkpoint."""
-    info = _read_json(Path(ckpt_dir) / BACKBONE_FILE)
+    """The ``backbone.json`` of a student checkpoint (a local folder or a URL)."""
+    if not is_local(str(ckpt_dir)):
+        info = read_json(join(str(ckpt_dir), BACKBONE_FILE), "checkpoint file", CheckpointError)
+        if info is None:
+            raise CheckpointError(f"checkpoint {ckpt_dir}: missing {BACKBONE_FILE}")
+    else:
+        info = _read_json(Path(local_path(str(ckpt_dir))) / BACKBONE_FILE)
     for k in ("name", "weights_id"):
         if k not in info:
             raise CheckpointError(f"checkpoint {ckpt_dir}: {BACKBONE_FILE} lacks {k!r}")

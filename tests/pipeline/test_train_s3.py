@@ -38,6 +38,7 @@ from pipeline.train.checkpoint import (
     export_student,
     load_student,
     newest_good,
+    read_backbone_info,
     save_training_checkpoint,
     snapshot_missing,
 )
@@ -141,6 +142,29 @@ def test_student_exported_to_s3_loads_as_its_local_copy_and_a_bad_one_is_refused
     # exporting again replaces it whole (the stale corrupt file is gone)
     export_student(src, url)
     assert torch.equal(load_student(url).state_dict()[next(iter(a))], a[next(iter(a))])
+
+
+def test_backbone_info_and_lineage_of_a_student_on_s3_read_as_the_local_copy(s3, tmp_path: Path) -> None:
+    """What evaluations read from a student besides its weights (found by the cluster pipeline test: the fidelity
+    eval of a student on S3 failed with "missing backbone.json")."""
+    import mlflow
+
+    from pipeline.common.tracking import training_run_of
+
+    uri = f"sqlite:///{tmp_path / 'lineage.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("lineage"))
+    lineage = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
+    src = _tiny_checkpoint(tmp_path / "run", 2)
+    local = export_student(src, str(tmp_path / "students" / "s"), lineage)
+    url = export_student(src, f"s3://{BUCKET}/info/students/s", lineage)
+    assert read_backbone_info(url) == read_backbone_info(local)
+    assert read_backbone_info(url)["name"] == "tiny-clip-64"
+    assert (
+        training_run_of(url, uri) == training_run_of(local, uri) == (run.info.run_id, run.info.experiment_id)
+    )
+    with pytest.raises(CheckpointError, match="missing backbone.json"):
+        read_backbone_info(f"s3://{BUCKET}/info/students/none")
 
 
 def test_eval_load_model_reads_a_student_on_s3(s3, tmp_path: Path) -> None:
