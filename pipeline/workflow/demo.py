@@ -68,7 +68,7 @@ def demo_recipe(cfg: DemoConfig, work: Path) -> tuple[Recipe, Extras]:
         seed=cfg.seed,
         checkpoint_every=max(50, cfg.steps // 3),
         workers=cfg.workers,
-        loader_workers=1,
+        loader_workers=0,  # one decode thread in the trainer: on a small CPU no process hand-over per batch (BENCHMARKS)
         shuffle_buffer=16,
     )
     fidelity = EvalConfig(fidelity=True, classes=cfg.classes)
