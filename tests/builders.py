@@ -7,10 +7,14 @@ Everything is small on purpose (the machine has 2 shared cores): the ``tiny-clip
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.cache.config import PrecomputeConfig
@@ -114,3 +118,28 @@ def paired_data(root: str) -> dict[str, str]:
                          cache_root=str(base / "cache"), progress=False)
     )  # fmt: skip
     return {"images": str(base / "set"), "cache": cache, "other": str(base / "other")}
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """moto's S3 server on 127.0.0.1 with ``bucket``; endpoint and credentials set in this process's environment
+    for the duration (as a user would set them). Yields (s3fs filesystem, those environment variables)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            s3fs.S3FileSystem.clear_instance_cache()
+            fs = s3fs.S3FileSystem()
+            fs.mkdir(bucket)
+            yield fs, env
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        server.stop()

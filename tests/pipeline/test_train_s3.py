@@ -45,7 +45,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import _continuation_name, distill
 from spar_core.backbones import build_backbone
-from tests.builders import paired_data
+from tests.builders import moto_s3, paired_data
 
 BUCKET = "spar-train"
 STEPS = 4
@@ -60,23 +60,8 @@ SCRUB = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFL
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on 127.0.0.1 with bucket ``BUCKET``; yields (s3fs filesystem, environment variables)."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+    with moto_s3(BUCKET) as (fs, env):
         yield fs, env
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def _spar_env(s3_env: dict[str, str], **extra: str) -> dict[str, str]:

@@ -33,6 +33,7 @@ from pipeline.eval.segment import segment_images
 from pipeline.train.checkpoint import save_student
 from pipeline.workflow.config import load_recipe
 from spar_core.backbones import build_backbone
+from tests.builders import moto_s3
 from tests.conftest import load_photo
 from tests.e2e.conftest import ROOT, clean_env
 
@@ -76,23 +77,8 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Any]:
     """moto's S3 server on 127.0.0.1 with one bucket; endpoint and credentials in this process's environment."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+    with moto_s3(BUCKET) as (fs, _env):
         yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def _photos(d: Path, names: tuple[str, ...]) -> Path:
