@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,30 @@ def _marker_pid(fs, cache: str, shard: int) -> int:
     return int(attempt.split("-")[1])
 
 
+def _submit_and_kill(
+    cluster: Cluster,
+    submit: list[str],
+    log: Path,
+    kill: Callable[[subprocess.Popen, float], dict],
+    wait_s: float,
+) -> tuple[dict, int]:
+    """Run ``spar submit`` (output to ``log``), let ``kill(proc, t0)`` take a node down mid-job and return its
+    figures (plus ``job_wall_s``) and the submit's exit code once the job has ended."""
+    t0 = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            submit, cwd=ROOT, env=cluster.client_env(), stdout=fh, stderr=subprocess.STDOUT
+        )
+    try:
+        fig = kill(proc, t0)
+        rc = proc.wait(timeout=wait_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    fig["job_wall_s"] = round(time.time() - t0, 1)
+    return fig, rc
+
+
 def test_precompute_survives_losing_a_worker_node(cluster: Cluster, tmp_path: Path, capsys):
     prefix = f"s3://{BUCKET}/precompute-node-loss"
     images = f"{prefix}/images"
@@ -91,18 +116,13 @@ def test_precompute_survives_losing_a_worker_node(cluster: Cluster, tmp_path: Pa
               "--images", images, "--cache-root", f"{prefix}/cache", "--workdir", "work", *PRECOMPUTE_ARGS]  # fmt: skip
     with cluster.s3.environ():
         fs = _s3()
-        t0 = time.time()
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(
-                submit, cwd=ROOT, env=cluster.client_env(), stdout=fh, stderr=subprocess.STDOUT
-            )
-        try:
-            fig = _kill_a_node_mid_precompute(cluster, fs, cache, proc, t0)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        fig["job_wall_s"] = round(time.time() - t0, 1)
+        fig, rc = _submit_and_kill(
+            cluster,
+            submit,
+            log,
+            lambda proc, t0: _kill_a_node_mid_precompute(cluster, fs, cache, proc, t0),
+            60,
+        )
         fig["reference_single_machine_s"] = round(reference_s, 1)
         fig["ingest_s"] = round(ingest_s, 1)
         _report(capsys, "precompute (job)", {k: v for k, v in fig.items() if not k.endswith("pids")})
@@ -243,9 +263,6 @@ DISTILL_SETS = [f"{k}={v}" for k, v in dict(
 TINY_INGEST = ["--shard-size", "2", "--set", "target_long=192", "--set", "target_short=128",
                "--set", "min_short=64", "--quiet"]  # fmt: skip
 TINY_PRECOMPUTE = ["--teacher", "tiny-clip-64", "--crop", "64", "--stride", "32", "--set", "autocast=none"]
-# True: the distill workdir (driver state, exported student) is on S3 too, not only the Ray Train storage;
-# False: a workdir local to the job (on the head node: the job's own scratch) with Ray Train storage on S3
-DISTILL_WORKDIR_ON_S3 = True
 
 
 def _distill_args(images: str, cache: str, workdir: str, storage: str, run: str) -> list[str]:
@@ -325,7 +342,7 @@ def test_distill_survives_losing_the_worker_node_of_its_training_group(
 
     # the job on the cluster: its training group's node dies once a checkpoint is registered
     run = "nodeloss"
-    workdir = f"{prefix}/work" if DISTILL_WORKDIR_ON_S3 else "work/distill-node-loss"
+    workdir = f"{prefix}/work"  # driver state and the exported student on S3 too, not only Ray Train storage
     storage_path = f"{prefix}/ray_results"
     run_dir = f"{storage_path}/{run}"
     log = tmp_path / "submit.log"
@@ -333,18 +350,13 @@ def test_distill_survives_losing_the_worker_node_of_its_training_group(
               *_distill_args(images, cache, workdir, storage_path, run)]  # fmt: skip
     with cluster.s3.environ():
         fs = _s3()
-        t0 = time.time()
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(
-                submit, cwd=ROOT, env=cluster.client_env(), stdout=fh, stderr=subprocess.STDOUT
-            )
-        try:
-            fig = _kill_the_training_node(cluster, fs, run_dir, proc, t0)
-            rc = proc.wait(timeout=900)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        fig["job_wall_s"] = round(time.time() - t0, 1)
+        fig, rc = _submit_and_kill(
+            cluster,
+            submit,
+            log,
+            lambda proc, t0: _kill_the_training_node(cluster, fs, run_dir, proc, t0),
+            900,
+        )
         fig["reference_single_machine_s"] = round(reference_s, 1)
         fig["checkpoints_after"] = _checkpoint_steps(fs, run_dir)
         _report(capsys, "distill (job)", fig)
@@ -361,11 +373,10 @@ def test_distill_survives_losing_the_worker_node_of_its_training_group(
         for k in ref_w:
             torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=1e-6, msg=k)
         student = re.search(r"^student checkpoint: (\S+)$", output, re.M).group(1)
-        if DISTILL_WORKDIR_ON_S3:
-            assert student.startswith(f"{prefix}/work/"), student
-            exported, ref_exported = _read_weights(student), _read_weights(ref_student)
-            for k in ref_exported:
-                torch.testing.assert_close(exported[k], ref_exported[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert student.startswith(f"{prefix}/work/"), student
+        exported, ref_exported = _read_weights(student), _read_weights(ref_student)
+        for k in ref_exported:
+            torch.testing.assert_close(exported[k], ref_exported[k], rtol=1e-5, atol=1e-6, msg=k)
     _report(capsys, "distill", fig)
 
 
