@@ -1,7 +1,8 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
-runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``gpu`` -> :mod:`pipeline.bench.gpu.driver`.
+runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``gpu`` ->
+:mod:`pipeline.bench.gpu.driver`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ BENCHES = {
     "ingest": ("ingest", "ingest throughput with 1 and 2 Ray workers"),
     "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
     "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
+    "distill": ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction"),
     "gpu": (
         "gpu.driver",
         "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
@@ -116,6 +118,30 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench distill`` (defaults: the demo's settings)."""
+    p.add_argument("--workers", default="1,2", help="comma-separated Ray Train worker counts (default 1,2)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per worker count (default 40)")
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (default 5)")
+    p.add_argument("--backbone", default="small-clip-224", help="teacher = student backbone (the demo's)")
+    p.add_argument("--crop", type=int, default=None, help="teacher window (default: the demo's 224)")
+    p.add_argument("--stride", type=int, default=None, help="teacher stride (default: the demo's 24)")
+    p.add_argument("--train-long", type=int, default=None, help="ingest long side (default: the demo's)")
+    p.add_argument("--train-short", type=int, default=None, help="ingest short side (default: the demo's)")
+    p.add_argument("--train-min-short", type=int, default=None, help="ingest short-side floor (the demo's)")
+    p.add_argument(
+        "--photos", type=int, default=0, help="use the first N training photos (0: all, the demo's)"
+    )
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=None,
+        help="decode processes per worker (0: one thread, the demo's)",
+    )
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
 def _gpu_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``spar bench gpu``."""
     p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
@@ -139,6 +165,7 @@ _ARGS = {
     "ingest": _ingest_args,
     "cache": _cache_args,
     "train": _train_args,
+    "distill": _distill_args,
     "gpu": _gpu_args,
 }
 
@@ -151,28 +178,3 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         bp = bsub.add_parser(name, help=helptext)
         _ARGS[name](bp)
         bp.set_defaults(handler=f"pipeline.bench.{module}:run")
-
-
-def _distill_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench distill`` (defaults: the demo's settings)."""
-    p.add_argument("--workers", default="1,2", help="comma-separated Ray Train worker counts (default 1,2)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per worker count (default 40)")
-    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (default 5)")
-    p.add_argument("--backbone", default="small-clip-224", help="teacher = student backbone (the demo's)")
-    p.add_argument("--crop", type=int, default=None, help="teacher window (default: the demo's 224)")
-    p.add_argument("--stride", type=int, default=None, help="teacher stride (default: the demo's 24)")
-    p.add_argument("--train-long", type=int, default=None, help="ingest long side (default: the demo's)")
-    p.add_argument("--train-short", type=int, default=None, help="ingest short side (default: the demo's)")
-    p.add_argument("--train-min-short", type=int, default=None, help="ingest short-side floor (the demo's)")
-    p.add_argument(
-        "--photos", type=int, default=0, help="use the first N training photos (0: all, the demo's)"
-    )
-    p.add_argument(
-        "--loader-workers", type=int, default=None, help="decode processes per worker (the demo's 1)"
-    )
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
-
-
-BENCHES["distill"] = ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction")
-_ARGS["distill"] = _distill_args

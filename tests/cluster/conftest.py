@@ -10,7 +10,9 @@
 
 No node is started with storage credentials in its environment: a task only has them through the job's runtime
 environment (``spar submit`` forwards AWS_* / MLFLOW_* from the submitting shell), which the tests rely on.
-Processes are stopped by their own process groups, never with ``ray stop``.
+Processes are stopped by their own process groups, never with ``ray stop``. The fixtures are package-scoped: the
+cluster is stopped after the last test of tests/cluster, so the rest of a run (the default run includes
+test_cluster.py) does not share the machine with three idle Ray nodes.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class S3Server:
             s3fs.S3FileSystem.clear_instance_cache()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     """moto's S3 server as its own process on 127.0.0.1, with the bucket ``spar``."""
     (port,) = free_ports(1)
@@ -291,7 +293,7 @@ def _start_head(root: Path, log_dir: Path) -> tuple[RayHead, Path]:
     return head, tmp
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[Cluster]:
     """Head + two worker nodes + MLflow server (artifacts on S3) + moto S3: see the module docstring."""
     root = Path(tempfile.mkdtemp(prefix="spar-cl-", dir="/tmp"))  # short: unix socket paths

@@ -314,6 +314,7 @@ def ref_siglip2(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_siglip2_matches_reference_forward_non_square(siglip2):
     x = torch.randn(1, 3, 384, 640, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -323,6 +324,7 @@ def test_siglip2_matches_reference_forward_non_square(siglip2):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_siglip2_from_local_file_keeps_half_normalisation(siglip2, tmp_path):
     assert siglip2.mean.flatten().tolist() == [0.5] * 3 and siglip2.std.flatten().tolist() == [0.5] * 3
     path = tmp_path / "siglip2.safetensors"
@@ -359,6 +361,7 @@ def test_spar_all_trains_exactly_what_the_readout_reaches():
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_spar_all_siglip2_skips_the_bypassed_pool_query(siglip2):
     reached = _params_reached_by_gradient(siglip2, (32, 48))
     trainable = set(siglip2.set_trainable("all"))

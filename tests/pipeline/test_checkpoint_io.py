@@ -176,6 +176,7 @@ def test_cli_import_then_export_loads_with_open_clip_alone(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_export_vitb16_loads_in_open_clip(tmp_path):
     bb = _spar_trained("maskclip-vit-b16", blocks=(10, 11))
     bb.set_trainable(2)

@@ -141,6 +141,7 @@ def test_eval_run_logs_metrics_and_artifacts(voc_root, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_eval_ray_workers_equal_local(voc_root, tmp_path, ray_up):
     local = evaluate(_cfg(voc_root, tmp_path, mlflow=False, prob_thd=0.0, area_thd=0.0))
     dist = evaluate(_cfg(voc_root, tmp_path, mlflow=False, prob_thd=0.0, area_thd=0.0, workers=2))

@@ -557,6 +557,7 @@ ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=1), workers=1, progress
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_killed_ingest_resumes(tmp_path):
     """SIGKILL a real ingest (driver, its local Ray cluster and workers) mid-run, then resume."""
     import signal
