@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,8 @@ from tests.e2e.conftest import (
     free_ports,
     http_status,
     mlflow_server,
+    new_token,
+    start_ray_head,
     stop_process_group,
 )
 
@@ -92,18 +93,14 @@ class S3Server:
         """This process's environment points s3fs at this server for the block (restored after)."""
         import s3fs
 
-        saved = {k: os.environ.get(k) for k in self.env()}
-        os.environ.update(self.env())
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in self.env().items():
+                mp.setenv(k, v)
             s3fs.S3FileSystem.clear_instance_cache()
+            try:
+                yield
+            finally:
+                s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="package")
@@ -263,34 +260,13 @@ class Cluster:
 
 
 def _start_head(root: Path, log_dir: Path) -> tuple[RayHead, Path]:
+    """The head: 0 CPUs (job drivers only), its own temp dir, no storage credentials in its environment."""
     tmp = Path(tempfile.mkdtemp(prefix="head-", dir=root))
-    token_file = root / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    gcs, dash, client, agent, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
-    log = log_dir / "head.log"
+    token_file = new_token(root / "auth_token")
     env = node_env(RAY_TMPDIR=str(tmp), RAY_AUTH_TOKEN_PATH=str(token_file))
-    cmd = [
-        str(ROOT / "infra/local/start_ray_head.sh"),
-        "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "0", "--num-gpus", "0",
-        "--temp-dir", str(tmp), "--object-store-memory", str(OBJECT_STORE_BYTES),
-        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-        "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-        "--runtime-env-agent-port", str(rt_env), "--node-manager-port", str(nm), "--object-manager-port", str(om),
-        "--block",
-    ]  # fmt: skip
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    head = RayHead(f"http://127.0.0.1:{dash}", dash, gcs, token_file, tmp, log, proc)
-    _wait_until(
-        "Ray head",
-        lambda: http_status(f"{head.address}/api/jobs/", head.headers(), timeout=5)[0] == 200,
-        proc,
-        log,
-    )
-    return head, tmp
+    args = ["--num-cpus", "0", "--num-gpus", "0", "--temp-dir", str(tmp),
+            "--object-store-memory", str(OBJECT_STORE_BYTES)]  # fmt: skip
+    return start_ray_head(tmp, token_file, log_dir / "head.log", env, *args), tmp
 
 
 @pytest.fixture(scope="package")

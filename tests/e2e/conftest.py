@@ -133,44 +133,53 @@ class RayHead:
         return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
 
 
-@pytest.fixture(scope="session")
-def ray_head() -> Iterator[RayHead]:
-    """A real Ray head (2 CPUs) started by infra/local/start_ray_head.sh with token auth on; stopped at the end."""
-    # a short path: Ray's unix sockets live under it (107-char limit)
-    tmp = Path(tempfile.mkdtemp(prefix="spar-e2e-", dir="/tmp"))
-    token_file = tmp / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
+def new_token(path: Path) -> Path:
+    """A fresh cluster token at `path` (mode 0600)."""
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
+def start_ray_head(tmp: Path, token_file: Path, log: Path, env: dict[str, str], *args: str) -> RayHead:
+    """infra/local/start_ray_head.sh (token auth on, 127.0.0.1) on free ports, with `args` added (CPUs, temp dir...),
+    in its own session; returns once its Jobs API answers with the token (stopped again if it does not come up)."""
     gcs, dash, client, agent, agent_grpc, metrics, rt_env, nm, om = free_ports(9)
-    log = tmp / "head.log"
-    env = clean_env(RAY_TMPDIR=str(tmp), RAY_AUTH_TOKEN_PATH=str(token_file))
     cmd = [
         str(ROOT / "infra/local/start_ray_head.sh"),
-        "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "2",
+        "--port", str(gcs), "--dashboard-port", str(dash),
         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
         "--runtime-env-agent-port", str(rt_env), "--node-manager-port", str(nm), "--object-manager-port", str(om),
-        "--block",
+        *args, "--block",
     ]  # fmt: skip
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
         )
     head = RayHead(f"http://127.0.0.1:{dash}", dash, gcs, token_file, tmp, log, proc)
+    deadline = time.monotonic() + 180
+    while http_status(f"{head.address}/api/jobs/", head.headers(), timeout=5)[0] != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(proc)
+            raise RuntimeError(f"Ray head did not come up (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    return head
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """A real Ray head (2 CPUs) started by infra/local/start_ray_head.sh with token auth on; stopped at the end."""
+    # a short path: Ray's unix sockets live under it (107-char limit)
+    tmp = Path(tempfile.mkdtemp(prefix="spar-e2e-", dir="/tmp"))
+    token_file = new_token(tmp / "auth_token")
+    env = clean_env(RAY_TMPDIR=str(tmp), RAY_AUTH_TOKEN_PATH=str(token_file))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            status, _ = http_status(f"{head.address}/api/jobs/", head.headers(), timeout=5)
-            if status == 200:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Ray head did not come up (exit {proc.poll()}):\n{log.read_text()[-4000:]}"
-                )
-            time.sleep(1)
-        yield head
+        head = start_ray_head(tmp, token_file, tmp / "head.log", env, "--num-cpus", "2")
+        try:
+            yield head
+        finally:
+            stop_process_group(head.proc)
     finally:
-        stop_process_group(proc)
         shutil.rmtree(tmp, ignore_errors=True)  # session dirs, uploaded working dirs, the token
 
 
