@@ -44,6 +44,7 @@ from tests.e2e.conftest import (
     new_token,
     start_ray_head,
     stop_process_group,
+    wait_until,
 )
 
 BUCKET = "spar"
@@ -58,15 +59,6 @@ def node_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in clean_env().items() if not k.startswith(_NODE_SCRUB_PREFIXES)}
     env.update(extra)
     return env
-
-
-def _wait_until(what: str, ok, proc: subprocess.Popen | None, log: Path | None, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
-            tail = log.read_text()[-4000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} did not come up (exit {proc.poll() if proc else None}):\n{tail}")
-        time.sleep(1)
 
 
 # ------------------------------------------------------------------------------------------------ S3 (moto)
@@ -115,7 +107,7 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         )  # fmt: skip
     server = S3Server(f"http://127.0.0.1:{port}", proc, log)
     try:
-        _wait_until(
+        wait_until(
             "moto S3 server", lambda: http_status(f"{server.endpoint}/", timeout=5)[0] == 200, proc, log
         )
         with server.environ():
@@ -242,7 +234,7 @@ class Cluster:
             )
         node = WorkerNode(name, tmp, log, proc)
         self.workers[name] = node
-        _wait_until(f"Ray worker node {name}", lambda: name in self.alive_nodes(), proc, log)
+        wait_until(f"Ray worker node {name}", lambda: name in self.alive_nodes(), proc, log)
         return node
 
     def ensure_workers(self) -> None:

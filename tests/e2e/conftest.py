@@ -133,6 +133,16 @@ class RayHead:
         return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
 
 
+def wait_until(what: str, ok, proc: subprocess.Popen | None, log: Path | None, timeout: float = 180) -> None:
+    """Poll `ok()` each second until true; raise, with the tail of `log`, once `proc` has exited or `timeout` passed."""
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
+            tail = log.read_text()[-4000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} did not come up (exit {proc.poll() if proc else None}):\n{tail}")
+        time.sleep(1)
+
+
 def new_token(path: Path) -> Path:
     """A fresh cluster token at `path` (mode 0600)."""
     path.write_text(secrets.token_hex(32))
@@ -157,12 +167,16 @@ def start_ray_head(tmp: Path, token_file: Path, log: Path, env: dict[str, str], 
             cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
         )
     head = RayHead(f"http://127.0.0.1:{dash}", dash, gcs, token_file, tmp, log, proc)
-    deadline = time.monotonic() + 180
-    while http_status(f"{head.address}/api/jobs/", head.headers(), timeout=5)[0] != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process_group(proc)
-            raise RuntimeError(f"Ray head did not come up (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
-        time.sleep(1)
+    try:
+        wait_until(
+            "Ray head",
+            lambda: http_status(f"{head.address}/api/jobs/", head.headers(), timeout=5)[0] == 200,
+            proc,
+            log,
+        )
+    except RuntimeError:
+        stop_process_group(proc)
+        raise
     return head
 
 
