@@ -18,6 +18,14 @@ BENCHES = {
     "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
     "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
     "distill": ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction"),
+    "loader": (
+        "loader",
+        "the distill stream at paper size (per decode thread / process) vs the training step",
+    ),
+    "scale": (
+        "scale",
+        "the whole pipeline on N synthetic paper-size images: per-image cost, files, memory vs N",
+    ),
     "gpu": (
         "gpu.driver",
         "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
@@ -142,6 +150,36 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
+def _loader_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench loader``."""
+    p.add_argument("--size", default="1024x2048", help="HxW of the images (default: the paper's 1024x2048)")
+    p.add_argument("--images", type=int, default=4, help="images in the set (default 4)")
+    p.add_argument("--backbone", default="maskclip-vit-b16", help="teacher (stride = crop) and student")
+    p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2],
+                   help="decode processes to time, comma-separated (0 = one thread; default 0,1,2)")  # fmt: skip
+    p.add_argument("--samples", type=int, default=8, help="timed samples per loader setting (default 8)")
+    p.add_argument(
+        "--steps", type=int, default=1, help="timed CPU training steps after one warm-up (default 1)"
+    )
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+def _scale_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench scale``."""
+    p.add_argument("--n", default="100,1000", help="image counts, comma-separated (default 100,1000)")
+    p.add_argument("--size", default="1024x2048", help="HxW of the source images (default: paper size)")
+    p.add_argument(
+        "--teacher", default="tiny-clip-64", help="teacher = student backbone (default tiny-clip-64)"
+    )
+    p.add_argument("--stride", type=int, default=0, help="teacher stride (0 = crop: the fewest windows)")
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    p.add_argument("--steps", type=int, default=0, help="distill steps (0 = one epoch over the set)")
+    p.add_argument("--augment", action="store_true", help="the paper's ingest augmentation (default: plain)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
 def _gpu_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``spar bench gpu``."""
     p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
@@ -166,6 +204,8 @@ _ARGS = {
     "cache": _cache_args,
     "train": _train_args,
     "distill": _distill_args,
+    "loader": _loader_args,
+    "scale": _scale_args,
     "gpu": _gpu_args,
 }
 
