@@ -124,9 +124,25 @@ def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[
         res = distill(dcfg)
     rec["distill"]["steps"] = res.steps
     rec["mlflow"] = mlflow_rows(base / "work" / "mlflow.db", res.run_id)
+    rec["plan_us_per_sample"] = plan_lookup_us(str(base / "set"))
     rec["imageset_objects"] = _count(base / "set")
     rec["cache_objects"] = _count(base / "cache")
     return rec
+
+
+def plan_lookup_us(images: str) -> float:
+    """Microseconds per sample the distill stream spends finding its next batch in the plan (one epoch, rank 0)."""
+    from pipeline.data.imageset import open_imageset
+    from pipeline.data.stream import Planner, refs_from_imageset
+
+    planner = Planner(refs_from_imageset(open_imageset(images)), seed=0, world_size=1)
+    n = planner.steps(0)
+    t0 = time.perf_counter()
+    for e, b in planner.positions(0, 0):
+        if e > 0:
+            break
+        planner.batches(e, 0)[b]
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def _native(name: str) -> int:
@@ -171,5 +187,5 @@ def _print_row(r: dict[str, Any], h: int, w: int) -> None:
         f"{p['bytes'] / n / 1e6:.2f} MB/img peak {p['peak_rss_mb']:.0f} MB | distill {d['seconds'] / d['steps']:.3f}"
         f" s/step ({d['steps']} steps) peak {d['peak_rss_mb']:.0f} MB | files: set {r['imageset_objects']} cache "
         f"{r['cache_objects']} | MLflow rows/step: metrics {r['mlflow']['metrics'] / d['steps']:.2f}, "
-        f"params+tags {r['mlflow']['params'] + r['mlflow']['tags']}"
+        f"params+tags {r['mlflow']['params'] + r['mlflow']['tags']} | plan lookup {r['plan_us_per_sample']:.0f} us/img"
     )
