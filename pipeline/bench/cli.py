@@ -1,7 +1,8 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
-runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``gpu`` ->
+runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``loader``, ``scale``,
+``startup``, ``gpu`` ->
 :mod:`pipeline.bench.gpu.driver`.
 """
 
@@ -25,6 +26,10 @@ BENCHES = {
     "scale": (
         "scale",
         "the whole pipeline on N synthetic paper-size images: per-image cost, files, memory vs N",
+    ),
+    "startup": (
+        "startup",
+        "fixed cost of each stage phase by phase (command -> first step, exit), before and after",
     ),
     "gpu": (
         "gpu.driver",
@@ -180,6 +185,19 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
+def _startup_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench startup``."""
+    p.add_argument("--stages", default="ingest,precompute,distill,demo",
+                   help="comma-separated stages to time (default: ingest,precompute,distill,demo)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=2, help="runs per stage and side, interleaved (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="distill steps (its run ends after them)")
+    p.add_argument("--photos", type=int, default=0, help="training photos to use (0: all of the demo's)")
+    p.add_argument("--before-checkout", default=None,
+                   help="'before' = the spar of this checkout (default: this code with SPAR_RAY_DEFAULTS=1)")  # fmt: skip
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write every run's marks as JSON here")
+
+
 def _gpu_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``spar bench gpu``."""
     p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
@@ -206,6 +224,7 @@ _ARGS = {
     "distill": _distill_args,
     "loader": _loader_args,
     "scale": _scale_args,
+    "startup": _startup_args,
     "gpu": _gpu_args,
 }
 
