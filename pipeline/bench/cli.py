@@ -166,6 +166,8 @@ def _loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--steps", type=int, default=1, help="timed CPU training steps after one warm-up (default 1)"
     )
+    p.add_argument("--projection", action="store_true",
+                   help="only the paper-run projection (25k views) from the H200 figures; no data, no Ray")  # fmt: skip
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 

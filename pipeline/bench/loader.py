@@ -109,8 +109,50 @@ def cpu_step_seconds(backbone: str, height: int, width: int, dim: int, steps: in
     return min(times), runner.precision
 
 
+# measured on the H200 (docs/bench/gpu-h200-2026-11-26): teacher windows/s at batch 256 / 64, bf16
+H200_TEACHER_WINDOWS_PER_S = {"maskclip-vit-b16": (224, 8277.0), "siglip2-vit-b16-512": (512, 1065.0)}
+
+
+def paper_projection(views: int = 25_000, epochs: int = 10, gpus: int = 2) -> dict[str, Any]:
+    """The paper run on ``views`` SA-1B-like views from figures measured on an H200 (no GPU here): precompute
+    device-hours per teacher at stride 24, distill device-hours (ViT-B/16, last 2 blocks, ``epochs`` epochs over
+    ``gpus`` GPUs at the step rate of :data:`GPU_STEP_FLOPS_PER_S`), decoders per GPU, cache bytes."""
+    from pipeline.bench.gpu.projection import project_precompute, sa1b_like_sizes
+    from pipeline.data.augment import augmentation_for
+
+    sizes = sa1b_like_sizes(views)
+    out: dict[str, Any] = {"views": views, "epochs": epochs, "gpus": gpus}
+    for name, (crop, rate) in H200_TEACHER_WINDOWS_PER_S.items():
+        bb = build_backbone(name)
+        arch = vit_arch(bb)
+        proj = project_precompute(sizes, crop, 24, vit_dense_flops(arch, crop, crop)["flops"], bb.dim, 16)
+        out[name] = {**proj, "h200_hours": proj["windows"] / rate / 3600}
+    bb = build_backbone("maskclip-vit-b16")
+    arch, cfg = vit_arch(bb), IngestConfig()
+    step_s, load_s = [], []
+    for i, (h, w) in enumerate(sizes):
+        _, _, ch, cw = augmentation_for(f"sa1b-{i}", h, w, cfg)["crop"]
+        step_s.append(
+            student_step_flops(vit_dense_flops(arch, ch, cw)["flops"], 12, 2) / GPU_STEP_FLOPS_PER_S
+        )
+        load_s.append(sample_load_seconds(ch, cw, (ch // 16) * (cw // 16) * bb.dim * 2))
+    out["distill"] = {
+        "step_ms_mean": 1e3 * float(np.mean(step_s)),
+        "h200_hours_total": epochs * float(np.sum(step_s)) / 3600,
+        "wall_hours_on_gpus": epochs * float(np.sum(step_s)) / 3600 / gpus,
+        "decode_threads_needed": float(np.sum(load_s) / np.sum(step_s)),
+    }
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """``spar bench loader``."""
+    if args.projection:
+        proj = paper_projection()
+        print(json.dumps(proj, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(proj, indent=2))
+        return 0
     h, w = (int(v) for v in args.size.lower().split("x"))
     out: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "size": [h, w], "images": args.images}
     with scratch_dir(args.workdir, "spar-bench-loader-") as base:

@@ -53,7 +53,7 @@ class DistillConfig:
     cpus_per_worker: int = 1  # Ray CPUs per worker = torch threads
     gpus_per_worker: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
     # background decode processes per worker (0 = one decode thread in the trainer); "auto": as many as keep the
-    # data wait < 5% of the step (pipeline.data.loader_sizing: the largest image, the student, GPU or CPU)
+    # data wait < 5% of the step (pipeline.data.loader_sizing: the images, the student, GPU or CPU)
     loader_workers: int | Literal["auto"] = 2
     verify_pixels: bool = True  # check every image's pixel sha256 while streaming
     workdir: str = "work"  # MLflow store, Ray results, exported students; s3://… needs MLFLOW_TRACKING_URI

@@ -1,5 +1,5 @@
 """``distill.loader_workers = "auto"`` for a run: the arithmetic of :mod:`pipeline.data.loader_sizing` applied to
-the run's largest image, its student and its device kind (the driver resolves it once; the plan holds the number).
+the run's images, its student and its device kind (the driver resolves it once; the plan holds the number).
 """
 
 from __future__ import annotations
@@ -32,14 +32,19 @@ def _forward_flops(bb: Backbone, height: int, width: int) -> float:
 
 
 def size_loader(ims: ImageSet, bb: Backbone, cache_dtype: str | None, trainable: int | str, on_gpu: bool,
-                max_workers: int) -> LoaderSizing:  # fmt: skip
-    """Decode processes per training worker for ``ims`` (sized for its largest image) and student ``bb``."""
+                max_workers: int, sample: int = 2000) -> LoaderSizing:  # fmt: skip
+    """Decode processes per training worker for ``ims`` and student ``bb``: mean decode time against mean step time
+    over the set (prefetching evens out the sizes; small views are the hard case: decoding scales with pixels, the
+    step less than linearly below its attention's N^2), from up to ``sample`` evenly spaced images."""
     if not ims.records:
         return LoaderSizing(0, 0.0, 1.0, False)
-    r = max(ims.records, key=lambda r: r.height * r.width)
-    p = bb.patch_size
-    target_bytes = (r.height // p) * (r.width // p) * bb.dim * _ITEMSIZE.get(cache_dtype or "", 0)
+    recs = ims.records[:: max(1, len(ims.records) // sample)]
+    p, itemsize = bb.patch_size, _ITEMSIZE.get(cache_dtype or "", 0)
     k = bb.num_blocks if trainable == "all" else int(trainable)
-    flops = student_step_flops(_forward_flops(bb, r.height, r.width), bb.num_blocks, k)
-    step_s = flops / (GPU_STEP_FLOPS_PER_S if on_gpu else CPU_STEP_FLOPS_PER_S)
-    return auto_loader_workers(sample_load_seconds(r.height, r.width, target_bytes), step_s, max_workers)
+    rate = GPU_STEP_FLOPS_PER_S if on_gpu else CPU_STEP_FLOPS_PER_S
+    load = [
+        sample_load_seconds(r.height, r.width, (r.height // p) * (r.width // p) * bb.dim * itemsize)
+        for r in recs
+    ]
+    step = [student_step_flops(_forward_flops(bb, r.height, r.width), bb.num_blocks, k) / rate for r in recs]
+    return auto_loader_workers(sum(load) / len(recs), sum(step) / len(recs), max_workers)
