@@ -183,6 +183,8 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
     p.add_argument("--steps", type=int, default=0, help="distill steps (0 = one epoch over the set)")
     p.add_argument("--augment", action="store_true", help="the paper's ingest augmentation (default: plain)")
+    p.add_argument("--distill-max-n", type=int, default=0,
+                   help="skip distill for larger N to fit the time (0 = never skip)")  # fmt: skip
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
