@@ -30,8 +30,8 @@ __all__ = [
 # one decode thread, one core of an AMD EPYC (Zen 4, AVX512-BF16, no AMX), 2048x1024 PNG (level 1) + its 64x128x512 float16 target
 # (spar bench loader, BENCHMARKS.md "Loader vs step"): PNG decode + pixel sha256 per pixel, tar read included;
 # Zarr read (zstd) + sha256 check per stored target byte
-DECODE_S_PER_PIXEL = 40e-9
-READ_S_PER_TARGET_BYTE = 2.6e-9
+DECODE_S_PER_PIXEL = 36e-9  # 11.0 ms tar read + 64.2 ms decode and hash per 2048x1024 image
+READ_S_PER_TARGET_BYTE = 5.1e-9  # 42.9 ms per 8.4 MB target
 # a distillation step's rate on a GPU: the teacher's measured share of the bf16 matmul rate (0.36) times that rate
 # on the fastest GPU measured (H200, 797 TFLOP/s; docs/bench/gpu-h200-2026-11-26). A slower GPU needs fewer decoders:
 # sizing for the fastest over-provisions there, never under.
