@@ -131,6 +131,7 @@ def test_archive_ingest_equals_ingest_of_the_extracted_images(ray_up, paper_arch
         name = r.source.split("::")[0].removeprefix("tar://").removeprefix("./")
         (plain / name).write_bytes(written[name])
     ref = ingest(str(plain), str(tmp_path / "b"), IngestConfig(**SMALL), workers=2, progress=False)
+
     # (the fingerprint also covers shard numbers, which follow the input order: archive order vs sorted names)
     def per_key(ims_):
         return {r.key: (r.height, r.width, r.pixel_sha256, r.augmentation) for r in ims_.records}
@@ -206,7 +207,7 @@ def test_cli_and_s3_archives(ray_up, paper_archives, tmp_path, capsys):
 
     local = tmp_path / "local"
     rc = main(["ingest", *[str(paper_archives / f"sa_00000{i}.tar") for i in range(4)], "--out", str(local),
-               "--select", "paper", "--set", "target_long=128", "--set", "target_short=96", "--set",
+               "--select", "paper", "--shard-size", "3", "--set", "target_long=128", "--set", "target_short=96", "--set",
                "min_short=64", "--quiet"])  # fmt: skip
     assert rc == 0 and "9 inputs -> 9 accepted" in capsys.readouterr().out
     want = open_imageset(str(local))
