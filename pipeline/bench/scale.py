@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sqlite3
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -120,7 +121,9 @@ def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[
     rec["imageset_objects"] = _count(base / "set")
     rec["cache_objects"] = _count(base / "cache")
     if args.distill_max_n and n > args.distill_max_n:
-        return rec  # to fit the time; the part of the stream that grows with N (plan lookups) is measured above
+        return (
+            rec  # to fit the time; the part of the stream that grows with N (plan lookups) is measured above
+        )
     steps = args.steps or n
     dcfg = DistillConfig(images=str(base / "set"), cache=cache, workdir=str(base / "work"), max_steps=steps,
                          experiment="bench-scale", register_model="", loader_workers=0,
@@ -129,7 +132,25 @@ def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[
         res = distill(dcfg)
     rec["distill"]["steps"] = res.steps
     rec["mlflow"] = mlflow_rows(base / "work" / "mlflow.db", res.run_id)
+    rec["distill"].update(steady_steps(base / "work" / "mlflow.db", res.run_id))
     return rec
+
+
+def steady_steps(db: Path, run_id: str, skip: int = 3) -> dict[str, float]:
+    """Median step time and data-wait fraction of the run's steps after the first ``skip`` (start-up), as the
+    training loop logged them (the stage's wall time is mostly Ray Train's start-up at these step counts)."""
+    con = sqlite3.connect(db)
+    try:
+        q = "SELECT value FROM metrics WHERE run_uuid = ? AND key = ? AND step >= ? ORDER BY step"
+        step = [v for (v,) in con.execute(q, (run_id, "step_time_s", skip))]
+        wait = [v for (v,) in con.execute(q, (run_id, "data_wait_frac", skip))]
+    finally:
+        con.close()
+    med = statistics.median
+    return {
+        "steady_step_s": med(step) if step else float("nan"),
+        "data_wait_frac": med(wait) if wait else float("nan"),
+    }
 
 
 def plan_lookup_us(images: str) -> float:
@@ -188,8 +209,8 @@ def _print_row(r: dict[str, Any], h: int, w: int) -> None:
     print(
         f"N={n} ({w}x{h}): ingest {i['seconds'] / n * 1e3:.0f} ms/img {i['bytes'] / n / 1e6:.2f} MB/img "
         f"peak {i['peak_rss_mb']:.0f} MB | precompute {p['seconds'] / n * 1e3:.0f} ms/img "
-        f"{p['bytes'] / n / 1e6:.2f} MB/img peak {p['peak_rss_mb']:.0f} MB | distill {d['seconds'] / d['steps']:.3f}"
-        f" s/step ({d['steps']} steps) peak {d['peak_rss_mb']:.0f} MB | files: set {r['imageset_objects']} cache "
+        f"{p['bytes'] / n / 1e3:.1f} KB/img peak {p['peak_rss_mb']:.0f} MB | distill {d['seconds']:.0f} s for {d['steps']} steps, "
+        f"steady {d.get('steady_step_s', float('nan')) * 1e3:.1f} ms/step, wait {d.get('data_wait_frac', float('nan')):.3f}, peak {d['peak_rss_mb']:.0f} MB | files: set {r['imageset_objects']} cache "
         f"{r['cache_objects']} | MLflow rows/step: metrics {r['mlflow']['metrics'] / d['steps']:.2f}, "
         f"params+tags {r['mlflow']['params'] + r['mlflow']['tags']} | plan lookup {r['plan_us_per_sample']:.0f} us/img"
     )
