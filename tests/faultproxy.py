@@ -47,12 +47,14 @@ _BODIES = {
 @dataclass(frozen=True)
 class Faults:
     """What the proxy does to requests: ``rate`` of them get one of ``kinds`` (chosen uniformly), every forwarded
-    one waits ``latency_s`` first; ``seed`` fixes the sequence."""
+    one waits ``latency_s`` first; ``seed`` fixes the sequence; the first ``start_after`` requests (counted from
+    :meth:`FaultProxy.set_faults` or the start) are all forwarded."""
 
     rate: float = 0.0
     kinds: tuple[str, ...] = FAULT_KINDS
     latency_s: float = 0.0
     seed: int = 0
+    start_after: int = 0
 
     def __post_init__(self) -> None:
         assert 0.0 <= self.rate <= 1.0, self.rate
@@ -71,6 +73,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._faults = faults
         self._rng = random.Random(faults.seed)
+        self._since = 0  # requests since the faults were set
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._stopped = threading.Event()
@@ -91,7 +94,7 @@ class FaultProxy:
     def set_faults(self, faults: Faults) -> None:
         """Switch to ``faults`` (a new seeded sequence starts)."""
         with self._lock:
-            self._faults, self._rng = faults, random.Random(faults.seed)
+            self._faults, self._rng, self._since = faults, random.Random(faults.seed), 0
 
     def outage(self, seconds: float) -> threading.Thread:
         """Refuse every connection for ``seconds`` from now (listener closed, open connections reset), then listen
@@ -108,6 +111,8 @@ class FaultProxy:
             listener, self._listener = self._listener, None
             conns = list(self._conns)
         if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); the port stops listening
             with contextlib.suppress(OSError):
                 listener.close()
         for c in conns:
@@ -165,7 +170,9 @@ class FaultProxy:
                 self.stats["over_budget"] += 1
                 return "over_budget"
             f = self._faults
-            kind = self._rng.choice(f.kinds) if self._rng.random() < f.rate else "forward"
+            self._since += 1
+            draw = self._since > f.start_after and self._rng.random() < f.rate
+            kind = self._rng.choice(f.kinds) if draw else "forward"
             self.stats["forwarded" if kind == "forward" else kind] += 1
             return kind
 

@@ -82,3 +82,8 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
             if final is e:
                 raise
             raise final from e
+
+
+# One instance cache with s3fs's own: ``s3fs.S3FileSystem.clear_instance_cache()`` (after a change of endpoint or
+# credentials in the environment) also drops the instances of this class.
+RetryingS3FileSystem._cache = s3fs.S3FileSystem._cache
