@@ -37,10 +37,15 @@ FAULT_KINDS = ("503", "500", "reset")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "expect",
                "proxy-connection"}  # fmt: skip
 _BODIES = {
-    "503": (b"Service Unavailable", b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate."
-                                    b"</Message></Error>"),  # fmt: skip
-    "500": (b"Internal Server Error", b"<Error><Code>InternalError</Code><Message>We encountered an internal "
-                                      b"error. Please try again.</Message></Error>"),  # fmt: skip
+    "503": (
+        b"Service Unavailable",
+        b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+    ),  # fmt: skip
+    "500": (
+        b"Internal Server Error",
+        b"<Error><Code>InternalError</Code><Message>We encountered an internal "
+        b"error. Please try again.</Message></Error>",
+    ),  # fmt: skip
 }
 
 
@@ -69,7 +74,9 @@ class FaultProxy:
         assert parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost"), upstream
         self.upstream = (parts.hostname, parts.port or 80)
         self.max_requests = max_requests
-        self.stats: Counter[str] = Counter()  # requests, forwarded, 503, 500, reset, over_budget, upstream_error
+        self.stats: Counter[str] = (
+            Counter()
+        )  # requests, forwarded, 503, 500, reset, over_budget, upstream_error
         self._lock = threading.Lock()
         self._faults = faults
         self._rng = random.Random(faults.seed)
@@ -100,7 +107,9 @@ class FaultProxy:
         """Refuse every connection for ``seconds`` from now (listener closed, open connections reset), then listen
         again on the same port. Returns the thread that reopens it."""
         self.down()
-        t = threading.Thread(target=self._reopen_after, args=(seconds,), daemon=True, name="faultproxy-outage")
+        t = threading.Thread(
+            target=self._reopen_after, args=(seconds,), daemon=True, name="faultproxy-outage"
+        )
         t.start()
         return t
 
@@ -115,8 +124,10 @@ class FaultProxy:
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); the port stops listening
             with contextlib.suppress(OSError):
                 listener.close()
-        for c in conns:
-            _reset(c)
+        for c in conns:  # their threads see the end of the stream and close them (with a reset)
+            with contextlib.suppress(OSError):
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.shutdown(socket.SHUT_RDWR)
 
     def up(self) -> None:
         """Listen again (same port) after :meth:`down`."""
@@ -191,7 +202,9 @@ class FaultProxy:
                     return
                 expects = headers.get("expect", "").lower() == "100-continue"
                 if kind in _BODIES:
-                    reason, text = _BODIES[kind]  # HEAD: the status alone (a body would be read as the next reply)
+                    reason, text = _BODIES[
+                        kind
+                    ]  # HEAD: the status alone (a body would be read as the next reply)
                     _send(conn, kind, reason, b"" if method == "HEAD" else text, close=expects)
                     if expects:
                         return
@@ -226,7 +239,8 @@ class FaultProxy:
 
 
 def _reset(conn: socket.socket) -> None:
-    """Close with a TCP RST (SO_LINGER 0): the client sees "connection reset by peer"."""
+    """Close with a TCP RST (SO_LINGER 0): the client sees "connection reset by peer" (the socket's file object,
+    closed by its thread right after, holds the descriptor until then)."""
     with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()
@@ -291,7 +305,12 @@ def _send(conn: socket.socket, code: str, reason: bytes, body: bytes, close: boo
 
 
 def _send_response(
-    conn: socket.socket, status: int, reason: str, headers: list[tuple[str, str]], data: bytes, head_only: bool
+    conn: socket.socket,
+    status: int,
+    reason: str,
+    headers: list[tuple[str, str]],
+    data: bytes,
+    head_only: bool,
 ) -> None:
     lines = [f"HTTP/1.1 {status} {reason}"]
     has_length = False
@@ -309,7 +328,9 @@ def _send_response(
 
 
 @contextlib.contextmanager
-def fault_proxy(upstream: str, faults: Faults = Faults(), max_requests: int = 100_000) -> Iterator[FaultProxy]:
+def fault_proxy(
+    upstream: str, faults: Faults = Faults(), max_requests: int = 100_000
+) -> Iterator[FaultProxy]:
     """A :class:`FaultProxy` for the block, stopped after it."""
     proxy = FaultProxy(upstream, faults, max_requests)
     try:

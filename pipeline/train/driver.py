@@ -60,7 +60,7 @@ from pipeline.common.storage import (
     write_bytes_atomic,
 )
 from pipeline.common.tasks import cluster_gpus, init_ray, task_runtime_env, train_log_level, verbose
-from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
+from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store, wait_for_server
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.data.stream import Planner, refs_from_imageset
 from pipeline.train.checkpoint import (
@@ -438,6 +438,9 @@ def _finish(
     """Export and log the student and the loss curve, close the run, print where everything is. ``start``: the
     checkpoint a continuation started from (the last one when it had no step left to train)."""
     metrics, ckpt, run_id = result.metrics or {}, result.checkpoint, link.run_id
+    wait_for_server(
+        link.tracking_uri, what="distill (logging the student)"
+    )  # bounded; one line while it waits
     if ckpt is None and start:
         ckpt = ray_checkpoint(start)
     steps = int(metrics.get("step", 0))

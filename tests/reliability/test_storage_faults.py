@@ -152,7 +152,9 @@ def test_storage_operations_at_5_percent_errors_give_the_fault_free_result(
     assert {n: storage.read_bytes(storage.join(base, "flat", n)) for n in blobs} == blobs
     assert storage.listdir(storage.join(base, "flat")) == sorted(blobs)
     assert storage.exists(storage.join(base, "flat", "obj-00.bin"))
-    assert storage.read_bytes(storage.join(base, "flat", "missing")) is None  # a 404 is not retried into an error
+    assert (
+        storage.read_bytes(storage.join(base, "flat", "missing")) is None
+    )  # a 404 is not retried into an error
     storage.put_dir(str(local), storage.join(base, "tree"))
     assert storage.rename_dir(storage.join(base, "tree"), storage.join(base, "moved"))
     back = tmp_path / "back"
@@ -223,7 +225,9 @@ def test_a_student_upload_cut_off_by_a_persistent_error_is_never_read_as_complet
     export_student(src, f"s3://{BUCKET}/students/probe")  # fault-free: how many requests an export takes
     n = proxy.stats["requests"] - before
     url = f"s3://{BUCKET}/students/cut-{time.time_ns()}"
-    proxy.set_faults(Faults(rate=1.0, kinds=("503",), start_after=n - 1))  # all but the last request (the commit)
+    proxy.set_faults(
+        Faults(rate=1.0, kinds=("503",), start_after=n - 1)
+    )  # all but the last request (the commit)
     with pytest.raises(storage.StorageUnavailableError, match="failed after 2 attempts"):
         export_student(src, url)
     proxy.set_faults(Faults())
