@@ -18,6 +18,7 @@ fingerprint and checksum) and :func:`shard_stem` (``shard-000042``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "retry_attempts",
     "StorageError",
     "StorageUnavailableError",
+    "is_disk_full",
     "canonical_json",
     "shard_stem",
     "is_local",
@@ -94,6 +96,21 @@ class StorageError(UserError):
 
 class StorageUnavailableError(StorageError, OSError):
     """Object storage kept failing (5xx, throttling, broken connections) through every retry of a request."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is a full disk: ``ENOSPC`` / ``EDQUOT``, also when it
+    only survives as text (an error re-raised from another process, as Ray Train's are)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(cur) or "Disk quota exceeded" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def canonical_json(obj: Any) -> str:

@@ -107,7 +107,9 @@ def test_what_cannot_be_delivered_is_named_kept_locally_and_resent_by_spar_runs(
     assert str(spool) in line and f"spar runs --resend {spool}" in line
     assert "10 metric values (loss steps 2-11)" in line and "1 params (trainable_blocks)" in line, line
     kept = [json.loads(x) for x in spool.read_text().splitlines()]
-    assert [(d["key"], d["step"]) for d in kept] == [("loss", s) for s in range(2, 12)] + [("trainable_blocks", 0)]
+    assert [(d["key"], d["step"]) for d in kept] == [("loss", s) for s in range(2, 12)] + [
+        ("trainable_blocks", 0)
+    ]
     assert [s for s, _, _ in _history(server, run_id, "loss")] == [1]  # the server has only what it got
     proxy.up()
     assert main(["runs", "--resend", str(spool)]) == 0
