@@ -41,7 +41,9 @@ SCRUB = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFL
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[MlflowServer]:
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-e2e"), args=["--workers", "1"]) as s:
+    # no GenAI job runner (7 worker processes restarting on a 2-core machine): a tracking server only
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-e2e"), env_extra=env, args=["--workers", "1"]) as s:
         yield s
 
 
