@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ from typing import Any, Generic, TypeVar
 import ray
 from tqdm import tqdm
 
+from pipeline.common.trace import TRACE_ENV, mark
+
 __all__ = [
     "FORWARD_ENV_PREFIXES",
     "task_runtime_env",
     "init_ray",
+    "start_local_cluster_early",
     "cluster_gpus",
     "shutdown_ray",
     "verbose",
@@ -60,11 +64,38 @@ def train_log_level() -> str:
 FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_", "MLFLOW_")
 
 
+def _forwarded_env() -> dict[str, str]:
+    """The forwarded variables; the start-up benchmark's two are not (Ray's local processes inherit them)."""
+    return {
+        k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and k not in _NOT_FORWARDED
+    }
+
+
+_NOT_FORWARDED = (TRACE_ENV, "SPAR_RAY_DEFAULTS")
+
+
+def ray_defaults() -> bool:
+    """``SPAR_RAY_DEFAULTS=1``: start a local cluster as before the start-up work (Ray Train's defaults, a
+    runtime environment per task): the "before" side of ``spar bench startup``."""
+    return os.environ.get("SPAR_RAY_DEFAULTS", "") not in ("", "0")
+
+
+# The forwarded variables as they were when this process started its own local cluster (None: it did not). Ray's
+# processes on that cluster inherited exactly these, so tasks need no runtime environment while they are unchanged.
+_LOCAL_CLUSTER_ENV: dict[str, str] | None = None
+
+
 def task_runtime_env() -> dict[str, dict[str, str]] | None:
-    """``runtime_env`` for this driver's Ray tasks and workers: its :data:`FORWARD_ENV_PREFIXES` variables
-    (None when it has none, so that tasks share the job's default worker pool)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-    return {"env_vars": env} if env else None
+    """``runtime_env`` for this driver's Ray tasks and workers: its :data:`FORWARD_ENV_PREFIXES` variables.
+
+    None (the job's default worker pool, whose processes are already started and reused from task to task) when
+    there is nothing to forward, or when this process started the local cluster and the variables are still the
+    ones its processes inherited. A task with a runtime environment of its own needs a fresh worker process
+    (seconds of interpreter and imports each)."""
+    env = _forwarded_env()
+    if not env or (env == _LOCAL_CLUSTER_ENV and not ray_defaults()):
+        return None
+    return {"env_vars": env}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -75,17 +106,26 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
             (as inside a Ray Job), else starts a local cluster in-process.
         num_cpus: CPUs of a local cluster (default: all).
     """
+    _wait_for_early_start()
     if ray.is_initialized():
-        return
+        if not (_EARLY_STARTED and (address or os.environ.get("RAY_ADDRESS"))):
+            return
+        shutdown_ray()  # the command turned out to want a cluster: leave the early local one
+    mark("ray_init_start")
     if not verbose():
         kwargs.setdefault(
             "logging_config", ray.LoggingConfig(log_level="WARNING")
         )  # driver, tasks and actors
         _skip_ray_chatter()
     address = address or os.environ.get("RAY_ADDRESS")
+    global _LOCAL_CLUSTER_ENV
     if address:
+        _LOCAL_CLUSTER_ENV = None
         ray.init(address=address, log_to_driver=True, **kwargs)
+        mark("ray_init_done")
         return
+    _local_cluster_settings()
+    _LOCAL_CLUSTER_ENV = _forwarded_env()
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -95,6 +135,94 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         logging_level="warning",
         **kwargs,
     )
+    mark("ray_init_done")
+
+
+# ------------------------------------------------------------------------------- early start of a local cluster
+
+_EARLY: threading.Thread | None = None
+_EARLY_STARTED = False  # the current local cluster was started by start_local_cluster_early
+
+# What ray.init imports on first use (the dashboard's optional dependencies, usage stats, the autoscaler's
+# helpers, NVML): imported before the early start's thread runs, so that it and the command's own imports never
+# import the same module at once.
+_RAY_INIT_MODULES = (
+    "ray.dashboard.optional_deps",
+    "ray._common.usage.usage_lib",
+    "ray.autoscaler._private.util",
+    "ray.autoscaler.v2.utils",
+    "ray._private.thirdparty.pynvml",
+    "ray._private.runtime_env.uv_runtime_env_hook",
+)
+
+
+def start_local_cluster_early() -> None:
+    """Start this process's local Ray cluster in a background thread, while the command goes on importing its
+    own modules (torch, MLflow, ...): most of ``ray.init`` is waiting for Ray's processes to come up, which
+    overlaps with the imports on another core. :func:`init_ray` waits for it. Only for a local cluster (no
+    ``RAY_ADDRESS``); ``SPAR_RAY_EARLY=0`` switches it off. Called by the ``spar`` console command (not by
+    ``main(argv)``, which tests call in-process)."""
+    global _EARLY
+    off = os.environ.get("SPAR_RAY_EARLY", "1") in ("0", "false") or ray_defaults()
+    if off or _EARLY is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    import importlib
+    import logging
+    import signal
+
+    for name in _RAY_INIT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Ray version: ray.init imports what it needs itself
+            pass
+    # ray.init sets its SIGTERM handler (exit, so that atexit stops the cluster) only from the main thread, and
+    # warns from any other: set the same handler here, and keep its warning off the console
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    logging.getLogger("ray._private.worker").addFilter(
+        lambda r: "SIGTERM handler is not set" not in r.getMessage()
+    )
+    _EARLY = threading.Thread(target=_early_start, name="spar-ray-start", daemon=True)
+    _EARLY.start()
+
+
+def _early_start() -> None:
+    global _EARLY_STARTED
+    try:
+        init_ray()
+        _EARLY_STARTED = True
+    except Exception:  # noqa: BLE001 - the command's own init_ray starts it again and reports the error
+        pass
+
+
+def _wait_for_early_start() -> None:
+    global _EARLY
+    early = _EARLY
+    if early is not None and early is not threading.current_thread():
+        early.join()
+        _EARLY = None
+
+
+# Ray Train's switches for a fixed local cluster (documented in ``ray.train.v2._internal.constants``; read by the
+# driver and handed to Ray Train's controller and workers). Each one removes work that only a real cluster needs:
+# - the preemption watcher: an extra actor process polling Ray's drain state (nodes of a local cluster are never
+#   preempted);
+# - Train's metrics: exported to the dashboard's Prometheus endpoint, which a local cluster does not run;
+# - the controller's health-check interval (default 2 s): it also paces how soon the controller sees the worker
+#   group started and the run finished; polling a handful of local workers every 0.2 s costs nothing.
+# Only set when this process starts the local cluster itself, and only where the user has not set them: a
+# cluster (``address``, ``RAY_ADDRESS``) keeps Ray's defaults.
+LOCAL_TRAIN_SETTINGS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+
+
+def _local_cluster_settings() -> None:
+    if ray_defaults():
+        return
+    for k, v in LOCAL_TRAIN_SETTINGS.items():
+        os.environ.setdefault(k, v)
 
 
 # Lines the driver does not echo from Ray's processes unless verbose: Ray's C++ core log lines, Ray Train's per-report
@@ -157,8 +285,12 @@ def cluster_gpus() -> float:
 
 def shutdown_ray() -> None:
     """Disconnect (and stop a local cluster)."""
+    global _LOCAL_CLUSTER_ENV, _EARLY_STARTED
+    _wait_for_early_start()
+    _EARLY_STARTED = False
     if ray.is_initialized():
         ray.shutdown()
+    _LOCAL_CLUSTER_ENV = None
 
 
 def cluster_cpus() -> int:
@@ -202,6 +334,7 @@ def run_pool(
     bar's suffix from the result so far and the elapsed seconds. On exit (also by an exception or Ctrl-C) the
     tasks still in flight are cancelled.
     """
+    mark("pool_start")
     result: PoolResult[K] = PoolResult()
     queue = list(keys)
     running: dict[ray.ObjectRef, K] = {}
@@ -216,6 +349,7 @@ def run_pool(
                 running[submit(key)] = key
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5 if partial else None)
             for ref in ready:
+                mark("first_task_done", once=True)
                 key = running.pop(ref)
                 try:
                     value = ray.get(ref)
@@ -236,6 +370,7 @@ def run_pool(
             if postfix is not None and ready:
                 bar.set_postfix_str(postfix(result, time.perf_counter() - t0))
     finally:
+        mark("pool_done")
         bar.close()
         for ref in running:
             ray.cancel(ref, force=force_cancel)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipeline.eval.config import default_stride
 from pipeline.train.config import DistillConfig, DistillError
-from spar_core.backbones import random_weights_seed
 
 if TYPE_CHECKING:
     from pipeline.cache.spec import CacheSpec
@@ -126,6 +125,9 @@ def resolve_student(cfg: DistillConfig, spec: CacheSpec | None) -> tuple[str, st
         pretrained = cfg.pretrained
     seed = cfg.backbone_seed
     if seed < 0:
+        # imported here: this module is unpickled by Ray Train's controller, which must not import torch for it
+        from spar_core.backbones import random_weights_seed
+
         seed = (random_weights_seed(spec.weights_id) if same else None) or 0
     return name, pretrained, seed
 

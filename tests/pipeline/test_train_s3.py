@@ -45,7 +45,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import _continuation_name, distill
 from spar_core.backbones import build_backbone
-from tests.builders import moto_s3, paired_data
+from tests.builders import moto_s3
 
 BUCKET = "spar-train"
 STEPS = 4
@@ -209,8 +209,8 @@ def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
-    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+def data(paired) -> dict[str, str]:
+    return paired
 
 
 @pytest.fixture(scope="module")
