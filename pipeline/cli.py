@@ -11,8 +11,11 @@ with 2; unexpected failures print a traceback and exit with 1.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
+import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from pipeline.common.errors import is_user_error
@@ -118,17 +121,31 @@ def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:
 
 
 def entry() -> None:
-    """Console-script wrapper. A local Ray cluster this process started is stopped here, before the interpreter
-    exits (Ray's own atexit hook would do it too, later: a mark on each side of it shows its cost)."""
+    """Console-script wrapper: the command, then its local Ray cluster stopped (a mark on each side shows what
+    Ray's shutdown costs), then :func:`_exit`."""
     rc = main(early_ray=True)
-    if (
-        "pipeline.common.tasks" in sys.modules
-    ):  # a Ray command: stop its local cluster (waits for an early start)
+    ray_command = "pipeline.common.tasks" in sys.modules
+    if ray_command:  # stop its local cluster (after waiting for an early start to finish)
         from pipeline.common.tasks import shutdown_ray
 
         shutdown_ray()
         mark("ray_down")
-    sys.exit(rc)
+    _exit(rc)
+
+
+def _exit(rc: int) -> None:
+    """Exit as the interpreter does (wait for the threads that are not daemons, run the atexit handlers, flush),
+    without its last stage: garbage collections over every object torch, Ray and MLflow left and the teardown of
+    every module, which took seconds on a small CPU (`spar bench startup`) and in which extension modules print
+    leak reports (nanobind's, for triton's objects). Everything a stage writes is written before its handler
+    returns."""
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
