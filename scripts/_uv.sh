@@ -61,5 +61,9 @@ _spar_bootstrap_uv() {
 _spar_find_uv || _spar_bootstrap_uv
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
 if [ "${SPAR_UV_BOOTSTRAP_ONLY:-0}" != 1 ]; then
-    uv sync --frozen --quiet
+    # Bytecode compiled once here, for the installed packages and for ours: every Python process the stages start
+    # (each Ray worker, Ray's own agents) would otherwise compile torch's, Ray's and MLflow's sources again where
+    # Python may not write its caches (PYTHONDONTWRITEBYTECODE=1, read-only installs). A no-op once done.
+    uv sync --frozen --quiet --compile-bytecode
+    .venv/bin/python -m compileall -q -j 0 pipeline spar_core jobs tests >/dev/null || true
 fi
