@@ -1,7 +1,7 @@
 """DINOv3 dino.txt backbone: Meta's key layout, weight files, an independent forward, text, freezing, protocol.
 
 The reference forward (tests/core/dinotxt_reference.py) is written from Meta's module definitions with plain
-torch ops over the two state dicts as Meta publishes them; it shares no code with spar_core.dinov3txt.
+torch ops over the two state dicts as Meta publishes them; it shares no code with spar_core.backbones.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pipeline.eval.config import EvalConfig, resolve_protocol
 from spar_core import build_backbone
 from spar_core.backbones import BackboneError, list_backbones
-from spar_core.dinov3txt import DinoTxtSpec, build_dinotxt, meta_state_dicts
+from spar_core.backbones.dinotxt_model import DinoTxtSpec, build_dinotxt, meta_state_dicts
 from tests.core.dinotxt_reference import ref_backbone_tokens, ref_head_tokens, ref_text
 
 TINY = dict(dim=64, heads=4, reg=4, text_heads=4)
@@ -55,7 +55,7 @@ def _randomised_files(tmp: Path, seed: int = 1) -> tuple[str, str, dict, dict]:
 
 
 def _tiny_spec_kwargs():
-    from spar_core.dinov3txt import DINOTXT_BACKBONES
+    from spar_core.backbones.dinov3txt import DINOTXT_BACKBONES
 
     s = DINOTXT_BACKBONES["tiny-dinov3txt"][0]
     return {f: getattr(s, f) for f in s.__dataclass_fields__}
