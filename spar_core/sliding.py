@@ -1,4 +1,4 @@
-"""The sliding-window teacher (DESIGN §2 "Sliding-window teacher"), vectorised.
+"""The sliding-window teacher, vectorised.
 
 Windows of ``crop x crop`` pixels at stride ``stride`` (plus a boundary window flush with the far edge) are run in
 batches through the backbone's single-pass ``dense``; their features are upsampled by the fine-grid factor ``r``
@@ -179,9 +179,8 @@ def sliding_window_features(
     count = torch.zeros(canvas_h * canvas_w, device=dev)
     count.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=dev))
     if bool((count == 0).any()):
-        raise AssertionError(
-            "sliding window left canvas cells uncovered"
-        )  # cannot happen with boundary windows
+        # cannot happen with boundary windows
+        raise AssertionError("sliding window left canvas cells uncovered")
 
     amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     forward = window_forward(backbone, compile)

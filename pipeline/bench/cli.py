@@ -53,7 +53,7 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
         "--copies", type=int, default=3, help="copies of the photo set (more images, steadier timing)"
     )
     p.add_argument("--recipe", choices=("paper", "small"), default="paper",
-                   help="paper: DESIGN §2 sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
+                   help="paper: the training images' sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
     p.add_argument("--shards-per-worker", type=int, default=4, help="shards per worker (sets shard_size)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")

@@ -1,4 +1,4 @@
-"""Reader for ingested image sets (DESIGN §4 "Image set").
+"""Reader for ingested image sets (format: docs/INTERFACES.md, "Image set").
 
 Layout of an image set (``<root>/images/``)::
 

@@ -87,9 +87,8 @@ def eval_chunk(
     names = display_names(cfg.dataset, classes)
     acc = IoUAccumulator(ds.num_classes, ignore_index=255)
     seconds, pngs = 0.0, {}
-    warm = np.zeros(
-        (proto.crop, proto.crop, 3), np.uint8
-    )  # warm-up (lazy init, kernels) kept out of the timing
+    # warm-up (lazy init, kernels) kept out of the timing
+    warm = np.zeros((proto.crop, proto.crop, 3), np.uint8)
     dense_features(bb, warm, "single", precision=cfg.precision)
     for i in indices:
         img, label = ds.load(i)

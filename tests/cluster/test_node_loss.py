@@ -1,4 +1,4 @@
-"""Losing a whole worker node mid-job on a cluster with no shared disk (issue 16): every piece of state on S3 (moto),
+"""Losing a whole worker node mid-job on a cluster with no shared disk: every piece of state on S3 (moto),
 the job submitted with `spar submit`, one worker node SIGKILLed at once (its raylet, agents and Ray workers).
 
 The figures of each recovery (what was killed and when, what was in flight on it, what was recomputed, how long

@@ -108,7 +108,7 @@ def test_system_metrics_on_precompute_distill_and_eval_runs(pipeline_runs) -> No
 
 
 def _naive_windows(length: int, crop: int, stride: int) -> int:
-    """Window starts along one axis, counted by hand (DESIGN §2: 0, s, 2s, ... plus the boundary window)."""
+    """Window starts along one axis, counted by hand (0, s, 2s, ... plus the boundary window)."""
     if length <= crop:
         return 1
     starts = set(range(0, length - crop + 1, stride)) | {length - crop}
