@@ -36,7 +36,7 @@ from pipeline.data.datasets import (
     open_dataset,
     read_class_file,
 )
-from pipeline.eval.config import EvalConfig, EvalError, Protocol, resolve_protocol
+from pipeline.eval.config import EvalConfig, EvalError, EvalProtocol, resolve_protocol
 from pipeline.eval.fidelity import fidelity_report
 from pipeline.eval.model import (
     build_text_classifier,
@@ -108,7 +108,7 @@ def _predict(
     clf: TextClassifier,
     img: np.ndarray,
     out_size: tuple[int, int],
-    proto: Protocol,
+    proto: EvalProtocol,
     cfg: EvalConfig,
 ) -> torch.Tensor:
     """Label map (H, W) of one photo: the protocol's model input (mmseg keep-ratio resize without antialias, the
@@ -272,7 +272,7 @@ def _benchmark_result(
     classes: list[list[str]],
     total: ChunkResult,
     wall: float,
-    proto: Protocol,
+    proto: EvalProtocol,
     ident: dict[str, object],
 ) -> dict[str, Any]:
     acc = total.counts

@@ -34,7 +34,7 @@ __all__ = [
     "EmbedConfig",
     "EvalConfig",
     "EvalError",
-    "Protocol",
+    "EvalProtocol",
     "SegmentConfig",
     "backbone_family",
     "default_stride",
@@ -226,7 +226,7 @@ def _check_sizes(cfg: SegmentConfig | EmbedConfig) -> None:
 
 
 @dataclass(frozen=True)
-class Protocol:
+class EvalProtocol:
     """The resolved evaluation protocol for one dataset and backbone."""
 
     short_side: int
@@ -252,7 +252,7 @@ def backbone_family(readout: str) -> str:
     return "clip" if readout == "maskclip" else "siglip2"
 
 
-def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> Protocol:
+def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> EvalProtocol:
     """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
     ds, fam = cfg.dataset, backbone_family(readout)
     paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
@@ -265,4 +265,4 @@ def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int
     if crop % patch:
         raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
     stride = cfg.stride or default_stride(crop)
-    return Protocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
+    return EvalProtocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
