@@ -62,7 +62,6 @@ from pipeline.common.storage import (
 from pipeline.common.tasks import cluster_gpus, init_ray, task_runtime_env, train_log_level, verbose
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
 from pipeline.data.imageset import ImageSet, open_imageset
-from pipeline.data.stream import Planner, refs_from_imageset
 from pipeline.train.checkpoint import (
     BACKBONE_FILE,
     CheckpointError,
@@ -78,6 +77,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
 from pipeline.train.progress import progress_bar
+from pipeline.train.stream import Planner, refs_from_imageset
 from pipeline.train.tracking import log_loss_curve, log_student_model, start_run
 from pipeline.train.worker import train_worker
 from spar_core.backbones import Backbone, build_backbone

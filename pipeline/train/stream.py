@@ -390,7 +390,7 @@ def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> Iterab
     if workers == 0:
         return ThreadPrefetch(DataLoader(stream, batch_size=None, num_workers=0), prefetch)
     ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.reader"])
+    ctx.set_forkserver_preload(["pipeline.train.stream", "pipeline.data.imageset", "pipeline.cache.reader"])
     return DataLoader(
         stream,
         batch_size=None,

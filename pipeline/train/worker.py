@@ -1,7 +1,7 @@
 """The Ray Train worker loop (every rank runs it): build the student, resume from the newest good checkpoint, stream
 this rank's image + target batches, step, report.
 
-Every rank streams its own shard pairs (:mod:`pipeline.data.stream`) at the exact data position of the checkpoint,
+Every rank streams its own shard pairs (:mod:`pipeline.train.stream`) at the exact data position of the checkpoint,
 trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
 ``checkpoint_every`` steps and at every epoch end; rank 0 attaches the training checkpoint
 (:mod:`pipeline.train.checkpoint`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from pipeline.common.tracking import system_metrics
 from pipeline.data.imageset import open_imageset
-from pipeline.data.stream import PairedStream, Planner, make_loader, refs_from_imageset
 from pipeline.train.checkpoint import (
     TrainState,
     capture_rng,
@@ -37,6 +36,7 @@ from pipeline.train.checkpoint import (
 from pipeline.train.plan import DistillPlan, RunLink
 from pipeline.train.progress import progress_actor
 from pipeline.train.step import StepRunner
+from pipeline.train.stream import PairedStream, Planner, make_loader, refs_from_imageset
 from pipeline.train.tracking import MetricLog
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.distill import trainable_parameters

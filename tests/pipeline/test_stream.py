@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.stream import (
+from pipeline.train.stream import (
     PairedStream,
     Planner,
     SampleRef,
