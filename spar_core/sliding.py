@@ -25,7 +25,17 @@ __all__ = [
     "sliding_window_features",
     "validate_window_params",
     "window_forward",
+    "TEACHER_STRIDE",
+    "default_stride",
 ]
+
+
+TEACHER_STRIDE = 24  # px: the authors' teacher stride for every backbone (slide_stride_gen in their configs)
+
+
+def default_stride(crop: int) -> int:
+    """The paper's teacher stride: 24 px at every crop (CLIP 224, SigLIP2 512, DINOv3 384); at most the crop."""
+    return min(TEACHER_STRIDE, crop) if crop > 0 else TEACHER_STRIDE
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

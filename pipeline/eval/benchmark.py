@@ -36,9 +36,10 @@ from pipeline.data.datasets import (
     open_dataset,
     read_class_file,
 )
-from pipeline.eval.config import EvalConfig, EvalError, EvalProtocol, resolve_protocol
+from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.fidelity import fidelity_report
 from pipeline.eval.model import (
+    EvalProtocol,
     build_text_classifier,
     dense_features,
     load_model,
@@ -46,6 +47,7 @@ from pipeline.eval.model import (
     model_identity,
     model_input,
     pick_device,
+    resolve_protocol,
     synchronize,
 )
 from pipeline.eval.segment import make_palette, overlay

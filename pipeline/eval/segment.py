@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.common import storage
 from pipeline.common.config import config_from_cli
-from pipeline.eval.config import EmbedConfig, SegmentConfig, default_stride
+from pipeline.eval.config import EmbedConfig, SegmentConfig
 from pipeline.eval.model import (
     InferenceError,
     build_text_classifier,
@@ -34,6 +34,7 @@ from pipeline.eval.model import (
 )
 from spar_core.backbones import Backbone
 from spar_core.segment import TextClassifier, predict
+from spar_core.sliding import default_stride
 
 # ---------------------------------------------------------------------------------------------- files
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pipeline.eval.config import default_stride
 from pipeline.train.config import DistillConfig, DistillError
 from spar_core.backbones import random_weights_seed
+from spar_core.sliding import default_stride
 
 if TYPE_CHECKING:
     from pipeline.cache.spec import CacheSpec

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.config import EvalConfig, resolve_protocol
+from pipeline.eval.config import EvalConfig
+from pipeline.eval.model import resolve_protocol
 from spar_core import build_backbone
 from spar_core.backbones import BackboneError, list_backbones
 from spar_core.backbones.dinotxt_model import DinoTxtSpec, build_dinotxt, meta_state_dicts

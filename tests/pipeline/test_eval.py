@@ -16,7 +16,8 @@ from pipeline.cli import main
 from pipeline.common.config import ConfigError, config_from_cli
 from pipeline.data.datasets import DatasetError
 from pipeline.eval.benchmark import evaluate
-from pipeline.eval.config import EvalConfig, EvalError, resolve_protocol
+from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.model import resolve_protocol
 from pipeline.eval.runs import RunsError, compare_runs, format_table
 from pipeline.eval.speed import speed_report
 from spar_core.metrics import IoUAccumulator
