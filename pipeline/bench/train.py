@@ -44,7 +44,7 @@ from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sam
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.fidelity import PooledFidelity
-from pipeline.train.checkpoint import load_student
+from pipeline.student.format import load_student
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
 from pipeline.train.step import StepRunner

@@ -53,7 +53,7 @@ from pipeline.eval.model import (
 from pipeline.eval.segment import make_palette, overlay
 from pipeline.eval.speed import speed_report
 from pipeline.eval.tracking import EvalRun, class_key_part, log_eval, metric_key, output_dir, png_images
-from pipeline.train.checkpoint import read_backbone_info
+from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 from spar_core.metrics import IoUAccumulator
 from spar_core.segment import TextClassifier, predict

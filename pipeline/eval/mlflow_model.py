@@ -8,7 +8,7 @@ the base backbone and the cache lineage as metadata, and registers it under a na
     feats = model.predict(image)                                    # (H, W, 3) uint8 -> (H/p, W/p, D) float32
     labels = model.predict(image, params={"output": "segmentation", "classes": "sky;cat,kitten;grass"})
 
-loads the checkpoint with the project's own loader (:func:`pipeline.train.checkpoint.load_student`, checksums verified,
+loads the checkpoint with the project's own loader (:func:`pipeline.student.format.load_student`, checksums verified,
 base weights identity checked) and runs the project's own single-pass forward.
 """
 
@@ -24,7 +24,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from pipeline.eval.model import build_text_classifier, dense_features, resize_rgb, resolve_classes
-from pipeline.train.checkpoint import load_student, read_backbone_info
+from pipeline.student.format import load_student, read_backbone_info
 from spar_core.segment import predict
 
 __all__ = ["StudentModel", "log_student_model", "student_signature", "CHECKPOINT_ARTIFACT"]

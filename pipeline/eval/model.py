@@ -22,7 +22,7 @@ from pipeline.common.storage import is_local, local_path
 from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
 from pipeline.data.resize import resize_linear
 from pipeline.eval.config import PAPER_AREA_THD, PAPER_LOGIT_SCALE, PAPER_PROB_THD, PAPER_SIZES, EvalConfig
-from pipeline.train.checkpoint import CheckpointError, load_student
+from pipeline.student.format import CheckpointError, load_student
 from spar_core.backbones import Backbone, BackboneError, build_backbone
 from spar_core.segment import TextClassifier, build_classifier
 from spar_core.sliding import default_stride, sliding_window_features

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.common.errors import UserError
 from pipeline.common.storage import sha256_of
-from pipeline.train.checkpoint import CheckpointError, load_student, save_student
+from pipeline.student.format import CheckpointError, load_student, save_student
 from spar_core.backbones import QUICKGELU_SUFFIX, Backbone, build_backbone, tiny_model_config
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)

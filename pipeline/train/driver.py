@@ -10,7 +10,7 @@
    a deleted checkpoint (and would train over older ones after a corrupt latest one); ``--resume`` then
    continues the run in a new Ray Train directory from the newest good checkpoint (:func:`_resume_ray_run`),
    same MLflow run, nothing deleted;
-3. **finish**: export the final student (:func:`pipeline.train.checkpoint.export_student`), log it, the resolved
+3. **finish**: export the final student (:func:`pipeline.train.export.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
 
 The workdir and the Ray Train storage may be local paths or URLs (``s3://bucket/prefix``, any fsspec scheme): the
@@ -62,21 +62,19 @@ from pipeline.common.storage import (
 from pipeline.common.tasks import cluster_gpus, init_ray, task_runtime_env, train_log_level, verbose
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
 from pipeline.data.imageset import ImageSet, open_imageset
-from pipeline.train.checkpoint import (
-    BACKBONE_FILE,
-    CheckpointError,
+from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_student
+from pipeline.train.config import DistillConfig, DistillError
+from pipeline.train.export import export_student
+from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
+from pipeline.train.progress import progress_bar
+from pipeline.train.run_dir import (
     checkpoint_location,
     checkpoints_newest_first,
-    export_student,
-    local_student,
     newest_good,
     ray_checkpoint,
     snapshot_missing,
-    step_of,
 )
-from pipeline.train.config import DistillConfig, DistillError
-from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
-from pipeline.train.progress import progress_bar
+from pipeline.train.state import step_of
 from pipeline.train.stream import Planner, refs_from_imageset
 from pipeline.train.tracking import log_loss_curve, log_student_model, start_run
 from pipeline.train.worker import train_worker

@@ -4,7 +4,7 @@ this rank's image + target batches, step, report.
 Every rank streams its own shard pairs (:mod:`pipeline.train.stream`) at the exact data position of the checkpoint,
 trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
 ``checkpoint_every`` steps and at every epoch end; rank 0 attaches the training checkpoint
-(:mod:`pipeline.train.checkpoint`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
+(:mod:`pipeline.train.state`, :mod:`pipeline.train.run_dir`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
 and feeds the driver's progress bar.
 """
 
@@ -24,17 +24,16 @@ import torch.distributed as dist
 
 from pipeline.common.tracking import system_metrics
 from pipeline.data.imageset import open_imageset
-from pipeline.train.checkpoint import (
+from pipeline.train.plan import DistillPlan, RunLink
+from pipeline.train.progress import progress_actor
+from pipeline.train.run_dir import ray_checkpoint, restore_latest_good
+from pipeline.train.state import (
     TrainState,
     capture_rng,
     checkpoint_dir_name,
-    ray_checkpoint,
-    restore_latest_good,
     restore_rng,
     save_training_checkpoint,
 )
-from pipeline.train.plan import DistillPlan, RunLink
-from pipeline.train.progress import progress_actor
 from pipeline.train.step import StepRunner
 from pipeline.train.stream import PairedStream, Planner, make_loader, refs_from_imageset
 from pipeline.train.tracking import MetricLog

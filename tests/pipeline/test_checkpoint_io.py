@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
-from pipeline.train.checkpoint import BACKBONE_FILE, STUDENT_FILE, load_student, save_student
+from pipeline.student.format import BACKBONE_FILE, STUDENT_FILE, load_student, save_student
 from pipeline.train.checkpoint_io import CheckpointIOError, export_open_clip, import_checkpoint
 from spar_core.backbones import build_backbone
 from tests.core.test_reference_parity import ref_maskclip, rel

@@ -36,7 +36,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     from pipeline.data.imageset import open_imageset
     from pipeline.eval.benchmark import evaluate
     from pipeline.eval.config import EvalConfig
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from pipeline.workflow.config import load_recipe
     from pipeline.workflow.orchestrator import run_pipeline
     from spar_core import build_backbone

@@ -243,7 +243,7 @@ def test_config_recipe_and_cli_flags(tmp_path):
 def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):
     import torch
 
-    from pipeline.train.checkpoint import save_student
+    from pipeline.student.format import save_student
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64")

@@ -22,7 +22,7 @@ def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
-    from pipeline.train.checkpoint import save_student
+    from pipeline.student.format import save_student
     from spar_core.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("fid")
@@ -49,7 +49,7 @@ def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, fl
     each prediction against the teacher's from a numpy confusion matrix."""
     from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from spar_core.backbones import build_backbone
     from spar_core.segment import build_classifier, parse_classes, predict
 
@@ -124,7 +124,7 @@ def test_quality_vs_cost_curve(held_out, tmp_path):
     """Speed report with --images: cosine of each method to the finest-stride teacher, checked directly."""
     from pipeline.data.imageset import open_imageset
     from pipeline.eval.speed import speed_report
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from spar_core.backbones import build_backbone
     from spar_core.sliding import sliding_window_features
 

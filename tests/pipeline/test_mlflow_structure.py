@@ -155,7 +155,7 @@ def test_one_name_per_parameter_with_the_resolved_value(pipeline_runs) -> None:
 def test_student_is_a_registered_pyfunc_model_giving_the_projects_features(pipeline_runs) -> None:
     import mlflow
 
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from spar_core.segment import predict
 
     res = pipeline_runs["res"]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.common.config import ConfigError
-from pipeline.train.checkpoint import STUDENT_FILE, load_student, save_student
+from pipeline.student.format import STUDENT_FILE, load_student, save_student
 from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args, distill

@@ -19,7 +19,7 @@ import torch
 from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CachePairingError
 from pipeline.data.imageset import open_imageset
-from pipeline.train.checkpoint import load_student
+from pipeline.student.format import load_student
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
 from pipeline.train.step import StepRunner

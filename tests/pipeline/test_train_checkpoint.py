@@ -13,21 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.checkpoint import (
-    STUDENT_FILE,
-    CheckpointError,
-    TrainState,
-    capture_rng,
-    checkpoint_dir_name,
-    load_student,
-    load_training_checkpoint,
-    restore_rng,
-    save_student,
-    save_training_checkpoint,
-)
+from pipeline.student.format import STUDENT_FILE, CheckpointError, load_student, save_student
 from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args
+from pipeline.train.state import (
+    TrainState,
+    capture_rng,
+    checkpoint_dir_name,
+    load_training_checkpoint,
+    restore_rng,
+    save_training_checkpoint,
+)
 from pipeline.train.step import lr_at
 from spar_core.backbones import build_backbone
 
@@ -149,7 +146,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_good(tmp_path: Path) -> None:
     (tmp_path / checkpoint_dir_name(4) / "checksums.json").unlink()  # an interrupted write
     from ray.train import Checkpoint
 
-    from pipeline.train.checkpoint import restore_latest_good
+    from pipeline.train.run_dir import restore_latest_good
 
     logged: list[str] = []
     found = restore_latest_good(Checkpoint(path=str(tmp_path / checkpoint_dir_name(6))), log=logged.append)

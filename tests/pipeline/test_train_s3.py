@@ -27,23 +27,18 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from pipeline.common import storage
-from pipeline.train.checkpoint import (
+from pipeline.student.format import (
     CHECKSUMS_FILE,
-    RAY_SNAPSHOT_FILE,
     STUDENT_FILE,
     CheckpointError,
-    TrainState,
-    checkpoint_dir_name,
-    checkpoints_newest_first,
-    export_student,
     load_student,
-    newest_good,
     read_backbone_info,
-    save_training_checkpoint,
-    snapshot_missing,
 )
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import _continuation_name, distill
+from pipeline.train.export import export_student
+from pipeline.train.run_dir import RAY_SNAPSHOT_FILE, checkpoints_newest_first, newest_good, snapshot_missing
+from pipeline.train.state import TrainState, checkpoint_dir_name, save_training_checkpoint
 from spar_core.backbones import build_backbone
 from tests.builders import moto_s3, paired_data
 

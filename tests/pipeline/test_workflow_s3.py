@@ -30,7 +30,7 @@ from pipeline.common.photos import TRAIN_PHOTOS, write_photos
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import SegmentConfig
 from pipeline.eval.segment import segment_images
-from pipeline.train.checkpoint import save_student
+from pipeline.student.format import save_student
 from pipeline.workflow.config import load_recipe
 from spar_core.backbones import build_backbone
 from tests.builders import moto_s3

@@ -51,7 +51,7 @@ def env(tmp_path_factory, rel_imageset, rel_reference_cache) -> Env:
     """Good inputs to break one at a time: an image set, its cache, another image set, a student checkpoint."""
     import torch
 
-    from pipeline.train.checkpoint import save_student
+    from pipeline.student.format import save_student
     from spar_core.backbones import build_backbone
 
     tmp = tmp_path_factory.mktemp("bad-input")
@@ -94,7 +94,7 @@ def _doctored_student(e: Env, name: str, change: Callable[[dict], None]) -> str:
     """A copy of the student checkpoint with backbone.json edited (checksums rewritten to match)."""
     import shutil
 
-    from pipeline.train.checkpoint import write_checksums
+    from pipeline.student.format import write_checksums
 
     d = e.tmp / name
     if not d.exists():
