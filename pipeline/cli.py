@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.common.errors import is_user_error
+from pipeline.common.trace import mark
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("pipeline.data.cli", "raw images -> frozen augmented webdataset shards + manifest"),
@@ -82,10 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = resolve_handler(args)
+        mark("imports")
         if handler is None:
             parser.print_help()
             return 2
         rc = handler(args)
+        mark("run_end")
     except KeyboardInterrupt:
         print("spar: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.cache.spec import CacheError, ShardEntry
 from pipeline.cache.writer import ShardWriter
 from pipeline.common import precision
+from pipeline.common.trace import mark
 from pipeline.data.imageset import ImageSet, open_imageset
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.sliding import num_windows, sliding_window_features
@@ -53,6 +54,7 @@ def compute_shard(cache_path: str, images: str, shard: int, cfg_dict: dict[str, 
 
     ``cfg_dict`` is the run's :class:`PrecomputeConfig` as a dict. Credentials and endpoints come from the task's
     runtime environment (:func:`pipeline.common.tasks.task_runtime_env`), never from its arguments."""
+    mark("task_start", once=True)
     return _compute_shard(cache_path, images, shard, PrecomputeConfig(**{**cfg_dict, "progress": False}))
 
 

@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 import ray
 from tqdm import tqdm
 
+from pipeline.common.trace import mark
+
 __all__ = [
     "FORWARD_ENV_PREFIXES",
     "task_runtime_env",
@@ -77,6 +79,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     """
     if ray.is_initialized():
         return
+    mark("ray_init_start")
     if not verbose():
         kwargs.setdefault(
             "logging_config", ray.LoggingConfig(log_level="WARNING")
@@ -85,6 +88,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True, **kwargs)
+        mark("ray_init_done")
         return
     ray.init(
         num_cpus=num_cpus,
@@ -95,6 +99,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         logging_level="warning",
         **kwargs,
     )
+    mark("ray_init_done")
 
 
 # Lines the driver does not echo from Ray's processes unless verbose: Ray's C++ core log lines, Ray Train's per-report
@@ -202,6 +207,7 @@ def run_pool(
     bar's suffix from the result so far and the elapsed seconds. On exit (also by an exception or Ctrl-C) the
     tasks still in flight are cancelled.
     """
+    mark("pool_start")
     result: PoolResult[K] = PoolResult()
     queue = list(keys)
     running: dict[ray.ObjectRef, K] = {}
@@ -216,6 +222,7 @@ def run_pool(
                 running[submit(key)] = key
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5 if partial else None)
             for ref in ready:
+                mark("first_task_done", once=True)
                 key = running.pop(ref)
                 try:
                     value = ray.get(ref)
@@ -236,6 +243,7 @@ def run_pool(
             if postfix is not None and ready:
                 bar.set_postfix_str(postfix(result, time.perf_counter() - t0))
     finally:
+        mark("pool_done")
         bar.close()
         for ref in running:
             ray.cancel(ref, force=force_cancel)

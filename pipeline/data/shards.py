@@ -23,6 +23,7 @@ import fsspec
 
 from pipeline.common.config import to_dict
 from pipeline.common.storage import canonical_json, replace_file, sha256_of, shard_stem
+from pipeline.common.trace import mark
 from pipeline.data.augment import process_image
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import FORMAT_VERSION, ImageRecord
@@ -106,6 +107,7 @@ def write_shard(
     Returns the sidecar dict: records (manifest rows), rejected [(source, reason)], tar sha256 and size.
     ``progress``: optional ShardProgress actor handle, told after every image.
     """
+    mark("task_start", once=True)
     fs, images = fsspec.core.url_to_fs(images_url)
     stem = f"{images}/{shard_stem(shard)}"
     # a unique temporary name per attempt: a retried task, or a straggler worker of a killed run, writing the same

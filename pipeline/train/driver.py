@@ -60,6 +60,7 @@ from pipeline.common.storage import (
     write_bytes_atomic,
 )
 from pipeline.common.tasks import cluster_gpus, init_ray, task_runtime_env, train_log_level, verbose
+from pipeline.common.trace import mark
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_student
@@ -131,7 +132,9 @@ def _log(msg: str) -> None:
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     require_remote_store(cfg.workdir)
+    mark("distill_start")
     inputs = _open_inputs(cfg)
+    mark("inputs_open")
     workdir = _workdir(cfg.workdir)
     lineage_fp = inputs.cache.fingerprint if inputs.cache is not None else inputs.ims.fingerprint
     run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
@@ -143,6 +146,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     init_ray(cfg.ray_address or None)
     plan = _plan(cfg, inputs, workdir, run_name, storage)
     uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
+    mark("mlflow_run")
     _remember_run(workdir, run_name, run_id)
     client = MlflowClient(uri)
     _save_resolved(cfg, plan, client, run_id)
@@ -410,7 +414,10 @@ def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
         ),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
     )
-    return trainer.fit()
+    mark("fit_start")
+    result = trainer.fit()
+    mark("fit_done")
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- finish
@@ -460,6 +467,7 @@ def _finish(
         print(f"stopped before the last step; continue with: spar distill ... --resume (run {plan.run_name})")
     print(f"MLflow run id: {run_id}")
     print(f"view it with: {mlflow_ui_command(plan.workdir)}")
+    mark("finish_done")
     return DistillResult(
         run_id=run_id,
         run_name=plan.run_name,

@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pipeline.train.config import DistillConfig, DistillError
-from spar_core.backbones import random_weights_seed
-from spar_core.sliding import default_stride
 
 if TYPE_CHECKING:
     from pipeline.cache.spec import CacheSpec
@@ -126,6 +124,9 @@ def resolve_student(cfg: DistillConfig, spec: CacheSpec | None) -> tuple[str, st
         pretrained = cfg.pretrained
     seed = cfg.backbone_seed
     if seed < 0:
+        # imported here: this module is unpickled by Ray Train's controller, which must not import torch for it
+        from spar_core.backbones import random_weights_seed
+
         seed = (random_weights_seed(spec.weights_id) if same else None) or 0
     return name, pretrained, seed
 
@@ -134,6 +135,9 @@ def teacher_window(cfg: DistillConfig, spec: _WindowSpec | None, native_size: in
     """(crop, stride) of the teacher: the config's, else the cache spec's, else the backbone's native size and
     the paper's 24 px stride (the online teacher without a cache)."""
     crop = cfg.crop or (spec.crop if spec is not None else native_size)
+    # imported here: this module is unpickled by Ray Train's controller, which must not import torch for it
+    from spar_core.sliding import default_stride
+
     stride = cfg.stride or (spec.stride if spec is not None else default_stride(crop))
     return crop, stride
 

@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipeline.common.trace import mark
 from pipeline.common.tracking import system_metrics
 from pipeline.data.imageset import open_imageset
 from pipeline.train.plan import DistillPlan, RunLink
@@ -50,6 +51,7 @@ def _log(msg: str) -> None:
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``config`` = ``{"plan": DistillPlan, "link": RunLink, "start": str}``
     (``start``: the checkpoint a run continued in a new Ray Train directory starts from, "" for none)."""
+    mark("worker_start")
     plan: DistillPlan = config["plan"]
     link: RunLink = config["link"]
     ctx = ray.train.get_context()
@@ -58,6 +60,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(plan.cpus_per_worker)
     torch.manual_seed(plan.seed)
     runner, state = _build(plan, device, rank, world, config.get("start", ""))
+    mark("model_ready")
     if state.step >= plan.total_steps:
         _log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
@@ -178,6 +181,7 @@ class _Loop:
                     f"{state.batch_in_epoch} of {state.epoch}"
                 )
             loss, lr = self._step(item)
+            mark("first_step", once=True)
             t2 = time.perf_counter()
             ended_epoch = state.epoch
             state.epoch, state.batch_in_epoch = self.planner.advance(item["epoch"], item["batch"])
@@ -203,6 +207,7 @@ class _Loop:
                 break
         if self.mlog is not None:
             self.mlog.flush()
+        mark("train_end")
 
     def _step(self, item: dict[str, Any]) -> tuple[float, float]:
         """One optimizer step; returns (loss averaged over the ranks, lr)."""
