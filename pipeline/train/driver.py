@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import posixpath
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_studen
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.export import export_student
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
-from pipeline.train.progress import progress_bar
+from pipeline.train.progress import log, progress_bar
 from pipeline.train.run_dir import (
     checkpoint_location,
     checkpoints_newest_first,
@@ -125,10 +124,6 @@ class _RayRun:
     dirs: list[str]  # every Ray Train directory of the run, oldest first (this one last)
 
 
-def _log(msg: str) -> None:
-    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
-
-
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     require_remote_store(cfg.workdir)
@@ -151,7 +146,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     client = MlflowClient(uri)
     _save_resolved(cfg, plan, client, run_id)
     if verbose():
-        _log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
+        log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
     try:
         with progress_bar(run_id, plan.total_steps) as actor:
             result = _fit(plan, RunLink(run_id, uri, actor), ray_run)
@@ -200,7 +195,7 @@ def _check_student_fits_cache(bb: Backbone, cache: TeacherCache) -> None:
             f"distill: student {bb.name} has patch size {bb.patch_size}, the cache {cache.patch_size}"
         )
     if bb.weights_id != cache.spec.weights_id:
-        _log(
+        log(
             f"warning: the student starts from {bb.weights_id}, the cache teacher was {cache.spec.weights_id}"
         )
 
@@ -342,7 +337,7 @@ def _resume_ray_run(workdir: str, storage: str, run_name: str, here: _RayRun) ->
         f"resuming from {start}, the newest good checkpoint left" if start else "none is left: starting anew"
     )
     skipped = f"checkpoint {', '.join(missing)} no longer exists: skipped; " if missing else ""
-    _log(
+    log(
         f"{skipped}{using}. Ray Train would not resume {here.dirs[-1]} from it, so the run continues in "
         f"{join(storage, name)} (the earlier directories are kept as they are)"
     )

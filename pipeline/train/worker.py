@@ -11,7 +11,6 @@ and feeds the driver's progress bar.
 from __future__ import annotations
 
 import inspect
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from pipeline.common.trace import mark
 from pipeline.common.tracking import system_metrics
 from pipeline.data.imageset import open_imageset
 from pipeline.train.plan import DistillPlan, RunLink
-from pipeline.train.progress import progress_actor
+from pipeline.train.progress import log, progress_actor
 from pipeline.train.run_dir import ray_checkpoint, restore_latest_good
 from pipeline.train.state import (
     TrainState,
@@ -44,10 +43,6 @@ from spar_core.distill import trainable_parameters
 __all__ = ["train_worker"]
 
 
-def _log(msg: str) -> None:
-    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``config`` = ``{"plan": DistillPlan, "link": RunLink, "start": str}``
     (``start``: the checkpoint a run continued in a new Ray Train directory starts from, "" for none)."""
@@ -62,7 +57,7 @@ def train_worker(config: dict[str, Any]) -> None:
     runner, state = _build(plan, device, rank, world, config.get("start", ""))
     mark("model_ready")
     if state.step >= plan.total_steps:
-        _log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
+        log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
         return
     mlog = MetricLog(link.tracking_uri, link.run_id, plan.log_every) if rank == 0 else None
@@ -106,11 +101,11 @@ def _build(
     if restored is not None:
         state, weights, where = restored
         bb.load_trainable_state_dict({k: v.to(device) for k, v in weights.items()})
-        _log(f"rank {rank}: resumed from {where} at step {state.step} (epoch {state.epoch}, "
+        log(f"rank {rank}: resumed from {where} at step {state.step} (epoch {state.epoch}, "
              f"batch {state.batch_in_epoch})")  # fmt: skip
         saved_world = state.extra.get("world_size")
         if saved_world not in (None, world):
-            _log(
+            log(
                 f"warning: the checkpoint was written by {saved_world} workers, this run has {world}: the data "
                 "order changes from here on (samples may repeat or be skipped in the current epoch)"
             )
@@ -203,7 +198,7 @@ class _Loop:
                     self.mlog.flush()
                 self._report(metrics)
             if stop and state.step < plan.total_steps:
-                _log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
+                log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
                 break
         if self.mlog is not None:
             self.mlog.flush()
