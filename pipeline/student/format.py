@@ -40,7 +40,7 @@ from pipeline.common.storage import (
     read_json,
     sha256_of,
 )
-from spar_core.backbones import Backbone, build_backbone
+from spar_core.backbones import Backbone, build_backbone, check_state_dict
 
 STUDENT_FILE = "student.safetensors"
 BACKBONE_FILE = "backbone.json"
@@ -248,16 +248,8 @@ def _load_student_files(
     except Exception as e:  # safetensors raises its own error types on bad headers
         raise CheckpointError(f"student checkpoint {where}: cannot read {STUDENT_FILE} ({e})") from None
     own = bb.state_dict()
-    for k, v in sd.items():
-        if k not in own:
-            raise CheckpointError(
-                f"student checkpoint {where}: tensor {k!r} is not a parameter of {info['name']}"
-            )
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"student checkpoint {where}: tensor {k!r} has shape {tuple(v.shape)}, backbone expects "
-                f"{tuple(own[k].shape)}"
-            )
+    what = f"student checkpoint {where} does not fit {info['name']}"
+    check_state_dict(what, sd, own, partial=True, error=CheckpointError)
     bb.load_trainable_state_dict({k: v.to(device=device, dtype=own[k].dtype) for k, v in sd.items()})
     return bb
 

@@ -36,7 +36,13 @@ from safetensors.torch import load_file, save_file
 from pipeline.common.errors import UserError
 from pipeline.common.storage import sha256_of
 from pipeline.student.format import CheckpointError, load_student, save_student
-from spar_core.backbones import QUICKGELU_SUFFIX, Backbone, build_backbone, tiny_model_config
+from spar_core.backbones import (
+    QUICKGELU_SUFFIX,
+    Backbone,
+    build_backbone,
+    check_state_dict,
+    tiny_model_config,
+)
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)
 WRAPPER_PREFIX = "model."  # OpenCLIPWrapper / SigLIP2Wrapper .model (the open_clip model)
@@ -140,20 +146,8 @@ class ImportResult:
 def _changed_params(bb: Backbone, sd: dict[str, torch.Tensor], src: str) -> list[str]:
     """Check ``sd`` (open_clip keys) fits ``bb.model`` exactly and return the parameter names that differ."""
     own = bb.model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointIOError(
-            f"{src} does not fit backbone {bb.name}: {len(missing)} tensors missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); is --backbone right?"
-        )
-    wrong = [k for k in sd if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointIOError(
-            f"{src} does not fit backbone {bb.name}: {k} has shape {tuple(sd[k].shape)}, expected "
-            f"{tuple(own[k].shape)} ({len(wrong)} mismatching)"
-        )
+    what = f"{src} does not fit backbone {bb.name}"
+    check_state_dict(what, sd, own, error=CheckpointIOError, hint="; is --backbone right?")
     params = {n for n, _ in bb.model.named_parameters()}
     for k in set(own) - params:  # persistent buffers cannot be stored in a student: they must match the base
         if not torch.equal(sd[k].to(own[k].dtype), own[k]):

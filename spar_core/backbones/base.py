@@ -75,10 +75,6 @@ def load_weights_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _head(keys: list[str], n: int = 8) -> str:
-    return f"{keys[:n]}{' ...' if len(keys) > n else ''} ({len(keys)})"
-
-
 def check_state_dict(
     what: str,
     got: dict[str, torch.Tensor],
@@ -96,7 +92,10 @@ def check_state_dict(
     unexpected = sorted(set(got) - set(want))
     missing = [] if partial else sorted(set(want) - set(got) - set(optional))
     if missing or unexpected:
-        raise error(f"{what}: missing keys {_head(missing)}, unexpected keys {_head(unexpected)}{hint}")
+        raise error(
+            f"{what}: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}){hint}"
+        )
     bad = [k for k in got if tuple(got[k].shape) != tuple(want[k].shape)]
     if bad:
         k = bad[0]
