@@ -42,6 +42,7 @@ from pipeline.eval.model import (
     EvalProtocol,
     build_text_classifier,
     dense_features,
+    label_map,
     load_model,
     model_device,
     model_identity,
@@ -56,7 +57,7 @@ from pipeline.eval.tracking import EvalRun, class_key_part, log_eval, metric_key
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 from spar_core.metrics import IoUAccumulator
-from spar_core.segment import TextClassifier, predict
+from spar_core.segment import TextClassifier
 
 
 @dataclass
@@ -118,18 +119,11 @@ def _predict(
     falls back to one pass when the crop covers the input."""
     x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3), multiples of p
     mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
-    feats = dense_features(
-        bb, x, mode, proto.crop, proto.stride, cfg.precision, cfg.window_batch
-    )  # (1, h, w, D)
-    with torch.no_grad():
-        return predict(
-            feats,
-            clf,
-            out_size=out_size,
-            logit_scale=proto.logit_scale,
-            prob_thd=proto.prob_thd,
-            area_thd=proto.area_thd,
-        )[0]
+    return label_map(
+        bb, clf, x, out_size, mode=mode, crop=proto.crop, stride=proto.stride, precision=cfg.precision,
+        window_batch=cfg.window_batch, logit_scale=proto.logit_scale, prob_thd=proto.prob_thd,
+        area_thd=proto.area_thd,
+    )  # fmt: skip
 
 
 def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str]) -> bytes:

@@ -24,7 +24,7 @@ from pipeline.data.resize import resize_linear
 from pipeline.eval.config import PAPER_AREA_THD, PAPER_LOGIT_SCALE, PAPER_PROB_THD, PAPER_SIZES, EvalConfig
 from pipeline.student.format import CheckpointError, load_student
 from spar_core.backbones import Backbone, BackboneError, build_backbone
-from spar_core.segment import TextClassifier, build_classifier
+from spar_core.segment import TextClassifier, build_classifier, predict
 from spar_core.sliding import default_stride, sliding_window_features
 
 
@@ -172,6 +172,31 @@ def dense_features(
     return sliding_window_features(
         bb, x, crop=crop, stride=stride, window_batch=window_batch, autocast_dtype=autocast_dtype(precision)
     ).float()
+
+
+def label_map(
+    bb: Backbone,
+    clf: TextClassifier,
+    x: np.ndarray,
+    out_size: tuple[int, int],
+    *,
+    mode: str = "single",
+    crop: int = 0,
+    stride: int = 0,
+    precision: str = "fp32",
+    window_batch: int = 32,
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    area_thd: float = 0.0,
+) -> torch.Tensor:
+    """Label map (H, W) at ``out_size`` of the model input ``x`` (h', w', 3) uint8: :func:`dense_features`, then
+    ``spar_core.segment.predict`` (cosine logits, upsampling, thresholds). Stays on the model's device."""
+    feats = dense_features(bb, x, mode, crop, stride, precision, window_batch)  # (1, h, w, D)
+    with torch.no_grad():
+        pred = predict(
+            feats, clf, out_size=out_size, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd
+        )  # (1, H, W)
+    return pred[0]
 
 
 # ---------------------------------------------------------------------------------------------- protocol
