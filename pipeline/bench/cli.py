@@ -1,7 +1,7 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
-runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``gpu`` ->
+runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``startup``, ``gpu`` ->
 :mod:`pipeline.bench.gpu.driver`.
 """
 
@@ -18,6 +18,10 @@ BENCHES = {
     "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
     "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
     "distill": ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction"),
+    "startup": (
+        "startup",
+        "fixed cost of each stage phase by phase (command -> first step, exit), before and after",
+    ),
     "gpu": (
         "gpu.driver",
         "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
@@ -142,6 +146,19 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
+def _startup_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench startup``."""
+    p.add_argument("--stages", default="ingest,precompute,distill,demo",
+                   help="comma-separated stages to time (default: ingest,precompute,distill,demo)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=2, help="runs per stage and side, interleaved (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="distill steps (its run ends after them)")
+    p.add_argument("--photos", type=int, default=0, help="training photos to use (0: all of the demo's)")
+    p.add_argument("--before-checkout", default=None,
+                   help="'before' = the spar of this checkout (default: this code with SPAR_RAY_DEFAULTS=1)")  # fmt: skip
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write every run's marks as JSON here")
+
+
 def _gpu_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``spar bench gpu``."""
     p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
@@ -166,6 +183,7 @@ _ARGS = {
     "cache": _cache_args,
     "train": _train_args,
     "distill": _distill_args,
+    "startup": _startup_args,
     "gpu": _gpu_args,
 }
 

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import ray
 from tqdm import tqdm
 
-from pipeline.common.trace import mark
+from pipeline.common.trace import TRACE_ENV, mark
 
 __all__ = [
     "FORWARD_ENV_PREFIXES",
@@ -62,11 +62,38 @@ def train_log_level() -> str:
 FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_", "MLFLOW_")
 
 
+def _forwarded_env() -> dict[str, str]:
+    """The forwarded variables; the start-up benchmark's two are not (Ray's local processes inherit them)."""
+    return {
+        k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and k not in _NOT_FORWARDED
+    }
+
+
+_NOT_FORWARDED = (TRACE_ENV, "SPAR_RAY_DEFAULTS")
+
+
+def ray_defaults() -> bool:
+    """``SPAR_RAY_DEFAULTS=1``: start a local cluster as before the start-up work (Ray Train's defaults, a
+    runtime environment per task): the "before" side of ``spar bench startup``."""
+    return os.environ.get("SPAR_RAY_DEFAULTS", "") not in ("", "0")
+
+
+# The forwarded variables as they were when this process started its own local cluster (None: it did not). Ray's
+# processes on that cluster inherited exactly these, so tasks need no runtime environment while they are unchanged.
+_LOCAL_CLUSTER_ENV: dict[str, str] | None = None
+
+
 def task_runtime_env() -> dict[str, dict[str, str]] | None:
-    """``runtime_env`` for this driver's Ray tasks and workers: its :data:`FORWARD_ENV_PREFIXES` variables
-    (None when it has none, so that tasks share the job's default worker pool)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-    return {"env_vars": env} if env else None
+    """``runtime_env`` for this driver's Ray tasks and workers: its :data:`FORWARD_ENV_PREFIXES` variables.
+
+    None (the job's default worker pool, whose processes are already started and reused from task to task) when
+    there is nothing to forward, or when this process started the local cluster and the variables are still the
+    ones its processes inherited. A task with a runtime environment of its own needs a fresh worker process
+    (seconds of interpreter and imports each)."""
+    env = _forwarded_env()
+    if not env or (env == _LOCAL_CLUSTER_ENV and not ray_defaults()):
+        return None
+    return {"env_vars": env}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -86,10 +113,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         )  # driver, tasks and actors
         _skip_ray_chatter()
     address = address or os.environ.get("RAY_ADDRESS")
+    global _LOCAL_CLUSTER_ENV
     if address:
+        _LOCAL_CLUSTER_ENV = None
         ray.init(address=address, log_to_driver=True, **kwargs)
         mark("ray_init_done")
         return
+    _local_cluster_settings()
+    _LOCAL_CLUSTER_ENV = _forwarded_env()
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -100,6 +131,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         **kwargs,
     )
     mark("ray_init_done")
+
+
+# Ray Train's switches for a fixed local cluster (documented in ``ray.train.v2._internal.constants``; read by the
+# driver and handed to Ray Train's controller and workers). Each one removes work that only a real cluster needs:
+# - the preemption watcher: an extra actor process polling Ray's drain state (nodes of a local cluster are never
+#   preempted);
+# - Train's metrics: exported to the dashboard's Prometheus endpoint, which a local cluster does not run;
+# - the controller's health-check interval (default 2 s): it also paces how soon the controller sees the worker
+#   group started and the run finished; polling a handful of local workers every 0.2 s costs nothing.
+# Only set when this process starts the local cluster itself, and only where the user has not set them: a
+# cluster (``address``, ``RAY_ADDRESS``) keeps Ray's defaults.
+LOCAL_TRAIN_SETTINGS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
+
+
+def _local_cluster_settings() -> None:
+    if ray_defaults():
+        return
+    for k, v in LOCAL_TRAIN_SETTINGS.items():
+        os.environ.setdefault(k, v)
 
 
 # Lines the driver does not echo from Ray's processes unless verbose: Ray's C++ core log lines, Ray Train's per-report
@@ -162,8 +216,10 @@ def cluster_gpus() -> float:
 
 def shutdown_ray() -> None:
     """Disconnect (and stop a local cluster)."""
+    global _LOCAL_CLUSTER_ENV
     if ray.is_initialized():
         ray.shutdown()
+    _LOCAL_CLUSTER_ENV = None
 
 
 def cluster_cpus() -> int:

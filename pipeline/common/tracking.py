@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "flatten_params",
     "log_params_flat",
     "mlflow_ui_command",
+    "mlflow_runs_url",
     "EXPERIMENT_KIND_TAG",
     "MODEL_TRAINING_KIND",
     "PARENT_RUN_TAG",
@@ -97,6 +99,62 @@ def quiet_mlflow() -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def _template_path() -> Path:
+    """This MLflow version's empty embedded store, kept once per user (``$XDG_CACHE_HOME/spar``)."""
+    import mlflow
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spar"
+    return base / f"mlflow-{mlflow.__version__}-empty.db"
+
+
+def _sqlite_copy(src: Path, dst: Path) -> None:
+    """A consistent copy of a SQLite database (SQLite's online backup), written to ``dst``."""
+    with contextlib.closing(sqlite3.connect(src)) as a, contextlib.closing(sqlite3.connect(dst)) as b:
+        a.backup(b)
+
+
+def new_embedded_store(uri: str) -> None:
+    """Create the embedded sqlite store of ``uri`` if it does not exist yet, from a copy of an empty one.
+
+    MLflow creates a new store by running every schema migration since its first release (seconds on a small
+    CPU, paid by every new workdir). The first store a user creates is copied, empty, to
+    :func:`_template_path` (keyed by the MLflow version, so an upgrade makes a new one); later new stores start
+    as a copy of it, with the one row MLflow makes per store (the "Default" experiment's artifact location,
+    ``./mlruns/0`` resolved against the current directory, as MLflow does) written for the new store. The copy
+    appears under its final name in one step (a hard link), so two processes creating the same store cannot both
+    win. Anything unexpected falls back to MLflow's own creation."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or db.exists():
+        return
+    template = _template_path()
+    try:
+        if template.exists():
+            tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+            _sqlite_copy(template, tmp)
+            with contextlib.closing(sqlite3.connect(tmp)) as c, c:
+                c.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                          (str(Path("mlruns").resolve() / "0"),))  # fmt: skip
+            try:
+                os.link(tmp, db)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+            return
+    except (OSError, sqlite3.Error):
+        pass
+    import mlflow
+
+    mlflow.MlflowClient(uri).search_experiments(max_results=1)  # MLflow creates the store
+    with contextlib.suppress(OSError, sqlite3.Error):
+        template.parent.mkdir(parents=True, exist_ok=True)
+        tmp = template.with_name(f".{template.name}.{os.getpid()}.new")
+        _sqlite_copy(db, tmp)
+        with contextlib.closing(sqlite3.connect(tmp)) as c, c:  # empty: no experiment but the Default one
+            c.execute("DELETE FROM experiments WHERE experiment_id != 0")
+        os.replace(tmp, template)
+
+
 def setup_experiment(name: str, workdir: str | Path) -> str:
     """Point MLflow at the project's store and return the id of experiment ``name`` (created once, here)."""
     import mlflow
@@ -106,6 +164,7 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     if local:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
+    new_embedded_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
@@ -175,6 +234,13 @@ def mlflow_ui_command(workdir: str | Path) -> str:
     if uri.startswith("sqlite:"):
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser"
+
+
+def mlflow_runs_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs. The plain experiment page opens on MLflow 3's GenAI
+    overview (traces, "Detect issues") even for a model-training experiment; ``workflowType=machine_learning``
+    opens the runs table."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 @contextlib.contextmanager

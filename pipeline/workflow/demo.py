@@ -22,7 +22,7 @@ from pipeline.cache.config import PrecomputeConfig
 from pipeline.common.config import config_from_cli
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import set_verbose
-from pipeline.common.tracking import mlflow_ui_command, tracking_uri
+from pipeline.common.tracking import mlflow_runs_url, mlflow_ui_command, tracking_uri
 from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.student.format import read_backbone_info
@@ -143,7 +143,13 @@ def _print_summary(cfg: DemoConfig, work: Path, out: PipelineResult, s: dict[str
     print("  compare the students (their eval metrics and the settings that differ):")
     print(f"    spar runs --workdir {work} --experiment {cfg.experiment}")
     print(f"    {mlflow_ui_command(work)}")
-    print(f"    then open experiment '{cfg.experiment}', tick the training runs, press Compare")
+    exp, uri = client.get_experiment_by_name(cfg.experiment), tracking_uri(work)
+    ui = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri if uri.startswith("http") else ""
+    if exp is not None and ui:
+        print(f"    then open {mlflow_runs_url(ui, exp.experiment_id)}")
+        print("    (the experiment's training runs), tick them, press Compare")
+    else:
+        print(f"    then open experiment '{cfg.experiment}', tick the training runs, press Compare")
     if _training_runs(client, cfg.experiment) < 2:
         print("  run the demo again to train a second student (last 1 block instead of 2) to compare with")
     print("=" * 78)

@@ -39,6 +39,7 @@ from pipeline.common import storage
 from pipeline.common.config import ConfigError
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import init_ray, verbose
+from pipeline.common.trace import mark
 from pipeline.common.tracking import require_remote_store, tracking_uri
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
@@ -62,6 +63,7 @@ class Reporter:
         self.quiet_stages = quiet
 
     def stage(self, name: str, text: str) -> None:
+        mark(f"stage_{name}")
         print(f"[spar {self.who}] {STAGES.index(name) + 1}/{len(STAGES)} {name}: {text}", flush=True)
 
     def detail(self, text: str) -> None:
