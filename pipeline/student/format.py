@@ -23,6 +23,7 @@ import posixpath
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +111,17 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, required: Iterable[str] = ())
 # ---------------------------------------------------------------------------------------------- student
 
 
-def write_student_files(
-    bb: Backbone,
-    out_dir: str | os.PathLike,
-    *,
-    trainable_blocks: int | str,
-    config: dict[str, Any],
-    cache_fingerprint: str | None = None,
-    seed: int = 0,
-) -> None:
+@dataclass(frozen=True)
+class StudentMeta:
+    """What a student checkpoint records beside the weights: ``backbone.json``'s training fields and ``config.json``."""
+
+    trainable_blocks: int | str  # the last k blocks were trained, or "all"
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config (config.json)
+    cache_fingerprint: str | None = None  # the teacher cache it was distilled from
+    seed: int = 0  # seed of the base backbone's random weights
+
+
+def write_student_files(bb: Backbone, out_dir: str | os.PathLike, meta: StudentMeta) -> None:
     """Write the three student files into an existing directory (no checksums, not atomic)."""
     d = Path(out_dir)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in bb.trainable_state_dict().items()}
@@ -129,13 +132,13 @@ def write_student_files(
             "name": bb.name,
             "pretrained": bb.pretrained,
             "weights_id": bb.weights_id,
-            "trainable_blocks": trainable_blocks,
-            "cache_fingerprint": cache_fingerprint,
-            "seed": int(seed),
+            "trainable_blocks": meta.trainable_blocks,
+            "cache_fingerprint": meta.cache_fingerprint,
+            "seed": int(meta.seed),
             "format_version": FORMAT_VERSION,
         },
     )
-    write_json(d / CONFIG_FILE, config)
+    write_json(d / CONFIG_FILE, meta.config)
 
 
 def _atomic_dir(out_dir: Path) -> Path:
@@ -153,15 +156,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def save_student(
-    bb: Backbone,
-    out_dir: str | os.PathLike,
-    *,
-    trainable_blocks: int | str,
-    config: dict[str, Any],
-    cache_fingerprint: str | None = None,
-    seed: int = 0,
-) -> Path:
+def save_student(bb: Backbone, out_dir: str | os.PathLike, meta: StudentMeta) -> Path:
     """Save the student's trainable weights + backbone identity + config to ``out_dir`` atomically.
 
     Returns the directory. An existing directory is replaced only once the new one is complete.
@@ -169,14 +164,7 @@ def save_student(
     out = Path(out_dir)
     tmp = _atomic_dir(out)
     try:
-        write_student_files(
-            bb,
-            tmp,
-            trainable_blocks=trainable_blocks,
-            config=config,
-            cache_fingerprint=cache_fingerprint,
-            seed=seed,
-        )
+        write_student_files(bb, tmp, meta)
         write_checksums(tmp)
         _publish(tmp, out)
     except BaseException:

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.common.errors import UserError
 from pipeline.common.storage import sha256_of
-from pipeline.student.format import CheckpointError, load_student, save_student
+from pipeline.student.format import CheckpointError, StudentMeta, load_student, save_student
 from spar_core.backbones import (
     QUICKGELU_SUFFIX,
     Backbone,
@@ -200,7 +200,7 @@ def import_checkpoint(
             **{k: v for k, v in info.items() if k != "container" and v is not None},
         }
     }
-    save_student(bb, out_dir, trainable_blocks=blocks, config=config, seed=seed)
+    save_student(bb, out_dir, StudentMeta(blocks, config, seed=seed))
     back = load_student(out_dir)
     mine = back.model.state_dict()
     diff = max(

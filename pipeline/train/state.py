@@ -25,6 +25,7 @@ from pipeline.student.format import (
     FORMAT_VERSION,
     STUDENT_FILE,
     CheckpointError,
+    StudentMeta,
     read_local_json,
     verify_checkpoint,
     write_checksums,
@@ -101,26 +102,12 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
 
 
 def save_training_checkpoint(
-    bb: Backbone,
-    out_dir: str | os.PathLike,
-    state: TrainState,
-    *,
-    trainable_blocks: int | str,
-    config: dict[str, Any],
-    cache_fingerprint: str | None = None,
-    seed: int = 0,
+    bb: Backbone, out_dir: str | os.PathLike, state: TrainState, student: StudentMeta
 ) -> Path:
     """Write a full training checkpoint into ``out_dir`` (created; must not hold another checkpoint)."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    write_student_files(
-        bb,
-        d,
-        trainable_blocks=trainable_blocks,
-        config=config,
-        cache_fingerprint=cache_fingerprint,
-        seed=seed,
-    )
+    write_student_files(bb, d, student)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION}
     if state.optimizer is not None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from pipeline.common.trace import mark
 from pipeline.common.tracking import system_metrics
 from pipeline.data.imageset import open_imageset
+from pipeline.student.format import StudentMeta
 from pipeline.train.plan import DistillPlan, RunLink
 from pipeline.train.progress import log, progress_actor
 from pipeline.train.run_dir import ray_checkpoint, restore_latest_good
@@ -258,15 +259,11 @@ class _Loop:
         state.extra["mlflow_run_id"] = self.link.run_id
         state.extra["world_size"] = self.world
         with tempfile.TemporaryDirectory(prefix="spar-ckpt-") as tmp:
-            save_training_checkpoint(
-                runner.bb,
-                tmp,
-                state,
-                trainable_blocks=self.plan.trainable_blocks,
-                config=self.plan.checkpoint_config(),
-                cache_fingerprint=self.plan.cache_fingerprint or None,
-                seed=self.plan.backbone_seed,
+            p = self.plan
+            meta = StudentMeta(
+                p.trainable_blocks, p.checkpoint_config(), p.cache_fingerprint or None, p.backbone_seed
             )
+            save_training_checkpoint(runner.bb, tmp, state, meta)
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
             )

@@ -22,7 +22,7 @@ def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
-    from pipeline.student.format import save_student
+    from pipeline.student.format import StudentMeta, save_student
     from spar_core.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("fid")
@@ -38,9 +38,7 @@ def held_out(tmp_path_factory, ray_local):
         for p in bb.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    ckpt = save_student(
-        bb, root / "student", trainable_blocks=2, config={}, cache_fingerprint=Path(cache).name
-    )
+    ckpt = save_student(bb, root / "student", StudentMeta(2, {}, Path(cache).name))
     return root / "set", cache, ckpt
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.common.config import ConfigError
-from pipeline.student.format import STUDENT_FILE, load_student, save_student
+from pipeline.student.format import STUDENT_FILE, StudentMeta, load_student, save_student
 from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args, distill
@@ -95,7 +95,7 @@ def test_spar_all_student_checkpoint_round_trip(tmp_path: Path) -> None:
             if p.requires_grad:
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
     src = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    out = save_student(bb, tmp_path / "s", trainable_blocks="all", config={})
+    out = save_student(bb, tmp_path / "s", StudentMeta("all"))
     assert set(load_file(str(out / STUDENT_FILE))) == set(names)
     ref = build_backbone("tiny-clip-224", seed=0)
     ref.model.load_state_dict(src, strict=True)  # independent: plain open_clip load of the perturbed weights

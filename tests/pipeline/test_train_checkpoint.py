@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.student.format import STUDENT_FILE, CheckpointError, load_student, save_student
+from pipeline.student.format import STUDENT_FILE, CheckpointError, StudentMeta, load_student, save_student
 from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args
@@ -41,9 +41,7 @@ def _trained_tiny(seed: int = 0, k: int = 2):
 
 def test_student_round_trip_and_identity(tmp_path: Path) -> None:
     bb = _trained_tiny()
-    out = save_student(
-        bb, tmp_path / "student", trainable_blocks=2, config={"lr": 1.0}, cache_fingerprint="ab" * 32
-    )
+    out = save_student(bb, tmp_path / "student", StudentMeta(2, {"lr": 1.0}, "ab" * 32))
     info = json.loads((out / "backbone.json").read_text())
     assert info["name"] == "tiny-clip-64" and info["weights_id"] == bb.weights_id
     assert info["trainable_blocks"] == 2 and info["cache_fingerprint"] == "ab" * 32
@@ -64,7 +62,7 @@ def test_student_round_trip_and_identity(tmp_path: Path) -> None:
 
 
 def test_student_of_other_base_weights_is_refused(tmp_path: Path) -> None:
-    out = save_student(_trained_tiny(), tmp_path / "s", trainable_blocks=2, config={})
+    out = save_student(_trained_tiny(), tmp_path / "s", StudentMeta(2))
     info = json.loads((out / "backbone.json").read_text())
     info["seed"] = 1  # a different random base model: weights_id random:tiny-clip-64:seed1
     (out / "backbone.json").write_text(json.dumps(info))
@@ -74,7 +72,7 @@ def test_student_of_other_base_weights_is_refused(tmp_path: Path) -> None:
 
 
 def test_corrupt_student_is_reported(tmp_path: Path) -> None:
-    out = save_student(_trained_tiny(), tmp_path / "s", trainable_blocks=2, config={})
+    out = save_student(_trained_tiny(), tmp_path / "s", StudentMeta(2))
     data = bytearray((out / STUDENT_FILE).read_bytes())
     data[-5] ^= 0xFF
     (out / STUDENT_FILE).write_bytes(bytes(data))
@@ -112,7 +110,7 @@ def test_training_state_restores_exactly(tmp_path: Path) -> None:
     torch.manual_seed(7)
     state = TrainState(step=3, epoch=1, batch_in_epoch=2, optimizer=opt.state_dict(), rng=capture_rng(),
                        extra={"note": "x"})  # fmt: skip
-    d = save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(3), state, trainable_blocks=2, config={})
+    d = save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(3), state, StudentMeta(2))
     expect = (random.random(), float(np.random.rand()), float(torch.rand(1)))
 
     restored, weights = load_training_checkpoint(d)
@@ -140,8 +138,9 @@ def test_training_state_restores_exactly(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_falls_back_to_previous_good(tmp_path: Path) -> None:
     bb = _trained_tiny()
     for step in (2, 4, 6):
-        save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(step), TrainState(step=step), trainable_blocks=2,
-                                 config={})  # fmt: skip
+        save_training_checkpoint(
+            bb, tmp_path / checkpoint_dir_name(step), TrainState(step=step), StudentMeta(2)
+        )
     (tmp_path / checkpoint_dir_name(6) / "train_state.json").write_text("{not json")
     (tmp_path / checkpoint_dir_name(4) / "checksums.json").unlink()  # an interrupted write
     from ray.train import Checkpoint

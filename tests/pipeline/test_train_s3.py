@@ -31,6 +31,7 @@ from pipeline.student.format import (
     CHECKSUMS_FILE,
     STUDENT_FILE,
     CheckpointError,
+    StudentMeta,
     load_student,
     read_backbone_info,
 )
@@ -80,7 +81,7 @@ def _tiny_checkpoint(d: Path, step: int, seed: int = 0) -> Path:
             if p.requires_grad:
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
     return save_training_checkpoint(
-        bb, d / checkpoint_dir_name(step), TrainState(step=step), trainable_blocks=2, config={"step": step}
+        bb, d / checkpoint_dir_name(step), TrainState(step=step), StudentMeta(2, {"step": step})
     )
 
 

@@ -30,7 +30,7 @@ from pipeline.common.photos import TRAIN_PHOTOS, write_photos
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import SegmentConfig
 from pipeline.eval.segment import segment_images
-from pipeline.student.format import save_student
+from pipeline.student.format import StudentMeta, save_student
 from pipeline.workflow.config import load_recipe
 from spar_core.backbones import build_backbone
 from tests.builders import moto_s3
@@ -97,7 +97,7 @@ def _student(path: Path) -> str:
         for p in bb.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return str(save_student(bb, path, trainable_blocks=2, config={}))
+    return str(save_student(bb, path, StudentMeta(2)))
 
 
 def _tree(root: Path) -> list[str]:

@@ -51,7 +51,7 @@ def env(tmp_path_factory, rel_imageset, rel_reference_cache) -> Env:
     """Good inputs to break one at a time: an image set, its cache, another image set, a student checkpoint."""
     import torch
 
-    from pipeline.student.format import save_student
+    from pipeline.student.format import StudentMeta, save_student
     from spar_core.backbones import build_backbone
 
     tmp = tmp_path_factory.mktemp("bad-input")
@@ -62,7 +62,7 @@ def env(tmp_path_factory, rel_imageset, rel_reference_cache) -> Env:
         for p in bb.parameters():
             if p.requires_grad:
                 p.add_(0.01)
-    student = save_student(bb, tmp / "student", trainable_blocks=2, config={})
+    student = save_student(bb, tmp / "student", StudentMeta(2))
     (tmp / "imgs").mkdir()
     photo = tmp / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 112, 3), np.uint8)).save(photo)
