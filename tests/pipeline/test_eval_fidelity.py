@@ -12,7 +12,7 @@ import torch
 
 from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.fidelity import fidelity_report
-from tests.builders import tiny_cache, write_photo_pngs
+from tests.builders import perturbed_student, tiny_cache, write_photo_pngs
 
 CLASSES = "sky;person,people;wall;tree;road;cat;cup"
 
@@ -23,7 +23,6 @@ def held_out(tmp_path_factory, ray_local):
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
     from pipeline.student.format import StudentMeta, save_student
-    from spar_core.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("fid")
     src = write_photo_pngs(root / "src", ("astronaut", "coffee", "chelsea"))
@@ -31,13 +30,7 @@ def held_out(tmp_path_factory, ray_local):
         str(src), str(root / "set"), IngestConfig(augment=False, max_side=96, shard_size=2), progress=False
     )
     cache = tiny_cache(str(root / "set"), root / "cache", device="cpu")
-    bb = build_backbone("tiny-clip-64")
-    bb.set_trainable(2)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    bb = perturbed_student(seed=1)
     ckpt = save_student(bb, root / "student", StudentMeta(2, {}, Path(cache).name))
     return root / "set", cache, ckpt
 

@@ -27,16 +27,11 @@ from pipeline.train.state import (
 )
 from pipeline.train.step import lr_at
 from spar_core.backbones import build_backbone
+from tests.builders import perturbed_student
 
 
 def _trained_tiny(seed: int = 0, k: int = 2):
-    bb = build_backbone("tiny-clip-64", seed=seed)
-    bb.set_trainable(k)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
-    return bb
+    return perturbed_student(trainable=k, scale=0.01, backbone_seed=seed)
 
 
 def test_student_round_trip_and_identity(tmp_path: Path) -> None:

@@ -40,8 +40,7 @@ from pipeline.train.driver import _continuation_name, distill
 from pipeline.train.export import export_student
 from pipeline.train.run_dir import RAY_SNAPSHOT_FILE, checkpoints_newest_first, newest_good, snapshot_missing
 from pipeline.train.state import TrainState, checkpoint_dir_name, save_training_checkpoint
-from spar_core.backbones import build_backbone
-from tests.builders import moto_s3, paired_data
+from tests.builders import moto_s3, paired_data, perturbed_student
 
 BUCKET = "spar-train"
 STEPS = 4
@@ -73,13 +72,7 @@ def _spar(
 
 
 def _tiny_checkpoint(d: Path, step: int, seed: int = 0) -> Path:
-    bb = build_backbone("tiny-clip-64", seed=0)
-    bb.set_trainable(2)
-    g = torch.Generator().manual_seed(seed + step)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    bb = perturbed_student(scale=0.01, seed=seed + step)
     return save_training_checkpoint(
         bb, d / checkpoint_dir_name(step), TrainState(step=step), StudentMeta(2, {"step": step})
     )
