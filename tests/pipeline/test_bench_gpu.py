@@ -18,12 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench.gpu import driver as bench_gpu
-from pipeline.bench.gpu.context import photo
-from pipeline.bench.gpu.plan import CPU_PLAN, REL_TOL, SECTIONS, UNIT_ROUNDOFF
-from pipeline.bench.gpu.projection import project_precompute
-from pipeline.bench.gpu.report import Report, check
-from pipeline.bench.gpu.runner import run_section
+from pipeline.bench.gpu import harness as bench_gpu
+from pipeline.bench.gpu.checks import photo, project_precompute
+from pipeline.bench.gpu.harness import CPU_PLAN, REL_TOL, SECTIONS, UNIT_ROUNDOFF, Report, check, run_section
 from pipeline.bench.measure import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 from spar_core.backbones import build_backbone
 

@@ -13,16 +13,13 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
 from mlflow import MlflowClient
 
-from pipeline.bench.gpu.context import Context
-from pipeline.bench.gpu.plan import PipelinePlan
-from pipeline.bench.gpu.report import check, say
-from pipeline.bench.gpu.runner import Deadline
+from pipeline.bench.gpu.harness import Deadline, PipelinePlan, check, headline, say
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, offline_photos, write_photos
 from pipeline.common.tasks import init_ray, shutdown_ray
@@ -31,6 +28,9 @@ from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.train.config import DistillConfig
 from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, PipelineResult, Reporter, run_pipeline
+
+if TYPE_CHECKING:
+    from pipeline.bench.gpu.checks import Context
 
 STAGES = ("ingest", "precompute", "distill", "eval", "segment")
 
@@ -152,7 +152,9 @@ def _run_once(ctx: Context, res: dict[str, Any], base: Recipe, prec: str, first:
         {"image": Path(str(r["image"])).name, "classes_present": r["classes_present"]} for r in out.segments
     ]
     check(res, f"segment {prec}: one label map per photo", len(out.segments) == len(photos) > 0)
-    say(f"pipeline: {prec}: " + ", ".join(f"{k} {v:.1f} s" for k, v in run["seconds"].items()))
+    headline(
+        res, f"pipeline distill {prec}: " + ", ".join(f"{k} {v:.1f} s" for k, v in run["seconds"].items())
+    )
     ctx.save()
 
 

@@ -1,21 +1,131 @@
-"""The GPU check's report: ``report.json`` (everything measured) and ``report.md`` (a readable summary, then each
-section's checks, error and result), both rewritten atomically whenever a section records something, so a crash or
-a kill keeps what was measured so far. Also the two ways a section records things: :func:`check` and :func:`say`.
+"""How the GPU check runs: its plans (sizes per mode, time shares, tolerances), its report (``report.json`` and
+``report.md``, rewritten atomically whenever a section records something, so a crash or a kill keeps what was
+measured so far), and ``spar bench gpu`` itself: each section in order under a soft budget it sizes its optional
+work by and a hard limit past which it is interrupted (SIGALRM), whatever ended it (ok, a failed check, an exception
+with its traceback, a timeout, SIGTERM) recorded before the next one runs.
+
+Ray and tqdm read their settings from the environment when they are imported, so this module imports only light
+libraries; the sections (torch, Ray, the whole pipeline) are imported by :func:`run` once the environment is set.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import numpy as np
 
-from pipeline.bench.gpu.plan import REL_TOL
+from pipeline.bench.measure import scratch_dir
 from pipeline.common.storage import write_bytes_atomic
+
+# ------------------------------------------------------------------------------------------------ plans
+
+SECTIONS = ("environment", "correctness", "throughput", "projection", "pipeline")
+PHOTO = "astronaut"  # scikit-image sample photo used for correctness and throughput
+
+# Error tolerances against the CPU fp32 reference, as relative L2 error ||y - ref|| / ||ref||.
+# Low-precision formats round every matmul input to a unit roundoff u = 2^-(significand bits): bf16 2^-8,
+# fp16 and tf32 2^-11. Rounding errors of a GEMM's inputs give the output a relative error of order u (they average
+# out along the reduction), and the depth of a ViT compounds them: measured on CPU for random-weight ViT-B/16 and
+# SigLIP2 B/16 single passes, bf16 gives 2.6-3.1 u and fp16 2.5-3.1 u. The tolerance is 8 u, 2.5x that. fp32 on two
+# devices differs only by summation order (u = 2^-24, reductions of <= 3072 terms, 12 blocks): 1e-4 leaves
+# a 10x margin over sqrt(K) u x depth growth. The mean per-position cosine must be >= 1 - 2 tol^2 (a uniform
+# relative error r costs r^2 / 2 of cosine; 4x margin).
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "tf32": 2.0**-11, "fp16": 2.0**-11, "bf16": 2.0**-8}
+REL_TOL = {"fp32": 1e-4, "tf32": 8 * 2.0**-11, "fp16": 8 * 2.0**-11, "bf16": 8 * 2.0**-8}
+TOLERANCE_NOTE = (
+    "relative L2 error vs the CPU fp32 reference <= 8 u (u = unit roundoff: bf16 2^-8, fp16/tf32 2^-11; measured "
+    "2.5-3.1 u for random ViT-B/16 and SigLIP2 B/16 on CPU), fp32 <= 1e-4 (summation order only); mean cosine "
+    ">= 1 - 2 tol^2"
+)
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """Sizes of the pipeline section."""
+
+    backbone: str
+    crop: int
+    train_photos: int  # how many of the demo's training photos
+    heldout_photos: int
+    shard_size: int
+    target_long: int
+    target_short: int
+    min_short: int
+    max_side: int
+    steps: int
+    lr: float  # AdamW step size for this random-weight backbone and step count
+    precisions: tuple[str, ...]  # distill precisions, one run each
+    eval_precision: str
+    loader_workers: int
+    cpus_per_task: int
+    window_batch: int
+    segment_short_side: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the sections size themselves by (``gpu`` or ``cpu``)."""
+
+    mode: str
+    matmul_n: int
+    matmul_seconds: float
+    matmul_inner: int
+    correctness: tuple[tuple[str, int, int], ...]  # (backbone, height, width)
+    correctness_window_batch: int
+    throughput: tuple[tuple[str, int, tuple[int, ...]], ...]  # (backbone, crop, window batches)
+    throughput_image: tuple[int, int]  # teacher and single pass on this image (H, W)
+    throughput_repeats: int
+    projection_views: int
+    pipeline: PipelinePlan
+    budgets: dict[str, float] = field(default_factory=dict)  # share of --budget-s per section
+
+
+GPU_PLAN = Plan(
+    mode="gpu", matmul_n=8192, matmul_seconds=1.5, matmul_inner=10,
+    correctness=(("maskclip-vit-b16", 448, 672), ("siglip2-vit-b16-512", 512, 768)), correctness_window_batch=64,
+    throughput=(("maskclip-vit-b16", 224, (64, 128, 256)), ("siglip2-vit-b16-512", 512, (16, 32, 64))),
+    throughput_image=(1344, 2016), throughput_repeats=2, projection_views=25_000,
+    pipeline=PipelinePlan(
+        backbone="maskclip-vit-b16", crop=224, train_photos=23, heldout_photos=3, shard_size=8, target_long=1024,
+        target_short=768, min_short=448, max_side=1024, steps=60,
+        # ViT-B/16 with random weights: 1e-3 diverged on the H200 (loss 0.15 -> 0.41, student worse than the single
+        # pass); a CPU sweep over 40 steps gave held-out MSE 0.053 (1e-3), 0.014 (3e-4), 0.011 (1e-4) vs 0.015
+        lr=1e-4, precisions=("bf16", "fp16"), eval_precision="bf16", loader_workers=2, cpus_per_task=4,
+        window_batch=128, segment_short_side=448,
+    ),
+    budgets={"environment": 20, "correctness": 70, "throughput": 50, "projection": 10, "pipeline": 185},
+)  # fmt: skip
+
+CPU_PLAN = Plan(
+    mode="cpu", matmul_n=512, matmul_seconds=0.3, matmul_inner=2,
+    correctness=(("tiny-clip-64", 112, 176), ("tiny-clip-224", 224, 288)), correctness_window_batch=8,
+    throughput=(("tiny-clip-64", 64, (8, 32)),), throughput_image=(192, 288), throughput_repeats=1,
+    projection_views=2_000,
+    pipeline=PipelinePlan(
+        backbone="tiny-clip-64", crop=64, train_photos=4, heldout_photos=2, shard_size=2, target_long=160,
+        target_short=112, min_short=64, max_side=160, steps=3,
+        lr=1e-3,  # the demo's step size for its tiny random model
+        precisions=("bf16", "fp32"), eval_precision="fp32", loader_workers=0, cpus_per_task=1, window_batch=16,
+        segment_short_side=96,
+    ),
+    budgets={"environment": 10, "correctness": 20, "throughput": 15, "projection": 5, "pipeline": 150},
+)  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------- report
 
 
 class Report:
@@ -32,16 +142,12 @@ class Report:
     def save(self) -> None:
         """Write both files (temp file + rename: a kill mid-write leaves the previous version)."""
         self.data["meta"]["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        _write(self.out / "report.json", json.dumps(jsonable(self.data), indent=1))
+        write_bytes_atomic(str(self.out / "report.json"), json.dumps(jsonable(self.data), indent=1).encode())
         try:
             md = render_markdown(self.data)
         except Exception:  # noqa: BLE001 - the JSON is what counts; say why the Markdown is missing
             md = "# GPU check\n\nMarkdown rendering failed:\n\n```\n" + traceback.format_exc() + "```\n"
-        _write(self.out / "report.md", md)
-
-
-def _write(path: Path, text: str) -> None:
-    write_bytes_atomic(str(path), text.encode())
+        write_bytes_atomic(str(self.out / "report.md"), md.encode())
 
 
 def jsonable(x: Any) -> Any:
@@ -64,134 +170,222 @@ def say(msg: str) -> None:
     print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def headline(result: dict[str, Any], line: str) -> None:
+    """A headline number of a section: said now, and listed in the report's summary."""
+    result.setdefault("summary", []).append(line)
+    say(line)
+
+
 def check(result: dict[str, Any], name: str, ok: bool, detail: str = "") -> bool:
     """Record a pass/fail check in a section's result."""
     result.setdefault("checks", []).append({"name": name, "ok": bool(ok), "detail": detail})
     return bool(ok)
 
 
-# ----------------------------------------------------------------------------------------------- markdown
-
-
 def summary_lines(data: dict[str, Any]) -> list[str]:
-    """The headline numbers, one line each (printed at the end and at the top of report.md)."""
+    """Each section's status and headline numbers, what was skipped and the failed checks (printed at the end and
+    at the top of report.md)."""
     sec = data.get("sections", {})
+    results = {n: e.get("result", {}) for n, e in sec.items()}
     lines = [
-        f"{name}: {e.get('status')} ({e.get('seconds', '-')} s)"
-        + (f" — {e['error']}" if e.get("error") else "")
-        for name, e in sec.items()
+        f"{n}: {e.get('status')} ({e.get('seconds', '-')} s)" + (f" — {e['error']}" if e.get("error") else "")
+        for n, e in sec.items()
     ]
-
-    def result(name: str) -> dict[str, Any]:
-        return sec.get(name, {}).get("result", {})
-
-    thr = result("throughput")
-    lines += _environment_lines(result("environment")) + _correctness_lines(result("correctness"))
-    lines += _throughput_lines(thr) + _projection_lines(result("projection"))
-    lines += [
-        f"pipeline distill {r['precision']}: "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in r.get("seconds", {}).items())
-        for r in result("pipeline").get("runs", [])
-    ]
-    lines += [
-        f"target {t['name']}: {'met' if t['met'] else 'NOT met'} ({t['value']:.2f})"
-        for t in thr.get("targets", [])
-    ]
-    skipped = [f"{n}: {s}" for n, e in sec.items() for s in e.get("result", {}).get("skipped", [])]
+    lines += [line for r in results.values() for line in r.get("summary", [])]
+    skipped = [f"{n}: {s}" for n, r in results.items() for s in r.get("skipped", [])]
     if skipped:
         lines.append("skipped: " + "; ".join(skipped))
-    failed = [
-        f"{n}: {c['name']}"
-        for n, e in sec.items()
-        for c in e.get("result", {}).get("checks", [])
-        if not c["ok"]
-    ]
-    lines.append("failed checks: " + ("; ".join(failed) if failed else "none"))
-    return lines
-
-
-def _environment_lines(env: dict[str, Any]) -> list[str]:
-    if not env:
-        return []
-    gpu = env.get("gpu", {})
-    return [
-        f"device {gpu.get('name', env.get('device'))}, torch {env.get('versions', {}).get('torch')}, "
-        f"CUDA {env.get('versions', {}).get('cuda')}; matmul TFLOP/s "
-        + ", ".join(f"{k} {v:.3g}" for k, v in env.get("matmul_tflops", {}).items())
-    ]
-
-
-def _correctness_lines(cor: dict[str, Any]) -> list[str]:
-    return [
-        f"correctness {c['backbone']} {c['precision']}: teacher rel {c['teacher']['rel_l2']:.2e}, single rel "
-        f"{c['single']['rel_l2']:.2e} (tol {REL_TOL[c['precision']]:.1e}) "
-        + ("ok" if c["teacher"]["ok"] and c["single"]["ok"] else "FAIL")
-        for c in cor.get("cases", [])
-    ]
-
-
-def _throughput_lines(thr: dict[str, Any]) -> list[str]:
-    lines = []
-    for b in thr.get("backbones", []):
-        best, sp = b.get("best"), b.get("single_pass")
-        if best:
-            f = best.get("teacher_fraction_of_matmul")
-            lines.append(
-                f"throughput {b['backbone']} crop {b['crop']}: {best['teacher_windows_per_s']:.0f} win/s at batch "
-                f"{best['window_batch']}, {best['teacher_tflops']:.1f} TFLOP/s"
-                + (f" = {f:.2f} of matmul" if f is not None else "")
-                + f", fold overhead {best['fold_overhead']:.2f}, peak {best.get('teacher_peak_gib')} GiB"
-            )
-        if sp:
-            lines.append(
-                f"  single pass {thr['image'][0]}x{thr['image'][1]}: {sp['seconds'] * 1e3:.1f} ms, teacher/single "
-                f"{sp['teacher_over_single_seconds']:.1f}x time ({sp['teacher_over_single_flops']:.1f}x FLOPs)"
-            )
-    return lines
-
-
-def _projection_lines(pro: dict[str, Any]) -> list[str]:
-    if pro.get("device_hours") is None:
-        return []
-    return [
-        f"projection 25k SA-1B views, SigLIP2 crop 512 stride 24: {pro['windows']:.3g} windows, "
-        f"{pro['tflops']:.3g} TFLOP, {pro['device_hours']:.1f} {pro.get('device')}-hours "
-        f"({pro['rate_source']}), cache {pro['cache_bytes_float16_raw'] / 1e9:.0f} GB float16 raw"
-    ]
+    failed = [f"{n}: {c['name']}" for n, r in results.items() for c in r.get("checks", []) if not c["ok"]]
+    return [*lines, "failed checks: " + ("; ".join(failed) if failed else "none")]
 
 
 def render_markdown(data: dict[str, Any]) -> str:
     """report.md: summary, then per section its status, checks, error and full result."""
     meta = data.get("meta", {})
-    out = [
-        f"# spar GPU check ({meta.get('mode')} mode)",
-        "",
-        f"Started {meta.get('started')}, updated {meta.get('updated')}.",
-        "",
-    ]
-    out += ["## Summary", ""] + [f"- {line}" for line in summary_lines(data)] + [""]
+    out = [f"# spar GPU check ({meta.get('mode')} mode)", "", f"Started {meta.get('started')}, updated "
+           f"{meta.get('updated')}.", "", "## Summary", "", *(f"- {line}" for line in summary_lines(data)), ""]  # fmt: skip
     for name, e in data.get("sections", {}).items():
-        out += [
-            f"## {name}: {e.get('status')}",
-            "",
-            f"{e.get('seconds', '-')} s (budget {e.get('budget_s', '-')} s)",
-            "",
-        ]
+        out += [f"## {name}: {e.get('status')}", "", f"{e.get('seconds', '-')} s (budget {e.get('budget_s', '-')} s)", ""]  # fmt: skip
         checks = e.get("result", {}).get("checks", [])
         if checks:
             out += ["| check | ok | detail |", "|---|---|---|"]
-            out += [f"| {c['name']} | {'yes' if c['ok'] else '**NO**'} | {c['detail']} |" for c in checks]
-            out.append("")
+            out += [f"| {c['name']} | {'yes' if c['ok'] else '**NO**'} | {c['detail']} |" for c in checks] + [
+                ""
+            ]
         if e.get("traceback"):
             out += ["```", e["traceback"].rstrip(), "```", ""]
-        body = {k: v for k, v in e.get("result", {}).items() if k != "checks"}
-        out += [
-            "<details><summary>result</summary>",
-            "",
-            "```json",
-            json.dumps(jsonable(body), indent=1)[:60000],
-            "```",
-            "</details>",
-            "",
-        ]
+        body = json.dumps(jsonable({k: v for k, v in e.get("result", {}).items() if k != "checks"}), indent=1)
+        out += ["<details><summary>result</summary>", "", "```json", body[:60000], "```", "</details>", ""]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------- one section
+
+C = TypeVar("C")  # what the sections share (pipeline.bench.gpu.checks.Context)
+
+
+class SectionTimeout(Exception):
+    """A section ran past its hard time limit."""
+
+
+class Terminated(BaseException):
+    """The process got SIGTERM (e.g. from ``timeout``): record it, write the report, stop."""
+
+
+@dataclass
+class Deadline:
+    """A section's soft budget: optional work is skipped once it is spent."""
+
+    end: float
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+@contextlib.contextmanager
+def hard_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`SectionTimeout` in the main thread after ``seconds`` (no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def fire(signum: int, frame: FrameType | None) -> None:
+        raise SectionTimeout(f"section ran past its hard limit of {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated("SIGTERM")
+
+
+def run_section(
+    report: Report,
+    name: str,
+    fn: Callable[[C, dict[str, Any], Deadline], None],
+    ctx: C,
+    budget_s: float,
+    hard_s: float | None = None,
+) -> str:
+    """Run one section: ``fn(ctx, result, deadline)`` fills ``result`` as it goes (``ctx.save()`` writes it).
+
+    ``budget_s`` is the soft budget the section sizes its optional work by; past ``hard_s`` (default
+    1.6 x budget + 10 s) it is interrupted. Any exception (and the hard time limit) is recorded with its traceback;
+    the caller goes on with the next section. SIGTERM is recorded, the report written, and re-raised. Returns the
+    section's status.
+    """
+    entry = report.section(name)
+    result: dict[str, Any] = {}
+    entry.clear()
+    entry.update(status="running", budget_s=round(budget_s, 1), result=result)
+    report.save()
+    say(f"{name}: start (budget {budget_s:.0f} s)")
+    t0 = time.perf_counter()
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)  # re-armed per section: Ray may install its own
+        with hard_limit(hard_s if hard_s is not None else budget_s * 1.6 + 10):
+            fn(ctx, result, Deadline(t0 + budget_s))
+        entry["status"] = "ok"
+    except SectionTimeout as e:
+        entry.update(status="timeout", error=str(e), traceback=traceback.format_exc())
+    except Exception as e:  # noqa: BLE001 - recorded, and the next section runs
+        entry.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+    except (Terminated, KeyboardInterrupt) as e:
+        killed = isinstance(e, Terminated)
+        entry.update(status="killed" if killed else "interrupted", traceback=traceback.format_exc())
+        entry.update({"error": "SIGTERM"} if killed else {}, seconds=round(time.perf_counter() - t0, 2))
+        report.save()
+        raise
+    entry["seconds"] = round(time.perf_counter() - t0, 2)
+    failed = [c["name"] for c in result.get("checks", []) if not c.get("ok")]
+    if failed and entry["status"] == "ok":
+        entry["status"] = "checks-failed"
+    report.save()
+    say(
+        f"{name}: {entry['status']} in {entry['seconds']:.1f} s"
+        + (f" ({entry['error']})" if "error" in entry else "")
+    )
+    if failed:
+        say(f"{name}: failed checks: {', '.join(failed)}")
+    return entry["status"]
+
+
+# ------------------------------------------------------------------------------------------ the check
+
+
+def run(args: argparse.Namespace) -> int:
+    """``spar bench gpu``: the sections in order; returns 0 when every section finished and every check passed."""
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch  # after the environment is set (see the module docstring)
+
+    cuda = torch.cuda.is_available()
+    mode = args.mode if args.mode != "auto" else ("gpu" if cuda else "cpu")
+    if mode == "gpu" and not cuda:
+        print("spar bench gpu: --mode gpu but CUDA is not available (use --mode cpu)", file=sys.stderr)
+        return 2
+    names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        print(f"spar bench gpu: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    with scratch_dir(args.workdir, "spar-gpu-check-") as work:
+        work = work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        plan = GPU_PLAN if mode == "gpu" else CPU_PLAN
+        meta = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
+                "budget_s": args.budget_s, "sections": names, "plan": asdict(plan), "workdir": str(work)}  # fmt: skip
+        report = Report(out, meta)
+        _run_sections(args, report, plan, names, work)
+    print("\n" + "=" * 100)
+    print(
+        f"spar GPU check ({mode} mode) in {report.data['meta']['total_seconds']} s; report: {out / 'report.md'}"
+    )
+    for line in summary_lines(report.data):
+        print("  " + line)
+    print("=" * 100, flush=True)
+    return 0 if all(e.get("status") == "ok" for e in report.data["sections"].values()) else 1
+
+
+def _run_sections(args: argparse.Namespace, report: Report, plan: Plan, names: list[str], work: Path) -> None:
+    """Each section with its share of what is left (time a section did not use passes on to the next ones)."""
+    # the heavy part of the check, imported once the environment is set (see the module docstring)
+    import ray
+
+    from pipeline.bench.gpu.checks import SECTION_FNS, Context
+    from pipeline.common.tasks import shutdown_ray
+
+    mode = report.data["meta"]["mode"]
+    ctx = Context(plan=plan, device="cuda" if mode == "gpu" else "cpu", report=report, workdir=work)
+    t0 = time.perf_counter()
+    old_term = signal.getsignal(signal.SIGTERM)
+    ray_was_up = ray.is_initialized()
+    say(f"mode {mode}, sections {', '.join(names)}, budget {args.budget_s:.0f} s, report in {report.out}")
+    try:
+        for i, name in enumerate(names):
+            left = args.budget_s - (time.perf_counter() - t0)
+            if left <= 5:
+                report.section(name).update(status="skipped", error="the total budget was spent")
+                report.save()
+                continue
+            shares = [plan.budgets.get(n, 10) for n in names[i:]]
+            budget = left * shares[0] / sum(shares)
+            run_section(
+                report, name, SECTION_FNS[name], ctx, budget, hard_s=min(budget * 1.6 + 10, left + 15)
+            )
+    except (Terminated, KeyboardInterrupt):
+        say("stopped by a signal; the report holds everything measured so far")
+    finally:
+        report.data["meta"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+        report.save()
+        if not ray_was_up:  # stop only the local cluster this run started
+            with contextlib.suppress(Exception):  # best effort at exit
+                shutdown_ray()
+        signal.signal(signal.SIGTERM, old_term)
