@@ -31,6 +31,7 @@ __all__ = [
     "Precision",
     "Templates",
     "EmbedConfig",
+    "InferenceConfig",
     "EvalConfig",
     "EvalError",
     "SegmentConfig",
@@ -155,62 +156,54 @@ class EvalConfig:
 
 
 @dataclass
-class SegmentConfig:
-    """``spar segment``: open-vocabulary segmentation of photos."""
+class InferenceConfig:
+    """What ``spar segment`` and ``spar embed`` share: the model, its input size and how its features are read."""
 
-    classes: str = ""
-    classes_file: str = ""
-    checkpoint: str = ""
-    backbone: str = ""
+    checkpoint: str = ""  # a student checkpoint, or
+    backbone: str = ""  # a named backbone (single pass; with mode=sliding the teacher)
     pretrained: str = ""
-    out: str = "segment-out"
-    short_side: int = 672  # 0 = keep the image's scale
-    long_side: int = 2048
-    mode: Mode = "single"
-    crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
-    logit_scale: float = 40.0
-    prob_thd: float = 0.0
-    area_thd: float = 0.0
-    templates: Templates = "imagenet"
-    precision: Precision = "fp32"
-    device: str = "auto"
-    alpha: float = 0.5
-    window_batch: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_sizes(self)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-
-
-@dataclass
-class EmbedConfig:
-    """``spar embed``: dense features of photos as .npy plus shape metadata."""
-
-    checkpoint: str = ""
-    backbone: str = ""
-    pretrained: str = ""
-    out: str = "embed-out"
+    seed: int = 0  # seed of random weights
+    out: str = ""
     short_side: int = 0  # 0 = keep the image's scale (snapped to the patch size)
     long_side: int = 2048
     mode: Mode = "single"
     crop: int = 0  # 0 = backbone's native size
     stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
-    dtype: Literal["float32", "float16"] = "float32"
+    window_batch: int = 32
     precision: Precision = "fp32"
     device: str = "auto"
-    window_batch: int = 32
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_sizes(self)
+        for k in ("short_side", "long_side", "crop", "stride", "window_batch"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.window_batch == 0:
+            raise ConfigError("window_batch must be >= 1")
 
 
-def _check_sizes(cfg: SegmentConfig | EmbedConfig) -> None:
-    for k in ("short_side", "long_side", "crop", "stride", "window_batch"):
-        if getattr(cfg, k) < 0:
-            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
-    if cfg.window_batch == 0:
-        raise ConfigError("window_batch must be >= 1")
+@dataclass
+class SegmentConfig(InferenceConfig):
+    """``spar segment``: open-vocabulary segmentation of photos."""
+
+    out: str = "segment-out"
+    short_side: int = 672  # 0 = keep the image's scale
+    classes: str = ""
+    classes_file: str = ""
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    templates: Templates = "imagenet"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class EmbedConfig(InferenceConfig):
+    """``spar embed``: dense features of photos as .npy plus shape metadata."""
+
+    out: str = "embed-out"
+    dtype: Literal["float32", "float16"] = "float32"
