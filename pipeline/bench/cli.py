@@ -2,7 +2,7 @@
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
 runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``startup``, ``gpu`` ->
-:mod:`pipeline.bench.gpu.harness`.
+:mod:`pipeline.bench.gpu.command`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ BENCHES = {
         "fixed cost of each stage phase by phase (command -> first step, exit), before and after",
     ),
     "gpu": (
-        "gpu.harness",
+        "gpu.command",
         "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
     ),
 }

@@ -18,9 +18,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench.gpu import harness as bench_gpu
-from pipeline.bench.gpu.checks import photo, project_precompute
-from pipeline.bench.gpu.harness import CPU_PLAN, REL_TOL, SECTIONS, UNIT_ROUNDOFF, Report, check, run_section
+from pipeline.bench.gpu import command as bench_gpu
+from pipeline.bench.gpu.checks import project_precompute
+from pipeline.bench.gpu.harness import (
+    CPU_PLAN,
+    REL_TOL,
+    SECTIONS,
+    UNIT_ROUNDOFF,
+    Report,
+    check,
+    photo,
+    run_section,
+)
 from pipeline.bench.measure import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 from spar_core.backbones import build_backbone
 

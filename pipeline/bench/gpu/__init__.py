@@ -16,6 +16,7 @@ section and after every item inside one, so a crash or a kill keeps everything m
 
 ``--mode cpu`` runs the same sections with tiny models and images (CI runs it so the script cannot rot).
 
-Modules: :mod:`.harness` (plans, the report, one section under its time limits, ``spar bench gpu`` itself),
-:mod:`.checks` (the device sections and what they share) and :mod:`.end_to_end` (the ``pipeline`` section).
+Modules: :mod:`.harness` (plans, the report, one section under its time limits, what sections share),
+:mod:`.checks` (the device sections), :mod:`.end_to_end` (the ``pipeline`` section) and :mod:`.command`
+(``spar bench gpu``: runs them in order and prints the summary).
 """

@@ -20,15 +20,13 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.bench.gpu.end_to_end import section_pipeline
@@ -37,12 +35,13 @@ from pipeline.bench.gpu.harness import (
     REL_TOL,
     TOLERANCE_NOTE,
     UNIT_ROUNDOFF,
+    Context,
     Deadline,
-    Plan,
-    Report,
     check,
     headline,
+    photo,
     say,
+    tf32,
 )
 from pipeline.bench.measure import (
     SIGLIP2_B16_512,
@@ -54,73 +53,16 @@ from pipeline.bench.measure import (
     vit_dense_flops,
 )
 from pipeline.bench.teacher import naive_teacher_fp32
-from pipeline.common.photos import sample_photo_rgb
 from pipeline.common.tracking import git_commit
 from pipeline.data.augment import augmentation_for
 from pipeline.data.config import IngestConfig
-from spar_core.backbones import Backbone, build_backbone
+from spar_core.backbones import Backbone
 from spar_core.sliding import num_windows, sliding_window_features
 
 STRIDE = 24  # the paper's teacher stride
 
 
 # ------------------------------------------------------------------------------------------ shared
-
-
-@dataclass
-class Context:
-    """What the sections share: the plan, the device, the report, the CPU fp32 models (built once), and the rates
-    measured so far (the environment's matmul rates, the throughput's teacher rates, used by the projection)."""
-
-    plan: Plan
-    device: str
-    report: Report
-    workdir: Path
-    cpu_models: dict[str, Backbone] = field(default_factory=dict)
-    matmul_tflops: dict[str, float] = field(default_factory=dict)
-    teacher_rates: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.startswith("cuda")
-
-    def save(self) -> None:
-        self.report.save()
-
-    def cpu_model(self, name: str) -> Backbone:
-        """The backbone ``name`` on CPU in fp32, random weights (seed 0), built once."""
-        if name not in self.cpu_models:
-            self.cpu_models[name] = build_backbone(name, device="cpu")
-        return self.cpu_models[name]
-
-    def free(self) -> None:
-        """Return cached device memory (between backbones)."""
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-    def peak_reset(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_gib(self) -> float | None:
-        """Peak device memory since :meth:`peak_reset` in GiB (None on CPU)."""
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3) if self.cuda else None
-
-
-def photo(h: int, w: int) -> np.ndarray:
-    """The sample photo resized (PIL bicubic) to (h, w, 3) uint8."""
-    return np.array(Image.fromarray(sample_photo_rgb(PHOTO)).resize((w, h), Image.BICUBIC))
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    """Set cuBLAS and cuDNN TF32 for the block (strict fp32 when disabled), then restore."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _skip(res: dict[str, Any], what: str) -> None:

@@ -13,13 +13,13 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import torch
 from mlflow import MlflowClient
 
-from pipeline.bench.gpu.harness import Deadline, PipelinePlan, check, headline, say
+from pipeline.bench.gpu.harness import Context, Deadline, PipelinePlan, check, headline, say
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, offline_photos, write_photos
 from pipeline.common.tasks import init_ray, shutdown_ray
@@ -28,9 +28,6 @@ from pipeline.eval.config import EvalConfig, SegmentConfig
 from pipeline.train.config import DistillConfig
 from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, PipelineResult, Reporter, run_pipeline
-
-if TYPE_CHECKING:
-    from pipeline.bench.gpu.checks import Context
 
 STAGES = ("ingest", "precompute", "distill", "eval", "segment")
 

@@ -1,35 +1,32 @@
 """How the GPU check runs: its plans (sizes per mode, time shares, tolerances), its report (``report.json`` and
 ``report.md``, rewritten atomically whenever a section records something, so a crash or a kill keeps what was
-measured so far), and ``spar bench gpu`` itself: each section in order under a soft budget it sizes its optional
-work by and a hard limit past which it is interrupted (SIGALRM), whatever ended it (ok, a failed check, an exception
-with its traceback, a timeout, SIGTERM) recorded before the next one runs.
-
-Ray and tqdm read their settings from the environment when they are imported, so this module imports only light
-libraries; the sections (torch, Ray, the whole pipeline) are imported by :func:`run` once the environment is set.
+measured so far), one section under a soft budget it sizes its optional work by and a hard limit past which it is
+interrupted (SIGALRM), with whatever ended it (ok, a failed check, an exception with its traceback, a timeout,
+SIGTERM) recorded before the next one runs; and what the sections share (:class:`Context`, the sample photo).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-import os
 import signal
-import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
+from PIL import Image
 
-from pipeline.bench.measure import scratch_dir
+from pipeline.common.photos import sample_photo_rgb
 from pipeline.common.storage import write_bytes_atomic
+from spar_core.backbones import Backbone, build_backbone
 
 # ------------------------------------------------------------------------------------------------ plans
 
@@ -221,7 +218,7 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------- one section
 
-C = TypeVar("C")  # what the sections share (pipeline.bench.gpu.checks.Context)
+C = TypeVar("C")  # what the sections share (Context)
 
 
 class SectionTimeout(Exception):
@@ -316,76 +313,60 @@ def run_section(
     return entry["status"]
 
 
-# ------------------------------------------------------------------------------------------ the check
+# ------------------------------------------------------------------------------------- what sections share
 
 
-def run(args: argparse.Namespace) -> int:
-    """``spar bench gpu``: the sections in order; returns 0 when every section finished and every check passed."""
-    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import torch  # after the environment is set (see the module docstring)
+@dataclass
+class Context:
+    """What the sections share: the plan, the device, the report, the CPU fp32 models (built once), and the rates
+    measured so far (the environment's matmul rates, the throughput's teacher rates, used by the projection)."""
 
-    cuda = torch.cuda.is_available()
-    mode = args.mode if args.mode != "auto" else ("gpu" if cuda else "cpu")
-    if mode == "gpu" and not cuda:
-        print("spar bench gpu: --mode gpu but CUDA is not available (use --mode cpu)", file=sys.stderr)
-        return 2
-    names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
-    unknown = [s for s in names if s not in SECTIONS]
-    if unknown:
-        print(f"spar bench gpu: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)
-        return 2
-    out = Path(args.out).resolve()
-    with scratch_dir(args.workdir, "spar-gpu-check-") as work:
-        work = work.resolve()
-        work.mkdir(parents=True, exist_ok=True)
-        plan = GPU_PLAN if mode == "gpu" else CPU_PLAN
-        meta = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
-                "budget_s": args.budget_s, "sections": names, "plan": asdict(plan), "workdir": str(work)}  # fmt: skip
-        report = Report(out, meta)
-        _run_sections(args, report, plan, names, work)
-    print("\n" + "=" * 100)
-    print(
-        f"spar GPU check ({mode} mode) in {report.data['meta']['total_seconds']} s; report: {out / 'report.md'}"
-    )
-    for line in summary_lines(report.data):
-        print("  " + line)
-    print("=" * 100, flush=True)
-    return 0 if all(e.get("status") == "ok" for e in report.data["sections"].values()) else 1
+    plan: Plan
+    device: str
+    report: Report
+    workdir: Path
+    cpu_models: dict[str, Backbone] = field(default_factory=dict)
+    matmul_tflops: dict[str, float] = field(default_factory=dict)
+    teacher_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def save(self) -> None:
+        self.report.save()
+
+    def cpu_model(self, name: str) -> Backbone:
+        """The backbone ``name`` on CPU in fp32, random weights (seed 0), built once."""
+        if name not in self.cpu_models:
+            self.cpu_models[name] = build_backbone(name, device="cpu")
+        return self.cpu_models[name]
+
+    def free(self) -> None:
+        """Return cached device memory (between backbones)."""
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def peak_reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        """Peak device memory since :meth:`peak_reset` in GiB (None on CPU)."""
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3) if self.cuda else None
 
 
-def _run_sections(args: argparse.Namespace, report: Report, plan: Plan, names: list[str], work: Path) -> None:
-    """Each section with its share of what is left (time a section did not use passes on to the next ones)."""
-    # the heavy part of the check, imported once the environment is set (see the module docstring)
-    import ray
+def photo(h: int, w: int) -> np.ndarray:
+    """The sample photo resized (PIL bicubic) to (h, w, 3) uint8."""
+    return np.array(Image.fromarray(sample_photo_rgb(PHOTO)).resize((w, h), Image.BICUBIC))
 
-    from pipeline.bench.gpu.checks import SECTION_FNS, Context
-    from pipeline.common.tasks import shutdown_ray
 
-    mode = report.data["meta"]["mode"]
-    ctx = Context(plan=plan, device="cuda" if mode == "gpu" else "cpu", report=report, workdir=work)
-    t0 = time.perf_counter()
-    old_term = signal.getsignal(signal.SIGTERM)
-    ray_was_up = ray.is_initialized()
-    say(f"mode {mode}, sections {', '.join(names)}, budget {args.budget_s:.0f} s, report in {report.out}")
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Set cuBLAS and cuDNN TF32 for the block (strict fp32 when disabled), then restore."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
-        for i, name in enumerate(names):
-            left = args.budget_s - (time.perf_counter() - t0)
-            if left <= 5:
-                report.section(name).update(status="skipped", error="the total budget was spent")
-                report.save()
-                continue
-            shares = [plan.budgets.get(n, 10) for n in names[i:]]
-            budget = left * shares[0] / sum(shares)
-            run_section(
-                report, name, SECTION_FNS[name], ctx, budget, hard_s=min(budget * 1.6 + 10, left + 15)
-            )
-    except (Terminated, KeyboardInterrupt):
-        say("stopped by a signal; the report holds everything measured so far")
+        yield
     finally:
-        report.data["meta"]["total_seconds"] = round(time.perf_counter() - t0, 1)
-        report.save()
-        if not ray_was_up:  # stop only the local cluster this run started
-            with contextlib.suppress(Exception):  # best effort at exit
-                shutdown_ray()
-        signal.signal(signal.SIGTERM, old_term)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -1,0 +1,103 @@
+"""``spar bench gpu``: pick the plan (gpu or cpu mode), run the chosen sections in order, each with its share of
+what is left of the time budget, keep the report on disk throughout, and print the summary at the end.
+
+Ray and tqdm read their settings from the environment when they are imported, so the sections (which import Ray
+and the whole pipeline) are imported by :func:`run` once the environment is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.bench.gpu.harness import (
+    CPU_PLAN,
+    GPU_PLAN,
+    SECTIONS,
+    Context,
+    Plan,
+    Report,
+    Terminated,
+    run_section,
+    say,
+    summary_lines,
+)
+from pipeline.bench.measure import scratch_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    """``spar bench gpu``: the sections in order; returns 0 when every section finished and every check passed."""
+    os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch  # after the environment is set (see the module docstring)
+
+    cuda = torch.cuda.is_available()
+    mode = args.mode if args.mode != "auto" else ("gpu" if cuda else "cpu")
+    if mode == "gpu" and not cuda:
+        print("spar bench gpu: --mode gpu but CUDA is not available (use --mode cpu)", file=sys.stderr)
+        return 2
+    names = [s.strip() for s in (args.sections or ",".join(SECTIONS)).split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown:
+        print(f"spar bench gpu: unknown section(s) {unknown}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    with scratch_dir(args.workdir, "spar-gpu-check-") as work:
+        work = work.resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        plan = GPU_PLAN if mode == "gpu" else CPU_PLAN
+        meta = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
+                "budget_s": args.budget_s, "sections": names, "plan": asdict(plan), "workdir": str(work)}  # fmt: skip
+        report = Report(out, meta)
+        _run_sections(args, report, plan, names, work)
+    print("\n" + "=" * 100)
+    print(
+        f"spar GPU check ({mode} mode) in {report.data['meta']['total_seconds']} s; report: {out / 'report.md'}"
+    )
+    for line in summary_lines(report.data):
+        print("  " + line)
+    print("=" * 100, flush=True)
+    return 0 if all(e.get("status") == "ok" for e in report.data["sections"].values()) else 1
+
+
+def _run_sections(args: argparse.Namespace, report: Report, plan: Plan, names: list[str], work: Path) -> None:
+    """Each section with its share of what is left (time a section did not use passes on to the next ones)."""
+    # the heavy part of the check, imported once the environment is set (see the module docstring)
+    import ray
+
+    from pipeline.bench.gpu.checks import SECTION_FNS
+    from pipeline.common.tasks import shutdown_ray
+
+    mode = report.data["meta"]["mode"]
+    ctx = Context(plan=plan, device="cuda" if mode == "gpu" else "cpu", report=report, workdir=work)
+    t0 = time.perf_counter()
+    old_term = signal.getsignal(signal.SIGTERM)
+    ray_was_up = ray.is_initialized()
+    say(f"mode {mode}, sections {', '.join(names)}, budget {args.budget_s:.0f} s, report in {report.out}")
+    try:
+        for i, name in enumerate(names):
+            left = args.budget_s - (time.perf_counter() - t0)
+            if left <= 5:
+                report.section(name).update(status="skipped", error="the total budget was spent")
+                report.save()
+                continue
+            shares = [plan.budgets.get(n, 10) for n in names[i:]]
+            budget = left * shares[0] / sum(shares)
+            run_section(
+                report, name, SECTION_FNS[name], ctx, budget, hard_s=min(budget * 1.6 + 10, left + 15)
+            )
+    except (Terminated, KeyboardInterrupt):
+        say("stopped by a signal; the report holds everything measured so far")
+    finally:
+        report.data["meta"]["total_seconds"] = round(time.perf_counter() - t0, 1)
+        report.save()
+        if not ray_was_up:  # stop only the local cluster this run started
+            with contextlib.suppress(Exception):  # best effort at exit
+                shutdown_ray()
+        signal.signal(signal.SIGTERM, old_term)
