@@ -202,9 +202,8 @@ def _check_correctness(cor: dict) -> None:
             e = c[part]
             assert math.isfinite(e["rel_l2"]) and e["rel_l2"] <= REL_TOL[c["precision"]], c
             assert e["ok"] is True
-        if (
-            c["precision"] != "fp32"
-        ):  # rounding really happened: the comparison is not of a tensor with itself
+        # rounding really happened: the comparison is not of a tensor with itself
+        if c["precision"] != "fp32":
             assert c["teacher"]["rel_l2"] > 0.1 * UNIT_ROUNDOFF[c["precision"]]
     # the reference is what this test computes independently on the same photo
     name, h, w = plan.correctness[0]
