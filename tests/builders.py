@@ -30,6 +30,10 @@ TEACHER = "tiny-clip-64"
 CROP, STRIDE = 64, 32
 INGEST_SMALL = dict(target_long=192, target_short=128, min_short=64)
 PAIRED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
+# the session's one finished distill run (``finished_run`` in tests/conftest.py)
+FINISHED_EXPERIMENT = "structure"
+FINISHED_MODEL = "spar-test-student"
+FINISHED_STEPS = 6
 
 
 def write_photo_pngs(folder: Path, names: tuple[str, ...]) -> Path:

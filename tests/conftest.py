@@ -62,6 +62,46 @@ def ray_up(ray_local):
     return ray_local
 
 
+@pytest.fixture(scope="session")
+def paired(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
+    """The paired image set + tiny-clip-64 cache (and a second set with other pixels) of ``tests.builders``."""
+    from tests.builders import paired_data
+
+    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, paired) -> dict:
+    """One finished distill run, shared by every test that only reads its results (the MLflow structure, the
+    distill benchmark's figures, evaluations of a trained student): the held-out set's cache computed with a run
+    recording its cost, a 1-worker Ray Train run of 6 steps (metrics logged every step, the student registered),
+    then a fidelity and a speed evaluation as children of the training run."""
+    from pipeline.cache.config import PrecomputeConfig
+    from pipeline.cache.precompute import precompute
+    from pipeline.eval.benchmark import run_eval
+    from pipeline.eval.config import EvalConfig
+    from pipeline.train.config import DistillConfig
+    from pipeline.train.driver import distill
+    from tests.builders import FINISHED_EXPERIMENT, FINISHED_MODEL, FINISHED_STEPS
+
+    wd = tmp_path_factory.mktemp("finished-run")
+    held_cache = precompute(
+        PrecomputeConfig(images=paired["other"], teacher="tiny-clip-64", crop=64, stride=32, workdir=str(wd),
+                         experiment=FINISHED_EXPERIMENT, cache_root=str(wd / "cache"), progress=False)
+    )  # fmt: skip
+    res = distill(
+        DistillConfig(images=paired["images"], cache=paired["cache"], workdir=str(wd),
+                      experiment=FINISHED_EXPERIMENT, workers=1, max_steps=FINISHED_STEPS, checkpoint_every=3,
+                      log_every=1, lr=1e-3, loader_workers=0, shuffle_buffer=2, register_model=FINISHED_MODEL)
+    )  # fmt: skip
+    common = dict(workdir=str(wd), experiment="spar-eval")  # the evals nest under the training run anyway
+    fid = run_eval(EvalConfig(fidelity=True, images=paired["other"], teacher_cache=held_cache,
+                              checkpoint=res.checkpoint_dir, classes="sky;cat;person", overlays=1, **common))  # fmt: skip
+    run_eval(EvalConfig(speed=True, backbone="tiny-clip-64", resolutions=(128,), strides=(32, 128), repeats=1,
+                        parent_run=res.run_id, **common))  # fmt: skip
+    return {"wd": wd, "data": paired, "held_cache": held_cache, "res": res, "fid": fid}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop this process's Ray driver (if a test started one) before pytest reports and the interpreter exits.

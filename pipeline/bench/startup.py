@@ -53,6 +53,8 @@ _PHASES: dict[str, list[tuple[str, str, str]]] = {
         ("task scheduling (worker start, imports)", "pool_start", "task_start"),
         ("tasks computing", "task_start", "pool_done"),
         ("shutdown (handler returned -> exit)", "run_end", "exit"),
+        ("  of which Ray's shutdown", "run_end", "ray_down"),
+        ("  of which the interpreter's exit", "ray_down", "exit"),
     ],
     "precompute": [
         ("interpreter and imports", "spawn", "imports"),
@@ -60,6 +62,8 @@ _PHASES: dict[str, list[tuple[str, str, str]]] = {
         ("task scheduling (worker start, imports)", "pool_start", "task_start"),
         ("tasks computing", "task_start", "pool_done"),
         ("shutdown (handler returned -> exit)", "run_end", "exit"),
+        ("  of which Ray's shutdown", "run_end", "ray_down"),
+        ("  of which the interpreter's exit", "ray_down", "exit"),
     ],
     "distill": [
         ("interpreter and imports", "spawn", "imports"),
@@ -73,6 +77,8 @@ _PHASES: dict[str, list[tuple[str, str, str]]] = {
         ("Ray Train teardown", "train_end", "fit_done"),
         ("export and registration", "fit_done", "finish_done"),
         ("shutdown (handler returned -> exit)", "run_end", "exit"),
+        ("  of which Ray's shutdown", "run_end", "ray_down"),
+        ("  of which the interpreter's exit", "ray_down", "exit"),
     ],
     "demo": [
         ("interpreter and imports", "spawn", "imports"),
@@ -82,6 +88,8 @@ _PHASES: dict[str, list[tuple[str, str, str]]] = {
         ("3/4 distill", "stage_distill", "stage_eval"),
         ("4/4 eval (+ segmentation)", "stage_eval", "run_end"),
         ("shutdown (handler returned -> exit)", "run_end", "exit"),
+        ("  of which Ray's shutdown", "run_end", "ray_down"),
+        ("  of which the interpreter's exit", "ray_down", "exit"),
     ],
 }
 _LATEST = ("pool_done", "train_end")

@@ -11,7 +11,7 @@ writes and its ``eval.py`` reads:
 
 The file is read with ``torch.load(weights_only=True)`` (or safetensors); a file holding Python objects that
 refuses is reported with the object named and a one-line conversion. The result is a student checkpoint
-(:mod:`pipeline.train.checkpoint` layout): base backbone ``NAME`` built from ``--pretrained`` (the weights the authors
+(:mod:`pipeline.student.format` layout): base backbone ``NAME`` built from ``--pretrained`` (the weights the authors
 started from, e.g. ``laion2b_s34b_b88k`` for MaskCLIP; default: random seeded), and ``student.safetensors``
 holding every parameter that differs from that base, so ``eval``/``segment``/``embed`` load it as any student.
 The import is checked by reloading the student and comparing every tensor with the file.

@@ -1,5 +1,7 @@
-"""``spar bench distill`` at a tiny size, through the real CLI parser: the reported steps/s, images/s and data-wait
-fraction are checked against the same quantities recomputed here from the run's MLflow metric history."""
+"""``spar bench distill``: the steps/s, images/s and data-wait fraction it reports are checked against the same
+quantities recomputed here from a run's MLflow metric history: by default on the session's finished run
+(``finished_run``, tests/conftest.py: no Ray Train start of its own), and end to end through the real CLI parser
+in the slow suite."""
 
 from __future__ import annotations
 
@@ -8,13 +10,36 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.bench.distill import run
+from pipeline.bench.distill import run, throughput
 from pipeline.cli import build_parser
 from pipeline.common.tracking import tracking_uri
 
 STEPS, WARMUP = 8, 3
 
 
+def test_throughput_of_a_finished_run_equals_its_metric_history(finished_run):
+    from tests.builders import FINISHED_STEPS
+
+    res, warmup = finished_run["res"], 2
+    client = MlflowClient(res.tracking_uri)
+    got = throughput(client, res.run_id, warmup, images_per_step=1)
+    step_s = {m.step: m.value for m in client.get_metric_history(res.run_id, "step_time_s")}
+    frac = {m.step: m.value for m in client.get_metric_history(res.run_id, "data_wait_frac")}
+    assert (
+        sorted(step_s) == sorted(frac) == list(range(1, FINISHED_STEPS + 1))
+    )  # one value per optimizer step
+    timed = [s for s in step_s if s > warmup]
+    total = sum(step_s[s] for s in timed)
+    assert (
+        got["logged_steps"] == FINISHED_STEPS and got["timed_steps"] == len(timed) == FINISHED_STEPS - warmup
+    )
+    assert got["data_wait_frac"] == pytest.approx(sum(frac[s] * step_s[s] for s in timed) / total, rel=1e-9)
+    assert got["steps_per_s"] == pytest.approx(len(timed) / total, rel=1e-9)
+    assert got["images_per_s"] == pytest.approx(len(timed) / total, rel=1e-9)  # batch 1, one worker
+    assert got["step_ms_max"] == pytest.approx(1e3 * max(step_s[s] for s in timed))
+
+
+@pytest.mark.slow  # its own Ray Train run (the default run checks the figures on the session's finished run)
 def test_bench_distill_reports_its_run_metrics(ray_up, tmp_path):
     work, out = tmp_path / "work", tmp_path / "bench.json"
     args = build_parser("bench").parse_args([

@@ -1,6 +1,8 @@
 """What a user finds in MLflow after precompute -> distill -> eval, on a real sqlite store and a real Ray cluster.
 
-One small pipeline (tiny-clip-64, 3 steps, 1 worker) is run once for the module; the tests read the store back:
+One small pipeline (tiny-clip-64, 6 steps, 1 worker) is run once for the whole test session
+(``finished_run`` in tests/conftest.py, shared with the other tests that only read a finished run); the tests read
+the store back:
 experiments are model-training experiments; fidelity and speed runs are children of the training run and copy
 their headline metrics onto it; every stage's run has system metrics; precompute records what the cache cost
 (checked against an independent count of windows and of bytes on disk); parameters carry one resolved value per
@@ -17,43 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.config import PrecomputeConfig
-from pipeline.cache.precompute import precompute
 from pipeline.cache.reader import open_cache
 from pipeline.data.imageset import open_imageset
-from pipeline.eval.benchmark import run_eval
-from pipeline.eval.config import EvalConfig
-from pipeline.train.config import DistillConfig
-from pipeline.train.driver import distill
-from tests.builders import paired_data
+from tests.builders import FINISHED_EXPERIMENT, FINISHED_MODEL
 
-# Ray Train start-up and five MLflow runs: ~80 s on a quiet 2-core machine (~5 min on a busy one); in the default
-# run, because this structure is what users compare runs by
-
-EXP = "structure"
-MODEL = "spar-test-student"
+EXP = FINISHED_EXPERIMENT
+MODEL = FINISHED_MODEL
 
 
-@pytest.fixture(scope="module")
-def pipeline_runs(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict:
-    data = paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
-    wd = tmp_path_factory.mktemp("mlflow-structure")
-    # the held-out set's cache is computed here, with a run recording its cost
-    held_cache = precompute(
-        PrecomputeConfig(images=data["other"], teacher="tiny-clip-64", crop=64, stride=32, workdir=str(wd),
-                         experiment=EXP, cache_root=str(wd / "cache"), progress=False)
-    )  # fmt: skip
-    res = distill(
-        DistillConfig(images=data["images"], cache=data["cache"], workdir=str(wd), experiment=EXP, workers=1,
-                      max_steps=3, checkpoint_every=3, lr=1e-3, loader_workers=0, shuffle_buffer=2,
-                      register_model=MODEL)
-    )  # fmt: skip
-    common = dict(workdir=str(wd), experiment="spar-eval")  # the evals nest under the training run anyway
-    fid = run_eval(EvalConfig(fidelity=True, images=data["other"], teacher_cache=held_cache,
-                              checkpoint=res.checkpoint_dir, classes="sky;cat;person", overlays=1, **common))  # fmt: skip
-    run_eval(EvalConfig(speed=True, backbone="tiny-clip-64", resolutions=(128,), strides=(32, 128), repeats=1,
-                        parent_run=res.run_id, **common))  # fmt: skip
-    return {"wd": wd, "data": data, "held_cache": held_cache, "res": res, "fid": fid}
+@pytest.fixture
+def pipeline_runs(finished_run) -> dict:
+    """The session's finished run (tests/conftest.py): precompute -> distill -> fidelity and speed evals."""
+    return finished_run
 
 
 def _client(p: dict):

@@ -19,7 +19,7 @@ from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args, distill
 from spar_core.backbones import build_backbone
-from tests.builders import paired_data, perturbed_student
+from tests.builders import perturbed_student
 from tests.conftest import load_photo
 from tests.core.test_reference_parity import ref_maskclip, rel
 
@@ -43,8 +43,8 @@ def test_trainable_blocks_all_from_set_and_recipe(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
-    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+def data(paired) -> dict[str, str]:
+    return paired
 
 
 @pytest.mark.slow  # ~2.5 min on the 2-core machine (image set + cache + Ray Train start-up)

@@ -27,12 +27,11 @@ from pipeline.train.stream import (
     make_loader,
     refs_from_imageset,
 )
-from tests.builders import paired_data
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
-    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+def data(paired) -> dict[str, str]:
+    return paired
 
 
 def _refs(n_shards: int, per: int, sizes: list[tuple[int, int]] | None = None) -> list[list[ImageRecord]]:

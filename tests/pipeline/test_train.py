@@ -24,7 +24,6 @@ from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
 from pipeline.train.step import StepRunner
 from spar_core.backbones import build_backbone
-from tests.builders import paired_data
 from tests.reliability.train_faults import fail_once_at_step
 
 BASE = dict(
@@ -43,8 +42,8 @@ BASE = dict(
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
-    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+def data(paired) -> dict[str, str]:
+    return paired
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from pipeline.train.driver import _continuation_name, distill
 from pipeline.train.export import export_student
 from pipeline.train.run_dir import RAY_SNAPSHOT_FILE, checkpoints_newest_first, newest_good, snapshot_missing
 from pipeline.train.state import TrainState, checkpoint_dir_name, save_training_checkpoint
-from tests.builders import moto_s3, paired_data, perturbed_student
+from tests.builders import moto_s3, perturbed_student
 
 BUCKET = "spar-train"
 STEPS = 4
@@ -198,8 +198,8 @@ def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str]:
-    return paired_data(str(tmp_path_factory.getbasetemp() / "spar-distill-data"))
+def data(paired) -> dict[str, str]:
+    return paired
 
 
 @pytest.fixture(scope="module")
