@@ -184,7 +184,9 @@ def test_bad_weight_files_name_the_keys(tmp_path, files):
     missing = dict(bsd)
     del missing["blocks.1.attn.qkv.bias_mask"]
     torch.save(missing | {"extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(BackboneError, match=r"missing \(e.g. \['blocks.1.attn.qkv.bias_mask'\]\).*extra.weight"):
+    with pytest.raises(
+        BackboneError, match=r"missing \(e.g. \['blocks.1.attn.qkv.bias_mask'\]\).*extra.weight"
+    ):
         build_backbone("tiny-dinov3txt", pretrained=f"{tmp_path / 'bad.pth'},{ph}")
     torch.save({k: v for k, v in hsd.items() if not k.startswith("text_model.head")}, tmp_path / "h2.pth")
     with pytest.raises(BackboneError, match="text_model.head.linear_projection.weight"):
