@@ -76,11 +76,28 @@ def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], 
     return getattr(args, "func", None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``spar`` (and of ``python -m jobs.<stage>``). Returns the exit code."""
+# Commands that start a local Ray cluster when no address is given: the console command starts it early.
+RAY_COMMANDS = ("ingest", "precompute", "distill", "pipeline", "demo")
+
+
+def _start_ray_early(args: argparse.Namespace) -> None:
+    """Start the local Ray cluster in the background while the command's modules import (``--verbose`` runs
+    and commands given a cluster address start it themselves, as before)."""
+    if args.command not in RAY_COMMANDS or getattr(args, "verbose", False) or getattr(args, "address", None):
+        return
+    from pipeline.common.tasks import start_local_cluster_early
+
+    start_local_cluster_early()
+
+
+def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:
+    """Entry point of ``spar`` (and of ``python -m jobs.<stage>``). Returns the exit code. ``early_ray``: start the
+    local Ray cluster of a Ray command in the background while its modules import (the console command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
+    if early_ray:
+        _start_ray_early(args)
     try:
         handler = resolve_handler(args)
         mark("imports")
@@ -103,10 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> None:
     """Console-script wrapper. A local Ray cluster this process started is stopped here, before the interpreter
     exits (Ray's own atexit hook would do it too, later: a mark on each side of it shows its cost)."""
-    rc = main()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    rc = main(early_ray=True)
+    if (
+        "pipeline.common.tasks" in sys.modules
+    ):  # a Ray command: stop its local cluster (waits for an early start)
+        from pipeline.common.tasks import shutdown_ray
+
+        shutdown_ray()
         mark("ray_down")
     sys.exit(rc)
 

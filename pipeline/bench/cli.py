@@ -1,8 +1,8 @@
 """``spar bench <name>``: benchmarks that print ratios measured side by side in one run.
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
-runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``startup``, ``gpu`` ->
-:mod:`pipeline.bench.gpu.command`.
+runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``loader``, ``scale``,
+``startup``, ``gpu`` -> :mod:`pipeline.bench.gpu.command`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ BENCHES = {
     "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
     "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
     "distill": ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction"),
+    "loader": (
+        "loader",
+        "the distill stream at paper size (per decode thread / process) vs the training step",
+    ),
+    "scale": (
+        "scale",
+        "the whole pipeline on N synthetic paper-size images: per-image cost, files, memory vs N",
+    ),
     "startup": (
         "startup",
         "fixed cost of each stage phase by phase (command -> first step, exit), before and after",
@@ -146,6 +154,40 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
+def _loader_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench loader``."""
+    p.add_argument("--size", default="1024x2048", help="HxW of the images (default: the paper's 1024x2048)")
+    p.add_argument("--images", type=int, default=4, help="images in the set (default 4)")
+    p.add_argument("--backbone", default="maskclip-vit-b16", help="teacher (stride = crop) and student")
+    p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2],
+                   help="decode processes to time, comma-separated (0 = one thread; default 0,1,2)")  # fmt: skip
+    p.add_argument("--samples", type=int, default=8, help="timed samples per loader setting (default 8)")
+    p.add_argument(
+        "--steps", type=int, default=1, help="timed CPU training steps after one warm-up (default 1)"
+    )
+    p.add_argument("--projection", action="store_true",
+                   help="only the paper-run projection (25k views) from the H200 figures; no data, no Ray")  # fmt: skip
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
+def _scale_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spar bench scale``."""
+    p.add_argument("--n", default="100,1000", help="image counts, comma-separated (default 100,1000)")
+    p.add_argument("--size", default="1024x2048", help="HxW of the source images (default: paper size)")
+    p.add_argument(
+        "--teacher", default="tiny-clip-64", help="teacher = student backbone (default tiny-clip-64)"
+    )
+    p.add_argument("--stride", type=int, default=0, help="teacher stride (0 = crop: the fewest windows)")
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    p.add_argument("--steps", type=int, default=0, help="distill steps (0 = one epoch over the set)")
+    p.add_argument("--augment", action="store_true", help="the paper's ingest augmentation (default: plain)")
+    p.add_argument("--distill-max-n", type=int, default=0,
+                   help="skip distill for larger N to fit the time (0 = never skip)")  # fmt: skip
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+
+
 def _startup_args(p: argparse.ArgumentParser) -> None:
     """Arguments of ``spar bench startup``."""
     p.add_argument("--stages", default="ingest,precompute,distill,demo",
@@ -183,6 +225,8 @@ _ARGS = {
     "cache": _cache_args,
     "train": _train_args,
     "distill": _distill_args,
+    "loader": _loader_args,
+    "scale": _scale_args,
     "startup": _startup_args,
     "gpu": _gpu_args,
 }

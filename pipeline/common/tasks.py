@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ __all__ = [
     "FORWARD_ENV_PREFIXES",
     "task_runtime_env",
     "init_ray",
+    "start_local_cluster_early",
     "cluster_gpus",
     "shutdown_ray",
     "verbose",
@@ -104,8 +106,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
             (as inside a Ray Job), else starts a local cluster in-process.
         num_cpus: CPUs of a local cluster (default: all).
     """
+    _wait_for_early_start()
     if ray.is_initialized():
-        return
+        if not (_EARLY_STARTED and (address or os.environ.get("RAY_ADDRESS"))):
+            return
+        shutdown_ray()  # the command turned out to want a cluster: leave the early local one
     mark("ray_init_start")
     if not verbose():
         kwargs.setdefault(
@@ -131,6 +136,70 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         **kwargs,
     )
     mark("ray_init_done")
+
+
+# ------------------------------------------------------------------------------- early start of a local cluster
+
+_EARLY: threading.Thread | None = None
+_EARLY_STARTED = False  # the current local cluster was started by start_local_cluster_early
+
+# What ray.init imports on first use (the dashboard's optional dependencies, usage stats, the autoscaler's
+# helpers, NVML): imported before the early start's thread runs, so that it and the command's own imports never
+# import the same module at once.
+_RAY_INIT_MODULES = (
+    "ray.dashboard.optional_deps",
+    "ray._common.usage.usage_lib",
+    "ray.autoscaler._private.util",
+    "ray.autoscaler.v2.utils",
+    "ray._private.thirdparty.pynvml",
+    "ray._private.runtime_env.uv_runtime_env_hook",
+)
+
+
+def start_local_cluster_early() -> None:
+    """Start this process's local Ray cluster in a background thread, while the command goes on importing its
+    own modules (torch, MLflow, ...): most of ``ray.init`` is waiting for Ray's processes to come up, which
+    overlaps with the imports on another core. :func:`init_ray` waits for it. Only for a local cluster (no
+    ``RAY_ADDRESS``); ``SPAR_RAY_EARLY=0`` switches it off. Called by the ``spar`` console command (not by
+    ``main(argv)``, which tests call in-process)."""
+    global _EARLY
+    off = os.environ.get("SPAR_RAY_EARLY", "1") in ("0", "false") or ray_defaults()
+    if off or _EARLY is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    import importlib
+    import logging
+    import signal
+
+    for name in _RAY_INIT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Ray version: ray.init imports what it needs itself
+            pass
+    # ray.init sets its SIGTERM handler (exit, so that atexit stops the cluster) only from the main thread, and
+    # warns from any other: set the same handler here, and keep its warning off the console
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    logging.getLogger("ray._private.worker").addFilter(
+        lambda r: "SIGTERM handler is not set" not in r.getMessage()
+    )
+    _EARLY = threading.Thread(target=_early_start, name="spar-ray-start", daemon=True)
+    _EARLY.start()
+
+
+def _early_start() -> None:
+    global _EARLY_STARTED
+    try:
+        init_ray()
+        _EARLY_STARTED = True
+    except Exception:  # noqa: BLE001 - the command's own init_ray starts it again and reports the error
+        pass
+
+
+def _wait_for_early_start() -> None:
+    global _EARLY
+    early = _EARLY
+    if early is not None and early is not threading.current_thread():
+        early.join()
+        _EARLY = None
 
 
 # Ray Train's switches for a fixed local cluster (documented in ``ray.train.v2._internal.constants``; read by the
@@ -216,7 +285,9 @@ def cluster_gpus() -> float:
 
 def shutdown_ray() -> None:
     """Disconnect (and stop a local cluster)."""
-    global _LOCAL_CLUSTER_ENV
+    global _LOCAL_CLUSTER_ENV, _EARLY_STARTED
+    _wait_for_early_start()
+    _EARLY_STARTED = False
     if ray.is_initialized():
         ray.shutdown()
     _LOCAL_CLUSTER_ENV = None

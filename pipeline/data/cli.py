@@ -16,9 +16,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ingest",
         help="raw images -> frozen augmented webdataset shards + manifest",
-        description="Ingest a folder / list file / glob (local or fsspec URL) into <ROOT>/images.",
+        description="Ingest folders / list files / globs / tar archives (local or fsspec URLs) into <ROOT>/images.",
     )
-    p.add_argument("src", metavar="SRC", help="folder (recursive), text file of paths, glob, or s3://... URL")
+    p.add_argument("src", metavar="SRC", nargs="+",
+                   help="folder (recursive), text file of paths, glob, image, or tar archives (SA-1B's "
+                        "sa_000000.tar ...: read in place, json members skipped); local or s3://... URLs")  # fmt: skip
+    p.add_argument("--select", dest="select", choices=("paper",), default=None,
+                   help="paper: the authors' SA-1B selection (archives sa_000000-sa_000002, images sa_N with "
+                        "N <= 25,000)")  # fmt: skip
     p.add_argument("--out", required=True, metavar="ROOT", help="image-set root; shards go to ROOT/images")
     p.add_argument(
         "--seed", dest="seed", type=int, default=None, help=f"augmentation seed (default {IngestConfig.seed})"

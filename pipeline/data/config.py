@@ -30,6 +30,9 @@ class IngestConfig:
     short-side floor push it past that; snap both sides down to a multiple of ``multiple`` (centred crop of the
     remainder); flip horizontally with prob ``flip_prob``. ``augment=False``: no resize, crop or flip, only the
     ``max_side`` cap (downscale) and the snap, for evaluation sets.
+
+    ``select``: which members of tar archives to take ("" = every image member; "paper" = the authors' SA-1B
+    selection, see :mod:`pipeline.data.archives`). It decides which inputs exist, not their pixels.
     """
 
     seed: int = 0
@@ -49,6 +52,7 @@ class IngestConfig:
     # RGBA / transparent palette images are composited on it
     background: tuple[int, int, int] = (255, 255, 255)
     png_compress_level: int = 1  # deterministic zlib level (1 = fast, larger files)
+    select: str = ""  # "" = all image members of tar archives; "paper" = the authors' SA-1B selection
 
     def __post_init__(self) -> None:
         self.background = tuple(int(c) for c in self.background)  # type: ignore[assignment]
@@ -86,6 +90,8 @@ class IngestConfig:
             problems.append(f"max_side must be 0 (no cap) or >= min_short and multiple (got {self.max_side})")
         if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
             problems.append(f"background must be three values in 0..255 (got {self.background})")
+        if self.select not in ("", "paper"):
+            problems.append(f"select must be '' (all) or 'paper' (got {self.select!r})")
         if not 0 <= self.png_compress_level <= 9:
             problems.append(f"png_compress_level must be in 0..9 (got {self.png_compress_level})")
         return problems

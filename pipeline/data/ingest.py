@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ import ray
 from pipeline.common.config import config_from_cli, to_dict
 from pipeline.common.storage import is_url, join, write_bytes_atomic
 from pipeline.common.tasks import bars_disabled, cluster_cpus, init_ray, run_pool, task_runtime_env
+from pipeline.data.archives import MemberLocation, archive_sources, is_archive
 from pipeline.data.config import IngestConfig, IngestError
 from pipeline.data.imageset import (
     FORMAT_VERSION,
@@ -86,16 +88,19 @@ class IngestSummary:
         )
 
 
-def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | None = None,
+def ingest(src: str | Sequence[str], out: str, cfg: IngestConfig | None = None, workers: int | None = None,
            progress: bool = True) -> IngestSummary:  # fmt: skip
     """Ingest images from ``src`` into the image set ``<out>/images`` (see module docstring).
 
-    ``workers``: how many shard tasks run at once (default: the Ray cluster's CPUs). Returns the summary;
-    raises IngestError for an unusable source or output. Bad images never raise: they go to rejected.parquet.
+    ``src``: one source or several (folders, list files, globs, images, tar archives such as SA-1B's
+    ``sa_000000.tar``; local or URLs). ``workers``: how many shard tasks run at once (default: the Ray cluster's
+    CPUs). Returns the summary; raises IngestError for an unusable source or output. Bad images never raise: they go
+    to rejected.parquet.
     """
     cfg = cfg or IngestConfig()
     t0 = time.perf_counter()
-    shards = _plan_shards(src, cfg)
+    srcs = [src] if isinstance(src, str) else list(src)
+    shards, locations = _plan_shards(srcs, cfg)
     plans = [plan_digest(cfg, i, sh) for i, sh in enumerate(shards)]
     num_inputs = sum(len(sh) for sh in shards)
 
@@ -106,7 +111,7 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
     if todo:
         init_ray(num_cpus=workers)
         t_work = time.perf_counter()  # throughput excludes Ray start-up
-        _run_shard_tasks(out, images_url, shards, todo, cfg, plans, done, workers, progress)
+        _run_shard_tasks(out, images_url, shards, todo, cfg, plans, done, workers, progress, locations)
         work_s = time.perf_counter() - t_work
 
     records, rejected = _results(done, len(shards), num_inputs, out)
@@ -115,7 +120,7 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
     reasons = Counter(r.split(":", 1)[0] for _, r in rejected)
     _write_tables(fs, images, records, rejected)
     meta = _imageset_meta(
-        fingerprint, cfg, src, num_inputs, len(shards), len(records), len(rejected), reasons
+        fingerprint, cfg, " ".join(srcs), num_inputs, len(shards), len(records), len(rejected), reasons
     )
     write_bytes_atomic(join(images_url, IMAGESET_NAME), meta, error=IngestError)  # last: the set is complete
     return IngestSummary(
@@ -134,12 +139,24 @@ def ingest(src: str, out: str, cfg: IngestConfig | None = None, workers: int | N
     )
 
 
-def _plan_shards(src: str, cfg: IngestConfig) -> list[Shard]:
-    """The sources of ``src`` (sorted), keyed, split into shards of ``cfg.shard_size``."""
-    sources = list_sources(src)
+def _plan_shards(srcs: list[str], cfg: IngestConfig) -> tuple[list[Shard], dict[str, MemberLocation]]:
+    """The inputs of ``srcs`` (each source's sorted, or archive order), keyed, split into shards of
+    ``cfg.shard_size``; and where the archive members among them are."""
+    if not srcs:
+        raise IngestError("no source given")
+    archives = [s for s in srcs if is_archive(s)]
+    if cfg.select and len(archives) != len(srcs):
+        raise IngestError(f"select={cfg.select!r} applies to tar archives only; not archives: "
+                          f"{', '.join(s for s in srcs if not is_archive(s))}")  # fmt: skip
+    sources: list[tuple[str, str]] = []
+    locations: dict[str, MemberLocation] = {}
+    if archives:
+        sources, locations = archive_sources(archives, cfg.select)
+    sources += [x for s in srcs if not is_archive(s) for x in list_sources(s)]
     keys = assign_keys(rel for _, rel in sources)
     items = [(k, s) for k, (s, _) in zip(keys, sources, strict=True)]
-    return [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    shards = [items[i : i + cfg.shard_size] for i in range(0, len(items), cfg.shard_size)]
+    return shards, locations
 
 
 def _open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
@@ -158,7 +175,8 @@ def _open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
 
 
 def _run_shard_tasks(out: str, images_url: str, shards: list[Shard], todo: list[int], cfg: IngestConfig,
-                     plans: list[str], done: dict[int, Sidecar], workers: int | None, progress: bool) -> None:  # fmt: skip
+                     plans: list[str], done: dict[int, Sidecar], workers: int | None, progress: bool,
+                     locations: dict[str, MemberLocation]) -> None:  # fmt: skip
     """Run one Ray task per shard in ``todo``, at most ``workers`` at once; fill ``done`` with their sidecars.
 
     After a failure no new shard starts, but those in flight finish (and are kept); then an IngestError names the
@@ -169,7 +187,9 @@ def _run_shard_tasks(out: str, images_url: str, shards: list[Shard], todo: list[
     tracker = ray.remote(num_cpus=0)(ShardProgress).remote() if show else None
     try:
         result = run_pool(
-            lambda i: task.remote(images_url, i, shards[i], cfg, plans[i], tracker),
+            lambda i: task.remote(
+                images_url, i, shards[i], cfg, plans[i], tracker, _where(shards[i], locations)
+            ),
             todo,
             workers or cluster_cpus(),
             desc="ingest",
@@ -190,6 +210,11 @@ def _run_shard_tasks(out: str, images_url: str, shards: list[Shard], todo: list[
             f"ingest into {out}: shard(s) {sorted(result.failed)} failed ({type(cause).__name__}: {cause}); "
             f"{len(done)} of {len(shards)} shards are complete and kept; fix the cause and re-run to resume"
         ) from result.failed[first]
+
+
+def _where(shard: Shard, locations: dict[str, MemberLocation]) -> dict[str, MemberLocation] | None:
+    """The archive locations of a shard's inputs (None when it has none)."""
+    return {s: locations[s] for _, s in shard if s in locations} or None
 
 
 def _results(

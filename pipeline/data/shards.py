@@ -24,11 +24,12 @@ import fsspec
 from pipeline.common.config import to_dict
 from pipeline.common.storage import canonical_json, replace_file, sha256_of, shard_stem
 from pipeline.common.trace import mark
+from pipeline.data.archives import ArchiveReader, MemberLocation
 from pipeline.data.augment import process_image
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import FORMAT_VERSION, ImageRecord
 from pipeline.data.png import encode_png
-from pipeline.data.sources import Rejected, read_source
+from pipeline.data.sources import Rejected
 
 if TYPE_CHECKING:  # Ray is only needed by the driver that hands the progress actor in
     from ray.actor import ActorHandle
@@ -44,7 +45,10 @@ _SHARD_FILE = re.compile(r"shard-(\d{6})\.(tar|json)((?:\.[0-9a-f]+)?\.tmp)?")
 
 def plan_digest(cfg: IngestConfig, shard: int, items: Items) -> str:
     """sha256 of what shard ``shard`` must hold: format, resampling, config and its (key, source) items."""
-    plan = [FORMAT_VERSION, RESAMPLE, to_dict(cfg), shard, list(items)]
+    # ``select`` only decides which inputs exist, and the items say that already: left out, so it never rewrites
+    # the shards of a folder ingest
+    config = {k: v for k, v in to_dict(cfg).items() if k != "select"}
+    plan = [FORMAT_VERSION, RESAMPLE, config, shard, list(items)]
     return hashlib.sha256(canonical_json(plan).encode()).hexdigest()
 
 
@@ -71,7 +75,12 @@ class ShardProgress:
 
 
 def _add_samples(
-    tf: tarfile.TarFile, shard: int, items: Items, cfg: IngestConfig, progress: ActorHandle | None
+    tf: tarfile.TarFile,
+    shard: int,
+    items: Items,
+    cfg: IngestConfig,
+    progress: ActorHandle | None,
+    reader: ArchiveReader,
 ) -> tuple[list[dict[str, Any]], list[list[str]]]:
     """Process the shard's images into ``tf``; returns (manifest rows, [source, reason] of the rejected)."""
     records: list[dict[str, Any]] = []
@@ -80,7 +89,7 @@ def _add_samples(
         if progress is not None and n:
             progress.set.remote(shard, n)
         try:
-            arr, meta = process_image(key, source, read_source(source), cfg)  # (h, w, 3) uint8
+            arr, meta = process_image(key, source, reader.read(source), cfg)  # (h, w, 3) uint8
         except Rejected as r:
             rejected.append([source, r.reason])
             continue
@@ -101,11 +110,13 @@ def write_shard(
     cfg: IngestConfig,
     plan: str,
     progress: ActorHandle | None = None,
+    locations: dict[str, MemberLocation] | None = None,
 ) -> dict[str, Any]:
     """Write one shard (runs inside a Ray task). ``items``: (key, source) in shard order.
 
     Returns the sidecar dict: records (manifest rows), rejected [(source, reason)], tar sha256 and size.
-    ``progress``: optional ShardProgress actor handle, told after every image.
+    ``progress``: optional ShardProgress actor handle, told after every image. ``locations``: where the shard's
+    archive members are (:mod:`pipeline.data.archives`); other sources are read as files.
     """
     mark("task_start", once=True)
     fs, images = fsspec.core.url_to_fs(images_url)
@@ -114,8 +125,12 @@ def write_shard(
     # shard never interleaves with this one; outputs are deterministic, so whichever rename lands last is right
     token = uuid.uuid4().hex[:12]
     tmp = f"{stem}.tar.{token}.tmp"
-    with fs.open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        records, rejected = _add_samples(tf, shard, items, cfg, progress)
+    with (
+        ArchiveReader(locations) as reader,
+        fs.open(tmp, "wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf,
+    ):
+        records, rejected = _add_samples(tf, shard, items, cfg, progress, reader)
     sidecar = {
         "format_version": FORMAT_VERSION,
         "shard": shard,

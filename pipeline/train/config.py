@@ -51,7 +51,9 @@ class DistillConfig:
     workers: int = 1  # Ray Train workers (DDP ranks)
     cpus_per_worker: int = 1  # Ray CPUs per worker = torch threads
     gpus_per_worker: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
-    loader_workers: int = 2  # background decode processes per worker (0 = one decode thread in the trainer)
+    # background decode processes per worker (0 = one decode thread in the trainer); "auto": as many as keep the
+    # data wait < 5% of the step (pipeline.data.loader_sizing: the images, the student, GPU or CPU)
+    loader_workers: int | Literal["auto"] = 2
     verify_pixels: bool = True  # check every image's pixel sha256 while streaming
     workdir: str = "work"  # MLflow store, Ray results, exported students; s3://… needs MLFLOW_TRACKING_URI
     experiment: str = "spar-distill"
@@ -74,7 +76,7 @@ class DistillConfig:
                 raise ConfigError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
         nonneg = ("max_steps", "warmup_steps", "loader_workers", "max_failures", "crop", "stride")
         for name in (*nonneg, "stop_at_step", "trainable_blocks", "shuffle_buffer"):
-            if name == "trainable_blocks" and self.trainable_blocks == "all":
+            if (name, getattr(self, name)) in (("trainable_blocks", "all"), ("loader_workers", "auto")):
                 continue
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name} must be >= 0, got {getattr(self, name)}")

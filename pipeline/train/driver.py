@@ -58,13 +58,21 @@ from pipeline.common.storage import (
     read_json,
     write_bytes_atomic,
 )
-from pipeline.common.tasks import cluster_gpus, init_ray, task_runtime_env, train_log_level, verbose
+from pipeline.common.tasks import (
+    cluster_cpus,
+    cluster_gpus,
+    init_ray,
+    task_runtime_env,
+    train_log_level,
+    verbose,
+)
 from pipeline.common.trace import mark
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_student
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.export import export_student
+from pipeline.train.loader_auto import size_loader
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
 from pipeline.train.progress import log, progress_bar
 from pipeline.train.run_dir import (
@@ -211,6 +219,7 @@ def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, stor
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus() > 0 else 0.0)
     return make_plan(
         cfg,
+        loader_workers=_loader_workers(cfg, inputs, gpus > 0),
         images=_abs(cfg.images),
         cache=_abs(cfg.cache) if cfg.cache else "",
         cache_fingerprint=cache.fingerprint if cache is not None else "",
@@ -227,6 +236,18 @@ def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, stor
         run_name=run_name,
         storage_path=storage,
     )
+
+
+def _loader_workers(cfg: DistillConfig, inputs: _Inputs, on_gpu: bool) -> int:
+    """``cfg.loader_workers``, with ``"auto"`` sized for this run (the decision is logged)."""
+    if cfg.loader_workers != "auto":
+        return int(cfg.loader_workers)
+    dtype = inputs.cache.spec.dtype if inputs.cache is not None and not cfg.teacher_online else None
+    spare = max(1, cluster_cpus() // cfg.workers - cfg.cpus_per_worker)  # CPUs per worker beyond its trainer
+    sz = size_loader(inputs.ims, inputs.student, dtype, cfg.trainable_blocks, on_gpu, spare)
+    log(f"loader_workers auto -> {sz.workers} ({sz.load_s * 1e3:.0f} ms decoding per sample vs a "
+         f"{sz.step_s * 1e3:.0f} ms {'GPU' if on_gpu else 'CPU'} step{'; capped by the CPUs' if sz.capped else ''})")  # fmt: skip
+    return sz.workers
 
 
 def _tags(plan: DistillPlan, inputs: _Inputs) -> dict[str, str]:

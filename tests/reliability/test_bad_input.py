@@ -287,8 +287,8 @@ def test_failing_ingest_leaves_no_image_set_that_looks_complete(env, tmp_path, c
 
 # ------------------------------------------------------------------------------------------ as separate processes
 
-PROCESS_CASES = ["recipe-unknown-key", "distill-wrong-image-set", "segment-truncated-png",
-                 "segment-checkpoint-other-backbone"]  # fmt: skip
+# one representative refusal per command (precompute, distill, segment); every case runs in-process above
+PROCESS_CASES = ["recipe-unknown-key", "distill-wrong-image-set", "segment-truncated-png"]
 
 
 def test_bad_input_through_separate_spar_processes(env, tmp_path):
