@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bench.measure import cpu_name, scratch_dir, vit_arch, vit_dense_flops
+from pipeline.bench.measure import cpu_name, scratch_dir
 from pipeline.bench.train import worker_cost
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.common.tasks import init_ray
@@ -42,6 +42,7 @@ from pipeline.train.step import StepRunner
 from pipeline.train.stream import PairedStream, make_loader
 from spar_core.backbones import build_backbone
 from spar_core.distill import trainable_parameters
+from spar_core.flops import vit_arch, vit_dense_flops
 
 
 def synthetic_photo(seed: int, height: int, width: int) -> np.ndarray:

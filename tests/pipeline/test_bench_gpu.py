@@ -30,8 +30,8 @@ from pipeline.bench.gpu.harness import (
     photo,
     run_section,
 )
-from pipeline.bench.measure import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 from spar_core.backbones import build_backbone
+from spar_core.flops import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 
 
 def _read(out: Path) -> dict:

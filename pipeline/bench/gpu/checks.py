@@ -43,20 +43,13 @@ from pipeline.bench.gpu.harness import (
     say,
     tf32,
 )
-from pipeline.bench.measure import (
-    SIGLIP2_B16_512,
-    ViTArch,
-    cpu_name,
-    fastest,
-    matmul_gflops,
-    vit_arch,
-    vit_dense_flops,
-)
+from pipeline.bench.measure import cpu_name, fastest, matmul_gflops
 from pipeline.bench.teacher import naive_teacher_fp32
 from pipeline.common.tracking import git_commit
 from pipeline.data.augment import augmentation_for
 from pipeline.data.config import IngestConfig
 from spar_core.backbones import Backbone
+from spar_core.flops import SIGLIP2_B16_512, ViTArch, vit_arch, vit_dense_flops
 from spar_core.sliding import num_windows, sliding_window_features
 
 STRIDE = 24  # the paper's teacher stride
