@@ -142,6 +142,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
 
 _EARLY: threading.Thread | None = None
 _EARLY_STARTED = False  # the current local cluster was started by start_local_cluster_early
+_EARLY_DONE = threading.Event()  # the early start has finished (started, or failed)
+# The thread that started Ray's processes must outlive them: Ray ties its processes to their parent with
+# PR_SET_PDEATHSIG, which Linux fires when the parent *thread* ends. The early thread waits here until the
+# cluster is stopped (or the process exits).
+_EARLY_HOLD = threading.Event()
 
 # What ray.init imports on first use (the dashboard's optional dependencies, usage stats, the autoscaler's
 # helpers, NVML): imported before the early start's thread runs, so that it and the command's own imports never
@@ -192,14 +197,14 @@ def _early_start() -> None:
         _EARLY_STARTED = True
     except Exception:  # noqa: BLE001 - the command's own init_ray starts it again and reports the error
         pass
+    finally:
+        _EARLY_DONE.set()
+    _EARLY_HOLD.wait()
 
 
 def _wait_for_early_start() -> None:
-    global _EARLY
-    early = _EARLY
-    if early is not None and early is not threading.current_thread():
-        early.join()
-        _EARLY = None
+    if _EARLY is not None and _EARLY is not threading.current_thread():
+        _EARLY_DONE.wait()
 
 
 # Ray Train's switches for a fixed local cluster (documented in ``ray.train.v2._internal.constants``; read by the
@@ -285,12 +290,14 @@ def cluster_gpus() -> float:
 
 def shutdown_ray() -> None:
     """Disconnect (and stop a local cluster)."""
-    global _LOCAL_CLUSTER_ENV, _EARLY_STARTED
+    global _LOCAL_CLUSTER_ENV, _EARLY_STARTED, _EARLY
     _wait_for_early_start()
-    _EARLY_STARTED = False
     if ray.is_initialized():
         ray.shutdown()
     _LOCAL_CLUSTER_ENV = None
+    if _EARLY is not None:  # its processes are stopped: the early thread may end
+        _EARLY_HOLD.set()
+        _EARLY, _EARLY_STARTED = None, False
 
 
 def cluster_cpus() -> int:
