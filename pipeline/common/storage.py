@@ -5,6 +5,12 @@ Local paths (and ``file://`` URLs) go through ``os`` directly: atomic ``os.repla
 Object stores have no rename: a "rename" there is copy-then-delete, and the commit point of anything written in
 several objects must be a marker object written last (see the cache and the image set).
 
+Object storage retries (issue 26) are configured here and nowhere else: :data:`RETRY_ATTEMPTS` (or
+``$SPAR_STORAGE_ATTEMPTS``) attempts per request, exponential backoff with jitter, applied to every ``s3://``
+filesystem of the process through :class:`pipeline.common.s3.RetryingS3FileSystem` (registered below as fsspec's
+``s3`` implementation). A request whose attempts are all spent raises :class:`StorageUnavailableError`: one line
+naming the URL, the attempts and the time they took.
+
 Also here, because every format needs them identically: :func:`canonical_json` (the bytes behind every
 fingerprint and checksum) and :func:`shard_stem` (``shard-000042``).
 """
@@ -12,6 +18,7 @@ fingerprint and checksum) and :func:`shard_stem` (``shard-000042``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +35,12 @@ from pipeline.common.errors import UserError
 
 __all__ = [
     "TMP_TAG",
+    "RETRY_ATTEMPTS",
+    "RETRY_ATTEMPTS_ENV",
+    "retry_attempts",
     "StorageError",
+    "StorageUnavailableError",
+    "is_disk_full",
     "canonical_json",
     "shard_stem",
     "is_local",
@@ -57,9 +69,48 @@ __all__ = [
 
 TMP_TAG = ".tmp-"  # infix of temporary files and folders (``<name>.tmp-<hex>``)
 
+# The retry policy of object storage (the one place): attempts per request, first try included. Backoff between
+# them is botocore's standard mode: attempt i waits rand(0, 1) * min(2**i, 20) s (i = 1, 2, ...), so 8 attempts
+# ride out about half a minute of errors (71 s at most) before a request fails.
+RETRY_ATTEMPTS = 8
+RETRY_ATTEMPTS_ENV = "SPAR_STORAGE_ATTEMPTS"  # override (tests; a flakier store); forwarded to Ray workers
+
+
+def retry_attempts() -> int:
+    """Attempts per object-storage request: ``$SPAR_STORAGE_ATTEMPTS`` when set (>= 1), else RETRY_ATTEMPTS."""
+    raw = os.environ.get(RETRY_ATTEMPTS_ENV, "")
+    try:
+        return max(1, int(raw)) if raw else RETRY_ATTEMPTS
+    except ValueError:
+        return RETRY_ATTEMPTS
+
+
+# Every s3:// filesystem of the process is the project's (imported only when an s3 URL is first used).
+for _proto in ("s3", "s3a"):
+    fsspec.register_implementation(_proto, "pipeline.common.s3.RetryingS3FileSystem", clobber=True)
+
 
 class StorageError(UserError):
     """A path cannot be read or written (missing, full disk, read-only, forbidden, not JSON)."""
+
+
+class StorageUnavailableError(StorageError, OSError):
+    """Object storage kept failing (5xx, throttling, broken connections) through every retry of a request."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is a full disk: ``ENOSPC`` / ``EDQUOT``, also when it
+    only survives as text (an error re-raised from another process, as Ray Train's are)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(cur) or "Disk quota exceeded" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def canonical_json(obj: Any) -> str:

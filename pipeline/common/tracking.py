@@ -22,6 +22,8 @@ import logging
 import os
 import sqlite3
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ from pipeline.common.storage import is_local, join, read_bytes
 
 __all__ = [
     "TrackingError",
+    "WAIT_ENV",
+    "tracking_wait_s",
+    "wait_for_server",
     "require_remote_store",
     "tracking_uri",
     "artifact_root",
@@ -64,6 +69,51 @@ _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 class TrackingError(UserError):
     """The MLflow store cannot be used as configured."""
+
+
+WAIT_ENV = "SPAR_TRACKING_WAIT_S"  # how long a stage waits for an unreachable tracking server (default 300 s)
+
+
+def tracking_wait_s() -> float:
+    """Seconds a stage waits for an unreachable tracking server: ``$SPAR_TRACKING_WAIT_S`` or 300."""
+    try:
+        return max(0.0, float(os.environ.get(WAIT_ENV, "") or 300))
+    except ValueError:
+        return 300.0
+
+
+def wait_for_server(uri: str, wait_s: float | None = None, what: str = "this stage") -> None:
+    """Return once the tracking server ``uri`` answers (its ``/health``); an embedded store returns at once.
+
+    While it does not, one line says so and how long the wait may last; past ``wait_s`` (default
+    :func:`tracking_wait_s`) a TrackingError names the server and the last error."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    wait_s = tracking_wait_s() if wait_s is None else wait_s
+    t0, said, delay = time.monotonic(), False, 0.5
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    if said:
+                        print(f"[spar] the tracking server {uri} answers after {time.monotonic() - t0:.0f} s",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                    return
+                err = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            err = str(getattr(e, "reason", e))
+        left = wait_s - (time.monotonic() - t0)
+        if left <= 0:
+            raise TrackingError(f"the MLflow tracking server {uri} did not answer for {wait_s:.0f} s ({err})")
+        if not said:
+            print(f"[spar] the tracking server {uri} does not answer ({err}): {what} waits for it, at most "
+                  f"{wait_s:.0f} s (${WAIT_ENV})", file=sys.stderr, flush=True)  # fmt: skip
+            said = True
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 5.0)
 
 
 def require_remote_store(workdir: str | Path) -> None:
@@ -164,6 +214,7 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     if local:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(workdir)
+    wait_for_server(uri)  # a tracking server that does not answer: one line, a bounded wait
     new_embedded_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)

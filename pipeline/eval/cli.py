@@ -180,6 +180,12 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--width", type=int, help=f"fit this many columns (default: the terminal's, at most {RUNS_WIDTH})"
     )
+    p.add_argument(
+        "--resend",
+        metavar="FILE",
+        help="send a run's metrics/params kept locally when the tracking server was unreachable (the file the run "
+        "named), then remove it",
+    )
     p.set_defaults(handler="pipeline.eval.runs:run_cli")
 
 

@@ -159,7 +159,11 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``spar runs``: the comparison table, fitted to the terminal unless ``--wide`` or ``--all``."""
+    """``spar runs``: the comparison table, fitted to the terminal unless ``--wide`` or ``--all``; with
+    ``--resend FILE``, instead, the entries a run kept locally while its tracking server was unreachable."""
+    if getattr(args, "resend", None):
+        _resend(args.resend)
+        return 0
     header, rows = compare_runs(
         args.experiment or "",
         args.metric or "",
@@ -178,3 +182,13 @@ def run_cli(args: argparse.Namespace) -> int:
     if dropped:
         print(f"({dropped} more column(s): spar runs --wide)")
     return 0
+
+
+def _resend(path: str) -> None:
+    """Send a spool file of :mod:`pipeline.common.tracking_queue` to its run (in order), then remove it."""
+    from pipeline.common.tracking_queue import resend
+
+    if not os.path.isfile(path):
+        raise UserError(f"--resend {path}: no such file")
+    n = resend(path)
+    print(f"re-sent {n} entries from {path}")

@@ -51,6 +51,7 @@ from pipeline.common.storage import (
     StorageError,
     arrow_filesystem,
     exists,
+    is_disk_full,
     is_local,
     join,
     listdir,
@@ -67,7 +68,7 @@ from pipeline.common.tasks import (
     verbose,
 )
 from pipeline.common.trace import mark
-from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store
+from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store, wait_for_server
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_student
 from pipeline.train.config import DistillConfig, DistillError
@@ -160,11 +161,23 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
             result = _fit(plan, RunLink(run_id, uri, actor), ray_run)
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
+        if is_disk_full(e):
+            raise DistillError(_disk_full_message(run_name, ray_run)) from None
         raise DistillError(
             f"distill run {run_name} failed: {e}. Finished checkpoints are kept under {ray_run.dirs[-1]}; "
             f"fix the cause and re-run with --resume"
         ) from e
     return _finish(plan, client, RunLink(run_id, uri), exp_id, result, inputs.student.dim, ray_run.start)
+
+
+def _disk_full_message(run_name: str, ray_run: _RayRun) -> str:
+    """One line for a run stopped by a full disk: where, the checkpoint kept, how to continue."""
+    kept = newest_good(checkpoints_newest_first(ray_run.dirs), log=lambda _msg: None)
+    return (
+        f"distill run {run_name} stopped: no space left on the device while a training checkpoint was written "
+        f"under {ray_run.dirs[-1]}; the last good checkpoint is kept ({kept or 'none yet'}). Free some space, "
+        f"then continue with: spar distill ... --resume"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -459,6 +472,9 @@ def _finish(
     """Export and log the student and the loss curve, close the run, print where everything is. ``start``: the
     checkpoint a continuation started from (the last one when it had no step left to train)."""
     metrics, ckpt, run_id = result.metrics or {}, result.checkpoint, link.run_id
+    wait_for_server(
+        link.tracking_uri, what="distill (logging the student)"
+    )  # bounded; one line while it waits
     if ckpt is None and start:
         ckpt = ray_checkpoint(start)
     steps = int(metrics.get("step", 0))

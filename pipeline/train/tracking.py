@@ -9,17 +9,17 @@ import contextlib
 import io
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 
 from pipeline.cache.reader import TeacherCache
 from pipeline.common.storage import write_bytes_atomic
 from pipeline.common.tasks import verbose
-from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri
+from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri, tracking_wait_s
+from pipeline.common.tracking_queue import QueuedRunLog
 from pipeline.data.imageset import ImageSet
 from pipeline.train.plan import DistillPlan
 
@@ -87,26 +87,27 @@ def _log_inputs(client: MlflowClient, run_id: str, ims: ImageSet, cache: Teacher
 
 
 class MetricLog:
-    """Rank 0's buffered per-step metrics to the MLflow run the driver created."""
+    """Rank 0's per-step metrics and tags for the MLflow run the driver created, queued and delivered in order by a
+    background thread (:class:`~pipeline.common.tracking_queue.QueuedRunLog`): a training step never waits on the
+    tracking server, and an outage of it costs no step and no metric."""
 
     def __init__(self, uri: str, run_id: str, every: int) -> None:
-        self.client, self.run_id, self.every = MlflowClient(uri), run_id, every
-        self.buf: list[Metric] = []
+        self.run_id, self.every = run_id, every
+        self.queue = QueuedRunLog(uri, run_id)
 
     def tag(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        self.queue.add_tags(tags)
 
     def add(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
-        self.buf.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-        if len(self.buf) >= 5 * self.every:
-            self.flush()
+        self.queue.add_metrics(metrics, step)
 
     def flush(self) -> None:
-        for i in range(0, len(self.buf), 900):
-            self.client.log_batch(self.run_id, metrics=self.buf[i : i + 900])
-        self.buf = []
+        """Nothing to do: entries go out as they come (kept for the loop's checkpoint points)."""
+
+    def close(self, wait_s: float | None = None) -> Path | None:
+        """Deliver what is queued (waiting at most ``wait_s``, default ``$SPAR_TRACKING_WAIT_S``); the spool file of
+        what could not be delivered, or None."""
+        return self.queue.close(tracking_wait_s() if wait_s is None else wait_s)
 
 
 def log_loss_curve(client: MlflowClient, run_id: str, out: str) -> None:

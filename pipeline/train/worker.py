@@ -70,11 +70,14 @@ def train_worker(config: dict[str, Any]) -> None:
             "grad_scaler": str(runner.scaler is not None).lower(),
         })  # fmt: skip
     loop = _Loop(plan, link, runner, state, rank, world, mlog)
-    if rank != 0:
+    if rank != 0 or mlog is None:
         loop.run()
         return
-    with system_metrics(link.run_id, link.tracking_uri):  # on rank 0's node: its CPUs, memory, GPUs
-        loop.run()
+    try:
+        with system_metrics(link.run_id, link.tracking_uri):  # on rank 0's node: its CPUs, memory, GPUs
+            loop.run()
+    finally:
+        mlog.close()  # the queued metrics delivered (bounded wait), or kept in a named local file
 
 
 def _no_buffer_sync() -> dict[str, bool]:
