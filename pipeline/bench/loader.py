@@ -118,7 +118,7 @@ def paper_projection(views: int = 25_000, epochs: int = 10, gpus: int = 2) -> di
     """The paper run on ``views`` SA-1B-like views from figures measured on an H200 (no GPU here): precompute
     device-hours per teacher at stride 24, distill device-hours (ViT-B/16, last 2 blocks, ``epochs`` epochs over
     ``gpus`` GPUs at the step rate of :data:`GPU_STEP_FLOPS_PER_S`), decoders per GPU, cache bytes."""
-    from pipeline.bench.gpu.projection import project_precompute, sa1b_like_sizes
+    from pipeline.bench.gpu.checks import project_precompute, sa1b_like_sizes
     from pipeline.data.augment import augmentation_for
 
     sizes = sa1b_like_sizes(views)
