@@ -1,4 +1,4 @@
-"""Distillation objective and trainable-parameter selection (DESIGN §2 "Distillation")."""
+"""Distillation objective (MSE onto the teacher's dense features) and trainable-parameter selection."""
 
 from __future__ import annotations
 

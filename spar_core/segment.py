@@ -1,4 +1,4 @@
-"""Open-vocabulary segmentation from dense features (DESIGN §2 "Open-vocabulary segmentation").
+"""Open-vocabulary segmentation from dense features.
 
 Class names (one entry per class, synonyms comma-separated) are embedded with open_clip's ImageNet prompt
 templates. Post-processing follows the authors' code (``segmentors/segmentor_vit.py`` at 0f63ff2, the SCLIP

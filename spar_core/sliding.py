@@ -1,4 +1,4 @@
-"""The sliding-window teacher (DESIGN §2 "Sliding-window teacher"), vectorised.
+"""The sliding-window teacher, vectorised.
 
 Windows of ``crop x crop`` pixels at stride ``stride`` (plus a boundary window flush with the far edge) are run in
 batches through the backbone's single-pass ``dense``; their features are upsampled by the fine-grid factor ``r``
@@ -25,7 +25,17 @@ __all__ = [
     "sliding_window_features",
     "validate_window_params",
     "window_forward",
+    "TEACHER_STRIDE",
+    "default_stride",
 ]
+
+
+TEACHER_STRIDE = 24  # px: the authors' teacher stride for every backbone (slide_stride_gen in their configs)
+
+
+def default_stride(crop: int) -> int:
+    """The paper's teacher stride: 24 px at every crop (CLIP 224, SigLIP2 512, DINOv3 384); at most the crop."""
+    return min(TEACHER_STRIDE, crop) if crop > 0 else TEACHER_STRIDE
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -179,9 +189,8 @@ def sliding_window_features(
     count = torch.zeros(canvas_h * canvas_w, device=dev)
     count.index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), device=dev))
     if bool((count == 0).any()):
-        raise AssertionError(
-            "sliding window left canvas cells uncovered"
-        )  # cannot happen with boundary windows
+        # cannot happen with boundary windows
+        raise AssertionError("sliding window left canvas cells uncovered")
 
     amp = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     forward = window_forward(backbone, compile)

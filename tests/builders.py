@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.cache.config import PrecomputeConfig
@@ -23,6 +24,7 @@ from pipeline.common.photos import sample_photo_rgb
 from pipeline.common.tasks import init_ray
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
+from spar_core.backbones import Backbone, build_backbone
 
 TEACHER = "tiny-clip-64"
 CROP, STRIDE = 64, 32
@@ -102,6 +104,21 @@ def tiny_cache(images: str, cache_root: Path | str, **kw) -> str:
 
 
 @functools.cache
+def perturbed_student(
+    name: str = TEACHER, trainable: int | str = 2, scale: float = 0.05, seed: int = 0, backbone_seed: int = 0
+) -> Backbone:
+    """A student as training leaves it: the base backbone with its last ``trainable`` blocks (or "all") moved by
+    ``scale`` x seeded Gaussian noise and still trainable (what ``save_student`` stores)."""
+    bb = build_backbone(name, seed=backbone_seed)
+    bb.set_trainable(trainable)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return bb
+
+
 def paired_data(root: str) -> dict[str, str]:
     """Image set (6 photos, 3 shards of 2, ~128x192 pixels) + its tiny-clip-64 cache, plus a second image set with
     other pixels (for pairing refusals). Built once per session, shared by the stream, train and MLflow tests."""

@@ -274,7 +274,7 @@ def _precompute(
         "fraction_of_matmul_end_to_end": wins / wall * flops / 1e9 / matmul,
         "task_windows_per_s": task["windows_per_s"],
         "task_fraction_of_matmul": task["windows_per_s"] * flops / 1e9 / matmul,
-        "task_vs_bare_teacher": task["windows_per_s"] / best["windows_per_s"],  # issue 15 item 5: >= 0.9
+        "task_vs_bare_teacher": task["windows_per_s"] / best["windows_per_s"],  # target: >= 0.9
         "task_seconds": {k: task[k] for k in ("seconds", "compute_s", "decode_wait_s", "write_wait_s")},
         "bytes_on_disk": disk,
         "bytes_per_image": disk / n,

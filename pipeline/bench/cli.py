@@ -2,8 +2,7 @@
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
 runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``loader``, ``scale``,
-``startup``, ``gpu`` ->
-:mod:`pipeline.bench.gpu.driver`.
+``startup``, ``gpu`` -> :mod:`pipeline.bench.gpu.command`.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ BENCHES = {
         "fixed cost of each stage phase by phase (command -> first step, exit), before and after",
     ),
     "gpu": (
-        "gpu.driver",
+        "gpu.command",
         "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
     ),
 }
@@ -66,7 +65,7 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
         "--copies", type=int, default=3, help="copies of the photo set (more images, steadier timing)"
     )
     p.add_argument("--recipe", choices=("paper", "small"), default="paper",
-                   help="paper: DESIGN §2 sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
+                   help="paper: the training images' sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
     p.add_argument("--shards-per-worker", type=int, default=4, help="shards per worker (sets shard_size)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")

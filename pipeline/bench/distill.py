@@ -1,5 +1,5 @@
 """``spar bench distill``: distillation throughput with 1 and 2 Ray Train workers, and how much of a step waits for
-data (issue 15, item 6; target: data wait < 5% of step time).
+data (target: data wait < 5% of step time).
 
 The data are built once, through the orchestrator's data stages (:func:`pipeline.workflow.orchestrator.prepare_data`)
 from the demo's recipe (:func:`pipeline.workflow.demo.demo_recipe`: the sample photos, ``small-clip-224``, crop 224,
@@ -48,9 +48,8 @@ from pipeline.workflow.orchestrator import PreparedData, Reporter, prepare_data
 __all__ = ["run", "build_data", "distill_config", "throughput", "run_one"]
 
 EXPERIMENT = "spar-bench-distill"
-_NEVER = (
-    10**9
-)  # checkpoint_every: no periodic checkpoints (Ray Train still reports at epoch ends and the end)
+# checkpoint_every: no periodic checkpoints (Ray Train still reports at epoch ends and the end)
+_NEVER = 10**9
 
 
 def _worker_counts(text: str) -> list[int]:

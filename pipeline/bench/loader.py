@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bench.measure import cpu_name, scratch_dir, vit_arch, vit_dense_flops
+from pipeline.bench.measure import cpu_name, scratch_dir
 from pipeline.bench.train import worker_cost
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.common.tasks import init_ray
@@ -37,11 +37,12 @@ from pipeline.data.loader_sizing import (
     sample_load_seconds,
     student_step_flops,
 )
-from pipeline.data.stream import PairedStream, make_loader
 from pipeline.train.config import DistillConfig
 from pipeline.train.step import StepRunner
+from pipeline.train.stream import PairedStream, make_loader
 from spar_core.backbones import build_backbone
 from spar_core.distill import trainable_parameters
+from spar_core.flops import vit_arch, vit_dense_flops
 
 
 def synthetic_photo(seed: int, height: int, width: int) -> np.ndarray:
@@ -117,7 +118,7 @@ def paper_projection(views: int = 25_000, epochs: int = 10, gpus: int = 2) -> di
     """The paper run on ``views`` SA-1B-like views from figures measured on an H200 (no GPU here): precompute
     device-hours per teacher at stride 24, distill device-hours (ViT-B/16, last 2 blocks, ``epochs`` epochs over
     ``gpus`` GPUs at the step rate of :data:`GPU_STEP_FLOPS_PER_S`), decoders per GPU, cache bytes."""
-    from pipeline.bench.gpu.projection import project_precompute, sa1b_like_sizes
+    from pipeline.bench.gpu.checks import project_precompute, sa1b_like_sizes
     from pipeline.data.augment import augmentation_for
 
     sizes = sa1b_like_sizes(views)

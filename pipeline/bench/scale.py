@@ -156,7 +156,7 @@ def steady_steps(db: Path, run_id: str, skip: int = 3) -> dict[str, float]:
 def plan_lookup_us(images: str) -> float:
     """Microseconds per sample the distill stream spends finding its next batch in the plan (one epoch, rank 0)."""
     from pipeline.data.imageset import open_imageset
-    from pipeline.data.stream import Planner, refs_from_imageset
+    from pipeline.train.stream import Planner, refs_from_imageset
 
     planner = Planner(refs_from_imageset(open_imageset(images)), seed=0, world_size=1)
     n = planner.steps(0)

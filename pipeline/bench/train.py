@@ -4,7 +4,7 @@ Parts (``--parts``, default both):
 
 * ``step`` -- one process, the real :class:`pipeline.train.step.StepRunner`, the same batches in the same order:
   (a) targets already in memory, (b) streamed from the image set + teacher cache through
-  :class:`pipeline.data.stream.PairedStream` with background decode workers, (c) teacher computed online with
+  :class:`pipeline.train.stream.PairedStream` with background decode workers, (c) teacher computed online with
   ``sliding_window_features``. The three are timed in interleaved rounds (robust to load from other processes);
   reported: mean step time of each and the ratios streaming/in-memory (target <= 1.05) and online/cached.
 * ``quality`` -- the method at work: ``spar distill`` (Ray Train, the real pipeline) on augmented photos, then on
@@ -43,12 +43,12 @@ from pipeline.common.errors import UserError
 from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sample_photo_rgb
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
-from pipeline.data.stream import PairedStream, _TarReader, decode_png, make_loader
 from pipeline.eval.fidelity import PooledFidelity
-from pipeline.train.checkpoint import load_student
+from pipeline.student.format import load_student
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
 from pipeline.train.step import StepRunner
+from pipeline.train.stream import PairedStream, _TarReader, decode_png, make_loader
 from pipeline.workflow.config import Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, Reporter, prepare_data
 from spar_core.backbones import Backbone, build_backbone

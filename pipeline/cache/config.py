@@ -30,9 +30,8 @@ class PrecomputeConfig:
     dtype: Literal["float16", "float32", "int8"] = "float16"  # stored dtype (int8: per-token absmax scale)
     workers: int = 0  # max tasks in flight; 0 = as many as the cluster schedules
     window_batch: int = 32  # windows per teacher forward
-    autocast: Literal["auto", "bf16", "fp16", "none"] = (
-        "auto"  # teacher forward precision; auto = fastest here (pipeline.common.precision); resolved one fingerprinted
-    )
+    # teacher forward precision; auto = fastest here (pipeline.common.precision); the resolved one is fingerprinted
+    autocast: Literal["auto", "bf16", "fp16", "none"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpus_per_task: int = 1  # Ray num_cpus per task = torch threads per task on CPU
     gpus_per_task: float = 1.0  # Ray num_gpus per task when the cluster has GPUs

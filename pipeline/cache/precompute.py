@@ -1,4 +1,4 @@
-"""Fill a teacher cache with Ray tasks: one task per incomplete image shard (DESIGN §1, §4).
+"""Fill a teacher cache with Ray tasks: one task per incomplete image shard.
 
 ``precompute(cfg)`` resolves the cache's identity (image-set fingerprint + the teacher's weights identity + window
 parameters), writes ``spec.json`` and runs one Ray task per shard that is not complete yet

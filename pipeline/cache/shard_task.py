@@ -1,4 +1,4 @@
-"""The precompute Ray task: compute one cache shard in a worker process (DESIGN §1, §4).
+"""The precompute Ray task: compute one cache shard in a worker process.
 
 :func:`compute_shard` runs the sliding-window teacher over every image of one image shard and commits the cache
 shard with a :class:`~pipeline.cache.writer.ShardWriter`; inside a task, decoding, the teacher and writing overlap

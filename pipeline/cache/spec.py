@@ -1,4 +1,4 @@
-"""The teacher cache's format (DESIGN §4 "Teacher cache"): spec and fingerprint, on-disk names, per-image
+"""The teacher cache's format (docs/INTERFACES.md, "Teacher cache"): spec and fingerprint, on-disk names, per-image
 checksums and the int8 codec. :mod:`.writer` writes this format, :mod:`.reader` serves it to training and eval,
 :mod:`.maintenance` verifies and collects it.
 

@@ -132,9 +132,8 @@ def resolve(name: str, device: torch.device | str) -> Precision:
     dev = _device_type(device)
     if p != "auto":
         return p  # type: ignore[return-value]
-    if (
-        dev == "cuda"
-    ):  # planned from a driver without CUDA (GPU tasks on a cluster): bf16, as on every current GPU
+    # planned from a driver without CUDA (GPU tasks on a cluster): bf16, as on every current GPU
+    if dev == "cuda":
         return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
     if dev == "cpu":
         return "bf16" if cpu_prefers_bf16() else "fp32"

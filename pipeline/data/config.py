@@ -23,7 +23,7 @@ class IngestError(UserError):
 class IngestConfig:
     """Ingest stage configuration (section ``[ingest]`` of a recipe).
 
-    Augmentation (DESIGN §2): resize to fit ``(target_long·t, target_short·t)`` with ``t ~ U(scale_min,
+    Augmentation (the paper's training images): resize to fit ``(target_long·t, target_short·t)`` with ``t ~ U(scale_min,
     scale_max)`` keeping the aspect ratio; if the short side is < ``min_short`` upscale it to ``min_short``; else
     with prob ``1 - crop_prob`` keep the full image, otherwise crop each side to ``U(crop_min_frac·L, L)`` (at
     least ``min_short``); the long side is cropped to ``max_side`` (or ``target_long`` when 0) should the
@@ -49,11 +49,8 @@ class IngestConfig:
     multiple: int = 16
     max_pixels: int = 89_478_485  # decompression-bomb limit on the decoded source (PIL's default)
     max_side: int = 0  # 0 = no cap; otherwise the output's long side is at most this
-    background: tuple[int, int, int] = (
-        255,
-        255,
-        255,
-    )  # RGBA / transparent palette images are composited on it
+    # RGBA / transparent palette images are composited on it
+    background: tuple[int, int, int] = (255, 255, 255)
     png_compress_level: int = 1  # deterministic zlib level (1 = fast, larger files)
     select: str = ""  # "" = all image members of tar archives; "paper" = the authors' SA-1B selection
 

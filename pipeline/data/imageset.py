@@ -1,4 +1,4 @@
-"""Reader for ingested image sets (DESIGN §4 "Image set").
+"""Reader for ingested image sets (format: docs/INTERFACES.md, "Image set").
 
 Layout of an image set (``<root>/images/``)::
 
@@ -98,6 +98,20 @@ class ImageRecord:
             "pixel_sha256": self.pixel_sha256,
             "augmentation": canonical_json(self.augmentation),
         }
+
+    def check_pixels(
+        self, arr: np.ndarray, what: str, error: type[Exception] = ImageSetError, check_hash: bool = True
+    ) -> None:
+        """Raise ``error`` naming ``what`` unless ``arr`` has this image's size and (with ``check_hash``) pixel sha256."""
+        if arr.shape != (self.height, self.width, 3):
+            raise error(
+                f"{what}: image {self.key!r} decodes to {arr.shape[1]}x{arr.shape[0]}, the manifest says "
+                f"{self.width}x{self.height}"
+            )
+        if check_hash and pixel_sha256(arr) != self.pixel_sha256:
+            raise error(
+                f"{what}: image {self.key!r}: pixel sha256 does not match the manifest (corrupt or altered shard)"
+            )
 
 
 def manifest_fingerprint(records: list[ImageRecord]) -> str:
@@ -228,23 +242,29 @@ class ImageSet:
                     raise ImageSetError(f"{what}: sample {key!r} has no .png")
                 arr = decode_png_rgb(group["png"], f"{what}:{key}.png")  # (H, W, 3) uint8
                 if verify:
-                    _verify(rec, arr, what)
+                    rec.check_pixels(arr, what)
                 n += 1
                 yield rec, arr
         if n != len(expected):
             raise ImageSetError(f"{what}: holds {n} samples, manifest lists {len(expected)}")
 
+    def iter_pngs(self, i: int, error: type[Exception] = ImageSetError) -> Iterator[tuple[str, bytes]]:
+        """(key, PNG bytes) of shard ``i``'s samples in tar order; a missing shard raises ``error``."""
+        with self._open_shard(i, error) as f:
+            for key, group in iter_tar_samples(f, self.shard_url(i)):
+                if "png" in group:
+                    yield key, group["png"]
+
     def read(self, key: str, verify: bool = True) -> np.ndarray:
         """Pixels of one image, (H, W, 3) uint8 (scans its shard)."""
         rec = self.record(key)
         what = self.shard_url(rec.shard)
-        with self._open_shard(rec.shard) as f:
-            for k, group in iter_tar_samples(f, what):
-                if k == key and "png" in group:
-                    arr = decode_png_rgb(group["png"], f"{what}:{key}.png")
-                    if verify:
-                        _verify(rec, arr, what)
-                    return arr
+        for k, png in self.iter_pngs(rec.shard):
+            if k == key:
+                arr = decode_png_rgb(png, f"{what}:{key}.png")
+                if verify:
+                    rec.check_pixels(arr, what)
+                return arr
         raise ImageSetError(f"{what}: image {key!r} listed in the manifest is missing from its shard")
 
     def verify(self, deep: bool = False) -> list[str]:
@@ -281,11 +301,11 @@ class ImageSet:
                     )
         return problems
 
-    def _open_shard(self, i: int) -> IO[bytes]:
+    def _open_shard(self, i: int, error: type[Exception] = ImageSetError) -> IO[bytes]:
         try:
             return self.fs.open(self.shard_path(i), "rb")
         except FileNotFoundError:
-            raise ImageSetError(f"{self.shard_url(i)}: shard file is missing") from None
+            raise error(f"{self.shard_url(i)}: shard file is missing") from None
 
     def rejected(self) -> list[tuple[str, str]]:
         """(source, reason) of every input rejected at ingest."""
@@ -304,15 +324,6 @@ class ImageSet:
 def open_imageset(root: str) -> ImageSet:
     """Open an image set at ``root`` (the parent of ``images/`` or ``images/`` itself; local or fsspec URL)."""
     return ImageSet(str(root))
-
-
-def _verify(rec: ImageRecord, arr: np.ndarray, what: str) -> None:
-    if arr.shape != (rec.height, rec.width, 3):
-        raise ImageSetError(
-            f"{what}: {rec.key!r} is {arr.shape[:2]}, manifest says {(rec.height, rec.width)}"
-        )
-    if pixel_sha256(arr) != rec.pixel_sha256:
-        raise ImageSetError(f"{what}: {rec.key!r} pixels do not match the manifest's sha256 (corrupt shard?)")
 
 
 def _resolve_images_dir(fs: fsspec.AbstractFileSystem, path: str, url: str) -> str:

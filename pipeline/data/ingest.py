@@ -1,4 +1,4 @@
-"""Ingest raw images into frozen, augmented webdataset shards (DESIGN §2 "Training images", §4 "Image set").
+"""Ingest raw images into frozen, augmented webdataset shards (augmentation: IngestConfig).
 
 The path of one image, file to training sample, and the module doing each step:
 

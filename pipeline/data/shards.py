@@ -39,9 +39,8 @@ __all__ = ["RESAMPLE", "ShardProgress", "plan_digest", "write_shard", "load_comp
 Items = Sequence[tuple[str, str]]  # (key, source) of a shard's images, in shard order
 
 RESAMPLE = "cv2-inter-linear"  # part of every shard's plan: shards resized otherwise (bicubic) are rewritten
-_SHARD_FILE = re.compile(
-    r"shard-(\d{6})\.(tar|json)((?:\.[0-9a-f]+)?\.tmp)?"
-)  # with an attempt's temp suffix
+# a shard's tar or plan, with an attempt's temp suffix
+_SHARD_FILE = re.compile(r"shard-(\d{6})\.(tar|json)((?:\.[0-9a-f]+)?\.tmp)?")
 
 
 def plan_digest(cfg: IngestConfig, shard: int, items: Items) -> str:

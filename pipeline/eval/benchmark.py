@@ -36,25 +36,28 @@ from pipeline.data.datasets import (
     open_dataset,
     read_class_file,
 )
-from pipeline.eval.config import EvalConfig, EvalError, Protocol, resolve_protocol
+from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.fidelity import fidelity_report
 from pipeline.eval.model import (
+    EvalProtocol,
     build_text_classifier,
     dense_features,
+    label_map,
     load_model,
     model_device,
     model_identity,
     model_input,
     pick_device,
+    resolve_protocol,
     synchronize,
 )
 from pipeline.eval.segment import make_palette, overlay
 from pipeline.eval.speed import speed_report
 from pipeline.eval.tracking import EvalRun, class_key_part, log_eval, metric_key, output_dir, png_images
-from pipeline.train.checkpoint import read_backbone_info
+from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 from spar_core.metrics import IoUAccumulator
-from spar_core.segment import TextClassifier, predict
+from spar_core.segment import TextClassifier
 
 
 @dataclass
@@ -87,9 +90,8 @@ def eval_chunk(
     names = display_names(cfg.dataset, classes)
     acc = IoUAccumulator(ds.num_classes, ignore_index=255)
     seconds, pngs = 0.0, {}
-    warm = np.zeros(
-        (proto.crop, proto.crop, 3), np.uint8
-    )  # warm-up (lazy init, kernels) kept out of the timing
+    # warm-up (lazy init, kernels) kept out of the timing
+    warm = np.zeros((proto.crop, proto.crop, 3), np.uint8)
     dense_features(bb, warm, "single", precision=cfg.precision)
     for i in indices:
         img, label = ds.load(i)
@@ -109,7 +111,7 @@ def _predict(
     clf: TextClassifier,
     img: np.ndarray,
     out_size: tuple[int, int],
-    proto: Protocol,
+    proto: EvalProtocol,
     cfg: EvalConfig,
 ) -> torch.Tensor:
     """Label map (H, W) of one photo: the protocol's model input (mmseg keep-ratio resize without antialias, the
@@ -117,18 +119,11 @@ def _predict(
     falls back to one pass when the crop covers the input."""
     x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3), multiples of p
     mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
-    feats = dense_features(
-        bb, x, mode, proto.crop, proto.stride, cfg.precision, cfg.window_batch
-    )  # (1, h, w, D)
-    with torch.no_grad():
-        return predict(
-            feats,
-            clf,
-            out_size=out_size,
-            logit_scale=proto.logit_scale,
-            prob_thd=proto.prob_thd,
-            area_thd=proto.area_thd,
-        )[0]
+    return label_map(
+        bb, clf, x, out_size, mode=mode, crop=proto.crop, stride=proto.stride, precision=cfg.precision,
+        window_batch=cfg.window_batch, logit_scale=proto.logit_scale, prob_thd=proto.prob_thd,
+        area_thd=proto.area_thd,
+    )  # fmt: skip
 
 
 def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str]) -> bytes:
@@ -273,7 +268,7 @@ def _benchmark_result(
     classes: list[list[str]],
     total: ChunkResult,
     wall: float,
-    proto: Protocol,
+    proto: EvalProtocol,
     ident: dict[str, object],
 ) -> dict[str, Any]:
     acc = total.counts

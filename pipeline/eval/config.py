@@ -26,19 +26,15 @@ __all__ = [
     "PAPER_SIZES",
     "PAPER_STRIDES",
     "RUNS_WIDTH",
-    "TEACHER_STRIDE",
     "DatasetName",
     "Mode",
     "Precision",
     "Templates",
     "EmbedConfig",
+    "InferenceConfig",
     "EvalConfig",
     "EvalError",
-    "Protocol",
     "SegmentConfig",
-    "backbone_family",
-    "default_stride",
-    "resolve_protocol",
 ]
 
 # the concrete names of pipeline.common.precision (which imports torch, so they are spelled out here)
@@ -47,7 +43,6 @@ DatasetName = Literal["voc21", "voc20", "context60", "context59", "cityscapes", 
 Mode = Literal["single", "sliding"]
 Templates = Literal["imagenet", "simple"]
 
-TEACHER_STRIDE = 24  # px, the authors' slide_stride_gen for every backbone (configs/*/cfg_train_*.py)
 RUNS_WIDTH = 120  # spar runs: the widest table it fits to the terminal by default
 PAPER_STRIDES = (224, 112, 48, 24)  # speed report sweep, in pixels at every crop (24 = the paper's teacher)
 
@@ -161,108 +156,54 @@ class EvalConfig:
 
 
 @dataclass
-class SegmentConfig:
-    """``spar segment``: open-vocabulary segmentation of photos."""
+class InferenceConfig:
+    """What ``spar segment`` and ``spar embed`` share: the model, its input size and how its features are read."""
 
-    classes: str = ""
-    classes_file: str = ""
-    checkpoint: str = ""
-    backbone: str = ""
+    checkpoint: str = ""  # a student checkpoint, or
+    backbone: str = ""  # a named backbone (single pass; with mode=sliding the teacher)
     pretrained: str = ""
-    out: str = "segment-out"
-    short_side: int = 672  # 0 = keep the image's scale
-    long_side: int = 2048
-    mode: Mode = "single"
-    crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
-    logit_scale: float = 40.0
-    prob_thd: float = 0.0
-    area_thd: float = 0.0
-    templates: Templates = "imagenet"
-    precision: Precision = "fp32"
-    device: str = "auto"
-    alpha: float = 0.5
-    window_batch: int = 32
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_sizes(self)
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-
-
-@dataclass
-class EmbedConfig:
-    """``spar embed``: dense features of photos as .npy plus shape metadata."""
-
-    checkpoint: str = ""
-    backbone: str = ""
-    pretrained: str = ""
-    out: str = "embed-out"
+    seed: int = 0  # seed of random weights
+    out: str = ""
     short_side: int = 0  # 0 = keep the image's scale (snapped to the patch size)
     long_side: int = 2048
     mode: Mode = "single"
     crop: int = 0  # 0 = backbone's native size
     stride: int = 0  # 0 = 24 px (the paper's teacher stride at every crop)
-    dtype: Literal["float32", "float16"] = "float32"
+    window_batch: int = 32
     precision: Precision = "fp32"
     device: str = "auto"
-    window_batch: int = 32
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_sizes(self)
+        for k in ("short_side", "long_side", "crop", "stride", "window_batch"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.window_batch == 0:
+            raise ConfigError("window_batch must be >= 1")
 
 
-def _check_sizes(cfg: SegmentConfig | EmbedConfig) -> None:
-    for k in ("short_side", "long_side", "crop", "stride", "window_batch"):
-        if getattr(cfg, k) < 0:
-            raise ConfigError(f"{k} must be >= 0, got {getattr(cfg, k)}")
-    if cfg.window_batch == 0:
-        raise ConfigError("window_batch must be >= 1")
+@dataclass
+class SegmentConfig(InferenceConfig):
+    """``spar segment``: open-vocabulary segmentation of photos."""
+
+    out: str = "segment-out"
+    short_side: int = 672  # 0 = keep the image's scale
+    classes: str = ""
+    classes_file: str = ""
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float = 0.0
+    templates: Templates = "imagenet"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
-# ---------------------------------------------------------------------------------------------- protocol
+@dataclass
+class EmbedConfig(InferenceConfig):
+    """``spar embed``: dense features of photos as .npy plus shape metadata."""
 
-
-@dataclass(frozen=True)
-class Protocol:
-    """The resolved evaluation protocol for one dataset and backbone."""
-
-    short_side: int
-    long_side: int
-    logit_scale: float
-    prob_thd: float
-    area_thd: float
-    mode: str
-    crop: int
-    stride: int
-
-
-def default_stride(crop: int) -> int:
-    """The paper's teacher stride: 24 px at every crop (CLIP 224, SigLIP2 512, DINOv3 384); at most the crop."""
-    return min(TEACHER_STRIDE, crop) if crop > 0 else TEACHER_STRIDE
-
-
-def backbone_family(readout: str) -> str:
-    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns).
-
-    DINOv3 dino.txt (``dinotxt-*`` readouts) takes the non-CLIP column, as the reference's configs/dinov3txt do.
-    """
-    return "clip" if readout == "maskclip" else "siglip2"
-
-
-def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> Protocol:
-    """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
-    ds, fam = cfg.dataset, backbone_family(readout)
-    paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
-    short = cfg.short_side if cfg.short_side is not None else paper_short
-    long = cfg.long_side if cfg.long_side is not None else paper_long
-    scale = cfg.logit_scale if cfg.logit_scale is not None else PAPER_LOGIT_SCALE.get(ds, 40.0)
-    prob = cfg.prob_thd if cfg.prob_thd is not None else PAPER_PROB_THD.get((ds, fam), 0.0)
-    area = cfg.area_thd if cfg.area_thd is not None else PAPER_AREA_THD.get((ds, fam), 0.0)
-    crop = cfg.crop or native_size
-    if crop % patch:
-        raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
-    stride = cfg.stride or default_stride(crop)
-    return Protocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
+    out: str = "embed-out"
+    dtype: Literal["float32", "float16"] = "float32"

@@ -31,7 +31,7 @@ from pipeline.eval.model import (
 )
 from pipeline.eval.tracking import EvalRun, log_eval, output_dir, png_images
 from pipeline.eval.viz import fidelity_pca_pngs
-from pipeline.train.checkpoint import read_backbone_info
+from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.metrics import IoUAccumulator, feature_fidelity
 from spar_core.segment import TextClassifier, predict

@@ -9,21 +9,23 @@ Precision (autocast) comes from :mod:`pipeline.common.precision` only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.common.config import ConfigError
 from pipeline.common.errors import UserError
 from pipeline.common.precision import autocast, autocast_dtype
 from pipeline.common.storage import is_local, local_path
 from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
 from pipeline.data.resize import resize_linear
-from pipeline.eval.config import default_stride
-from pipeline.train.checkpoint import CheckpointError, load_student
+from pipeline.eval.config import PAPER_AREA_THD, PAPER_LOGIT_SCALE, PAPER_PROB_THD, PAPER_SIZES, EvalConfig
+from pipeline.student.format import CheckpointError, load_student
 from spar_core.backbones import Backbone, BackboneError, build_backbone
-from spar_core.segment import TextClassifier, build_classifier
-from spar_core.sliding import sliding_window_features
+from spar_core.segment import TextClassifier, build_classifier, predict
+from spar_core.sliding import default_stride, sliding_window_features
 
 
 class InferenceError(UserError):
@@ -170,6 +172,72 @@ def dense_features(
     return sliding_window_features(
         bb, x, crop=crop, stride=stride, window_batch=window_batch, autocast_dtype=autocast_dtype(precision)
     ).float()
+
+
+def label_map(
+    bb: Backbone,
+    clf: TextClassifier,
+    x: np.ndarray,
+    out_size: tuple[int, int],
+    *,
+    mode: str = "single",
+    crop: int = 0,
+    stride: int = 0,
+    precision: str = "fp32",
+    window_batch: int = 32,
+    logit_scale: float = 40.0,
+    prob_thd: float = 0.0,
+    area_thd: float = 0.0,
+) -> torch.Tensor:
+    """Label map (H, W) at ``out_size`` of the model input ``x`` (h', w', 3) uint8: :func:`dense_features`, then
+    ``spar_core.segment.predict`` (cosine logits, upsampling, thresholds). Stays on the model's device."""
+    feats = dense_features(bb, x, mode, crop, stride, precision, window_batch)  # (1, h, w, D)
+    with torch.no_grad():
+        pred = predict(
+            feats, clf, out_size=out_size, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd
+        )  # (1, H, W)
+    return pred[0]
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """The resolved evaluation protocol for one dataset and backbone."""
+
+    short_side: int
+    long_side: int
+    logit_scale: float
+    prob_thd: float
+    area_thd: float
+    mode: str
+    crop: int
+    stride: int
+
+
+def backbone_family(readout: str) -> str:
+    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns).
+
+    DINOv3 dino.txt (``dinotxt-*`` readouts) takes the non-CLIP column, as the reference's configs/dinov3txt do.
+    """
+    return "clip" if readout == "maskclip" else "siglip2"
+
+
+def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> EvalProtocol:
+    """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
+    ds, fam = cfg.dataset, backbone_family(readout)
+    paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
+    short = cfg.short_side if cfg.short_side is not None else paper_short
+    long = cfg.long_side if cfg.long_side is not None else paper_long
+    scale = cfg.logit_scale if cfg.logit_scale is not None else PAPER_LOGIT_SCALE.get(ds, 40.0)
+    prob = cfg.prob_thd if cfg.prob_thd is not None else PAPER_PROB_THD.get((ds, fam), 0.0)
+    area = cfg.area_thd if cfg.area_thd is not None else PAPER_AREA_THD.get((ds, fam), 0.0)
+    crop = cfg.crop or native_size
+    if crop % patch:
+        raise ConfigError(f"crop {crop} is not a multiple of the patch size {patch}")
+    stride = cfg.stride or default_stride(crop)
+    return EvalProtocol(short, long, float(scale), float(prob), float(area), cfg.mode, crop, stride)
 
 
 # ---------------------------------------------------------------------------------------------- classes

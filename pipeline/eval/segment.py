@@ -16,24 +16,23 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from pipeline.common import storage
 from pipeline.common.config import config_from_cli
-from pipeline.eval.config import EmbedConfig, SegmentConfig, default_stride
+from pipeline.eval.config import EmbedConfig, SegmentConfig
 from pipeline.eval.model import (
     InferenceError,
     build_text_classifier,
     dense_features,
+    label_map,
     load_model,
     model_identity,
     model_input,
     pick_device,
     resolve_classes,
 )
-from spar_core.backbones import Backbone
-from spar_core.segment import TextClassifier, predict
+from spar_core.sliding import default_stride
 
 # ---------------------------------------------------------------------------------------------- files
 
@@ -182,11 +181,15 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
     pal = make_palette(len(classes))
     used: set[str] = set()
     records = []
+    opts = {
+        k: getattr(cfg, k)
+        for k in ("mode", "crop", "stride", "precision", "logit_scale", "prob_thd", "area_thd")
+    }
     with storage.staged_dir(cfg.out) as staged:
         out_dir = Path(staged)
         for path, img in photos:
             x, size = model_input(img, cfg.short_side, cfg.long_side, bb.patch_size)
-            pred = _segment_one(bb, clf, x, img.shape[:2], cfg)  # (H, W)
+            pred = label_map(bb, clf, x, img.shape[:2], **opts).cpu().numpy()  # (H, W)
             stem = safe_stem(str(path), used)
             ov, lab = out_path(out_dir, f"{stem}_overlay.png"), out_path(out_dir, f"{stem}_labels.png")
             overlay(img, pred, names, pal, cfg.alpha).save(ov)
@@ -202,23 +205,6 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
         }
         out_path(out_dir, "classes.json").write_text(json.dumps(meta, indent=1))
     return records
-
-
-def _segment_one(
-    bb: Backbone, clf: TextClassifier, x: np.ndarray, out_size: tuple[int, int], cfg: SegmentConfig
-) -> np.ndarray:
-    """Label map (H, W) at ``out_size`` of the model input ``x`` (h', w', 3)."""
-    feats = dense_features(bb, x, cfg.mode, cfg.crop, cfg.stride, cfg.precision)  # (1, h, w, D)
-    with torch.no_grad():
-        pred = predict(
-            feats,
-            clf,
-            out_size=out_size,
-            logit_scale=cfg.logit_scale,
-            prob_thd=cfg.prob_thd,
-            area_thd=cfg.area_thd,
-        )  # (1, H, W)
-    return pred[0].cpu().numpy()
 
 
 def _segment_record(

@@ -22,7 +22,7 @@ from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import EvalConfig
 from pipeline.eval.model import dense_features, load_model, protocol_size, resize_rgb
 from pipeline.eval.segment import published, read_photo, safe_stem
-from pipeline.train.checkpoint import read_backbone_info
+from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 
 __all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "run_cli"]

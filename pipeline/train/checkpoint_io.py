@@ -11,7 +11,7 @@ writes and its ``eval.py`` reads:
 
 The file is read with ``torch.load(weights_only=True)`` (or safetensors); a file holding Python objects that
 refuses is reported with the object named and a one-line conversion. The result is a student checkpoint
-(:mod:`pipeline.train.checkpoint` layout): base backbone ``NAME`` built from ``--pretrained`` (the weights the authors
+(:mod:`pipeline.student.format` layout): base backbone ``NAME`` built from ``--pretrained`` (the weights the authors
 started from, e.g. ``laion2b_s34b_b88k`` for MaskCLIP; default: random seeded), and ``student.safetensors``
 holding every parameter that differs from that base, so ``eval``/``segment``/``embed`` load it as any student.
 The import is checked by reloading the student and comparing every tensor with the file.
@@ -35,8 +35,14 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.common.errors import UserError
 from pipeline.common.storage import sha256_of
-from pipeline.train.checkpoint import CheckpointError, load_student, save_student
-from spar_core.backbones import QUICKGELU_SUFFIX, Backbone, build_backbone, tiny_model_config
+from pipeline.student.format import CheckpointError, StudentMeta, load_student, save_student
+from spar_core.backbones import (
+    QUICKGELU_SUFFIX,
+    Backbone,
+    build_backbone,
+    check_state_dict,
+    tiny_model_config,
+)
 
 LIGHTNING_PREFIX = "segmentor.net."  # LightningSegmentor.segmentor (VitForSegmentation).net (the wrapper)
 WRAPPER_PREFIX = "model."  # OpenCLIPWrapper / SigLIP2Wrapper .model (the open_clip model)
@@ -140,20 +146,8 @@ class ImportResult:
 def _changed_params(bb: Backbone, sd: dict[str, torch.Tensor], src: str) -> list[str]:
     """Check ``sd`` (open_clip keys) fits ``bb.model`` exactly and return the parameter names that differ."""
     own = bb.model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointIOError(
-            f"{src} does not fit backbone {bb.name}: {len(missing)} tensors missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); is --backbone right?"
-        )
-    wrong = [k for k in sd if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointIOError(
-            f"{src} does not fit backbone {bb.name}: {k} has shape {tuple(sd[k].shape)}, expected "
-            f"{tuple(own[k].shape)} ({len(wrong)} mismatching)"
-        )
+    what = f"{src} does not fit backbone {bb.name}"
+    check_state_dict(what, sd, own, error=CheckpointIOError, hint="; is --backbone right?")
     params = {n for n, _ in bb.model.named_parameters()}
     for k in set(own) - params:  # persistent buffers cannot be stored in a student: they must match the base
         if not torch.equal(sd[k].to(own[k].dtype), own[k]):
@@ -206,7 +200,7 @@ def import_checkpoint(
             **{k: v for k, v in info.items() if k != "container" and v is not None},
         }
     }
-    save_student(bb, out_dir, trainable_blocks=blocks, config=config, seed=seed)
+    save_student(bb, out_dir, StudentMeta(blocks, config, seed=seed))
     back = load_student(out_dir)
     mine = back.model.state_dict()
     diff = max(

@@ -45,9 +45,8 @@ class DistillConfig:
     shuffle_buffer: int = 64  # sample shuffle buffer per worker
     seed: int = 0  # data order and torch seed
     checkpoint_every: int = 500  # steps between checkpoints (and one at each epoch end)
-    keep_checkpoints: int = (
-        3  # Ray Train keeps this many (older good ones are the fall-back for corrupt ones)
-    )
+    # Ray Train keeps this many (older good ones are the fall-back for corrupt ones)
+    keep_checkpoints: int = 3
     log_every: int = 10  # flush per-step metrics to MLflow every this many steps
     workers: int = 1  # Ray Train workers (DDP ranks)
     cpus_per_worker: int = 1  # Ray CPUs per worker = torch threads
@@ -67,9 +66,8 @@ class DistillConfig:
     stride: int = 0  # online teacher stride (0 = the cache's, else 24 px: the paper's teacher at every crop)
     window_batch: int = 32  # online teacher windows per forward
     ray_address: str = ""  # "" = local in-process cluster (or RAY_ADDRESS)
-    stop_at_step: int = (
-        0  # > 0: end the run after this step's checkpoint, as if interrupted (resume continues)
-    )
+    # > 0: end the run after this step's checkpoint, as if interrupted (resume continues)
+    stop_at_step: int = 0
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "workers")

@@ -10,7 +10,7 @@
    a deleted checkpoint (and would train over older ones after a corrupt latest one); ``--resume`` then
    continues the run in a new Ray Train directory from the newest good checkpoint (:func:`_resume_ray_run`),
    same MLflow run, nothing deleted;
-3. **finish**: export the final student (:func:`pipeline.train.checkpoint.export_student`), log it, the resolved
+3. **finish**: export the final student (:func:`pipeline.train.export.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
 
 The workdir and the Ray Train storage may be local paths or URLs (``s3://bucket/prefix``, any fsspec scheme): the
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import posixpath
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,23 +70,21 @@ from pipeline.common.tasks import (
 from pipeline.common.trace import mark
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store, wait_for_server
 from pipeline.data.imageset import ImageSet, open_imageset
-from pipeline.data.stream import Planner, refs_from_imageset
-from pipeline.train.checkpoint import (
-    BACKBONE_FILE,
-    CheckpointError,
+from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_student
+from pipeline.train.config import DistillConfig, DistillError
+from pipeline.train.export import export_student
+from pipeline.train.loader_auto import size_loader
+from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
+from pipeline.train.progress import log, progress_bar
+from pipeline.train.run_dir import (
     checkpoint_location,
     checkpoints_newest_first,
-    export_student,
-    local_student,
     newest_good,
     ray_checkpoint,
     snapshot_missing,
-    step_of,
 )
-from pipeline.train.config import DistillConfig, DistillError
-from pipeline.train.loader_auto import size_loader
-from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
-from pipeline.train.progress import progress_bar
+from pipeline.train.state import step_of
+from pipeline.train.stream import Planner, refs_from_imageset
 from pipeline.train.tracking import log_loss_curve, log_student_model, start_run
 from pipeline.train.worker import train_worker
 from spar_core.backbones import Backbone, build_backbone
@@ -136,10 +133,6 @@ class _RayRun:
     dirs: list[str]  # every Ray Train directory of the run, oldest first (this one last)
 
 
-def _log(msg: str) -> None:
-    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
-
-
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     require_remote_store(cfg.workdir)
@@ -162,7 +155,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     client = MlflowClient(uri)
     _save_resolved(cfg, plan, client, run_id)
     if verbose():
-        _log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
+        log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
     try:
         with progress_bar(run_id, plan.total_steps) as actor:
             result = _fit(plan, RunLink(run_id, uri, actor), ray_run)
@@ -223,7 +216,7 @@ def _check_student_fits_cache(bb: Backbone, cache: TeacherCache) -> None:
             f"distill: student {bb.name} has patch size {bb.patch_size}, the cache {cache.patch_size}"
         )
     if bb.weights_id != cache.spec.weights_id:
-        _log(
+        log(
             f"warning: the student starts from {bb.weights_id}, the cache teacher was {cache.spec.weights_id}"
         )
 
@@ -265,7 +258,7 @@ def _loader_workers(cfg: DistillConfig, inputs: _Inputs, on_gpu: bool) -> int:
     dtype = inputs.cache.spec.dtype if inputs.cache is not None and not cfg.teacher_online else None
     spare = max(1, cluster_cpus() // cfg.workers - cfg.cpus_per_worker)  # CPUs per worker beyond its trainer
     sz = size_loader(inputs.ims, inputs.student, dtype, cfg.trainable_blocks, on_gpu, spare)
-    _log(f"loader_workers auto -> {sz.workers} ({sz.load_s * 1e3:.0f} ms decoding per sample vs a "
+    log(f"loader_workers auto -> {sz.workers} ({sz.load_s * 1e3:.0f} ms decoding per sample vs a "
          f"{sz.step_s * 1e3:.0f} ms {'GPU' if on_gpu else 'CPU'} step{'; capped by the CPUs' if sz.capped else ''})")  # fmt: skip
     return sz.workers
 
@@ -378,7 +371,7 @@ def _resume_ray_run(workdir: str, storage: str, run_name: str, here: _RayRun) ->
         f"resuming from {start}, the newest good checkpoint left" if start else "none is left: starting anew"
     )
     skipped = f"checkpoint {', '.join(missing)} no longer exists: skipped; " if missing else ""
-    _log(
+    log(
         f"{skipped}{using}. Ray Train would not resume {here.dirs[-1]} from it, so the run continues in "
         f"{join(storage, name)} (the earlier directories are kept as they are)"
     )

@@ -4,7 +4,6 @@ the run's images, its student and its device kind (the driver resolves it once; 
 
 from __future__ import annotations
 
-from pipeline.bench.measure import vit_arch, vit_dense_flops
 from pipeline.data.imageset import ImageSet
 from pipeline.data.loader_sizing import (
     CPU_STEP_FLOPS_PER_S,
@@ -15,6 +14,7 @@ from pipeline.data.loader_sizing import (
     student_step_flops,
 )
 from spar_core.backbones import Backbone
+from spar_core.flops import vit_arch, vit_dense_flops
 
 __all__ = ["size_loader"]
 

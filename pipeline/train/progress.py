@@ -17,9 +17,14 @@ from tqdm import tqdm
 
 from pipeline.common.tasks import LatestValue
 
-__all__ = ["progress_bar", "progress_actor"]
+__all__ = ["progress_bar", "progress_actor", "log"]
 
 NAMESPACE = "spar"
+
+
+def log(msg: str) -> None:
+    """One line of distill's report to stderr (driver and workers alike)."""
+    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
 
 
 def progress_actor(name: str) -> Any:

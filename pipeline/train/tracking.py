@@ -1,6 +1,6 @@
 """A distillation's MLflow run: created (or reopened on --resume) by the driver with the plan as params, lineage
 tags and the cache and image set as dataset inputs; fed per-step metrics by rank 0 (:class:`MetricLog`); closed with
-the loss-curve plot and the finished student as a registered pyfunc model (:mod:`pipeline.train.mlflow_model`).
+the loss-curve plot and the finished student as a registered pyfunc model (:mod:`pipeline.eval.mlflow_model`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def log_student_model(
     """The student as an MLflow pyfunc model (checkpoint files as artifacts), registered as ``register_as``."""
     import mlflow
 
-    from pipeline.train import mlflow_model  # on import it registers its model with mlflow.models.set_model
+    from pipeline.eval import mlflow_model  # on import it registers its model with mlflow.models.set_model
 
     tags = client.get_run(run_id).data.tags
     lineage = {

@@ -1,17 +1,16 @@
 """The Ray Train worker loop (every rank runs it): build the student, resume from the newest good checkpoint, stream
 this rank's image + target batches, step, report.
 
-Every rank streams its own shard pairs (:mod:`pipeline.data.stream`) at the exact data position of the checkpoint,
+Every rank streams its own shard pairs (:mod:`pipeline.train.stream`) at the exact data position of the checkpoint,
 trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
 ``checkpoint_every`` steps and at every epoch end; rank 0 attaches the training checkpoint
-(:mod:`pipeline.train.checkpoint`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
+(:mod:`pipeline.train.state`, :mod:`pipeline.train.run_dir`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
 and feeds the driver's progress bar.
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,28 +24,24 @@ import torch.distributed as dist
 from pipeline.common.trace import mark
 from pipeline.common.tracking import system_metrics
 from pipeline.data.imageset import open_imageset
-from pipeline.data.stream import PairedStream, Planner, make_loader, refs_from_imageset
-from pipeline.train.checkpoint import (
+from pipeline.student.format import StudentMeta
+from pipeline.train.plan import DistillPlan, RunLink
+from pipeline.train.progress import log, progress_actor
+from pipeline.train.run_dir import ray_checkpoint, restore_latest_good
+from pipeline.train.state import (
     TrainState,
     capture_rng,
     checkpoint_dir_name,
-    ray_checkpoint,
-    restore_latest_good,
     restore_rng,
     save_training_checkpoint,
 )
-from pipeline.train.plan import DistillPlan, RunLink
-from pipeline.train.progress import progress_actor
 from pipeline.train.step import StepRunner
+from pipeline.train.stream import PairedStream, Planner, make_loader, refs_from_imageset
 from pipeline.train.tracking import MetricLog
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.distill import trainable_parameters
 
 __all__ = ["train_worker"]
-
-
-def _log(msg: str) -> None:
-    print(f"[spar distill] {msg}", file=sys.stderr, flush=True)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -63,7 +58,7 @@ def train_worker(config: dict[str, Any]) -> None:
     runner, state = _build(plan, device, rank, world, config.get("start", ""))
     mark("model_ready")
     if state.step >= plan.total_steps:
-        _log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
+        log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
         return
     mlog = MetricLog(link.tracking_uri, link.run_id, plan.log_every) if rank == 0 else None
@@ -110,11 +105,11 @@ def _build(
     if restored is not None:
         state, weights, where = restored
         bb.load_trainable_state_dict({k: v.to(device) for k, v in weights.items()})
-        _log(f"rank {rank}: resumed from {where} at step {state.step} (epoch {state.epoch}, "
+        log(f"rank {rank}: resumed from {where} at step {state.step} (epoch {state.epoch}, "
              f"batch {state.batch_in_epoch})")  # fmt: skip
         saved_world = state.extra.get("world_size")
         if saved_world not in (None, world):
-            _log(
+            log(
                 f"warning: the checkpoint was written by {saved_world} workers, this run has {world}: the data "
                 "order changes from here on (samples may repeat or be skipped in the current epoch)"
             )
@@ -207,7 +202,7 @@ class _Loop:
                     self.mlog.flush()
                 self._report(metrics)
             if stop and state.step < plan.total_steps:
-                _log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
+                log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
                 break
         if self.mlog is not None:
             self.mlog.flush()
@@ -267,15 +262,11 @@ class _Loop:
         state.extra["mlflow_run_id"] = self.link.run_id
         state.extra["world_size"] = self.world
         with tempfile.TemporaryDirectory(prefix="spar-ckpt-") as tmp:
-            save_training_checkpoint(
-                runner.bb,
-                tmp,
-                state,
-                trainable_blocks=self.plan.trainable_blocks,
-                config=self.plan.checkpoint_config(),
-                cache_fingerprint=self.plan.cache_fingerprint or None,
-                seed=self.plan.backbone_seed,
+            p = self.plan
+            meta = StudentMeta(
+                p.trainable_blocks, p.checkpoint_config(), p.cache_fingerprint or None, p.backbone_seed
             )
+            save_training_checkpoint(runner.bb, tmp, state, meta)
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
             )

@@ -22,9 +22,8 @@ class RunConfig:
     workdir: str = "spar-work"
     experiment: str = "spar"
     source: str = ""  # raw training images (folder, list file, glob, s3://); "" = the bundled sample photos
-    heldout_source: str = (
-        ""  # raw held-out images for the fidelity report; "" = sample photos (if source is "")
-    )
+    # raw held-out images for the fidelity report; "" = sample photos (if source is "")
+    heldout_source: str = ""
     ray_address: str = ""  # "" = local in-process cluster (or RAY_ADDRESS)
     skip_eval: bool = False
 

@@ -25,7 +25,7 @@ from pipeline.common.tasks import set_verbose
 from pipeline.common.tracking import mlflow_runs_url, mlflow_ui_command, tracking_uri
 from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig, SegmentConfig
-from pipeline.train.checkpoint import read_backbone_info
+from pipeline.student.format import read_backbone_info
 from pipeline.train.config import DistillConfig
 from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, PipelineResult, Reporter, run_pipeline

@@ -1,4 +1,4 @@
-"""A Ray cluster of several nodes on this one machine with no shared disk, for the node-loss tests (issue 16).
+"""A Ray cluster of several nodes on this one machine with no shared disk, for the node-loss tests.
 
 * a Ray head (infra/local/start_ray_head.sh: token auth on, dashboard on 127.0.0.1, 0 CPUs: it runs the job
   drivers only) and two worker nodes, each a separate ``ray start --block`` process in its own session, with its

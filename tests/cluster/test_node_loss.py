@@ -1,4 +1,4 @@
-"""Losing a whole worker node mid-job on a cluster with no shared disk (issue 16): every piece of state on S3 (moto),
+"""Losing a whole worker node mid-job on a cluster with no shared disk: every piece of state on S3 (moto),
 the job submitted with `spar submit`, one worker node SIGKILLed at once (its raylet, agents and Ray workers).
 
 The figures of each recovery (what was killed and when, what was in flight on it, what was recomputed, how long
@@ -290,7 +290,8 @@ def _position(ckpt: str) -> tuple[int, int, int]:
 
 def _registered_step(fs, run_dir: str) -> int:
     """Step of the newest checkpoint Ray Train's controller has registered in the run directory (0 when none)."""
-    from pipeline.train.checkpoint import RAY_SNAPSHOT_FILE, step_of
+    from pipeline.train.run_dir import RAY_SNAPSHOT_FILE
+    from pipeline.train.state import step_of
 
     try:
         doc = json.loads(fs.cat(f"{run_dir}/{RAY_SNAPSHOT_FILE}"))
@@ -301,7 +302,7 @@ def _registered_step(fs, run_dir: str) -> int:
 
 
 def _checkpoint_steps(fs, run_dir: str) -> list[int]:
-    from pipeline.train.checkpoint import step_of
+    from pipeline.train.state import step_of
 
     try:
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(run_dir, refresh=True)]
@@ -315,7 +316,7 @@ def test_distill_survives_losing_the_worker_node_of_its_training_group(
 ):
     import torch
 
-    from pipeline.train.checkpoint import checkpoint_dir_name
+    from pipeline.train.state import checkpoint_dir_name
 
     prefix = f"s3://{BUCKET}/distill-node-loss"
     images = f"{prefix}/images"

@@ -1,4 +1,4 @@
-"""`spar submit pipeline` of the demo recipe on the three-node cluster with no shared disk (issue 16): raw images,
+"""`spar submit pipeline` of the demo recipe on the three-node cluster with no shared disk: raw images,
 image sets, caches, Ray Train storage, the student and eval outputs all under one ``s3://`` workdir (moto), MLflow
 through the tracking server (artifacts on S3). The result equals the same recipe run on one machine with a local
 workdir: the same cache fingerprints and equal features.

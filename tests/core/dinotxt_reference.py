@@ -1,7 +1,7 @@
 """An independent forward of Meta's dino.txt, written from Meta's module definitions
 (dinov3/models/vision_transformer.py, dinov3/layers/{attention,block,ffn_layers,rope_position_encoding}.py,
 dinov3/eval/text/{vision_tower,text_tower,text_transformer}.py) with plain torch ops over the two state dicts as
-Meta publishes them. It shares no code with spar_core.dinov3txt: RoPE is a complex rotation per position,
+Meta publishes them. It shares no code with spar_core.backbones: RoPE is a complex rotation per position,
 attention an explicit softmax. Used by tests/core/test_dinov3txt.py (and importable without the pipeline).
 """
 

@@ -1,7 +1,7 @@
 """DINOv3 dino.txt backbone: Meta's key layout, weight files, an independent forward, text, freezing, protocol.
 
 The reference forward (tests/core/dinotxt_reference.py) is written from Meta's module definitions with plain
-torch ops over the two state dicts as Meta publishes them; it shares no code with spar_core.dinov3txt.
+torch ops over the two state dicts as Meta publishes them; it shares no code with spar_core.backbones.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.eval.config import EvalConfig, resolve_protocol
+from pipeline.eval.config import EvalConfig
+from pipeline.eval.model import resolve_protocol
 from spar_core import build_backbone
 from spar_core.backbones import BackboneError, list_backbones
-from spar_core.dinov3txt import DinoTxtSpec, build_dinotxt, meta_state_dicts
+from spar_core.backbones.dinotxt_model import DinoTxtSpec, build_dinotxt, meta_state_dicts
 from tests.core.dinotxt_reference import ref_backbone_tokens, ref_head_tokens, ref_text
 
 TINY = dict(dim=64, heads=4, reg=4, text_heads=4)
@@ -55,7 +56,7 @@ def _randomised_files(tmp: Path, seed: int = 1) -> tuple[str, str, dict, dict]:
 
 
 def _tiny_spec_kwargs():
-    from spar_core.dinov3txt import DINOTXT_BACKBONES
+    from spar_core.backbones.dinov3txt import DINOTXT_BACKBONES
 
     s = DINOTXT_BACKBONES["tiny-dinov3txt"][0]
     return {f: getattr(s, f) for f in s.__dataclass_fields__}
@@ -183,7 +184,9 @@ def test_bad_weight_files_name_the_keys(tmp_path, files):
     missing = dict(bsd)
     del missing["blocks.1.attn.qkv.bias_mask"]
     torch.save(missing | {"extra.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(BackboneError, match=r"missing keys \['blocks.1.attn.qkv.bias_mask'\].*extra.weight"):
+    with pytest.raises(
+        BackboneError, match=r"missing \(e.g. \['blocks.1.attn.qkv.bias_mask'\]\).*extra.weight"
+    ):
         build_backbone("tiny-dinov3txt", pretrained=f"{tmp_path / 'bad.pth'},{ph}")
     torch.save({k: v for k, v in hsd.items() if not k.startswith("text_model.head")}, tmp_path / "h2.pth")
     with pytest.raises(BackboneError, match="text_model.head.linear_projection.weight"):

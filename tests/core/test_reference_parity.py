@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from spar_core import build_backbone
-from spar_core.backbones import (
+from spar_core.backbones.openclip import (
     _family_mean_std,
     _tag_wants_quick_gelu,
     interpolate_grid_pos,

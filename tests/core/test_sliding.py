@@ -23,7 +23,7 @@ def naive_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 def naive_teacher(bb, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
-    """DESIGN §2 step by step: every window alone, every cell added by hand."""
+    """The sliding-window recipe step by step: every window alone, every cell added by hand."""
     b, _, h, w = x.shape
     p = bb.patch_size
     r = 1
@@ -79,7 +79,7 @@ def test_teacher_handles_axis_shorter_than_crop(tiny):
 @pytest.mark.parametrize("stride", [16, 32, 64])
 def test_image_equal_to_crop_is_single_pass(tiny, stride):
     # With r = 1 (stride a multiple of the patch) one window is folded and resized unchanged. (With r > 1 the
-    # DESIGN's bilinear up-by-r then down-to-patch-grid smooths even a single window.)
+    # bilinear up-by-r then down-to-patch-grid smooths even a single window.)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         single = tiny.dense(x)

@@ -287,7 +287,7 @@ def test_submit_demo_pipeline_logs_to_a_tracking_server(ray_head: RayHead, tmp_p
     import mlflow
 
     from pipeline.cache.reader import open_cache
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from tests.e2e.conftest import mlflow_server
 
     work = tmp_path / "work"

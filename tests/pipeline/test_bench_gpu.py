@@ -18,14 +18,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench.gpu import driver as bench_gpu
-from pipeline.bench.gpu.context import photo
-from pipeline.bench.gpu.plan import CPU_PLAN, REL_TOL, SECTIONS, UNIT_ROUNDOFF
-from pipeline.bench.gpu.projection import project_precompute
-from pipeline.bench.gpu.report import Report, check
-from pipeline.bench.gpu.runner import run_section
-from pipeline.bench.measure import SIGLIP2_B16_512, vit_arch, vit_dense_flops
+from pipeline.bench.gpu import command as bench_gpu
+from pipeline.bench.gpu.checks import project_precompute
+from pipeline.bench.gpu.harness import (
+    CPU_PLAN,
+    REL_TOL,
+    SECTIONS,
+    UNIT_ROUNDOFF,
+    Report,
+    check,
+    photo,
+    run_section,
+)
 from spar_core.backbones import build_backbone
+from spar_core.flops import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 
 
 def _read(out: Path) -> dict:
@@ -196,9 +202,8 @@ def _check_correctness(cor: dict) -> None:
             e = c[part]
             assert math.isfinite(e["rel_l2"]) and e["rel_l2"] <= REL_TOL[c["precision"]], c
             assert e["ok"] is True
-        if (
-            c["precision"] != "fp32"
-        ):  # rounding really happened: the comparison is not of a tensor with itself
+        # rounding really happened: the comparison is not of a tensor with itself
+        if c["precision"] != "fp32":
             assert c["teacher"]["rel_l2"] > 0.1 * UNIT_ROUNDOFF[c["precision"]]
     # the reference is what this test computes independently on the same photo
     name, h, w = plan.correctness[0]

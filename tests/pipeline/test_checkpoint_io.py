@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
-from pipeline.train.checkpoint import BACKBONE_FILE, STUDENT_FILE, load_student, save_student
+from pipeline.student.format import BACKBONE_FILE, STUDENT_FILE, StudentMeta, load_student, save_student
 from pipeline.train.checkpoint_io import CheckpointIOError, export_open_clip, import_checkpoint
 from spar_core.backbones import build_backbone
 from tests.core.test_reference_parity import ref_maskclip, rel
@@ -180,7 +180,7 @@ def test_cli_import_then_export_loads_with_open_clip_alone(tmp_path, capsys):
 def test_export_vitb16_loads_in_open_clip(tmp_path):
     bb = _spar_trained("maskclip-vit-b16", blocks=(10, 11))
     bb.set_trainable(2)
-    save_student(bb, tmp_path / "s", trainable_blocks=2, config={})
+    save_student(bb, tmp_path / "s", StudentMeta(2))
     res = export_open_clip(tmp_path / "s", tmp_path / "vitb16.pt")
     assert res.open_clip_name == "ViT-B-16" and res.model_config is None and not res.force_quick_gelu
     oc = open_clip.create_model("ViT-B-16", pretrained=res.file).eval()
@@ -202,7 +202,7 @@ def test_quick_gelu_student_from_a_local_file_round_trips(tmp_path):
     save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(f))
     bb = build_backbone("tiny-clip-64", pretrained=str(f), quick_gelu=True)
     bb.set_trainable(1)
-    student = load_student(save_student(bb, tmp_path / "s", trainable_blocks=1, config={}))
+    student = load_student(save_student(bb, tmp_path / "s", StudentMeta(1)))
     assert student.name == "tiny-clip-64-quickgelu" and student.quick_gelu
     assert student.weights_id == bb.weights_id and student.weights_id.endswith("+quickgelu")
     x = torch.randn(1, 3, 64, 96)

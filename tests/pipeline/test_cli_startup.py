@@ -4,6 +4,7 @@ open_clip or webdataset; a command's work is imported when it runs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -62,17 +63,24 @@ def test_command_help_imports_no_heavy_library(command: str) -> None:
     assert _heavy(mods) == [], f"spar {command} --help imports {_heavy(mods)}"
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser) of every command and sub-command below ``parser`` that has no sub-commands."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaf_parsers(sub, (*path, name))
+
+
 def test_every_command_parses_to_a_handler() -> None:
-    """Each registered command's parser names the function that runs it."""
+    """Each registered command and sub-command, with required arguments or without, names the function that runs
+    it (read from its parser's defaults, so nothing has to be parsed)."""
     from pipeline.cli import build_parser, resolve_handler
 
-    argv = {"bench": ["bench", "core"], "cache": ["cache", "ls"]}
     for command in COMMANDS:
-        parser = build_parser(command)
-        sub = next(a for a in parser._actions if a.dest == "command")
-        assert command in sub.choices
-        try:
-            args = parser.parse_args(argv.get(command, [command]))
-        except SystemExit:  # required positional arguments: registration is what is checked here
-            continue
-        assert callable(resolve_handler(args)), command
+        leaves = [(p, sub) for p, sub in _leaf_parsers(build_parser(command)) if p[:1] == (command,)]
+        assert leaves, command
+        for path, sub in leaves:
+            args = argparse.Namespace(handler=sub.get_default("handler"), func=sub.get_default("func"))
+            assert callable(resolve_handler(args)), " ".join(path)

@@ -36,7 +36,7 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
     from pipeline.data.imageset import open_imageset
     from pipeline.eval.benchmark import evaluate
     from pipeline.eval.config import EvalConfig
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from pipeline.workflow.config import load_recipe
     from pipeline.workflow.orchestrator import run_pipeline
     from spar_core import build_backbone
@@ -97,5 +97,11 @@ def test_tiny_dinov3txt_through_the_pipeline(tmp_path: Path, ray_local) -> None:
         EvalConfig(dataset="voc21", data_root=str(tmp_path / "voc"), checkpoint=out.checkpoint,
                    short_side=64, templates="simple", mlflow=False, overlays=0, workdir=str(tmp_path / "work"))
     )  # fmt: skip
-    assert res["images"] == 2 and 0.0 <= res["miou"] <= 100.0  # percent
+    assert res["images"] == 2
+    # the counts against the labels written above, the mIoU (percent) against the counts
+    labelled = np.bincount(np.concatenate([lab.ravel() for lab in labels.values()]), minlength=21)
+    assert res["label_pixels"] == labelled.tolist()
+    inter, union = np.array(res["intersection"]), np.array(res["union"])
+    assert (inter <= labelled).all() and (union >= labelled).all()
+    assert res["miou"] == pytest.approx(100 * np.mean(inter[union > 0] / union[union > 0]))
     assert res["protocol"]["logit_scale"] == 65.0 and res["protocol"]["area_thd"] == 0.0

@@ -16,7 +16,8 @@ from pipeline.cli import main
 from pipeline.common.config import ConfigError, config_from_cli
 from pipeline.data.datasets import DatasetError
 from pipeline.eval.benchmark import evaluate
-from pipeline.eval.config import EvalConfig, EvalError, resolve_protocol
+from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.model import resolve_protocol
 from pipeline.eval.runs import RunsError, compare_runs, format_table
 from pipeline.eval.speed import speed_report
 from spar_core.metrics import IoUAccumulator
@@ -242,7 +243,7 @@ def test_config_recipe_and_cli_flags(tmp_path):
 def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):
     import torch
 
-    from pipeline.train.checkpoint import save_student
+    from pipeline.student.format import StudentMeta, save_student
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64")
@@ -251,7 +252,7 @@ def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):
         for p in bb.parameters():
             if p.requires_grad:
                 p.mul_(1.5)
-    ckpt = save_student(bb, tmp_path / "ckpt", trainable_blocks=1, config={}, cache_fingerprint="abc123")
+    ckpt = save_student(bb, tmp_path / "ckpt", StudentMeta(1, {}, "abc123"))
     res = evaluate(_cfg(voc_root, tmp_path, baseline=False, backbone="", checkpoint=str(ckpt), max_images=1,
                         overlays=1, run_name="stud"))  # fmt: skip
     assert res["images"] == 1 and res["model"]["backbone"] == "tiny-clip-64"

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.eval.config import EvalConfig, EvalError
 from pipeline.eval.fidelity import fidelity_report
-from tests.builders import tiny_cache, write_photo_pngs
+from tests.builders import perturbed_student, tiny_cache, write_photo_pngs
 
 CLASSES = "sky;person,people;wall;tree;road;cat;cup"
 
@@ -22,8 +22,7 @@ def held_out(tmp_path_factory, ray_local):
     """Real photos ingested (no augmentation, small), a tiny teacher cache, and a perturbed student."""
     from pipeline.data.config import IngestConfig
     from pipeline.data.ingest import ingest
-    from pipeline.train.checkpoint import save_student
-    from spar_core.backbones import build_backbone
+    from pipeline.student.format import StudentMeta, save_student
 
     root = tmp_path_factory.mktemp("fid")
     src = write_photo_pngs(root / "src", ("astronaut", "coffee", "chelsea"))
@@ -31,16 +30,8 @@ def held_out(tmp_path_factory, ray_local):
         str(src), str(root / "set"), IngestConfig(augment=False, max_side=96, shard_size=2), progress=False
     )
     cache = tiny_cache(str(root / "set"), root / "cache", device="cpu")
-    bb = build_backbone("tiny-clip-64")
-    bb.set_trainable(2)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    ckpt = save_student(
-        bb, root / "student", trainable_blocks=2, config={}, cache_fingerprint=Path(cache).name
-    )
+    bb = perturbed_student(seed=1)
+    ckpt = save_student(bb, root / "student", StudentMeta(2, {}, Path(cache).name))
     return root / "set", cache, ckpt
 
 
@@ -49,7 +40,7 @@ def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, fl
     each prediction against the teacher's from a numpy confusion matrix."""
     from pipeline.cache.reader import open_cache
     from pipeline.data.imageset import open_imageset
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from spar_core.backbones import build_backbone
     from spar_core.segment import build_classifier, parse_classes, predict
 
@@ -124,7 +115,7 @@ def test_quality_vs_cost_curve(held_out, tmp_path):
     """Speed report with --images: cosine of each method to the finest-stride teacher, checked directly."""
     from pipeline.data.imageset import open_imageset
     from pipeline.eval.speed import speed_report
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from spar_core.backbones import build_backbone
     from spar_core.sliding import sliding_window_features
 

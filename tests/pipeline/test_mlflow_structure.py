@@ -85,7 +85,7 @@ def test_system_metrics_on_precompute_distill_and_eval_runs(pipeline_runs) -> No
 
 
 def _naive_windows(length: int, crop: int, stride: int) -> int:
-    """Window starts along one axis, counted by hand (DESIGN §2: 0, s, 2s, ... plus the boundary window)."""
+    """Window starts along one axis, counted by hand (0, s, 2s, ... plus the boundary window)."""
     if length <= crop:
         return 1
     starts = set(range(0, length - crop + 1, stride)) | {length - crop}
@@ -132,7 +132,7 @@ def test_one_name_per_parameter_with_the_resolved_value(pipeline_runs) -> None:
 def test_student_is_a_registered_pyfunc_model_giving_the_projects_features(pipeline_runs) -> None:
     import mlflow
 
-    from pipeline.train.checkpoint import load_student
+    from pipeline.student.format import load_student
     from spar_core.segment import predict
 
     res = pipeline_runs["res"]

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.data.resize import resize_linear
-from pipeline.eval.config import EmbedConfig, EvalConfig, default_stride, resolve_protocol
-from pipeline.eval.model import model_input, protocol_size
+from pipeline.eval.config import EmbedConfig, EvalConfig
+from pipeline.eval.model import model_input, protocol_size, resolve_protocol
 from pipeline.eval.segment import embed_images
 from pipeline.eval.speed import speed_strides
+from spar_core.sliding import default_stride
 from tests.conftest import load_photo
 from tests.cv2_reference import cv2_fixed_pixel, cv2_linear, cv2_linear_float, cv2_linear_pixel
 

@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.common.config import ConfigError
-from pipeline.train.checkpoint import STUDENT_FILE, load_student, save_student
+from pipeline.student.format import STUDENT_FILE, StudentMeta, load_student, save_student
 from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args, distill
 from spar_core.backbones import build_backbone
+from tests.builders import perturbed_student
 from tests.conftest import load_photo
 from tests.core.test_reference_parity import ref_maskclip, rel
 
@@ -86,15 +87,10 @@ def test_spar_all_distill_checkpoint_holds_the_image_tower_and_loads_everywhere(
 
 def test_spar_all_student_checkpoint_round_trip(tmp_path: Path) -> None:
     """Fast companion of the Ray test: a whole-tower student is saved in full and loads exactly."""
-    bb = build_backbone("tiny-clip-224", seed=0)
-    names = bb.set_trainable("all")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    bb = perturbed_student("tiny-clip-224", "all", scale=0.02, seed=3)
+    names = [n for n, p in bb.named_parameters() if p.requires_grad]
     src = {k: v.clone() for k, v in bb.model.state_dict().items()}
-    out = save_student(bb, tmp_path / "s", trainable_blocks="all", config={})
+    out = save_student(bb, tmp_path / "s", StudentMeta("all"))
     assert set(load_file(str(out / STUDENT_FILE))) == set(names)
     ref = build_backbone("tiny-clip-224", seed=0)
     ref.model.load_state_dict(src, strict=True)  # independent: plain open_clip load of the perturbed weights

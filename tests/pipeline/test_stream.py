@@ -9,15 +9,16 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.data.stream import (
+from pipeline.data.imageset import ImageRecord
+from pipeline.train.stream import (
     PairedStream,
     Planner,
-    SampleRef,
     StreamError,
     ThreadPrefetch,
     bucket_batches,
@@ -33,13 +34,13 @@ def data(paired) -> dict[str, str]:
     return paired
 
 
-def _refs(n_shards: int, per: int, sizes: list[tuple[int, int]] | None = None) -> list[list[SampleRef]]:
+def _refs(n_shards: int, per: int, sizes: list[tuple[int, int]] | None = None) -> list[list[ImageRecord]]:
     out, k = [], 0
     for s in range(n_shards):
         shard = []
         for _ in range(per):
             h, w = sizes[k % len(sizes)] if sizes else (64, 64)
-            shard.append(SampleRef(f"img{k:03d}", s, h, w, ""))
+            shard.append(ImageRecord(f"img{k:03d}", s, h, w, "", ""))
             k += 1
         out.append(shard)
     return out
@@ -178,12 +179,12 @@ def test_decode_checks_size_and_pixel_hash(data: dict[str, str]) -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     png = buf.getvalue()
-    ok = SampleRef(rec.key, rec.shard, rec.height, rec.width, pixel_sha256(arr))
+    ok = replace(rec, pixel_sha256=pixel_sha256(arr))
     np.testing.assert_array_equal(decode_png(png, ok), arr)
     with pytest.raises(StreamError, match="pixel sha256"):
-        decode_png(png, SampleRef(rec.key, rec.shard, rec.height, rec.width, "0" * 64))
+        decode_png(png, replace(rec, pixel_sha256="0" * 64))
     with pytest.raises(StreamError, match="manifest says"):
-        decode_png(png, SampleRef(rec.key, rec.shard, rec.height + 16, rec.width, ok.sha256))
+        decode_png(png, replace(rec, height=rec.height + 16))
 
 
 def test_refs_follow_the_manifest(data: dict[str, str]) -> None:

@@ -19,7 +19,7 @@ import torch
 from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CachePairingError
 from pipeline.data.imageset import open_imageset
-from pipeline.train.checkpoint import load_student
+from pipeline.student.format import load_student
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
 from pipeline.train.step import StepRunner
@@ -94,8 +94,8 @@ def test_two_workers_reduce_the_loss(resumed, data) -> None:
 def _naive_ddp_reference(data, cfg: DistillConfig) -> dict[str, torch.Tensor]:
     """The same training as a plain single-process loop: each step averages the two ranks' losses (what DDP's
     gradient all-reduce computes), images and targets read independently (ImageSet.read, TeacherCache.features)."""
-    from pipeline.data.stream import Planner, refs_from_imageset
     from pipeline.train.step import lr_at
+    from pipeline.train.stream import Planner, refs_from_imageset
 
     ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
     planner = Planner(refs_from_imageset(ims), seed=cfg.seed, world_size=2, shuffle_buffer=cfg.shuffle_buffer)
@@ -225,7 +225,7 @@ def _trainable(ckpt_dir: str) -> dict[str, torch.Tensor]:
 
 def test_online_teacher_step_matches_the_cached_targets(data) -> None:
     """Online mode computes the same targets the cache holds (cache: fp16 storage of a bf16 teacher)."""
-    from pipeline.data.stream import PairedStream, make_loader
+    from pipeline.train.stream import PairedStream, make_loader
 
     cache = open_cache(data["cache"])
     cfg = DistillConfig(images=data["images"], teacher_online=True, lr=1e-3)

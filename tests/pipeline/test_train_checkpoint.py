@@ -13,40 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.checkpoint import (
-    STUDENT_FILE,
-    CheckpointError,
-    TrainState,
-    capture_rng,
-    checkpoint_dir_name,
-    load_student,
-    load_training_checkpoint,
-    restore_rng,
-    save_student,
-    save_training_checkpoint,
-)
+from pipeline.student.format import STUDENT_FILE, CheckpointError, StudentMeta, load_student, save_student
 from pipeline.train.cli import add_cli
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import config_from_args
+from pipeline.train.state import (
+    TrainState,
+    capture_rng,
+    checkpoint_dir_name,
+    load_training_checkpoint,
+    restore_rng,
+    save_training_checkpoint,
+)
 from pipeline.train.step import lr_at
 from spar_core.backbones import build_backbone
+from tests.builders import perturbed_student
 
 
 def _trained_tiny(seed: int = 0, k: int = 2):
-    bb = build_backbone("tiny-clip-64", seed=seed)
-    bb.set_trainable(k)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
-    return bb
+    return perturbed_student(trainable=k, scale=0.01, backbone_seed=seed)
 
 
 def test_student_round_trip_and_identity(tmp_path: Path) -> None:
     bb = _trained_tiny()
-    out = save_student(
-        bb, tmp_path / "student", trainable_blocks=2, config={"lr": 1.0}, cache_fingerprint="ab" * 32
-    )
+    out = save_student(bb, tmp_path / "student", StudentMeta(2, {"lr": 1.0}, "ab" * 32))
     info = json.loads((out / "backbone.json").read_text())
     assert info["name"] == "tiny-clip-64" and info["weights_id"] == bb.weights_id
     assert info["trainable_blocks"] == 2 and info["cache_fingerprint"] == "ab" * 32
@@ -67,7 +57,7 @@ def test_student_round_trip_and_identity(tmp_path: Path) -> None:
 
 
 def test_student_of_other_base_weights_is_refused(tmp_path: Path) -> None:
-    out = save_student(_trained_tiny(), tmp_path / "s", trainable_blocks=2, config={})
+    out = save_student(_trained_tiny(), tmp_path / "s", StudentMeta(2))
     info = json.loads((out / "backbone.json").read_text())
     info["seed"] = 1  # a different random base model: weights_id random:tiny-clip-64:seed1
     (out / "backbone.json").write_text(json.dumps(info))
@@ -77,7 +67,7 @@ def test_student_of_other_base_weights_is_refused(tmp_path: Path) -> None:
 
 
 def test_corrupt_student_is_reported(tmp_path: Path) -> None:
-    out = save_student(_trained_tiny(), tmp_path / "s", trainable_blocks=2, config={})
+    out = save_student(_trained_tiny(), tmp_path / "s", StudentMeta(2))
     data = bytearray((out / STUDENT_FILE).read_bytes())
     data[-5] ^= 0xFF
     (out / STUDENT_FILE).write_bytes(bytes(data))
@@ -115,7 +105,7 @@ def test_training_state_restores_exactly(tmp_path: Path) -> None:
     torch.manual_seed(7)
     state = TrainState(step=3, epoch=1, batch_in_epoch=2, optimizer=opt.state_dict(), rng=capture_rng(),
                        extra={"note": "x"})  # fmt: skip
-    d = save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(3), state, trainable_blocks=2, config={})
+    d = save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(3), state, StudentMeta(2))
     expect = (random.random(), float(np.random.rand()), float(torch.rand(1)))
 
     restored, weights = load_training_checkpoint(d)
@@ -143,13 +133,14 @@ def test_training_state_restores_exactly(tmp_path: Path) -> None:
 def test_corrupt_checkpoint_falls_back_to_previous_good(tmp_path: Path) -> None:
     bb = _trained_tiny()
     for step in (2, 4, 6):
-        save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(step), TrainState(step=step), trainable_blocks=2,
-                                 config={})  # fmt: skip
+        save_training_checkpoint(
+            bb, tmp_path / checkpoint_dir_name(step), TrainState(step=step), StudentMeta(2)
+        )
     (tmp_path / checkpoint_dir_name(6) / "train_state.json").write_text("{not json")
     (tmp_path / checkpoint_dir_name(4) / "checksums.json").unlink()  # an interrupted write
     from ray.train import Checkpoint
 
-    from pipeline.train.checkpoint import restore_latest_good
+    from pipeline.train.run_dir import restore_latest_good
 
     logged: list[str] = []
     found = restore_latest_good(Checkpoint(path=str(tmp_path / checkpoint_dir_name(6))), log=logged.append)

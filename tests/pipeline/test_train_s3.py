@@ -27,25 +27,20 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file
 
 from pipeline.common import storage
-from pipeline.train.checkpoint import (
+from pipeline.student.format import (
     CHECKSUMS_FILE,
-    RAY_SNAPSHOT_FILE,
     STUDENT_FILE,
     CheckpointError,
-    TrainState,
-    checkpoint_dir_name,
-    checkpoints_newest_first,
-    export_student,
+    StudentMeta,
     load_student,
-    newest_good,
     read_backbone_info,
-    save_training_checkpoint,
-    snapshot_missing,
 )
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import _continuation_name, distill
-from spar_core.backbones import build_backbone
-from tests.builders import moto_s3
+from pipeline.train.export import export_student
+from pipeline.train.run_dir import RAY_SNAPSHOT_FILE, checkpoints_newest_first, newest_good, snapshot_missing
+from pipeline.train.state import TrainState, checkpoint_dir_name, save_training_checkpoint
+from tests.builders import moto_s3, perturbed_student
 
 BUCKET = "spar-train"
 STEPS = 4
@@ -77,15 +72,9 @@ def _spar(
 
 
 def _tiny_checkpoint(d: Path, step: int, seed: int = 0) -> Path:
-    bb = build_backbone("tiny-clip-64", seed=0)
-    bb.set_trainable(2)
-    g = torch.Generator().manual_seed(seed + step)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    bb = perturbed_student(scale=0.01, seed=seed + step)
     return save_training_checkpoint(
-        bb, d / checkpoint_dir_name(step), TrainState(step=step), trainable_blocks=2, config={"step": step}
+        bb, d / checkpoint_dir_name(step), TrainState(step=step), StudentMeta(2, {"step": step})
     )
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.cache.reader import open_cache
@@ -30,10 +29,9 @@ from pipeline.common.photos import TRAIN_PHOTOS, write_photos
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import SegmentConfig
 from pipeline.eval.segment import segment_images
-from pipeline.train.checkpoint import save_student
+from pipeline.student.format import StudentMeta, save_student
 from pipeline.workflow.config import load_recipe
-from spar_core.backbones import build_backbone
-from tests.builders import moto_s3
+from tests.builders import moto_s3, perturbed_student
 from tests.conftest import load_photo
 from tests.e2e.conftest import ROOT, clean_env
 
@@ -90,14 +88,8 @@ def _photos(d: Path, names: tuple[str, ...]) -> Path:
 
 def _student(path: Path) -> str:
     """A tiny-clip-64 student (the demo teacher's backbone) whose last two blocks moved: built with local code."""
-    bb = build_backbone("tiny-clip-64", seed=0)
-    bb.set_trainable(2)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return str(save_student(bb, path, trainable_blocks=2, config={}))
+    bb = perturbed_student(seed=5)
+    return str(save_student(bb, path, StudentMeta(2)))
 
 
 def _tree(root: Path) -> list[str]:

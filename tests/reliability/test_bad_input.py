@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.builders import make_imageset
+from tests.builders import make_imageset, perturbed_student
 from tests.reliability.conftest import REPO, assert_user_error, cli_env, run_main
 
 
@@ -49,20 +49,13 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, rel_imageset, rel_reference_cache) -> Env:
     """Good inputs to break one at a time: an image set, its cache, another image set, a student checkpoint."""
-    import torch
 
-    from pipeline.train.checkpoint import save_student
-    from spar_core.backbones import build_backbone
+    from pipeline.student.format import StudentMeta, save_student
 
     tmp = tmp_path_factory.mktemp("bad-input")
     other = make_imageset(tmp / "other", n=8, shard_size=2, seed=5)
-    bb = build_backbone("tiny-clip-64")
-    bb.set_trainable(2)
-    with torch.no_grad():
-        for p in bb.parameters():
-            if p.requires_grad:
-                p.add_(0.01)
-    student = save_student(bb, tmp / "student", trainable_blocks=2, config={})
+    bb = perturbed_student(scale=0.01)
+    student = save_student(bb, tmp / "student", StudentMeta(2))
     (tmp / "imgs").mkdir()
     photo = tmp / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 112, 3), np.uint8)).save(photo)
@@ -94,7 +87,7 @@ def _doctored_student(e: Env, name: str, change: Callable[[dict], None]) -> str:
     """A copy of the student checkpoint with backbone.json edited (checksums rewritten to match)."""
     import shutil
 
-    from pipeline.train.checkpoint import write_checksums
+    from pipeline.student.format import write_checksums
 
     d = e.tmp / name
     if not d.exists():

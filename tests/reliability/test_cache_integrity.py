@@ -117,7 +117,7 @@ def _first_key(path: str) -> str:
 
 
 def _stream_targets(images: str, cache: str) -> dict[str, np.ndarray]:
-    from pipeline.data.stream import PairedStream, make_loader
+    from pipeline.train.stream import PairedStream, make_loader
 
     n = len(open_cache(cache).keys())
     stream = PairedStream(images, cache, seed=0, rank=0, world_size=1, patch_size=16, num_batches=n)
@@ -132,7 +132,7 @@ def test_training_stream_never_serves_damaged_rows(cache_copy, rel_imageset):
     """Single-byte flips all over a chunk (before cache.py verified reads, ~90% of them still decoded and changed
     the rows silently): the training stream either refuses with an error naming the shard or key, or serves the
     exact original rows. Never a silently different target."""
-    from pipeline.data.stream import StreamError
+    from pipeline.train.stream import StreamError
 
     key = _first_key(cache_copy)
     good = np.asarray(open_cache(cache_copy).features(key), dtype=np.float32)

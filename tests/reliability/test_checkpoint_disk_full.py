@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.train.checkpoint import checkpoint_dir_name, checkpoints_newest_first, newest_good
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
+from pipeline.train.run_dir import checkpoints_newest_first, newest_good
+from pipeline.train.state import checkpoint_dir_name
 from tests.builders import paired_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -61,12 +61,12 @@ def marker(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory) -> Path:
-    from pipeline.train.checkpoint import save_student
+    from pipeline.student.format import StudentMeta, save_student
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64")
     bb.set_trainable(2)
-    return save_student(bb, tmp_path_factory.mktemp("sec") / "student", trainable_blocks=2, config={})
+    return save_student(bb, tmp_path_factory.mktemp("sec") / "student", StudentMeta(2))
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def photo(tmp_path) -> Path:
 @pytest.mark.parametrize("fmt", ["pickle", "torch-zip"])
 @pytest.mark.parametrize("checksums", ["stale", "rewritten-by-attacker"])
 def test_pickle_as_student_weights_is_refused(student_dir, tmp_path, marker, photo, capsys, fmt, checksums):
-    from pipeline.train.checkpoint import write_checksums
+    from pipeline.student.format import write_checksums
 
     d = tmp_path / "ckpt"
     shutil.copytree(student_dir, d)
@@ -109,22 +109,22 @@ def test_pickle_as_pretrained_weights_file_is_refused(tmp_path, marker, photo, c
 
 
 def test_pickle_in_a_training_checkpoint_is_refused_and_the_previous_one_used(student_dir, tmp_path, marker):
-    from pipeline.train.checkpoint import (
-        CheckpointError,
+    from pipeline.student.format import CheckpointError, StudentMeta, write_checksums
+    from pipeline.train.run_dir import restore_latest_good
+    from pipeline.train.state import (
         TrainState,
         checkpoint_dir_name,
         load_training_checkpoint,
-        restore_latest_good,
         save_training_checkpoint,
-        write_checksums,
     )
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64")
     bb.set_trainable(2)
     for step in (1, 2):
-        save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(step), TrainState(step=step),
-                                 trainable_blocks=2, config={})  # fmt: skip
+        save_training_checkpoint(
+            bb, tmp_path / checkpoint_dir_name(step), TrainState(step=step), StudentMeta(2)
+        )
     bad = tmp_path / checkpoint_dir_name(2)
     (bad / "train_state.safetensors").write_bytes(pickle_bytes(marker))
     write_checksums(bad)  # the attacker also fixes the checksums

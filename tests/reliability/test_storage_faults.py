@@ -205,20 +205,16 @@ def test_a_student_upload_cut_off_by_a_persistent_error_is_never_read_as_complet
     refused as incomplete, and the same export once storage is back gives the local copy's weights."""
     import torch
 
-    from pipeline.train.checkpoint import (
-        CheckpointError,
-        TrainState,
-        checkpoint_dir_name,
-        export_student,
-        load_student,
-        save_training_checkpoint,
-    )
+    from pipeline.student.format import CheckpointError, StudentMeta, load_student
+    from pipeline.train.export import export_student
+    from pipeline.train.state import TrainState, checkpoint_dir_name, save_training_checkpoint
     from spar_core.backbones import build_backbone
 
     bb = build_backbone("tiny-clip-64", seed=0)
     bb.set_trainable(2)
-    src = save_training_checkpoint(bb, tmp_path / checkpoint_dir_name(3), TrainState(step=3),
-                                   trainable_blocks=2, config={"step": 3})  # fmt: skip
+    src = save_training_checkpoint(
+        bb, tmp_path / checkpoint_dir_name(3), TrainState(step=3), StudentMeta(2, {"step": 3})
+    )
     proxy = s3_faulty.proxy
     s3_faulty.set_attempts(2)
     before = proxy.stats["requests"]

@@ -24,9 +24,9 @@ import psutil
 import pytest
 import torch
 
-from pipeline.train.checkpoint import checkpoint_dir_name
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.driver import distill
+from pipeline.train.state import checkpoint_dir_name
 
 pytestmark = pytest.mark.slow  # four Ray Train runs: well over a minute on the shared 2-core machine
 
@@ -96,7 +96,7 @@ def _registered_step(run_dir: Path) -> int:
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     latest = (doc.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
-    from pipeline.train.checkpoint import step_of
+    from pipeline.train.state import step_of
 
     return step_of(latest) or 0
 

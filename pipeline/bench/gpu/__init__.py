@@ -16,8 +16,7 @@ section and after every item inside one, so a crash or a kill keeps everything m
 
 ``--mode cpu`` runs the same sections with tiny models and images (CI runs it so the script cannot rot).
 
-Modules: :mod:`.plan` (sizes and tolerances per mode), :mod:`.report` (report.json/report.md), :mod:`.runner` (one
-section under its budget), :mod:`.context` (what sections share), one module per section (:mod:`.environment`,
-:mod:`.correctness`, :mod:`.throughput`, :mod:`.projection`, :mod:`.end_to_end` = ``pipeline``), :mod:`.sections`
-(their registry) and :mod:`.driver` (``spar bench gpu``: runs them in order and prints the summary).
+Modules: :mod:`.harness` (plans, the report, one section under its time limits, what sections share),
+:mod:`.checks` (the device sections), :mod:`.end_to_end` (the ``pipeline`` section) and :mod:`.command`
+(``spar bench gpu``: runs them in order and prints the summary).
 """

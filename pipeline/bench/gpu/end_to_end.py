@@ -19,10 +19,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 
-from pipeline.bench.gpu.context import Context
-from pipeline.bench.gpu.plan import PipelinePlan
-from pipeline.bench.gpu.report import check, say
-from pipeline.bench.gpu.runner import Deadline
+from pipeline.bench.gpu.harness import Context, Deadline, PipelinePlan, check, headline, say
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, offline_photos, write_photos
 from pipeline.common.tasks import init_ray, shutdown_ray
@@ -152,7 +149,9 @@ def _run_once(ctx: Context, res: dict[str, Any], base: Recipe, prec: str, first:
         {"image": Path(str(r["image"])).name, "classes_present": r["classes_present"]} for r in out.segments
     ]
     check(res, f"segment {prec}: one label map per photo", len(out.segments) == len(photos) > 0)
-    say(f"pipeline: {prec}: " + ", ".join(f"{k} {v:.1f} s" for k, v in run["seconds"].items()))
+    headline(
+        res, f"pipeline distill {prec}: " + ", ".join(f"{k} {v:.1f} s" for k, v in run["seconds"].items())
+    )
     ctx.save()
 
 

@@ -8,7 +8,7 @@ the base backbone and the cache lineage as metadata, and registers it under a na
     feats = model.predict(image)                                    # (H, W, 3) uint8 -> (H/p, W/p, D) float32
     labels = model.predict(image, params={"output": "segmentation", "classes": "sky;cat,kitten;grass"})
 
-loads the checkpoint with the project's own loader (:func:`pipeline.train.checkpoint.load_student`, checksums verified,
+loads the checkpoint with the project's own loader (:func:`pipeline.student.format.load_student`, checksums verified,
 base weights identity checked) and runs the project's own single-pass forward.
 """
 
@@ -20,12 +20,10 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.pyfunc import PythonModel
 
-from pipeline.eval.model import build_text_classifier, dense_features, resize_rgb, resolve_classes
-from pipeline.train.checkpoint import load_student, read_backbone_info
-from spar_core.segment import predict
+from pipeline.eval.model import build_text_classifier, dense_features, label_map, resize_rgb, resolve_classes
+from pipeline.student.format import load_student, read_backbone_info
 
 __all__ = ["StudentModel", "log_student_model", "student_signature", "CHECKPOINT_ARTIFACT"]
 
@@ -61,21 +59,15 @@ class StudentModel(PythonModel):
         h, w = img.shape[:2]
         p = self.bb.patch_size
         size = (max(p, h // p * p), max(p, w // p * p))  # the forward needs multiples of the patch size
-        feats = dense_features(self.bb, resize_rgb(img, size), "single")  # (1, h/p, w/p, D)
+        x = resize_rgb(img, size)
         if str(params.get("output", "features")) == "features":
-            return feats[0].cpu().numpy().astype(np.float32)
-        return self._segment(
-            feats, str(params.get("classes", "")), float(params.get("logit_scale", 40.0)), (h, w)
-        )
-
-    def _segment(self, feats: Any, classes: str, scale: float, out_size: tuple[int, int]) -> np.ndarray:
+            return dense_features(self.bb, x, "single")[0].cpu().numpy().astype(np.float32)  # (h/p, w/p, D)
+        classes = str(params.get("classes", ""))
         if classes not in self._classifiers:
             self._classifiers[classes] = build_text_classifier(self.bb, resolve_classes(classes))
-        with torch.no_grad():
-            pred = predict(
-                feats, self._classifiers[classes], out_size=out_size, logit_scale=scale
-            )  # (1, H, W)
-        return pred[0].cpu().numpy().astype(np.int32)
+        scale = float(params.get("logit_scale", 40.0))
+        pred = label_map(self.bb, self._classifiers[classes], x, (h, w), logit_scale=scale)  # (H, W)
+        return pred.cpu().numpy().astype(np.int32)
 
 
 def student_signature(dim: int) -> Any:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Generic, TypedDict, TypeVar
 
@@ -35,24 +34,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.cache.spec import CacheError, ShardEntry
 from pipeline.common.errors import UserError
-from pipeline.data.imageset import ImageSet, decode_png_rgb, iter_tar_samples, open_imageset, pixel_sha256
+from pipeline.data.imageset import (
+    ImageRecord,
+    ImageSet,
+    decode_png_rgb,
+    open_imageset,
+)
 
 T = TypeVar("T")
 
 
 class StreamError(UserError):
     """An image and its cached target do not belong together, or a shard is missing/unreadable."""
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """One image of the manifest: enough to plan and to check it."""
-
-    key: str
-    shard: int
-    height: int
-    width: int
-    sha256: str
 
 
 class Batch(TypedDict, total=False):
@@ -65,15 +58,9 @@ class Batch(TypedDict, total=False):
     batch: int  # index of the batch in its epoch
 
 
-def refs_from_imageset(ims: ImageSet) -> list[list[SampleRef]]:
-    """Per image shard, its samples in tar order (from the image set's manifest)."""
-    return [
-        [
-            SampleRef(r.key, int(r.shard), int(r.height), int(r.width), r.pixel_sha256)
-            for r in ims.shard_records(i)
-        ]
-        for i in range(ims.num_shards)
-    ]
+def refs_from_imageset(ims: ImageSet) -> list[list[ImageRecord]]:
+    """Per image shard, its images in tar order (the image set's manifest rows)."""
+    return [ims.shard_records(i) for i in range(ims.num_shards)]
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -101,12 +88,12 @@ def buffer_shuffle(items: list[T], buffer_size: int, rng: np.random.Generator) -
     return out
 
 
-def bucket_batches(seq: list[SampleRef], batch_size: int) -> list[list[SampleRef]]:
+def bucket_batches(seq: list[ImageRecord], batch_size: int) -> list[list[ImageRecord]]:
     """Group a sample sequence into batches of equal image size (in order of completion; partial buckets last)."""
     if batch_size <= 1:
         return [[r] for r in seq]
-    out: list[list[SampleRef]] = []
-    buckets: dict[tuple[int, int], list[SampleRef]] = {}
+    out: list[list[ImageRecord]] = []
+    buckets: dict[tuple[int, int], list[ImageRecord]] = {}
     for r in seq:
         b = buckets.setdefault((r.height, r.width), [])
         b.append(r)
@@ -122,7 +109,7 @@ class Planner:
 
     def __init__(
         self,
-        refs_by_shard: list[list[SampleRef]],
+        refs_by_shard: list[list[ImageRecord]],
         *,
         seed: int,
         world_size: int,
@@ -144,7 +131,7 @@ class Planner:
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
         self._truncated = lru_cache(maxsize=64)(self._truncated_uncached)
 
-    def inputs(self, epoch: int, rank: int) -> list[tuple[int, list[SampleRef]]]:
+    def inputs(self, epoch: int, rank: int) -> list[tuple[int, list[ImageRecord]]]:
         """The rank's input segments for ``epoch``: (shard, its samples this rank reads, in tar order).
 
         Whole shards go round-robin to the ranks; the ``num_shards mod world_size`` shards left over are read by
@@ -163,7 +150,7 @@ class Planner:
                 out.append((s, mine))
         return out
 
-    def _plan_uncached(self, epoch: int, rank: int) -> list[list[SampleRef]]:
+    def _plan_uncached(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
         seq = [r for _, refs in self.inputs(epoch, rank) for r in refs]
         seq = buffer_shuffle(seq, self.shuffle_buffer, _rng(self.seed, epoch, rank, 0xB0FF))
         return bucket_batches(seq, self.batch_size)
@@ -172,12 +159,12 @@ class Planner:
         """Batches every rank takes in ``epoch`` (the minimum over ranks)."""
         return min(len(self._plan(epoch, r)) for r in range(self.world_size))
 
-    def batches(self, epoch: int, rank: int) -> list[list[SampleRef]]:
+    def batches(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
         """The rank's batches for ``epoch``, truncated to ``steps(epoch)`` (one shared list per epoch and rank: read
         it, do not modify it; copying it on every call made a stream's epoch quadratic in its length)."""
         return self._truncated(epoch, rank)
 
-    def _truncated_uncached(self, epoch: int, rank: int) -> list[list[SampleRef]]:
+    def _truncated_uncached(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
         return self._plan(epoch, rank)[: self.steps(epoch)]
 
     def total_steps(self, epochs: int) -> int:
@@ -205,7 +192,7 @@ class Planner:
 class _TarReader:
     """Reads a rank's input segments sequentially, keeping raw PNG bytes only for the keys asked for."""
 
-    def __init__(self, ims: ImageSet, inputs: list[tuple[int, list[SampleRef]]], wanted: set[str]) -> None:
+    def __init__(self, ims: ImageSet, inputs: list[tuple[int, list[ImageRecord]]], wanted: set[str]) -> None:
         self.ims = ims
         self.segments = [(s, refs) for s, refs in inputs if any(r.key in wanted for r in refs)]
         self.wanted = wanted
@@ -214,15 +201,7 @@ class _TarReader:
         self._seg = 0
 
     def _members(self, shard: int) -> Iterator[tuple[str, bytes]]:
-        url = self.ims.shard_url(shard)
-        try:
-            f = self.ims.fs.open(self.ims.shard_path(shard), "rb")
-        except FileNotFoundError:
-            raise StreamError(f"image shard {url} is missing") from None
-        with f:
-            for key, group in iter_tar_samples(f, url):
-                if "png" in group:
-                    yield key, group["png"]
+        return self.ims.iter_pngs(shard, StreamError)
 
     def get(self, key: str, shard: int) -> bytes:
         while key not in self.pending:
@@ -244,19 +223,11 @@ class _TarReader:
         return self.pending.pop(key)
 
 
-def decode_png(data: bytes, ref: SampleRef, verify: bool = True) -> np.ndarray:
-    """PNG bytes -> (H, W, 3) uint8, checked against the manifest's size and pixel hash."""
-    arr = decode_png_rgb(data, f"image {ref.key!r} (shard {ref.shard})")  # (H, W, 3) uint8
-    if arr.shape != (ref.height, ref.width, 3):
-        raise StreamError(
-            f"image {ref.key!r} (shard {ref.shard}) decodes to {arr.shape[1]}x{arr.shape[0]}, the manifest says "
-            f"{ref.width}x{ref.height}"
-        )
-    if verify and pixel_sha256(arr) != ref.sha256:
-        raise StreamError(
-            f"image {ref.key!r} (shard {ref.shard}): pixel sha256 does not match the manifest (corrupt or altered "
-            "image shard)"
-        )
+def decode_png(data: bytes, ref: ImageRecord, verify: bool = True) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) uint8, checked against the manifest's size and (``verify``) pixel hash."""
+    what = f"image shard {ref.shard}"
+    arr = decode_png_rgb(data, f"{what}: image {ref.key!r}")  # (H, W, 3) uint8
+    ref.check_pixels(arr, what, StreamError, check_hash=verify)
     return arr
 
 
@@ -335,7 +306,7 @@ class PairedStream(IterableDataset):
         return _TarReader(ims, planner.inputs(epoch, self.rank), wanted)
 
     def _load(
-        self, batch: list[SampleRef], reader: _TarReader, cache: TeacherCache | None, epoch: int, b: int
+        self, batch: list[ImageRecord], reader: _TarReader, cache: TeacherCache | None, epoch: int, b: int
     ) -> Batch:
         imgs = [decode_png(reader.get(r.key, r.shard), r, self.verify) for r in batch]
         item: Batch = {
@@ -348,7 +319,7 @@ class PairedStream(IterableDataset):
             item["target"] = torch.from_numpy(np.stack([self._target(cache, r) for r in batch]))
         return item
 
-    def _target(self, cache: TeacherCache, ref: SampleRef) -> np.ndarray:
+    def _target(self, cache: TeacherCache, ref: ImageRecord) -> np.ndarray:
         """The cached target of ``ref``, after checking the cache's record of the image against the manifest."""
         entries = self._entries(cache)
         e = entries.get(ref.key)
@@ -357,11 +328,11 @@ class PairedStream(IterableDataset):
                 f"image {ref.key!r} (shard {ref.shard}) has no entry in the teacher cache {cache.path}: "
                 "cache and image set do not match"
             )
-        if (e.height, e.width) != (ref.height, ref.width) or e.pixel_sha256 != ref.sha256:
+        if (e.height, e.width) != (ref.height, ref.width) or e.pixel_sha256 != ref.pixel_sha256:
             raise StreamError(
                 f"image {ref.key!r} (shard {ref.shard}): the teacher cache {cache.path} was computed from other "
                 f"pixels ({e.width}x{e.height}, sha256 {e.pixel_sha256[:12]}…) than the image set's "
-                f"({ref.width}x{ref.height}, sha256 {ref.sha256[:12]}…): cache and image set do not match"
+                f"({ref.width}x{ref.height}, sha256 {ref.pixel_sha256[:12]}…): cache and image set do not match"
             )
         try:
             t = np.asarray(cache.features(ref.key))
@@ -395,7 +366,7 @@ def make_loader(stream: PairedStream, workers: int, prefetch: int = 4) -> Iterab
     if workers == 0:
         return ThreadPrefetch(DataLoader(stream, batch_size=None, num_workers=0), prefetch)
     ctx = torch.multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.data.stream", "pipeline.data.imageset", "pipeline.cache.reader"])
+    ctx.set_forkserver_preload(["pipeline.train.stream", "pipeline.data.imageset", "pipeline.cache.reader"])
     return DataLoader(
         stream,
         batch_size=None,

@@ -1,30 +1,38 @@
 """``spar bench gpu``: pick the plan (gpu or cpu mode), run the chosen sections in order, each with its share of
 what is left of the time budget, keep the report on disk throughout, and print the summary at the end.
 
-Ray and tqdm read their settings from the environment when they are imported, so this module imports only the
-light parts of the check at start; the sections (which import torch, Ray and the whole pipeline) are imported by
-:func:`run` once the environment is set.
+Ray and tqdm read their settings from the environment when they are imported, so the sections (which import Ray
+and the whole pipeline) are imported by :func:`run` once the environment is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.bench.gpu.plan import CPU_PLAN, GPU_PLAN, SECTIONS, Plan
-from pipeline.bench.gpu.report import Report, say, summary_lines
-from pipeline.bench.gpu.runner import Terminated, run_section
+from pipeline.bench.gpu.harness import (
+    CPU_PLAN,
+    GPU_PLAN,
+    SECTIONS,
+    Context,
+    Plan,
+    Report,
+    Terminated,
+    run_section,
+    say,
+    summary_lines,
+)
 from pipeline.bench.measure import scratch_dir
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sections in order; returns 0 when every section finished and every check passed."""
+    """``spar bench gpu``: the sections in order; returns 0 when every section finished and every check passed."""
     os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch  # after the environment is set (see the module docstring)
@@ -44,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         work = work.resolve()
         work.mkdir(parents=True, exist_ok=True)
         plan = GPU_PLAN if mode == "gpu" else CPU_PLAN
-        report = Report(out, _meta(args, mode, names, plan, work))
+        meta = {"mode": mode, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv,
+                "budget_s": args.budget_s, "sections": names, "plan": asdict(plan), "workdir": str(work)}  # fmt: skip
+        report = Report(out, meta)
         _run_sections(args, report, plan, names, work)
     print("\n" + "=" * 100)
     print(
@@ -53,20 +63,7 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(report.data):
         print("  " + line)
     print("=" * 100, flush=True)
-    statuses = [e.get("status") for e in report.data["sections"].values()]
-    return 0 if all(s == "ok" for s in statuses) else 1
-
-
-def _meta(args: argparse.Namespace, mode: str, names: list[str], plan: Plan, work: Path) -> dict[str, object]:
-    return {
-        "mode": mode,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "argv": sys.argv,
-        "budget_s": args.budget_s,
-        "sections": names,
-        "plan": asdict(plan),
-        "workdir": str(work),
-    }
+    return 0 if all(e.get("status") == "ok" for e in report.data["sections"].values()) else 1
 
 
 def _run_sections(args: argparse.Namespace, report: Report, plan: Plan, names: list[str], work: Path) -> None:
@@ -74,8 +71,7 @@ def _run_sections(args: argparse.Namespace, report: Report, plan: Plan, names: l
     # the heavy part of the check, imported once the environment is set (see the module docstring)
     import ray
 
-    from pipeline.bench.gpu.context import Context
-    from pipeline.bench.gpu.sections import SECTION_FNS
+    from pipeline.bench.gpu.checks import SECTION_FNS
     from pipeline.common.tasks import shutdown_ray
 
     mode = report.data["meta"]["mode"]
@@ -102,12 +98,6 @@ def _run_sections(args: argparse.Namespace, report: Report, plan: Plan, names: l
         report.data["meta"]["total_seconds"] = round(time.perf_counter() - t0, 1)
         report.save()
         if not ray_was_up:  # stop only the local cluster this run started
-            _quietly(shutdown_ray)
+            with contextlib.suppress(Exception):  # best effort at exit
+                shutdown_ray()
         signal.signal(signal.SIGTERM, old_term)
-
-
-def _quietly(fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - best effort at exit
-        pass

@@ -1,4 +1,5 @@
-"""ViT backbones with one dense-feature interface (DESIGN §2 "Dense features of one forward pass").
+"""The open_clip family: CLIP towers (MaskCLIP readout), SigLIP/SigLIP2 towers (pool-bypass readout), tiny
+seeded CLIPs for tests.
 
 Every backbone maps a normalised image batch ``(B, 3, H, W)`` with ``H, W`` multiples of the patch size to dense
 per-patch features ``(B, H/p, W/p, D)`` in one forward pass, interpolating the pretrained position embeddings
@@ -14,15 +15,19 @@ Two readouts:
 * ``siglip2-pool-bypass`` (open_clip timm towers with an attention pool): after the final norm, every token goes
   through the pool's value projection and output projection, plus the pool's MLP on the normed result.
 
-This module is pure model code: no storage, no distribution. A local weights file is read with
-``safetensors`` or ``torch.load(weights_only=True)``; nothing is ever unpickled.
+Names: ``maskclip-vit-b16``, ``siglip2-vit-b16-512``, any open_clip ViT name (``ViT-S-16``, ...), or a tiny seeded
+test model (``tiny-clip-64``, ``tiny-clip-224``, ``small-clip-224``). A CLIP name followed by ``-quickgelu``
+(``maskclip-vit-b16-quickgelu``, open_clip's ``ViT-B-16-quickgelu``) builds the tower with QuickGELU, for a local
+weights file trained that way (OpenAI's). ``pretrained``: ``None`` (random, seeded), an open_clip pretrained tag
+(downloaded by open_clip), or a local weights file (``.safetensors``; ``.pt``/``.bin`` read with
+``weights_only=True``); an OpenAI tag (``"openai" in tag``, as the reference decides) turns QuickGELU on. The
+weights identity ``weights_id`` of a tag or a file ends in ``+quickgelu`` whenever the tower runs with QuickGELU
+(a random one's names the canonical name), so caches computed with another activation never match.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import open_clip
@@ -31,25 +36,21 @@ import torch.nn.functional as F
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-from spar_core.errors import InputError
+from spar_core.backbones.base import (
+    Backbone,
+    BackboneError,
+    Family,
+    check_state_dict,
+    load_weights_file,
+    register_family,
+    state_dict_sha256,
+)
 
-__all__ = [
-    "Backbone",
-    "BackboneError",
-    "build_backbone",
-    "list_backbones",
-    "tiny_model_config",
-    "interpolate_grid_pos",
-    "state_dict_sha256",
-]
-
-
-class BackboneError(InputError):
-    """A backbone could not be built or was given input it cannot process."""
+__all__ = ["QUICKGELU_SUFFIX", "tiny_model_config", "interpolate_grid_pos"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# registry
+# names
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -86,12 +87,16 @@ _CLIP_MEAN_STD = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 _HALF_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def list_backbones() -> list[str]:
-    """Names accepted by :func:`build_backbone` (plus any open_clip ViT model name)."""
-    from spar_core.dinov3txt import DINOTXT_BACKBONES
+def _names() -> list[str]:
+    return sorted(_TINY) + sorted(_ALIASES) + [m for m in open_clip.list_models() if m.startswith("ViT-")]
 
-    vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
-    return sorted(_TINY) + sorted(_ALIASES) + sorted(DINOTXT_BACKBONES) + vits
+
+def _owns(name: str) -> bool:
+    base = name.removesuffix(QUICKGELU_SUFFIX)
+    if base in _TINY or base in _ALIASES:
+        return True
+    oc_models = open_clip.list_models()
+    return any(n.startswith("ViT-") and n in oc_models for n in (name, base))
 
 
 def _family_mean_std(oc_name: str | None, tag: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -167,93 +172,17 @@ def interpolate_grid_pos(
     return g.to(grid_pos.dtype).permute(0, 2, 3, 1).reshape(dst[0] * dst[1], c)  # (dh*dw, C)
 
 
-def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
-    """Content hash of a state dict: names, dtypes, shapes and bytes, in sorted order (format independent)."""
-    h = hashlib.sha256()
-    for name in sorted(sd):
-        t = sd[name].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(sd[name].shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # backbone
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Backbone(nn.Module):
-    """A CLIP-like model exposing dense features, text embeddings and block-wise freezing.
+class _OpenClipBackbone(Backbone):
+    """An open_clip model behind the :class:`Backbone` interface; text through open_clip's tokenizer."""
 
-    Attributes: ``name``, ``pretrained``, ``weights_id``, ``readout``, ``patch_size``, ``dim``, ``native_size``,
-    ``num_blocks``, ``mean``/``std`` (normalisation, from the model family), ``quick_gelu`` (activation).
-    """
-
-    readout: str = ""
-    open_clip_name: str | None = None  # the open_clip model name it was built from; None for tiny models
-
-    def __init__(
-        self,
-        model: nn.Module,
-        name: str,
-        pretrained: str | None,
-        weights_id: str,
-        tokenizer_name: str,
-        mean_std: tuple[Sequence[float], Sequence[float]] = _CLIP_MEAN_STD,
-        quick_gelu: bool = False,
-    ):
-        super().__init__()
-        self.model = model
-        self.name = name
-        self.pretrained = pretrained
-        self.weights_id = weights_id
-        self.quick_gelu = quick_gelu
+    def __init__(self, *args, tokenizer_name: str, **kwargs):
+        super().__init__(*args, **kwargs)
         self._tokenizer_name = tokenizer_name
-        self._tokenizer: Callable | None = None
-        mean, std = mean_std
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    # -- to be provided by subclasses ----------------------------------------------------------------------------
-    @property
-    def blocks(self) -> nn.ModuleList | nn.Sequential:
-        raise NotImplementedError
-
-    def _dense(self, x: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    # -- public interface ----------------------------------------------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise :class:`BackboneError` unless ``x`` is (B, 3, H, W) with H, W multiples of the patch size."""
-        if x.ndim != 4:
-            raise BackboneError(f"expected an image batch (B, 3, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != 3:
-            raise BackboneError(f"expected 3 colour channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        h, w = x.shape[-2:]
-        p = self.patch_size
-        if h % p or w % p or h == 0 or w == 0:
-            raise BackboneError(f"image size {h}x{w} is not a positive multiple of the patch size {p}")
-
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense features of one forward pass: (B, 3, H, W) -> (B, H/p, W/p, D), not normalised."""
-        self.check_input(x)
-        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        return self._dense(x, gh, gw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # so DDP wraps ``dense``
-        return self.dense(x)
-
-    def normalize(self, img_u8: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) float, scaled to [0, 1] and normalised with the model's mean/std."""
-        if img_u8.ndim != 4 or img_u8.shape[-1] != 3:
-            raise BackboneError(f"expected uint8 images (B, H, W, 3), got shape {tuple(img_u8.shape)}")
-        x = img_u8.permute(0, 3, 1, 2).to(self.mean.device, torch.float32) / 255.0  # (B, 3, H, W)
-        x = (x - self.mean) / self.std
-        return x.to(self._param_dtype())
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Text embeddings (N, D), not normalised."""
@@ -262,73 +191,8 @@ class Backbone(nn.Module):
         tokens = self._tokenizer(list(texts)).to(self.mean.device)
         return self.model.encode_text(tokens).float()
 
-    def set_trainable(self, last_k: int | str) -> list[str]:
-        """Freeze everything, then unfreeze the last ``k`` blocks (0: none).
 
-        ``"all"`` (SPAR-ALL) unfreezes every parameter the dense readout depends on: the whole image tower, less
-        what the readout bypasses (the attention pool's query for SigLIP). The text tower stays frozen: the
-        reference marks it trainable too, but it never receives a gradient there, so it never changes; leaving it
-        frozen keeps DDP free of unused parameters and checkpoints free of 100s of MB of unchanged text weights.
-        Returns the names of the trainable parameters.
-        """
-        if last_k == "all":
-            for n, p in self.named_parameters():
-                p.requires_grad_(self._used_by_readout(n))
-            return [n for n, p in self.named_parameters() if p.requires_grad]
-        if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 0:
-            raise BackboneError(f"trainable blocks must be an int >= 0 or 'all', got {last_k!r}")
-        if last_k > self.num_blocks:
-            raise BackboneError(f"cannot train the last {last_k} blocks: {self.name} has {self.num_blocks}")
-        for p in self.parameters():
-            p.requires_grad_(False)
-        for blk in list(self.blocks)[self.num_blocks - last_k :]:
-            for p in blk.parameters():
-                p.requires_grad_(True)
-        return [n for n, p in self.named_parameters() if p.requires_grad]
-
-    def _used_by_readout(self, param_name: str) -> bool:
-        """Whether the dense readout depends on this parameter (``named_parameters`` name)."""
-        return param_name.startswith("model.visual.")
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters that currently require grad, by their ``state_dict`` names (detached)."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load a subset of parameters by name; every given name must exist with the same shape."""
-        own = dict(self.named_parameters())
-        unknown = sorted(set(sd) - set(own))
-        if unknown:
-            raise BackboneError(f"weights for {self.name} name unknown parameters: {unknown[:5]}")
-        with torch.no_grad():
-            for n, t in sd.items():
-                if own[n].shape != t.shape:
-                    raise BackboneError(f"parameter {n}: shape {tuple(t.shape)} != {tuple(own[n].shape)}")
-                own[n].copy_(t.to(own[n].dtype))
-
-    def precast_for_autocast(self, dtype: torch.dtype) -> Backbone:
-        """Cast once, in place, the weights autocast would cast on every call (Linear/Conv weights and biases and
-        ``nn.MultiheadAttention``'s packed input projection) to ``dtype``.
-
-        Autocast caches casts only for parameters that require grad, so a frozen teacher would otherwise re-cast
-        all its weights on every forward. Norms and embeddings stay float32, so under autocast in ``dtype`` the
-        outputs are bit-identical. Only for frozen inference under autocast.
-        """
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.Linear | nn.Conv2d):
-                    m.to(dtype)
-                elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
-                    m.in_proj_weight.data = m.in_proj_weight.data.to(dtype)
-                    if m.in_proj_bias is not None:
-                        m.in_proj_bias.data = m.in_proj_bias.data.to(dtype)
-        return self
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-
-class MaskClipBackbone(Backbone):
+class MaskClipBackbone(_OpenClipBackbone):
     """open_clip ``VisionTransformer`` with the MaskCLIP value-path readout in the last block."""
 
     readout = "maskclip"
@@ -402,7 +266,7 @@ class MaskClipBackbone(Backbone):
         return t + blk.ls_2(blk.mlp(blk.ln_2(t)))
 
 
-class SigLipPoolBypassBackbone(Backbone):
+class SigLipPoolBypassBackbone(_OpenClipBackbone):
     """open_clip timm tower (SigLIP/SigLIP2) read out by bypassing the attention pool's query."""
 
     readout = "siglip2-pool-bypass"
@@ -492,25 +356,6 @@ def _tiny_clip(name: str, quick_gelu: bool) -> nn.Module:
     )
 
 
-def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise BackboneError(f"weights file not found: {path}") from e
-    except Exception as e:  # corrupt file, pickle refused by weights_only, ...
-        raise BackboneError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BackboneError(f"weights file {path} does not hold a flat tensor state dict")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
 @dataclass(frozen=True)
 class _Resolved:
     """What a backbone name means: its canonical name, open_clip model, readout, tokenizer and activation."""
@@ -551,11 +396,7 @@ def _resolve_name(name: str, quick_gelu: bool) -> _Resolved:
         oc_name, readout = _ALIASES[base]
         resolved = _Resolved(base + QUICKGELU_SUFFIX if qg else base, oc_name, readout, oc_name, qg)
     else:
-        known = ", ".join(sorted(_TINY) + sorted(_ALIASES))
-        raise BackboneError(
-            f"unknown backbone {name!r}; known: {known} (each optionally with {QUICKGELU_SUFFIX!r}), "
-            "or any open_clip ViT-* model name"
-        )
+        raise BackboneError(f"unknown backbone {name!r}; known: {_KNOWN}")
     if resolved.quick_gelu and resolved.readout != "maskclip":
         raise BackboneError(
             f"{name}: QuickGELU applies to CLIP towers only, not the {resolved.readout} readout"
@@ -588,55 +429,13 @@ def _make_model(
                 return model, f"openclip:{r.oc_name}:{tag}{suffix}", quick, mean_std
     if pretrained is None:  # the canonical name already carries "-quickgelu"
         return model, f"random:{r.name}:seed{seed}", quick, mean_std
-    sd = _load_weights_file(pretrained)
-    own = model.state_dict()
-    bad_shapes = [k for k in sd if k in own and own[k].shape != sd[k].shape]
-    if bad_shapes:
-        k = bad_shapes[0]
-        raise BackboneError(
-            f"weights file {pretrained} does not match {r.name}: {k} has shape {tuple(sd[k].shape)}, "
-            f"expected {tuple(own[k].shape)} ({len(bad_shapes)} mismatching tensors)"
-        )
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise BackboneError(
-            f"weights file {pretrained} does not match {r.name}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    sd = load_weights_file(pretrained)
+    check_state_dict(f"weights file {pretrained} does not match {r.name}", sd, model.state_dict())
+    model.load_state_dict(sd)
     return model, "sha256:" + state_dict_sha256(model.state_dict()) + suffix, quick, mean_std
 
 
-def build_backbone(
-    name: str,
-    pretrained: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    quick_gelu: bool = False,
-) -> Backbone:
-    """Build a named backbone in eval mode with every parameter frozen.
-
-    Args:
-        name: ``maskclip-vit-b16``, ``siglip2-vit-b16-512``, any open_clip ViT name (``ViT-S-16``, ...), or a tiny
-            seeded test model (``tiny-clip-64``, ``tiny-clip-224``, ``small-clip-224``). A CLIP name followed by
-            ``-quickgelu`` (``maskclip-vit-b16-quickgelu``, open_clip's ``ViT-B-16-quickgelu``) builds the tower
-            with QuickGELU, for a local weights file trained that way (OpenAI's).
-        pretrained: ``None`` (random, seeded by ``seed``), an open_clip pretrained tag (downloaded by open_clip), or
-            a local weights file (``.safetensors``; ``.pt``/``.bin`` read with ``weights_only=True``). An OpenAI
-            tag (``"openai" in tag``, as the reference decides) turns QuickGELU on.
-        device, dtype: where and in which precision the parameters live.
-        quick_gelu: force QuickGELU (same as the ``-quickgelu`` name suffix; the backbone's ``name`` then carries
-            the suffix, so checkpoints and caches record it).
-
-    The weights identity ``weights_id`` of a tag or a file ends in ``+quickgelu`` whenever the tower runs with
-    QuickGELU (a random one's names the canonical name), so caches computed with another activation never match. Normalisation (``mean``/``std``) comes from the model family.
-    """
-    from spar_core.dinov3txt import DINOTXT_BACKBONES, build_dinotxt_backbone
-
-    if (
-        name in DINOTXT_BACKBONES
-    ):  # DINOv3 dino.txt: own module, Meta's two weight files (spar_core/dinov3txt.py)
-        return build_dinotxt_backbone(name, pretrained, device=device, dtype=dtype, seed=seed)
+def _build(name: str, pretrained: str | None, seed: int, quick_gelu: bool) -> Backbone:
     r = _resolve_name(name, quick_gelu)
     model, weights_id, quick, mean_std = _make_model(r, pretrained, seed)
     cls = MaskClipBackbone if r.readout == "maskclip" else SigLipPoolBypassBackbone
@@ -650,11 +449,11 @@ def build_backbone(
         quick_gelu=quick,
     )
     bb.open_clip_name = r.oc_name
-    bb.set_trainable(0)
-    return bb.to(device=device, dtype=dtype).eval()
+    return bb
 
 
-def random_weights_seed(weights_id: str) -> int | None:
-    """The seed ``k`` of seeded random weights from their weights id ``random:<name>:seed<k>`` (None otherwise)."""
-    m = re.fullmatch(r"random:.*:seed(\d+)", weights_id or "")
-    return int(m.group(1)) if m else None
+_KNOWN = (
+    f"{', '.join(sorted(_TINY) + sorted(_ALIASES))} (each optionally with {QUICKGELU_SUFFIX!r}), "
+    "or any open_clip ViT-* model name"
+)
+register_family(Family("openclip", _owns, _build, _names, _KNOWN))
