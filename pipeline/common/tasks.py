@@ -117,6 +117,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
             "logging_config", ray.LoggingConfig(log_level="WARNING")
         )  # driver, tasks and actors
         _skip_ray_chatter()
+        _quiet_auth_notice()
     address = address or os.environ.get("RAY_ADDRESS")
     global _LOCAL_CLUSTER_ENV
     if address:
@@ -254,6 +255,19 @@ def _skip_ray_chatter() -> None:
                 dedup._spar_quiet = True
     except (ImportError, AttributeError):  # another Ray version: its chatter stays
         pass
+
+
+def _quiet_auth_notice() -> None:
+    """Keep Ray's "token authentication is enabled by default" notice (printed at every local start) off the
+    console unless verbose; token authentication itself stays on."""
+    import logging
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(getattr(f, "_spar", False) for f in log.filters):
+        quiet = logging.Filter()
+        quiet.filter = lambda r: "Token authentication is enabled" not in r.getMessage()  # type: ignore[method-assign]
+        quiet._spar = True  # type: ignore[attr-defined]
+        log.addFilter(quiet)
 
 
 class LatestValue:

@@ -80,8 +80,13 @@ def test_forwarded_variables_reach_tasks_with_and_without_a_runtime_env(ray_up, 
     monkeypatch.delenv("SPAR_STARTUP_PROBE", raising=False)
     if (
         tasks._LOCAL_CLUSTER_ENV is not None
-    ):  # this process started the cluster: no runtime env while unchanged
-        assert tasks.task_runtime_env() is None
+    ):  # this process started the cluster: the variables as they were then
+        for k in tasks._forwarded_env():  # (other tests set some since: MLflow writes MLFLOW_TRACKING_URI)
+            if k not in tasks._LOCAL_CLUSTER_ENV:
+                monkeypatch.delenv(k)
+        for k, v in tasks._LOCAL_CLUSTER_ENV.items():
+            monkeypatch.setenv(k, v)
+        assert tasks.task_runtime_env() is None  # unchanged: the default worker pool, no runtime env
     assert run() is None
     monkeypatch.setenv("SPAR_STARTUP_PROBE", "after-init")  # set after the cluster started: must travel
     assert tasks.task_runtime_env()["env_vars"]["SPAR_STARTUP_PROBE"] == "after-init"
