@@ -21,8 +21,8 @@ command to its first optimizer step.
 Two sides run interleaved, ``--rounds`` times each, in one run: **before** = the same code with
 ``SPAR_RAY_DEFAULTS=1`` (Ray Train's defaults on a local cluster and a runtime environment per task, as before the
 start-up work), or the code of another checkout (``--before-checkout DIR``: its ``spar``, run with this
-interpreter; phases where that checkout writes marks, totals otherwise); **after** = this code as it runs by
-default. Medians are printed, with the ratio before / after.
+interpreter, or with the checkout's own ``.venv`` when it has one; phases where that checkout writes marks, totals
+otherwise); **after** = this code as it runs by default. Medians are printed, with the ratio before / after.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def _spar(checkout: Path | None) -> tuple[list[str], dict[str, str]]:
     """The command prefix and extra environment that run ``spar`` from this code or from ``checkout``."""
     if checkout is None:
         return [sys.executable, "-m", "pipeline.cli"], {}
-    return [sys.executable, "-m", "pipeline.cli"], {"PYTHONPATH": str(checkout)}
+    own = checkout / ".venv" / "bin" / "python"  # the checkout's own environment, as it was installed there
+    python = str(own) if own.exists() else sys.executable
+    return [python, "-m", "pipeline.cli"], {"PYTHONPATH": str(checkout)}
 
 
 def _run(stage: str, side: str, argv: list[str], env: dict[str, str], cwd: Path, scratch: Path) -> Sample:
