@@ -139,9 +139,7 @@ def _exit(rc: int) -> None:
     every module, which took seconds on a small CPU (`spar bench startup`) and in which extension modules print
     leak reports (nanobind's, for triton's objects). Everything a stage writes is written before its handler
     returns."""
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's own first step: executors told to stop, threads joined
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
