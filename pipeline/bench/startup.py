@@ -46,25 +46,25 @@ RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.toml"
 
 # (label, start mark, end mark) per stage; "spawn" and "exit" are the bench's own clock readings. For marks made
 # by several processes (one per Ray worker) the earliest counts, except "pool_done" / "train_end": the latest.
-_PHASES: dict[str, list[tuple[str, str, str]]] = {
-    "ingest": [
-        ("interpreter and imports", "spawn", "imports"),
-        ("Ray init", "ray_init_start", "ray_init_done"),
-        ("task scheduling (worker start, imports)", "pool_start", "task_start"),
-        ("tasks computing", "task_start", "pool_done"),
-        ("shutdown (handler returned -> exit)", "run_end", "exit"),
-        ("  of which Ray's shutdown", "run_end", "ray_down"),
-        ("  of which the interpreter's exit", "ray_down", "exit"),
-    ],
-    "precompute": [
-        ("interpreter and imports", "spawn", "imports"),
-        ("Ray init", "ray_init_start", "ray_init_done"),
-        ("task scheduling (worker start, imports)", "pool_start", "task_start"),
-        ("tasks computing", "task_start", "pool_done"),
-        ("shutdown (handler returned -> exit)", "run_end", "exit"),
-        ("  of which Ray's shutdown", "run_end", "ray_down"),
-        ("  of which the interpreter's exit", "ray_down", "exit"),
-    ],
+_Phase = tuple[str, str, str]
+_START: list[_Phase] = [
+    ("interpreter and imports", "spawn", "imports"),
+    ("Ray init", "ray_init_start", "ray_init_done"),
+]
+_SHUTDOWN: list[_Phase] = [
+    ("shutdown (handler returned -> exit)", "run_end", "exit"),
+    ("  of which Ray's shutdown", "run_end", "ray_down"),
+    ("  of which the interpreter's exit", "ray_down", "exit"),
+]
+_TASKS: list[_Phase] = [  # ingest and precompute: one Ray task pool
+    *_START,
+    ("task scheduling (worker start, imports)", "pool_start", "task_start"),
+    ("tasks computing", "task_start", "pool_done"),
+    *_SHUTDOWN,
+]
+_PHASES: dict[str, list[_Phase]] = {
+    "ingest": _TASKS,
+    "precompute": _TASKS,
     "distill": [
         ("interpreter and imports", "spawn", "imports"),
         ("opening the image set and cache", "distill_start", "inputs_open"),
@@ -76,20 +76,15 @@ _PHASES: dict[str, list[tuple[str, str, str]]] = {
         ("training (the steps asked for)", "first_step", "train_end"),
         ("Ray Train teardown", "train_end", "fit_done"),
         ("export and registration", "fit_done", "finish_done"),
-        ("shutdown (handler returned -> exit)", "run_end", "exit"),
-        ("  of which Ray's shutdown", "run_end", "ray_down"),
-        ("  of which the interpreter's exit", "ray_down", "exit"),
+        *_SHUTDOWN,
     ],
     "demo": [
-        ("interpreter and imports", "spawn", "imports"),
-        ("Ray init", "ray_init_start", "ray_init_done"),
+        *_START,
         ("1/4 ingest", "stage_ingest", "stage_precompute"),
         ("2/4 precompute", "stage_precompute", "stage_distill"),
         ("3/4 distill", "stage_distill", "stage_eval"),
         ("4/4 eval (+ segmentation)", "stage_eval", "run_end"),
-        ("shutdown (handler returned -> exit)", "run_end", "exit"),
-        ("  of which Ray's shutdown", "run_end", "ray_down"),
-        ("  of which the interpreter's exit", "ray_down", "exit"),
+        *_SHUTDOWN,
     ],
 }
 _LATEST = ("pool_done", "train_end")
