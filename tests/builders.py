@@ -33,7 +33,23 @@ PAIRED_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "horse")
 # the session's one finished distill run (``finished_run`` in tests/conftest.py)
 FINISHED_EXPERIMENT = "structure"
 FINISHED_MODEL = "spar-test-student"
+FINISHED_RUN = "resumed"
 FINISHED_STEPS = 6
+FINISHED_DISTILL = dict(
+    precision="fp32",  # the naive reference of tests/pipeline/test_train.py is fp32; auto picks bf16 where faster
+    workers=2,
+    max_steps=FINISHED_STEPS,
+    checkpoint_every=2,
+    lr=1e-3,
+    seed=3,
+    shuffle_buffer=4,
+    log_every=1,
+    warmup_steps=2,
+    schedule="cosine",
+    grad_clip=1.0,
+    experiment=FINISHED_EXPERIMENT,
+    register_model=FINISHED_MODEL,
+)
 
 
 def write_photo_pngs(folder: Path, names: tuple[str, ...]) -> Path:

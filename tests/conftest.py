@@ -72,34 +72,47 @@ def paired(tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, str
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, paired) -> dict:
-    """One finished distill run, shared by every test that only reads its results (the MLflow structure, the
-    distill benchmark's figures, evaluations of a trained student): the held-out set's cache computed with a run
-    recording its cost, a 1-worker Ray Train run of 6 steps (metrics logged every step, the student registered),
-    then a fidelity and a speed evaluation as children of the training run."""
+    """The session's one finished distill run, shared by every test that only reads its results (training itself,
+    the MLflow structure, the distill benchmark's figures, evaluations of a trained student):
+
+    - the held-out set's cache, computed with a run that records its cost;
+    - a 2-worker Ray Train run (DDP over gloo) of ``FINISHED_STEPS`` steps, stopped after step 3 (decoding in a
+      forkserver loader worker), then continued with ``resume=True`` (decoding in the training process), during
+      which the last rank raises once after step 5 and Ray Train restarts the group from the step-4 checkpoint;
+      the finished student is registered;
+    - a fidelity and a speed evaluation as children of the training run.
+
+    Keys: ``wd``, ``data`` (``paired``), ``held_cache``, ``cfg`` (the continuation's config), ``first`` and ``res``
+    (the two DistillResults), ``fid``."""
+    import dataclasses
+
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.cache.precompute import precompute
     from pipeline.eval.benchmark import run_eval
     from pipeline.eval.config import EvalConfig
     from pipeline.train.config import DistillConfig
     from pipeline.train.driver import distill
-    from tests.builders import FINISHED_EXPERIMENT, FINISHED_MODEL, FINISHED_STEPS
+    from tests.builders import FINISHED_DISTILL, FINISHED_EXPERIMENT, FINISHED_RUN
+    from tests.reliability.train_faults import fail_once_at_step
 
     wd = tmp_path_factory.mktemp("finished-run")
     held_cache = precompute(
         PrecomputeConfig(images=paired["other"], teacher="tiny-clip-64", crop=64, stride=32, workdir=str(wd),
                          experiment=FINISHED_EXPERIMENT, cache_root=str(wd / "cache"), progress=False)
     )  # fmt: skip
-    res = distill(
-        DistillConfig(images=paired["images"], cache=paired["cache"], workdir=str(wd),
-                      experiment=FINISHED_EXPERIMENT, workers=1, max_steps=FINISHED_STEPS, checkpoint_every=3,
-                      log_every=1, lr=1e-3, loader_workers=0, shuffle_buffer=2, register_model=FINISHED_MODEL)
-    )  # fmt: skip
+    cfg = DistillConfig(images=paired["images"], cache=paired["cache"], workdir=str(wd), run_name=FINISHED_RUN,
+                        loader_workers=1, stop_at_step=3, **FINISHED_DISTILL)  # fmt: skip
+    first = distill(cfg)
+    cfg = dataclasses.replace(cfg, stop_at_step=0, loader_workers=0)
+    with fail_once_at_step(5, wd / "distill" / FINISHED_RUN):  # the last rank raises once after step 5
+        res = distill(cfg, resume=True)
     common = dict(workdir=str(wd), experiment="spar-eval")  # the evals nest under the training run anyway
     fid = run_eval(EvalConfig(fidelity=True, images=paired["other"], teacher_cache=held_cache,
                               checkpoint=res.checkpoint_dir, classes="sky;cat;person", overlays=1, **common))  # fmt: skip
     run_eval(EvalConfig(speed=True, backbone="tiny-clip-64", resolutions=(128,), strides=(32, 128), repeats=1,
                         parent_run=res.run_id, **common))  # fmt: skip
-    return {"wd": wd, "data": paired, "held_cache": held_cache, "res": res, "fid": fid}
+    return {"wd": wd, "data": paired, "held_cache": held_cache, "cfg": cfg, "first": first, "res": res,
+            "fid": fid}  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)

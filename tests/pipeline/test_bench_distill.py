@@ -22,7 +22,8 @@ def test_throughput_of_a_finished_run_equals_its_metric_history(finished_run):
 
     res, warmup = finished_run["res"], 2
     client = MlflowClient(res.tracking_uri)
-    got = throughput(client, res.run_id, warmup, images_per_step=1)
+    workers = finished_run["cfg"].workers  # batch 1 per worker
+    got = throughput(client, res.run_id, warmup, images_per_step=workers)
     step_s = {m.step: m.value for m in client.get_metric_history(res.run_id, "step_time_s")}
     frac = {m.step: m.value for m in client.get_metric_history(res.run_id, "data_wait_frac")}
     assert (
@@ -35,7 +36,7 @@ def test_throughput_of_a_finished_run_equals_its_metric_history(finished_run):
     )
     assert got["data_wait_frac"] == pytest.approx(sum(frac[s] * step_s[s] for s in timed) / total, rel=1e-9)
     assert got["steps_per_s"] == pytest.approx(len(timed) / total, rel=1e-9)
-    assert got["images_per_s"] == pytest.approx(len(timed) / total, rel=1e-9)  # batch 1, one worker
+    assert got["images_per_s"] == pytest.approx(workers * len(timed) / total, rel=1e-9)
     assert got["step_ms_max"] == pytest.approx(1e3 * max(step_s[s] for s in timed))
 
 

@@ -1,7 +1,7 @@
 """Distillation end to end on a real Ray local cluster (2 CPU workers, DDP over gloo) and a real MLflow sqlite store.
 
-One training job is shared by most tests of this module (Ray Train start-up dominates their time), ``resumed``:
-6 steps, stopped after step 3 (background decoding in a forkserver loader worker), then continued with
+Most tests of this module read the session's one finished distill run (``finished_run``, tests/conftest.py; Ray
+Train start-up dominates the time), here called ``resumed``: 2 workers, 6 steps, stopped after step 3 (background decoding in a forkserver loader worker), then continued with
 ``resume=True`` (decoding in the training process), during which one worker raises once after step 5 and Ray
 Train restarts the group from the step-4 checkpoint. Its final weights must equal those of an uninterrupted
 naive single-process loop (independent reference); the slow test also compares with an uninterrupted Ray run.
@@ -24,21 +24,9 @@ from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
 from pipeline.train.step import StepRunner
 from spar_core.backbones import build_backbone
-from tests.reliability.train_faults import fail_once_at_step
+from tests.builders import FINISHED_DISTILL, FINISHED_RUN
 
-BASE = dict(
-    precision="fp32",  # the naive reference below is fp32; auto picks bf16 on CPUs where it is faster
-    workers=2,
-    max_steps=6,
-    checkpoint_every=2,
-    lr=1e-3,
-    seed=3,
-    shuffle_buffer=4,
-    log_every=1,
-    warmup_steps=2,
-    schedule="cosine",
-    grad_clip=1.0,
-)
+BASE = {k: v for k, v in FINISHED_DISTILL.items() if k not in ("experiment", "register_model")}
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +35,14 @@ def data(paired) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("distill-work")
+def workdir(finished_run) -> Path:
+    return finished_run["wd"]
 
 
 @pytest.fixture(scope="module")
-def resumed(data, workdir):
-    cfg = DistillConfig(images=data["images"], cache=data["cache"], workdir=str(workdir), run_name="resumed",
-                        loader_workers=1, stop_at_step=3, **BASE)  # fmt: skip
-    first = distill(cfg)
-    cfg2 = dataclasses.replace(cfg, stop_at_step=0, loader_workers=0)
-    with fail_once_at_step(5, workdir / "distill" / "resumed"):  # the last rank raises once after step 5
-        second = distill(cfg2, resume=True)
-    return cfg2, first, second
+def resumed(finished_run):
+    """The session's finished run (tests/conftest.py): stopped after step 3, resumed, one worker failure."""
+    return finished_run["cfg"], finished_run["first"], finished_run["res"]
 
 
 def _feature_mse(bb, data) -> float:
@@ -197,7 +180,7 @@ def test_resume_continues_the_run_and_the_failure_was_recovered(resumed, workdir
     _, first, second = resumed
     assert not first.completed and first.steps == 3
     assert second.completed and second.steps == 6 and second.run_id == first.run_id
-    marker = workdir / "distill" / "resumed" / "fail_at_step_5.done"
+    marker = workdir / "distill" / FINISHED_RUN / "fail_at_step_5.done"
     assert marker.exists(), "the injected failure never fired"
     from mlflow import MlflowClient
 
@@ -209,7 +192,9 @@ def test_resume_continues_the_run_and_the_failure_was_recovered(resumed, workdir
 @pytest.mark.slow
 def test_resumed_run_equals_an_uninterrupted_ray_run(data, workdir, resumed) -> None:
     cfg, _, res = resumed
-    straight = dataclasses.replace(cfg, run_name="straight", loader_workers=1)
+    straight = dataclasses.replace(
+        cfg, run_name="straight", loader_workers=1, experiment="straight", register_model=""
+    )  # the session's registered model keeps one version
     ref = distill(straight)
     a, b = _trainable(ref.checkpoint_dir), _trainable(res.checkpoint_dir)
     assert a.keys() == b.keys()
