@@ -181,17 +181,25 @@ def test_resume_helpers_read_an_s3_run_directory_as_a_local_one(s3, tmp_path: Pa
     assert _continuation_name(f"s3://{BUCKET}/resume/ray_results", "run", remote[1]) == f"{name}-2"
 
 
-def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(s3, tmp_path: Path) -> None:
-    fs, env = s3
-    res = _spar(["distill", "--images", str(tmp_path / "none"), "--cache", str(tmp_path / "none"),
-                 "--workdir", f"s3://{BUCKET}/no-tracking"], _spar_env(env), tmp_path / "cwd", timeout=300)  # fmt: skip
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert (
-        f"--workdir s3://{BUCKET}/no-tracking needs a tracking server: set MLFLOW_TRACKING_URI" in res.stderr
-    )
-    assert "Traceback" not in res.stderr
+def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(
+    s3, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Through the CLI's ``main(argv)`` in-process (the one ``spar`` process per command is in
+    tests/reliability/test_bad_input.py)."""
+    from tests.reliability.conftest import run_main
+
+    fs, _env = s3
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    res = run_main(["distill", "--images", str(tmp_path / "none"), "--cache", str(tmp_path / "none"),
+                    "--workdir", f"s3://{BUCKET}/no-tracking"], capsys)  # fmt: skip
+    assert res.rc == 2, res.err[-3000:]
+    assert f"--workdir s3://{BUCKET}/no-tracking needs a tracking server: set MLFLOW_TRACKING_URI" in res.err
+    assert "Traceback" not in res.err
     fs.invalidate_cache()
-    assert not fs.exists(f"{BUCKET}/no-tracking") and list((tmp_path / "cwd").iterdir()) == []
+    assert not fs.exists(f"{BUCKET}/no-tracking") and list(cwd.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------- slow: Ray Train

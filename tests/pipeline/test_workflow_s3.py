@@ -237,16 +237,21 @@ def test_sample_photos_of_an_s3_workdir_go_under_its_raw_prefix(s3, tmp_path: Pa
     assert len(storage.listdir(held)) == 3
 
 
-def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(s3, tmp_path: Path) -> None:
+def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(
+    s3, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Through the CLI's ``main(argv)`` in-process (the one ``spar`` process per command is in
+    tests/reliability/test_bad_input.py)."""
+    from tests.reliability.conftest import run_main
+
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = clean_env(PYTHONPATH=str(ROOT), **{k: os.environ[k] for k in (
-        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})  # fmt: skip
-    assert "MLFLOW_TRACKING_URI" not in env
-    cmd = [sys.executable, "-m", "pipeline.cli", "pipeline", "--config", DEMO, "--workdir", f"s3://{BUCKET}/nope"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2, res.stderr[-3000:]
-    err = res.stderr.strip().splitlines()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    res = run_main(["pipeline", "--config", DEMO, "--workdir", f"s3://{BUCKET}/nope"], capsys)
+    assert res.rc == 2, res.err[-3000:]
+    err = res.err.strip().splitlines()
     assert len(err) == 1 and f"s3://{BUCKET}/nope" in err[0] and "MLFLOW_TRACKING_URI" in err[0]
-    assert s3.ls(BUCKET, refresh=True) and not s3.exists(f"{BUCKET}/nope")
+    s3.invalidate_cache()
+    assert s3.exists(BUCKET) and not s3.exists(f"{BUCKET}/nope")
     assert _tree(cwd) == []
