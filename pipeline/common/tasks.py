@@ -65,13 +65,22 @@ FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_", "MLFLOW_")
 
 
 def _forwarded_env() -> dict[str, str]:
-    """The forwarded variables; the start-up benchmark's two are not (Ray's local processes inherit them)."""
-    return {
+    """The forwarded variables; the start-up benchmark's two are not (Ray's local processes inherit them), nor an
+    ``MLFLOW_TRACKING_URI`` that this process's MLflow wrote itself (``mlflow.set_tracking_uri`` sets the variable:
+    forwarding it gave every task after a stage's first MLflow call a runtime environment of its own, so a fresh
+    worker process; tasks and Ray Train workers get their store's URI as an argument)."""
+    from pipeline.common.tracking import user_tracking_uri
+
+    env = {
         k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and k not in _NOT_FORWARDED
     }
+    if env.get(_TRACKING_URI_ENV) != user_tracking_uri():
+        env.pop(_TRACKING_URI_ENV, None)
+    return env
 
 
 _NOT_FORWARDED = (TRACE_ENV, "SPAR_RAY_DEFAULTS")
+_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def ray_defaults() -> bool:

@@ -67,6 +67,11 @@ LINEAGE_FILE = "mlflow_run.json"  # in an exported student: the training run tha
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def user_tracking_uri() -> str | None:
+    """The user's ``MLFLOW_TRACKING_URI`` (as read when this module was first imported), or None."""
+    return _USER_TRACKING_URI
+
+
 class TrackingError(UserError):
     """The MLflow store cannot be used as configured."""
 

@@ -65,7 +65,9 @@ def test_new_store_from_the_template_equals_the_store_mlflow_makes(tmp_path, mon
     assert second.read_bytes() == before
 
 
-def test_forwarded_variables_reach_tasks_with_and_without_a_runtime_env(ray_up, monkeypatch) -> None:
+def test_forwarded_variables_reach_tasks_with_and_without_a_runtime_env(
+    ray_up, monkeypatch, tmp_path
+) -> None:
     import ray
 
     @ray.remote(num_cpus=0)
@@ -87,6 +89,7 @@ def test_forwarded_variables_reach_tasks_with_and_without_a_runtime_env(ray_up, 
         for k, v in tasks._LOCAL_CLUSTER_ENV.items():
             monkeypatch.setenv(k, v)
         assert tasks.task_runtime_env() is None  # unchanged: the default worker pool, no runtime env
+        _mlflow_sets_its_uri_and_it_does_not_travel(tmp_path, monkeypatch)
     assert run() is None
     monkeypatch.setenv("SPAR_STARTUP_PROBE", "after-init")  # set after the cluster started: must travel
     assert tasks.task_runtime_env()["env_vars"]["SPAR_STARTUP_PROBE"] == "after-init"
@@ -95,6 +98,28 @@ def test_forwarded_variables_reach_tasks_with_and_without_a_runtime_env(ray_up, 
     monkeypatch.setenv("SPAR_RAY_DEFAULTS", "0")
     env = tasks.task_runtime_env()["env_vars"]
     assert TRACE_ENV not in env and "SPAR_RAY_DEFAULTS" not in env
+
+
+def _mlflow_sets_its_uri_and_it_does_not_travel(tmp_path, monkeypatch) -> None:
+    """``mlflow.set_tracking_uri`` writes MLFLOW_TRACKING_URI into the environment: that one does not make a runtime
+    environment (a fresh worker process per task); the user's own MLFLOW_TRACKING_URI, set since, travels."""
+    import os
+
+    import mlflow
+
+    from pipeline.common import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test
+    prev = mlflow.get_tracking_uri()
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("mlflow.db")  # what MLflow does (the cause)
+        assert tasks.task_runtime_env() is None
+        monkeypatch.setattr(tracking, "_USER_TRACKING_URI", "http://127.0.0.1:5999")  # as if set by the user
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+        assert tasks.task_runtime_env()["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+    finally:
+        mlflow.set_tracking_uri(prev)
 
 
 def test_local_cluster_switches_never_override_the_user(monkeypatch) -> None:
