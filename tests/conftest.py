@@ -115,6 +115,47 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, paired) -> dict:
             "fid": fid}  # fmt: skip
 
 
+# --------------------------------------------------------------------- running on two workers (pytest-xdist)
+
+# The modules that take longest (docs/testing.md), handed out first so that the workers finish together; the rest
+# follow in collection order. Only with `--dist loadgroup --no-loadscope-reorder` (scripts/test.sh).
+LONGEST_FIRST = (
+    "tests/pipeline/test_precompute.py",
+    "tests/pipeline/test_workflow_s3.py",
+    "tests/cluster/test_cluster.py",
+    "tests/pipeline/test_ingest.py",
+    "tests/e2e/test_infra.py",
+    "tests/reliability/test_precompute_faults.py",
+    "tests/pipeline/test_dinov3txt_pipeline.py",
+    "tests/reliability/test_bad_input.py",
+)
+FINISHED_RUN_GROUP = (
+    "finished-run"  # every module that reads the session's finished run: one worker runs it once
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which names each test's group
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup``: one group per test module (its module fixtures are made once), the modules that
+    read ``finished_run`` in one group (the run is made once), the finished run's group and the longest modules
+    first."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    shared = {item.path for item in items if "finished_run" in item.fixturenames}
+    root = Path(str(config.rootpath))
+    for item in items:
+        rel = item.path.relative_to(root).as_posix()
+        item.add_marker(pytest.mark.xdist_group(FINISHED_RUN_GROUP if item.path in shared else rel))
+
+    def rank(item: pytest.Item) -> int:
+        if item.path in shared:
+            return 0
+        rel = item.path.relative_to(root).as_posix()
+        return 1 + LONGEST_FIRST.index(rel) if rel in LONGEST_FIRST else 1 + len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: collection order within a rank
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop this process's Ray driver (if a test started one) before pytest reports and the interpreter exits.
