@@ -89,7 +89,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, paired) -> dict:
     from pipeline.cache.config import PrecomputeConfig
     from pipeline.cache.precompute import precompute
     from pipeline.eval.benchmark import run_eval
-    from pipeline.eval.config import EvalConfig
+    from pipeline.eval.config import FidelityConfig, SpeedConfig
     from pipeline.train.config import DistillConfig
     from pipeline.train.driver import distill
     from tests.builders import FINISHED_DISTILL, FINISHED_EXPERIMENT, FINISHED_RUN
@@ -107,9 +107,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, paired) -> dict:
     with fail_once_at_step(5, wd / "distill" / FINISHED_RUN):  # the last rank raises once after step 5
         res = distill(cfg, resume=True)
     common = dict(workdir=str(wd), experiment="spar-eval")  # the evals nest under the training run anyway
-    fid = run_eval(EvalConfig(fidelity=True, images=paired["other"], teacher_cache=held_cache,
+    fid = run_eval(FidelityConfig(images=paired["other"], teacher_cache=held_cache,
                               checkpoint=res.checkpoint_dir, classes="sky;cat;person", overlays=1, **common))  # fmt: skip
-    run_eval(EvalConfig(speed=True, backbone="tiny-clip-64", resolutions=(128,), strides=(32, 128), repeats=1,
+    run_eval(SpeedConfig(backbone="tiny-clip-64", resolutions=(128,), strides=(32, 128), repeats=1,
                         parent_run=res.run_id, **common))  # fmt: skip
     return {"wd": wd, "data": paired, "held_cache": held_cache, "cfg": cfg, "first": first, "res": res,
             "fid": fid}  # fmt: skip

@@ -105,24 +105,17 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
         ):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if tp is int or tp is float:  # an int is a valid float, never the other way round; a bool is neither
+        if isinstance(value, (int, tp)) and not isinstance(value, bool):
+            return tp(value)
         if from_string and isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_string and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        raise ConfigError(
+            f"config key {key!r}: expected {'an integer' if tp is int else 'a number'}, got {value!r}"
+        )
     if tp is str:
         if isinstance(value, str):
             return value

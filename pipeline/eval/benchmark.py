@@ -36,7 +36,7 @@ from pipeline.data.datasets import (
     open_dataset,
     read_class_file,
 )
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import BenchmarkConfig, EvalConfig, EvalError, FidelityConfig, SpeedConfig
 from pipeline.eval.fidelity import fidelity_report
 from pipeline.eval.model import (
     EvalProtocol,
@@ -75,7 +75,10 @@ class ChunkResult:
 
 
 def eval_chunk(
-    cfg: EvalConfig, indices: list[int], overlay_indices: Sequence[int] = (), model: Backbone | None = None
+    cfg: BenchmarkConfig,
+    indices: list[int],
+    overlay_indices: Sequence[int] = (),
+    model: Backbone | None = None,
 ) -> ChunkResult:
     """Evaluate the images ``indices`` of the configured dataset.
 
@@ -112,7 +115,7 @@ def _predict(
     img: np.ndarray,
     out_size: tuple[int, int],
     proto: EvalProtocol,
-    cfg: EvalConfig,
+    cfg: BenchmarkConfig,
 ) -> torch.Tensor:
     """Label map (H, W) of one photo: the protocol's model input (mmseg keep-ratio resize without antialias, the
     top-left multiple of the patch size, as the reference), dense features, prediction at ``out_size``. Sliding
@@ -135,7 +138,7 @@ def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: li
     return buf.getvalue()
 
 
-def benchmark_classes(cfg: EvalConfig) -> list[list[str]]:
+def benchmark_classes(cfg: BenchmarkConfig) -> list[list[str]]:
     """The class list of the benchmark: ``cfg.classes_file``, else the packaged ``cfg.class_set`` list."""
     if cfg.classes_file:
         classes = read_class_file(cfg.classes_file)
@@ -167,7 +170,7 @@ def _split(indices: list[int], parts: int) -> list[list[int]]:
     return [indices[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def _portable(cfg: EvalConfig) -> EvalConfig:
+def _portable(cfg: BenchmarkConfig) -> BenchmarkConfig:
     """``cfg`` with its existing local paths made absolute (remote workers may run in another folder)."""
     paths = {}
     for k in ("data_root", "checkpoint", "classes_file", "pretrained"):
@@ -178,7 +181,7 @@ def _portable(cfg: EvalConfig) -> EvalConfig:
 
 
 def _run_chunks(
-    cfg: EvalConfig, chunks: list[list[int]], overlay_idx: list[int], model: Backbone | None
+    cfg: BenchmarkConfig, chunks: list[list[int]], overlay_idx: list[int], model: Backbone | None
 ) -> list[ChunkResult]:
     """Every chunk's result, in chunk order: in the driver (``cfg.workers`` 0) or one Ray task per chunk, all in
     flight at once (a task is retried twice; a chunk that still fails fails the evaluation)."""
@@ -224,7 +227,7 @@ def _merge(parts: list[ChunkResult]) -> ChunkResult:
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+def evaluate(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Run the benchmark evaluation; returns {"miou", "iou" (per class), "classes", "images_per_s", ...}.
 
     mIoU/IoU are in percent, summed as intersection/union counts over the whole set (and over Ray tasks).
@@ -263,7 +266,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _benchmark_result(
-    cfg: EvalConfig,
+    cfg: BenchmarkConfig,
     ds: SegDataset,
     classes: list[list[str]],
     total: ChunkResult,
@@ -311,7 +314,7 @@ def format_iou_table(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- logging
 
 
-def _log_benchmark(cfg: EvalConfig, result: dict[str, Any], overlays: dict[str, bytes]) -> None:
+def _log_benchmark(cfg: BenchmarkConfig, result: dict[str, Any], overlays: dict[str, bytes]) -> None:
     with output_dir(cfg) as out:
         (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
         (out / "per_class_iou.txt").write_text(format_iou_table(result) + "\n")
@@ -321,7 +324,7 @@ def _log_benchmark(cfg: EvalConfig, result: dict[str, Any], overlays: dict[str, 
         log_eval(cfg, out, _benchmark_run(cfg, result, out, bool(overlays)))
 
 
-def _benchmark_run(cfg: EvalConfig, result: dict[str, Any], out: Path, overlays: bool) -> EvalRun:
+def _benchmark_run(cfg: BenchmarkConfig, result: dict[str, Any], out: Path, overlays: bool) -> EvalRun:
     role = "student" if cfg.checkpoint else ("teacher" if cfg.mode == "sliding" else "baseline")
     params = dict(result["protocol"])  # the resolved protocol, under the config's own names
     params.update(_lineage_params(cfg, result["model"]))
@@ -366,7 +369,7 @@ def _benchmark_metrics(result: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def _lineage_params(cfg: EvalConfig, ident: dict[str, object]) -> dict[str, object]:
+def _lineage_params(cfg: BenchmarkConfig, ident: dict[str, object]) -> dict[str, object]:
     out: dict[str, object] = {f"model.{k}": v for k, v in ident.items()}
     if cfg.checkpoint:
         try:
@@ -381,11 +384,13 @@ def _lineage_params(cfg: EvalConfig, ident: dict[str, object]) -> dict[str, obje
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Dispatch to the benchmark, fidelity or speed report."""
-    if cfg.fidelity:
+def run_eval(cfg: BenchmarkConfig | FidelityConfig | SpeedConfig) -> dict[str, Any]:
+    """Run the report a config is for; the flat :class:`EvalConfig` of the CLI and recipes runs the one it chooses."""
+    if isinstance(cfg, EvalConfig):
+        cfg = cfg.report()
+    if isinstance(cfg, FidelityConfig):
         return fidelity_report(cfg)
-    if cfg.speed:
+    if isinstance(cfg, SpeedConfig):
         return speed_report(cfg)
     return evaluate(cfg)
 

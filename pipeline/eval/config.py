@@ -9,7 +9,7 @@ features), :mod:`~pipeline.eval.segment`, :mod:`~pipeline.eval.benchmark`, :mod:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from pipeline.common.config import ConfigError
@@ -32,8 +32,12 @@ __all__ = [
     "Templates",
     "EmbedConfig",
     "InferenceConfig",
+    "BenchmarkConfig",
     "EvalConfig",
     "EvalError",
+    "FidelityConfig",
+    "ReportConfig",
+    "SpeedConfig",
     "SegmentConfig",
 ]
 
@@ -63,87 +67,48 @@ class EvalError(UserError):
     """Bad evaluation request (conflicting options, missing inputs)."""
 
 
-@dataclass
-class EvalConfig:
-    """``spar eval``. Fields left at ``None`` take the paper's protocol default for the dataset/backbone."""
+def _check_at_least(cfg: object, names: tuple[str, ...], least: int) -> None:
+    for k in names:
+        v = getattr(cfg, k)
+        if v is not None and v < least:
+            raise ConfigError(f"{k} must be >= {least}, got {v}")
 
-    # what to run: benchmark (default), or the fidelity / speed report
-    fidelity: bool = False
-    speed: bool = False
+
+@dataclass
+class ReportConfig:
+    """What every ``spar eval`` report shares: the model, how it runs, and where the report goes."""
+
     # model: a student checkpoint, or a named backbone (single-pass baseline; with mode=sliding the teacher)
     checkpoint: str = ""
     baseline: bool = False
     backbone: str = ""
     pretrained: str = ""
-    # benchmark
-    dataset: DatasetName = "voc21"
-    data_root: str = ""
-    split: str = "val"
-    max_images: int = 0  # 0 = all
-    classes_file: str = ""  # default: the packaged list spar_core/data/<class_set>/<dataset>.txt
-    class_set: str = DEFAULT_CLASS_SET  # "paper" (the authors' lists) or "rich" (more synonyms)
-    templates: Templates = "imagenet"
-    # protocol (None = paper default)
-    short_side: int | None = None  # 672; Cityscapes 1024
-    long_side: int | None = None  # 2048
-    logit_scale: float | None = None  # 40; VOC21 65; Context60 50
-    prob_thd: float | None = None  # 0.1 Context60 and VOC21 with a CLIP backbone; else 0
-    area_thd: float | None = None  # 0.1 VOC21 with a CLIP backbone; else 0
+    seed: int = 0
     # inference
-    mode: Mode = "single"
-    crop: int = 0  # 0 = backbone's native size
-    stride: int = 0  # 0 = the paper's teacher stride, 24 px at every crop
-    window_batch: int = 32
     precision: Precision = "fp32"
     device: str = "auto"
-    seed: int = 0
-    # distribution
-    workers: int = 0  # >0: split the images across this many Ray tasks
-    ray_address: str = ""
-    gpus_per_worker: float = 0.0  # 0: one GPU per task when the cluster has GPUs (unless device=cpu)
-    # fidelity report
-    images: str = ""  # fidelity: held-out image set; speed: adds the quality-vs-cost curve on these images
-    teacher_cache: str = ""
-    classes: str = ""  # fidelity class list (default: Context59's names)
-    # speed report
-    resolutions: tuple[int, ...] = ()  # default: 2x, 3x, 4x the native size
-    strides: tuple[int, ...] = PAPER_STRIDES  # pixels; those larger than the crop are left out
-    repeats: int = 3
+    crop: int = 0  # 0 = backbone's native size
+    window_batch: int = 32
+    max_images: int = 0  # 0 = all
     # tracking & output
     experiment: str = "spar-eval"
     run_name: str = ""
     workdir: str = ""  # default: $SPAR_WORKDIR or ./work (as spar distill)
-    overlays: int = 4
     out: str = ""  # optional folder for results.json / tables / plots (default: a temp dir, logged to MLflow)
     mlflow: bool = True
     parent_run: str = ""  # MLflow id of the training run evaluated ("" = the one that produced --checkpoint)
 
     def __post_init__(self) -> None:
-        for k in ("max_images", "crop", "stride", "workers", "overlays", "repeats", "window_batch"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
-        if self.window_batch == 0 or self.repeats == 0:
-            raise ConfigError("window_batch and repeats must be >= 1")
-        for k in ("short_side", "long_side"):
-            v = getattr(self, k)
-            if v is not None and v < 0:
-                raise ConfigError(f"{k} must be >= 0, got {v}")
-        for k in ("prob_thd", "area_thd"):
-            v = getattr(self, k)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{k} must be in [0, 1], got {v}")
-        if self.logit_scale is not None and self.logit_scale <= 0:
-            raise ConfigError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if any(r <= 0 for r in self.resolutions) or any(s <= 0 for s in self.strides):
-            raise ConfigError("resolutions and strides must be positive")
-        if self.class_set not in CLASS_SETS:
-            raise ConfigError(f"class_set must be one of {', '.join(CLASS_SETS)}, got {self.class_set!r}")
-        if self.fidelity and self.speed:
-            raise ConfigError("choose one of --fidelity and --speed")
+        _check_at_least(self, ("max_images", "crop"), 0)
+        _check_at_least(self, ("window_batch",), 1)
         if self.baseline and self.checkpoint:
             raise ConfigError(
                 "--baseline evaluates a named backbone; it cannot be combined with --checkpoint"
             )
+
+    def kind(self) -> str:
+        """The report's name: benchmark, fidelity or speed."""
+        return type(self).__name__.removesuffix("Config").lower()
 
     def model_spec(self) -> dict[str, str | int]:
         """The :func:`pipeline.eval.model.load_model` arguments naming the evaluated model."""
@@ -153,6 +118,107 @@ class EvalConfig:
             "pretrained": self.pretrained,
             "seed": self.seed,
         }
+
+
+@dataclass
+class _SegmentingConfig(ReportConfig):
+    """What the two reports that segment share: the class list, its text read-out, the pictures logged."""
+
+    classes_file: str = ""  # default: the packaged list spar_core/data/<class_set>/<dataset>.txt
+    class_set: str = DEFAULT_CLASS_SET  # "paper" (the authors' lists) or "rich" (more synonyms)
+    templates: Templates = "imagenet"
+    logit_scale: float | None = None  # 40; VOC21 65; Context60 50
+    overlays: int = 4  # prediction overlays (benchmark) or PCA panels (fidelity) to log
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_at_least(self, ("overlays",), 0)
+        if self.logit_scale is not None and self.logit_scale <= 0:
+            raise ConfigError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.class_set not in CLASS_SETS:
+            raise ConfigError(f"class_set must be one of {', '.join(CLASS_SETS)}, got {self.class_set!r}")
+
+
+@dataclass
+class BenchmarkConfig(_SegmentingConfig):
+    """``spar eval``: mIoU on a segmentation benchmark. Fields left at ``None`` take the paper's protocol default for
+    the dataset/backbone."""
+
+    dataset: DatasetName = "voc21"
+    data_root: str = ""
+    split: str = "val"
+    # protocol (None = paper default)
+    short_side: int | None = None  # 672; Cityscapes 1024
+    long_side: int | None = None  # 2048
+    prob_thd: float | None = None  # 0.1 Context60 and VOC21 with a CLIP backbone; else 0
+    area_thd: float | None = None  # 0.1 VOC21 with a CLIP backbone; else 0
+    mode: Mode = "single"
+    stride: int = 0  # 0 = the paper's teacher stride, 24 px at every crop
+    # distribution
+    workers: int = 0  # >0: split the images across this many Ray tasks
+    ray_address: str = ""
+    gpus_per_worker: float = 0.0  # 0: one GPU per task when the cluster has GPUs (unless device=cpu)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_at_least(self, ("short_side", "long_side", "stride", "workers"), 0)
+        for k in ("prob_thd", "area_thd"):
+            v = getattr(self, k)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{k} must be in [0, 1], got {v}")
+
+
+@dataclass
+class FidelityConfig(_SegmentingConfig):
+    """``spar eval --fidelity``: labels-free report on held-out images against their cached teacher features."""
+
+    images: str = ""  # held-out image set
+    teacher_cache: str = ""
+    classes: str = ""  # class list (default: Context59's names)
+
+
+@dataclass
+class SpeedConfig(ReportConfig):
+    """``spar eval --speed``: single pass vs sliding window timings (and, with ``images``, quality vs cost)."""
+
+    images: str = ""  # adds the quality-vs-cost curve on these images
+    resolutions: tuple[int, ...] = ()  # default: 2x, 3x, 4x the native size
+    strides: tuple[int, ...] = PAPER_STRIDES  # pixels; those larger than the crop are left out
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_at_least(self, ("repeats",), 1)
+        if any(r <= 0 for r in self.resolutions) or any(s <= 0 for s in self.strides):
+            raise ConfigError("resolutions and strides must be positive")
+
+
+@dataclass
+class EvalConfig(BenchmarkConfig, FidelityConfig, SpeedConfig):
+    """The flat form of ``spar eval``'s flags and of a recipe's ``[eval]`` section: every report's fields and the
+    choice between them; :meth:`report` is the config of the chosen report."""
+
+    fidelity: bool = False
+    speed: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fidelity and self.speed:
+            raise ConfigError("choose one of --fidelity and --speed")
+
+    def report(self) -> BenchmarkConfig | FidelityConfig | SpeedConfig:
+        """The chosen report's config; a field set here that the report does not read is refused."""
+        cls = FidelityConfig if self.fidelity else SpeedConfig if self.speed else BenchmarkConfig
+        own = {f.name for f in fields(cls)}
+        stray = [
+            f.name
+            for f in fields(self)
+            if f.name not in own | {"fidelity", "speed"} and getattr(self, f.name) != f.default
+        ]
+        if stray:
+            chosen = "" if cls is BenchmarkConfig else f" (chosen by {cls().kind()} = true)"
+            raise ConfigError(f"eval: {', '.join(stray)} does not apply to the {cls().kind()} report{chosen}")
+        return cls(**{k: getattr(self, k) for k in own})
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.data.datasets import default_classes
 from pipeline.data.imageset import ImageRecord, ImageSet, open_imageset
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import EvalError, FidelityConfig
 from pipeline.eval.model import (
     build_text_classifier,
     dense_features,
@@ -101,7 +101,7 @@ class _Agreement:
         }
 
 
-def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
+def fidelity_report(cfg: FidelityConfig) -> dict[str, Any]:
     """Labels-free quality report on held-out images against their cached teacher features.
 
     For the single-pass baseline (the cache's backbone, no training) and, with ``checkpoint``, the student:
@@ -134,7 +134,7 @@ def fidelity_report(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def _baseline(cfg: EvalConfig, cache: TeacherCache, dev: torch.device) -> Backbone:
+def _baseline(cfg: FidelityConfig, cache: TeacherCache, dev: torch.device) -> Backbone:
     """The cache's backbone rebuilt here, refused unless its weights are the ones the teacher used."""
     spec = cache.spec
     pretrained = cfg.pretrained or spec.pretrained or None  # the spec's path is a hint from another machine
@@ -154,7 +154,7 @@ def _baseline(cfg: EvalConfig, cache: TeacherCache, dev: torch.device) -> Backbo
     return base
 
 
-def _student(cfg: EvalConfig, cache: TeacherCache, dev: torch.device) -> Backbone:
+def _student(cfg: FidelityConfig, cache: TeacherCache, dev: torch.device) -> Backbone:
     """The student of ``cfg.checkpoint``, refused unless it is of the cache's backbone; warns when it was trained
     on this very cache (its images are then not held out)."""
     spec = cache.spec
@@ -172,7 +172,7 @@ def _student(cfg: EvalConfig, cache: TeacherCache, dev: torch.device) -> Backbon
     return student
 
 
-def _classes(cfg: EvalConfig) -> list[list[str]]:
+def _classes(cfg: FidelityConfig) -> list[list[str]]:
     """``--classes`` / ``--classes-file``, else Context59's names."""
     if cfg.classes or cfg.classes_file:
         return resolve_classes(cfg.classes, cfg.classes_file)
@@ -180,7 +180,7 @@ def _classes(cfg: EvalConfig) -> list[list[str]]:
 
 
 def _score_image(
-    cfg: EvalConfig,
+    cfg: FidelityConfig,
     key: str,
     img: np.ndarray,
     teacher: torch.Tensor,
@@ -242,7 +242,7 @@ def format_fidelity(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _log_fidelity(cfg: EvalConfig, result: dict[str, Any]) -> None:
+def _log_fidelity(cfg: FidelityConfig, result: dict[str, Any]) -> None:
     with output_dir(cfg) as out:
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
         if not cfg.mlflow:

@@ -21,7 +21,13 @@ from pipeline.common.precision import autocast, autocast_dtype
 from pipeline.common.storage import is_local, local_path
 from pipeline.data.datasets import ClassNamesError, parse_class_text, read_class_file
 from pipeline.data.resize import resize_linear
-from pipeline.eval.config import PAPER_AREA_THD, PAPER_LOGIT_SCALE, PAPER_PROB_THD, PAPER_SIZES, EvalConfig
+from pipeline.eval.config import (
+    PAPER_AREA_THD,
+    PAPER_LOGIT_SCALE,
+    PAPER_PROB_THD,
+    PAPER_SIZES,
+    BenchmarkConfig,
+)
 from pipeline.student.format import CheckpointError, load_student
 from spar_core.backbones import Backbone, BackboneError, build_backbone
 from spar_core.segment import TextClassifier, build_classifier, predict
@@ -224,7 +230,7 @@ def backbone_family(readout: str) -> str:
     return "clip" if readout == "maskclip" else "siglip2"
 
 
-def resolve_protocol(cfg: EvalConfig, readout: str, native_size: int, patch: int) -> EvalProtocol:
+def resolve_protocol(cfg: BenchmarkConfig, readout: str, native_size: int, patch: int) -> EvalProtocol:
     """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
     ds, fam = cfg.dataset, backbone_family(readout)
     paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.common.precision import autocast, autocast_dtype
 from pipeline.data.imageset import open_imageset
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import EvalError, SpeedConfig
 from pipeline.eval.fidelity import PooledFidelity, held_out_images
 from pipeline.eval.model import (
     dense_features,
@@ -65,7 +65,7 @@ def _time(fn: Callable[[], object], dev: torch.device, repeats: int, budget_s: f
 # ---------------------------------------------------------------------------------------------- speed
 
 
-def speed_report(cfg: EvalConfig) -> dict[str, Any]:
+def speed_report(cfg: SpeedConfig) -> dict[str, Any]:
     """Seconds per image: single pass vs sliding window (crop = native size) at strides in pixels and several
     square resolutions. Returns {"resolutions", "strides", "single": [s], "sliding": {stride: [s]}, "windows"}."""
     if not (cfg.checkpoint or cfg.backbone):
@@ -94,7 +94,7 @@ def speed_report(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _timings(
-    cfg: EvalConfig, bb: Backbone, dev: torch.device, crop: int, strides: list[int], res: list[int]
+    cfg: SpeedConfig, bb: Backbone, dev: torch.device, crop: int, strides: list[int], res: list[int]
 ) -> dict[str, Any]:
     """{"single": [s per resolution], "sliding": {"<stride>": [s]}, "windows": {"<stride>": [count]}}."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -143,7 +143,7 @@ def format_speed(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- quality vs cost
 
 
-def quality_vs_cost(cfg: EvalConfig, model: Backbone, crop: int, strides: list[int]) -> dict[str, Any]:
+def quality_vs_cost(cfg: SpeedConfig, model: Backbone, crop: int, strides: list[int]) -> dict[str, Any]:
     """The quality-vs-cost curve on real held-out images (``cfg.images``, an image set, at stored sizes).
 
     Reference: the base backbone's sliding window at the finest stride. Points: single pass, sliding at each
@@ -177,7 +177,7 @@ def quality_vs_cost(cfg: EvalConfig, model: Backbone, crop: int, strides: list[i
     return {"images": n, "reference": reference, "crop": crop, "points": points}
 
 
-def _methods(cfg: EvalConfig, model: Backbone, dev: torch.device, strides: list[int]) -> list[Method]:
+def _methods(cfg: SpeedConfig, model: Backbone, dev: torch.device, strides: list[int]) -> list[Method]:
     """Single pass and sliding (coarsest stride first) of the base backbone, and the student for a checkpoint."""
     if cfg.checkpoint:  # the teacher/baseline are the student's untrained base
         seed = random_weights_seed(model.weights_id)
@@ -261,7 +261,7 @@ def quality_cost_plot(qc: dict[str, Any], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------- logging
 
 
-def _log_speed(cfg: EvalConfig, result: dict[str, Any]) -> None:
+def _log_speed(cfg: SpeedConfig, result: dict[str, Any]) -> None:
     with output_dir(cfg) as out:
         (out / "speed.json").write_text(json.dumps(result, indent=1))
         (out / "speed.txt").write_text(format_speed(result) + "\n")

@@ -37,7 +37,7 @@ from pipeline.common.tracking import (
     tracking_uri,
     training_run_of,
 )
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import EvalError, ReportConfig
 
 
 @dataclass
@@ -58,13 +58,13 @@ class EvalRun:
     images: dict[str, str] = field(default_factory=dict)  # PNG file -> MLflow image key prefix
 
 
-def workdir(cfg: EvalConfig) -> str:
+def workdir(cfg: ReportConfig) -> str:
     """Where the MLflow store lives: ``cfg.workdir``, else ``$SPAR_WORKDIR``, else ``./work`` (as spar distill)."""
     return cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")
 
 
 @contextlib.contextmanager
-def output_dir(cfg: EvalConfig) -> Iterator[Path]:
+def output_dir(cfg: ReportConfig) -> Iterator[Path]:
     """The local folder the block writes its result files into: ``cfg.out`` (created) when it is a local folder;
     for a URL ``cfg.out`` a temporary folder copied there when the block succeeds (:func:`storage.staged_dir`);
     without ``cfg.out`` a temporary folder removed at the end of the block."""
@@ -92,7 +92,7 @@ def png_images(out: Path, folder: str, key: str) -> dict[str, str]:
     return {f"{folder}/{p.name}": key for p in sorted((out / folder).glob("*.png"))}
 
 
-def log_eval(cfg: EvalConfig, out: Path, run: EvalRun) -> None:
+def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
     """Log ``run`` (files under ``out``) to MLflow; nothing when ``cfg.mlflow`` is off."""
     if not cfg.mlflow:
         return
@@ -116,7 +116,7 @@ def _is_nan(v: float) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
-def _parent_run(cfg: EvalConfig, uri: str) -> tuple[str, str] | None:
+def _parent_run(cfg: ReportConfig, uri: str) -> tuple[str, str] | None:
     """(run id, experiment id) of the training run this evaluation belongs under, if any."""
     if cfg.parent_run:
         try:
@@ -129,7 +129,7 @@ def _parent_run(cfg: EvalConfig, uri: str) -> tuple[str, str] | None:
 
 @contextlib.contextmanager
 def _start_run(
-    cfg: EvalConfig, default_name: str, extra_params: dict[str, object], tags: dict[str, str]
+    cfg: ReportConfig, default_name: str, extra_params: dict[str, object], tags: dict[str, str]
 ) -> Iterator[Run]:
     """An MLflow run with the resolved config, git commit and system metrics, under its training run if any."""
     exp_id = setup_experiment(cfg.experiment, workdir(cfg))

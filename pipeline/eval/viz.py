@@ -19,7 +19,7 @@ from pipeline.cache.reader import open_cache
 from pipeline.common import storage
 from pipeline.common.errors import UserError
 from pipeline.data.imageset import open_imageset
-from pipeline.eval.config import EvalConfig
+from pipeline.eval.config import FidelityConfig, ReportConfig
 from pipeline.eval.model import dense_features, load_model, protocol_size, resize_rgb
 from pipeline.eval.segment import published, read_photo, safe_stem
 from pipeline.student.format import read_backbone_info
@@ -112,7 +112,7 @@ def viz_images(
     return written
 
 
-def fidelity_pca_pngs(cfg: EvalConfig, out: Path) -> list[Path]:
+def fidelity_pca_pngs(cfg: FidelityConfig, out: Path) -> list[Path]:
     """PCA panels of the first ``cfg.overlays`` held-out images of a fidelity report (teacher from the cache)."""
     if not cfg.checkpoint or cfg.overlays <= 0:
         return []
@@ -139,7 +139,7 @@ def fidelity_pca_pngs(cfg: EvalConfig, out: Path) -> list[Path]:
     return written
 
 
-def student_seed(cfg: EvalConfig) -> int:
+def student_seed(cfg: ReportConfig) -> int:
     """Seed of the random base weights the student was trained from (0 for pretrained weights)."""
     return int(read_backbone_info(cfg.checkpoint).get("seed", 0))
 

@@ -6,10 +6,8 @@
 2. **fit**: create (or reopen) the MLflow run with the plan as its params (:mod:`pipeline.train.tracking`) and run a
    Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) of :func:`pipeline.train.worker.train_worker` on it;
    workers resume from ``ray.train.get_checkpoint()`` (worker failure, or ``--resume`` = the same
-   ``RunConfig(storage_path, name)``) at the exact data position. Ray refuses a run directory whose snapshot names
-   a deleted checkpoint (and would train over older ones after a corrupt latest one); ``--resume`` then
-   continues the run in a new Ray Train directory from the newest good checkpoint (:func:`_resume_ray_run`),
-   same MLflow run, nothing deleted;
+   ``RunConfig(storage_path, name)``) at the exact data position, or from a continuation directory when Ray
+   refuses the run's own (:mod:`pipeline.train.run_record`);
 3. **finish**: export the final student (:func:`pipeline.train.export.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
 
@@ -24,14 +22,11 @@ starts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import posixpath
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from ray.train import (
@@ -48,15 +43,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
 from pipeline.common.storage import (
-    StorageError,
     arrow_filesystem,
-    exists,
     is_disk_full,
     is_local,
     join,
-    listdir,
     local_path,
-    read_json,
     write_bytes_atomic,
 )
 from pipeline.common.tasks import (
@@ -70,18 +61,20 @@ from pipeline.common.tasks import (
 from pipeline.common.trace import mark
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store, wait_for_server
 from pipeline.data.imageset import ImageSet, open_imageset
-from pipeline.student.format import BACKBONE_FILE, CheckpointError, local_student
+from pipeline.student.format import CheckpointError, local_student
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.export import export_student
 from pipeline.train.loader_auto import size_loader
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
 from pipeline.train.progress import log, progress_bar
-from pipeline.train.run_dir import (
-    checkpoint_location,
-    checkpoints_newest_first,
-    newest_good,
-    ray_checkpoint,
-    snapshot_missing,
+from pipeline.train.run_dir import checkpoint_location, checkpoints_newest_first, newest_good, ray_checkpoint
+from pipeline.train.run_record import (
+    RayRun,
+    check_resume_backbone,
+    ray_run_of,
+    remember_run,
+    resolve_run_name,
+    resume_ray_run,
 )
 from pipeline.train.state import step_of
 from pipeline.train.stream import Planner, refs_from_imageset
@@ -123,16 +116,6 @@ class _Inputs:
     seed: int
 
 
-@dataclass(frozen=True)
-class _RayRun:
-    """The Ray Train directory a run trains in: its own (``<storage>/<run name>``) or, once Ray refused that
-    one on --resume, a continuation started from a checkpoint of an earlier one."""
-
-    name: str  # RunConfig name
-    start: str  # checkpoint a continuation starts from ("" = Ray's own checkpoints only)
-    dirs: list[str]  # every Ray Train directory of the run, oldest first (this one last)
-
-
 def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     """Train the single-pass student (see the module docstring). Raises DistillError / CachePairingError."""
     require_remote_store(cfg.workdir)
@@ -141,17 +124,17 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     mark("inputs_open")
     workdir = _workdir(cfg.workdir)
     lineage_fp = inputs.cache.fingerprint if inputs.cache is not None else inputs.ims.fingerprint
-    run_name, prev_run_id = _resolve_run_name(cfg, workdir, resume, lineage_fp)
+    run_name, prev_run_id = resolve_run_name(cfg, workdir, resume, lineage_fp)
     storage = cfg.storage_path or join(workdir, "ray_results")
-    ray_run = _ray_run(workdir, storage, run_name)
+    ray_run = ray_run_of(workdir, storage, run_name)
     if resume:
-        _check_resume_backbone(ray_run.dirs, inputs.student)
-        ray_run = _resume_ray_run(workdir, storage, run_name, ray_run)
+        check_resume_backbone(ray_run.dirs, inputs.student)
+        ray_run = resume_ray_run(workdir, storage, run_name, ray_run)
     init_ray(cfg.ray_address or None)
     plan = _plan(cfg, inputs, workdir, run_name, storage)
     uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
     mark("mlflow_run")
-    _remember_run(workdir, run_name, run_id)
+    remember_run(workdir, run_name, run_id)
     client = MlflowClient(uri)
     _save_resolved(cfg, plan, client, run_id)
     if verbose():
@@ -170,7 +153,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     return _finish(plan, client, RunLink(run_id, uri), exp_id, result, inputs.student.dim, ray_run.start)
 
 
-def _disk_full_message(run_name: str, ray_run: _RayRun) -> str:
+def _disk_full_message(run_name: str, ray_run: RayRun) -> str:
     """One line for a run stopped by a full disk: where, the checkpoint kept, how to continue."""
     kept = newest_good(checkpoints_newest_first(ray_run.dirs), log=lambda _msg: None)
     return (
@@ -303,122 +286,10 @@ def _save_resolved(cfg: DistillConfig, plan: DistillPlan, client: MlflowClient, 
         client.log_artifact(run_id, str(local))
 
 
-def _last_run_file(workdir: str) -> str:
-    return join(workdir, "distill", "last_run.json")
-
-
-def _read_last_run(workdir: str) -> dict[str, Any]:
-    """``last_run.json``: {"run_name": last run, "runs": {run name: MLflow run id},
-    "continuations": {run name: [{"ray_run": Ray Train run name, "from": checkpoint it started from}]}}."""
-    return read_json(_last_run_file(workdir), "the distill run record", DistillError) or {}
-
-
-def _write_last_run(workdir: str, doc: dict[str, Any]) -> None:
-    write_bytes_atomic(_last_run_file(workdir), json.dumps(doc, indent=2).encode(), error=DistillError)
-
-
-def _resolve_run_name(
-    cfg: DistillConfig, workdir: str, resume: bool, fingerprint: str
-) -> tuple[str, str | None]:
-    """(run name: the MLflow run's, the student's and its first Ray Train directory's; MLflow run id to continue
-    or None)."""
-    last = _last_run_file(workdir)
-    if resume:
-        prev = _read_last_run(workdir)
-        name = cfg.run_name or prev.get("run_name", "")
-        if not name:
-            raise DistillError(
-                f"--resume: no previous distill run recorded in {last}; pass --set run_name=NAME"
-            )
-        return name, prev.get("runs", {}).get(name)
-    if cfg.run_name:
-        return cfg.run_name, None
-    return f"distill-{fingerprint[:8]}-{time.strftime('%Y%m%d-%H%M%S')}", None
-
-
-def _remember_run(workdir: str, run_name: str, run_id: str) -> None:
-    doc = _read_last_run(workdir)
-    doc.setdefault("runs", {})[run_name] = run_id
-    doc["run_name"] = run_name
-    _write_last_run(workdir, doc)
-
-
-def _ray_run(workdir: str, storage: str, run_name: str) -> _RayRun:
-    """The Ray Train directory the run trains in: the newest of its recorded directories (``last_run.json``)."""
-    conts = _read_last_run(workdir).get("continuations", {}).get(run_name, [])
-    names = [run_name] + [c["ray_run"] for c in conts]
-    return _RayRun(names[-1], conts[-1]["from"] if conts else "", [join(storage, n) for n in names])
-
-
-def _resume_ray_run(workdir: str, storage: str, run_name: str, here: _RayRun) -> _RayRun:
-    """``here``, or a new Ray Train directory when Ray would not resume ``here`` from the newest good checkpoint.
-
-    Ray Train V2 refuses a directory whose snapshot names a deleted checkpoint, and resumes from its latest
-    registered one even when that one is corrupt; falling back from there inside the same directory would let
-    Ray's ``num_to_keep`` delete the older checkpoints it trains over. In both cases the run continues in a new
-    directory ``<run name>.resumed-step<N>`` whose workers start from the newest good checkpoint of the run (the
-    V2 way: the checkpoint goes in ``train_loop_config``; Ray's internal snapshot is never rewritten). Nothing is
-    deleted; the continuation is recorded in ``last_run.json`` so later resumes use it."""
-    ckpts = checkpoints_newest_first(here.dirs)
-    missing = [join(here.dirs[-1], m) for m in snapshot_missing(here.dirs[-1])]
-    if not ckpts and not missing:
-        return here  # nothing saved yet: Ray starts afresh
-    start = newest_good(ckpts) or ""
-    if not missing and ckpts and start == ckpts[0]:
-        return here
-    name = _continuation_name(storage, run_name, start)
-    using = (
-        f"resuming from {start}, the newest good checkpoint left" if start else "none is left: starting anew"
-    )
-    skipped = f"checkpoint {', '.join(missing)} no longer exists: skipped; " if missing else ""
-    log(
-        f"{skipped}{using}. Ray Train would not resume {here.dirs[-1]} from it, so the run continues in "
-        f"{join(storage, name)} (the earlier directories are kept as they are)"
-    )
-    doc = _read_last_run(workdir)
-    conts = doc.setdefault("continuations", {}).setdefault(run_name, [])
-    conts.append({"ray_run": name, "from": start})
-    _write_last_run(workdir, doc)
-    return _RayRun(name, start, [*here.dirs, join(storage, name)])
-
-
-def _continuation_name(storage: str, run_name: str, start: str) -> str:
-    """A Ray Train run name not used yet in ``storage`` for continuing ``run_name`` from checkpoint ``start``."""
-    base = f"{run_name}.resumed-step{step_of(start.rstrip('/').rsplit('/', 1)[-1]) or 0:09d}"
-    name, n = base, 1
-    while exists(join(storage, name)):
-        n += 1
-        name = f"{base}-{n}"
-    return name
-
-
-def _check_resume_backbone(run_dirs: list[str], student: Backbone) -> None:
-    """Refuse to resume a run whose checkpoints hold another backbone's (or other base weights') student."""
-    for run_dir in reversed(run_dirs):  # nothing saved yet: nothing to check
-        for name in sorted((n for n in listdir(run_dir) if step_of(n) is not None), reverse=True):
-            try:
-                meta = read_json(join(run_dir, name, BACKBONE_FILE), "checkpoint backbone record")
-            except StorageError:
-                meta = None
-            if meta is None:
-                continue  # unusable checkpoints are reported and skipped by the restore
-            if meta.get("name") != student.name or meta.get("weights_id") != student.weights_id:
-                raise DistillError(
-                    f"distill --resume: run {_basename(run_dirs[0])} trains a {meta.get('name')} student from "
-                    f"{meta.get('weights_id')} (checkpoint {name}), not {student.name} from "
-                    f"{student.weights_id}; resume with the same student or start a new run"
-                )
-            return
-
-
-def _basename(location: str) -> str:
-    return posixpath.basename(location.rstrip("/")) if not is_local(location) else Path(location).name
-
-
 # ---------------------------------------------------------------------------------------------------- fit
 
 
-def _fit(plan: DistillPlan, link: RunLink, ray_run: _RayRun) -> Result:
+def _fit(plan: DistillPlan, link: RunLink, ray_run: RayRun) -> Result:
     """Run the Ray Train job of the plan in ``ray_run``'s directory; returns Ray's result (last metrics and
     checkpoint)."""
     resources: dict[str, float] = {"CPU": float(plan.cpus_per_worker)}

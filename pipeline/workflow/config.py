@@ -81,6 +81,7 @@ def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | Non
     }
     if run_flags:
         sections["run"] = apply_overrides(sections["run"], run_flags)
+    sections["eval"].report()  # a key the chosen report does not read is refused before anything runs
     return Recipe(**sections)
 
 

@@ -24,7 +24,7 @@ from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import set_verbose
 from pipeline.common.tracking import mlflow_runs_url, mlflow_ui_command, tracking_uri
 from pipeline.data.config import IngestConfig
-from pipeline.eval.config import EvalConfig, SegmentConfig
+from pipeline.eval.config import FidelityConfig, SegmentConfig, SpeedConfig
 from pipeline.student.format import read_backbone_info
 from pipeline.train.config import DistillConfig
 from pipeline.workflow.config import DemoConfig, Recipe, RunConfig
@@ -71,10 +71,8 @@ def demo_recipe(cfg: DemoConfig, work: Path) -> tuple[Recipe, Extras]:
         loader_workers=0,  # one decode thread in the trainer: on a small CPU no process hand-over per batch (BENCHMARKS)
         shuffle_buffer=16,
     )
-    fidelity = EvalConfig(fidelity=True, classes=cfg.classes)
-    speed = EvalConfig(
-        speed=True, backbone=cfg.backbone, resolutions=(448,), strides=(cfg.stride,), repeats=3
-    )
+    fidelity = FidelityConfig(classes=cfg.classes)
+    speed = SpeedConfig(backbone=cfg.backbone, resolutions=(448,), strides=(cfg.stride,), repeats=3)
     extras = Extras(
         heldout_ingest=IngestConfig(
             seed=cfg.seed, shard_size=8, augment=False, max_side=cfg.heldout_max_side
@@ -82,7 +80,7 @@ def demo_recipe(cfg: DemoConfig, work: Path) -> tuple[Recipe, Extras]:
         evals=(fidelity, speed),
         segment=SegmentConfig(classes=cfg.classes, out=str(work / "overlays"), short_side=448),
     )
-    return Recipe(run=run, ingest=ingest, precompute=precompute, distill=distill, eval=fidelity), extras
+    return Recipe(run=run, ingest=ingest, precompute=precompute, distill=distill), extras
 
 
 def _speed_ratio(speed: dict[str, Any]) -> float | None:

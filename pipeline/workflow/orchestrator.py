@@ -45,7 +45,14 @@ from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
 from pipeline.data.ingest import IngestSummary, ingest
 from pipeline.eval.benchmark import run_eval
-from pipeline.eval.config import EvalConfig, SegmentConfig
+from pipeline.eval.config import (
+    BenchmarkConfig,
+    EvalConfig,
+    FidelityConfig,
+    ReportConfig,
+    SegmentConfig,
+    SpeedConfig,
+)
 from pipeline.eval.segment import segment_images
 from pipeline.train.driver import DistillResult, distill
 from pipeline.workflow.config import Recipe, load_recipe
@@ -120,7 +127,7 @@ class Extras:
 
     heldout_ingest: IngestConfig | None = None
     heldout_cache: bool = True  # also precompute the teacher on the held-out images
-    evals: Sequence[EvalConfig] | None = None
+    evals: Sequence[EvalConfig | ReportConfig] | None = None
     segment: SegmentConfig | None = None
     precompute_stats: list[dict[str, Any]] | None = None
 
@@ -245,15 +252,19 @@ def stage_distill(recipe: Recipe, work: str, images: str, cache: str, rep: Repor
     return result
 
 
-def _complete_eval(cfg: EvalConfig, work: str, recipe: Recipe, out: PipelineResult) -> EvalConfig | None:
+def _complete_eval(
+    cfg: EvalConfig | ReportConfig, work: str, recipe: Recipe, out: PipelineResult
+) -> ReportConfig | None:
     """An eval config with the run's paths filled in (result files in ``<work>/eval/<kind>`` unless ``out`` is
     set; a child run of the training run), or None when it cannot run (no data)."""
+    if isinstance(cfg, EvalConfig):
+        cfg = cfg.report()
     common = {
         "workdir": work,
         "experiment": recipe.run.experiment,
         "parent_run": cfg.parent_run or out.run_id,
     }
-    if cfg.fidelity:
+    if isinstance(cfg, FidelityConfig):
         if not out.heldout:
             raise ConfigError("[eval] fidelity = true needs held-out images: set run.heldout_source")
         where = cfg.out or storage.join(work, "eval", "fidelity")
@@ -265,9 +276,9 @@ def _complete_eval(cfg: EvalConfig, work: str, recipe: Recipe, out: PipelineResu
             out=where,
             **common,
         )
-    if cfg.speed:
+    if isinstance(cfg, SpeedConfig):
         return dataclasses.replace(cfg, out=cfg.out or storage.join(work, "eval", "speed"), **common)
-    if cfg.data_root:
+    if isinstance(cfg, BenchmarkConfig) and cfg.data_root:
         where = cfg.out or storage.join(work, "eval", cfg.dataset)
         return dataclasses.replace(cfg, checkpoint=out.checkpoint, out=where, **common)
     return None
@@ -279,7 +290,7 @@ def stage_eval(recipe: Recipe, work: str, out: PipelineResult, extras: Extras, r
     if not todo:
         rep.stage("eval", "skipped: [eval] has neither fidelity = true nor a data_root")
         return
-    kinds = ", ".join("fidelity" if c.fidelity else "speed" if c.speed else c.dataset for c in todo)
+    kinds = ", ".join(c.dataset if isinstance(c, BenchmarkConfig) else c.kind() for c in todo)
     rep.stage("eval", f"{kinds} (child runs of the training run; files in {storage.join(work, 'eval')})")
     with rep.stage_output():
         out.evals.extend(run_eval(c) for c in todo)

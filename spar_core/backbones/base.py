@@ -31,7 +31,9 @@ __all__ = [
     "load_weights_file",
     "check_state_dict",
     "state_dict_sha256",
+    "random_weights_id",
     "random_weights_seed",
+    "load_checked_weights",
 ]
 
 
@@ -103,6 +105,21 @@ def check_state_dict(
             f"{what}: {k} has shape {tuple(got[k].shape)}, expected {tuple(want[k].shape)} "
             f"({len(bad)} mismatching tensors){hint}"
         )
+
+
+def random_weights_id(name: str, seed: int) -> str:
+    """The weights id of seeded random weights (read back by :func:`random_weights_seed`)."""
+    return f"random:{name}:seed{seed}"
+
+
+def load_checked_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> str:
+    """Copy ``sd`` (checked with :func:`check_state_dict` first) into ``model``; returns the weights id of the
+    result, the content hash of its state dict. ``copy_`` casts dtypes; bit-exact for same-dtype files."""
+    with torch.no_grad():
+        for k, t in model.state_dict().items():
+            if k in sd:
+                t.copy_(sd[k])
+    return "sha256:" + state_dict_sha256(model.state_dict())
 
 
 def random_weights_seed(weights_id: str) -> int | None:

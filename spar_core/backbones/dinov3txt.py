@@ -49,9 +49,10 @@ from spar_core.backbones.base import (
     BackboneError,
     Family,
     check_state_dict,
+    load_checked_weights,
     load_weights_file,
+    random_weights_id,
     register_family,
-    state_dict_sha256,
 )
 from spar_core.backbones.dinotxt_model import (
     BACKBONE_PREFIX,
@@ -79,8 +80,9 @@ DINOTXT_BACKBONES: dict[str, tuple[DinoTxtSpec, str]] = {
 }
 
 
-def load_meta_weights(model: DinoTxt, backbone_path: str, head_path: str) -> None:
-    """Load Meta's two released files into ``model`` (every key checked; ``logit_scale`` may be absent)."""
+def load_meta_weights(model: DinoTxt, backbone_path: str, head_path: str) -> str:
+    """Load Meta's two released files into ``model`` (every key checked; ``logit_scale`` may be absent); returns
+    the weights id."""
     want_bb, want_head = meta_state_dicts(model)
     sd_bb = load_weights_file(backbone_path)
     sd_head = load_weights_file(head_path)
@@ -96,11 +98,7 @@ def load_meta_weights(model: DinoTxt, backbone_path: str, head_path: str) -> Non
         want_head,
         optional=("logit_scale",),
     )
-    full = {BACKBONE_PREFIX + k: v for k, v in sd_bb.items()} | sd_head
-    with torch.no_grad():
-        for k, t in model.state_dict().items():  # copy_ casts dtypes; bit-exact for same-dtype files
-            if k in full:
-                t.copy_(full[k])
+    return load_checked_weights(model, {BACKBONE_PREFIX + k: v for k, v in sd_bb.items()} | sd_head)
 
 
 @dataclass(frozen=True)
@@ -211,15 +209,14 @@ def _build(name: str, pretrained: str | None, seed: int, quick_gelu: bool) -> Di
     vocab = None
     if pretrained is None:
         model = build_dinotxt(spec, seed=seed)
-        weights_id = f"random:{name}:seed{seed}"
+        weights_id = random_weights_id(name, seed)
     else:
         files = parse_pretrained(pretrained)
         model = build_dinotxt(spec, device="meta").to_empty(device="cpu")  # every tensor comes from the files
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / 0.07))  # the one tensor a head file may leave out
-        load_meta_weights(model, files.backbone, files.head)
+        weights_id = load_meta_weights(model, files.backbone, files.head)
         vocab = files.vocab
-        weights_id = "sha256:" + state_dict_sha256(model.state_dict())
     bb = DinoTxtBackbone(model, name, pretrained, weights_id, readout, vocab)
     if vocab is not None:  # read it now, so a bad path fails here and not at the first text
         try:

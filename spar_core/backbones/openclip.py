@@ -41,9 +41,10 @@ from spar_core.backbones.base import (
     BackboneError,
     Family,
     check_state_dict,
+    load_checked_weights,
     load_weights_file,
+    random_weights_id,
     register_family,
-    state_dict_sha256,
 )
 
 __all__ = ["QUICKGELU_SUFFIX", "tiny_model_config", "interpolate_grid_pos"]
@@ -428,11 +429,10 @@ def _make_model(
             if tag:
                 return model, f"openclip:{r.oc_name}:{tag}{suffix}", quick, mean_std
     if pretrained is None:  # the canonical name already carries "-quickgelu"
-        return model, f"random:{r.name}:seed{seed}", quick, mean_std
+        return model, random_weights_id(r.name, seed), quick, mean_std
     sd = load_weights_file(pretrained)
     check_state_dict(f"weights file {pretrained} does not match {r.name}", sd, model.state_dict())
-    model.load_state_dict(sd)
-    return model, "sha256:" + state_dict_sha256(model.state_dict()) + suffix, quick, mean_std
+    return model, load_checked_weights(model, sd) + suffix, quick, mean_std
 
 
 def _build(name: str, pretrained: str | None, seed: int, quick_gelu: bool) -> Backbone:

@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.common.config import ConfigError, config_from_cli
 from pipeline.data.datasets import DatasetError
 from pipeline.eval.benchmark import evaluate
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import EvalConfig, EvalError, SpeedConfig
 from pipeline.eval.model import resolve_protocol
 from pipeline.eval.runs import RunsError, compare_runs, format_table
 from pipeline.eval.speed import speed_report
@@ -162,7 +162,7 @@ def test_eval_sliding_any_stride(voc_root, tmp_path):
 
 
 def test_speed_report_and_runs_table(voc_root, tmp_path):
-    res = speed_report(EvalConfig(speed=True, backbone="tiny-clip-64", resolutions=(64, 128), repeats=1,
+    res = speed_report(SpeedConfig(backbone="tiny-clip-64", resolutions=(64, 128), repeats=1,
                                   strides=(224, 64, 32, 7), workdir=str(tmp_path), experiment="speed-test",
                                   out=str(tmp_path / "out")))  # fmt: skip
     assert res["strides"] == [64, 32, 7] and res["resolutions"] == [64, 128]  # pixels; 224 > crop 64 left out
@@ -238,6 +238,29 @@ def test_config_recipe_and_cli_flags(tmp_path):
     args = build_parser("eval").parse_args(["eval", "--set", "eval.mode=diagonal"])
     with pytest.raises(ConfigError, match="mode"):
         config_from_cli(EvalConfig, args, "eval")
+
+
+def test_each_report_gets_its_own_config_from_the_flat_flags():
+    from pipeline.cli import build_parser
+    from pipeline.eval.config import BenchmarkConfig, FidelityConfig
+
+    def report(*argv: str):
+        return config_from_cli(EvalConfig, build_parser("eval").parse_args(["eval", *argv]), "eval").report()
+
+    fid = report("--fidelity", "--images", "h", "--teacher-cache", "c", "--classes", "a;b", "--overlays", "1")
+    assert type(fid) is FidelityConfig
+    assert (fid.images, fid.teacher_cache, fid.classes, fid.overlays) == ("h", "c", "a;b", 1)
+    speed = report("--speed", "--backbone", "tiny-clip-64", "--resolutions", "64", "--repeats", "2")
+    assert type(speed) is SpeedConfig
+    assert (speed.backbone, speed.resolutions, speed.repeats) == ("tiny-clip-64", (64,), 2)
+    bench = report("--dataset", "voc20", "--data-root", "d", "--prob-thd", "0.5")
+    assert type(bench) is BenchmarkConfig
+    assert (bench.dataset, bench.data_root, bench.prob_thd) == ("voc20", "d", 0.5)
+    assert not hasattr(bench, "resolutions") and not hasattr(speed, "dataset") and not hasattr(fid, "repeats")
+    with pytest.raises(ConfigError, match="dataset does not apply to the fidelity report"):
+        report("--fidelity", "--dataset", "voc20")
+    with pytest.raises(ConfigError, match="repeats does not apply to the benchmark report"):
+        report("--repeats", "2")
 
 
 def test_eval_student_checkpoint_records_lineage(voc_root, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.eval.config import EvalConfig, EvalError
+from pipeline.eval.config import EvalError, FidelityConfig, SpeedConfig
 from pipeline.eval.fidelity import fidelity_report
 from tests.builders import perturbed_student, tiny_cache, write_photo_pngs
 
@@ -81,7 +81,7 @@ def _direct(images: Path, cache_path: str, ckpt: Path) -> dict[str, dict[str, fl
 def test_fidelity_numbers_equal_direct_computation(held_out, tmp_path, capsys):
     images, cache, ckpt = held_out
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    res = fidelity_report(EvalConfig(fidelity=True, images=str(images), teacher_cache=cache, checkpoint=str(ckpt),
+    res = fidelity_report(FidelityConfig(images=str(images), teacher_cache=cache, checkpoint=str(ckpt),
                                      classes=CLASSES, templates="simple", workdir=str(tmp_path)))  # fmt: skip
     assert "not held out" in capsys.readouterr().out  # the fixture's student was "trained" on this cache
     ref = _direct(images, cache, ckpt)
@@ -101,13 +101,11 @@ def test_fidelity_numbers_equal_direct_computation(held_out, tmp_path, capsys):
 def test_fidelity_bad_input(held_out, tmp_path):
     images, cache, _ = held_out
     with pytest.raises(EvalError, match="--images ROOT and --teacher-cache"):
-        fidelity_report(EvalConfig(fidelity=True, images=str(images)))
+        fidelity_report(FidelityConfig(images=str(images)))
     with pytest.raises(Exception, match="nowhere"):
-        fidelity_report(
-            EvalConfig(fidelity=True, images=str(images), teacher_cache=str(tmp_path / "nowhere"))
-        )
+        fidelity_report(FidelityConfig(images=str(images), teacher_cache=str(tmp_path / "nowhere")))
     with pytest.raises(Exception, match="duplicate"):
-        fidelity_report(EvalConfig(fidelity=True, images=str(images), teacher_cache=cache, classes="a;a",
+        fidelity_report(FidelityConfig(images=str(images), teacher_cache=cache, classes="a;a",
                                    mlflow=False))  # fmt: skip
 
 
@@ -120,7 +118,7 @@ def test_quality_vs_cost_curve(held_out, tmp_path):
     from spar_core.sliding import sliding_window_features
 
     images, _, ckpt = held_out
-    res = speed_report(EvalConfig(speed=True, checkpoint=str(ckpt), images=str(images), resolutions=(64,),
+    res = speed_report(SpeedConfig(checkpoint=str(ckpt), images=str(images), resolutions=(64,),
                                   strides=(64, 14), repeats=1, mlflow=False, out=str(tmp_path)))  # fmt: skip
     qc = res["quality_cost"]
     pts = {p["method"]: p for p in qc["points"]}

@@ -36,9 +36,10 @@ from pipeline.student.format import (
     read_backbone_info,
 )
 from pipeline.train.config import DistillConfig
-from pipeline.train.driver import _continuation_name, distill
+from pipeline.train.driver import distill
 from pipeline.train.export import export_student
 from pipeline.train.run_dir import RAY_SNAPSHOT_FILE, checkpoints_newest_first, newest_good, snapshot_missing
+from pipeline.train.run_record import continuation_name
 from pipeline.train.state import TrainState, checkpoint_dir_name, save_training_checkpoint
 from tests.builders import moto_s3, perturbed_student
 
@@ -175,10 +176,10 @@ def test_resume_helpers_read_an_s3_run_directory_as_a_local_one(s3, tmp_path: Pa
     logged: list[str] = []
     assert newest_good(remote, log=logged.append) == f"{url}/{checkpoint_dir_name(2)}"
     assert len(logged) == 1 and f"{url}/{checkpoint_dir_name(3)} is unusable" in logged[0]
-    name = _continuation_name(f"s3://{BUCKET}/resume/ray_results", "run", remote[1])
+    name = continuation_name(f"s3://{BUCKET}/resume/ray_results", "run", remote[1])
     assert name == "run.resumed-step000000002"
     fs.pipe(f"{BUCKET}/resume/ray_results/{name}/x", b"taken")
-    assert _continuation_name(f"s3://{BUCKET}/resume/ray_results", "run", remote[1]) == f"{name}-2"
+    assert continuation_name(f"s3://{BUCKET}/resume/ray_results", "run", remote[1]) == f"{name}-2"
 
 
 def test_s3_workdir_without_a_tracking_server_is_refused_before_anything_starts(
