@@ -21,10 +21,10 @@ from PIL import Image
 from pipeline.cache.config import PrecomputeConfig
 from pipeline.cache.precompute import precompute
 from pipeline.common.photos import sample_photo_rgb
-from pipeline.common.tasks import init_ray
 from pipeline.data.config import IngestConfig
 from pipeline.data.ingest import ingest
 from spar_core.backbones import Backbone, build_backbone
+from tests.reliability.faults import start_test_ray
 
 TEACHER = "tiny-clip-64"
 CROP, STRIDE = 64, 32
@@ -145,7 +145,7 @@ def paired_data(root: str) -> dict[str, str]:
     # same keys and sizes as two of the photos above, other pixels for "astronaut"
     Image.fromarray(sample_photo_rgb("camera")).save(other_src / "astronaut.png")
     Image.fromarray(sample_photo_rgb("coffee")).save(other_src / "coffee.png")
-    init_ray(num_cpus=2)
+    start_test_ray()  # the session's cluster (kept when one is up)
     small = dict(target_long=192, target_short=128, min_short=128)
     ingest(str(src), str(base / "set"), IngestConfig(shard_size=2, **small), workers=2, progress=False)
     ingest(str(other_src), str(base / "other"), IngestConfig(shard_size=2, seed=7, **small), workers=1,

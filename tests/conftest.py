@@ -42,13 +42,14 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray cluster (2 CPUs), shared by the tests of a session; re-initialised if a test shut it down."""
+def ray_local(tmp_path_factory: pytest.TempPathFactory):
+    """A local Ray cluster (2 CPUs) with the test fault hook (tests/reliability/faults.py), shared by the tests of a
+    session; re-initialised if a test shut it down."""
     import ray
 
-    from pipeline.common.tasks import init_ray
+    from tests.reliability.faults import start_test_ray
 
-    init_ray(num_cpus=2)
+    start_test_ray(fault_dir=tmp_path_factory.getbasetemp() / "faults")
     yield ray
     # left running for other modules; stopped at the end of the session (pytest_sessionfinish below)
 
@@ -56,9 +57,9 @@ def ray_local():
 @pytest.fixture
 def ray_up(ray_local):
     """Ensure Ray is initialised for this test (another test may have shut it down)."""
-    from pipeline.common.tasks import init_ray
+    from tests.reliability.faults import start_test_ray
 
-    init_ray(num_cpus=2)
+    start_test_ray()
     return ray_local
 
 
