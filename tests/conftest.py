@@ -119,7 +119,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, paired) -> dict:
 # --------------------------------------------------------------------- running on two workers (pytest-xdist)
 
 # The modules that take longest (docs/testing.md), handed out first so that the workers finish together; the rest
-# follow in collection order. Only with `--dist loadgroup --no-loadscope-reorder` (scripts/test.sh).
+# follow in collection order. Only with `--dist loadgroup --no-loadscope-reorder` (`SPAR_TEST_WORKERS=N bash
+# scripts/test.sh`).
 LONGEST_FIRST = (
     "tests/pipeline/test_precompute.py",
     "tests/pipeline/test_workflow_s3.py",
