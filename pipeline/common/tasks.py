@@ -18,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import ray
 from tqdm import tqdm
 
+from pipeline.common.console import verbose
 from pipeline.common.trace import TRACE_ENV, mark
 
 __all__ = [
@@ -27,8 +28,6 @@ __all__ = [
     "start_local_cluster_early",
     "cluster_gpus",
     "shutdown_ray",
-    "verbose",
-    "set_verbose",
     "train_log_level",
     "LatestValue",
     "PoolResult",
@@ -38,18 +37,6 @@ __all__ = [
 ]
 
 K = TypeVar("K", bound=Hashable)
-
-VERBOSE_ENV = "SPAR_VERBOSE"  # "1": show Ray's own logs (Ray Train chatter, controller warnings)
-
-
-def verbose() -> bool:
-    """Whether Ray's own chatter is shown (``--verbose`` or ``SPAR_VERBOSE=1``); by default only ours is."""
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
-
-
-def set_verbose(on: bool) -> None:
-    """Switch Ray's chatter on or off for this process and the Ray workers it starts afterwards."""
-    os.environ[VERBOSE_ENV] = "1" if on else "0"
 
 
 def train_log_level() -> str:

@@ -147,7 +147,7 @@ def artifact_root(workdir: str | Path) -> str:
 
 def quiet_mlflow() -> None:
     """MLflow's INFO chatter (database set-up, uv project detection, model registration) only when verbose."""
-    from pipeline.common.tasks import verbose
+    from pipeline.common.console import verbose
 
     if not verbose():
         logging.getLogger("mlflow").setLevel(logging.ERROR)

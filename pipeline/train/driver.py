@@ -42,6 +42,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
+from pipeline.common.console import verbose
 from pipeline.common.storage import (
     arrow_filesystem,
     is_disk_full,
@@ -56,7 +57,6 @@ from pipeline.common.tasks import (
     init_ray,
     task_runtime_env,
     train_log_level,
-    verbose,
 )
 from pipeline.common.trace import mark
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store, wait_for_server

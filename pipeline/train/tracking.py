@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 
 from pipeline.cache.reader import TeacherCache
+from pipeline.common.console import verbose
 from pipeline.common.storage import write_bytes_atomic
-from pipeline.common.tasks import verbose
 from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri, tracking_wait_s
 from pipeline.common.tracking_queue import QueuedRunLog
 from pipeline.data.imageset import ImageSet

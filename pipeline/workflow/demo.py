@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 
 from pipeline.cache.config import PrecomputeConfig
 from pipeline.common.config import config_from_cli
+from pipeline.common.console import set_verbose
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
-from pipeline.common.tasks import set_verbose
 from pipeline.common.tracking import mlflow_runs_url, mlflow_ui_command, tracking_uri
 from pipeline.data.config import IngestConfig
 from pipeline.eval.config import FidelityConfig, SegmentConfig, SpeedConfig

@@ -37,8 +37,9 @@ from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import open_cache
 from pipeline.common import storage
 from pipeline.common.config import ConfigError
+from pipeline.common.console import verbose
 from pipeline.common.photos import HELDOUT_PHOTOS, TRAIN_PHOTOS, write_photos
-from pipeline.common.tasks import init_ray, verbose
+from pipeline.common.tasks import init_ray
 from pipeline.common.trace import mark
 from pipeline.common.tracking import require_remote_store, tracking_uri
 from pipeline.data.config import IngestConfig
