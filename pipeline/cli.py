@@ -93,15 +93,31 @@ def _start_ray_early(args: argparse.Namespace) -> None:
     start_local_cluster_early()
 
 
+def _check_stage_config(args: argparse.Namespace) -> None:
+    """Build the command's stage config (``stage_config`` = ("module:Class", recipe section), set by the stages
+    whose handler builds it with :func:`~pipeline.common.config.config_from_cli` alone) before anything slow: a bad
+    value is refused before Ray starts and before the stage's modules (torch, Ray, MLflow) import. The handler
+    builds the same config again."""
+    spec = getattr(args, "stage_config", None)
+    if spec is None:
+        return
+    from pipeline.common.config import config_from_cli
+
+    target, section = spec
+    module, _, name = target.partition(":")
+    config_from_cli(getattr(importlib.import_module(module), name), args, section)
+
+
 def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:
     """Entry point of ``spar`` (and of ``python -m jobs.<stage>``). Returns the exit code. ``early_ray``: start the
     local Ray cluster of a Ray command in the background while its modules import (the console command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
-    if early_ray:
-        _start_ray_early(args)
     try:
+        _check_stage_config(args)
+        if early_ray:
+            _start_ray_early(args)
         handler = resolve_handler(args)
         mark("imports")
         if handler is None:

@@ -39,7 +39,10 @@ def add_precompute_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="TOML recipe ([precompute] section)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
-    p.set_defaults(handler=f"{COMMANDS}:cmd_precompute")
+    p.set_defaults(
+        handler=f"{COMMANDS}:cmd_precompute",
+        stage_config=("pipeline.cache.config:PrecomputeConfig", "precompute"),
+    )
 
 
 def add_cache_cli(sub: argparse._SubParsersAction) -> None:

@@ -38,4 +38,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="TOML recipe (section [ingest])")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler="pipeline.data.ingest:run_cli")
+    p.set_defaults(
+        handler="pipeline.data.ingest:run_cli", stage_config=("pipeline.data.config:IngestConfig", "ingest")
+    )

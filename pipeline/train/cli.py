@@ -50,7 +50,10 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
         "--teacher-online", dest="teacher_online", action="store_true", default=None,
         help="compute the teacher in the loop (no cache)",
     )  # fmt: skip
-    p.set_defaults(handler="pipeline.train.driver:run_cli")
+    p.set_defaults(
+        handler="pipeline.train.driver:run_cli",
+        stage_config=("pipeline.train.config:DistillConfig", "distill"),
+    )
 
 
 def _add_import(sub: argparse._SubParsersAction) -> None:

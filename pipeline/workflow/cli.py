@@ -14,7 +14,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML recipe with a [demo] section")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--verbose", action="store_true", help="also show Ray's own logs and every stage's report")
-    p.set_defaults(handler="pipeline.workflow.demo:run_cli")
+    p.set_defaults(
+        handler="pipeline.workflow.demo:run_cli", stage_config=("pipeline.workflow.config:DemoConfig", "demo")
+    )
 
     p = sub.add_parser("pipeline", help="all stages from one TOML recipe (jobs/configs/*.toml)")
     p.add_argument(

@@ -84,3 +84,32 @@ def test_every_command_parses_to_a_handler() -> None:
         for path, sub in leaves:
             args = argparse.Namespace(handler=sub.get_default("handler"), func=sub.get_default("func"))
             assert callable(resolve_handler(args)), " ".join(path)
+
+
+BAD_CONFIGS = {
+    "ingest": ["ingest", "SRC", "--out", "OUT", "--set", "shard_size=0"],
+    "precompute": ["precompute", "--images", "I", "--set", "stride=-4"],
+    "distill": ["distill", "--images", "I", "--cache", "C", "--set", "epochs=0"],
+    "demo": ["demo", "--steps", "-3"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(BAD_CONFIGS))
+def test_a_bad_stage_config_is_refused_before_ray_and_the_stage_imports(command: str) -> None:
+    """The console command's path (``main(argv, early_ray=True)``, as ``spar`` runs it) refuses a bad value with exit
+    code 2 and one line, having imported no heavy library and started no Ray (a typo used to cost a Ray start and
+    the stage's imports, 12-16 s on the 2-core machine)."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from pipeline.cli import main\n"
+        "err = io.StringIO()\n"
+        "with contextlib.redirect_stderr(err):\n"
+        f"    rc = main({BAD_CONFIGS[command]!r}, early_ray=True)\n"
+        "print('RC', rc, err.getvalue().strip().count(chr(10)), err.getvalue().strip().split(':')[0])"
+    )
+    loaded = _modules_after(code)
+    assert not {m.split(".")[0] for m in loaded} & set(HEAVY), sorted(
+        set(HEAVY) & {m.split(".")[0] for m in loaded}
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"RC 2 0 spar {command}" in out, out
