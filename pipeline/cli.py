@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pipeline.common.errors import is_user_error
 from pipeline.common.trace import mark
@@ -70,12 +71,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _named(target: str) -> Any:
+    """The object a ``"module:name"`` string names (imported on demand)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int] | None:
     """The function that runs the parsed command: ``args.handler`` ("module:function"), or ``args.func``."""
     spec = getattr(args, "handler", None)
     if isinstance(spec, str):
-        module, _, name = spec.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _named(spec)
     return getattr(args, "func", None)
 
 
@@ -104,8 +110,7 @@ def _check_stage_config(args: argparse.Namespace) -> None:
     from pipeline.common.config import config_from_cli
 
     target, section = spec
-    module, _, name = target.partition(":")
-    config_from_cli(getattr(importlib.import_module(module), name), args, section)
+    config_from_cli(_named(target), args, section)
 
 
 def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:

@@ -145,17 +145,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     shared = {item.path for item in items if "finished_run" in item.fixturenames}
     root = Path(str(config.rootpath))
+    rank: dict[str, int] = {}  # item id -> 0 the finished run's group, 1.. the longest modules, then the rest
     for item in items:
         rel = item.path.relative_to(root).as_posix()
         item.add_marker(pytest.mark.xdist_group(FINISHED_RUN_GROUP if item.path in shared else rel))
-
-    def rank(item: pytest.Item) -> int:
-        if item.path in shared:
-            return 0
-        rel = item.path.relative_to(root).as_posix()
-        return 1 + LONGEST_FIRST.index(rel) if rel in LONGEST_FIRST else 1 + len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: collection order within a rank
+        order = LONGEST_FIRST.index(rel) if rel in LONGEST_FIRST else len(LONGEST_FIRST)
+        rank[item.nodeid] = 0 if item.path in shared else 1 + order
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: collection order within a rank
 
 
 @pytest.hookimpl(tryfirst=True)
