@@ -122,7 +122,10 @@ def write_shard(
     fs, images = fsspec.core.url_to_fs(images_url)
     stem = f"{images}/{shard_stem(shard)}"
     # a unique temporary name per attempt: a retried task, or a straggler worker of a killed run, writing the same
-    # shard never interleaves with this one; outputs are deterministic, so whichever rename lands last is right
+    # shard never interleaves with this one within a file. The pixels and records are deterministic, so whichever
+    # rename lands last is right; the PNG bytes once differed between two worker processes (test_ingest.py
+    # _tree_content), so a sidecar and tar of two such writers fail load_complete_shard and the next run rewrites
+    # the shard, while readers check pixels (pixel_sha256), which agree
     token = uuid.uuid4().hex[:12]
     tmp = f"{stem}.tar.{token}.tmp"
     with (
