@@ -4,8 +4,10 @@ prefix, nothing to a local folder, and the results equal the same recipe run on 
 The data stages (ingest + precompute through :func:`pipeline.workflow.orchestrator.prepare_data`), a fidelity
 evaluation and the segmentation of the held-out photos run in one child process, which starts its own Ray with the
 S3 endpoint and credentials in its environment (as a cluster's runtime environment gives them to Ray's workers) and
-an MLflow store named by ``MLFLOW_TRACKING_URI`` (a URL workdir cannot hold the embedded SQLite store). The student
-evaluated is a checkpoint built here with the local code (training on S3 is the train package's own test).
+an MLflow store named by ``MLFLOW_TRACKING_URI`` (a URL workdir cannot hold the embedded SQLite store). The
+reference (the same recipe on a local workdir, and its fidelity report) runs in this process meanwhile, on the
+session's Ray cluster. The student evaluated is a checkpoint built here with the local code (training on S3 is the
+train package's own test).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ OVERRIDES = ["ingest.target_long=128", "ingest.target_short=96", "ingest.shard_s
 TRAIN, HELD = ("rocket", "horse", "camera"), ("astronaut", "coffee")
 SEG = {"classes": "sky;person;cup;ground", "short_side": 64, "templates": "simple"}
 
-# One child process: prepare_data on a local and on an s3 workdir, the fidelity report of a student against the
-# s3 data with its files to s3 (and, as reference, against the local data with its files to a local folder), and
-# the held-out photos (an s3 folder) segmented into <s3 workdir>/overlays, logged on the "training" run.
+# One child process: prepare_data on an s3 workdir, the fidelity report of a student against the s3 data with its
+# files to s3, and the held-out photos (an s3 folder) segmented into <s3 workdir>/overlays, logged on the
+# "training" run. The reference (:func:`_local_reference`) is the same with a local workdir and a local folder.
 SCRIPT = r"""
 import dataclasses, json, sys, types
 from pipeline.eval.benchmark import run_eval
@@ -52,18 +54,11 @@ from pipeline.workflow.config import load_recipe
 from pipeline.workflow.orchestrator import Reporter, heldout_photos, prepare_data, stage_segment
 
 a = json.loads(sys.argv[1])
-out = {}
-for name, flags in a["runs"].items():
-    out[name] = dataclasses.asdict(prepare_data(load_recipe(a["recipe"], a["overrides"], run_flags=flags),
-                                                reporter=Reporter("test")))
-fid = dict(fidelity=True, checkpoint=a["checkpoint"], precision="fp32", overlays=2, classes=a["classes"],
-           templates="simple", experiment="spar-s3")
+out = {"s3": dataclasses.asdict(prepare_data(load_recipe(a["recipe"], a["overrides"], run_flags=a["runs"]["s3"]),
+                                             reporter=Reporter("test")))}
 s3 = out["s3"]
 out["fidelity"] = run_eval(EvalConfig(images=s3["heldout"], teacher_cache=s3["heldout_cache"], out=a["eval_out"],
-                                      workdir=a["workdir"], parent_run=a["parent_run"], **fid))
-loc = out["local"]
-out["fidelity_local"] = run_eval(EvalConfig(images=loc["heldout"], teacher_cache=loc["heldout_cache"],
-                                            out=a["local_eval_out"], mlflow=False, **fid))
+                                      workdir=a["workdir"], parent_run=a["parent_run"], **a["fidelity"]))
 run = types.SimpleNamespace(checkpoint=a["checkpoint"], run_id=a["parent_run"], segments=[])
 stage_segment(a["workdir"], run, SegmentConfig(**a["segment"]), heldout_photos(s3["heldout_source"]),
               Reporter("test"))
@@ -97,7 +92,7 @@ def _tree(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(s3, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(s3, tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Any]:
     """The child process's results, with the paths and stores the tests look at."""
     import mlflow
 
@@ -130,8 +125,16 @@ def runs(s3, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "experiment": "spar-s3",
             },
         },
-        "checkpoint": _student(base / "student"),
-        "classes": SEG["classes"],
+        "checkpoint": (checkpoint := _student(base / "student")),
+        "fidelity": dict(
+            fidelity=True,
+            checkpoint=checkpoint,
+            precision="fp32",
+            overlays=2,
+            classes=SEG["classes"],
+            templates="simple",
+            experiment="spar-s3",
+        ),  # fmt: skip
         "workdir": work,
         "eval_out": f"{work}/eval/fidelity",
         "local_eval_out": str(base / "local-eval"),
@@ -140,12 +143,35 @@ def runs(s3, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
     env = clean_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **{k: os.environ[k] for k in (
         "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    child = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)], cwd=cwd, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        local = _local_reference(args)  # meanwhile: the child waits on S3 and Ray much of its time
+        stdout, stderr = child.communicate(timeout=600)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
     out = json.loads(line.removeprefix("RESULT "))
-    return {**out, "args": args, "base": base, "cwd": cwd, "uri": uri, "work": work, "held": held}
+    return {**out, **local, "args": args, "base": base, "cwd": cwd, "uri": uri, "work": work, "held": held}
+
+
+def _local_reference(args: dict[str, Any]) -> dict[str, Any]:
+    """prepare_data on the local workdir and the student's fidelity report against it (files to a local folder, no
+    MLflow), in this process on the session's Ray cluster."""
+    import dataclasses
+
+    from pipeline.eval.benchmark import run_eval
+    from pipeline.eval.config import EvalConfig
+    from pipeline.workflow.orchestrator import Reporter, prepare_data
+
+    recipe = load_recipe(args["recipe"], args["overrides"], run_flags=args["runs"]["local"])
+    loc = dataclasses.asdict(prepare_data(recipe, reporter=Reporter("test")))
+    fid = run_eval(EvalConfig(images=loc["heldout"], teacher_cache=loc["heldout_cache"], out=args["local_eval_out"],
+                              mlflow=False, **args["fidelity"]))  # fmt: skip
+    return {"local": loc, "fidelity_local": fid}
 
 
 def test_prepare_data_on_s3_equals_the_local_run_and_writes_nothing_locally(runs, s3) -> None:
