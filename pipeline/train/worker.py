@@ -14,7 +14,7 @@ import inspect
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
 import ray.train.torch
@@ -37,9 +37,11 @@ from pipeline.train.state import (
 )
 from pipeline.train.step import StepRunner
 from pipeline.train.stream import PairedStream, Planner, make_loader, refs_from_imageset
-from pipeline.train.tracking import MetricLog
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.distill import trainable_parameters
+
+if TYPE_CHECKING:
+    from pipeline.train.tracking import MetricLog
 
 __all__ = ["train_worker"]
 
@@ -61,7 +63,7 @@ def train_worker(config: dict[str, Any]) -> None:
         log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
         return
-    mlog = MetricLog(link.tracking_uri, link.run_id, plan.log_every) if rank == 0 else None
+    mlog = _metric_log(link, plan) if rank == 0 else None
     if mlog is not None:  # where and how the steps really ran (a GPU check reads these back)
         amp = runner.autocast_dtype
         mlog.tag({
@@ -89,6 +91,14 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 def _student(plan: DistillPlan, device: torch.device) -> Backbone:
     return build_backbone(plan.student, plan.base_weights, device=device, seed=plan.backbone_seed)
+
+
+def _metric_log(link: RunLink, plan: DistillPlan) -> MetricLog:
+    """Rank 0's metric log. Imported here, not with this module: MLflow's import (~1.2 s of CPU) is paid by rank 0
+    only, not by every worker process of the group while they start at once."""
+    from pipeline.train.tracking import MetricLog
+
+    return MetricLog(link.tracking_uri, link.run_id, plan.log_every)
 
 
 def _build(
