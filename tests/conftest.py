@@ -41,6 +41,27 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+# The session's Ray cluster, started in a background thread while pytest imports the test modules (~10 s on one
+# core, with the other idle), when a whole run (no paths given) is about to need it anyway: the ``spar`` command's
+# early start (pipeline.common.tasks), with the test fault hook. Every init_ray waits for it.
+def pytest_collection(session: pytest.Session) -> None:
+    cfg = session.config
+    whole_run = not cfg.args or [Path(a).resolve() for a in cfg.args] == [Path(str(cfg.rootpath), "tests")]
+    xdist_controller = getattr(cfg.option, "dist", "no") != "no" and not hasattr(cfg, "workerinput")
+    if (
+        not whole_run
+        or xdist_controller
+        or cfg.option.collectonly
+        or os.environ.get("SPAR_TEST_EARLY_RAY") == "0"
+    ):
+        return
+    from pipeline.common.tasks import start_local_cluster_early
+    from tests.reliability.faults import start_test_ray
+
+    faults = Path(str(cfg._tmp_path_factory.getbasetemp())) / "faults"  # ray_local's folder
+    start_local_cluster_early(start=lambda: start_test_ray(fault_dir=faults))
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory: pytest.TempPathFactory):
     """A local Ray cluster (2 CPUs) with the test fault hook (tests/reliability/faults.py), shared by the tests of a
@@ -164,6 +185,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """
     import sys
 
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    if "ray" in sys.modules:
+        from pipeline.common.tasks import shutdown_ray
+
+        shutdown_ray()  # waits for an early start, and lets its thread end

@@ -158,12 +158,13 @@ _RAY_INIT_MODULES = (
 )
 
 
-def start_local_cluster_early() -> None:
+def start_local_cluster_early(start: Callable[[], None] | None = None) -> None:
     """Start this process's local Ray cluster in a background thread, while the command goes on importing its
     own modules (torch, MLflow, ...): most of ``ray.init`` is waiting for Ray's processes to come up, which
     overlaps with the imports on another core. :func:`init_ray` waits for it. Only for a local cluster (no
     ``RAY_ADDRESS``); ``SPAR_RAY_EARLY=0`` switches it off. Called by the ``spar`` console command (not by
-    ``main(argv)``, which tests call in-process)."""
+    ``main(argv)``, which tests call in-process), and by the test suite with its own ``start`` (a cluster with the
+    test fault hook, whose later ``init_ray(address=...)`` keeps it, as for any cluster started by hand)."""
     global _EARLY
     off = os.environ.get("SPAR_RAY_EARLY", "1") in ("0", "false") or ray_defaults()
     if off or _EARLY is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
@@ -183,15 +184,15 @@ def start_local_cluster_early() -> None:
     logging.getLogger("ray._private.worker").addFilter(
         lambda r: "SIGTERM handler is not set" not in r.getMessage()
     )
-    _EARLY = threading.Thread(target=_early_start, name="spar-ray-start", daemon=True)
+    _EARLY = threading.Thread(target=_early_start, args=(start,), name="spar-ray-start", daemon=True)
     _EARLY.start()
 
 
-def _early_start() -> None:
+def _early_start(start: Callable[[], None] | None) -> None:
     global _EARLY_STARTED
     try:
-        init_ray()
-        _EARLY_STARTED = True
+        (start or init_ray)()
+        _EARLY_STARTED = start is None
     except Exception:  # noqa: BLE001 - the command's own init_ray starts it again and reports the error
         pass
     finally:
