@@ -165,7 +165,8 @@ def test_mlflow_run_has_params_metrics_artifacts_and_cache_input(resumed, data, 
     import mlflow
 
     model_uri = tags["registered_model"]  # models:/spar-student/<version>
-    mlflow.set_tracking_uri(res.tracking_uri)  # MLflow resolves models:/ URIs with the global registry (= tracking)
+    # MLflow resolves models:/ URIs with the global registry (= tracking)
+    mlflow.set_tracking_uri(res.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=res.tracking_uri,
                                                        registry_uri=res.tracking_uri))  # fmt: skip
     (ckpt,) = (local / "artifacts").iterdir()  # the checkpoint directory, stored under its own name
