@@ -125,7 +125,7 @@ def write_shard(
     # shard never interleaves with this one within a file. The pixels and records are deterministic, so whichever
     # rename lands last is right; the PNG bytes once differed between two worker processes (test_ingest.py
     # _tree_content), so a sidecar and tar of two such writers fail load_complete_shard and the next run rewrites
-    # the shard, while readers check pixels (pixel_sha256), which agree
+    # the shard, while readers go by the manifest's pixel_sha256, which both agree with
     token = uuid.uuid4().hex[:12]
     tmp = f"{stem}.tar.{token}.tmp"
     with (

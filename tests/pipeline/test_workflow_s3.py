@@ -134,7 +134,7 @@ def runs(s3, tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, A
             classes=SEG["classes"],
             templates="simple",
             experiment="spar-s3",
-        ),  # fmt: skip
+        ),
         "workdir": work,
         "eval_out": f"{work}/eval/fidelity",
         "local_eval_out": str(base / "local-eval"),
@@ -159,8 +159,8 @@ def runs(s3, tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, A
 
 
 def _local_reference(args: dict[str, Any]) -> dict[str, Any]:
-    """prepare_data on the local workdir and the student's fidelity report against it (files to a local folder, no
-    MLflow), in this process on the session's Ray cluster."""
+    """prepare_data on the local workdir and the student's fidelity report against it (written to a local folder,
+    which the tests read; no MLflow), in this process on the session's Ray cluster."""
     import dataclasses
 
     from pipeline.eval.benchmark import run_eval
@@ -169,9 +169,9 @@ def _local_reference(args: dict[str, Any]) -> dict[str, Any]:
 
     recipe = load_recipe(args["recipe"], args["overrides"], run_flags=args["runs"]["local"])
     loc = dataclasses.asdict(prepare_data(recipe, reporter=Reporter("test")))
-    fid = run_eval(EvalConfig(images=loc["heldout"], teacher_cache=loc["heldout_cache"], out=args["local_eval_out"],
-                              mlflow=False, **args["fidelity"]))  # fmt: skip
-    return {"local": loc, "fidelity_local": fid}
+    run_eval(EvalConfig(images=loc["heldout"], teacher_cache=loc["heldout_cache"], out=args["local_eval_out"],
+                        mlflow=False, **args["fidelity"]))  # fmt: skip
+    return {"local": loc}
 
 
 def test_prepare_data_on_s3_equals_the_local_run_and_writes_nothing_locally(runs, s3) -> None:
