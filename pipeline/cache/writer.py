@@ -40,6 +40,7 @@ from pipeline.common import storage
 CHUNK_BYTES = 1 << 20  # target uncompressed size of one inner Zarr chunk (the unit of reading)
 CHUNKS_PER_SHARD = 64  # inner chunks per Zarr shard object (the unit of writing), ~64 MB uncompressed
 ZSTD_LEVEL = 3
+WINNER_SEAL_WAIT_S = 30.0  # how long a superseded writer waits for the writer that replaced it to seal the shard
 
 
 def chunk_rows_for(dim: int, dtype: str) -> int:
@@ -178,7 +179,8 @@ class ShardWriter:
         storage.remove(self.tmp_store)
 
     def commit(self) -> str:
-        """Make the shard complete. Returns "written", "already-complete" or "superseded"."""
+        """Make the shard complete. Returns "written", "already-complete" or "superseded" (a concurrent writer's
+        store replaced ours; this returns once that writer has sealed the shard, or after WINNER_SEAL_WAIT_S)."""
         if self._next != len(self.entries):
             raise CacheError(f"shard {self.shard}: {len(self.entries) - self._next} images not written")
         self._flush(final=True)
@@ -223,6 +225,7 @@ class ShardWriter:
     def _seal(self, files: ShardFiles, manifest_bytes: bytes) -> str:
         """The store is placed: write the completion marker, unless another writer replaced the store meanwhile."""
         if files.store_attempt() != self.attempt:
+            self._await_winner(files)
             return "superseded"
         marker = {
             "attempt": self.attempt,
@@ -233,3 +236,11 @@ class ShardWriter:
         }
         storage.write_bytes_atomic(files.marker, json.dumps(marker).encode())
         return "written"
+
+    def _await_winner(self, files: ShardFiles) -> None:
+        """Another writer replaced our placed store and is between placing its own and writing its marker: wait
+        (bounded) until the shard is complete, so a caller that checks the shard right after this commit finds it
+        complete. A winner that died before its marker leaves the shard incomplete; the next run rewrites it."""
+        deadline = time.monotonic() + WINNER_SEAL_WAIT_S
+        while not files.state()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)

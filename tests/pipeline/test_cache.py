@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import zarr
 
 import pipeline.cache.writer as writer_mod
 from pipeline.cache.cli import add_cli
+from pipeline.cache.layout import ShardFiles
 from pipeline.cache.maintenance import gc_caches, list_caches, summarize, verify_cache
 from pipeline.cache.reader import open_cache
 from pipeline.cache.spec import CacheError, CachePairingError, CacheSpec, ShardEntry
@@ -293,6 +295,36 @@ def test_racing_writers_leave_one_consistent_shard(tmp_path):
     for k in fb:
         np.testing.assert_array_equal(c.features(k, verify=True), fb[k].astype(np.float16))
     assert verify_cache(path)[1] == []
+
+
+def test_superseded_writer_returns_once_the_winner_has_sealed(tmp_path):
+    """B places its store over A's while A is between placing and sealing, and writes its marker only 0.5 s
+    later: A's commit reports "superseded" and returns with the shard complete (holding B's features), so a job
+    that checks its shards right after its tasks finds them complete."""
+    path = make_cache(tmp_path, [ITEMS0])
+    fa, fb = random_feats(ITEMS0, 1), random_feats(ITEMS0, 2)
+    wb = ShardWriter(path, 0, entries_for(ITEMS0), dim=DIM, dtype="float16")
+    for k, _, _ in ITEMS0:
+        wb.add(k, fb[k])
+    sealer = []
+
+    def b_places_now_seals_later(stage):
+        wb._flush(final=True)
+        manifest = wb._write_manifest()
+        files = ShardFiles(path, 0)
+        assert wb._place_store(files)
+        t = threading.Timer(0.5, wb._seal, args=(files, manifest))
+        t.start()
+        sealer.append(t)
+
+    _, status = write_shard(path, 0, ITEMS0, fa, before_seal=b_places_now_seals_later)
+    complete_on_return = open_cache(path).shard_complete(0)
+    sealer[0].join()
+    assert status == "superseded"
+    assert complete_on_return
+    c = open_cache(path)
+    for k in fb:
+        np.testing.assert_array_equal(c.features(k, verify=True), fb[k].astype(np.float16))
 
 
 # ------------------------------------------------------------------------------------------ verify
