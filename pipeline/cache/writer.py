@@ -40,7 +40,7 @@ from pipeline.common import storage
 CHUNK_BYTES = 1 << 20  # target uncompressed size of one inner Zarr chunk (the unit of reading)
 CHUNKS_PER_SHARD = 64  # inner chunks per Zarr shard object (the unit of writing), ~64 MB uncompressed
 ZSTD_LEVEL = 3
-WINNER_SEAL_WAIT_S = 30.0  # how long a superseded writer waits for the writer that replaced it to seal the shard
+WINNER_SEAL_WAIT_S = 30.0  # a superseded writer waits this long for its replacer to seal
 
 
 def chunk_rows_for(dim: int, dtype: str) -> int:
