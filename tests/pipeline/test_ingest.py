@@ -629,43 +629,17 @@ def test_killed_ingest_resumes(tmp_path):
     assert _tree_content(images) == _tree_content(tmp_path / "ref" / "images")
 
 
-S3_SCRIPT = """
-import sys
-from pipeline.data.config import IngestConfig
-from pipeline.data.ingest import ingest
-s = ingest(sys.argv[1], sys.argv[2], IngestConfig(shard_size=2, target_long=256, target_short=128, min_short=64),
-           workers=2, progress=False)
-print(s.line())
-"""
+def test_s3_source_and_output_via_fsspec(photo_tree, tmp_path):
+    """Sources listed and read through s3fs (moto server), shards written to s3 and read back from s3. Endpoint and
+    credentials are in this process's environment only; the shard tasks get them through their runtime
+    environment, as on a cluster."""
+    from tests.builders import moto_s3
 
-
-def test_s3_source_and_output_via_fsspec(photo_tree, tmp_path, monkeypatch):
-    """Sources listed and read through s3fs (moto server), shards written to s3 and read back from s3."""
-    import subprocess
-    import sys
-
-    import fsspec
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    try:
-        host, port = srv.get_host_and_port()
-        env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("bkt")
-        local = sorted(p for p in photo_tree.rglob("*") if p.is_file())
-        for p in local:
+    with moto_s3("bkt") as (fs, _env):
+        for p in sorted(p for p in photo_tree.rglob("*") if p.is_file()):
             fs.put_file(str(p), f"bkt/photos/{p.relative_to(photo_tree)}")
-        res = subprocess.run([sys.executable, "-c", S3_SCRIPT, "s3://bkt/photos", "s3://bkt/set"],
-                             env={**os.environ, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "7 inputs -> 7 accepted, 0 rejected" in res.stdout
+        s = ingest("s3://bkt/photos", "s3://bkt/set", small_cfg(shard_size=2), workers=2, progress=False)
+        assert "7 inputs -> 7 accepted, 0 rejected" in s.line()
         ims = open_imageset("s3://bkt/set")
         assert ims.shard_url(0) == "s3://bkt/set/images/shard-000000.tar"
         assert all(r.source.startswith("s3://bkt/photos/") for r in ims.records)
@@ -681,9 +655,6 @@ def test_s3_source_and_output_via_fsspec(photo_tree, tmp_path, monkeypatch):
         )
         assert loc.fingerprint == ims.fingerprint
         assert not fs.glob("bkt/set/images/*.tmp")
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        srv.stop()
 
 
 def test_failing_shard_task_is_a_clear_error_and_keeps_finished_shards(photo_tree, tmp_path):
