@@ -318,38 +318,16 @@ def test_local_scripts_refuse_non_loopback_hosts(tmp_path):
 # ----------------------------------------------------------------------------------------- real MLflow servers
 
 
-def test_local_mlflow_server_logs_a_run(tmp_path, monkeypatch):
+def test_local_mlflow_server_logs_a_run_behind_basic_auth(tmp_path, monkeypatch):
+    """One server from infra/local/start_mlflow_server.sh --auth (the plain mode starts in the cluster tests):
+    loopback only; no or wrong credentials are refused; with credentials from the environment the MLflow client
+    logs a run through it, whose params, metrics and artifact are read back from the sqlite store and the artifact
+    folder after the server stopped; the admin password is not written to the workdir."""
     import mlflow
 
     workdir = tmp_path / "wd"
-    with mlflow_server(workdir) as server:
-        assert listening_ips(server.port) == {"127.0.0.1"}
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        client = mlflow.MlflowClient(server.url)
-        exp_id = client.create_experiment("spar-infra-test")
-        run = client.create_run(exp_id, run_name="through-the-server")
-        client.log_param(run.info.run_id, "backbone", "tiny-clip-64")
-        client.log_metric(run.info.run_id, "loss", 0.25, step=3)
-        client.log_text(run.info.run_id, "hello from the client", "notes/hello.txt")
-        client.set_terminated(run.info.run_id)
-        run_id = run.info.run_id
-    # independent reads after the server stopped: the sqlite store and the artifact directory on disk
-    store = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    got = store.get_run(run_id)
-    assert got.data.params == {"backbone": "tiny-clip-64"}
-    assert got.data.metrics == {"loss": 0.25}
-    assert got.info.status == "FINISHED"
-    files = [p for p in (workdir / "mlartifacts").rglob("hello.txt")]
-    assert len(files) == 1 and files[0].read_text() == "hello from the client"
-
-
-def test_local_mlflow_server_auth_mode(tmp_path, monkeypatch):
-    import mlflow
-
     password = "s3cret-" + tmp_path.name
-    with mlflow_server(
-        tmp_path / "wd", auth=True, env_extra={"MLFLOW_AUTH_ADMIN_PASSWORD": password}
-    ) as server:
+    with mlflow_server(workdir, auth=True, env_extra={"MLFLOW_AUTH_ADMIN_PASSWORD": password}) as server:
         assert listening_ips(server.port) == {"127.0.0.1"}
         api = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=5"
         status, _ = http_status(api, timeout=120)
@@ -360,15 +338,29 @@ def test_local_mlflow_server_auth_mode(tmp_path, monkeypatch):
         status, body = http_status(api, {"Authorization": f"Basic {good}"}, timeout=120)
         assert status == 200 and "experiments" in json.loads(body)
         # the MLflow client with credentials from the environment logs a run; without them it is refused
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         client = mlflow.MlflowClient(server.url)
-        exp_id = client.create_experiment("spar-auth-test")
-        run = client.create_run(exp_id)
-        client.log_metric(run.info.run_id, "x", 1.0)
+        exp_id = client.create_experiment("spar-infra-test")
+        run = client.create_run(exp_id, run_name="through-the-server")
+        client.log_param(run.info.run_id, "backbone", "tiny-clip-64")
+        client.log_metric(run.info.run_id, "loss", 0.25, step=3)
+        client.log_text(run.info.run_id, "hello from the client", "notes/hello.txt")
+        client.set_terminated(run.info.run_id)
+        run_id = run.info.run_id
         monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
         monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
         with pytest.raises(mlflow.exceptions.MlflowException, match="401|nauthori|ermission"):
-            mlflow.MlflowClient(server.url).get_run(run.info.run_id)
+            mlflow.MlflowClient(server.url).get_run(run_id)
+    # independent reads after the server stopped: the sqlite store and the artifact directory on disk
+    store = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    got = store.get_run(run_id)
+    assert got.data.params == {"backbone": "tiny-clip-64"}
+    assert got.data.metrics == {"loss": 0.25}
+    assert got.info.status == "FINISHED"
+    files = [p for p in (workdir / "mlartifacts").rglob("hello.txt")]
+    assert len(files) == 1 and files[0].read_text() == "hello from the client"
     # the admin password is not written anywhere in the workdir when it comes from the environment
-    assert not (tmp_path / "wd" / "auth" / "admin_password").exists()
+    assert not (workdir / "auth" / "admin_password").exists()
+    assert not [p for p in workdir.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
