@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from tests.e2e.conftest import (
     new_token,
     start_ray_head,
     stop_process_group,
+    stop_process_groups,
     wait_until,
 )
 
@@ -209,8 +211,15 @@ class Cluster:
             out[name] = n
         return out
 
-    def start_worker(self, name: str) -> WorkerNode:
-        """Start (or replace) worker node `name` and wait until Ray lists it ALIVE."""
+    def start_workers(self, names: list[str]) -> None:
+        """Start (or replace) worker nodes ``names``, all at once, and wait until Ray lists each ALIVE."""
+        nodes = [self._spawn_worker(name) for name in names]
+        for node in nodes:
+            wait_until(f"Ray worker node {node.name}", lambda n=node.name: n in self.alive_nodes(), node.proc,
+                       node.log)  # fmt: skip
+
+    def _spawn_worker(self, name: str) -> WorkerNode:
+        """``ray start --block`` for worker node ``name`` in its own session, temp dir and ports."""
         self._starts += 1
         # a short path: Ray's unix sockets live under it (107-char limit)
         tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root))
@@ -234,20 +243,22 @@ class Cluster:
             )
         node = WorkerNode(name, tmp, log, proc)
         self.workers[name] = node
-        wait_until(f"Ray worker node {name}", lambda: name in self.alive_nodes(), proc, log)
         return node
 
     def ensure_workers(self) -> None:
         """Every worker node up (a test before may have killed one): dead ones are replaced."""
-        for name, node in list(self.workers.items()):
-            if not node.alive() or name not in self.alive_nodes():
-                with contextlib.suppress(Exception):
-                    stop_process_group(node.proc, grace_s=5)
-                self.start_worker(name)
+        down = [
+            name for name, node in self.workers.items() if not node.alive() or name not in self.alive_nodes()
+        ]
+        for name in down:
+            with contextlib.suppress(Exception):
+                stop_process_group(self.workers[name].proc, grace_s=5)
+        if down:
+            self.start_workers(down)
 
     def stop(self) -> None:
-        for node in self.workers.values():
-            stop_process_group(node.proc, grace_s=20)
+        """The worker nodes together (SIGTERM to all, then each waited for), then the head."""
+        stop_process_groups([node.proc for node in self.workers.values()], grace_s=20)
         stop_process_group(self.head.proc)
 
 
@@ -266,22 +277,24 @@ def ray_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[Cluster]:
     """Head + two worker nodes + MLflow server (artifacts on S3) + moto S3: see the module docstring."""
     root = Path(tempfile.mkdtemp(prefix="spar-cl-", dir="/tmp"))  # short: unix socket paths
     log_dir = tmp_path_factory.mktemp("cluster-logs")
-    head, head_tmp = _start_head(root, log_dir)
     mlflow_env = clean_env(**s3_server.env())  # the tracking server (not a Ray node) holds S3 credentials
     cluster: Cluster | None = None
+    pool = ThreadPoolExecutor(1)
+    starting = pool.submit(_start_head, root, log_dir)  # the head starts while the tracking server does
     try:
         with mlflow_server(
             log_dir / "mlflow", args=["--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], env=mlflow_env
         ) as server:
+            head, head_tmp = starting.result()
             cluster = Cluster(head, head_tmp, {}, s3_server, server, root, log_dir)
-            for name in ("node_a", "node_b"):
-                cluster.start_worker(name)
+            cluster.start_workers(["node_a", "node_b"])
             yield cluster
     finally:
+        pool.shutdown()
         if cluster is not None:
             cluster.stop()
-        else:
-            stop_process_group(head.proc)
+        elif starting.exception() is None:
+            stop_process_group(starting.result()[0].proc)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -108,6 +108,17 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 40.0) -> None:
         proc.wait(timeout=10)
 
 
+def stop_process_groups(procs: Sequence[subprocess.Popen], grace_s: float = 40.0) -> None:
+    """:func:`stop_process_group` for several processes at once: SIGTERM to all, one shared grace period."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        stop_process_group(proc, grace_s=max(0.0, deadline - time.monotonic()))
+
+
 def run_spar(args: Sequence[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     """`spar ARGS` as a subprocess from the project root; stdout+stderr captured as text."""
     return subprocess.run(
