@@ -2,21 +2,18 @@
 prefix, nothing to a local folder, and the results equal the same recipe run on a local workdir.
 
 The data stages (ingest + precompute through :func:`pipeline.workflow.orchestrator.prepare_data`), a fidelity
-evaluation and the segmentation of the held-out photos run in one child process, which starts its own Ray with the
-S3 endpoint and credentials in its environment (as a cluster's runtime environment gives them to Ray's workers) and
-an MLflow store named by ``MLFLOW_TRACKING_URI`` (a URL workdir cannot hold the embedded SQLite store). The
-reference (the same recipe on a local workdir, and its fidelity report) runs in this process meanwhile, on the
-session's Ray cluster. The student evaluated is a checkpoint built here with the local code (training on S3 is the
-train package's own test).
+evaluation and the segmentation of the held-out photos run in this process on the session's Ray cluster, from an
+empty working folder, with the S3 endpoint and credentials in this process's environment only (Ray's workers get
+them through the tasks' runtime environment, as on a cluster) and an MLflow store named as ``MLFLOW_TRACKING_URI``
+names it (a URL workdir cannot hold the embedded SQLite store). The reference is the same recipe on a local
+workdir, with its fidelity report. The student evaluated is a checkpoint built here with the local code (training
+on S3 is the train package's own test).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cache.reader import open_cache
-from pipeline.common import storage
+from pipeline.common import storage, tracking
 from pipeline.common.photos import TRAIN_PHOTOS, write_photos
 from pipeline.data.imageset import open_imageset
 from pipeline.eval.config import SegmentConfig
@@ -35,36 +32,13 @@ from pipeline.student.format import StudentMeta, save_student
 from pipeline.workflow.config import load_recipe
 from tests.builders import moto_s3, perturbed_student
 from tests.conftest import load_photo
-from tests.e2e.conftest import ROOT, clean_env
+from tests.e2e.conftest import ROOT
 
 BUCKET = "spar-wf"
 DEMO = str(ROOT / "jobs" / "configs" / "demo.toml")
 OVERRIDES = ["ingest.target_long=128", "ingest.target_short=96", "ingest.shard_size=2"]
 TRAIN, HELD = ("rocket", "horse", "camera"), ("astronaut", "coffee")
 SEG = {"classes": "sky;person;cup;ground", "short_side": 64, "templates": "simple"}
-
-# One child process: prepare_data on an s3 workdir, the fidelity report of a student against the s3 data with its
-# files to s3, and the held-out photos (an s3 folder) segmented into <s3 workdir>/overlays, logged on the
-# "training" run. The reference (:func:`_local_reference`) is the same with a local workdir and a local folder.
-SCRIPT = r"""
-import dataclasses, json, sys, types
-from pipeline.eval.benchmark import run_eval
-from pipeline.eval.config import EvalConfig, SegmentConfig
-from pipeline.workflow.config import load_recipe
-from pipeline.workflow.orchestrator import Reporter, heldout_photos, prepare_data, stage_segment
-
-a = json.loads(sys.argv[1])
-out = {"s3": dataclasses.asdict(prepare_data(load_recipe(a["recipe"], a["overrides"], run_flags=a["runs"]["s3"]),
-                                             reporter=Reporter("test")))}
-s3 = out["s3"]
-out["fidelity"] = run_eval(EvalConfig(images=s3["heldout"], teacher_cache=s3["heldout_cache"], out=a["eval_out"],
-                                      workdir=a["workdir"], parent_run=a["parent_run"], **a["fidelity"]))
-run = types.SimpleNamespace(checkpoint=a["checkpoint"], run_id=a["parent_run"], segments=[])
-stage_segment(a["workdir"], run, SegmentConfig(**a["segment"]), heldout_photos(s3["heldout_source"]),
-              Reporter("test"))
-out["segments"] = run.segments
-print("RESULT " + json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +67,7 @@ def _tree(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(s3, tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, Any]:
-    """The child process's results, with the paths and stores the tests look at."""
+    """The S3 run's results and the local reference's, with the paths and stores the tests look at."""
     import mlflow
 
     base = tmp_path_factory.mktemp("wf-s3")
@@ -101,7 +75,7 @@ def runs(s3, tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, A
     for d in (train, held):
         for p in sorted(d.iterdir()):
             s3.put_file(str(p), f"{BUCKET}/src/{d.name}/{p.name}")
-    cwd = base / "cwd"  # the child's working folder: must stay empty
+    cwd = base / "cwd"  # the S3 run's working folder: must stay empty
     cwd.mkdir()
     uri = f"sqlite:///{base / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)  # stands in for a tracking server: it decides where artifacts go
@@ -141,26 +115,39 @@ def runs(s3, tmp_path_factory: pytest.TempPathFactory, ray_local) -> dict[str, A
         "parent_run": parent,
         "segment": {**SEG, "out": ""},
     }
-    env = clean_env(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(ROOT), **{k: os.environ[k] for k in (
-        "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})  # fmt: skip
-    child = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)], cwd=cwd, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        local = _local_reference(args)  # meanwhile: the child waits on S3 and Ray much of its time
-        stdout, stderr = child.communicate(timeout=600)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
-    assert child.returncode == 0, stdout[-3000:] + stderr[-5000:]
-    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    out = json.loads(line.removeprefix("RESULT "))
+    local = _local_reference(args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)  # nothing of the S3 run may land in the working folder
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(tracking, "_USER_TRACKING_URI", uri)  # as if set when the process started
+        out = _s3_run(args)
     return {**out, **local, "args": args, "base": base, "cwd": cwd, "uri": uri, "work": work, "held": held}
+
+
+def _s3_run(args: dict[str, Any]) -> dict[str, Any]:
+    """prepare_data on the S3 workdir, the fidelity report of the student against the S3 data with its files to
+    S3, and the held-out photos (an S3 folder) segmented into <S3 workdir>/overlays, logged on the "training" run.
+    """
+    import dataclasses
+    import types
+
+    from pipeline.eval.benchmark import run_eval
+    from pipeline.eval.config import EvalConfig
+    from pipeline.workflow.orchestrator import Reporter, heldout_photos, prepare_data, stage_segment
+
+    recipe = load_recipe(args["recipe"], args["overrides"], run_flags=args["runs"]["s3"])
+    s3 = dataclasses.asdict(prepare_data(recipe, reporter=Reporter("test")))
+    fidelity = run_eval(EvalConfig(images=s3["heldout"], teacher_cache=s3["heldout_cache"], out=args["eval_out"],
+                                   workdir=args["workdir"], parent_run=args["parent_run"], **args["fidelity"]))  # fmt: skip
+    run = types.SimpleNamespace(checkpoint=args["checkpoint"], run_id=args["parent_run"], segments=[])
+    stage_segment(args["workdir"], run, SegmentConfig(**args["segment"]), heldout_photos(s3["heldout_source"]),
+                  Reporter("test"))  # fmt: skip
+    return {"s3": s3, "fidelity": fidelity, "segments": run.segments}
 
 
 def _local_reference(args: dict[str, Any]) -> dict[str, Any]:
     """prepare_data on the local workdir and the student's fidelity report against it (written to a local folder,
-    which the tests read; no MLflow), in this process on the session's Ray cluster."""
+    which the tests read; no MLflow)."""
     import dataclasses
 
     from pipeline.eval.benchmark import run_eval
