@@ -87,6 +87,9 @@ def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], 
 
 # Commands that start a local Ray cluster when no address is given: the console command starts it early.
 RAY_COMMANDS = ("ingest", "precompute", "distill", "pipeline", "demo")
+# What the Ray tasks of a command import (the precompute task: torch, the teacher's code): the early start imports
+# it in Ray's idle worker processes while the command's own modules import.
+WARM_MODULES = {name: ("pipeline.cache.shard_task",) for name in ("precompute", "pipeline", "demo")}
 
 
 def _start_ray_early(args: argparse.Namespace) -> None:
@@ -96,7 +99,7 @@ def _start_ray_early(args: argparse.Namespace) -> None:
         return
     from pipeline.common.tasks import start_local_cluster_early
 
-    start_local_cluster_early()
+    start_local_cluster_early(warm=WARM_MODULES.get(args.command, ()))
 
 
 def _check_stage_config(args: argparse.Namespace) -> None:

@@ -158,13 +158,18 @@ _RAY_INIT_MODULES = (
 )
 
 
-def start_local_cluster_early(start: Callable[[], None] | None = None) -> None:
+def start_local_cluster_early(start: Callable[[], None] | None = None, warm: Sequence[str] = ()) -> None:
     """Start this process's local Ray cluster in a background thread, while the command goes on importing its
     own modules (torch, MLflow, ...): most of ``ray.init`` is waiting for Ray's processes to come up, which
     overlaps with the imports on another core. :func:`init_ray` waits for it. Only for a local cluster (no
     ``RAY_ADDRESS``); ``SPAR_RAY_EARLY=0`` switches it off. Called by the ``spar`` console command (not by
     ``main(argv)``, which tests call in-process), and by the test suite with its own ``start`` (a cluster with the
-    test fault hook, whose later ``init_ray(address=...)`` keeps it, as for any cluster started by hand)."""
+    test fault hook, whose later ``init_ray(address=...)`` keeps it, as for any cluster started by hand).
+
+    ``warm``: modules the command's Ray tasks import (e.g. the precompute task's torch and teacher code). Once the
+    cluster is up, one task per CPU (at most :data:`WARM_TASKS_MAX`) imports them in Ray's idle worker processes,
+    which later tasks of this driver reuse, so those imports overlap with the command's own instead of following
+    them."""
     global _EARLY
     off = os.environ.get("SPAR_RAY_EARLY", "1") in ("0", "false") or ray_defaults()
     if off or _EARLY is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
@@ -184,20 +189,46 @@ def start_local_cluster_early(start: Callable[[], None] | None = None) -> None:
     logging.getLogger("ray._private.worker").addFilter(
         lambda r: "SIGTERM handler is not set" not in r.getMessage()
     )
-    _EARLY = threading.Thread(target=_early_start, args=(start,), name="spar-ray-start", daemon=True)
+    _EARLY = threading.Thread(
+        target=_early_start, args=(start, tuple(warm)), name="spar-ray-start", daemon=True
+    )
     _EARLY.start()
 
 
-def _early_start(start: Callable[[], None] | None) -> None:
+def _early_start(start: Callable[[], None] | None, warm: tuple[str, ...]) -> None:
     global _EARLY_STARTED
     try:
         (start or init_ray)()
         _EARLY_STARTED = start is None
+        if warm:
+            _warm_workers(warm)
     except Exception:  # noqa: BLE001 - the command's own init_ray starts it again and reports the error
         pass
     finally:
         _EARLY_DONE.set()
     _EARLY_HOLD.wait()
+
+
+WARM_TASKS_MAX = 4  # worker processes warmed by an early start (each holds its imports' memory)
+_WARM_REFS: list[Any] = []  # the warm-up tasks' results (nobody waits for them; a test does)
+
+
+def _warm_workers(modules: tuple[str, ...]) -> None:
+    """Submit one import task per CPU of the local cluster (at most WARM_TASKS_MAX), not waited for: each runs in
+    one of the worker processes Ray starts with the cluster, which then stays in the pool with the modules loaded.
+    A task of the command that comes while they run waits for a CPU, then reuses the same process."""
+    n = max(1, min(int(ray.cluster_resources().get("CPU", 1)), WARM_TASKS_MAX))
+    task = ray.remote(num_cpus=1, max_retries=0)(import_modules)
+    _WARM_REFS[:] = [task.remote(modules) for _ in range(n)]
+
+
+def import_modules(modules: Sequence[str]) -> int:
+    """Import ``modules`` in this process (the body of the warm-up tasks); returns the process id."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+    return os.getpid()
 
 
 def _wait_for_early_start() -> None:

@@ -1,6 +1,6 @@
 """What the start-up work relies on: a new MLflow store made from the empty template equals one MLflow makes itself;
 the driver's forwarded variables reach Ray tasks whether or not the task needs a runtime environment of its own;
-Ray Train's local-cluster switches never override the user's; phase marks and ``spar bench startup``'s table."""
+the early start's warm-up imports land in the worker processes that later tasks reuse; Ray Train's local-cluster switches never override the user's; phase marks and ``spar bench startup``'s table."""
 
 from __future__ import annotations
 
@@ -138,6 +138,41 @@ def test_local_cluster_switches_never_override_the_user(monkeypatch) -> None:
     monkeypatch.setenv("SPAR_RAY_DEFAULTS", "1")  # the benchmark's "before" side: Ray's defaults
     tasks._local_cluster_settings()
     assert not any(k in os.environ for k in tasks.LOCAL_TRAIN_SETTINGS)
+
+
+# In a process of its own (its own local cluster, as the `spar` command starts it): the early start warms Ray's
+# idle worker processes with a module no Ray worker imports by itself; the command's later tasks run in those
+# processes, with the module already there.
+WARM_SCRIPT = """
+import json, os, sys
+import ray
+from pipeline.common import tasks
+tasks.start_local_cluster_early(warm=("xml.dom.minidom",))
+tasks.init_ray()
+warmed = sorted(set(ray.get(tasks._WARM_REFS)))
+probe = ray.remote(num_cpus=1)(lambda: (os.getpid(), "xml.dom.minidom" in sys.modules))
+later = ray.get([probe.remote() for _ in range(4)])
+cpus = int(ray.cluster_resources()["CPU"])
+tasks.shutdown_ray()
+print("RESULT " + json.dumps({"warmed": warmed, "later": later, "cpus": cpus}))
+"""
+
+
+def test_early_start_warms_the_workers_that_later_tasks_reuse() -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import ROOT, clean_env
+
+    r = subprocess.run([sys.executable, "-c", WARM_SCRIPT], cwd=ROOT, env=clean_env(PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    got = json.loads(line.removeprefix("RESULT "))
+    assert 1 <= len(got["warmed"]) <= min(got["cpus"], tasks.WARM_TASKS_MAX)
+    assert all(imported for _, imported in got["later"])  # no task paid the import itself
+    assert {pid for pid, _ in got["later"]} <= set(got["warmed"])  # they ran in the warmed processes
 
 
 def test_marks_go_to_the_trace_file_once_when_asked(tmp_path, monkeypatch) -> None:
