@@ -1,6 +1,7 @@
 """What the start-up work relies on: a new MLflow store made from the empty template equals one MLflow makes itself;
 the driver's forwarded variables reach Ray tasks whether or not the task needs a runtime environment of its own;
-the early start's warm-up imports land in the worker processes that later tasks reuse; Ray Train's local-cluster switches never override the user's; phase marks and ``spar bench startup``'s table."""
+the early start's warm-up imports land in the worker processes that later tasks reuse; Ray Train's local-cluster
+switches never override the user's; phase marks and ``spar bench startup``'s table."""
 
 from __future__ import annotations
 
