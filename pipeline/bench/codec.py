@@ -10,7 +10,6 @@ fidelity to the fp32 teacher (MSE and mean cosine pooled over every patch positi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bench.measure import scratch_dir
+from pipeline.bench.measure import cpu_runner, scratch_dir, write_json
 from pipeline.bench.sample_set import ingest_photos
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import TeacherCache, open_cache
@@ -27,9 +26,7 @@ from pipeline.common.tasks import init_ray
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.eval.fidelity import PooledFidelity
 from pipeline.train.config import DistillConfig
-from pipeline.train.step import StepRunner
 from spar_core.backbones import Backbone, build_backbone
-from spar_core.distill import trainable_parameters
 from spar_core.sliding import sliding_window_features
 
 
@@ -49,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     with scratch_dir(args.workdir, "spar-bench-codec-") as tmp:
         res = codec_fidelity(args, tmp)
     _print_codec_fidelity(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    write_json(args.json, res)
     return 0
 
 
@@ -123,11 +119,10 @@ def _train_student(
     args: argparse.Namespace, cache: TeacherCache, ims: ImageSet, train_keys: list[str], seed: int
 ) -> Backbone:
     """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
-    torch.manual_seed(seed)
-    bb = build_backbone(args.teacher, args.pretrained)
-    params = trainable_parameters(bb, args.trainable_blocks)
     cfg = DistillConfig(lr=args.lr, precision="fp32", warmup_steps=0)
-    runner = StepRunner(bb, bb, params, cfg, torch.device("cpu"), args.steps)
+    runner = cpu_runner(
+        args.teacher, cfg, args.steps, pretrained=args.pretrained, blocks=args.trainable_blocks, seed=seed
+    )
     rng = np.random.default_rng(seed)
     order: list[str] = []
     for step in range(args.steps):
@@ -141,7 +136,7 @@ def _train_student(
             ],  # (1, h, w, D)
         }
         runner.step(item, step)
-    return bb.eval()
+    return runner.bb.eval()
 
 
 def fidelity(bb: Backbone, held: HeldOut) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import json
 import os
 import platform
 import shutil
@@ -24,7 +23,7 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
-from pipeline.bench.measure import scratch_dir
+from pipeline.bench.measure import scratch_dir, write_json
 from pipeline.common.photos import sample_photo_files
 from pipeline.common.tasks import init_ray
 from pipeline.data import png
@@ -164,8 +163,7 @@ def run(args: argparse.Namespace) -> int:
         files = sample_photo_files()
         rows = encode_table(files, IngestConfig(**small), args.encode_rounds)
         _print_encode_table(rows, len(files))
-        if args.json:
-            Path(args.json).write_text(json.dumps({"encoding": rows}, indent=2) + "\n")
+        write_json(args.json, {"encoding": rows})
         return 0
     counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
     with scratch_dir(args.workdir, "spar-bench-ingest-") as base:
@@ -188,8 +186,7 @@ def run(args: argparse.Namespace) -> int:
             "encoding": enc_rows,
         }
         _print_results(args, n, info, cpu)
-        if args.json:
-            Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(args.json, info)
         return 0
 
 

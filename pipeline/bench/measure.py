@@ -9,18 +9,22 @@ teacher window and the matmul rate come from here, one definition each.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spar_core.backbones import Backbone
+from pipeline.train.config import DistillConfig
+from pipeline.train.step import StepRunner
+from spar_core.backbones import Backbone, build_backbone
+from spar_core.distill import trainable_parameters
 from spar_core.flops import vit_arch, vit_dense_flops
 
 T = TypeVar("T")
@@ -37,6 +41,12 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_json(path: str | None, obj: Any) -> None:
+    """``--json PATH``: the results written there as indented JSON (nothing when no path is given)."""
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -81,6 +91,41 @@ def fastest(fn: Callable[[], object], repeats: int, device: str) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def step_times(runner: StepRunner, items: Iterable[dict[str, Any]], n: int, skip: int) -> list[float]:
+    """Per-step wall times (data wait + step), the first ``skip`` steps (loader start-up) not counted."""
+    out = []
+    it = iter(items)
+    for s in range(n + skip):
+        t0 = time.perf_counter()
+        item = next(it)
+        loss, _ = runner.step(item, s)
+        float(loss)
+        if s >= skip:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def cpu_runner(
+    backbone: str,
+    cfg: DistillConfig,
+    total: int,
+    crop: int = 0,
+    stride: int = 0,
+    *,
+    pretrained: str | None = None,
+    blocks: int = 2,
+    seed: int = 0,
+) -> StepRunner:
+    """The training step on the CPU: ``backbone`` as its own student (its last ``blocks`` blocks trained, torch
+    seeded with ``seed``) and, with ``cfg.teacher_online``, a second copy as the teacher (``crop``, ``stride``)."""
+    torch.manual_seed(seed)
+    bb = build_backbone(backbone, pretrained)
+    params = trainable_parameters(bb, blocks)
+    teacher = build_backbone(backbone, pretrained) if cfg.teacher_online else None
+    cpu = torch.device("cpu")
+    return StepRunner(bb, bb, params, cfg, cpu, total, teacher=teacher, crop=crop, stride=stride)
 
 
 def matmul_gflops(
