@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.eval.model import synchronize
 from pipeline.train.config import DistillConfig
 from pipeline.train.step import StepRunner
 from spar_core.backbones import Backbone, build_backbone
@@ -65,30 +66,24 @@ def scratch_dir(workdir: str | None, prefix: str) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def sync(device: str) -> None:
-    """Wait for the device's queued work (a no-op on CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
     """``fn()`` and its wall time in seconds, the device synchronised before and after."""
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    synchronize(device)
     return out, time.perf_counter() - t0
 
 
 def fastest(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Fastest of ``repeats`` synchronised calls after one warm-up call, in seconds."""
     fn()
-    sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -140,14 +135,14 @@ def matmul_gflops(
     c = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.matmul(a, b, out=c)
-    sync(device)
+    synchronize(device)
     best = 0.0
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t = time.perf_counter()
         for _ in range(inner):
             torch.matmul(a, b, out=c)
-        sync(device)
+        synchronize(device)
         best = max(best, inner * 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 
