@@ -62,7 +62,7 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     train_keys = keys[: -args.held_out]
     teacher = build_backbone(args.teacher, args.pretrained)
     crop = args.crop or teacher.native_size
-    held = _held_out(teacher, ims, keys[-args.held_out :], crop, args.stride)
+    held = held_out(teacher, ims, keys[-args.held_out :], crop, args.stride)
     raw32 = sum(r.height // teacher.patch_size * (r.width // teacher.patch_size) * teacher.dim * 4
                 for r in ims.records)  # fmt: skip
     out: dict[str, Any] = {"train_images": len(train_keys), "held_out_images": len(held.keys),
@@ -74,7 +74,8 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def _held_out(teacher: Backbone, ims: ImageSet, keys: list[str], crop: int, stride: int) -> HeldOut:
+def held_out(teacher: Backbone, ims: ImageSet, keys: list[str], crop: int, stride: int) -> HeldOut:
+    """The images ``keys`` of ``ims`` and their fp32 teacher features (``crop``, ``stride``)."""
     inputs, targets = [], []
     for k in keys:  # the reference: the fp32 teacher computed here, not read from any cache
         x = teacher.normalize(torch.from_numpy(np.array(ims.read(k)))[None])

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.bench.codec import fidelity, held_out
 from pipeline.bench.measure import cpu_runner, scratch_dir, step_times, write_json
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.cache.reader import open_cache
@@ -42,7 +43,6 @@ from pipeline.common.errors import UserError
 from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sample_photo_rgb
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
-from pipeline.eval.fidelity import PooledFidelity
 from pipeline.student.format import load_student
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
@@ -197,22 +197,17 @@ def heldout_fidelity(
     student: Backbone, base: Backbone, heldout: str, crop: int, stride: int
 ) -> dict[str, float]:
     """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline,
-    pooled over every patch position of every image (:class:`pipeline.eval.fidelity.PooledFidelity`)."""
+    pooled over every patch position of every image (:func:`pipeline.bench.codec.fidelity`)."""
     ims = open_imageset(heldout)
-    s_fid, b_fid = PooledFidelity(), PooledFidelity()
-    with torch.no_grad():
-        for rec in ims.records:
-            x = base.normalize(torch.from_numpy(np.array(ims.read(rec.key)))[None])  # (1, 3, H, W)
-            teacher = sliding_window_features(base, x, crop, stride)[0]  # (H/p, W/p, D)
-            s_fid.add(student.dense(x)[0], teacher)
-            b_fid.add(base.dense(x)[0], teacher)
+    held = held_out(base, ims, [r.key for r in ims.records], crop, stride)
+    s, b = fidelity(student, held), fidelity(base, held)
     return {
-        "images": len(ims.records),
-        "student_mse": s_fid.mse(),
-        "baseline_mse": b_fid.mse(),
-        "mse_ratio": s_fid.mse() / b_fid.mse(),
-        "student_cosine": s_fid.cosine(),
-        "baseline_cosine": b_fid.cosine(),
+        "images": len(held.keys),
+        "student_mse": s["mse"],
+        "baseline_mse": b["mse"],
+        "mse_ratio": s["mse"] / b["mse"],
+        "student_cosine": s["cosine"],
+        "baseline_cosine": b["cosine"],
     }
 
 
