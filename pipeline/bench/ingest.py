@@ -90,10 +90,6 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _encode_png_at(arr: np.ndarray, level: int) -> bytes:
-    return encode_png(arr, level)
-
-
 def encode_options() -> dict[str, Encoder]:
     """Lossless encodings of an ingest image: name -> fn(arr) -> bytes. The first is the previous default."""
 
@@ -103,7 +99,7 @@ def encode_options() -> dict[str, Encoder]:
         "Up filter + zlib level 1": _zlib_up_png(1),
         **{
             f"Up filter + ISA-L level {lv}{' (default)' if lv == 1 else ''}": functools.partial(
-                _encode_png_at, level=lv
+                encode_png, level=lv
             )
             for lv in (0, 1, 2, 3)
         },
