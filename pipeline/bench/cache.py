@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.bench import codec
+from pipeline.bench.codec import ingest_photos
 from pipeline.bench.measure import (
     counted_window_flops,
     cpu_name,
@@ -35,7 +36,6 @@ from pipeline.bench.measure import (
     vit_window_flops,
     write_json,
 )
-from pipeline.bench.sample_set import ingest_photos
 from pipeline.cache.maintenance import invalidate_shards, verify_cache
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import open_cache

@@ -17,17 +17,33 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.bench.measure import cpu_runner, scratch_dir, write_json
-from pipeline.bench.sample_set import ingest_photos
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import TeacherCache, open_cache
+from pipeline.common.photos import CACHE_BENCH_PHOTOS, sample_photo_rgb
 from pipeline.common.tasks import init_ray
+from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import ImageSet, open_imageset
+from pipeline.data.ingest import ingest
 from pipeline.eval.fidelity import PooledFidelity
 from pipeline.train.config import DistillConfig
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.sliding import sliding_window_features
+
+
+def ingest_photos(out: Path, n: int, side: int) -> str:
+    """A small image set for the cache benchmarks (no data of their own needed): the first ``n`` of
+    :data:`CACHE_BENCH_PHOTOS` as RGB PNGs, ingested without augmentation at long side ``side`` into ``out/set``
+    (shards of ``n // 2`` images); returns the image set's path."""
+    src = out / "photos"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in CACHE_BENCH_PHOTOS[:n]:
+        Image.fromarray(sample_photo_rgb(name)).save(src / f"{name}.png")
+    cfg = IngestConfig(augment=False, max_side=side, shard_size=max(1, n // 2))
+    ingest(str(src), str(out / "set"), cfg, workers=1, progress=False)
+    return str(out / "set")
 
 
 @dataclass
