@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import time
@@ -28,14 +27,15 @@ import numpy as np
 import torch
 
 from pipeline.bench import codec
+from pipeline.bench.codec import ingest_photos
 from pipeline.bench.measure import (
     counted_window_flops,
     cpu_name,
     matmul_gflops,
     scratch_dir,
     vit_window_flops,
+    write_json,
 )
-from pipeline.bench.sample_set import ingest_photos
 from pipeline.cache.maintenance import invalidate_shards, verify_cache
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import open_cache
@@ -155,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
             res["precompute"] = _precompute(args, images, crop, best, tmp, flops, res)
         res["io"] = io_rates(bb.dim, tmp)
     _print(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    write_json(args.json, res)
     return 0
 
 

@@ -8,36 +8,11 @@ runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train`
 from __future__ import annotations
 
 import argparse
-
-BENCHES = {
-    "core": (
-        "teacher",
-        "teacher (batched, mixed precision) vs naive fp32 reference, and single pass vs teacher",
-    ),
-    "ingest": ("ingest", "ingest throughput with 1 and 2 Ray workers"),
-    "cache": ("cache", "cache size, read/write speed, precompute throughput vs measured matmul rate"),
-    "train": ("train", "training step: streaming vs in-memory targets, cached vs online teacher"),
-    "distill": ("distill", "distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction"),
-    "loader": (
-        "loader",
-        "the distill stream at paper size (per decode thread / process) vs the training step",
-    ),
-    "scale": (
-        "scale",
-        "the whole pipeline on N synthetic paper-size images: per-image cost, files, memory vs N",
-    ),
-    "startup": (
-        "startup",
-        "fixed cost of each stage phase by phase (command -> first step, exit), before and after",
-    ),
-    "gpu": (
-        "gpu.command",
-        "the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)",
-    ),
-}
+from collections.abc import Callable
 
 
 def _teacher_args(p: argparse.ArgumentParser) -> None:
+    """teacher (batched, mixed precision) vs naive fp32 reference, and single pass vs teacher"""
     p.add_argument("--backbone", default="maskclip-vit-b16")
     p.add_argument("--size", default="448x448", help="HxW")
     p.add_argument("--crop", type=int, default=None, help="default: the backbone's native size")
@@ -59,7 +34,7 @@ def _teacher_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ingest_args(p: argparse.ArgumentParser) -> None:
-    """Options of ``spar bench ingest``."""
+    """ingest throughput with 1 and 2 Ray workers"""
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts to time (default 1,2)")
     p.add_argument(
         "--copies", type=int, default=3, help="copies of the photo set (more images, steadier timing)"
@@ -67,15 +42,13 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=("paper", "small"), default="paper",
                    help="paper: the training images' sizes (2048x1024, short side >= 512); small: 256x128, >= 128")  # fmt: skip
     p.add_argument("--shards-per-worker", type=int, default=4, help="shards per worker (sets shard_size)")
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--encode-only", action="store_true",
                    help="only the lossless-encoding table (ms and bytes per image per option), no Ray")  # fmt: skip
     p.add_argument("--encode-rounds", type=int, default=3, help="interleaved rounds of the encoding table")
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench cache``."""
+    """cache size, read/write speed, precompute throughput vs measured matmul rate"""
     p.add_argument(
         "--teacher", default="maskclip-vit-b16", help="backbone (random weights unless --pretrained)"
     )
@@ -90,8 +63,6 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", default="bf16,none", help="autocast modes to sweep: bf16, fp16, none")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (the fastest counts)")
     p.add_argument("--skip-precompute", action="store_true", help="skip the end-to-end Ray precompute")
-    p.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir, removed)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--codec-fidelity", action="store_true",
                    help="train the same student from each codec's cache and compare held-out fidelity")  # fmt: skip
     p.add_argument("--codecs", default="float16,int8", help="cache dtypes compared by --codec-fidelity")
@@ -106,6 +77,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    """training step: streaming vs in-memory targets, cached vs online teacher"""
     p.add_argument("--parts", default="step,quality", help="comma-separated: step, quality (default both)")
     p.add_argument(
         "--backbone", default="tiny-clip-224", help="teacher = student backbone of the quality part"
@@ -126,12 +98,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=1e-3, help="learning rate (quality part; raised for few steps)"
     )
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (quality part)")
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 def _distill_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench distill`` (defaults: the demo's settings)."""
+    """distill steps/s with 1 and 2 Ray Train workers, and the data-wait fraction"""
     p.add_argument("--workers", default="1,2", help="comma-separated Ray Train worker counts (default 1,2)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per worker count (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing (default 5)")
@@ -150,12 +120,10 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="decode processes per worker (0: one thread, the demo's)",
     )
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 def _loader_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench loader``."""
+    """the distill stream at paper size (per decode thread / process) vs the training step"""
     p.add_argument("--size", default="1024x2048", help="HxW of the images (default: the paper's 1024x2048)")
     p.add_argument("--images", type=int, default=4, help="images in the set (default 4)")
     p.add_argument("--backbone", default="maskclip-vit-b16", help="teacher (stride = crop) and student")
@@ -167,12 +135,10 @@ def _loader_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--projection", action="store_true",
                    help="only the paper-run projection (25k views) from the H200 figures; no data, no Ray")  # fmt: skip
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 def _scale_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench scale``."""
+    """the whole pipeline on N synthetic paper-size images: per-image cost, files, memory vs N"""
     p.add_argument("--n", default="100,1000", help="image counts, comma-separated (default 100,1000)")
     p.add_argument("--size", default="1024x2048", help="HxW of the source images (default: paper size)")
     p.add_argument(
@@ -184,12 +150,10 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", action="store_true", help="the paper's ingest augmentation (default: plain)")
     p.add_argument("--distill-max-n", type=int, default=0,
                    help="skip distill for larger N to fit the time (0 = never skip)")  # fmt: skip
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write the results as JSON here")
 
 
 def _startup_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench startup``."""
+    """fixed cost of each stage phase by phase (command -> first step, exit), before and after"""
     p.add_argument("--stages", default="ingest,precompute,distill,demo",
                    help="comma-separated stages to time (default: ingest,precompute,distill,demo)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=2, help="runs per stage and side, interleaved (default 2)")
@@ -197,12 +161,10 @@ def _startup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--photos", type=int, default=0, help="training photos to use (0: all of the demo's)")
     p.add_argument("--before-checkout", default=None,
                    help="'before' = the spar of this checkout (default: this code with SPAR_RAY_DEFAULTS=1)")  # fmt: skip
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    p.add_argument("--json", default=None, help="also write every run's marks as JSON here")
 
 
 def _gpu_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``spar bench gpu``."""
+    """the prepared GPU check: environment, correctness, throughput, projection, pipeline (report)"""
     p.add_argument("--out", required=True, help="folder for report.json and report.md (rewritten as it goes)")
     p.add_argument(
         "--mode",
@@ -216,27 +178,34 @@ def _gpu_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated subset (default: all, in order: environment, correctness, throughput, projection, pipeline)",
     )
-    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed at the end)")
 
 
-_ARGS = {
-    "core": _teacher_args,
-    "ingest": _ingest_args,
-    "cache": _cache_args,
-    "train": _train_args,
-    "distill": _distill_args,
-    "loader": _loader_args,
-    "scale": _scale_args,
-    "startup": _startup_args,
-    "gpu": _gpu_args,
+# name -> (module of pipeline.bench that runs it, its arguments; the function's docstring is the bench's help)
+BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "core": ("teacher", _teacher_args),
+    "ingest": ("ingest", _ingest_args),
+    "cache": ("cache", _cache_args),
+    "train": ("train", _train_args),
+    "distill": ("distill", _distill_args),
+    "loader": ("loader", _loader_args),
+    "scale": ("scale", _scale_args),
+    "startup": ("startup", _startup_args),
+    "gpu": ("gpu.command", _gpu_args),
 }
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``spar bench``."""
+    """Register ``spar bench``: each benchmark's own arguments, then the scratch folder and JSON output that all
+    but ``core`` share (the GPU check writes its own report)."""
     p = sub.add_parser("bench", help="run a benchmark (ratios measured side by side in one run)")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, (module, helptext) in BENCHES.items():
-        bp = bsub.add_parser(name, help=helptext)
-        _ARGS[name](bp)
+    for name, (module, own_args) in BENCHES.items():
+        bp = bsub.add_parser(name, help=own_args.__doc__)
+        own_args(bp)
+        if name != "core":
+            bp.add_argument(
+                "--workdir", default=None, help="scratch folder (default: a temporary one, removed after)"
+            )
+        if name not in ("core", "gpu"):
+            bp.add_argument("--json", default=None, help="also write the results as JSON here")
         bp.set_defaults(handler=f"pipeline.bench.{module}:run")

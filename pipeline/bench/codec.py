@@ -10,7 +10,6 @@ fidelity to the fp32 teacher (MSE and mean cosine pooled over every patch positi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +17,33 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from pipeline.bench.measure import scratch_dir
-from pipeline.bench.sample_set import ingest_photos
+from pipeline.bench.measure import cpu_runner, scratch_dir, write_json
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import TeacherCache, open_cache
+from pipeline.common.photos import CACHE_BENCH_PHOTOS, sample_photo_rgb
 from pipeline.common.tasks import init_ray
+from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import ImageSet, open_imageset
+from pipeline.data.ingest import ingest
 from pipeline.eval.fidelity import PooledFidelity
 from pipeline.train.config import DistillConfig
-from pipeline.train.step import StepRunner
 from spar_core.backbones import Backbone, build_backbone
-from spar_core.distill import trainable_parameters
 from spar_core.sliding import sliding_window_features
+
+
+def ingest_photos(out: Path, n: int, side: int) -> str:
+    """A small image set for the cache benchmarks (no data of their own needed): the first ``n`` of
+    :data:`CACHE_BENCH_PHOTOS` as RGB PNGs, ingested without augmentation at long side ``side`` into ``out/set``
+    (shards of ``n // 2`` images); returns the image set's path."""
+    src = out / "photos"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in CACHE_BENCH_PHOTOS[:n]:
+        Image.fromarray(sample_photo_rgb(name)).save(src / f"{name}.png")
+    cfg = IngestConfig(augment=False, max_side=side, shard_size=max(1, n // 2))
+    ingest(str(src), str(out / "set"), cfg, workers=1, progress=False)
+    return str(out / "set")
 
 
 @dataclass
@@ -49,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     with scratch_dir(args.workdir, "spar-bench-codec-") as tmp:
         res = codec_fidelity(args, tmp)
     _print_codec_fidelity(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    write_json(args.json, res)
     return 0
 
 
@@ -66,7 +78,7 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     train_keys = keys[: -args.held_out]
     teacher = build_backbone(args.teacher, args.pretrained)
     crop = args.crop or teacher.native_size
-    held = _held_out(teacher, ims, keys[-args.held_out :], crop, args.stride)
+    held = held_out(teacher, ims, keys[-args.held_out :], crop, args.stride)
     raw32 = sum(r.height // teacher.patch_size * (r.width // teacher.patch_size) * teacher.dim * 4
                 for r in ims.records)  # fmt: skip
     out: dict[str, Any] = {"train_images": len(train_keys), "held_out_images": len(held.keys),
@@ -78,7 +90,8 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def _held_out(teacher: Backbone, ims: ImageSet, keys: list[str], crop: int, stride: int) -> HeldOut:
+def held_out(teacher: Backbone, ims: ImageSet, keys: list[str], crop: int, stride: int) -> HeldOut:
+    """The images ``keys`` of ``ims`` and their fp32 teacher features (``crop``, ``stride``)."""
     inputs, targets = [], []
     for k in keys:  # the reference: the fp32 teacher computed here, not read from any cache
         x = teacher.normalize(torch.from_numpy(np.array(ims.read(k)))[None])
@@ -123,11 +136,10 @@ def _train_student(
     args: argparse.Namespace, cache: TeacherCache, ims: ImageSet, train_keys: list[str], seed: int
 ) -> Backbone:
     """The student trained from ``cache`` on ``train_keys`` for ``args.steps`` steps (batch 1, order by seed)."""
-    torch.manual_seed(seed)
-    bb = build_backbone(args.teacher, args.pretrained)
-    params = trainable_parameters(bb, args.trainable_blocks)
     cfg = DistillConfig(lr=args.lr, precision="fp32", warmup_steps=0)
-    runner = StepRunner(bb, bb, params, cfg, torch.device("cpu"), args.steps)
+    runner = cpu_runner(
+        args.teacher, cfg, args.steps, pretrained=args.pretrained, blocks=args.trainable_blocks, seed=seed
+    )
     rng = np.random.default_rng(seed)
     order: list[str] = []
     for step in range(args.steps):
@@ -141,7 +153,7 @@ def _train_student(
             ],  # (1, h, w, D)
         }
         runner.step(item, step)
-    return bb.eval()
+    return runner.bb.eval()
 
 
 def fidelity(bb: Backbone, held: HeldOut) -> dict[str, float]:

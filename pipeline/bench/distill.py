@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 
+from pipeline.bench.measure import scratch_dir, write_json
 from pipeline.common.errors import UserError
 from pipeline.common.photos import TRAIN_PHOTOS, write_photos
 from pipeline.common.tasks import init_ray
@@ -186,9 +184,7 @@ def run(args: argparse.Namespace) -> int:
     counts = _worker_counts(args.workers)
     if args.steps <= args.warmup:
         raise UserError(f"bench distill: --steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    tmp = None
-    work = Path(args.workdir) if args.workdir else Path(tmp := tempfile.mkdtemp(prefix="spar-bench-distill-"))
-    try:
+    with scratch_dir(args.workdir, "spar-bench-distill-") as work:
         init_ray(num_cpus=max(os.cpu_count() or 1, max(counts)))
         t0 = time.perf_counter()
         data, base = build_data(args, work)
@@ -204,11 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if len(runs) > 1:
             out["images_per_s_ratio"] = runs[-1]["images_per_s"] / runs[0]["images_per_s"]
         _print(out)
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_json(args.json, out)
     return 0
 
 

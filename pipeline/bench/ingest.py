@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import functools
 import io
-import json
 import os
 import platform
 import shutil
@@ -24,7 +23,7 @@ from unittest import mock
 import numpy as np
 from PIL import Image
 
-from pipeline.bench.measure import scratch_dir
+from pipeline.bench.measure import scratch_dir, write_json
 from pipeline.common.photos import sample_photo_files
 from pipeline.common.tasks import init_ray
 from pipeline.data import png
@@ -91,10 +90,6 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _encode_png_at(arr: np.ndarray, level: int) -> bytes:
-    return encode_png(arr, level)
-
-
 def encode_options() -> dict[str, Encoder]:
     """Lossless encodings of an ingest image: name -> fn(arr) -> bytes. The first is the previous default."""
 
@@ -104,7 +99,7 @@ def encode_options() -> dict[str, Encoder]:
         "Up filter + zlib level 1": _zlib_up_png(1),
         **{
             f"Up filter + ISA-L level {lv}{' (default)' if lv == 1 else ''}": functools.partial(
-                _encode_png_at, level=lv
+                encode_png, level=lv
             )
             for lv in (0, 1, 2, 3)
         },
@@ -164,8 +159,7 @@ def run(args: argparse.Namespace) -> int:
         files = sample_photo_files()
         rows = encode_table(files, IngestConfig(**small), args.encode_rounds)
         _print_encode_table(rows, len(files))
-        if args.json:
-            Path(args.json).write_text(json.dumps({"encoding": rows}, indent=2) + "\n")
+        write_json(args.json, {"encoding": rows})
         return 0
     counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
     with scratch_dir(args.workdir, "spar-bench-ingest-") as base:
@@ -188,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
             "encoding": enc_rows,
         }
         _print_results(args, n, info, cpu)
-        if args.json:
-            Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+        write_json(args.json, info)
         return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bench.measure import cpu_name, scratch_dir
+from pipeline.bench.measure import cpu_name, cpu_runner, scratch_dir, step_times, write_json
 from pipeline.bench.train import worker_cost
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.common.tasks import init_ray
@@ -38,10 +38,8 @@ from pipeline.data.loader_sizing import (
     student_step_flops,
 )
 from pipeline.train.config import DistillConfig
-from pipeline.train.step import StepRunner
 from pipeline.train.stream import PairedStream, make_loader
 from spar_core.backbones import build_backbone
-from spar_core.distill import trainable_parameters
 from spar_core.flops import vit_arch, vit_dense_flops
 
 
@@ -90,24 +88,12 @@ def stream_rate(images: str, cache: str, workers: int, samples: int) -> float:
 
 def cpu_step_seconds(backbone: str, height: int, width: int, dim: int, steps: int) -> tuple[float, str]:
     """(fastest wall seconds of a training step at ``height x width`` on this CPU, the precision used)."""
-    torch.manual_seed(0)
-    bb = build_backbone(backbone)
-    params = trainable_parameters(bb, 2)
-    runner = StepRunner(
-        bb, bb, params, DistillConfig(lr=1e-5, precision="auto"), torch.device("cpu"), steps + 1
-    )
+    runner = cpu_runner(backbone, DistillConfig(lr=1e-5, precision="auto"), steps + 1)
     item = {
         "image": torch.randint(0, 255, (1, height, width, 3), dtype=torch.uint8),
         "target": torch.randn(1, height // 16, width // 16, dim).half(),  # (1, H/16, W/16, D)
     }
-    times = []
-    for s in range(steps + 1):
-        t0 = time.perf_counter()
-        loss, _ = runner.step(item, s)
-        float(loss)
-        if s:
-            times.append(time.perf_counter() - t0)
-    return min(times), runner.precision
+    return min(step_times(runner, [item] * (steps + 1), steps, 1)), runner.precision
 
 
 # measured on the H200 (docs/bench/gpu-h200-2026-11-26): teacher windows/s at batch 256 / 64, bf16
@@ -151,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.projection:
         proj = paper_projection()
         print(json.dumps(proj, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(proj, indent=2))
+        write_json(args.json, proj)
         return 0
     h, w = (int(v) for v in args.size.lower().split("x"))
     out: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "size": [h, w], "images": args.images}
@@ -180,8 +165,7 @@ def run(args: argparse.Namespace) -> int:
         sz = auto_loader_workers(out["load_s_measured"], step, max_workers=16 if dev == "gpu" else cpus - 1)
         out[f"auto_{dev}"] = {"workers": sz.workers, "capped": sz.capped}
     _print(out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return 0
 
 

@@ -9,18 +9,23 @@ teacher window and the matmul rate come from here, one definition each.
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spar_core.backbones import Backbone
+from pipeline.eval.model import synchronize
+from pipeline.train.config import DistillConfig
+from pipeline.train.step import StepRunner
+from spar_core.backbones import Backbone, build_backbone
+from spar_core.distill import trainable_parameters
 from spar_core.flops import vit_arch, vit_dense_flops
 
 T = TypeVar("T")
@@ -39,6 +44,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def write_json(path: str | None, obj: Any) -> None:
+    """``--json PATH``: the results written there as indented JSON (nothing when no path is given)."""
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
 @contextlib.contextmanager
 def scratch_dir(workdir: str | None, prefix: str) -> Iterator[Path]:
     """``workdir`` when given (kept), else a fresh temporary folder removed when the block ends."""
@@ -55,32 +66,61 @@ def scratch_dir(workdir: str | None, prefix: str) -> Iterator[Path]:
 # ------------------------------------------------------------------------------------------ timing
 
 
-def sync(device: str) -> None:
-    """Wait for the device's queued work (a no-op on CPU)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
     """``fn()`` and its wall time in seconds, the device synchronised before and after."""
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     out = fn()
-    sync(device)
+    synchronize(device)
     return out, time.perf_counter() - t0
 
 
 def fastest(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Fastest of ``repeats`` synchronised calls after one warm-up call, in seconds."""
     fn()
-    sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def step_times(runner: StepRunner, items: Iterable[dict[str, Any]], n: int, skip: int) -> list[float]:
+    """Per-step wall times (data wait + step), the first ``skip`` steps (loader start-up) not counted."""
+    out = []
+    it = iter(items)
+    for s in range(n + skip):
+        t0 = time.perf_counter()
+        item = next(it)
+        loss, _ = runner.step(item, s)
+        float(loss)
+        if s >= skip:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def cpu_runner(
+    backbone: str,
+    cfg: DistillConfig,
+    total: int,
+    crop: int = 0,
+    stride: int = 0,
+    *,
+    pretrained: str | None = None,
+    blocks: int = 2,
+    seed: int = 0,
+) -> StepRunner:
+    """The training step on the CPU: ``backbone`` as its own student (its last ``blocks`` blocks trained, torch
+    seeded with ``seed``) and, with ``cfg.teacher_online``, a second copy as the teacher (``crop``, ``stride``)."""
+    torch.manual_seed(seed)
+    bb = build_backbone(backbone, pretrained)
+    params = trainable_parameters(bb, blocks)
+    teacher = build_backbone(backbone, pretrained) if cfg.teacher_online else None
+    cpu = torch.device("cpu")
+    return StepRunner(bb, bb, params, cfg, cpu, total, teacher=teacher, crop=crop, stride=stride)
 
 
 def matmul_gflops(
@@ -95,14 +135,14 @@ def matmul_gflops(
     c = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.matmul(a, b, out=c)
-    sync(device)
+    synchronize(device)
     best = 0.0
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t = time.perf_counter()
         for _ in range(inner):
             torch.matmul(a, b, out=c)
-        sync(device)
+        synchronize(device)
         best = max(best, inner * 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 

@@ -11,7 +11,6 @@ as given); ``--augment`` applies the paper's recipe.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sqlite3
 import statistics
@@ -24,14 +23,17 @@ from typing import Any, TypeVar
 
 import psutil
 
-from pipeline.bench.loader import synthetic_photo
-from pipeline.bench.measure import cpu_name, scratch_dir
+from pipeline.bench.loader import write_sources as synthetic_sources
+from pipeline.bench.measure import cpu_name, scratch_dir, write_json
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.common.tasks import init_ray
 from pipeline.data.config import IngestConfig
+from pipeline.data.imageset import open_imageset
 from pipeline.data.ingest import ingest
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
+from pipeline.train.stream import Planner, refs_from_imageset
+from spar_core.backbones import build_backbone
 
 T = TypeVar("T")
 DISTINCT = 8  # distinct source images (the rest are hard links to them)
@@ -85,11 +87,7 @@ def stage(record: dict[str, Any], name: str, out: Path | None) -> Iterator[None]
 
 def write_sources(folder: Path, n: int, height: int, width: int) -> None:
     """``n`` PNG sources: :data:`DISTINCT` distinct images, the rest hard links to them."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(min(n, DISTINCT)):
-        Image.fromarray(synthetic_photo(i, height, width)).save(folder / f"img_{i:06d}.png", compress_level=1)
+    synthetic_sources(folder, min(n, DISTINCT), height, width)
     for i in range(DISTINCT, n):
         os.link(folder / f"img_{i % DISTINCT:06d}.png", folder / f"img_{i:06d}.png")
 
@@ -113,7 +111,7 @@ def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[
         ingest(str(base / "src"), str(base / "set"), icfg, workers=2, progress=False)
     stride = args.stride or 0
     with stage(rec, "precompute", base / "cache"):
-        crop = _native(args.teacher)
+        crop = build_backbone(args.teacher).native_size
         cache = precompute(PrecomputeConfig(images=str(base / "set"), teacher=args.teacher, crop=crop,
                                             stride=stride or crop, cache_root=str(base / "cache"),
                                             progress=False))  # fmt: skip
@@ -155,9 +153,6 @@ def steady_steps(db: Path, run_id: str, skip: int = 3) -> dict[str, float]:
 
 def plan_lookup_us(images: str) -> float:
     """Microseconds per sample the distill stream spends finding its next batch in the plan (one epoch, rank 0)."""
-    from pipeline.data.imageset import open_imageset
-    from pipeline.train.stream import Planner, refs_from_imageset
-
     planner = Planner(refs_from_imageset(open_imageset(images)), seed=0, world_size=1)
     n = planner.steps(0)
     t0 = time.perf_counter()
@@ -166,12 +161,6 @@ def plan_lookup_us(images: str) -> float:
             break
         planner.batches(e, 0)[b]
     return (time.perf_counter() - t0) / n * 1e6
-
-
-def _native(name: str) -> int:
-    from spar_core.backbones import build_backbone
-
-    return build_backbone(name).native_size
 
 
 def _count(root: Path) -> dict[str, int]:
@@ -193,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
             rec = one_n(base / f"n{n}", n, args, h, w)
             out["runs"].append(rec)
             _print_row(rec, h, w)
-            if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=2))
+            write_json(args.json, out)
     out["load_avg_end"] = os.getloadavg()
     print(f"{out['cpu']}, {out['cores']} cores; load average {out['load_avg_start'][0]:.1f} at start, "
           f"{out['load_avg_end'][0]:.1f} at end")  # fmt: skip

@@ -28,7 +28,6 @@ otherwise); **after** = this code as it runs by default. Medians are printed, wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -38,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.bench.measure import cpu_name, scratch_dir
+from pipeline.bench.measure import cpu_name, scratch_dir, write_json
 from pipeline.common.trace import TRACE_ENV, read_marks
 
 STAGES = ("ingest", "precompute", "distill", "demo")
@@ -254,6 +253,5 @@ def run(args: argparse.Namespace) -> int:
         for stage in stages:
             report += _table(stage, [s for s in samples if s.stage == stage])
         print("\n".join(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps([s.__dict__ for s in samples], indent=1))
+        write_json(args.json, [s.__dict__ for s in samples])
     return 0 if all(s.rc == 0 for s in samples) else 1

@@ -29,6 +29,7 @@ from skimage.transform import resize
 from pipeline.bench.measure import matmul_gflops, timed, vit_window_flops
 from pipeline.common.photos import sample_photo_rgb
 from pipeline.common.precision import Precision, autocast_dtype, resolve
+from pipeline.eval.model import pick_device
 from spar_core import build_backbone, fine_factor, sliding_window_features
 from spar_core.backbones import Backbone
 from spar_core.sliding import window_grid
@@ -140,9 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _setup(args: argparse.Namespace) -> _Setup:
     h, w = (int(v) for v in args.size.lower().split("x"))
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    dev = pick_device(args.device)
     bb = build_backbone(args.backbone, device=dev)
     crop = args.crop or bb.native_size
     prec = resolve(args.precision, dev)

@@ -27,8 +27,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bench.measure import scratch_dir
+from pipeline.bench.codec import fidelity, held_out
+from pipeline.bench.measure import cpu_runner, scratch_dir, step_times, write_json
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.cache.reader import open_cache
 from pipeline.common.errors import UserError
 from pipeline.common.photos import BENCH_HELDOUT_PHOTOS, BENCH_TRAIN_PHOTOS, sample_photo_rgb
 from pipeline.data.config import IngestConfig
 from pipeline.data.imageset import open_imageset
-from pipeline.eval.fidelity import PooledFidelity
 from pipeline.student.format import load_student
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
@@ -52,7 +51,6 @@ from pipeline.train.stream import PairedStream, _TarReader, decode_png, make_loa
 from pipeline.workflow.config import Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, Reporter, prepare_data
 from spar_core.backbones import Backbone, build_backbone
-from spar_core.distill import trainable_parameters
 from spar_core.sliding import num_windows, sliding_window_features
 
 # ------------------------------------------------------------------------------------------------ data
@@ -101,29 +99,6 @@ def build_data(root: Path, backbones: list[str], copies: int, stride: int) -> Be
 # ------------------------------------------------------------------------------------------------ step
 
 
-def _runner(backbone: str, teacher: bool, crop: int, stride: int, total: int) -> StepRunner:
-    torch.manual_seed(0)
-    bb = build_backbone(backbone)
-    params = trainable_parameters(bb, 2)
-    cfg = DistillConfig(lr=1e-4, teacher_online=teacher, precision="fp32")
-    t = build_backbone(backbone) if teacher else None
-    return StepRunner(bb, bb, params, cfg, torch.device("cpu"), total, teacher=t, crop=crop, stride=stride)
-
-
-def step_times(runner: StepRunner, items: Iterable[dict[str, Any]], n: int, skip: int) -> list[float]:
-    """Per-step wall times (data wait + step), the first ``skip`` steps (loader start-up) not counted."""
-    out = []
-    it = iter(items)
-    for s in range(n + skip):
-        t0 = time.perf_counter()
-        item = next(it)
-        loss, _ = runner.step(item, s)
-        float(loss)
-        if s >= skip:
-            out.append(time.perf_counter() - t0)
-    return out
-
-
 def worker_cost(images: str, cache_path: str, n: int = 30) -> dict[str, float]:
     """CPU milliseconds per sample of the loader worker's jobs, measured in this process (robust to load)."""
     ims, cache = open_imageset(images), open_cache(cache_path)
@@ -161,8 +136,9 @@ def bench_step(data: BenchData, args: argparse.Namespace) -> dict[str, Any]:
     memory = [dict(it) for it in make_loader(stream(n + skip), 0)]  # the same batches, decoded up front
     times: dict[str, list[float]] = {"in_memory": [], "streaming": [], "online_teacher": []}
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_worker=1
-    cached_runner = _runner(args.step_backbone, False, crop, stride, n + skip)
-    online_runner = _runner(args.step_backbone, True, crop, stride, n + skip)
+    cfg = DistillConfig(lr=1e-4, precision="fp32")
+    cached_runner = cpu_runner(args.step_backbone, cfg, n + skip, crop, stride)
+    online_runner = cpu_runner(args.step_backbone, replace(cfg, teacher_online=True), n + skip, crop, stride)
     for _ in range(args.rounds):
         times["in_memory"] += step_times(cached_runner, memory, n, skip)
         loader = make_loader(stream(n + skip), args.loader_workers)
@@ -221,22 +197,17 @@ def heldout_fidelity(
     student: Backbone, base: Backbone, heldout: str, crop: int, stride: int
 ) -> dict[str, float]:
     """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline,
-    pooled over every patch position of every image (:class:`pipeline.eval.fidelity.PooledFidelity`)."""
+    pooled over every patch position of every image (:func:`pipeline.bench.codec.fidelity`)."""
     ims = open_imageset(heldout)
-    s_fid, b_fid = PooledFidelity(), PooledFidelity()
-    with torch.no_grad():
-        for rec in ims.records:
-            x = base.normalize(torch.from_numpy(np.array(ims.read(rec.key)))[None])  # (1, 3, H, W)
-            teacher = sliding_window_features(base, x, crop, stride)[0]  # (H/p, W/p, D)
-            s_fid.add(student.dense(x)[0], teacher)
-            b_fid.add(base.dense(x)[0], teacher)
+    held = held_out(base, ims, [r.key for r in ims.records], crop, stride)
+    s, b = fidelity(student, held), fidelity(base, held)
     return {
-        "images": len(ims.records),
-        "student_mse": s_fid.mse(),
-        "baseline_mse": b_fid.mse(),
-        "mse_ratio": s_fid.mse() / b_fid.mse(),
-        "student_cosine": s_fid.cosine(),
-        "baseline_cosine": b_fid.cosine(),
+        "images": len(held.keys),
+        "student_mse": s["mse"],
+        "baseline_mse": b["mse"],
+        "mse_ratio": s["mse"] / b["mse"],
+        "student_cosine": s["cosine"],
+        "baseline_cosine": b["cosine"],
     }
 
 
@@ -312,8 +283,7 @@ def run(args: argparse.Namespace) -> int:
             )
         out["load_avg_end"] = os.getloadavg()[0]
         print(json.dumps(out, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
     return 0
 
 

@@ -30,7 +30,7 @@ from pipeline.cache.spec import CacheError, CacheSpec, cache_path_for
 from pipeline.cache.writer import write_spec
 from pipeline.common import precision, tracking
 from pipeline.common.config import ConfigError
-from pipeline.common.storage import shard_stem, size_on_disk
+from pipeline.common.storage import absolute, shard_stem, size_on_disk
 from pipeline.common.tasks import PoolResult, cluster_cpus, cluster_gpus, init_ray, run_pool, task_runtime_env
 from pipeline.data.imageset import ImageSet, open_imageset
 from spar_core.backbones import build_backbone
@@ -95,7 +95,7 @@ def precompute(
     ims = open_imageset(cfg.images)
     spec, layout = resolve_spec(cfg, ims)
     path = cache_path_for(cfg.cache_root or default_cache_root(), spec.fingerprint())
-    hints = {"images": _abs(cfg.images), "pretrained": cfg.pretrained, "seed": cfg.seed}
+    hints = {"images": absolute(cfg.images), "pretrained": cfg.pretrained, "seed": cfg.seed}
     write_spec(path, spec, layout, hints)
     cache = open_cache(path)
     todo = cache.incomplete_shards()
@@ -155,10 +155,6 @@ def repair_cache(path: str, shards: list[int], images: str | None = None, worker
     return precompute(cfg, only_shards=shards)
 
 
-def _abs(p: str) -> str:
-    return p if "://" in p else os.path.abspath(p)
-
-
 def _one_line(e: BaseException) -> str:
     """A task's failure as one line: its type and the last line of its message (Ray wraps the traceback)."""
     return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
@@ -192,8 +188,8 @@ def _mlflow_run(
     }
     name = f"precompute-{cache.fingerprint[:8]}"
     with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=tags) as run:
-        resolved = {**asdict(cfg), "crop": spec.crop, "images": _abs(cfg.images), "cache_path": cache.path}
-        resolved["pretrained"] = cfg.pretrained or "none"
+        resolved = {**asdict(cfg), "crop": spec.crop, "images": absolute(cfg.images)}
+        resolved.update(cache_path=cache.path, pretrained=cfg.pretrained or "none")
         tracking.log_params_flat(
             {k: v for k, v in resolved.items() if k not in ("progress", "workdir", "experiment")}
         )
@@ -263,7 +259,7 @@ def _run_shard_tasks(
     init_ray(cfg.ray_address)
     task, cpus = _shard_task(cfg)
     task_cfg = {**asdict(cfg), "cpus_per_task": int(cpus)}
-    images = _abs(cfg.images)
+    images = absolute(cfg.images)
     sizes = {i: len(ims.shard_records(i)) for i in todo}
 
     def postfix(result: PoolResult[int], elapsed: float) -> str:

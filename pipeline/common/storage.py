@@ -46,6 +46,7 @@ __all__ = [
     "is_local",
     "is_url",
     "local_path",
+    "absolute",
     "join",
     "filesystem",
     "exists",
@@ -138,6 +139,11 @@ def is_local(path: str) -> bool:
 def local_path(path: str) -> str:
     """A local path without its ``file://`` prefix."""
     return path[len("file://") :] if path.startswith("file://") else path
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute; a URL as given."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def join(base: str, *parts: str) -> str:

@@ -22,7 +22,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, TypedDict
 
 import fsspec
@@ -89,15 +89,7 @@ class ImageRecord:
 
     def manifest_row(self) -> dict[str, Any]:
         """The row as stored in manifest.parquet (augmentation as canonical JSON)."""
-        return {
-            "key": self.key,
-            "shard": self.shard,
-            "height": self.height,
-            "width": self.width,
-            "source": self.source,
-            "pixel_sha256": self.pixel_sha256,
-            "augmentation": canonical_json(self.augmentation),
-        }
+        return {**asdict(self), "augmentation": canonical_json(self.augmentation)}
 
     def check_pixels(
         self, arr: np.ndarray, what: str, error: type[Exception] = ImageSetError, check_hash: bool = True
@@ -354,16 +346,5 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[I
     missing = [n for n in MANIFEST_SCHEMA.names if n not in t.column_names]
     if missing:
         raise ImageSetError(f"{url}: {MANIFEST_NAME} lacks columns {missing}")
-    cols = {n: t.column(n).to_pylist() for n in MANIFEST_SCHEMA.names}
-    return [
-        ImageRecord(
-            key=cols["key"][j],
-            shard=int(cols["shard"][j]),
-            height=int(cols["height"][j]),
-            width=int(cols["width"][j]),
-            source=cols["source"][j],
-            pixel_sha256=cols["pixel_sha256"][j],
-            augmentation=json.loads(cols["augmentation"][j]),
-        )
-        for j in range(t.num_rows)
-    ]
+    rows = t.select(MANIFEST_SCHEMA.names).to_pylist()
+    return [ImageRecord(**{**r, "augmentation": json.loads(r["augmentation"])}) for r in rows]

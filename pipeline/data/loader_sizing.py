@@ -40,7 +40,6 @@ GPU_STEP_FLOPS_PER_S = 0.36 * 797e12
 # Zen 4 above (spar bench loader) is well below it, and one decode thread keeps up with any CPU step by far
 CPU_STEP_FLOPS_PER_S = 2e12
 HEADROOM = 1.25
-TARGET_WAIT = 0.05
 
 
 @dataclass(frozen=True)

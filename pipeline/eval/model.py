@@ -98,9 +98,9 @@ def model_device(bb: Backbone) -> torch.device:
     return next(bb.parameters()).device
 
 
-def synchronize(dev: torch.device) -> None:
-    """Wait for the device's queued work (CUDA), so that a timer measures the work itself."""
-    if dev.type == "cuda":
+def synchronize(dev: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer measures the work itself (a no-op on CPU)."""
+    if torch.device(dev).type == "cuda":
         torch.cuda.synchronize(dev)
 
 

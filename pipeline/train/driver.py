@@ -44,6 +44,7 @@ from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
 from pipeline.common.console import verbose
 from pipeline.common.storage import (
+    absolute,
     arrow_filesystem,
     is_disk_full,
     is_local,
@@ -216,8 +217,8 @@ def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, stor
     return make_plan(
         cfg,
         loader_workers=_loader_workers(cfg, inputs, gpus > 0),
-        images=_abs(cfg.images),
-        cache=_abs(cfg.cache) if cfg.cache else "",
+        images=absolute(cfg.images),
+        cache=absolute(cfg.cache) if cfg.cache else "",
         cache_fingerprint=cache.fingerprint if cache is not None else "",
         student=bb.name,
         pretrained=inputs.pretrained,
@@ -260,10 +261,6 @@ def _tags(plan: DistillPlan, inputs: _Inputs) -> dict[str, str]:
         "teacher_online": str(plan.teacher_online).lower(),
         "ray_run_name": plan.run_name,
     }
-
-
-def _abs(p: str) -> str:
-    return p if "://" in p else os.path.abspath(p)
 
 
 def _workdir(path: str) -> str:

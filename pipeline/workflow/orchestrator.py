@@ -93,34 +93,6 @@ class Reporter:
 
 
 @dataclass
-class PipelineResult:
-    """Where a run left everything, what each stage returned, and each stage's wall time in seconds."""
-
-    images: str
-    heldout: str | None
-    heldout_source: str | None
-    cache: str
-    heldout_cache: str | None
-    distill: DistillResult
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    segments: list[dict[str, object]] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def checkpoint(self) -> str:
-        return self.distill.checkpoint_dir
-
-    @property
-    def run_id(self) -> str:
-        return self.distill.run_id
-
-    @property
-    def eval(self) -> dict[str, Any] | None:
-        """The first evaluation's result (the recipe's ``[eval]``), if any ran."""
-        return self.evals[0] if self.evals else None
-
-
-@dataclass
 class Extras:
     """What a caller adds to a recipe's run: a separate ingest config for the held-out images (default: the
     training one without augmentation; whether the teacher runs on them too), evaluations instead of the recipe's ``[eval]``, segmentation of the
@@ -324,7 +296,8 @@ def stage_segment(
 
 @dataclass
 class PreparedData:
-    """The training inputs of a run: image sets and teacher caches (what any number of students can reuse)."""
+    """The training inputs of a run: image sets and teacher caches (what any number of students can reuse), and
+    the wall time in seconds of each stage so far."""
 
     images: str
     heldout: str | None
@@ -332,6 +305,28 @@ class PreparedData:
     cache: str
     heldout_cache: str | None
     seconds: dict[str, float]
+
+
+@dataclass
+class PipelineResult(PreparedData):
+    """A whole run: its data, what each later stage returned, and each stage's wall time in seconds."""
+
+    distill: DistillResult
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    segments: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def checkpoint(self) -> str:
+        return self.distill.checkpoint_dir
+
+    @property
+    def run_id(self) -> str:
+        return self.distill.run_id
+
+    @property
+    def eval(self) -> dict[str, Any] | None:
+        """The first evaluation's result (the recipe's ``[eval]``), if any ran."""
+        return self.evals[0] if self.evals else None
 
 
 def prepare_data(
@@ -366,15 +361,7 @@ def run_pipeline(
     t = time.perf_counter()
     result = stage_distill(recipe, work, data.images, data.cache, rep)
     seconds["distill"] = time.perf_counter() - t
-    out = PipelineResult(
-        data.images,
-        data.heldout,
-        data.heldout_source,
-        data.cache,
-        data.heldout_cache,
-        result,
-        seconds=seconds,
-    )
+    out = PipelineResult(**vars(data), distill=result)
     if not recipe.run.skip_eval:
         t = time.perf_counter()
         stage_eval(recipe, work, out, extras, rep)

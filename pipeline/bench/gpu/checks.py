@@ -1,16 +1,5 @@
-"""The GPU check's sections on the device (``pipeline``, the whole run, is :mod:`.end_to_end`), and what they share.
-
-* ``environment``: library versions, the host and the accelerator, and the measured matmul rates (bf16, fp16, fp32
-  and, on CUDA, tf32) that the throughput and projection sections compare against;
-* ``correctness``: the teacher and the single pass on the device, in fp32 (and tf32 on CUDA) and under bf16/fp16
-  autocast, against an independent CPU fp32 reference (the naive one-window-at-a-time teacher of
-  :mod:`pipeline.bench.teacher`) on a real photo, judged by the tolerances of :mod:`.harness`;
-* ``throughput``: teacher windows/s and achieved TFLOP/s as a fraction of the measured bf16 matmul rate over a
-  window-batch sweep (the model alone and the full sliding teacher), then the single pass vs the teacher on one
-  large image, with peak memory; the best teacher rate per backbone goes to ``ctx.teacher_rates``;
-* ``projection``: the paper-scale precompute (25k SA-1B-like views, SigLIP2 crop 512 stride 24, the ingest
-  recipe's sizes) from the measured rate: windows, TFLOPs, device-hours, cache bytes.
-"""
+"""The GPU check's sections on the device: ``environment``, ``correctness``, ``throughput`` and ``projection``
+(what each measures: :mod:`pipeline.bench.gpu`; ``pipeline``, the whole run, is :mod:`.end_to_end`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""The GPU check's ``pipeline`` section: ingest -> precompute (Ray GPU tasks) -> distill (Ray Train, bf16, then
-fp16 + gradient scaling, or fp32 on CPU) -> fidelity eval -> segment, on real photos with a local Ray and the
-embedded MLflow store, through :func:`pipeline.workflow.orchestrator.run_pipeline`; each stage's time and where
-it really ran (the precompute tasks' devices and teacher builds, the distill worker's device, autocast dtype and
-gradient scaler as recorded in MLflow)."""
+"""The GPU check's ``pipeline`` section: the whole run through :func:`pipeline.workflow.orchestrator.run_pipeline`
+on real photos, each stage's time, and where it really ran (the precompute tasks' devices and teacher builds, the
+distill worker's device, autocast dtype and gradient scaler as recorded in MLflow)."""
 
 from __future__ import annotations
 
@@ -11,9 +9,9 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import ray
 import torch
@@ -172,20 +170,10 @@ def _start_ray(res: dict[str, Any], gpus: int, tries: int = 2) -> None:
                 raise
 
 
-@contextlib.contextmanager
-def _no_network() -> Iterator[None]:
+def _no_network() -> contextlib.AbstractContextManager:
     """Make any download attempt fail at once (a closed local proxy port) instead of waiting on a timeout."""
     keys = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict.fromkeys(keys, "http://127.0.0.1:9"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return mock.patch.dict(os.environ, dict.fromkeys(keys, "http://127.0.0.1:9"))
 
 
 def _fidelity_evidence(res: dict[str, Any], run: dict[str, Any], out: PipelineResult, prec: str) -> None:
