@@ -92,28 +92,30 @@ RAY_COMMANDS = ("ingest", "precompute", "distill", "pipeline", "demo")
 WARM_MODULES = {name: ("pipeline.cache.shard_task",) for name in ("precompute", "pipeline", "demo")}
 
 
-def _start_ray_early(args: argparse.Namespace) -> None:
+def _start_ray_early(args: argparse.Namespace, cfg: Any) -> None:
     """Start the local Ray cluster in the background while the command's modules import (``--verbose`` runs
-    and commands given a cluster address start it themselves, as before)."""
+    and commands given a cluster address start it themselves, as before). ``cfg``: the stage config when the
+    command has one (its ``workers`` and ``cpus_per_task`` bound the warmed worker processes)."""
     if args.command not in RAY_COMMANDS or getattr(args, "verbose", False) or getattr(args, "address", None):
         return
     from pipeline.common.tasks import start_local_cluster_early
 
-    start_local_cluster_early(warm=WARM_MODULES.get(args.command, ()))
+    start_local_cluster_early(warm=WARM_MODULES.get(args.command, ()), warm_tasks=getattr(cfg, "workers", 0) or 0,
+                              warm_cpus=getattr(cfg, "cpus_per_task", 1) or 1)  # fmt: skip
 
 
-def _check_stage_config(args: argparse.Namespace) -> None:
+def _check_stage_config(args: argparse.Namespace) -> Any:
     """Build the command's stage config (``stage_config`` = ("module:Class", recipe section), set by the stages
     whose handler builds it with :func:`~pipeline.common.config.config_from_cli` alone) before anything slow: a bad
     value is refused before Ray starts and before the stage's modules (torch, Ray, MLflow) import. The handler
     builds the same config again."""
     spec = getattr(args, "stage_config", None)
     if spec is None:
-        return
+        return None
     from pipeline.common.config import config_from_cli
 
     target, section = spec
-    config_from_cli(_named(target), args, section)
+    return config_from_cli(_named(target), args, section)
 
 
 def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:
@@ -123,9 +125,9 @@ def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     try:
-        _check_stage_config(args)
+        cfg = _check_stage_config(args)
         if early_ray:
-            _start_ray_early(args)
+            _start_ray_early(args, cfg)
         handler = resolve_handler(args)
         mark("imports")
         if handler is None:

@@ -158,7 +158,9 @@ _RAY_INIT_MODULES = (
 )
 
 
-def start_local_cluster_early(start: Callable[[], None] | None = None, warm: Sequence[str] = ()) -> None:
+def start_local_cluster_early(
+    start: Callable[[], None] | None = None, warm: Sequence[str] = (), warm_tasks: int = 0, warm_cpus: int = 1
+) -> None:
     """Start this process's local Ray cluster in a background thread, while the command goes on importing its
     own modules (torch, MLflow, ...): most of ``ray.init`` is waiting for Ray's processes to come up, which
     overlaps with the imports on another core. :func:`init_ray` waits for it. Only for a local cluster (no
@@ -167,9 +169,9 @@ def start_local_cluster_early(start: Callable[[], None] | None = None, warm: Seq
     test fault hook, whose later ``init_ray(address=...)`` keeps it, as for any cluster started by hand).
 
     ``warm``: modules the command's Ray tasks import (e.g. the precompute task's torch and teacher code). Once the
-    cluster is up, one task per CPU (at most :data:`WARM_TASKS_MAX`) imports them in Ray's idle worker processes,
-    which later tasks of this driver reuse, so those imports overlap with the command's own instead of following
-    them."""
+    cluster is up, as many tasks as the command will run at once (``warm_tasks`` of ``warm_cpus`` CPUs each; 0 = as
+    many as fit, at most :data:`WARM_TASKS_MAX`) import them in Ray's idle worker processes, which later tasks of
+    this driver reuse, so those imports overlap with the command's own instead of following them."""
     global _EARLY
     off = os.environ.get("SPAR_RAY_EARLY", "1") in ("0", "false") or ray_defaults()
     if off or _EARLY is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
@@ -189,19 +191,18 @@ def start_local_cluster_early(start: Callable[[], None] | None = None, warm: Seq
     logging.getLogger("ray._private.worker").addFilter(
         lambda r: "SIGTERM handler is not set" not in r.getMessage()
     )
-    _EARLY = threading.Thread(
-        target=_early_start, args=(start, tuple(warm)), name="spar-ray-start", daemon=True
-    )
+    warming = (tuple(warm), warm_tasks, max(1, warm_cpus))
+    _EARLY = threading.Thread(target=_early_start, args=(start, warming), name="spar-ray-start", daemon=True)
     _EARLY.start()
 
 
-def _early_start(start: Callable[[], None] | None, warm: tuple[str, ...]) -> None:
+def _early_start(start: Callable[[], None] | None, warming: tuple[tuple[str, ...], int, int]) -> None:
     global _EARLY_STARTED
     try:
         (start or init_ray)()
         _EARLY_STARTED = start is None
-        if warm:
-            _warm_workers(warm)
+        if warming[0]:
+            _warm_workers(*warming)
     except Exception:  # noqa: BLE001 - the command's own init_ray starts it again and reports the error
         pass
     finally:
@@ -213,12 +214,14 @@ WARM_TASKS_MAX = 4  # worker processes warmed by an early start (each holds its 
 _WARM_REFS: list[Any] = []  # the warm-up tasks' results (nobody waits for them; a test does)
 
 
-def _warm_workers(modules: tuple[str, ...]) -> None:
-    """Submit one import task per CPU of the local cluster (at most WARM_TASKS_MAX), not waited for: each runs in
-    one of the worker processes Ray starts with the cluster, which then stays in the pool with the modules loaded.
-    A task of the command that comes while they run waits for a CPU, then reuses the same process."""
-    n = max(1, min(int(ray.cluster_resources().get("CPU", 1)), WARM_TASKS_MAX))
-    task = ray.remote(num_cpus=1, max_retries=0)(import_modules)
+def _warm_workers(modules: tuple[str, ...], tasks: int, cpus: int) -> None:
+    """Submit the import tasks (``tasks`` of ``cpus`` CPUs each, 0 = as many as fit; at most WARM_TASKS_MAX), not
+    waited for: each runs in one of the worker processes Ray starts with the cluster, which then stays in the pool
+    with the modules loaded. A task of the command that comes while they run waits for its CPUs, then reuses the
+    same process."""
+    fit = int(ray.cluster_resources().get("CPU", 0)) // cpus
+    n = min(fit, WARM_TASKS_MAX, tasks or fit)
+    task = ray.remote(num_cpus=cpus, max_retries=0)(import_modules)
     _WARM_REFS[:] = [task.remote(modules) for _ in range(n)]
 
 

@@ -155,7 +155,7 @@ probe = ray.remote(num_cpus=1)(lambda: (os.getpid(), "xml.dom.minidom" in sys.mo
 later = ray.get([probe.remote() for _ in range(4)])
 cpus = int(ray.cluster_resources()["CPU"])
 tasks.shutdown_ray()
-print("RESULT " + json.dumps({"warmed": warmed, "later": later, "cpus": cpus}))
+print("RESULT " + json.dumps({"warmed": warmed, "tasks": len(tasks._WARM_REFS), "later": later, "cpus": cpus}))
 """
 
 
@@ -171,9 +171,25 @@ def test_early_start_warms_the_workers_that_later_tasks_reuse() -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     got = json.loads(line.removeprefix("RESULT "))
-    assert 1 <= len(got["warmed"]) <= min(got["cpus"], tasks.WARM_TASKS_MAX)
+    assert got["tasks"] == min(got["cpus"], tasks.WARM_TASKS_MAX)  # one per CPU: tasks of 1 CPU
+    assert 1 <= len(got["warmed"]) <= got["tasks"]
     assert all(imported for _, imported in got["later"])  # no task paid the import itself
     assert {pid for pid, _ in got["later"]} <= set(got["warmed"])  # they ran in the warmed processes
+
+
+def test_warm_up_tasks_never_exceed_what_the_command_will_run(ray_up) -> None:
+    """As many warm-up tasks as the command's own tasks at once: its ``workers`` when set, else as many of its
+    shape (``cpus_per_task``) as fit in the cluster, at most WARM_TASKS_MAX; none when one does not fit."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    try:
+        for workers, per_task, want in [(1, 1, 1), (0, 1, min(cpus, tasks.WARM_TASKS_MAX)), (0, cpus + 1, 0)]:
+            tasks._warm_workers(("json",), workers, per_task)
+            assert len(tasks._WARM_REFS) == want, (workers, per_task)
+            assert all(isinstance(pid, int) for pid in ray.get(tasks._WARM_REFS, timeout=120))
+    finally:
+        tasks._WARM_REFS.clear()
 
 
 def test_marks_go_to_the_trace_file_once_when_asked(tmp_path, monkeypatch) -> None:
@@ -227,8 +243,8 @@ def test_bench_startup_end_to_end(tmp_path, capsys) -> None:
     assert sorted(x["side"] for x in samples) == ["after", "before"]
     for x in samples:
         m = x["marks"]
-        assert (
-            0 < m["imports"] <= m["ray_init_start"] < m["ray_init_done"] <= m["pool_start"] < m["task_start"]
-        )
+        # the early start's thread starts Ray while the main thread imports: those two phases overlap
+        assert 0 < m["ray_init_start"] < m["ray_init_done"] <= m["pool_start"] < m["task_start"]
+        assert 0 < m["imports"] <= m["pool_start"]
         assert m["task_start"] <= m["pool_done"] <= m["run_end"] <= m["exit"] == pytest.approx(x["wall_s"])
     assert "fixed cost" in capsys.readouterr().out
