@@ -53,21 +53,25 @@ FORWARD_ENV_PREFIXES = ("SPAR_", "AWS_", "FSSPEC_", "MLFLOW_")
 
 def _forwarded_env() -> dict[str, str]:
     """The forwarded variables; the start-up benchmark's two are not (Ray's local processes inherit them), nor an
-    ``MLFLOW_TRACKING_URI`` that this process's MLflow wrote itself (``mlflow.set_tracking_uri`` sets the variable:
-    forwarding it gave every task after a stage's first MLflow call a runtime environment of its own, so a fresh
-    worker process; tasks and Ray Train workers get their store's URI as an argument)."""
-    from pipeline.common.tracking import user_tracking_uri
+    ``MLFLOW_TRACKING_URI`` or ``MLFLOW_EXPERIMENT_ID`` that this process's MLflow wrote itself
+    (``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` set them: forwarding them gave every task after a
+    stage's first MLflow call a runtime environment of its own, so a fresh worker process; tasks and Ray Train
+    workers get their store's URI and run as arguments)."""
+    from pipeline.common.tracking import user_experiment_id, user_tracking_uri
 
     env = {
         k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and k not in _NOT_FORWARDED
     }
-    if env.get(_TRACKING_URI_ENV) != user_tracking_uri():
-        env.pop(_TRACKING_URI_ENV, None)
+    for key, users in (
+        ("MLFLOW_TRACKING_URI", user_tracking_uri()),
+        ("MLFLOW_EXPERIMENT_ID", user_experiment_id()),
+    ):
+        if env.get(key) != users:
+            env.pop(key, None)
     return env
 
 
 _NOT_FORWARDED = (TRACE_ENV, "SPAR_RAY_DEFAULTS")
-_TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 def ray_defaults() -> bool:

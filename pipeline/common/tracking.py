@@ -72,6 +72,15 @@ def user_tracking_uri() -> str | None:
     return _USER_TRACKING_URI
 
 
+# Read once too: ``mlflow.set_experiment`` (called by :func:`setup_experiment`) writes ``MLFLOW_EXPERIMENT_ID``.
+_USER_EXPERIMENT_ID = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
+
+
+def user_experiment_id() -> str | None:
+    """The user's ``MLFLOW_EXPERIMENT_ID`` (as read when this module was first imported), or None."""
+    return _USER_EXPERIMENT_ID
+
+
 class TrackingError(UserError):
     """The MLflow store cannot be used as configured."""
 

@@ -102,8 +102,9 @@ def test_forwarded_variables_reach_tasks_with_and_without_a_runtime_env(
 
 
 def _mlflow_sets_its_uri_and_it_does_not_travel(tmp_path, monkeypatch) -> None:
-    """``mlflow.set_tracking_uri`` writes MLFLOW_TRACKING_URI into the environment: that one does not make a runtime
-    environment (a fresh worker process per task); the user's own MLFLOW_TRACKING_URI, set since, travels."""
+    """``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` (every stage's MLflow set-up) write
+    MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into the environment: they do not make a runtime environment (a
+    fresh worker process per task); the user's own MLFLOW_TRACKING_URI, set since, travels."""
     import os
 
     import mlflow
@@ -111,10 +112,13 @@ def _mlflow_sets_its_uri_and_it_does_not_travel(tmp_path, monkeypatch) -> None:
     from pipeline.common import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
     prev = mlflow.get_tracking_uri()
     try:
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
         assert os.environ["MLFLOW_TRACKING_URI"].endswith("mlflow.db")  # what MLflow does (the cause)
+        exp_id = tracking.setup_experiment("spar-startup-env", tmp_path)
+        assert os.environ["MLFLOW_EXPERIMENT_ID"] == exp_id  # MLflow's set_experiment wrote it
         assert tasks.task_runtime_env() is None
         monkeypatch.setattr(tracking, "_USER_TRACKING_URI", "http://127.0.0.1:5999")  # as if set by the user
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
