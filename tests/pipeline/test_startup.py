@@ -163,6 +163,7 @@ print("RESULT " + json.dumps({"warmed": warmed, "tasks": len(tasks._WARM_REFS), 
 """
 
 
+@pytest.mark.slow  # a Ray cluster of its own (~12 s); the default run checks the warm-up's task count in-process
 def test_early_start_warms_the_workers_that_later_tasks_reuse() -> None:
     import json
     import subprocess
