@@ -143,7 +143,7 @@ def local_path(path: str) -> str:
 
 def absolute(path: str) -> str:
     """A local path made absolute; a URL as given."""
-    return path if "://" in path else os.path.abspath(path)
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def join(base: str, *parts: str) -> str:

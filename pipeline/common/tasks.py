@@ -57,15 +57,12 @@ def _forwarded_env() -> dict[str, str]:
     (``mlflow.set_tracking_uri`` and ``mlflow.set_experiment`` set them: forwarding them gave every task after a
     stage's first MLflow call a runtime environment of its own, so a fresh worker process; tasks and Ray Train
     workers get their store's URI and run as arguments)."""
-    from pipeline.common.tracking import user_experiment_id, user_tracking_uri
+    from pipeline.common.tracking import user_values_of_mlflow_written_env
 
     env = {
         k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES) and k not in _NOT_FORWARDED
     }
-    for key, users in (
-        ("MLFLOW_TRACKING_URI", user_tracking_uri()),
-        ("MLFLOW_EXPERIMENT_ID", user_experiment_id()),
-    ):
+    for key, users in user_values_of_mlflow_written_env().items():
         if env.get(key) != users:
             env.pop(key, None)
     return env

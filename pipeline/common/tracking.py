@@ -67,18 +67,14 @@ LINEAGE_FILE = "mlflow_run.json"  # in an exported student: the training run tha
 _USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
-def user_tracking_uri() -> str | None:
-    """The user's ``MLFLOW_TRACKING_URI`` (as read when this module was first imported), or None."""
-    return _USER_TRACKING_URI
-
-
 # Read once too: ``mlflow.set_experiment`` (called by :func:`setup_experiment`) writes ``MLFLOW_EXPERIMENT_ID``.
 _USER_EXPERIMENT_ID = os.environ.get("MLFLOW_EXPERIMENT_ID") or None
 
 
-def user_experiment_id() -> str | None:
-    """The user's ``MLFLOW_EXPERIMENT_ID`` (as read when this module was first imported), or None."""
-    return _USER_EXPERIMENT_ID
+def user_values_of_mlflow_written_env() -> dict[str, str | None]:
+    """The variables MLflow writes into this process's environment (``set_tracking_uri``, ``set_experiment``), each
+    with the user's own value as read when this module was first imported (None: the user did not set it)."""
+    return {"MLFLOW_TRACKING_URI": _USER_TRACKING_URI, "MLFLOW_EXPERIMENT_ID": _USER_EXPERIMENT_ID}
 
 
 class TrackingError(UserError):
