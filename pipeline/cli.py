@@ -98,6 +98,11 @@ def _start_ray_early(args: argparse.Namespace, cfg: Any) -> None:
     command has one (its ``workers`` and ``cpus_per_task`` bound the warmed worker processes)."""
     if args.command not in RAY_COMMANDS or getattr(args, "verbose", False) or getattr(args, "address", None):
         return
+    if args.command == "distill" and cfg is not None:
+        from pipeline.train.config import trains_in_process
+
+        if trains_in_process(cfg):  # no Ray at all
+            return
     from pipeline.common.tasks import start_local_cluster_early
 
     start_local_cluster_early(warm=WARM_MODULES.get(args.command, ()), warm_tasks=getattr(cfg, "workers", 0) or 0,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,64 @@ def moto_s3(bucket: str) -> Iterator[tuple[Any, dict[str, str]]]:
             s3fs.S3FileSystem.clear_instance_cache()
     finally:
         server.stop()
+
+
+def naive_distill(data: dict[str, str], cfg, world: int) -> dict[str, torch.Tensor]:  # noqa: ANN001 - a DistillConfig
+    """A distillation of ``world`` ranks as a plain single-process loop (independent reference): each step averages
+    the ranks' losses (what DDP's gradient all-reduce computes), images and targets read independently
+    (ImageSet.read, TeacherCache.features); the trainable weights after ``cfg.max_steps`` steps."""
+    from pipeline.cache.reader import open_cache
+    from pipeline.data.imageset import open_imageset
+    from pipeline.train.step import lr_at
+    from pipeline.train.stream import Planner, refs_from_imageset
+
+    ims, cache = open_imageset(data["images"]), open_cache(data["cache"])
+    planner = Planner(
+        refs_from_imageset(ims), seed=cfg.seed, world_size=world, shuffle_buffer=cfg.shuffle_buffer
+    )
+    bb = build_backbone("tiny-clip-64", seed=0)
+    bb.set_trainable(cfg.trainable_blocks)
+    params = [p for p in bb.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    positions = planner.positions(0, 0)
+    for step in range(cfg.max_steps):
+        epoch, b = next(positions)
+        losses = []
+        for rank in range(world):
+            (ref,) = planner.batches(epoch, rank)[b]
+            x = bb.normalize(torch.from_numpy(np.array(ims.read(ref.key)))[None])
+            t = torch.from_numpy(np.asarray(cache.features(ref.key), dtype=np.float32))[None]
+            losses.append((bb.dense(x) - t).pow(2).mean())
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.schedule, cfg.max_steps)
+        opt.zero_grad()
+        (sum(losses) / world).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return {k: v.clone() for k, v in bb.trainable_state_dict().items()}
+
+
+def assert_same_trainable(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], cfg) -> None:  # noqa: ANN001
+    """``got`` equals the reference weights ``ref`` of a run of ``cfg`` (a DistillConfig), to float tolerance."""
+    assert got.keys() == ref.keys()
+    for k in ref:
+        a, b = got[k].clone(), ref[k].clone()
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias has an exactly-zero true gradient (softmax is shift invariant), so its computed gradient
+            # is rounding noise that Adam normalises to +-lr steps: compare it only for staying within lr * steps.
+            d = a.shape[0] // 3
+            assert float((a[d : 2 * d] - b[d : 2 * d]).abs().max()) <= 2 * cfg.lr * cfg.max_steps
+            a[d : 2 * d] = b[d : 2 * d]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@contextlib.contextmanager
+def memory_backed_dir(fallback: Path) -> Iterator[Path]:
+    """A folder in /dev/shm when it has room for the file (for the files of whole towers: disk I/O dominated such tests in a full run), else
+    ``fallback``."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
+        with tempfile.TemporaryDirectory(prefix="spar-test-", dir=shm) as d:
+            yield Path(d)
+    else:
+        yield fallback

@@ -23,7 +23,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
         help="train the single-pass student on cached teacher features (Ray Train + MLflow)",
-        description="Distil the sliding-window teacher (cached) into the single-pass student with Ray Train.",
+        description="Distil the sliding-window teacher (cached) into the single-pass student: one worker in this "
+        "process, or a Ray Train worker group (DDP).",
     )
     p.add_argument("--images", dest="images", help="image-set root (from spar ingest)")
     p.add_argument(
@@ -37,6 +38,11 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML recipe with a [distill] section")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--workers", dest="workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument(
+        "--trainer", dest="trainer", choices=("auto", "ray", "in-process"),
+        help="where the ranks run: in-process (one worker, no Ray: seconds to the first step), ray (a Ray Train "
+        "worker group), auto (default: in-process for one worker unless Ray is given a cluster address)",
+    )  # fmt: skip
     p.add_argument(
         "--gpus-per-worker", dest="gpus_per_worker", type=float, help="GPUs per worker (default auto)"
     )

@@ -6,6 +6,7 @@ The config says what the user asked for (``student = ""``: the cache teacher's; 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -13,7 +14,7 @@ from typing import Literal
 from pipeline.common.config import ConfigError
 from pipeline.common.errors import UserError
 
-__all__ = ["DistillConfig", "DistillError"]
+__all__ = ["DistillConfig", "DistillError", "trains_in_process"]
 
 _RUN_NAME_OK = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -66,6 +67,10 @@ class DistillConfig:
     stride: int = 0  # online teacher stride (0 = the cache's, else 24 px: the paper's teacher at every crop)
     window_batch: int = 32  # online teacher windows per forward
     ray_address: str = ""  # "" = local in-process cluster (or RAY_ADDRESS)
+    # where the ranks run: "ray" = a Ray Train worker group; "in-process" = the command's own process (one rank, no
+    # Ray at all: seconds to the first step); "auto" = in-process for one worker on this machine (no ray_address,
+    # no RAY_ADDRESS: not a job on a cluster), else Ray Train
+    trainer: Literal["auto", "ray", "in-process"] = "auto"
     # > 0: end the run after this step's checkpoint, as if interrupted (resume continues)
     stop_at_step: int = 0
 
@@ -84,8 +89,21 @@ class DistillConfig:
             raise ConfigError("distill.lr must be > 0, weight_decay and grad_clip >= 0")
         if self.cpus_per_worker < 1 or self.window_batch < 1:
             raise ConfigError("distill.cpus_per_worker and window_batch must be >= 1")
+        if self.trainer not in ("auto", "ray", "in-process"):
+            raise ConfigError(f"distill.trainer must be auto, ray or in-process, got {self.trainer!r}")
+        if self.trainer == "in-process" and self.workers != 1:
+            raise ConfigError(
+                f"distill.trainer=in-process runs one rank: workers must be 1, got {self.workers}"
+            )
         if self.run_name and (not _RUN_NAME_OK.fullmatch(self.run_name) or self.run_name.startswith(".")):
             raise ConfigError(
                 f"distill.run_name {self.run_name!r} may only hold letters, digits, '.', '_' and '-' "
                 "(it names directories) and must not start with '.'"
             )
+
+
+def trains_in_process(cfg: DistillConfig) -> bool:
+    """Whether the run trains in the command's own process (``cfg.trainer``, "auto" resolved)."""
+    if cfg.trainer != "auto":
+        return cfg.trainer == "in-process"
+    return cfg.workers == 1 and not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))

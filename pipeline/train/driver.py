@@ -3,11 +3,12 @@
 1. **prepare**: open the image set and the teacher cache and refuse a cache that does not pair with the images
    (:class:`~pipeline.cache.spec.CachePairingError`), resolve the student and the teacher window, and build the
    :class:`~pipeline.train.plan.DistillPlan`, all before anything is started;
-2. **fit**: create (or reopen) the MLflow run with the plan as its params (:mod:`pipeline.train.tracking`) and run a
-   Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) of :func:`pipeline.train.worker.train_worker` on it;
-   workers resume from ``ray.train.get_checkpoint()`` (worker failure, or ``--resume`` = the same
-   ``RunConfig(storage_path, name)``) at the exact data position, or from a continuation directory when Ray
-   refuses the run's own (:mod:`pipeline.train.run_record`);
+2. **fit**: create (or reopen) the MLflow run with the plan as its params (:mod:`pipeline.train.tracking`) and run
+   :func:`pipeline.train.worker.train_rank` on it: in this process for one worker on this machine
+   (:mod:`pipeline.train.in_process`; ``trainer``), else as a Ray Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on
+   GPU) of :func:`pipeline.train.worker.train_worker`; ranks resume from the run directory's newest good checkpoint
+   (worker failure, or ``--resume`` = the same ``RunConfig(storage_path, name)``) at the exact data position, or
+   from a continuation directory when Ray refuses the run's own (:mod:`pipeline.train.run_record`);
 3. **finish**: export the final student (:func:`pipeline.train.export.export_student`), log it, the resolved
    config and the loss curve to MLflow, and print the run id with the ``mlflow ui`` command that shows it.
 
@@ -63,8 +64,9 @@ from pipeline.common.trace import mark
 from pipeline.common.tracking import git_commit, mlflow_ui_command, require_remote_store, wait_for_server
 from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.student.format import CheckpointError, local_student
-from pipeline.train.config import DistillConfig, DistillError
+from pipeline.train.config import DistillConfig, DistillError, trains_in_process
 from pipeline.train.export import export_student
+from pipeline.train.in_process import InProcessResult, fit_in_process, machine_resources
 from pipeline.train.loader_auto import size_loader
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
 from pipeline.train.progress import log, progress_bar
@@ -131,18 +133,20 @@ def distill(cfg: DistillConfig, resume: bool = False) -> DistillResult:
     if resume:
         check_resume_backbone(ray_run.dirs, inputs.student)
         ray_run = resume_ray_run(workdir, storage, run_name, ray_run)
-    init_ray(cfg.ray_address or None)
-    plan = _plan(cfg, inputs, workdir, run_name, storage)
+    in_process = trains_in_process(cfg)
+    if not in_process:
+        init_ray(cfg.ray_address or None)
+    plan = _plan(cfg, inputs, workdir, run_name, storage, in_process)
     uri, exp_id, run_id = start_run(plan, prev_run_id, _tags(plan, inputs), inputs.ims, inputs.cache)
     mark("mlflow_run")
     remember_run(workdir, run_name, run_id)
     client = MlflowClient(uri)
     _save_resolved(cfg, plan, client, run_id)
     if verbose():
-        log(f"run {run_name}: {plan.total_steps} steps on {plan.workers} worker(s), MLflow run {run_id}")
+        where = "in this process" if in_process else f"on {plan.workers} Ray Train worker(s)"
+        log(f"run {run_name}: {plan.total_steps} steps {where}, MLflow run {run_id}")
     try:
-        with progress_bar(run_id, plan.total_steps) as actor:
-            result = _fit(plan, RunLink(run_id, uri, actor), ray_run)
+        result = _train(plan, RunLink(run_id, uri), ray_run, in_process)
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         if is_disk_full(e):
@@ -205,18 +209,22 @@ def _check_student_fits_cache(bb: Backbone, cache: TeacherCache) -> None:
         )
 
 
-def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, storage: str) -> DistillPlan:
-    """The resolved plan of the run (Ray must be up: ``gpus_per_worker`` -1 asks the cluster)."""
+def _plan(
+    cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, storage: str, in_process: bool
+) -> DistillPlan:
+    """The resolved plan of the run, sized by this machine (in process) or by the cluster (Ray must be up)."""
     cache, bb = inputs.cache, inputs.student
+    cpus, gpus_seen = machine_resources() if in_process else (cluster_cpus(), cluster_gpus())
     crop, stride = teacher_window(cfg, cache.spec if cache is not None else None, bb.native_size)
     if cfg.teacher_online and crop % bb.patch_size:
         raise DistillError(f"distill: crop {crop} is not a multiple of the patch size {bb.patch_size}")
     planner = Planner(refs_from_imageset(inputs.ims), seed=cfg.seed, world_size=cfg.workers,
                       batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
-    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if cluster_gpus() > 0 else 0.0)
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1.0 if gpus_seen > 0 else 0.0)
     return make_plan(
         cfg,
-        loader_workers=_loader_workers(cfg, inputs, gpus > 0),
+        trainer="in-process" if in_process else "ray",
+        loader_workers=_loader_workers(cfg, inputs, gpus > 0, cpus),
         images=absolute(cfg.images),
         cache=absolute(cfg.cache) if cfg.cache else "",
         cache_fingerprint=cache.fingerprint if cache is not None else "",
@@ -235,12 +243,12 @@ def _plan(cfg: DistillConfig, inputs: _Inputs, workdir: str, run_name: str, stor
     )
 
 
-def _loader_workers(cfg: DistillConfig, inputs: _Inputs, on_gpu: bool) -> int:
-    """``cfg.loader_workers``, with ``"auto"`` sized for this run (the decision is logged)."""
+def _loader_workers(cfg: DistillConfig, inputs: _Inputs, on_gpu: bool, cpus: int) -> int:
+    """``cfg.loader_workers``, with ``"auto"`` sized for this run and ``cpus`` (the decision is logged)."""
     if cfg.loader_workers != "auto":
         return int(cfg.loader_workers)
     dtype = inputs.cache.spec.dtype if inputs.cache is not None and not cfg.teacher_online else None
-    spare = max(1, cluster_cpus() // cfg.workers - cfg.cpus_per_worker)  # CPUs per worker beyond its trainer
+    spare = max(1, cpus // cfg.workers - cfg.cpus_per_worker)  # CPUs per worker beyond its trainer
     sz = size_loader(inputs.ims, inputs.student, dtype, cfg.trainable_blocks, on_gpu, spare)
     log(f"loader_workers auto -> {sz.workers} ({sz.load_s * 1e3:.0f} ms decoding per sample vs a "
          f"{sz.step_s * 1e3:.0f} ms {'GPU' if on_gpu else 'CPU'} step{'; capped by the CPUs' if sz.capped else ''})")  # fmt: skip
@@ -284,6 +292,17 @@ def _save_resolved(cfg: DistillConfig, plan: DistillPlan, client: MlflowClient, 
 
 
 # ---------------------------------------------------------------------------------------------------- fit
+
+
+def _train(plan: DistillPlan, link: RunLink, ray_run: RayRun, in_process: bool) -> Result | InProcessResult:
+    """Train in this process or on a Ray Train worker group, with the driver's progress bar."""
+    if in_process:
+        mark("fit_start")
+        result = fit_in_process(plan, link, ray_run.dirs[-1], ray_run.start)
+        mark("fit_done")
+        return result
+    with progress_bar(link.run_id, plan.total_steps) as actor:
+        return _fit(plan, RunLink(link.run_id, link.tracking_uri, actor), ray_run)
 
 
 def _fit(plan: DistillPlan, link: RunLink, ray_run: RayRun) -> Result:
@@ -335,7 +354,13 @@ def _export(plan: DistillPlan, ckpt: Checkpoint | None, link: RunLink, exp_id: s
 
 
 def _finish(
-    plan: DistillPlan, client: MlflowClient, link: RunLink, exp_id: str, result: Result, dim: int, start: str
+    plan: DistillPlan,
+    client: MlflowClient,
+    link: RunLink,
+    exp_id: str,
+    result: Result | InProcessResult,
+    dim: int,
+    start: str,
 ) -> DistillResult:
     """Export and log the student and the loss curve, close the run, print where everything is. ``start``: the
     checkpoint a continuation started from (the last one when it had no step left to train)."""

@@ -1,6 +1,6 @@
-"""The driver's progress bar of distill steps (loss, images/s, ETA), fed by rank 0 through a small named actor.
-
-Ray Train workers run in other processes; an actor survives worker restarts and costs one small message per step.
+"""The driver's progress bar of distill steps (loss, images/s, ETA), fed by rank 0: through a small named actor when
+Ray Train's workers run in other processes (an actor survives worker restarts and costs one small message per
+step), directly when the run trains in the command's own process.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.common.tasks import LatestValue
 
-__all__ = ["progress_bar", "progress_actor", "log"]
+__all__ = ["progress_bar", "progress_actor", "local_progress_bar", "log"]
 
 NAMESPACE = "spar"
 
@@ -84,3 +84,13 @@ def progress_bar(run_id: str, total: int, poll_s: float = 0.5) -> Iterator[str]:
             bar.show(ray.get(actor.get.remote(), timeout=10))
         bar.close()
         ray.kill(actor)
+
+
+@contextlib.contextmanager
+def local_progress_bar(total: int) -> Iterator[Callable[[tuple[int, float, float]], None]]:
+    """The same bar for a run in the command's own process: yields the function rank 0 feeds it with."""
+    bar = _Bar(total)
+    try:
+        yield bar.show
+    finally:
+        bar.close()

@@ -28,7 +28,7 @@ from pipeline.common.storage import (
 from pipeline.student.format import BACKBONE_FILE
 from pipeline.train.config import DistillConfig, DistillError
 from pipeline.train.progress import log
-from pipeline.train.run_dir import checkpoints_newest_first, newest_good, snapshot_missing
+from pipeline.train.run_dir import RAY_SNAPSHOT_FILE, checkpoints_newest_first, newest_good, snapshot_missing
 from pipeline.train.state import step_of
 from spar_core.backbones import Backbone
 
@@ -105,7 +105,11 @@ def resume_ray_run(workdir: str, storage: str, run_name: str, here: RayRun) -> R
         return here  # nothing saved yet: Ray starts afresh
     start = newest_good(ckpts) or ""
     if not missing and ckpts and start == ckpts[0]:
-        return here
+        if exists(join(here.dirs[-1], RAY_SNAPSHOT_FILE)):
+            return here
+        return RayRun(
+            here.name, start, here.dirs
+        )  # no record of Ray Train's (an in-process run): start there
     name = continuation_name(storage, run_name, start)
     using = (
         f"resuming from {start}, the newest good checkpoint left" if start else "none is left: starting anew"

@@ -13,7 +13,8 @@ from __future__ import annotations
 import inspect
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray.train
@@ -41,38 +42,66 @@ from spar_core.backbones import Backbone, build_backbone
 from spar_core.distill import trainable_parameters
 
 if TYPE_CHECKING:
+    from ray.train import Checkpoint
+
     from pipeline.train.tracking import MetricLog
 
-__all__ = ["train_worker"]
+__all__ = ["Rank", "train_rank", "train_worker"]
+
+
+@dataclass(frozen=True)
+class Rank:
+    """What one rank gets from whoever runs it: Ray Train's worker group (:func:`train_worker`) or the command's own
+    process (:mod:`pipeline.train.in_process`)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    checkpoint: Checkpoint | None  # the run directory's latest checkpoint to resume from (None: none yet)
+    # (metrics, local folder holding the training checkpoint or None, its directory name): a barrier of the ranks
+    report: Callable[[dict[str, Any], str | None, str | None], None]
+    progress: Callable[[tuple[int, float, float]], None] | None  # (step, loss, images/s) to the driver's bar
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``config`` = ``{"plan": DistillPlan, "link": RunLink, "start": str}``
     (``start``: the checkpoint a run continued in a new Ray Train directory starts from, "" for none)."""
-    mark("worker_start")
-    plan: DistillPlan = config["plan"]
     link: RunLink = config["link"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank = ctx.get_world_rank()
+    actor = progress_actor(link.progress_actor) if rank == 0 else None
+    me = Rank(rank, ctx.get_world_size(), ray.train.torch.get_device(), ray.train.get_checkpoint(), _ray_report,
+              (lambda v: actor.put.remote(v)) if actor is not None else None)  # fmt: skip
+    train_rank(config["plan"], link, config.get("start", ""), me)
+
+
+def _ray_report(metrics: dict[str, Any], folder: str | None, name: str | None) -> None:
+    """``ray.train.report``: Ray Train copies ``folder`` into the run directory as ``name``."""
+    ckpt = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
+    ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+def train_rank(plan: DistillPlan, link: RunLink, start: str, me: Rank) -> None:
+    """One rank's run: build (or restore) the student, step to the end of the plan, report."""
+    mark("worker_start")
     torch.set_num_threads(plan.cpus_per_worker)
     torch.manual_seed(plan.seed)
-    runner, state = _build(plan, device, rank, world, config.get("start", ""))
+    runner, state = _build(plan, me, start)
     mark("model_ready")
     if state.step >= plan.total_steps:
-        log(f"rank {rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
-        ray.train.report({"step": state.step, "epoch": state.epoch, "done": 1})
+        log(f"rank {me.rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
+        me.report({"step": state.step, "epoch": state.epoch, "done": 1}, None, None)
         return
-    mlog = _metric_log(link, plan) if rank == 0 else None
+    mlog = _metric_log(link, plan) if me.rank == 0 else None
     if mlog is not None:  # where and how the steps really ran (a GPU check reads these back)
         amp = runner.autocast_dtype
         mlog.tag({
-            "worker_device": str(device),
+            "worker_device": str(me.device),
             "autocast_dtype": str(amp).removeprefix("torch.") if amp is not None else "none",
             "grad_scaler": str(runner.scaler is not None).lower(),
         })  # fmt: skip
-    loop = _Loop(plan, link, runner, state, rank, world, mlog)
-    if rank != 0 or mlog is None:
+    loop = _Loop(plan, link, runner, state, me, mlog)
+    if mlog is None:
         loop.run()
         return
     try:
@@ -101,17 +130,15 @@ def _metric_log(link: RunLink, plan: DistillPlan) -> MetricLog:
     return MetricLog(link.tracking_uri, link.run_id, plan.log_every)
 
 
-def _build(
-    plan: DistillPlan, device: torch.device, rank: int, world: int, start: str
-) -> tuple[StepRunner, TrainState]:
+def _build(plan: DistillPlan, me: Rank, start: str) -> tuple[StepRunner, TrainState]:
     """The student (restored from the newest good checkpoint, if any: Ray's latest of this run directory, else
     ``start``), its DDP wrapper and the step runner."""
+    device, rank, world = me.device, me.rank, me.world
     bb = _student(plan, device)
     params = trainable_parameters(bb, plan.trainable_blocks)
     state = TrainState(extra={"epoch_loss_sum": 0.0, "epoch_steps": 0})
-    ckpt = ray.train.get_checkpoint()
     first = ray_checkpoint(start) if start else None  # a local path or URL
-    restored = restore_latest_good(ckpt, then=first) if ckpt or first else None
+    restored = restore_latest_good(me.checkpoint, then=first) if me.checkpoint or first else None
     if restored is not None:
         state, weights, where = restored
         bb.load_trainable_state_dict({k: v.to(device) for k, v in weights.items()})
@@ -147,15 +174,14 @@ class _Loop:
         link: RunLink,
         runner: StepRunner,
         state: TrainState,
-        rank: int,
-        world: int,
+        me: Rank,
         mlog: MetricLog | None,
     ) -> None:
         self.plan, self.link, self.runner, self.state = plan, link, runner, state
-        self.rank, self.world, self.mlog = rank, world, mlog
-        self.planner = Planner(refs_from_imageset(open_imageset(plan.images)), seed=plan.seed, world_size=world,
+        self.rank, self.world, self.report, self.mlog = me.rank, me.world, me.report, mlog
+        self.planner = Planner(refs_from_imageset(open_imageset(plan.images)), seed=plan.seed, world_size=me.world,
                                batch_size=plan.batch_size, shuffle_buffer=plan.shuffle_buffer)  # fmt: skip
-        self.progress = progress_actor(link.progress_actor) if rank == 0 else None
+        self.progress = me.progress
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """This rank's batches from the state's data position on."""
@@ -234,7 +260,7 @@ class _Loop:
         extra["epoch_steps"] = extra.get("epoch_steps", 0) + 1
         images_per_s = len(item["keys"]) * self.world / max(step_s, 1e-9)
         if self.progress is not None:  # fire and forget: the driver's progress bar reads it
-            self.progress.put.remote((self.state.step, loss, images_per_s))
+            self.progress((self.state.step, loss, images_per_s))
         if self.mlog is None:
             return
         scaler = self.runner.scaler
@@ -263,7 +289,7 @@ class _Loop:
         """Every rank reports (a barrier); rank 0 attaches the training checkpoint."""
         state, name = self.state, checkpoint_dir_name(self.state.step)
         if self.rank != 0:
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            self.report(metrics, None, name)
             return
         runner = self.runner
         state.optimizer = runner.opt.state_dict()
@@ -277,7 +303,5 @@ class _Loop:
                 p.trainable_blocks, p.checkpoint_config(), p.cache_fingerprint or None, p.backbone_seed
             )
             save_training_checkpoint(runner.bb, tmp, state, meta)
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
-            )
+            self.report(metrics, tmp, name)
         state.optimizer = None

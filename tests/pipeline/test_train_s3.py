@@ -46,7 +46,7 @@ from tests.builders import moto_s3, perturbed_student
 BUCKET = "spar-train"
 STEPS = 4
 # one worker, fp32, a checkpoint every step: small and exactly reproducible on CPU
-BASE = dict(precision="fp32", workers=1, max_steps=STEPS, checkpoint_every=1, keep_checkpoints=3, lr=1e-3,
+BASE = dict(precision="fp32", workers=1, trainer="ray", max_steps=STEPS, checkpoint_every=1, keep_checkpoints=3, lr=1e-3,
             seed=3, shuffle_buffer=4, log_every=1, loader_workers=0, register_model="")  # fmt: skip
 SPAR = [sys.executable, "-c", "from pipeline.cli import entry; entry()"]
 # the developer's cluster and tracking settings must not reach the `spar` processes started here
