@@ -1,6 +1,6 @@
-"""A full disk while a training checkpoint is written (issue 26), slow: Ray Train.
+"""A full disk while a training checkpoint is written (issue 26), slow; in the command's own process and on Ray Train.
 
-The fault is real: Ray Train's storage is a size-limited tmpfs (root can mount one) with room for Ray's own files,
+The fault is real: the run's storage is a size-limited tmpfs (root can mount one) with room for the run's own files,
 the first checkpoint and half of the second, so the second checkpoint's upload hits ``ENOSPC`` part-way. The
 reference is the same distillation on an ordinary folder, uninterrupted.
 
@@ -38,14 +38,16 @@ def data(tmp_path_factory, ray_local) -> dict[str, str]:
     return paired_data(str(tmp_path_factory.getbasetemp() / "spar-diskfull-data"))
 
 
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
-    """The uninterrupted run on an ordinary folder: its final weights and its Ray Train run directory."""
+@pytest.fixture(scope="module", params=["in-process", "ray"])
+def reference(request, data, tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path, str]:
+    """The uninterrupted run on an ordinary folder, in the command's process or on Ray Train: its final weights,
+    its run directory and the trainer."""
     wd = tmp_path_factory.mktemp("diskfull-ref")
     res = distill(DistillConfig(images=data["images"], cache=data["cache"], workdir=str(wd), run_name="ref",
-                                **SETS))  # fmt: skip
+                                trainer=request.param, **SETS))  # fmt: skip
     assert res.completed and res.steps == STEPS
-    return load_file(str(Path(res.checkpoint_dir) / "student.safetensors")), wd / "ray_results" / "ref"
+    run_dir = wd / "ray_results" / "ref"
+    return load_file(str(Path(res.checkpoint_dir) / "student.safetensors")), run_dir, request.param
 
 
 @pytest.fixture
@@ -79,14 +81,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_good_one_and_resume_finish
 ) -> None:
     from pipeline.cli import main
 
-    want, ref_run = reference
+    want, ref_run, trainer = reference
     mnt, resize = tmpfs
     ckpt_pages = max(_pages(p) for p in ref_run.iterdir() if p.is_dir()) + 2  # + the directories' own pages
     other_pages = _pages(ref_run) - sum(_pages(p) for p in ref_run.iterdir() if p.is_dir())
     resize(PAGE * (other_pages + 4 + ckpt_pages + ckpt_pages // 2))
     wd = tmp_path / "wd"
     argv = ["distill", "--images", data["images"], "--cache", data["cache"], "--workdir", str(wd),
-            *[a for k, v in {**SETS, "run_name": "full", "storage_path": str(mnt)}.items()
+            *[a for k, v in {**SETS, "run_name": "full", "storage_path": str(mnt), "trainer": trainer}.items()
               for a in ("--set", f"{k}={v}")]]  # fmt: skip
     assert main(argv) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("spar distill: error:")]
