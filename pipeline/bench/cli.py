@@ -2,7 +2,7 @@
 
 Argument definitions only (light); each benchmark runs in its own module of ``pipeline.bench``, imported when it
 runs: ``core`` -> :mod:`pipeline.bench.teacher`, ``ingest``, ``cache``, ``train``, ``distill``, ``loader``, ``scale``,
-``startup``, ``gpu`` -> :mod:`pipeline.bench.gpu.command`.
+``startup``, ``gpu`` -> :mod:`pipeline.bench.gpu`.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "loader": ("loader", _loader_args),
     "scale": ("scale", _scale_args),
     "startup": ("startup", _startup_args),
-    "gpu": ("gpu.command", _gpu_args),
+    "gpu": ("gpu", _gpu_args),
 }
 
 

@@ -18,9 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench.gpu import command as bench_gpu
-from pipeline.bench.gpu.checks import project_precompute
-from pipeline.bench.gpu.harness import (
+from pipeline.bench import gpu as bench_gpu
+from pipeline.bench.gpu import (
     CPU_PLAN,
     REL_TOL,
     SECTIONS,
@@ -30,6 +29,7 @@ from pipeline.bench.gpu.harness import (
     photo,
     run_section,
 )
+from pipeline.bench.gpu.checks import project_precompute
 from spar_core.backbones import build_backbone
 from spar_core.flops import SIGLIP2_B16_512, vit_arch, vit_dense_flops
 
