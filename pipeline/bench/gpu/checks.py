@@ -388,6 +388,7 @@ def _recipe(pp: gpu.PipelinePlan, work: Path) -> Recipe:
                                     progress=False),
         distill=DistillConfig(trainable_blocks=2, lr=pp.lr, max_steps=pp.steps, epochs=1000,
                               warmup_steps=min(5, pp.steps // 4), checkpoint_every=pp.steps, workers=1,
+                              trainer="ray",  # the check is of Ray Train on the device (one worker: auto = in process)
                               cpus_per_worker=pp.cpus_per_task, loader_workers=pp.loader_workers,
                               shuffle_buffer=8, log_every=5),
         eval=EvalConfig(fidelity=True, precision=pp.eval_precision, classes=DemoConfig.classes),
