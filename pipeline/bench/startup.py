@@ -199,7 +199,9 @@ def _fmt(x: float | None) -> str:
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or b is None or b <= 0 else f"{a / b:.1f}x"
+    return (
+        "-" if a is None or b is None or b < 0.05 else f"{a / b:.1f}x"
+    )  # a phase that (almost) vanished: no ratio
 
 
 def _table(stage: str, samples: list[Sample]) -> list[str]:
