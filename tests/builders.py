@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,15 +229,3 @@ def assert_same_trainable(got: dict[str, torch.Tensor], ref: dict[str, torch.Ten
             assert float((a[d : 2 * d] - b[d : 2 * d]).abs().max()) <= 2 * cfg.lr * cfg.max_steps
             a[d : 2 * d] = b[d : 2 * d]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
-
-
-@contextlib.contextmanager
-def memory_backed_dir(fallback: Path) -> Iterator[Path]:
-    """A folder in /dev/shm when it has room for the file (for the files of whole towers: disk I/O dominated such tests in a full run), else
-    ``fallback``."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 4 << 30:
-        with tempfile.TemporaryDirectory(prefix="spar-test-", dir=shm) as d:
-            yield Path(d)
-    else:
-        yield fallback

@@ -52,7 +52,8 @@ def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     for name in sorted(sd):
         t = sd[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(sd[name].shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))  # the tensor's bytes, not a copy of them
     return h.hexdigest()
 
 

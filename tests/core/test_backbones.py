@@ -249,3 +249,21 @@ def test_core_is_pure():
                 names = [node.module]
             for n in names:
                 assert n.split(".")[0] not in banned, f"{src.name} imports {n}"
+
+
+def test_weights_hash_is_sha256_of_names_dtypes_shapes_and_bytes_in_sorted_order():
+    """The weights id of a file (``sha256:…``, part of every cache fingerprint) must never change: hand-made hash of
+    the documented layout, bf16 and empty tensors included."""
+    import hashlib
+
+    from spar_core.backbones.base import state_dict_sha256
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"b.w": torch.randn(3, 4, generator=g), "a.bf": torch.randn(5, generator=g).bfloat16(),
+          "c.empty": torch.zeros(0), "d.t": torch.randn(4, 3, generator=g).t()}  # fmt: skip
+    h = hashlib.sha256()
+    for name in ("a.bf", "b.w", "c.empty", "d.t"):
+        t = sd[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(bytes(t.contiguous().view(-1).view(torch.uint8).tolist()))
+    assert state_dict_sha256(sd) == h.hexdigest()

@@ -26,7 +26,6 @@ from pipeline.cli import main
 from pipeline.student.format import BACKBONE_FILE, STUDENT_FILE, StudentMeta, load_student, save_student
 from pipeline.train.checkpoint_io import CheckpointIOError, export_open_clip, import_checkpoint
 from spar_core.backbones import build_backbone
-from tests.builders import memory_backed_dir
 from tests.core.test_reference_parity import ref_maskclip, rel
 
 SIZE = (448, 672)  # non-native, non-square for a 224-native tower
@@ -181,15 +180,13 @@ def test_cli_import_then_export_loads_with_open_clip_alone(tmp_path, capsys):
 def test_export_vitb16_loads_in_open_clip(tmp_path):
     bb = _spar_trained("maskclip-vit-b16", blocks=(10, 11))
     bb.set_trainable(2)
-    with memory_backed_dir(tmp_path) as d:  # the whole tower's files
-        save_student(bb, d / "s", StudentMeta(2))
-        res = export_open_clip(d / "s", d / "vitb16.pt")
-        assert res.open_clip_name == "ViT-B-16" and res.model_config is None and not res.force_quick_gelu
-        oc = open_clip.create_model("ViT-B-16", pretrained=res.file).eval()
-        student = load_student(d / "s")
+    save_student(bb, tmp_path / "s", StudentMeta(2))
+    res = export_open_clip(tmp_path / "s", tmp_path / "vitb16.pt")
+    assert res.open_clip_name == "ViT-B-16" and res.model_config is None and not res.force_quick_gelu
+    oc = open_clip.create_model("ViT-B-16", pretrained=res.file).eval()
     x = _x()
     with torch.no_grad():
-        r = rel(student.dense(x), ref_maskclip(oc, x))
+        r = rel(load_student(tmp_path / "s").dense(x), ref_maskclip(oc, x))
     print(f"\nViT-B/16 export 448x672: relative difference {r:.2e}")
     assert r < 1e-5
 

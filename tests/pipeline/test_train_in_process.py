@@ -89,3 +89,24 @@ def test_in_process_refuses_more_than_one_worker() -> None:
 
     with pytest.raises(ConfigError, match="trainer=in-process runs one rank: workers must be 1, got 2"):
         DistillConfig(trainer="in-process", workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [("in-process", "ray"), ("ray", "in-process")])
+def test_a_run_resumes_across_trainers(
+    paired, tmp_path: Path, monkeypatch, capfd, first: str, then: str
+) -> None:
+    """Stopped after step 3 by one trainer, resumed by the other: the other starts from that checkpoint (Ray Train
+    has no record of an in-process run's checkpoints; an in-process rank reads Ray Train's directory) and ends with
+    the naive loop's weights."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    wd = tmp_path / "wd"
+    cfg = DistillConfig(images=paired["images"], cache=paired["cache"], workdir=str(wd), run_name="across",
+                        loader_workers=0, stop_at_step=3, experiment="across", register_model="", trainer=first,
+                        **BASE)  # fmt: skip
+    assert distill(cfg).steps == 3
+    res = distill(dataclasses.replace(cfg, stop_at_step=0, trainer=then), resume=True)
+    assert res.completed and res.steps == 6
+    assert f"{checkpoint_dir_name(3)} at step 3" in capfd.readouterr().err
+    assert_same_trainable(load_file(str(Path(res.checkpoint_dir) / "student.safetensors")),
+                          naive_distill(paired, cfg, world=1), cfg)  # fmt: skip
