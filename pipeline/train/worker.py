@@ -1,5 +1,6 @@
-"""The Ray Train worker loop (every rank runs it): build the student, resume from the newest good checkpoint, stream
-this rank's image + target batches, step, report.
+"""One rank's training loop (:func:`train_rank`), run by every Ray Train worker (:func:`train_worker`) or, for a
+one-worker run, in the command's own process (:mod:`pipeline.train.in_process`): build the student, resume from the
+newest good checkpoint, stream this rank's image + target batches, step, report.
 
 Every rank streams its own shard pairs (:mod:`pipeline.train.stream`) at the exact data position of the checkpoint,
 trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
