@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("pipeline.cache.cli", "inspect and maintain teacher caches"),
     "distill": (
         "pipeline.train.cli",
-        "train the single-pass student on cached teacher features (Ray Train + MLflow)",
+        "train the single-pass student on cached teacher features (one worker in process, several on Ray Train; MLflow)",
     ),
     "eval": ("pipeline.eval.cli", "segmentation benchmarks (mIoU), --fidelity or --speed reports"),
     "classes": ("pipeline.eval.cli", "print the class list a benchmark is evaluated with"),

@@ -22,7 +22,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
-        help="train the single-pass student on cached teacher features (Ray Train + MLflow)",
+        help="train the single-pass student on cached teacher features (one worker in process, several on Ray Train; MLflow)",
         description="Distil the sliding-window teacher (cached) into the single-pass student: one worker in this "
         "process, or a Ray Train worker group (DDP).",
     )
