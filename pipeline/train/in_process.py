@@ -42,7 +42,11 @@ class InProcessResult:
 
 def machine_resources() -> tuple[int, int]:
     """(CPUs this process may use, GPUs it sees): what an in-process run sizes itself by."""
-    return len(os.sched_getaffinity(0)), torch.cuda.device_count()
+    if hasattr(os, "sched_getaffinity"):  # Linux: the CPUs this process may run on
+        cpus = len(os.sched_getaffinity(0))
+    else:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return cpus, torch.cuda.device_count()
 
 
 def fit_in_process(plan: DistillPlan, link: RunLink, run_dir: str, start: str) -> InProcessResult:
