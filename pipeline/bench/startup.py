@@ -199,9 +199,8 @@ def _fmt(x: float | None) -> str:
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return (
-        "-" if a is None or b is None or b < 0.05 else f"{a / b:.1f}x"
-    )  # a phase that (almost) vanished: no ratio
+    # no ratio for a phase that (almost) vanished, e.g. Ray Train's worker group of an in-process run
+    return "-" if a is None or b is None or b < 0.05 else f"{a / b:.1f}x"
 
 
 def _table(stage: str, samples: list[Sample]) -> list[str]:

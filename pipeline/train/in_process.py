@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.common.storage import is_local, join, local_path, put_dir, remove, rename_dir
+from pipeline.common.storage import is_local, join, local_path, makedirs, put_dir, remove, rename_dir
 from pipeline.train.config import DistillError
 from pipeline.train.plan import DistillPlan, RunLink
 from pipeline.train.progress import local_progress_bar, log
@@ -102,7 +102,8 @@ class _RunDir:
             return
         dst = join(self.run_dir, name)
         if is_local(dst):  # whole or absent: written beside, then one rename
-            staging = tempfile.mkdtemp(prefix=f".{name}-", dir=_made(local_path(self.run_dir)))
+            makedirs(self.run_dir)
+            staging = tempfile.mkdtemp(prefix=f".{name}-", dir=local_path(self.run_dir))
             try:
                 put_dir(folder, staging)
                 remove(dst)  # a restart re-reaching a step replaces its checkpoint
@@ -115,8 +116,3 @@ class _RunDir:
             put_dir(folder, dst)
         for old in checkpoints_newest_first([self.run_dir])[self.keep :]:
             remove(old)
-
-
-def _made(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path

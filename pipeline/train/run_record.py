@@ -107,9 +107,8 @@ def resume_ray_run(workdir: str, storage: str, run_name: str, here: RayRun) -> R
     if not missing and ckpts and start == ckpts[0]:
         if exists(join(here.dirs[-1], RAY_SNAPSHOT_FILE)):
             return here
-        return RayRun(
-            here.name, start, here.dirs
-        )  # no record of Ray Train's (an in-process run): start there
+        # no record of Ray Train's (an in-process run wrote them): its workers start from the newest
+        return RayRun(here.name, start, here.dirs)
     name = continuation_name(storage, run_name, start)
     using = (
         f"resuming from {start}, the newest good checkpoint left" if start else "none is left: starting anew"
