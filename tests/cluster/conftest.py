@@ -6,7 +6,8 @@
   custom resource naming it (``node_a``, ``node_b``) so tests can tell the nodes apart;
 * moto's S3 server as a subprocess on 127.0.0.1 (the Ray worker processes must reach it);
 * an MLflow tracking server on 127.0.0.1 whose artifacts go to S3 on moto (the server holds the S3 credentials;
-  clients log artifacts through it).
+  clients log artifacts through it), started when a test first asks for it (``Cluster.mlflow``): the default
+  run's test_cluster.py does not need one.
 
 No node is started with storage credentials in its environment: a task only has them through the job's runtime
 environment (``spar submit`` forwards AWS_* / MLFLOW_* from the submitting shell), which the tests rely on.
@@ -26,7 +27,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,14 +180,26 @@ class Cluster:
     head_tmp: Path
     workers: dict[str, WorkerNode]
     s3: S3Server
-    mlflow: MlflowServer
     root: Path  # scratch folder of the fixture (node temp dirs, logs)
     log_dir: Path
+    _servers: contextlib.ExitStack  # the tracking server, once started; closed by the fixture
     _starts: int = field(default=0)
+    _mlflow: MlflowServer | None = None
 
     @property
     def address(self) -> str:
         return self.head.address
+
+    @property
+    def mlflow(self) -> MlflowServer:
+        """The tracking server (artifacts on S3; it alone holds the S3 credentials), started on first use."""
+        if self._mlflow is None:
+            env = clean_env(**self.s3.env())
+            args = ["--artifacts-destination", f"s3://{BUCKET}/mlartifacts"]
+            self._mlflow = self._servers.enter_context(
+                mlflow_server(self.log_dir / "mlflow", args=args, env=env)
+            )
+        return self._mlflow
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """Environment of a user who submits jobs: the cluster's token, S3 credentials, the tracking server."""
@@ -274,28 +286,24 @@ def _start_head(root: Path, log_dir: Path) -> tuple[RayHead, Path]:
 
 @pytest.fixture(scope="package")
 def ray_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[Cluster]:
-    """Head + two worker nodes + MLflow server (artifacts on S3) + moto S3: see the module docstring."""
+    """Head + two worker nodes + moto S3 (+ the MLflow server, on first use): see the module docstring."""
     root = Path(tempfile.mkdtemp(prefix="spar-cl-", dir="/tmp"))  # short: unix socket paths
     log_dir = tmp_path_factory.mktemp("cluster-logs")
-    mlflow_env = clean_env(**s3_server.env())  # the tracking server (not a Ray node) holds S3 credentials
     cluster: Cluster | None = None
-    pool = ThreadPoolExecutor(1)
-    starting = pool.submit(_start_head, root, log_dir)  # the head starts while the tracking server does
-    try:
-        with mlflow_server(
-            log_dir / "mlflow", args=["--artifacts-destination", f"s3://{BUCKET}/mlartifacts"], env=mlflow_env
-        ) as server:
-            head, head_tmp = starting.result()
-            cluster = Cluster(head, head_tmp, {}, s3_server, server, root, log_dir)
+    head: RayHead | None = None
+    with contextlib.ExitStack() as servers:
+        try:
+            head, head_tmp = _start_head(root, log_dir)
+            cluster = Cluster(head, head_tmp, {}, s3_server, root, log_dir, servers)
             cluster.start_workers(["node_a", "node_b"])
             yield cluster
-    finally:
-        pool.shutdown()
-        if cluster is not None:
-            cluster.stop()
-        elif starting.exception() is None:
-            stop_process_group(starting.result()[0].proc)
-        shutil.rmtree(root, ignore_errors=True)
+        finally:
+            servers.close()  # the tracking server first, as before the nodes
+            if cluster is not None:
+                cluster.stop()
+            elif head is not None:
+                stop_process_group(head.proc)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

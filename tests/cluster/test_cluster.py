@@ -12,7 +12,7 @@ import pytest
 from tests.cluster.conftest import BUCKET, Cluster
 from tests.e2e.conftest import http_status
 
-pytestmark = [pytest.mark.slow, pytest.mark.ci]  # three Ray nodes, moto and an MLflow server: ~2 min in all
+pytestmark = [pytest.mark.slow, pytest.mark.ci]  # three Ray nodes and moto: ~35 s
 
 # a job whose driver runs one task on each worker node (by its custom resource); each task reports where it ran,
 # its node's temp dir, whether its process has S3 credentials, and writes one object to S3 with them
