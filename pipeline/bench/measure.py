@@ -126,25 +126,42 @@ def cpu_runner(
 def matmul_gflops(
     dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, device: str = "cpu", inner: int = 1
 ) -> float:
-    """Sustained GFLOP/s of an n x n @ n x n matmul in ``dtype`` (best of repeated timings).
+    """Sustained GFLOP/s of a square matmul of up to n x n in ``dtype`` (best of repeated timings).
 
-    Each timing covers ``inner`` back-to-back matmuls between two synchronisations (on a GPU a single 8192^3
-    GEMM takes about a millisecond, so timing several hides the launch and synchronisation cost)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.matmul(a, b, out=c)
-    synchronize(device)
+    The size starts at 256 and doubles up to ``n`` only while one matmul of the next size would take under a
+    quarter of ``seconds``: a dtype that this machine emulates (bf16 on a CPU without AVX512-BF16 or AMX runs at
+    well under 1 GFLOP/s, so one 2048^3 product takes minutes) is measured in about ``seconds`` too. Each timing
+    covers ``inner`` back-to-back matmuls between two synchronisations (on a GPU a single 8192^3 GEMM takes about
+    a millisecond, so timing several hides the launch and synchronisation cost)."""
+    size = min(n, 256)
+    while True:
+        a, b, c = _matmul_operands(size, dtype, device)
+        torch.matmul(a, b, out=c)  # warm-up (kernel choice, lazy initialisation)
+        t_one = _timed_matmuls(a, b, c, device, 1)
+        if size >= n or 8 * t_one > seconds / 4:  # twice the size: eight times the work
+            break
+        size = min(n, 2 * size)
     best = 0.0
     t_end = time.perf_counter() + seconds
     while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        for _ in range(inner):
-            torch.matmul(a, b, out=c)
-        synchronize(device)
-        best = max(best, inner * 2 * n**3 / (time.perf_counter() - t) / 1e9)
+        best = max(best, inner * 2 * size**3 / _timed_matmuls(a, b, c, device, inner) / 1e9)
     return best
+
+
+def _matmul_operands(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return a, b, torch.empty(n, n, device=device, dtype=dtype)
+
+
+def _timed_matmuls(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device: str, inner: int) -> float:
+    """Seconds for ``inner`` back-to-back ``a @ b`` (into ``c``), synchronised before and after."""
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(inner):
+        torch.matmul(a, b, out=c)
+    synchronize(device)
+    return time.perf_counter() - t
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
