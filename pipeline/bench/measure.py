@@ -148,7 +148,9 @@ def matmul_gflops(
     return best
 
 
-def _matmul_operands(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _matmul_operands(
+    n: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return a, b, torch.empty(n, n, device=device, dtype=dtype)
