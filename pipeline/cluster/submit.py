@@ -274,7 +274,7 @@ def _state_name(status: Any) -> str:
     return s.rsplit(".", 1)[-1].upper()
 
 
-def wait_for_job(client: Any, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
+def wait_for_job(client: Any, job_id: str, timeout_s: float | None = None, poll_s: float = 0.25) -> str:
     """Poll until the job is SUCCEEDED/FAILED/STOPPED (or `timeout_s` passes: SubmitError); returns the state."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:

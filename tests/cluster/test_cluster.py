@@ -97,4 +97,4 @@ def _wait(client, job_id: str, timeout: float = 300):
             or time.monotonic() > deadline
         ):
             return status
-        time.sleep(1)
+        time.sleep(0.2)

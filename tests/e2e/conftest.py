@@ -145,13 +145,13 @@ class RayHead:
 
 
 def wait_until(what: str, ok, proc: subprocess.Popen | None, log: Path | None, timeout: float = 180) -> None:
-    """Poll `ok()` each second until true; raise, with the tail of `log`, once `proc` has exited or `timeout` passed."""
+    """Poll `ok()` every 0.2 s until true; raise, with the tail of `log`, once `proc` has exited or `timeout` passed."""
     deadline = time.monotonic() + timeout
     while not ok():
         if (proc is not None and proc.poll() is not None) or time.monotonic() > deadline:
             tail = log.read_text()[-4000:] if log and log.exists() else ""
             raise RuntimeError(f"{what} did not come up (exit {proc.poll() if proc else None}):\n{tail}")
-        time.sleep(1)
+        time.sleep(0.2)
 
 
 def new_token(path: Path) -> Path:
@@ -252,7 +252,7 @@ def mlflow_server(
                 raise RuntimeError(
                     f"MLflow server did not come up (exit {proc.poll()}):\n{log.read_text()[-4000:]}"
                 )
-            time.sleep(1)
+            time.sleep(0.2)
         yield server
     finally:
         stop_process_group(proc, grace_s=20)

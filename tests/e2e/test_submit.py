@@ -274,11 +274,11 @@ def test_no_wait_returns_after_submission(ray_head: RayHead, tiny_photos, tmp_pa
     assert f"job {job_id} submitted" in stdout and "ray job logs" in stdout
     client = JobSubmissionClient(ray_head.address, headers=ray_head.headers())
     status = None
-    for _ in range(300):
+    for _ in range(1500):
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
-        time.sleep(1)
+        time.sleep(0.2)
     assert status == JobStatus.SUCCEEDED
     assert (out / "images" / "imageset.json").is_file()
 
