@@ -132,9 +132,10 @@ def test_task_stats_report_windows_device_and_one_teacher_build_per_worker(image
         for i in range(ims.num_shards)
     }
     assert {s["shard"]: s["windows"] for s in stats} == want
-    # the teacher is built once per worker process, however many shards that process computes
+    # the teacher is built at most once per worker process, however many shards that process computes: the
+    # process's build count (which counts earlier tests' teachers too, in a warm worker) never grows within the run
     for pid in {s["pid"] for s in stats}:
-        assert max(s["teacher_builds"] for s in stats if s["pid"] == pid) == 1
+        assert len({s["teacher_builds"] for s in stats if s["pid"] == pid}) == 1
     more: list[dict] = []
     assert precompute(cfg_for(imageset, tmp_path, workers=1), stats=more) == path
     assert more == []  # a complete cache runs no task
