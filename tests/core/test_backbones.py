@@ -56,8 +56,8 @@ def test_maskclip_vitb16_native():
     assert (bb.patch_size, bb.dim, bb.native_size, bb.readout) == (16, 512, 224, "maskclip")
 
 
-def test_siglip2_pool_bypass_equals_timm_pool_per_token():
-    bb = build_backbone("siglip2-vit-b16-512")
+def test_siglip2_pool_bypass_equals_timm_pool_per_token(siglip2):
+    bb = siglip2
     assert (bb.patch_size, bb.dim, bb.native_size) == (16, 768, 512)
     x = torch.randn(1, 3, 512, 512)
     with torch.no_grad():

@@ -281,11 +281,6 @@ def test_normalize_by_hand_for_clip_family(name, tmp_path):
     torch.testing.assert_close(bb.normalize(img), want)
 
 
-@pytest.fixture(scope="module")
-def siglip2():
-    return build_backbone("siglip2-vit-b16-512", seed=0)
-
-
 def ref_siglip2(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SigLIP2Wrapper.forward re-implemented: timm patch embed, pos-embed resampled by *size* with
     ``F.interpolate(..., size=(ceil(H/16), ceil(W/16)), mode="bicubic")``, norm_pre, blocks, norm, then the
