@@ -10,13 +10,6 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Ray keeps up to this many idle worker processes per node (default: its CPUs, 2 here) instead of ending the extra
-# ones a second after their task. The tests switch runtime environments (S3 credentials, a fault plan, a Ray Train
-# group) from test to test; with the default, each switch ended the warm workers of the session's default
-# environment, and the next test started new ones (torch and the teacher imported again, 5-7 s of CPU each).
-# Measured on test_ingest.py + test_precompute.py: 17 -> 11 worker processes, 76 -> 66 s. Read by every Ray node
-# started by this process or its children; a test-only setting (a product cluster keeps Ray's default).
-os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
 import pipeline.common.tracking  # noqa: E402,F401 - captures the user's MLFLOW_TRACKING_URI before any test sets one
 
