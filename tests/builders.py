@@ -157,29 +157,49 @@ def paired_data(root: str) -> dict[str, str]:
     return {"images": str(base / "set"), "cache": cache, "other": str(base / "other")}
 
 
+# The tests' object store: one moto S3 server per test process on 127.0.0.1, started on first use. Every test that
+# needs S3 gets the same endpoint and credentials, so the Ray tasks' runtime environment (which carries them) is the
+# same from test to test, and the session's Ray cluster reuses its warm worker processes for it instead of starting
+# new ones (torch and the teacher imported again) for each test's own server.
+S3_SECRET = "secret-7f3a9c-never-a-task-argument"  # tests check that it reaches tasks only by the runtime env
+_MOTO: list[Any] = []  # [server, endpoint] once started
+
+
+def _moto_endpoint() -> str:
+    if not _MOTO:
+        import atexit
+
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        atexit.register(server.stop)
+        host, port = server.get_host_and_port()
+        _MOTO.extend([server, f"http://{host}:{port}"])
+    return _MOTO[1]
+
+
 @contextlib.contextmanager
 def moto_s3(bucket: str) -> Iterator[tuple[Any, dict[str, str]]]:
-    """moto's S3 server on 127.0.0.1 with ``bucket``; endpoint and credentials set in this process's environment
-    for the duration (as a user would set them). Yields (s3fs filesystem, those environment variables)."""
+    """moto's S3 server on 127.0.0.1 with an empty ``bucket``; endpoint and credentials set in this process's
+    environment for the duration (as a user would set them). Yields (s3fs filesystem, those environment variables).
+    """
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            s3fs.S3FileSystem.clear_instance_cache()
-            fs = s3fs.S3FileSystem()
-            fs.mkdir(bucket)
+    env = {"AWS_ENDPOINT_URL": _moto_endpoint(), "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        if fs.exists(bucket):  # an earlier test's bucket of the same name: start empty
+            fs.rm(bucket, recursive=True)
+        fs.mkdir(bucket)
+        try:
             yield fs, env
+        finally:
             s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        server.stop()
 
 
 def naive_distill(data: dict[str, str], cfg, world: int) -> dict[str, torch.Tensor]:  # noqa: ANN001 - a DistillConfig

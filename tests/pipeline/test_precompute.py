@@ -35,6 +35,7 @@ from pipeline.data.imageset import ImageSetError, open_imageset
 from pipeline.data.ingest import ingest
 from spar_core.backbones import build_backbone
 from spar_core.sliding import sliding_window_features
+from tests.builders import S3_SECRET
 from tests.reliability.faults import crash_once_in_workers
 
 INGEST = dict(shard_size=2, target_long=160, target_short=112, min_short=64, max_side=160)
@@ -303,28 +304,12 @@ def test_repair_refuses_when_the_recorded_teacher_no_longer_matches(imageset, tm
 # ------------------------------------------------------------------------------------------ S3 and CLI
 
 
-SECRET = "secret-7f3a9c-never-a-task-argument"
-
-
 @pytest.fixture
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
+def s3_server():
+    from tests.builders import moto_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("spar-caches")
-    yield fs
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    with moto_s3("spar-caches") as (fs, _env):
+        yield fs
 
 
 def test_s3_round_trip(imageset, tmp_path, s3_server, monkeypatch):
@@ -350,8 +335,8 @@ def test_s3_round_trip(imageset, tmp_path, s3_server, monkeypatch):
     # the Ray workers (started before this test set the variables) reached S3 with the credentials of the runtime
     # environment; the secret was in the tasks' runtime_env, never in their arguments
     args, options = [x for x in sent if "runtime_env" not in x], [x for x in sent if "runtime_env" in x]
-    assert args and not any(SECRET in a for a in args)
-    assert any(SECRET in o for o in options)
+    assert args and not any(S3_SECRET in a for a in args)
+    assert any(S3_SECRET in o for o in options)
     assert remote == f"s3://spar-caches/teacher/{Path(local).name}"  # same spec, same fingerprint anywhere
     files = s3_server.find("spar-caches/teacher")
     assert any(f.endswith("shards/shard-000002.done") for f in files)
