@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP proxy for tests, on 127.0.0.1 only (issue 26).
+"""A fault-injecting HTTP proxy for tests, on 127.0.0.1 only (docs/reliability.md).
 
 It sits in front of a real server (moto's S3 server, a real ``mlflow server``) and forwards every HTTP/1.1 request
 to it, except that it can

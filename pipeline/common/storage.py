@@ -5,7 +5,7 @@ Local paths (and ``file://`` URLs) go through ``os`` directly: atomic ``os.repla
 Object stores have no rename: a "rename" there is copy-then-delete, and the commit point of anything written in
 several objects must be a marker object written last (see the cache and the image set).
 
-Object storage retries (issue 26) are configured here and nowhere else: :data:`RETRY_ATTEMPTS` (or
+Object storage retries (docs/reliability.md) are configured here and nowhere else: :data:`RETRY_ATTEMPTS` (or
 ``$SPAR_STORAGE_ATTEMPTS``) attempts per request, exponential backoff with jitter, applied to every ``s3://``
 filesystem of the process through :class:`pipeline.common.s3.RetryingS3FileSystem` (registered below as fsspec's
 ``s3`` implementation). A request whose attempts are all spent raises :class:`StorageUnavailableError`: one line

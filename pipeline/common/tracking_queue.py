@@ -1,4 +1,4 @@
-"""Delivery of a run's metrics, params and tags to MLflow without ever making the caller wait (issue 26).
+"""Delivery of a run's metrics, params and tags to MLflow without ever making the caller wait (docs/reliability.md).
 
 :class:`QueuedRunLog` is what a training loop logs through: ``add_metrics`` / ``add_params`` / ``add_tags`` only
 append to an in-memory queue; one background thread sends the queue's head to the tracking server in order, in

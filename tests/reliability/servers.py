@@ -1,4 +1,4 @@
-"""A real MLflow tracking server served from this test process, for the quick fault tests (issue 26).
+"""A real MLflow tracking server served from this test process, for the quick fault tests (docs/reliability.md).
 
 It is MLflow's own tracking-server application (``mlflow.server.app``: the same REST handlers and SQLAlchemy sqlite
 store that ``mlflow server`` runs), served by werkzeug on 127.0.0.1 from a thread, so a module pays only the store's

@@ -1,4 +1,4 @@
-"""Object storage that fails some requests (issue 26), quick part: the fault proxy itself, the project's storage
+"""Object storage that fails some requests (docs/reliability.md), quick part: the fault proxy itself, the project's storage
 operations at a 5 % error rate, and what a persistent error looks like.
 
 Real parts: moto's S3 server on 127.0.0.1 with :class:`tests.faultproxy.FaultProxy` in front of it; the code under

@@ -1,4 +1,4 @@
-"""Object storage failing 5 % of its requests under the whole pipeline (issue 26), end to end (slow).
+"""Object storage failing 5 % of its requests under the whole pipeline (docs/reliability.md), end to end (slow).
 
 ``spar pipeline`` (ingest -> precompute -> distill -> eval, the demo recipe made small) runs twice with its whole
 workdir on ``s3://`` (moto's S3 server on 127.0.0.1), each in its own process with its own local Ray cluster:

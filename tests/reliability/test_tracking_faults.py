@@ -1,4 +1,4 @@
-"""A tracking server that goes away for a while (issue 26), quick part: the queue that carries a run's metrics,
+"""A tracking server that goes away for a while (docs/reliability.md), quick part: the queue that carries a run's metrics,
 params and tags (:mod:`pipeline.common.tracking_queue`) and a stage's bounded wait for a server that is down at its
 start (:func:`pipeline.common.tracking.wait_for_server`), in this process.
 
