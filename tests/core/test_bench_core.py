@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.bench.teacher import authors_loop, naive_teacher_fp32
@@ -45,3 +46,30 @@ def test_bench_core_prints_the_ratio(capsys):
     assert run(args) == 0
     out = capsys.readouterr().out
     assert "project vs authors' loop:" in out and "of fp32 matmul" in out
+
+
+def test_matmul_rate_grows_its_size_only_while_a_product_stays_within_the_budget(monkeypatch):
+    """A machine that multiplies at 1 GFLOP/s (bf16 emulated on a CPU without AVX-512) is measured at 256 only; one
+    at 200 GFLOP/s reaches the full size. The product times are simulated from the rate; the sizes are the ones
+    ``matmul_gflops`` asked to allocate."""
+    from pipeline.bench import measure
+
+    sizes: list[int] = []
+    real_operands = measure._matmul_operands
+
+    def operands(n, dtype, device):
+        sizes.append(n)
+        return real_operands(n, dtype, device)
+
+    monkeypatch.setattr(measure, "_matmul_operands", operands)
+    for rate, want in ((1.0, [256]), (200.0, [256, 512, 1024, 2048])):
+        sizes.clear()
+        # one product of a.shape[0]^3 multiply-adds at `rate` GFLOP/s, times the products timed together
+        monkeypatch.setattr(
+            measure,
+            "_timed_matmuls",
+            lambda a, b, c, dev, inner, r=rate: inner * 2 * a.shape[0] ** 3 / (r * 1e9),
+        )
+        got = measure.matmul_gflops(torch.float32, n=2048, seconds=1.0)
+        assert sizes == want, (rate, sizes)
+        assert got == pytest.approx(rate)
