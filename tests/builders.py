@@ -165,7 +165,8 @@ S3_SECRET = "secret-7f3a9c-never-a-task-argument"  # tests check that it reaches
 _MOTO: list[Any] = []  # [server, endpoint] once started
 
 
-def _moto_endpoint() -> str:
+def moto_endpoint() -> str:
+    """The URL of the tests' moto S3 server (started on first use)."""
     if not _MOTO:
         import atexit
 
@@ -186,7 +187,7 @@ def moto_s3(bucket: str) -> Iterator[tuple[Any, dict[str, str]]]:
     """
     import s3fs
 
-    env = {"AWS_ENDPOINT_URL": _moto_endpoint(), "AWS_ACCESS_KEY_ID": "testing",
+    env = {"AWS_ENDPOINT_URL": moto_endpoint(), "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():

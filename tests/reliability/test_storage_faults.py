@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from pipeline.common import storage
+from tests.builders import moto_endpoint
 from tests.faultproxy import FaultProxy, Faults, fault_proxy
 
 BUCKET = "spar-faults"
@@ -55,26 +56,21 @@ class S3Faulty:
 @pytest.fixture
 def s3_faulty() -> Iterator[S3Faulty]:
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    direct = f"http://{host}:{port}"
-    try:
-        with fault_proxy(direct, max_requests=3000) as proxy, pytest.MonkeyPatch.context() as mp:
-            env = {"AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
-                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-            for k, v in env.items():
-                mp.setenv(k, v)
-            s3fs.S3FileSystem.clear_instance_cache()
-            s = S3Faulty(direct, proxy, mp)
-            with contextlib.suppress(FileExistsError):  # moto's in-process state outlives a server
-                s.direct_fs().mkdir(BUCKET)
-            yield s
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        server.stop()
+    direct = (
+        moto_endpoint()
+    )  # the tests' moto server; this module's requests go through the proxy in front of it
+    with fault_proxy(direct, max_requests=3000) as proxy, pytest.MonkeyPatch.context() as mp:
+        env = {"AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        for k, v in env.items():
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        s = S3Faulty(direct, proxy, mp)
+        with contextlib.suppress(FileExistsError):  # an earlier test of this module made it
+            s.direct_fs().mkdir(BUCKET)
+        yield s
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _get(url: str, path: str = "/") -> int:

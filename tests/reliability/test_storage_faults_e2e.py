@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.builders import moto_endpoint
 from tests.e2e.conftest import ROOT
 from tests.faultproxy import Faults, fault_proxy
 
@@ -45,25 +46,18 @@ DONE = re.compile(r"\[spar pipeline\] done: cache (\S+), student (\S+), MLflow r
 def moto() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 with ``BUCKET``; this process reads it directly (the reference view)."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
+    url = moto_endpoint()
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            s3fs.S3FileSystem.clear_instance_cache()
-            with contextlib.suppress(FileExistsError):
-                s3fs.S3FileSystem().mkdir(BUCKET)
-            yield url
-            s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        server.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        with contextlib.suppress(FileExistsError):
+            s3fs.S3FileSystem().mkdir(BUCKET)
+        yield url
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _pipeline(endpoint: str, name: str, tmp: Path) -> tuple[dict[str, str], str, float]:
