@@ -74,7 +74,8 @@ def test_auto_caps_and_says_so():
 
 
 def test_step_flops_of_vit_b16_at_paper_size_is_the_issue_arithmetic():
-    """ViT-B/16 at 2048x1024 (8,192 tokens): forward through 12 blocks, backward through 2: ~5 TFLOP (the paper scale: BENCHMARKS.md)."""
+    """ViT-B/16 at 2048x1024 (8,192 tokens): forward through 12 blocks, backward through 2: ~5 TFLOP (the paper
+    scale: BENCHMARKS.md)."""
     from spar_core.backbones import build_backbone
     from spar_core.flops import vit_arch, vit_dense_flops
 

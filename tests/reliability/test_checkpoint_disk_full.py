@@ -1,4 +1,5 @@
-"""A full disk while a training checkpoint is written (docs/reliability.md), slow; in the command's own process and on Ray Train.
+"""A full disk while a training checkpoint is written (docs/reliability.md), slow; in the command's own process and
+on Ray Train.
 
 The fault is real: the run's storage is a size-limited tmpfs (root can mount one) with room for the run's own files,
 the first checkpoint and half of the second, so the second checkpoint's upload hits ``ENOSPC`` part-way. The

@@ -1,5 +1,5 @@
-"""Object storage that fails some requests (docs/reliability.md), quick part: the fault proxy itself, the project's storage
-operations at a 5 % error rate, and what a persistent error looks like.
+"""Object storage that fails some requests (docs/reliability.md), quick part: the fault proxy itself, the
+project's storage operations at a 5 % error rate, and what a persistent error looks like.
 
 Real parts: moto's S3 server on 127.0.0.1 with :class:`tests.faultproxy.FaultProxy` in front of it; the code under
 test reaches S3 only through the proxy (``AWS_ENDPOINT_URL``), the references are read from moto directly or are
@@ -11,7 +11,6 @@ tests/reliability/test_storage_faults_e2e.py.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import os
 import socket
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from pipeline.common import storage
-from tests.builders import moto_endpoint
+from tests.builders import moto_endpoint, moto_s3
 from tests.faultproxy import FaultProxy, Faults, fault_proxy
 
 BUCKET = "spar-faults"
@@ -55,21 +54,19 @@ class S3Faulty:
 
 @pytest.fixture
 def s3_faulty() -> Iterator[S3Faulty]:
+    """The tests' moto server with an empty ``BUCKET``, and this process's S3 endpoint pointed at a fault proxy in
+    front of it."""
     import s3fs
 
-    direct = (
-        moto_endpoint()
-    )  # the tests' moto server; this module's requests go through the proxy in front of it
-    with fault_proxy(direct, max_requests=3000) as proxy, pytest.MonkeyPatch.context() as mp:
-        env = {"AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-        for k, v in env.items():
-            mp.setenv(k, v)
+    direct = moto_endpoint()
+    with (
+        moto_s3(BUCKET),
+        fault_proxy(direct, max_requests=3000) as proxy,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        mp.setenv("AWS_ENDPOINT_URL", proxy.url)
         s3fs.S3FileSystem.clear_instance_cache()
-        s = S3Faulty(direct, proxy, mp)
-        with contextlib.suppress(FileExistsError):  # an earlier test of this module made it
-            s.direct_fs().mkdir(BUCKET)
-        yield s
+        yield S3Faulty(direct, proxy, mp)
         s3fs.S3FileSystem.clear_instance_cache()
 
 

@@ -15,7 +15,6 @@ fidelity evaluation's metrics are equal. No human step: one command, exit code 0
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.builders import moto_endpoint
+from tests.builders import moto_s3
 from tests.e2e.conftest import ROOT
 from tests.faultproxy import Faults, fault_proxy
 
@@ -44,20 +43,9 @@ DONE = re.compile(r"\[spar pipeline\] done: cache (\S+), student (\S+), MLflow r
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with ``BUCKET``; this process reads it directly (the reference view)."""
-    import s3fs
-
-    url = moto_endpoint()
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        with contextlib.suppress(FileExistsError):
-            s3fs.S3FileSystem().mkdir(BUCKET)
-        yield url
-        s3fs.S3FileSystem.clear_instance_cache()
+    """The tests' moto S3 server with an empty ``BUCKET``; this process reads it directly (the reference view)."""
+    with moto_s3(BUCKET) as (_fs, env):
+        yield env["AWS_ENDPOINT_URL"]
 
 
 def _pipeline(endpoint: str, name: str, tmp: Path) -> tuple[dict[str, str], str, float]:

@@ -1,6 +1,6 @@
-"""A tracking server that goes away for a while (docs/reliability.md), quick part: the queue that carries a run's metrics,
-params and tags (:mod:`pipeline.common.tracking_queue`) and a stage's bounded wait for a server that is down at its
-start (:func:`pipeline.common.tracking.wait_for_server`), in this process.
+"""A tracking server that goes away for a while (docs/reliability.md), quick part: the queue that carries a run's
+metrics, params and tags (:mod:`pipeline.common.tracking_queue`) and a stage's bounded wait for a server that is down
+at its start (:func:`pipeline.common.tracking.wait_for_server`), in this process.
 
 Real parts: MLflow's tracking server (its own server application and sqlite store, served from this process on
 127.0.0.1: tests/reliability/servers.py), with :class:`tests.faultproxy.FaultProxy` in front of it; the code under

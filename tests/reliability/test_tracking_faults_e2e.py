@@ -1,4 +1,5 @@
-"""The MLflow tracking server unreachable for 60 s in the middle of ``spar distill`` (docs/reliability.md), end to end (slow).
+"""The MLflow tracking server unreachable for 60 s in the middle of ``spar distill`` (docs/reliability.md), end to
+end (slow).
 
 Real parts: an ``mlflow server`` process on 127.0.0.1 (infra/local/start_mlflow_server.sh, sqlite store, artifacts
 served through it) behind :class:`tests.faultproxy.FaultProxy`; ``spar distill`` as a user runs it, in its own
