@@ -98,10 +98,11 @@ def _start_ray_early(args: argparse.Namespace, cfg: Any) -> None:
     command has one (its ``workers`` and ``cpus_per_task`` bound the warmed worker processes)."""
     if args.command not in RAY_COMMANDS or getattr(args, "verbose", False) or getattr(args, "address", None):
         return
-    if args.command == "distill" and cfg is not None:
+    if args.command in ("distill", "precompute") and cfg is not None:
+        from pipeline.cache.config import precomputes_in_process
         from pipeline.train.config import trains_in_process
 
-        if trains_in_process(cfg):  # no Ray at all
+        if (trains_in_process if args.command == "distill" else precomputes_in_process)(cfg):  # no Ray at all
             return
     from pipeline.common.tasks import start_local_cluster_early
 

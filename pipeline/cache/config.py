@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.common.config import ConfigError
+from pipeline.common.local import EXECUTORS, runs_in_process
 
 
 def default_cache_root() -> str:
@@ -37,6 +38,10 @@ class PrecomputeConfig:
     gpus_per_task: float = 1.0  # Ray num_gpus per task when the cluster has GPUs
     max_retries: int = 3  # Ray task retries (worker death and exceptions)
     ray_address: str | None = None  # None = local in-process cluster (or RAY_ADDRESS)
+    # where the shards are computed: "ray" = one Ray task per shard; "in-process" = one after another in the
+    # command's own process (no Ray at all; the teacher uses cpus_per_task threads); "auto" = in-process for one
+    # worker on this machine (workers = 1, no ray_address, no RAY_ADDRESS: not a job on a cluster), else Ray
+    runner: Literal["auto", "ray", "in-process"] = "auto"
     progress: bool = True
     # MLflow: a run recording what the cache cost; "" = $SPAR_WORKDIR, else no run (the CLI defaults to ./work)
     workdir: str = ""
@@ -51,3 +56,10 @@ class PrecomputeConfig:
                 raise ConfigError(f"precompute.{name} must be > 0, got {getattr(self, name)}")
         if self.gpus_per_task < 0:
             raise ConfigError(f"precompute.gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        if self.runner not in EXECUTORS:
+            raise ConfigError(f"precompute.runner must be auto, ray or in-process, got {self.runner!r}")
+
+
+def precomputes_in_process(cfg: PrecomputeConfig) -> bool:
+    """Whether the shards are computed in the command's own process (``cfg.runner``, "auto" resolved)."""
+    return runs_in_process(cfg.runner, cfg.workers, cfg.ray_address)

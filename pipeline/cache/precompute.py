@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 from ray.remote_function import RemoteFunction
+from tqdm import tqdm
 
-from pipeline.cache.config import PrecomputeConfig, default_cache_root
+from pipeline.cache.config import PrecomputeConfig, default_cache_root, precomputes_in_process
 from pipeline.cache.maintenance import invalidate_shards
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.cache.shard_task import compute_shard
@@ -30,8 +31,18 @@ from pipeline.cache.spec import CacheError, CacheSpec, cache_path_for
 from pipeline.cache.writer import write_spec
 from pipeline.common import precision, tracking
 from pipeline.common.config import ConfigError
+from pipeline.common.local import machine_resources
 from pipeline.common.storage import absolute, shard_stem, size_on_disk
-from pipeline.common.tasks import PoolResult, cluster_cpus, cluster_gpus, init_ray, run_pool, task_runtime_env
+from pipeline.common.tasks import (
+    PoolResult,
+    bars_disabled,
+    cluster_cpus,
+    cluster_gpus,
+    init_ray,
+    run_pool,
+    task_runtime_env,
+)
+from pipeline.common.trace import mark
 from pipeline.data.imageset import ImageSet, open_imageset
 from spar_core.backbones import build_backbone
 from spar_core.sliding import validate_window_params
@@ -107,7 +118,7 @@ def precompute(
     _say(cfg, f"precompute {len(todo)}/{cache.num_shards} shard(s) into {cache.path}")
     with _mlflow_run(cfg, spec, cache, todo) as run:
         t0 = time.time()
-        result = _run_shard_tasks(cfg, cache.path, ims, todo)
+        result = _compute_shards(cfg, cache.path, ims, todo)
         failures = {i: _one_line(e) for i, e in result.failed.items()}
         if run is not None:
             _log_cost(cache, result.done, failures, time.time() - t0)
@@ -247,6 +258,50 @@ def _shard_task(cfg: PrecomputeConfig) -> tuple[RemoteFunction, float]:
         opts["num_gpus"] = cfg.gpus_per_task
         opts["max_calls"] = 0  # keep the worker (and its loaded teacher) across tasks
     return ray.remote(**opts)(compute_shard), cpus  # max_calls is only accepted here, not in .options()
+
+
+def _compute_shards(
+    cfg: PrecomputeConfig, cache_path: str, ims: ImageSet, todo: list[int]
+) -> PoolResult[int]:
+    """Each shard of ``todo`` computed, in this process or as Ray tasks (``cfg.runner``); each one's stats or
+    failure."""
+    if precomputes_in_process(cfg):
+        return _compute_here(cfg, cache_path, ims, todo)
+    return _run_shard_tasks(cfg, cache_path, ims, todo)
+
+
+def _compute_here(cfg: PrecomputeConfig, cache_path: str, ims: ImageSet, todo: list[int]) -> PoolResult[int]:
+    """The shards of ``todo`` one after another in this process: the Ray task's body, with its retries (a shard that
+    raises is computed again from the start, up to ``max_retries`` times), a shard that still fails recorded and the
+    others computed. The teacher is built once for them all and uses ``cpus_per_task`` threads (at most the CPUs
+    this process may use) on a CPU."""
+    cpus = min(cfg.cpus_per_task, machine_resources()[0])
+    task_cfg = {**asdict(cfg), "cpus_per_task": cpus}
+    images = absolute(cfg.images)
+    sizes = {i: len(ims.shard_records(i)) for i in todo}
+    result: PoolResult[int] = PoolResult()
+    threads = torch.get_num_threads()
+    show = cfg.progress and not bars_disabled()
+    bar = tqdm(total=sum(sizes.values()), unit="img", desc="precompute", disable=not show, file=sys.stderr)
+    mark("pool_start")
+    try:
+        for i in todo:
+            for attempt in range(cfg.max_retries + 1):
+                try:
+                    result.done[i] = compute_shard(cache_path, images, i, task_cfg)
+                    break
+                except Exception as e:  # noqa: BLE001 - retried as Ray retries a task, then recorded
+                    if attempt == cfg.max_retries:
+                        result.failed[i] = e
+                    else:
+                        _say(cfg, f"precompute: {shard_stem(i)} failed ({_one_line(e)}); computing it again "
+                                  f"({attempt + 1} of {cfg.max_retries} retries)")  # fmt: skip
+            bar.update(sizes[i])
+    finally:
+        mark("pool_done")
+        bar.close()
+        torch.set_num_threads(threads)  # the task set its own; the command (or a test process) goes on
+    return result
 
 
 def _run_shard_tasks(

@@ -106,7 +106,8 @@ def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
             mlflow.log_artifacts(str(out / d), artifact_path=d)
         for f, key in run.images.items():
             with Image.open(out / f) as im:
-                mlflow.log_image(im.convert("RGB"), key=f"{key}/{Path(f).stem}", step=0)
+                # synchronous: MLflow's asynchronous image upload ends with a ~1 s wait when the run closes
+                mlflow.log_image(im.convert("RGB"), key=f"{key}/{Path(f).stem}", step=0, synchronous=True)
         parent = active.data.tags.get(PARENT_RUN_TAG)
         if parent:
             log_headline_metrics(mlflow.get_tracking_uri(), parent, run.headline_kind, run.headline)

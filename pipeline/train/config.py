@@ -6,13 +6,13 @@ The config says what the user asked for (``student = ""``: the cache teacher's; 
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.common.config import ConfigError
 from pipeline.common.errors import UserError
+from pipeline.common.local import EXECUTORS, runs_in_process
 
 __all__ = ["DistillConfig", "DistillError", "trains_in_process"]
 
@@ -89,7 +89,7 @@ class DistillConfig:
             raise ConfigError("distill.lr must be > 0, weight_decay and grad_clip >= 0")
         if self.cpus_per_worker < 1 or self.window_batch < 1:
             raise ConfigError("distill.cpus_per_worker and window_batch must be >= 1")
-        if self.trainer not in ("auto", "ray", "in-process"):
+        if self.trainer not in EXECUTORS:
             raise ConfigError(f"distill.trainer must be auto, ray or in-process, got {self.trainer!r}")
         if self.trainer == "in-process" and self.workers != 1:
             raise ConfigError(
@@ -104,6 +104,4 @@ class DistillConfig:
 
 def trains_in_process(cfg: DistillConfig) -> bool:
     """Whether the run trains in the command's own process (``cfg.trainer``, "auto" resolved)."""
-    if cfg.trainer != "auto":
-        return cfg.trainer == "in-process"
-    return cfg.workers == 1 and not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    return runs_in_process(cfg.trainer, cfg.workers, cfg.ray_address)

@@ -44,6 +44,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.cache.reader import TeacherCache, open_cache
 from pipeline.common.config import config_from_cli, save_resolved
 from pipeline.common.console import verbose
+from pipeline.common.local import machine_resources
 from pipeline.common.storage import (
     absolute,
     arrow_filesystem,
@@ -66,7 +67,7 @@ from pipeline.data.imageset import ImageSet, open_imageset
 from pipeline.student.format import CheckpointError, local_student
 from pipeline.train.config import DistillConfig, DistillError, trains_in_process
 from pipeline.train.export import export_student
-from pipeline.train.in_process import InProcessResult, fit_in_process, machine_resources
+from pipeline.train.in_process import InProcessResult, fit_in_process
 from pipeline.train.loader_auto import size_loader
 from pipeline.train.plan import DistillPlan, RunLink, make_plan, resolve_student, teacher_window
 from pipeline.train.progress import log, progress_bar

@@ -11,7 +11,6 @@ here: there is no other process to outlive it.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from ray.train import Checkpoint
 
 
-__all__ = ["InProcessResult", "fit_in_process", "machine_resources"]
+__all__ = ["InProcessResult", "fit_in_process"]
 
 
 @dataclass
@@ -38,15 +37,6 @@ class InProcessResult:
 
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: Checkpoint | None = None
-
-
-def machine_resources() -> tuple[int, int]:
-    """(CPUs this process may use, GPUs it sees): what an in-process run sizes itself by."""
-    if hasattr(os, "sched_getaffinity"):  # Linux: the CPUs this process may run on
-        cpus = len(os.sched_getaffinity(0))
-    else:  # macOS, Windows
-        cpus = os.cpu_count() or 1
-    return cpus, torch.cuda.device_count()
 
 
 def fit_in_process(plan: DistillPlan, link: RunLink, run_dir: str, start: str) -> InProcessResult:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.cache.cli import add_cli
-from pipeline.cache.config import PrecomputeConfig
+from pipeline.cache.config import PrecomputeConfig, precomputes_in_process
 from pipeline.cache.maintenance import verify_cache
 from pipeline.cache.precompute import precompute, repair_cache, resolve_spec
 from pipeline.cache.reader import open_cache
@@ -123,7 +123,7 @@ def test_task_stats_report_windows_device_and_one_teacher_build_per_worker(image
         return (length - crop) // stride + 1 + (1 if (length - crop) % stride else 0)
 
     stats: list[dict] = []
-    path = precompute(cfg_for(imageset, tmp_path, workers=1), stats=stats)
+    path = precompute(cfg_for(imageset, tmp_path, workers=1, runner="ray"), stats=stats)
     ims = open_imageset(imageset)
     assert sorted(s["shard"] for s in stats) == list(range(ims.num_shards))
     assert {s["status"] for s in stats} == {"written"}
@@ -138,8 +138,80 @@ def test_task_stats_report_windows_device_and_one_teacher_build_per_worker(image
     for pid in {s["pid"] for s in stats}:
         assert len({s["teacher_builds"] for s in stats if s["pid"] == pid}) == 1
     more: list[dict] = []
-    assert precompute(cfg_for(imageset, tmp_path, workers=1), stats=more) == path
+    assert precompute(cfg_for(imageset, tmp_path, workers=1, runner="ray"), stats=more) == path
     assert more == []  # a complete cache runs no task
+
+
+def test_auto_precomputes_in_process_only_for_one_worker_without_a_cluster_address(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert precomputes_in_process(PrecomputeConfig(workers=1))
+    assert not precomputes_in_process(PrecomputeConfig())  # 0 = as many tasks as the cluster schedules
+    assert not precomputes_in_process(PrecomputeConfig(workers=2))
+    assert not precomputes_in_process(PrecomputeConfig(workers=1, ray_address="ray://head:10001"))
+    assert not precomputes_in_process(PrecomputeConfig(workers=1, runner="ray"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a job on a cluster
+    assert not precomputes_in_process(PrecomputeConfig(workers=1))
+    assert precomputes_in_process(PrecomputeConfig(workers=3, runner="in-process"))
+
+
+def test_in_process_precompute_equals_the_teacher_retries_a_failing_shard_and_keeps_the_others(
+    imageset, tmp_path, monkeypatch
+):
+    """workers = 1 on this machine: every shard in this process (its pid), one teacher build, torch's thread count
+    restored; a shard that raises once is computed again (max_retries); one that keeps raising fails the run with
+    its name, the others are kept, and the re-run computes only that one."""
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    threads = torch.get_num_threads()
+    ims = open_imageset(imageset)
+    calls: list[int] = []  # the teacher's calls, one per image
+    failing = {"at": 2, "times": 1}  # the 2nd image (shard 0's second) raises once
+
+    def flaky_teacher(*a, **kw):
+        calls.append(1)
+        if len(calls) == failing["at"] and failing["times"] > 0:
+            failing["times"] -= 1
+            raise RuntimeError("teacher hiccup")
+        return sliding_window_features(*a, **kw)
+
+    monkeypatch.setattr("pipeline.cache.shard_task.sliding_window_features", flaky_teacher)
+    stats: list[dict] = []
+    path = precompute(cfg_for(imageset, tmp_path / "a", workers=1, cpus_per_task=2), stats=stats)
+    assert sorted(s["shard"] for s in stats) == list(range(ims.num_shards))
+    assert {s["pid"] for s in stats} == {os.getpid()}  # no Ray task: this process
+    assert len({s["teacher_builds"] for s in stats}) == 1  # built once for every shard
+    assert (
+        len(calls) == len(ims.records) + 2
+    )  # shard 0 again from its start: its first image twice, one failed call
+    assert torch.get_num_threads() == threads
+    assert_matches_reference(path, imageset, 64, 24)
+    assert verify_cache(path)[1] == []
+
+    from pipeline.cache import shard_task
+
+    real, attempts = shard_task._write_shard, []
+
+    def shard_1_keeps_failing(cache, images, shard, *a):
+        if shard == 1:
+            attempts.append(shard)
+            raise RuntimeError("cannot compute shard 1")
+        return real(cache, images, shard, *a)
+
+    monkeypatch.undo()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(shard_task, "_write_shard", shard_1_keeps_failing)
+    with pytest.raises(CacheError, match=r"shard-000001: RuntimeError: cannot compute shard 1"):
+        precompute(cfg_for(imageset, tmp_path / "b", workers=1))
+    part = str(next((tmp_path / "b").iterdir()))
+    assert attempts == [1, 1]  # max_retries = 1: two attempts
+    assert open_cache(part).incomplete_shards() == [1]
+    kept = shard_attempts(part)
+    monkeypatch.setattr(shard_task, "_write_shard", real)
+    assert precompute(cfg_for(imageset, tmp_path / "b", workers=1)) == part
+    now = shard_attempts(part)
+    assert {k: now[k] for k in kept} == kept and len(now) == ims.num_shards
+    assert_matches_reference(part, imageset, 64, 24)
 
 
 def test_bf16_autocast_default_is_close_to_float32(imageset, tmp_path):

@@ -78,11 +78,11 @@ def _no_half_written_shard_is_complete(path: str) -> None:
 
 
 def test_whole_local_cluster_killed_mid_run_then_rerun(slow_set, tmp_path, wait_until):
-    """`spar precompute` (driver + its in-process local Ray cluster) in its own session; once the first shard is
-    complete, SIGKILL the driver's whole process tree and session. Then re-run."""
+    """`spar precompute` (driver + its in-process local Ray cluster: ``runner=ray``) in its own session; once the
+    first shard is complete, SIGKILL the driver's whole process tree and session. Then re-run."""
     root = tmp_path / "cache"
     log = tmp_path / "precompute.log"
-    proc = start_spar(precompute_argv(slow_set["images"], root, *SLOW_ARGS), log)
+    proc = start_spar(precompute_argv(slow_set["images"], root, *SLOW_ARGS, "--set", "runner=ray"), log)
     try:
         wait_until(lambda: (d := _cache_dir(root)) is not None and any((d / "shards").glob("*.done"))
                    or proc.poll() is not None, timeout=400, what="the first complete shard")  # fmt: skip
@@ -129,8 +129,9 @@ def test_whole_local_cluster_killed_mid_run_then_rerun(slow_set, tmp_path, wait_
 
 
 def test_two_precompute_jobs_on_one_cache_at_once(slow_set, tmp_path, wait_until):
-    """A `spar precompute` process (its own local Ray cluster) and an in-process precompute (this session's Ray
-    cluster) fill the same cache at the same time: both succeed, the cache verifies and equals the reference."""
+    """A `spar precompute` process (one worker: its shards in its own process, no Ray) and a precompute on this
+    session's Ray cluster (two tasks) fill the same cache at the same time: both succeed, the cache verifies and
+    equals the reference."""
     root = tmp_path / "cache"
     log = tmp_path / "other.log"
     proc = start_spar(precompute_argv(slow_set["images"], root, *SLOW_ARGS), log)
@@ -139,6 +140,7 @@ def test_two_precompute_jobs_on_one_cache_at_once(slow_set, tmp_path, wait_until
         wait_until(lambda: (d := _cache_dir(root)) is not None and any((d / "shards").glob("*.tmp-*"))
                    or proc.poll() is not None, timeout=400, what="the other job's first shard")  # fmt: skip
         assert proc.poll() is None, log.read_text()[-2000:]
+        assert psutil.Process(proc.pid).children(recursive=True) == []  # no Ray under it
         assert (
             len(complete_shards(str(_cache_dir(root)))) < 4
         )  # the other job is still mid-way: a real overlap
