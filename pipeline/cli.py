@@ -87,9 +87,9 @@ def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], 
 
 # Commands that start a local Ray cluster when no address is given: the console command starts it early.
 RAY_COMMANDS = ("ingest", "precompute", "distill", "pipeline", "demo")
-# What the Ray tasks of a command import (the precompute task: torch, the teacher's code): the early start imports
-# it in Ray's idle worker processes while the command's own modules import.
-WARM_MODULES = {name: ("pipeline.cache.shard_task",) for name in ("precompute", "pipeline", "demo")}
+# What the precompute task imports (torch, the teacher's code): when a command computes the teacher in Ray tasks, the
+# early start imports it in Ray's idle worker processes while the command's own modules import.
+PRECOMPUTE_TASK_MODULES = ("pipeline.cache.shard_task",)
 
 
 def _start_ray_early(args: argparse.Namespace, cfg: Any) -> None:
@@ -98,16 +98,41 @@ def _start_ray_early(args: argparse.Namespace, cfg: Any) -> None:
     command has one (its ``workers`` and ``cpus_per_task`` bound the warmed worker processes)."""
     if args.command not in RAY_COMMANDS or getattr(args, "verbose", False) or getattr(args, "address", None):
         return
-    if args.command in ("distill", "precompute") and cfg is not None:
-        from pipeline.cache.config import precomputes_in_process
-        from pipeline.train.config import trains_in_process
-
-        if (trains_in_process if args.command == "distill" else precomputes_in_process)(cfg):  # no Ray at all
-            return
+    starts, teacher_on_ray = _local_ray_use(args, cfg)
+    if not starts:  # no Ray at all, or a cluster named in the recipe
+        return
     from pipeline.common.tasks import start_local_cluster_early
 
-    start_local_cluster_early(warm=WARM_MODULES.get(args.command, ()), warm_tasks=getattr(cfg, "workers", 0) or 0,
+    start_local_cluster_early(warm=PRECOMPUTE_TASK_MODULES if teacher_on_ray else (),
+                              warm_tasks=getattr(cfg, "workers", 0) or 0,
                               warm_cpus=getattr(cfg, "cpus_per_task", 1) or 1)  # fmt: skip
+
+
+def _local_ray_use(args: argparse.Namespace, cfg: Any) -> tuple[bool, bool]:
+    """(whether the command starts a local Ray cluster, whether it computes the teacher in Ray tasks there): a stage
+    of one worker on this machine runs in the command's own process (:mod:`pipeline.common.local`)."""
+    from pipeline.cache.config import PrecomputeConfig, precomputes_in_process
+    from pipeline.train.config import trains_in_process
+
+    if cfg is None and args.command != "pipeline":  # no stage config: as Ray would run it
+        return True, args.command in ("precompute", "demo")
+    if args.command == "distill":
+        return not trains_in_process(cfg), False
+    if args.command == "precompute":
+        return (on_ray := not precomputes_in_process(cfg)), on_ray
+    if args.command == "demo":  # its precompute: the demo's workers, no address (pipeline.workflow.demo)
+        return True, not precomputes_in_process(PrecomputeConfig(workers=cfg.workers))
+    if args.command == "pipeline":
+        from pipeline.workflow.config import load_recipe
+
+        try:
+            recipe = load_recipe(args.config, list(args.set or ()))
+        except Exception:  # noqa: BLE001 - the handler loads it again and reports what is wrong
+            return True, True
+        if recipe.run.ray_address:  # the stages connect to that cluster
+            return False, False
+        return True, not precomputes_in_process(recipe.precompute)
+    return True, False  # ingest: its tasks import little
 
 
 def _check_stage_config(args: argparse.Namespace) -> Any:
