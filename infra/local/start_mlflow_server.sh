@@ -77,5 +77,9 @@ if [[ "$AUTH" == 1 ]]; then
   ARGS+=(--app-name basic-auth)
 fi
 
+# MLflow's server-side job runner (GenAI scorers and trace rollups: a huey runner and seven consumer processes, each
+# importing MLflow) is off unless asked for: spar sends the server no jobs, and on a 2-core machine those processes
+# made the server take 11-16 s to answer and ~8 s to stop.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 echo "start_mlflow_server.sh: http://127.0.0.1:$PORT (store $WORKDIR/mlflow.db, artifacts $ARTIFACTS$([[ $AUTH == 1 ]] && echo ', basic auth on'))" >&2
 exec mlflow server "${ARGS[@]}"

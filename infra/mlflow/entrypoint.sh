@@ -8,7 +8,8 @@
 #   AWS_ACCESS_KEY_ID(_FILE), AWS_SECRET_ACCESS_KEY(_FILE), MLFLOW_S3_ENDPOINT_URL   artifact store (S3/MinIO)
 # Settings: MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/prefix), MLFLOW_HOST (default 0.0.0.0 inside the
 # container: publish it on 127.0.0.1 / a ClusterIP service only), MLFLOW_PORT, MLFLOW_WORKERS,
-# MLFLOW_ALLOWED_HOSTS (Host-header allow-list).
+# MLFLOW_ALLOWED_HOSTS (Host-header allow-list), MLFLOW_SERVER_ENABLE_JOB_EXECUTION (MLflow's GenAI job runner:
+# default false, spar sends the server no jobs; true starts its huey runner and consumer processes).
 set -euo pipefail
 
 from_file() {  # from_file VAR: VAR <- contents of the file named by VAR_FILE, when that is set
@@ -40,6 +41,7 @@ chmod 600 "$AUTH_INI"
 export MLFLOW_AUTH_CONFIG_PATH="$AUTH_INI"
 export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
 
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 ARGS=(
   --host "${MLFLOW_HOST:-0.0.0.0}"
   --port "${MLFLOW_PORT:-5000}"

@@ -322,13 +322,17 @@ def test_local_mlflow_server_logs_a_run_behind_basic_auth(tmp_path, monkeypatch)
     """One server from infra/local/start_mlflow_server.sh --auth (the plain mode starts in the cluster tests):
     loopback only; no or wrong credentials are refused; with credentials from the environment the MLflow client
     logs a run through it, whose params, metrics and artifact are read back from the sqlite store and the artifact
-    folder after the server stopped; the admin password is not written to the workdir."""
+    folder after the server stopped; the admin password is not written to the workdir; MLflow's job runner (GenAI
+    scorers: a huey runner and its consumer processes) is off, so the server is one process and its uvicorn."""
     import mlflow
+    import psutil
 
     workdir = tmp_path / "wd"
     password = "s3cret-" + tmp_path.name
     with mlflow_server(workdir, auth=True, env_extra={"MLFLOW_AUTH_ADMIN_PASSWORD": password}) as server:
         assert listening_ips(server.port) == {"127.0.0.1"}
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        assert [" ".join(c.cmdline()[1:3]) for c in children] == ["-m uvicorn"], [c.cmdline() for c in children]
         api = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=5"
         status, _ = http_status(api, timeout=120)
         assert status == 401  # no credentials
