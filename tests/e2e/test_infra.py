@@ -332,7 +332,9 @@ def test_local_mlflow_server_logs_a_run_behind_basic_auth(tmp_path, monkeypatch)
     with mlflow_server(workdir, auth=True, env_extra={"MLFLOW_AUTH_ADMIN_PASSWORD": password}) as server:
         assert listening_ips(server.port) == {"127.0.0.1"}
         children = psutil.Process(server.proc.pid).children(recursive=True)
-        assert [" ".join(c.cmdline()[1:3]) for c in children] == ["-m uvicorn"], [c.cmdline() for c in children]
+        assert [" ".join(c.cmdline()[1:3]) for c in children] == ["-m uvicorn"], [
+            c.cmdline() for c in children
+        ]
         api = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=5"
         status, _ = http_status(api, timeout=120)
         assert status == 401  # no credentials
