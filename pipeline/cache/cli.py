@@ -31,6 +31,11 @@ def add_precompute_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-root", dest="cache_root", help="directory or s3:// prefix holding caches")
     p.add_argument("--dtype", dest="dtype", choices=["float16", "float32", "int8"])
     p.add_argument("--workers", dest="workers", type=int, help="max shards computed at once")
+    p.add_argument(
+        "--runner", dest="runner", choices=("auto", "ray", "in-process"),
+        help="where the shards are computed (auto: in this process for one worker without a cluster address, "
+             "else one Ray task per shard)",
+    )  # fmt: skip
     p.add_argument("--window-batch", dest="window_batch", type=int, help="windows per teacher forward")
     p.add_argument(
         "--workdir",
