@@ -111,7 +111,7 @@ def _start_ray_early(args: argparse.Namespace, cfg: Any) -> None:
 def _local_ray_use(args: argparse.Namespace, cfg: Any) -> tuple[bool, bool]:
     """(whether the command starts a local Ray cluster, whether it computes the teacher in Ray tasks there): a stage
     of one worker on this machine runs in the command's own process (:mod:`pipeline.common.local`)."""
-    from pipeline.cache.config import PrecomputeConfig, precomputes_in_process
+    from pipeline.cache.config import precomputes_in_process
     from pipeline.train.config import trains_in_process
 
     if cfg is None and args.command != "pipeline":  # no stage config: as Ray would run it
@@ -120,8 +120,8 @@ def _local_ray_use(args: argparse.Namespace, cfg: Any) -> tuple[bool, bool]:
         return not trains_in_process(cfg), False
     if args.command == "precompute":
         return (on_ray := not precomputes_in_process(cfg)), on_ray
-    if args.command == "demo":  # its precompute: the demo's workers, no address (pipeline.workflow.demo)
-        return True, not precomputes_in_process(PrecomputeConfig(workers=cfg.workers))
+    if args.command == "demo":  # no address; its precompute as the demo builds it
+        return True, not precomputes_in_process(cfg.precompute_config())
     if args.command == "pipeline":
         from pipeline.workflow.config import load_recipe
 

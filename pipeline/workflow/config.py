@@ -111,3 +111,10 @@ class DemoConfig:
         for k in ("crop", "stride", "steps", "workers", "train_long", "train_short", "heldout_max_side"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"demo.{k} must be > 0, got {getattr(self, k)}")
+
+    def precompute_config(self) -> PrecomputeConfig:
+        """The demo's teacher caches: its backbone as teacher, its crop, stride, seed and workers (before the
+        machine's threads are given to an in-process run)."""
+        return PrecomputeConfig(
+            teacher=self.backbone, seed=self.seed, crop=self.crop, stride=self.stride, workers=self.workers
+        )

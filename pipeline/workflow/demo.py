@@ -19,7 +19,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from pipeline.cache.config import PrecomputeConfig, precomputes_in_process
+from pipeline.cache.config import precomputes_in_process
 from pipeline.common.config import config_from_cli
 from pipeline.common.console import set_verbose
 from pipeline.common.local import machine_resources
@@ -57,9 +57,7 @@ def demo_recipe(cfg: DemoConfig, work: Path) -> tuple[Recipe, Extras]:
         target_short=cfg.train_short,
         min_short=cfg.train_min_short,
     )
-    precompute = PrecomputeConfig(
-        teacher=cfg.backbone, seed=cfg.seed, crop=cfg.crop, stride=cfg.stride, workers=cfg.workers
-    )
+    precompute = cfg.precompute_config()
     distill = DistillConfig(
         trainable_blocks=demo_trainable_blocks(cfg, work),
         lr=cfg.lr,

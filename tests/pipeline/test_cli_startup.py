@@ -113,3 +113,22 @@ def test_a_bad_stage_config_is_refused_before_ray_and_the_stage_imports(command:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert f"RC 2 0 spar {command}" in out, out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_early_start_warms_the_teacher_only_where_the_demo_computes_it_on_ray(
+    workers: int, tmp_path
+) -> None:
+    """``spar demo``'s early Ray start imports the teacher's modules in Ray's idle workers only when the demo's own
+    recipe will compute its caches in Ray tasks: one worker computes them in the command's process (warming Ray
+    workers then only competes with the command's imports), two workers use Ray tasks."""
+    from pipeline.cache.config import precomputes_in_process
+    from pipeline.cli import _local_ray_use
+    from pipeline.workflow.config import DemoConfig
+    from pipeline.workflow.demo import demo_recipe
+
+    cfg = DemoConfig(workdir=str(tmp_path), workers=workers)
+    recipe, _ = demo_recipe(cfg, tmp_path)
+    starts, warms_teacher = _local_ray_use(argparse.Namespace(command="demo"), cfg)
+    assert precomputes_in_process(recipe.precompute) == (workers == 1)
+    assert starts and warms_teacher == (workers == 2)
