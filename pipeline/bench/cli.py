@@ -190,7 +190,7 @@ BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "loader": ("loader", _loader_args),
     "scale": ("scale", _scale_args),
     "startup": ("startup", _startup_args),
-    "gpu": ("gpu", _gpu_args),
+    "gpu": ("gpu.command", _gpu_args),
 }
 
 

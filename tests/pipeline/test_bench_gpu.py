@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.bench import gpu as bench_gpu
 from pipeline.bench.gpu import (
     CPU_PLAN,
     REL_TOL,
@@ -29,6 +28,7 @@ from pipeline.bench.gpu import (
     photo,
     run_section,
 )
+from pipeline.bench.gpu import command as bench_gpu
 from pipeline.bench.gpu.checks import project_precompute
 from spar_core.backbones import build_backbone
 from spar_core.flops import SIGLIP2_B16_512, vit_arch, vit_dense_flops
