@@ -1,5 +1,6 @@
 """``spar bench gpu``, the command: sets the environment Ray and tqdm read when imported, then imports the
-sections (:mod:`.checks`) and runs them in order under their time limits, keeping the report (:mod:`pipeline.bench.gpu`).
+sections (:mod:`.checks`) and runs them in order under their time limits, keeping the report
+(:mod:`pipeline.bench.gpu`).
 """
 
 from __future__ import annotations
