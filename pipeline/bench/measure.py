@@ -78,14 +78,7 @@ def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
 def fastest(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Fastest of ``repeats`` synchronised calls after one warm-up call, in seconds."""
     fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(timed(fn, device)[1] for _ in range(repeats))
 
 
 def step_times(runner: StepRunner, items: Iterable[dict[str, Any]], n: int, skip: int) -> list[float]:
