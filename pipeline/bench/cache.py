@@ -103,7 +103,15 @@ def io_rates(dim: int, workdir: Path) -> dict[str, float]:
     for _ in c.iter_shard(0):
         pass
     t_read = time.perf_counter() - t
-    lat = _read_latencies(path, [e.key for e in entries], rng)
+    c = open_cache(path)  # each image's targets read in random order from a freshly opened cache
+    c.features(entries[0].key)  # opens the array
+    keys = [e.key for e in entries]
+    rng.shuffle(keys)
+    lat = []
+    for k in keys:
+        t = time.perf_counter()
+        c.features(k)
+        lat.append(time.perf_counter() - t)
     return {
         "io_mb_float16": mb,
         "write_mb_s": mb / t_write,
@@ -112,20 +120,6 @@ def io_rates(dim: int, workdir: Path) -> dict[str, float]:
         "read_one_image_ms_p90": 1e3 * float(np.percentile(lat, 90)),
         "io_image_tokens": h * w,
     }
-
-
-def _read_latencies(path: str, keys: list[str], rng: np.random.Generator) -> list[float]:
-    """Seconds to read each image's targets, in random order, from a freshly opened cache."""
-    c = open_cache(path)
-    c.features(keys[0])  # opens the array
-    keys = list(keys)
-    rng.shuffle(keys)
-    lat = []
-    for k in keys:
-        t = time.perf_counter()
-        c.features(k)
-        lat.append(time.perf_counter() - t)
-    return lat
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -139,7 +133,17 @@ def run(args: argparse.Namespace) -> int:
     init_ray(num_cpus=os.cpu_count())  # before ingest, which would otherwise start a 1-CPU cluster
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    res: dict[str, Any] = {"machine": _machine(threads, device)}
+    res: dict[str, Any] = {
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": threads,
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "loadavg_1m": os.getloadavg()[0],
+        }
+    }
     with scratch_dir(args.workdir, "spar-bench-cache-") as tmp:
         images = args.images or ingest_photos(tmp, args.num_images, args.side)
         ims = open_imageset(images)
@@ -157,18 +161,6 @@ def run(args: argparse.Namespace) -> int:
     _print(res)
     write_json(args.json, res)
     return 0
-
-
-def _machine(threads: int, device: str) -> dict[str, Any]:
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": threads,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg_1m": os.getloadavg()[0],
-    }
 
 
 def _teacher_info(
