@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,11 +55,8 @@ def scratch_dir(workdir: str | None, prefix: str) -> Iterator[Path]:
     if workdir:
         yield Path(workdir)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
 
 
 # ------------------------------------------------------------------------------------------ timing
