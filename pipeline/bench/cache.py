@@ -151,7 +151,17 @@ def run(args: argparse.Namespace) -> int:
         bb = build_backbone(args.teacher, args.pretrained, device=device)
         crop = args.crop or bb.native_size
         flops = vit_window_flops(bb, crop)["flops"]
-        res["teacher"] = _teacher_info(args, bb, crop, pix, flops)
+        res["teacher"] = {
+            "name": bb.name,
+            "weights_id": bb.weights_id,
+            "crop": crop,
+            "stride": args.stride,
+            "window_gflops_analytic": flops / 1e9,
+            "window_gflops_counted": counted_window_flops(bb.cpu(), crop) / 1e9,
+            "images": len(pix),
+            "sizes": [list(p.shape[:2]) for p in pix],
+            "windows": sum(num_windows(p.shape[0], p.shape[1], crop, args.stride) for p in pix),
+        }
         bb = bb.to(device)
         res["teacher_sweep"] = _sweep(args, res, bb, pix, crop, flops, device)
         best = max(res["teacher_sweep"], key=lambda s: s["windows_per_s"])
@@ -161,22 +171,6 @@ def run(args: argparse.Namespace) -> int:
     _print(res)
     write_json(args.json, res)
     return 0
-
-
-def _teacher_info(
-    args: argparse.Namespace, bb: Backbone, crop: int, pix: list[np.ndarray], flops: float
-) -> dict[str, Any]:
-    return {
-        "name": bb.name,
-        "weights_id": bb.weights_id,
-        "crop": crop,
-        "stride": args.stride,
-        "window_gflops_analytic": flops / 1e9,
-        "window_gflops_counted": counted_window_flops(bb.cpu(), crop) / 1e9,
-        "images": len(pix),
-        "sizes": [list(p.shape[:2]) for p in pix],
-        "windows": sum(num_windows(p.shape[0], p.shape[1], crop, args.stride) for p in pix),
-    }
 
 
 def _sweep(
