@@ -147,10 +147,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
     crop = args.crop or bb.native_size
     prec = resolve(args.precision, dev)
     amp = autocast_dtype(prec)
-    img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True).astype(
-        "uint8"
-    )
-    x = bb.normalize(torch.from_numpy(img)[None].to(dev))
+    img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True)
+    x = bb.normalize(torch.from_numpy(img.astype("uint8"))[None].to(dev))
     ys, xs, _, _ = window_grid(h, w, crop, args.stride)
     bb_proj = build_backbone(args.backbone, device=dev)
     if amp is not None:
