@@ -103,7 +103,15 @@ def io_rates(dim: int, workdir: Path) -> dict[str, float]:
     for _ in c.iter_shard(0):
         pass
     t_read = time.perf_counter() - t
-    lat = _read_latencies(path, [e.key for e in entries], rng)
+    c = open_cache(path)  # each image's targets read in random order from a freshly opened cache
+    c.features(entries[0].key)  # opens the array
+    keys = [e.key for e in entries]
+    rng.shuffle(keys)
+    lat = []
+    for k in keys:
+        t = time.perf_counter()
+        c.features(k)
+        lat.append(time.perf_counter() - t)
     return {
         "io_mb_float16": mb,
         "write_mb_s": mb / t_write,
@@ -112,20 +120,6 @@ def io_rates(dim: int, workdir: Path) -> dict[str, float]:
         "read_one_image_ms_p90": 1e3 * float(np.percentile(lat, 90)),
         "io_image_tokens": h * w,
     }
-
-
-def _read_latencies(path: str, keys: list[str], rng: np.random.Generator) -> list[float]:
-    """Seconds to read each image's targets, in random order, from a freshly opened cache."""
-    c = open_cache(path)
-    c.features(keys[0])  # opens the array
-    keys = list(keys)
-    rng.shuffle(keys)
-    lat = []
-    for k in keys:
-        t = time.perf_counter()
-        c.features(k)
-        lat.append(time.perf_counter() - t)
-    return lat
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -139,7 +133,17 @@ def run(args: argparse.Namespace) -> int:
     init_ray(num_cpus=os.cpu_count())  # before ingest, which would otherwise start a 1-CPU cluster
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    res: dict[str, Any] = {"machine": _machine(threads, device)}
+    res: dict[str, Any] = {
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": threads,
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "loadavg_1m": os.getloadavg()[0],
+        }
+    }
     with scratch_dir(args.workdir, "spar-bench-cache-") as tmp:
         images = args.images or ingest_photos(tmp, args.num_images, args.side)
         ims = open_imageset(images)
@@ -147,7 +151,17 @@ def run(args: argparse.Namespace) -> int:
         bb = build_backbone(args.teacher, args.pretrained, device=device)
         crop = args.crop or bb.native_size
         flops = vit_window_flops(bb, crop)["flops"]
-        res["teacher"] = _teacher_info(args, bb, crop, pix, flops)
+        res["teacher"] = {
+            "name": bb.name,
+            "weights_id": bb.weights_id,
+            "crop": crop,
+            "stride": args.stride,
+            "window_gflops_analytic": flops / 1e9,
+            "window_gflops_counted": counted_window_flops(bb.cpu(), crop) / 1e9,
+            "images": len(pix),
+            "sizes": [list(p.shape[:2]) for p in pix],
+            "windows": sum(num_windows(p.shape[0], p.shape[1], crop, args.stride) for p in pix),
+        }
         bb = bb.to(device)
         res["teacher_sweep"] = _sweep(args, res, bb, pix, crop, flops, device)
         best = max(res["teacher_sweep"], key=lambda s: s["windows_per_s"])
@@ -157,34 +171,6 @@ def run(args: argparse.Namespace) -> int:
     _print(res)
     write_json(args.json, res)
     return 0
-
-
-def _machine(threads: int, device: str) -> dict[str, Any]:
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": threads,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg_1m": os.getloadavg()[0],
-    }
-
-
-def _teacher_info(
-    args: argparse.Namespace, bb: Backbone, crop: int, pix: list[np.ndarray], flops: float
-) -> dict[str, Any]:
-    return {
-        "name": bb.name,
-        "weights_id": bb.weights_id,
-        "crop": crop,
-        "stride": args.stride,
-        "window_gflops_analytic": flops / 1e9,
-        "window_gflops_counted": counted_window_flops(bb.cpu(), crop) / 1e9,
-        "images": len(pix),
-        "sizes": [list(p.shape[:2]) for p in pix],
-        "windows": sum(num_windows(p.shape[0], p.shape[1], crop, args.stride) for p in pix),
-    }
 
 
 def _sweep(

@@ -86,7 +86,24 @@ def codec_fidelity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     out["baseline_single_pass"] = fidelity(teacher, held)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     for codec in [c for c in args.codecs.split(",") if c]:
-        out["codecs"][codec] = _one_codec(args, codec, images, crop, tmp, ims, train_keys, held, seeds, raw32)
+        # fill the codec's cache, measure what it loses on held-out targets, train a student per seed from it
+        path = precompute(PrecomputeConfig(
+            images=images, teacher=args.teacher, pretrained=args.pretrained, crop=crop, stride=args.stride,
+            cache_root=str(tmp / "cache"), dtype=codec, autocast=args.precision, workers=1,
+            cpus_per_task=args.threads or os.cpu_count() or 1, progress=False))  # fmt: skip
+        cache = open_cache(path)
+        disk = sum(f.stat().st_size for f in (Path(path) / "shards").rglob("*") if f.is_file())
+        ref_err = [
+            float((_targets(cache, k) - t[0]).norm() / t[0].norm())
+            for k, t in zip(held.keys, held.targets, strict=True)
+        ]
+        runs = {s: fidelity(_train_student(args, cache, ims, train_keys, s), held) for s in seeds}
+        print(f"codec {codec}: {disk / raw32:.3f}x raw float32, held-out target rel. error "
+              f"{np.mean(ref_err):.2e}; " + "; ".join(f"seed {s}: MSE {r['mse']:.5g}, cos {r['cosine']:.5f}"
+                                                      for s, r in runs.items()), flush=True)  # fmt: skip
+        out["codecs"][codec] = {"ratio_vs_raw_float32": disk / raw32, "bytes": disk,
+                                "target_rel_error_vs_fp32_teacher": float(np.mean(ref_err)),
+                                "autocast": cache.spec.autocast, "runs": runs}  # fmt: skip
     return out
 
 
@@ -98,38 +115,6 @@ def held_out(teacher: Backbone, ims: ImageSet, keys: list[str], crop: int, strid
         inputs.append(x)
         targets.append(sliding_window_features(teacher, x, crop, stride, window_batch=32))
     return HeldOut(keys, inputs, targets)
-
-
-def _one_codec(
-    args: argparse.Namespace,
-    codec: str,
-    images: str,
-    crop: int,
-    tmp: Path,
-    ims: ImageSet,
-    train_keys: list[str],
-    held: HeldOut,
-    seeds: list[int],
-    raw32: int,
-) -> dict[str, Any]:
-    """Fill the codec's cache, measure what it loses on held-out targets, train a student per seed from it."""
-    path = precompute(PrecomputeConfig(
-        images=images, teacher=args.teacher, pretrained=args.pretrained, crop=crop, stride=args.stride,
-        cache_root=str(tmp / "cache"), dtype=codec, autocast=args.precision, workers=1,
-        cpus_per_task=args.threads or os.cpu_count() or 1, progress=False))  # fmt: skip
-    cache = open_cache(path)
-    disk = sum(f.stat().st_size for f in (Path(path) / "shards").rglob("*") if f.is_file())
-    ref_err = []
-    for k, t in zip(held.keys, held.targets, strict=True):  # what the codec itself loses, on held-out targets
-        got = torch.from_numpy(np.asarray(cache.features(k), dtype=np.float32))
-        ref_err.append(float((got - t[0]).norm() / t[0].norm()))
-    runs = {s: fidelity(_train_student(args, cache, ims, train_keys, s), held) for s in seeds}
-    print(f"codec {codec}: {disk / raw32:.3f}x raw float32, held-out target rel. error "
-          f"{np.mean(ref_err):.2e}; " + "; ".join(f"seed {s}: MSE {r['mse']:.5g}, cos {r['cosine']:.5f}"
-                                                   for s, r in runs.items()), flush=True)  # fmt: skip
-    return {"ratio_vs_raw_float32": disk / raw32, "bytes": disk,
-            "target_rel_error_vs_fp32_teacher": float(np.mean(ref_err)),
-            "autocast": cache.spec.autocast, "runs": runs}  # fmt: skip
 
 
 def _train_student(
@@ -148,12 +133,15 @@ def _train_student(
         key = order.pop()
         item = {
             "image": torch.from_numpy(np.array(ims.read(key)))[None],  # (1, H, W, 3) uint8
-            "target": torch.from_numpy(np.asarray(cache.features(key), dtype=np.float32))[
-                None
-            ],  # (1, h, w, D)
+            "target": _targets(cache, key)[None],  # (1, h, w, D)
         }
         runner.step(item, step)
     return runner.bb.eval()
+
+
+def _targets(cache: TeacherCache, key: str) -> torch.Tensor:
+    """The cached teacher features of ``key`` in float32: (h, w, D)."""
+    return torch.from_numpy(np.asarray(cache.features(key), dtype=np.float32))
 
 
 def fidelity(bb: Backbone, held: HeldOut) -> dict[str, float]:
@@ -178,13 +166,8 @@ def _print_codec_fidelity(res: dict[str, Any]) -> None:
     for name, r in c.items():
         print(f"  {name:<8} {r['ratio_vs_raw_float32']:>10.3f} {r['target_rel_error_vs_fp32_teacher']:>10.2e} "
               + " ".join(f"{v['mse']:>12.5g} {v['cosine']:>9.5f}" for v in r["runs"].values()))  # fmt: skip
+    # each other codec's MSE difference at the same seed against the first codec's seed-to-seed noise
     names = list(c)
-    if len(names) >= 2:
-        _print_noise(c, names)
-
-
-def _print_noise(c: dict[str, Any], names: list[str]) -> None:
-    """Each other codec's MSE difference at the same seed against the first codec's seed-to-seed noise."""
     base = c[names[0]]["runs"]
     seeds = list(base)
     noise = [abs(base[seeds[i]]["mse"] - base[seeds[i + 1]]["mse"]) for i in range(len(seeds) - 1)]

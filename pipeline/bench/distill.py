@@ -43,11 +43,7 @@ from pipeline.workflow.config import DemoConfig
 from pipeline.workflow.demo import demo_recipe
 from pipeline.workflow.orchestrator import PreparedData, Reporter, prepare_data
 
-__all__ = ["run", "build_data", "distill_config", "throughput", "run_one"]
-
 EXPERIMENT = "spar-bench-distill"
-# checkpoint_every: no periodic checkpoints (Ray Train still reports at epoch ends and the end)
-_NEVER = 10**9
 
 
 def _worker_counts(text: str) -> list[int]:
@@ -101,7 +97,7 @@ def distill_config(
         experiment=EXPERIMENT,
         workers=workers,
         max_steps=args.steps,
-        checkpoint_every=_NEVER,
+        checkpoint_every=10**9,  # no periodic checkpoints (Ray Train still reports at epoch ends and the end)
         loader_workers=args.loader_workers if args.loader_workers is not None else base.loader_workers,
         register_model="",
     )

@@ -67,21 +67,15 @@ def cpu_breakdown(files: list[Path], cfg: IngestConfig) -> dict[str, float]:
     return out
 
 
-def _pil_png(level: int) -> Encoder:
-    def enc(arr: np.ndarray) -> bytes:
-        buf = io.BytesIO()
-        Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=level, optimize=False)
-        return buf.getvalue()
-
-    return enc
+def _pil_png(arr: np.ndarray, level: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=level, optimize=False)
+    return buf.getvalue()
 
 
-def _zlib_up_png(level: int) -> Encoder:
-    def enc(arr: np.ndarray) -> bytes:
-        with mock.patch.object(png, "_deflate", lambda data, lv: zlib.compress(data, lv)):
-            return png.encode_png(arr, level)
-
-    return enc
+def _zlib_up_png(arr: np.ndarray, level: int) -> bytes:
+    with mock.patch.object(png, "_deflate", lambda data, lv: zlib.compress(data, lv)):
+        return png.encode_png(arr, level)
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -92,11 +86,10 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def encode_options() -> dict[str, Encoder]:
     """Lossless encodings of an ingest image: name -> fn(arr) -> bytes. The first is the previous default."""
-
     return {
-        "PIL PNG level 1 (before)": _pil_png(1),
-        "PIL PNG level 0 (stored)": _pil_png(0),
-        "Up filter + zlib level 1": _zlib_up_png(1),
+        "PIL PNG level 1 (before)": functools.partial(_pil_png, level=1),
+        "PIL PNG level 0 (stored)": functools.partial(_pil_png, level=0),
+        "Up filter + zlib level 1": functools.partial(_zlib_up_png, level=1),
         **{
             f"Up filter + ISA-L level {lv}{' (default)' if lv == 1 else ''}": functools.partial(
                 encode_png, level=lv

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bench.measure import cpu_name, cpu_runner, scratch_dir, step_times, write_json
+from pipeline.bench.measure import cpu_name, cpu_runner, scratch_dir, step_times, vit_window_flops, write_json
 from pipeline.bench.train import worker_cost
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.common.tasks import init_ray
@@ -56,10 +56,10 @@ def synthetic_photo(seed: int, height: int, width: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_sources(folder: Path, n: int, height: int, width: int, start: int = 0) -> None:
-    """``n`` synthetic photos as PNG files ``img_XXXXXX.png`` (numbered from ``start``)."""
+def write_sources(folder: Path, n: int, height: int, width: int) -> None:
+    """``n`` synthetic photos as PNG files ``img_XXXXXX.png`` (numbered from 0)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(start, start + n):
+    for i in range(n):
         Image.fromarray(synthetic_photo(i, height, width)).save(folder / f"img_{i:06d}.png", compress_level=1)
 
 
@@ -111,8 +111,7 @@ def paper_projection(views: int = 25_000, epochs: int = 10, gpus: int = 2) -> di
     out: dict[str, Any] = {"views": views, "epochs": epochs, "gpus": gpus}
     for name, (crop, rate) in H200_TEACHER_WINDOWS_PER_S.items():
         bb = build_backbone(name)
-        arch = vit_arch(bb)
-        proj = project_precompute(sizes, crop, 24, vit_dense_flops(arch, crop, crop)["flops"], bb.dim, 16)
+        proj = project_precompute(sizes, crop, 24, vit_window_flops(bb, crop)["flops"], bb.dim, 16)
         out[name] = {**proj, "h200_hours": proj["windows"] / rate / 3600}
     bb = build_backbone("maskclip-vit-b16")
     arch, cfg = vit_arch(bb), IngestConfig()
@@ -144,11 +143,11 @@ def run(args: argparse.Namespace) -> int:
     with scratch_dir(args.workdir, "spar-bench-loader-") as base:
         images, cache = build_paper_data(base, args.images, h, w, args.backbone)
         bb = build_backbone(args.backbone)
-        dim, target_bytes = bb.dim, (h // 16) * (w // 16) * bb.dim * 2
+        target_bytes = (h // 16) * (w // 16) * bb.dim * 2
         cost = worker_cost(images, cache, n=args.images)  # CPU ms per sample, per job
         out["thread_ms"] = cost
-        out["stream"] = {f"{k}": stream_rate(images, cache, k, args.samples) for k in args.workers}
-        step_cpu, prec = cpu_step_seconds(args.backbone, h, w, dim, args.steps)
+        out["stream"] = {str(k): stream_rate(images, cache, k, args.samples) for k in args.workers}
+        step_cpu, prec = cpu_step_seconds(args.backbone, h, w, bb.dim, args.steps)
     flops = student_step_flops(vit_dense_flops(vit_arch(bb), h, w)["flops"], bb.num_blocks, 2)
     load_model = sample_load_seconds(h, w, target_bytes)
     out.update(

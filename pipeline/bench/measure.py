@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,11 +55,8 @@ def scratch_dir(workdir: str | None, prefix: str) -> Iterator[Path]:
     if workdir:
         yield Path(workdir)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -78,14 +74,7 @@ def timed(fn: Callable[[], T], device: str) -> tuple[T, float]:
 def fastest(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Fastest of ``repeats`` synchronised calls after one warm-up call, in seconds."""
     fn()
-    synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(timed(fn, device)[1] for _ in range(repeats))
 
 
 def step_times(runner: StepRunner, items: Iterable[dict[str, Any]], n: int, skip: int) -> list[float]:

@@ -11,15 +11,15 @@ as given); ``--augment`` applies the paper's recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import statistics
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 
@@ -35,7 +35,6 @@ from pipeline.train.driver import distill
 from pipeline.train.stream import Planner, refs_from_imageset
 from spar_core.backbones import build_backbone
 
-T = TypeVar("T")
 DISTINCT = 8  # distinct source images (the rest are hard links to them)
 
 
@@ -73,7 +72,7 @@ class PeakRSS:
         self.peak = max(self.peak, self._total())
 
 
-@contextmanager
+@contextlib.contextmanager
 def stage(record: dict[str, Any], name: str, out: Path | None) -> Iterator[None]:
     """Time a stage, take its peak memory and (``out``) the bytes and files it left under ``out``."""
     t0 = time.perf_counter()
@@ -94,12 +93,9 @@ def write_sources(folder: Path, n: int, height: int, width: int) -> None:
 
 def mlflow_rows(db: Path, run_id: str) -> dict[str, int]:
     """Rows the run wrote into MLflow's tables (metrics, params, tags), from its sqlite store."""
-    con = sqlite3.connect(db)
-    try:
+    with contextlib.closing(sqlite3.connect(db)) as con:
         return {t: con.execute(f"SELECT COUNT(*) FROM {t} WHERE run_uuid = ?", (run_id,)).fetchone()[0]  # noqa: S608
                 for t in ("metrics", "params", "tags")}  # fmt: skip
-    finally:
-        con.close()
 
 
 def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[str, Any]:
@@ -109,19 +105,17 @@ def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[
     icfg = IngestConfig(augment=args.augment, shard_size=args.shard_size)
     with stage(rec, "ingest", base / "set"):
         ingest(str(base / "src"), str(base / "set"), icfg, workers=2, progress=False)
-    stride = args.stride or 0
     with stage(rec, "precompute", base / "cache"):
         crop = build_backbone(args.teacher).native_size
         cache = precompute(PrecomputeConfig(images=str(base / "set"), teacher=args.teacher, crop=crop,
-                                            stride=stride or crop, cache_root=str(base / "cache"),
+                                            stride=args.stride or crop, cache_root=str(base / "cache"),
                                             progress=False))  # fmt: skip
     rec["plan_us_per_sample"] = plan_lookup_us(str(base / "set"))
     rec["imageset_objects"] = _count(base / "set")
     rec["cache_objects"] = _count(base / "cache")
     if args.distill_max_n and n > args.distill_max_n:
-        return (
-            rec  # to fit the time; the part of the stream that grows with N (plan lookups) is measured above
-        )
+        # to fit the time; the part of the stream that grows with N (plan lookups) is measured above
+        return rec
     steps = args.steps or n
     dcfg = DistillConfig(images=str(base / "set"), cache=cache, workdir=str(base / "work"), max_steps=steps,
                          experiment="bench-scale", register_model="", loader_workers=0,
@@ -137,13 +131,10 @@ def one_n(base: Path, n: int, args: argparse.Namespace, h: int, w: int) -> dict[
 def steady_steps(db: Path, run_id: str, skip: int = 3) -> dict[str, float]:
     """Median step time and data-wait fraction of the run's steps after the first ``skip`` (start-up), as the
     training loop logged them (the stage's wall time is mostly Ray Train's start-up at these step counts)."""
-    con = sqlite3.connect(db)
-    try:
-        q = "SELECT value FROM metrics WHERE run_uuid = ? AND key = ? AND step >= ? ORDER BY step"
+    q = "SELECT value FROM metrics WHERE run_uuid = ? AND key = ? AND step >= ? ORDER BY step"
+    with contextlib.closing(sqlite3.connect(db)) as con:
         step = [v for (v,) in con.execute(q, (run_id, "step_time_s", skip))]
         wait = [v for (v,) in con.execute(q, (run_id, "data_wait_frac", skip))]
-    finally:
-        con.close()
     med = statistics.median
     return {
         "steady_step_s": med(step) if step else float("nan"),

@@ -126,13 +126,17 @@ def _marks(path: Path, t_spawn: float, t_exit: float) -> dict[str, float]:
     return out
 
 
-def _spar(checkout: Path | None) -> tuple[list[str], dict[str, str]]:
-    """The command prefix and extra environment that run ``spar`` from this code or from ``checkout``."""
+SPAR = [sys.executable, "-m", "pipeline.cli"]  # ``spar`` from this code
+
+
+def _before(checkout: Path | None) -> tuple[list[str], dict[str, str], Path]:
+    """The command prefix, extra environment and working folder of the 'before' side: this code with
+    ``SPAR_RAY_DEFAULTS=1``, or ``spar`` from ``checkout``."""
     if checkout is None:
-        return [sys.executable, "-m", "pipeline.cli"], {}
+        return SPAR, {"SPAR_RAY_DEFAULTS": "1"}, Path.cwd()
     own = checkout / ".venv" / "bin" / "python"  # the checkout's own environment, as it was installed there
     python = str(own) if own.exists() else sys.executable
-    return [python, "-m", "pipeline.cli"], {"PYTHONPATH": str(checkout)}
+    return [python, "-m", "pipeline.cli"], {"PYTHONPATH": str(checkout)}, checkout
 
 
 def _run(stage: str, side: str, argv: list[str], env: dict[str, str], cwd: Path, scratch: Path) -> Sample:
@@ -160,19 +164,15 @@ def _prepare(scratch: Path, photos: int) -> _Inputs:
     """Sample photos, their image set and its teacher cache (made once, with this code; not timed)."""
     from pipeline.common.photos import TRAIN_PHOTOS, write_photos
 
-    raw = scratch / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    prep = scratch / "prepared"
+    raw = prep / "raw"
     write_photos(raw, TRAIN_PHOTOS[: photos or None])
-    base = [sys.executable, "-m", "pipeline.cli"]
+    inp = _Inputs(raw, prep / "set", prep / "c")  # the cache: the one folder precompute makes in prep / "c"
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    subprocess.run([*base, "ingest", str(raw), "--out", str(scratch / "set"), "--config", str(RECIPE)],
-                   env=env, check=True, capture_output=True)  # fmt: skip
-    caches = scratch / "prepared-cache"
-    subprocess.run([*base, "precompute", "--images", str(scratch / "set"), "--config", str(RECIPE),
-                    "--cache-root", str(caches), "--workdir", str(scratch / "prep-mlflow")],
-                   env=env, check=True, capture_output=True)  # fmt: skip
-    cache = next(p for p in caches.iterdir() if p.is_dir())
-    return _Inputs(raw, scratch / "set", cache)
+    for stage in ("ingest", "precompute"):
+        subprocess.run([*SPAR, *_argv(stage, inp, prep, 0)], env=env, check=True, capture_output=True)
+    inp.cache = next(p for p in inp.cache.iterdir() if p.is_dir())
+    return inp
 
 
 def _argv(stage: str, inp: _Inputs, out: Path, steps: int) -> list[str]:
@@ -232,10 +232,7 @@ def run(args: argparse.Namespace) -> int:
     samples: list[Sample] = []
     with scratch_dir(args.workdir, "spar-bench-startup-") as scratch:
         inp = _prepare(scratch, args.photos)
-        prefix, after_env = _spar(None)
-        before_prefix, before_env = _spar(checkout)
-        if checkout is None:
-            before_env = {"SPAR_RAY_DEFAULTS": "1"}
+        sides = {"before": _before(checkout), "after": (SPAR, {}, Path.cwd())}
         n = 0
         for r in range(args.rounds):
             for stage in stages:
@@ -243,8 +240,7 @@ def run(args: argparse.Namespace) -> int:
                     n += 1
                     out = scratch / f"run-{n}"
                     out.mkdir()
-                    pre, env = (before_prefix, before_env) if side == "before" else (prefix, after_env)
-                    cwd = checkout if (side == "before" and checkout is not None) else Path.cwd()
+                    pre, env, cwd = sides[side]
                     s = _run(stage, side, [*pre, *_argv(stage, inp, out, args.steps)], env, cwd, scratch)
                     samples.append(s)
                     print(f"[bench startup] round {r + 1} {stage:10s} {side:6s} wall {s.wall_s:6.1f} s "

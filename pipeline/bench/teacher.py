@@ -17,6 +17,7 @@ rate in its dtype, and each fast path's relative error against the naive fp32 re
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import time
 from collections.abc import Callable
@@ -146,10 +147,8 @@ def _setup(args: argparse.Namespace) -> _Setup:
     crop = args.crop or bb.native_size
     prec = resolve(args.precision, dev)
     amp = autocast_dtype(prec)
-    img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True).astype(
-        "uint8"
-    )
-    x = bb.normalize(torch.from_numpy(img)[None].to(dev))
+    img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True)
+    x = bb.normalize(torch.from_numpy(img.astype("uint8"))[None].to(dev))
     ys, xs, _, _ = window_grid(h, w, crop, args.stride)
     bb_proj = build_backbone(args.backbone, device=dev)
     if amp is not None:
@@ -170,9 +169,7 @@ def _add_runs(st: _Setup) -> None:
         st.bb_proj, x, crop, a.stride, a.window_batch, autocast_dtype=st.amp
     )
     if a.compile:
-        bb_comp = build_backbone(a.backbone, device=st.dev)
-        if st.amp is not None:
-            bb_comp.precast_for_autocast(st.amp)
+        bb_comp = copy.deepcopy(st.bb_proj)  # its own module to compile
         comp = lambda: sliding_window_features(  # noqa: E731
             bb_comp, x, crop, a.stride, a.window_batch, autocast_dtype=st.amp, compile=True
         )
@@ -238,27 +235,21 @@ def _print_rates_and_errors(st: _Setup, best: dict[str, float], outs: dict[str, 
     """Each teacher's GFLOP/s as a fraction of the matmul rate in its dtype, and its error vs the naive one."""
     prec, bb = st.prec, st.bb
     ref_name = _ref_name(best)
-    compiled = st.t_compile is not None
+    ours = [
+        ("fp32", "fp32"),
+        ("project", prec),
+        *([("project_compiled", prec)] if st.t_compile is not None else []),
+    ]
     flops = st.n_win * vit_window_flops(bb, st.crop)["flops"] if bb.readout == "maskclip" else float("nan")
     rates = {q: matmul_gflops(autocast_dtype(q) or torch.float32, seconds=1.0, device=st.dev.type)
              for q in {prec, "fp32", *st.ref_precs}}  # fmt: skip
     exact = outs["naive"] if "naive" in outs else outs["fp32"]
     print("  matmul: " + ", ".join(f"{q} {r:.0f} GFLOP/s" for q, r in sorted(rates.items())))
-    for k, q in [
-        (ref_name, ref_name.removeprefix("authors_")),
-        ("fp32", "fp32"),
-        ("project", prec),
-        *([("project_compiled", prec)] if compiled else []),
-    ]:
+    for k, q in [(ref_name, ref_name.removeprefix("authors_")), *ours]:
         print(
             f"  {k:<14} {flops / best[k] / 1e9:7.1f} GFLOP/s = {flops / best[k] / 1e9 / rates[q]:.2f} of {q} matmul"
         )
-    for k in [
-        *(k for k in outs if k.startswith("authors_")),
-        "fp32",
-        "project",
-        *(["project_compiled"] if compiled else []),
-    ]:
+    for k in [*(k for k in outs if k.startswith("authors_")), *(k for k, _ in ours)]:
         print(f"  {k:<14} vs naive fp32: rel. error {_rel_err(outs[k], exact):.2e}")
     print(f"  teacher / single pass: {best['project'] / best['single']:6.1f}x; single pass vs teacher rel. diff "
           f"{_rel_err(outs['single'], exact):.3f}")  # fmt: skip

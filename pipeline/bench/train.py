@@ -50,7 +50,7 @@ from pipeline.train.step import StepRunner
 from pipeline.train.stream import PairedStream, _TarReader, decode_png, make_loader
 from pipeline.workflow.config import Recipe, RunConfig
 from pipeline.workflow.orchestrator import Extras, Reporter, prepare_data
-from spar_core.backbones import Backbone, build_backbone
+from spar_core.backbones import build_backbone
 from spar_core.sliding import num_windows, sliding_window_features
 
 # ------------------------------------------------------------------------------------------------ data
@@ -193,24 +193,6 @@ def _large_image_steps(
 # --------------------------------------------------------------------------------------------- quality
 
 
-def heldout_fidelity(
-    student: Backbone, base: Backbone, heldout: str, crop: int, stride: int
-) -> dict[str, float]:
-    """Feature MSE/cosine to the sliding-window teacher on held-out images: student vs single-pass baseline,
-    pooled over every patch position of every image (:func:`pipeline.bench.codec.fidelity`)."""
-    ims = open_imageset(heldout)
-    held = held_out(base, ims, [r.key for r in ims.records], crop, stride)
-    s, b = fidelity(student, held), fidelity(base, held)
-    return {
-        "images": len(held.keys),
-        "student_mse": s["mse"],
-        "baseline_mse": b["mse"],
-        "mse_ratio": s["mse"] / b["mse"],
-        "student_cosine": s["cosine"],
-        "baseline_cosine": b["cosine"],
-    }
-
-
 def bench_quality(data: BenchData, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``spar distill`` on the training set, then held-out fidelity of the student vs the single pass."""
     cache_path = data.caches[args.backbone]
@@ -231,9 +213,11 @@ def bench_quality(data: BenchData, root: Path, args: argparse.Namespace) -> dict
     t0 = time.perf_counter()
     res = distill(cfg)
     wall = time.perf_counter() - t0
-    student = load_student(res.checkpoint_dir)
-    base = build_backbone(cache.spec.backbone, seed=0)
-    fid = heldout_fidelity(student, base, data.heldout, cache.spec.crop, cache.spec.stride)
+    # feature MSE/cosine to the sliding-window teacher on the held-out images: student vs single-pass baseline,
+    # pooled over every patch position of every image (:func:`pipeline.bench.codec.fidelity`)
+    base, ims = build_backbone(cache.spec.backbone, seed=0), open_imageset(data.heldout)
+    held = held_out(base, ims, [r.key for r in ims.records], cache.spec.crop, cache.spec.stride)
+    s, b = fidelity(load_student(res.checkpoint_dir), held), fidelity(base, held)
     return {
         "backbone": cache.spec.backbone,
         "train_images": cache.num_images,
@@ -244,7 +228,12 @@ def bench_quality(data: BenchData, root: Path, args: argparse.Namespace) -> dict
         "trainable_blocks": cfg.trainable_blocks,
         "distill_wall_s": wall,
         "mlflow_run_id": res.run_id,
-        **fid,
+        "images": len(held.keys),
+        "student_mse": s["mse"],
+        "baseline_mse": b["mse"],
+        "mse_ratio": s["mse"] / b["mse"],
+        "student_cosine": s["cosine"],
+        "baseline_cosine": b["cosine"],
     }
 
 

@@ -202,12 +202,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         result = e.get("result", {})
         out += [f"## {name}: {e.get('status')}", "", f"{e.get('seconds', '-')} s (budget {e.get('budget_s', '-')} s)", ""]  # fmt: skip
         if result.get("checks"):
-            out += ["| check | ok | detail |", "|---|---|---|"]
-            out += [
+            rows = [
                 f"| {c['name']} | {'yes' if c['ok'] else '**NO**'} | {c['detail']} |"
                 for c in result["checks"]
             ]
-            out += [""]
+            out += ["| check | ok | detail |", "|---|---|---|", *rows, ""]
         if e.get("traceback"):
             out += ["```", e["traceback"].rstrip(), "```", ""]
         body = json.dumps(jsonable({k: v for k, v in result.items() if k != "checks"}), indent=1)
