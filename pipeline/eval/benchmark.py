@@ -336,21 +336,15 @@ def _benchmark_run(cfg: BenchmarkConfig, result: dict[str, Any], out: Path, over
         headline_kind=cfg.dataset if role == "student" else f"{cfg.dataset}_{role}",
         headline={"mIoU": result["miou"], "images_per_s": result["images_per_s"]},
         tags={"spar.role": role},
-        table={k: result[c] for k, c in _TABLE_COLUMNS.items()},
+        table={
+            "class": result["classes"],
+            **{k: result[k] for k in ("iou", "label_pixels", "intersection", "union")},
+        },
         table_file="per_class_iou.json",
         files=["per_class_iou.txt", "results.json"],
         folders=["overlays"] if overlays else [],
         images=png_images(out, "overlays", "overlay") if overlays else {},
     )
-
-
-_TABLE_COLUMNS = {
-    "class": "classes",
-    "iou": "iou",
-    "label_pixels": "label_pixels",
-    "intersection": "intersection",
-    "union": "union",
-}
 
 
 def _benchmark_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -194,8 +194,21 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
             ov, lab = out_path(out_dir, f"{stem}_overlay.png"), out_path(out_dir, f"{stem}_labels.png")
             overlay(img, pred, names, pal, cfg.alpha).save(ov)
             label_png(pred, pal).save(lab)
-            where = published(cfg.out, ov), published(cfg.out, lab)
-            records.append(_segment_record(path, *where, img, size, x, pred, names))
+            ids, counts = np.unique(pred, return_counts=True)
+            present = {
+                names[i]: round(c / pred.size, 4) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
+            }
+            records.append(
+                {
+                    "image": str(path),
+                    "overlay": published(cfg.out, ov),
+                    "labels": published(cfg.out, lab),
+                    "size": list(img.shape[:2]),
+                    "resized_size": list(size),
+                    "processed_size": list(x.shape[:2]),
+                    "classes_present": present,
+                }
+            )
         meta = {
             "classes": classes,
             "palette": pal.tolist(),
@@ -205,30 +218,6 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
         }
         out_path(out_dir, "classes.json").write_text(json.dumps(meta, indent=1))
     return records
-
-
-def _segment_record(
-    path: str,
-    ov: str,
-    lab: str,
-    img: np.ndarray,
-    size: tuple[int, int],
-    x: np.ndarray,
-    pred: np.ndarray,
-    names: list[str],
-) -> dict[str, object]:
-    ids, counts = np.unique(pred, return_counts=True)
-    return {
-        "image": str(path),
-        "overlay": ov,
-        "labels": lab,
-        "size": list(img.shape[:2]),
-        "resized_size": list(size),
-        "processed_size": list(x.shape[:2]),
-        "classes_present": {
-            names[i]: round(c / pred.size, 4) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
-        },
-    }
 
 
 # ---------------------------------------------------------------------------------------------- embed

@@ -99,8 +99,8 @@ def _timings(
     """{"single": [s per resolution], "sliding": {"<stride>": [s]}, "windows": {"<stride>": [count]}}."""
     gen = torch.Generator().manual_seed(cfg.seed)
     single: list[float] = []
-    sliding: dict[int, list[float]] = {s: [] for s in strides}
-    windows: dict[int, list[int]] = {s: [] for s in strides}
+    sliding: dict[str, list[float]] = {str(s): [] for s in strides}
+    windows: dict[str, list[int]] = {str(s): [] for s in strides}
     amp = autocast_dtype(cfg.precision)
     for r in res:
         x = torch.randn(1, 3, r, r, generator=gen).to(dev, next(bb.parameters()).dtype)  # (1, 3, r, r)
@@ -116,13 +116,9 @@ def _timings(
                 with torch.no_grad():
                     sliding_window_features(bb, x, crop, s, cfg.window_batch, amp)
 
-            sliding[s].append(_time(run_slide, dev, cfg.repeats) if crop < r else single[-1])
-            windows[s].append(num_windows(r, r, crop, s) if crop < r else 1)
-    return {
-        "single": single,
-        "sliding": {str(s): v for s, v in sliding.items()},
-        "windows": {str(s): v for s, v in windows.items()},
-    }
+            sliding[str(s)].append(_time(run_slide, dev, cfg.repeats) if crop < r else single[-1])
+            windows[str(s)].append(num_windows(r, r, crop, s) if crop < r else 1)
+    return {"single": single, "sliding": sliding, "windows": windows}
 
 
 def format_speed(result: dict[str, Any]) -> str:

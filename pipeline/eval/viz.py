@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.common import storage
 from pipeline.common.errors import UserError
-from pipeline.eval.model import dense_features, load_model, protocol_size, resize_rgb
+from pipeline.data.resize import resize_linear
+from pipeline.eval.model import dense_features, load_model, protocol_size
 from pipeline.eval.segment import published, read_photo, safe_stem
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
@@ -95,7 +96,7 @@ def viz_images(
     with storage.staged_dir(out) as staged:
         for path, img in photos:
             size = protocol_size(*img.shape[:2], short_side, 0, base.patch_size)
-            x = resize_rgb(img, size)
+            x = resize_linear(img, size)
             maps = {
                 "teacher (sliding)": _features(base, x, "sliding", crop, stride),
                 "baseline (single pass)": _features(base, x, "single"),
