@@ -141,32 +141,24 @@ def write_student_files(bb: Backbone, out_dir: str | os.PathLike, meta: StudentM
     write_json(d / CONFIG_FILE, meta.config)
 
 
-def _atomic_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def save_student(bb: Backbone, out_dir: str | os.PathLike, meta: StudentMeta) -> Path:
     """Save the student's trainable weights + backbone identity + config to ``out_dir`` atomically.
 
     Returns the directory. An existing directory is replaced only once the new one is complete.
     """
     out = Path(out_dir)
-    tmp = _atomic_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_student_files(bb, tmp, meta)
         write_checksums(tmp)
-        _publish(tmp, out)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
