@@ -213,13 +213,11 @@ def _run_chunks(
 
 
 def _merge(parts: list[ChunkResult]) -> ChunkResult:
-    """The chunks' counts summed (:meth:`IoUAccumulator.merge`), their other fields combined."""
-    first = parts[0].counts
-    total = IoUAccumulator(first.num_classes, first.ignore_index)
-    oor: dict[str, int] = {}
-    for p in parts:
+    """The chunks' counts summed (into the first chunk's :class:`IoUAccumulator`), their other fields combined."""
+    total = parts[0].counts
+    for p in parts[1:]:
         total.merge(p.counts)
-        oor.update(p.out_of_range)
+    oor = {k: v for p in parts for k, v in p.out_of_range.items()}
     overlays = {k: v for p in parts for k, v in p.overlays.items()}
     return ChunkResult(total, oor, sum(p.images for p in parts), sum(p.seconds for p in parts), overlays)
 
