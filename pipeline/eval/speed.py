@@ -223,7 +223,7 @@ def _figure(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
         plt.close(fig)
 
 
-def speed_plot(result: dict[str, Any], path: Path) -> Path:
+def speed_plot(result: dict[str, Any], path: Path) -> None:
     """Seconds/image vs resolution (log scale), one line per method, as PNG."""
     title = f"{result['backbone']}: single pass vs sliding window (crop {result['crop']})"
     with _figure(path, title, "image side (px)", "seconds / image") as ax:
@@ -231,10 +231,9 @@ def speed_plot(result: dict[str, Any], path: Path) -> Path:
         for s, v in result["sliding"].items():
             ax.plot(result["resolutions"], v, "s--", label=f"sliding, stride {s}")
         ax.set_yscale("log")
-    return path
 
 
-def quality_cost_plot(qc: dict[str, Any], path: Path) -> Path:
+def quality_cost_plot(qc: dict[str, Any], path: Path) -> None:
     """Cosine to the finest teacher vs seconds/image (log), one labelled point per method, as PNG."""
     title = f"quality vs cost ({qc['images']} held-out images)"
     with _figure(path, title, "seconds / image", f"mean cosine to {qc['reference']}") as ax:
@@ -251,7 +250,6 @@ def quality_cost_plot(qc: dict[str, Any], path: Path) -> Path:
                 fontsize=8,
             )
         ax.set_xscale("log")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- logging
