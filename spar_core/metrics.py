@@ -27,14 +27,7 @@ class IoUAccumulator:
 
     def update(self, pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray) -> None:
         """Add one batch. pred, label: integer arrays of the same shape."""
-        pred = (
-            torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred).long().flatten()
-        )
-        label = (
-            torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label)
-            .long()
-            .flatten()
-        )
+        pred, label = (torch.as_tensor(a).long().flatten() for a in (pred, label))
         if pred.shape != label.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}")
         k = self.num_classes

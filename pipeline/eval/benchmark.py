@@ -213,13 +213,11 @@ def _run_chunks(
 
 
 def _merge(parts: list[ChunkResult]) -> ChunkResult:
-    """The chunks' counts summed (:meth:`IoUAccumulator.merge`), their other fields combined."""
-    first = parts[0].counts
-    total = IoUAccumulator(first.num_classes, first.ignore_index)
-    oor: dict[str, int] = {}
-    for p in parts:
+    """The chunks' counts summed (into the first chunk's :class:`IoUAccumulator`), their other fields combined."""
+    total = parts[0].counts
+    for p in parts[1:]:
         total.merge(p.counts)
-        oor.update(p.out_of_range)
+    oor = {k: v for p in parts for k, v in p.out_of_range.items()}
     overlays = {k: v for p in parts for k, v in p.overlays.items()}
     return ChunkResult(total, oor, sum(p.images for p in parts), sum(p.seconds for p in parts), overlays)
 
@@ -336,21 +334,15 @@ def _benchmark_run(cfg: BenchmarkConfig, result: dict[str, Any], out: Path, over
         headline_kind=cfg.dataset if role == "student" else f"{cfg.dataset}_{role}",
         headline={"mIoU": result["miou"], "images_per_s": result["images_per_s"]},
         tags={"spar.role": role},
-        table={k: result[c] for k, c in _TABLE_COLUMNS.items()},
+        table={
+            "class": result["classes"],
+            **{k: result[k] for k in ("iou", "label_pixels", "intersection", "union")},
+        },
         table_file="per_class_iou.json",
         files=["per_class_iou.txt", "results.json"],
         folders=["overlays"] if overlays else [],
         images=png_images(out, "overlays", "overlay") if overlays else {},
     )
-
-
-_TABLE_COLUMNS = {
-    "class": "classes",
-    "iou": "iou",
-    "label_pixels": "label_pixels",
-    "intersection": "intersection",
-    "union": "union",
-}
 
 
 def _benchmark_metrics(result: dict[str, Any]) -> dict[str, float]:

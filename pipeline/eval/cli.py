@@ -57,36 +57,34 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-root", dest="data_root")
+    p.add_argument("--data-root")
     p.add_argument("--split")
-    p.add_argument("--max-images", dest="max_images", type=int)
-    p.add_argument("--classes-file", dest="classes_file")
-    p.add_argument(
-        "--class-set", dest="class_set", choices=list(CLASS_SETS), help="packaged class lists (default paper)"
-    )
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--classes-file")
+    p.add_argument("--class-set", choices=list(CLASS_SETS), help="packaged class lists (default paper)")
     p.add_argument("--classes", help="fidelity report class list: 'sky,clouds;road;...'")
     p.add_argument("--templates", choices=["imagenet", "simple"])
 
 
 def _add_protocol_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--short-side", dest="short_side", type=int)
-    p.add_argument("--long-side", dest="long_side", type=int)
-    p.add_argument("--logit-scale", dest="logit_scale", type=float)
-    p.add_argument("--prob-thd", dest="prob_thd", type=float)
-    p.add_argument("--area-thd", dest="area_thd", type=float)
+    p.add_argument("--short-side", type=int)
+    p.add_argument("--long-side", type=int)
+    p.add_argument("--logit-scale", type=float)
+    p.add_argument("--prob-thd", type=float)
+    p.add_argument("--area-thd", type=float)
     p.add_argument("--mode", choices=["single", "sliding"])
     p.add_argument("--crop", type=int)
     p.add_argument("--stride", type=int)
-    p.add_argument("--window-batch", dest="window_batch", type=int)
+    p.add_argument("--window-batch", type=int)
     p.add_argument("--precision", choices=PRECISIONS, help="mixed precision (autocast)")
     p.add_argument("--device")
     p.add_argument("--workers", type=int, help="split the images across N Ray tasks")
-    p.add_argument("--ray-address", dest="ray_address")
+    p.add_argument("--ray-address")
 
 
 def _add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="held-out image set root (fidelity; speed: quality-vs-cost curve)")
-    p.add_argument("--teacher-cache", dest="teacher_cache", help="fidelity: teacher cache of those images")
+    p.add_argument("--teacher-cache", help="fidelity: teacher cache of those images")
     p.add_argument("--resolutions", type=_csv_ints, help="speed: image sides, e.g. 448,672,1024")
     p.add_argument(
         "--strides", type=_csv_ints, help="speed: window strides in pixels, default 224,112,48,24 (<= crop)"
@@ -96,7 +94,7 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
 
 def _add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment")
-    p.add_argument("--run-name", dest="run_name")
+    p.add_argument("--run-name")
     p.add_argument(
         "--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./work, as spar distill)"
     )
@@ -105,7 +103,6 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=False)
     p.add_argument(
         "--parent-run",
-        dest="parent_run",
         help="MLflow run id of the training run evaluated (default: the run that produced --checkpoint)",
     )
 
@@ -125,14 +122,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="student checkpoint directory")
     p.add_argument("--backbone", help="named backbone (single-pass baseline), e.g. maskclip-vit-b16")
     p.add_argument("--pretrained", help="open_clip pretrained tag or local weights file for --backbone")
-    p.add_argument("--short-side", dest="short_side", type=int)
-    p.add_argument("--long-side", dest="long_side", type=int)
+    p.add_argument("--short-side", type=int)
+    p.add_argument("--long-side", type=int)
     p.add_argument("--mode", choices=["single", "sliding"])
     p.add_argument("--crop", type=int)
     p.add_argument("--stride", type=int)
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--window-batch", dest="window_batch", type=int)
+    p.add_argument("--window-batch", type=int)
     p.add_argument("--out", help="output folder")
     p.add_argument("--config", help="TOML recipe file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -144,10 +141,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--classes", help='classes separated by ";", synonyms by ",": "sky,clouds;road;person,people"'
     )
-    p.add_argument("--classes-file", dest="classes_file", help="one class per line, synonyms comma-separated")
-    p.add_argument("--logit-scale", dest="logit_scale", type=float)
-    p.add_argument("--prob-thd", dest="prob_thd", type=float)
-    p.add_argument("--area-thd", dest="area_thd", type=float)
+    p.add_argument("--classes-file", help="one class per line, synonyms comma-separated")
+    p.add_argument("--logit-scale", type=float)
+    p.add_argument("--prob-thd", type=float)
+    p.add_argument("--area-thd", type=float)
     p.add_argument("--templates", choices=["imagenet", "simple"])
     p.add_argument("--alpha", type=float, help="overlay opacity")
     _add_model_args(p)
@@ -172,7 +169,7 @@ def _add_runs(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workdir", help="MLflow store location (default $SPAR_WORKDIR or ./work, as spar distill)"
     )
-    p.add_argument("--max-runs", dest="max_runs", type=int, default=50)
+    p.add_argument("--max-runs", type=int, default=50)
     p.add_argument("--wide", action="store_true", help="every differing param and metric, whatever the width")
     p.add_argument(
         "--all", action="store_true", help="every run (evaluations, precomputes) with all its params"
@@ -197,9 +194,7 @@ def _add_viz(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--checkpoint", required=True, help="student checkpoint directory")
     p.add_argument("--out", default="viz", help="output folder (default ./viz)")
-    p.add_argument(
-        "--short-side", dest="short_side", type=int, default=448, help="resize short side (0 = keep)"
-    )
+    p.add_argument("--short-side", type=int, default=448, help="resize short side (0 = keep)")
     p.add_argument("--crop", type=int, help="teacher window (default: the backbone's native size)")
     p.add_argument("--stride", type=int, help="teacher stride (default: 24 px per 224 of crop)")
     p.set_defaults(handler="pipeline.eval.viz:run_cli")

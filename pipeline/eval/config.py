@@ -240,11 +240,8 @@ class InferenceConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for k in ("short_side", "long_side", "crop", "stride", "window_batch"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
-        if self.window_batch == 0:
-            raise ConfigError("window_batch must be >= 1")
+        _check_at_least(self, ("short_side", "long_side", "crop", "stride"), 0)
+        _check_at_least(self, ("window_batch",), 1)
 
 
 @dataclass

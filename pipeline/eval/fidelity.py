@@ -4,15 +4,18 @@ One image's path: the image set's photo (at its stored size) -> single-pass dens
 cache's backbone, untrained) and of the student -> feature MSE and mean cosine to the cached teacher features
 (``spar_core.metrics.feature_fidelity``, pooled over every patch position: :class:`PooledFidelity`), and the
 segmentation each model predicts for a class list against the teacher's own prediction (mIoU, pixel agreement).
-Logged to MLflow through :mod:`pipeline.eval.tracking`, with PCA pictures of the three feature maps.
+Logged to MLflow through :mod:`pipeline.eval.tracking`, with PCA pictures of the three feature maps
+(:func:`pipeline.eval.viz.pca_panel`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,7 @@ from pipeline.eval.model import (
     resolve_classes,
 )
 from pipeline.eval.tracking import EvalRun, log_eval, output_dir, png_images
-from pipeline.eval.viz import fidelity_pca_pngs
+from pipeline.eval.viz import pca_panel
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.metrics import IoUAccumulator, feature_fidelity
@@ -41,13 +44,8 @@ MODELS = ("baseline", "student")
 
 def held_out_images(ims: ImageSet, limit: int = 0) -> Iterator[tuple[ImageRecord, np.ndarray]]:
     """The image set's (record, (H, W, 3) uint8) in shard order, at most ``limit`` of them (0 = all)."""
-    n = 0
-    for shard in range(ims.num_shards):
-        for rec, img in ims.iter_shard(shard):
-            if limit and n >= limit:
-                return
-            yield rec, img
-            n += 1
+    records = (item for shard in range(ims.num_shards) for item in ims.iter_shard(shard))
+    return itertools.islice(records, limit or None)
 
 
 @dataclass
@@ -130,7 +128,7 @@ def fidelity_report(cfg: FidelityConfig) -> dict[str, Any]:
         raise EvalError(f"no images in {cfg.images}")
     result = _fidelity_result(n, classes, cache, scores)
     print(format_fidelity(result))
-    _log_fidelity(cfg, result)
+    _log_fidelity(cfg, result, ims, cache, models)
     return result
 
 
@@ -242,12 +240,18 @@ def format_fidelity(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _log_fidelity(cfg: FidelityConfig, result: dict[str, Any]) -> None:
+def _log_fidelity(
+    cfg: FidelityConfig,
+    result: dict[str, Any],
+    ims: ImageSet,
+    cache: TeacherCache,
+    models: dict[str, Backbone],
+) -> None:
     with output_dir(cfg) as out:
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
         if not cfg.mlflow:
             return
-        pca = bool(fidelity_pca_pngs(cfg, out / "pca"))  # teacher / baseline / student in one basis per image
+        pca = _pca_pngs(cfg, ims, cache, models, out / "pca")
         metrics = _fidelity_metrics(result)
         run = EvalRun(
             kind="fidelity",
@@ -261,6 +265,22 @@ def _log_fidelity(cfg: FidelityConfig, result: dict[str, Any]) -> None:
             images=png_images(out, "pca", "pca") if pca else {},
         )
         log_eval(cfg, out, run)
+
+
+def _pca_pngs(
+    cfg: FidelityConfig, ims: ImageSet, cache: TeacherCache, models: dict[str, Backbone], out: Path
+) -> bool:
+    """PCA panels of the first ``cfg.overlays`` held-out images (teacher from the cache, baseline and student in
+    one basis) into ``out``, for a report with a student; whether it wrote any."""
+    if "student" not in models or cfg.overlays <= 0:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    for rec, img in held_out_images(ims, cfg.overlays):
+        maps = {"teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32)}  # (h, w, D)
+        for m, bb in models.items():
+            maps[m] = dense_features(bb, img, "single")[0].cpu().numpy()  # (h, w, D)
+        pca_panel(img, maps).save(out / f"{rec.key}_pca.png")
+    return True
 
 
 def _fidelity_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -22,7 +22,8 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-from pipeline.eval.model import build_text_classifier, dense_features, label_map, resize_rgb, resolve_classes
+from pipeline.data.resize import resize_linear
+from pipeline.eval.model import build_text_classifier, dense_features, label_map, resolve_classes
 from pipeline.student.format import load_student, read_backbone_info
 
 __all__ = ["StudentModel", "log_student_model", "student_signature", "CHECKPOINT_ARTIFACT"]
@@ -59,7 +60,7 @@ class StudentModel(PythonModel):
         h, w = img.shape[:2]
         p = self.bb.patch_size
         size = (max(p, h // p * p), max(p, w // p * p))  # the forward needs multiples of the patch size
-        x = resize_rgb(img, size)
+        x = resize_linear(img, size)
         if str(params.get("output", "features")) == "features":
             return dense_features(self.bb, x, "single")[0].cpu().numpy().astype(np.float32)  # (h/p, w/p, D)
         classes = str(params.get("classes", ""))

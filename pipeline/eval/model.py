@@ -115,14 +115,10 @@ def protocol_size(h: int, w: int, short_side: int, long_side: int, multiple: int
     cap. A side below ``multiple`` is raised to it (at least one patch). The model then sees the top-left
     ``floor(side / patch) * patch`` pixels (:func:`patch_crop`), as the reference's strided patch embedding does.
     """
-    scales = []
-    if short_side > 0:
-        scales.append(short_side / min(h, w))
+    scales = [short_side / min(h, w) if short_side > 0 else 1.0]  # short_side 0: never upscale
     if long_side > 0:
         scales.append(long_side / max(h, w))
-    s = min(scales) if scales else 1.0
-    if short_side <= 0:
-        s = min(s, 1.0)
+    s = min(scales)
     return max(multiple, int(h * s + 0.5)), max(multiple, int(w * s + 0.5))
 
 
@@ -135,19 +131,14 @@ def patch_crop(img: np.ndarray, patch: int) -> np.ndarray:
     return img[:h, :w]
 
 
-def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to ``size`` = (h, w) as the reference's cv2 ``INTER_LINEAR``: bilinear with
-    half-pixel centres, no antialiasing when shrinking (:func:`pipeline.data.resize.resize_linear`)."""
-    return resize_linear(img, size)
-
-
 def model_input(
     img: np.ndarray, short_side: int, long_side: int, patch: int
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """The protocol's model input of an (H, W, 3) uint8 photo: resized as mmseg's keep-ratio ``Resize``
-    (bilinear, no antialias: :func:`resize_rgb`), then :func:`patch_crop`. Returns (pixels, resized size)."""
+    """The protocol's model input of an (H, W, 3) uint8 photo: resized as mmseg's keep-ratio ``Resize`` (bilinear
+    with half-pixel centres, no antialias, as the reference's cv2 ``INTER_LINEAR``:
+    :func:`pipeline.data.resize.resize_linear`), then :func:`patch_crop`. Returns (pixels, resized size)."""
     size = protocol_size(img.shape[0], img.shape[1], short_side, long_side, patch)
-    return patch_crop(resize_rgb(img, size), patch), size
+    return patch_crop(resize_linear(img, size), patch), size
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -180,6 +171,7 @@ def dense_features(
     ).float()
 
 
+@torch.no_grad()
 def label_map(
     bb: Backbone,
     clf: TextClassifier,
@@ -198,10 +190,9 @@ def label_map(
     """Label map (H, W) at ``out_size`` of the model input ``x`` (h', w', 3) uint8: :func:`dense_features`, then
     ``spar_core.segment.predict`` (cosine logits, upsampling, thresholds). Stays on the model's device."""
     feats = dense_features(bb, x, mode, crop, stride, precision, window_batch)  # (1, h, w, D)
-    with torch.no_grad():
-        pred = predict(
-            feats, clf, out_size=out_size, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd
-        )  # (1, H, W)
+    pred = predict(
+        feats, clf, out_size=out_size, logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd
+    )  # (1, H, W)
     return pred[0]
 
 
@@ -267,5 +258,4 @@ def build_text_classifier(
 ) -> TextClassifier:
     """spar_core's text classifier; ``templates='simple'`` uses the single prompt 'a photo of a {}.'."""
     tmpl = None if templates == "imagenet" else [lambda c: f"a photo of a {c}."]
-    with torch.no_grad():
-        return build_classifier(bb, classes, templates=tmpl)
+    return build_classifier(bb, classes, templates=tmpl)  # under no_grad

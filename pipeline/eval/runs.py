@@ -66,10 +66,9 @@ def compare_runs(
     A table too wide for the terminal loses columns from the right (:func:`fit_columns`).
     """
     uri = tracking_uri(workdir or os.environ.get("SPAR_WORKDIR", "work"))
-    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///") :]):
-        raise RunsError(
-            f"no MLflow store at {uri[len('sqlite:///') :]} (run a stage first, or pass --workdir)"
-        )
+    db = uri.removeprefix("sqlite:///")
+    if db != uri and not os.path.isfile(db):
+        raise RunsError(f"no MLflow store at {db} (run a stage first, or pass --workdir)")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     if experiment:

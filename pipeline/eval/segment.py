@@ -61,22 +61,20 @@ def read_photo(path: str | Path) -> np.ndarray:
         raise InferenceError(f"cannot read image {p}: {e}") from e
 
 
-def safe_stem(name: str, used: set[str] | None = None) -> str:
+def safe_stem(name: str, used: set[str]) -> str:
     """A file-name stem derived from an input path that cannot escape the output folder.
 
-    Keeps ``[A-Za-z0-9._-]`` of the base name (others -> '_'), strips leading dots, never empty;
-    with ``used``, appends ``-1``, ``-2``, ... until unique (and records the result).
+    Keeps ``[A-Za-z0-9._-]`` of the base name (others -> '_'), strips leading dots, never empty; appends ``-1``,
+    ``-2``, ... until unique in ``used`` (case-insensitively; the result is added to it).
     """
     base = Path(str(name).replace("\\", "/")).name
     stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")[:120] or "image"
-    if used is not None:
-        cand, k = stem, 1
-        while cand.lower() in used:
-            cand, k = f"{stem}-{k}", k + 1
-        used.add(cand.lower())
-        stem = cand
-    return stem
+    cand, k = stem, 1
+    while cand.lower() in used:
+        cand, k = f"{stem}-{k}", k + 1
+    used.add(cand.lower())
+    return cand
 
 
 def out_path(out_dir: Path, filename: str) -> Path:
@@ -132,7 +130,6 @@ def overlay(
     names: list[str],
     palette: np.ndarray,
     alpha: float = 0.5,
-    legend: bool = True,
 ) -> Image.Image:
     """Blend a colour-coded label map over the image (same size as the image), with a legend of the classes
     present (largest first) drawn in the top-left corner. Label 255 (ignore) is left uncoloured."""
@@ -141,8 +138,7 @@ def overlay(
     out = img.astype(np.float32)
     out[valid] = (1 - alpha) * out[valid] + alpha * colours[valid]
     im = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    if legend:
-        _draw_legend(im, label, names, palette)
+    _draw_legend(im, label, names, palette)
     return im
 
 
@@ -194,8 +190,21 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
             ov, lab = out_path(out_dir, f"{stem}_overlay.png"), out_path(out_dir, f"{stem}_labels.png")
             overlay(img, pred, names, pal, cfg.alpha).save(ov)
             label_png(pred, pal).save(lab)
-            where = published(cfg.out, ov), published(cfg.out, lab)
-            records.append(_segment_record(path, *where, img, size, x, pred, names))
+            ids, counts = np.unique(pred, return_counts=True)
+            present = {
+                names[i]: round(c / pred.size, 4) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
+            }
+            records.append(
+                {
+                    "image": str(path),
+                    "overlay": published(cfg.out, ov),
+                    "labels": published(cfg.out, lab),
+                    "size": list(img.shape[:2]),
+                    "resized_size": list(size),
+                    "processed_size": list(x.shape[:2]),
+                    "classes_present": present,
+                }
+            )
         meta = {
             "classes": classes,
             "palette": pal.tolist(),
@@ -205,30 +214,6 @@ def segment_images(images: list[str], cfg: SegmentConfig) -> list[dict[str, obje
         }
         out_path(out_dir, "classes.json").write_text(json.dumps(meta, indent=1))
     return records
-
-
-def _segment_record(
-    path: str,
-    ov: str,
-    lab: str,
-    img: np.ndarray,
-    size: tuple[int, int],
-    x: np.ndarray,
-    pred: np.ndarray,
-    names: list[str],
-) -> dict[str, object]:
-    ids, counts = np.unique(pred, return_counts=True)
-    return {
-        "image": str(path),
-        "overlay": ov,
-        "labels": lab,
-        "size": list(img.shape[:2]),
-        "resized_size": list(size),
-        "processed_size": list(x.shape[:2]),
-        "classes_present": {
-            names[i]: round(c / pred.size, 4) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)
-        },
-    }
 
 
 # ---------------------------------------------------------------------------------------------- embed

@@ -99,8 +99,8 @@ def _timings(
     """{"single": [s per resolution], "sliding": {"<stride>": [s]}, "windows": {"<stride>": [count]}}."""
     gen = torch.Generator().manual_seed(cfg.seed)
     single: list[float] = []
-    sliding: dict[int, list[float]] = {s: [] for s in strides}
-    windows: dict[int, list[int]] = {s: [] for s in strides}
+    sliding: dict[str, list[float]] = {str(s): [] for s in strides}
+    windows: dict[str, list[int]] = {str(s): [] for s in strides}
     amp = autocast_dtype(cfg.precision)
     for r in res:
         x = torch.randn(1, 3, r, r, generator=gen).to(dev, next(bb.parameters()).dtype)  # (1, 3, r, r)
@@ -116,13 +116,9 @@ def _timings(
                 with torch.no_grad():
                     sliding_window_features(bb, x, crop, s, cfg.window_batch, amp)
 
-            sliding[s].append(_time(run_slide, dev, cfg.repeats) if crop < r else single[-1])
-            windows[s].append(num_windows(r, r, crop, s) if crop < r else 1)
-    return {
-        "single": single,
-        "sliding": {str(s): v for s, v in sliding.items()},
-        "windows": {str(s): v for s, v in windows.items()},
-    }
+            sliding[str(s)].append(_time(run_slide, dev, cfg.repeats) if crop < r else single[-1])
+            windows[str(s)].append(num_windows(r, r, crop, s) if crop < r else 1)
+    return {"single": single, "sliding": sliding, "windows": windows}
 
 
 def format_speed(result: dict[str, Any]) -> str:
@@ -227,7 +223,7 @@ def _figure(path: Path, title: str, xlabel: str, ylabel: str) -> Iterator[Any]:
         plt.close(fig)
 
 
-def speed_plot(result: dict[str, Any], path: Path) -> Path:
+def speed_plot(result: dict[str, Any], path: Path) -> None:
     """Seconds/image vs resolution (log scale), one line per method, as PNG."""
     title = f"{result['backbone']}: single pass vs sliding window (crop {result['crop']})"
     with _figure(path, title, "image side (px)", "seconds / image") as ax:
@@ -235,10 +231,9 @@ def speed_plot(result: dict[str, Any], path: Path) -> Path:
         for s, v in result["sliding"].items():
             ax.plot(result["resolutions"], v, "s--", label=f"sliding, stride {s}")
         ax.set_yscale("log")
-    return path
 
 
-def quality_cost_plot(qc: dict[str, Any], path: Path) -> Path:
+def quality_cost_plot(qc: dict[str, Any], path: Path) -> None:
     """Cosine to the finest teacher vs seconds/image (log), one labelled point per method, as PNG."""
     title = f"quality vs cost ({qc['images']} held-out images)"
     with _figure(path, title, "seconds / image", f"mean cosine to {qc['reference']}") as ax:
@@ -255,7 +250,6 @@ def quality_cost_plot(qc: dict[str, Any], path: Path) -> Path:
                 fontsize=8,
             )
         ax.set_xscale("log")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -58,11 +58,6 @@ class EvalRun:
     images: dict[str, str] = field(default_factory=dict)  # PNG file -> MLflow image key prefix
 
 
-def workdir(cfg: ReportConfig) -> str:
-    """Where the MLflow store lives: ``cfg.workdir``, else ``$SPAR_WORKDIR``, else ``./work`` (as spar distill)."""
-    return cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")
-
-
 @contextlib.contextmanager
 def output_dir(cfg: ReportConfig) -> Iterator[Path]:
     """The local folder the block writes its result files into: ``cfg.out`` (created) when it is a local folder;
@@ -97,7 +92,9 @@ def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
     if not cfg.mlflow:
         return
     with _start_run(cfg, run.default_name, run.params, {"spar.eval": run.kind, **run.tags}) as active:
-        mlflow.log_metrics({k: v for k, v in run.metrics.items() if not _is_nan(v)})
+        mlflow.log_metrics(
+            {k: v for k, v in run.metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+        )
         if run.table is not None:
             mlflow.log_table(run.table, artifact_file=run.table_file)
         for f in run.files:
@@ -111,10 +108,6 @@ def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
         parent = active.data.tags.get(PARENT_RUN_TAG)
         if parent:
             log_headline_metrics(mlflow.get_tracking_uri(), parent, run.headline_kind, run.headline)
-
-
-def _is_nan(v: float) -> bool:
-    return isinstance(v, float) and math.isnan(v)
 
 
 def _parent_run(cfg: ReportConfig, uri: str) -> tuple[str, str] | None:
@@ -133,8 +126,9 @@ def _start_run(
     cfg: ReportConfig, default_name: str, extra_params: dict[str, object], tags: dict[str, str]
 ) -> Iterator[Run]:
     """An MLflow run with the resolved config, git commit and system metrics, under its training run if any."""
-    exp_id = setup_experiment(cfg.experiment, workdir(cfg))
-    uri = tracking_uri(workdir(cfg))
+    workdir = cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")  # as spar distill
+    exp_id = setup_experiment(cfg.experiment, workdir)
+    uri = tracking_uri(workdir)
     parent = _parent_run(cfg, uri)
     tags = {"spar.stage": "eval", "git_commit": git_commit(), **tags}
     if parent is not None:

@@ -12,20 +12,17 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from pipeline.cache.reader import open_cache
 from pipeline.common import storage
 from pipeline.common.errors import UserError
-from pipeline.data.imageset import open_imageset
-from pipeline.eval.config import FidelityConfig, ReportConfig
-from pipeline.eval.model import dense_features, load_model, protocol_size, resize_rgb
+from pipeline.data.resize import resize_linear
+from pipeline.eval.model import dense_features, load_model, protocol_size
 from pipeline.eval.segment import published, read_photo, safe_stem
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 
-__all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "fidelity_pca_pngs", "run_cli"]
+__all__ = ["shared_pca_rgb", "pca_panel", "viz_images", "run_cli"]
 
 
 class VizError(UserError):
@@ -79,8 +76,7 @@ def pca_panel(img: np.ndarray, maps: dict[str, np.ndarray], tile: int = 256) -> 
 
 
 def _features(bb: Backbone, img: np.ndarray, mode: str, crop: int = 0, stride: int = 0) -> np.ndarray:
-    with torch.no_grad():
-        return dense_features(bb, img, mode, crop, stride)[0].cpu().numpy()  # (h, w, D)
+    return dense_features(bb, img, mode, crop, stride)[0].cpu().numpy()  # (h, w, D)
 
 
 def viz_images(
@@ -100,7 +96,7 @@ def viz_images(
     with storage.staged_dir(out) as staged:
         for path, img in photos:
             size = protocol_size(*img.shape[:2], short_side, 0, base.patch_size)
-            x = resize_rgb(img, size)
+            x = resize_linear(img, size)
             maps = {
                 "teacher (sliding)": _features(base, x, "sliding", crop, stride),
                 "baseline (single pass)": _features(base, x, "single"),
@@ -110,38 +106,6 @@ def viz_images(
             pca_panel(x, maps).save(target)
             written.append(published(out, target))
     return written
-
-
-def fidelity_pca_pngs(cfg: FidelityConfig, out: Path) -> list[Path]:
-    """PCA panels of the first ``cfg.overlays`` held-out images of a fidelity report (teacher from the cache)."""
-    if not cfg.checkpoint or cfg.overlays <= 0:
-        return []
-    ims, cache = open_imageset(cfg.images), open_cache(cfg.teacher_cache)
-    spec = cache.spec
-    student = load_model(checkpoint=cfg.checkpoint)
-    base = load_model(
-        backbone=spec.backbone, pretrained=cfg.pretrained or spec.pretrained or "", seed=student_seed(cfg)
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for shard in range(ims.num_shards):
-        for rec, img in ims.iter_shard(shard):
-            if len(written) >= cfg.overlays:
-                return written
-            maps = {
-                "teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32),
-                "baseline": _features(base, img, "single"),
-                "student": _features(student, img, "single"),
-            }
-            target = out / f"{rec.key}_pca.png"
-            pca_panel(img, maps).save(target)
-            written.append(target)
-    return written
-
-
-def student_seed(cfg: ReportConfig) -> int:
-    """Seed of the random base weights the student was trained from (0 for pretrained weights)."""
-    return int(read_backbone_info(cfg.checkpoint).get("seed", 0))
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -141,32 +141,24 @@ def write_student_files(bb: Backbone, out_dir: str | os.PathLike, meta: StudentM
     write_json(d / CONFIG_FILE, meta.config)
 
 
-def _atomic_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def save_student(bb: Backbone, out_dir: str | os.PathLike, meta: StudentMeta) -> Path:
     """Save the student's trainable weights + backbone identity + config to ``out_dir`` atomically.
 
     Returns the directory. An existing directory is replaced only once the new one is complete.
     """
     out = Path(out_dir)
-    tmp = _atomic_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write_student_files(bb, tmp, meta)
         write_checksums(tmp)
-        _publish(tmp, out)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -200,45 +192,38 @@ def load_student(
     (CheckpointError) a checkpoint whose files are corrupt, whose base weights identity differs from the backbone
     that can be built here, or (``expect_backbone``) that is for another backbone.
     """
-    if is_local(str(ckpt_dir)):
-        d = Path(local_path(str(ckpt_dir)))
+    where = str(ckpt_dir)
+    if is_local(where):
+        d = Path(local_path(where))
         if not d.is_dir():
-            raise CheckpointError(f"student checkpoint {ckpt_dir}: no such directory")
+            raise CheckpointError(f"student checkpoint {where}: no such directory")
         if (d / CHECKSUMS_FILE).exists():
             verify_checkpoint(d, required=(STUDENT_FILE, BACKBONE_FILE))
-        return _load_student_files(d, str(ckpt_dir), device, dtype, expect_backbone)
-    with local_student(str(ckpt_dir)) as d:
-        return _load_student_files(d, str(ckpt_dir), device, dtype, expect_backbone)
-
-
-def _load_student_files(
-    d: Path, where: str, device: str | torch.device, dtype: torch.dtype, expect_backbone: str | None
-) -> Backbone:
-    """:func:`load_student` of the (verified) local directory ``d``; errors name ``where``."""
-    info = read_backbone_info(d)
-    if expect_backbone is not None and info["name"] != expect_backbone:
-        raise CheckpointError(
-            f"student checkpoint {where} is for backbone {info['name']!r}, not {expect_backbone!r}"
-        )
-    bb = build_backbone(
-        info["name"], pretrained=info.get("pretrained") or None, device=device, dtype=dtype,
-        seed=int(info.get("seed", 0)),
-    )  # fmt: skip
-    if bb.weights_id != info["weights_id"]:
-        raise CheckpointError(
-            f"student checkpoint {where} was trained from base weights {info['weights_id']!r}, but the backbone "
-            f"built here has {bb.weights_id!r}; pass the same --pretrained weights"
-        )
-    try:
-        sd = load_file(str(d / STUDENT_FILE), device="cpu")
-    except FileNotFoundError:
-        raise CheckpointError(f"student checkpoint {where}: missing {STUDENT_FILE}") from None
-    except Exception as e:  # safetensors raises its own error types on bad headers
-        raise CheckpointError(f"student checkpoint {where}: cannot read {STUDENT_FILE} ({e})") from None
-    own = bb.state_dict()
-    what = f"student checkpoint {where} does not fit {info['name']}"
-    check_state_dict(what, sd, own, partial=True, error=CheckpointError)
-    bb.load_trainable_state_dict({k: v.to(device=device, dtype=own[k].dtype) for k, v in sd.items()})
+    with local_student(where) as d:  # a URL: downloaded and verified
+        info = read_backbone_info(d)
+        if expect_backbone is not None and info["name"] != expect_backbone:
+            raise CheckpointError(
+                f"student checkpoint {where} is for backbone {info['name']!r}, not {expect_backbone!r}"
+            )
+        bb = build_backbone(
+            info["name"], pretrained=info.get("pretrained") or None, device=device, dtype=dtype,
+            seed=int(info.get("seed", 0)),
+        )  # fmt: skip
+        if bb.weights_id != info["weights_id"]:
+            raise CheckpointError(
+                f"student checkpoint {where} was trained from base weights {info['weights_id']!r}, but the "
+                f"backbone built here has {bb.weights_id!r}; pass the same --pretrained weights"
+            )
+        try:
+            sd = load_file(str(d / STUDENT_FILE), device="cpu")
+        except FileNotFoundError:
+            raise CheckpointError(f"student checkpoint {where}: missing {STUDENT_FILE}") from None
+        except Exception as e:  # safetensors raises its own error types on bad headers
+            raise CheckpointError(f"student checkpoint {where}: cannot read {STUDENT_FILE} ({e})") from None
+        own = bb.state_dict()
+        what = f"student checkpoint {where} does not fit {info['name']}"
+        check_state_dict(what, sd, own, partial=True, error=CheckpointError)
+        bb.load_trainable_state_dict({k: v.to(device=device, dtype=own[k].dtype) for k, v in sd.items()})
     return bb
 
 

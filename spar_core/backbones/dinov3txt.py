@@ -186,14 +186,10 @@ class DinoTxtBackbone(Backbone):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP BPE token ids (N, 77): start token, text, end token, zero padding (truncated with end token)."""
         if self._tokenizer is None:
-            from open_clip.tokenizer import SimpleTokenizer
+            from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-            ctx = self.model.spec.context_length
-            self._tokenizer = (
-                SimpleTokenizer(bpe_path=self._vocab, context_length=ctx)
-                if self._vocab
-                else SimpleTokenizer(context_length=ctx)
-            )
+            bpe = self._vocab or default_bpe()
+            self._tokenizer = SimpleTokenizer(bpe_path=bpe, context_length=self.model.spec.context_length)
         return self._tokenizer(list(texts))
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:

@@ -111,11 +111,8 @@ def _family_mean_std(oc_name: str | None, tag: str | None) -> tuple[tuple[float,
         return _CLIP_MEAN_STD
     if "siglip" in oc_name.lower():
         return _HALF_MEAN_STD
-    cfgs = [open_clip.get_pretrained_cfg(oc_name, t) for t in ([tag] if tag else [])]
-    if not cfgs:
-        cfgs = [
-            open_clip.get_pretrained_cfg(oc_name, t) for t in open_clip.list_pretrained_tags_by_model(oc_name)
-        ]
+    tags = [tag] if tag else open_clip.list_pretrained_tags_by_model(oc_name)
+    cfgs = [open_clip.get_pretrained_cfg(oc_name, t) for t in tags]
     found = {(tuple(c["mean"]), tuple(c["std"])) for c in cfgs if c and c.get("mean") and c.get("std")}
     if len(found) == 1:
         return found.pop()
