@@ -5,8 +5,8 @@ newest good checkpoint, stream this rank's image + target batches, step, report.
 Every rank streams its own shard pairs (:mod:`pipeline.train.stream`) at the exact data position of the checkpoint,
 trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
 ``checkpoint_every`` steps and at every epoch end; rank 0 attaches the training checkpoint
-(:mod:`pipeline.train.state`, :mod:`pipeline.train.run_dir`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
-and feeds the driver's progress bar.
+(:mod:`pipeline.train.state`, :mod:`pipeline.train.run_dir`), logs per-step metrics to the run
+(:class:`~pipeline.common.tracking_queue.QueuedRunLog`) and feeds the driver's progress bar.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.common.trace import mark
-from pipeline.common.tracking import system_metrics
+from pipeline.common.tracking import system_metrics, tracking_wait_s
+from pipeline.common.tracking_queue import QueuedRunLog
 from pipeline.data.imageset import open_imageset
 from pipeline.student.format import StudentMeta
 from pipeline.train.plan import DistillPlan, RunLink
@@ -44,8 +45,6 @@ from spar_core.distill import trainable_parameters
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
-
-    from pipeline.train.tracking import MetricLog
 
 __all__ = ["Rank", "train_rank", "train_worker"]
 
@@ -93,10 +92,11 @@ def train_rank(plan: DistillPlan, link: RunLink, start: str, me: Rank) -> None:
         log(f"rank {me.rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         me.report({"step": state.step, "epoch": state.epoch, "done": 1}, None, None)
         return
-    mlog = _metric_log(link, plan) if me.rank == 0 else None
+    # rank 0's metrics, queued: a step never waits on the tracking server (MLflow is imported by rank 0 only)
+    mlog = QueuedRunLog(link.tracking_uri, link.run_id) if me.rank == 0 else None
     if mlog is not None:  # where and how the steps really ran (a GPU check reads these back)
         amp = runner.autocast_dtype
-        mlog.tag({
+        mlog.add_tags({
             "worker_device": str(me.device),
             "autocast_dtype": str(amp).removeprefix("torch.") if amp is not None else "none",
             "grad_scaler": str(runner.scaler is not None).lower(),
@@ -109,7 +109,7 @@ def train_rank(plan: DistillPlan, link: RunLink, start: str, me: Rank) -> None:
         with system_metrics(link.run_id, link.tracking_uri):  # on rank 0's node: its CPUs, memory, GPUs
             loop.run()
     finally:
-        mlog.close()  # the queued metrics delivered (bounded wait), or kept in a named local file
+        mlog.close(tracking_wait_s())  # delivered (bounded wait), or kept in a named local file
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -121,14 +121,6 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 def _student(plan: DistillPlan, device: torch.device) -> Backbone:
     return build_backbone(plan.student, plan.base_weights, device=device, seed=plan.backbone_seed)
-
-
-def _metric_log(link: RunLink, plan: DistillPlan) -> MetricLog:
-    """Rank 0's metric log. Imported here, not with this module: MLflow's import (~1.2 s of CPU) is paid by rank 0
-    only, not by every worker process of the group while they start at once."""
-    from pipeline.train.tracking import MetricLog
-
-    return MetricLog(link.tracking_uri, link.run_id, plan.log_every)
 
 
 def _build(plan: DistillPlan, me: Rank, start: str) -> tuple[StepRunner, TrainState]:
@@ -176,7 +168,7 @@ class _Loop:
         runner: StepRunner,
         state: TrainState,
         me: Rank,
-        mlog: MetricLog | None,
+        mlog: QueuedRunLog | None,
     ) -> None:
         self.plan, self.link, self.runner, self.state = plan, link, runner, state
         self.rank, self.world, self.report, self.mlog = me.rank, me.world, me.report, mlog
@@ -235,14 +227,10 @@ class _Loop:
                 or state.step >= plan.total_steps
                 or stop
             ):
-                if self.mlog is not None:
-                    self.mlog.flush()
                 self._report(metrics)
             if stop and state.step < plan.total_steps:
                 log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
                 break
-        if self.mlog is not None:
-            self.mlog.flush()
         mark("train_end")
 
     def _step(self, item: dict[str, Any]) -> tuple[float, float]:
@@ -265,7 +253,7 @@ class _Loop:
         if self.mlog is None:
             return
         scaler = self.runner.scaler
-        self.mlog.add(
+        self.mlog.add_metrics(
             {
                 "loss": loss,
                 "lr": lr,
@@ -282,7 +270,7 @@ class _Loop:
         extra = self.state.extra
         mean = extra["epoch_loss_sum"] / max(1, extra["epoch_steps"])
         if self.mlog is not None:
-            self.mlog.add({"epoch_loss": mean, "epoch_time_s": seconds}, epoch)
+            self.mlog.add_metrics({"epoch_loss": mean, "epoch_time_s": seconds}, epoch)
         extra["epoch_loss_sum"], extra["epoch_steps"] = 0.0, 0
         return mean
 
