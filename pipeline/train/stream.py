@@ -200,9 +200,6 @@ class _TarReader:
         self._it: Iterator[tuple[str, bytes]] | None = None
         self._seg = 0
 
-    def _members(self, shard: int) -> Iterator[tuple[str, bytes]]:
-        return self.ims.iter_pngs(shard, StreamError)
-
     def get(self, key: str, shard: int) -> bytes:
         while key not in self.pending:
             if self._it is None:
@@ -210,7 +207,7 @@ class _TarReader:
                     raise StreamError(
                         f"image {key!r} was not found in image shard {shard} ({self.ims.shard_url(shard)})"
                     )
-                self._it = self._members(self.segments[self._seg][0])
+                self._it = self.ims.iter_pngs(self.segments[self._seg][0], StreamError)
                 self._seg += 1
             nxt = next(self._it, None)
             if nxt is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from pipeline.train.state import (
     save_training_checkpoint,
 )
 from pipeline.train.step import StepRunner
-from pipeline.train.stream import PairedStream, Planner, make_loader, refs_from_imageset
+from pipeline.train.stream import PairedStream, make_loader
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.distill import trainable_parameters
 
@@ -172,32 +172,26 @@ class _Loop:
     ) -> None:
         self.plan, self.link, self.runner, self.state = plan, link, runner, state
         self.rank, self.world, self.report, self.mlog = me.rank, me.world, me.report, mlog
-        self.planner = Planner(refs_from_imageset(open_imageset(plan.images)), seed=plan.seed, world_size=me.world,
-                               batch_size=plan.batch_size, shuffle_buffer=plan.shuffle_buffer)  # fmt: skip
         self.progress = me.progress
-
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        """This rank's batches from the state's data position on."""
-        p, s = self.plan, self.state
-        stream = PairedStream(
-            p.images,
-            None if p.teacher_online else p.cache,
-            seed=p.seed,
-            rank=self.rank,
-            world_size=self.world,
-            patch_size=p.patch_size,
-            batch_size=p.batch_size,
-            shuffle_buffer=p.shuffle_buffer,
-            start_epoch=s.epoch,
-            start_batch=s.batch_in_epoch,
-            num_batches=p.total_steps - s.step,
-            verify=p.verify_pixels,
+        self.stream = PairedStream(  # this rank's batches from the state's data position on
+            plan.images,
+            None if plan.teacher_online else plan.cache,
+            seed=plan.seed,
+            rank=me.rank,
+            world_size=me.world,
+            patch_size=plan.patch_size,
+            batch_size=plan.batch_size,
+            shuffle_buffer=plan.shuffle_buffer,
+            start_epoch=state.epoch,
+            start_batch=state.batch_in_epoch,
+            num_batches=plan.total_steps - state.step,
+            verify=plan.verify_pixels,
         )
-        return iter(make_loader(stream, p.loader_workers))
+        self.planner = self.stream.planner(open_imageset(plan.images))
 
     def run(self) -> None:
         plan, state = self.plan, self.state
-        it = self._batches()
+        it = iter(make_loader(self.stream, plan.loader_workers))
         epoch_t0 = t_prev = time.perf_counter()
         while state.step < plan.total_steps:
             t0 = time.perf_counter()
