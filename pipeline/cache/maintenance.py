@@ -137,12 +137,8 @@ def invalidate_shards(path: str, shards: Sequence[int]) -> None:
 
 def list_caches(cache_root: str) -> list[str]:
     """Paths of the caches (directories with a spec.json) directly under ``cache_root``."""
-    out = []
-    for name in storage.listdir(cache_root):
-        p = storage.join(cache_root, name)
-        if storage.exists(storage.join(p, SPEC_NAME)):
-            out.append(p)
-    return out
+    paths = (storage.join(cache_root, name) for name in storage.listdir(cache_root))
+    return [p for p in paths if storage.exists(storage.join(p, SPEC_NAME))]
 
 
 def summarize(path: str) -> dict[str, Any]:

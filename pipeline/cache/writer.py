@@ -99,39 +99,31 @@ class ShardWriter:
     def _create_arrays(self) -> tuple[zarr.Array, zarr.Array | None]:
         """The temporary store's ``features`` array [rows, D] (and ``scales`` [rows] for int8 caches)."""
         store = zarr_store(self.tmp_store, read_only=False)
-        compressors = ZstdCodec(level=ZSTD_LEVEL, checksum=True)  # a damaged chunk fails to decode
-        array = zarr.create_array(
-            store,
-            name=ARRAY_NAME,
-            shape=(self.rows, self.dim),
-            dtype=self.dtype,
-            chunks=(self.chunk_rows, self.dim),
-            shards=(self.shard_rows, self.dim),
-            compressors=compressors,
-            attributes={
-                "attempt": self.attempt,
-                "shard": self.shard,
-                "rows": self.rows,
-                "format_version": FORMAT_VERSION,
-            },
-            zarr_format=3,
-            overwrite=True,
-        )
+
+        def create(name: str, cols: tuple[int, ...], dtype: str, attributes: dict[str, Any]) -> zarr.Array:
+            return zarr.create_array(
+                store,
+                name=name,
+                shape=(self.rows, *cols),
+                dtype=dtype,
+                chunks=(self.chunk_rows, *cols),
+                shards=(self.shard_rows, *cols),
+                compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),  # a damaged chunk fails to decode
+                attributes=attributes,
+                zarr_format=3,
+                overwrite=True,
+            )
+
+        meta = {
+            "attempt": self.attempt,
+            "shard": self.shard,
+            "rows": self.rows,
+            "format_version": FORMAT_VERSION,
+        }
+        array = create(ARRAY_NAME, (self.dim,), self.dtype, meta)
         if self.dtype not in QUANTIZED_DTYPES:
             return array, None
-        scales = zarr.create_array(
-            store,
-            name=SCALES_NAME,
-            shape=(self.rows,),
-            dtype="float32",
-            chunks=(self.chunk_rows,),
-            shards=(self.shard_rows,),
-            compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),
-            attributes={"attempt": self.attempt, "codec": "absmax-per-row"},
-            zarr_format=3,
-            overwrite=True,
-        )
-        return array, scales
+        return array, create(SCALES_NAME, (), "float32", {"attempt": self.attempt, "codec": "absmax-per-row"})
 
     def add(self, key: str, feats: np.ndarray) -> None:
         """Append one image's features ``(h, w, D)`` (any float dtype; stored as the cache dtype)."""
