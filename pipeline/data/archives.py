@@ -83,11 +83,6 @@ def expand_archives(src: str) -> list[str]:
     return [src]
 
 
-def member_source(archive: str, name: str) -> str:
-    """The source string of member ``name`` of ``archive`` (fsspec's chained URL: ``fsspec.open`` reads it)."""
-    return f"tar://{name}::{archive}"
-
-
 def list_archive_members(archive: str) -> list[tuple[str, MemberLocation]]:
     """(member name, location) of every regular file in ``archive``, in archive order, from the headers alone.
 
@@ -189,7 +184,8 @@ def archive_sources(
         keep = set(paper_selection(images) if select == "paper" else images)
         for name, loc in members:
             if name in keep or loc.tail:
-                src = f"{archive}@{loc.offset}" if loc.tail else member_source(archive, name)
+                # a member's source is fsspec's chained URL (``fsspec.open`` reads it)
+                src = f"{archive}@{loc.offset}" if loc.tail else f"tar://{name}::{archive}"
                 pairs.append((src, name.removeprefix("./")))
                 where[src] = loc
     if not pairs:
