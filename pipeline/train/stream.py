@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import KW_ONLY, dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, TypedDict, TypeVar
 
@@ -228,6 +229,7 @@ def decode_png(data: bytes, ref: ImageRecord, verify: bool = True) -> np.ndarray
     return arr
 
 
+@dataclass(eq=False)
 class PairedStream(IterableDataset):
     """Batches of ``{"image": (B, H, W, 3) uint8, "target": (B, H/p, W/p, D), "keys", "epoch", "batch"}``.
 
@@ -235,31 +237,22 @@ class PairedStream(IterableDataset):
     ``(start_epoch, start_batch)`` and yields ``num_batches`` batches (None: forever).
     """
 
-    def __init__(
-        self,
-        images: str,
-        cache: str | None,
-        *,
-        seed: int,
-        rank: int,
-        world_size: int,
-        patch_size: int,
-        batch_size: int = 1,
-        shuffle_buffer: int = 64,
-        start_epoch: int = 0,
-        start_batch: int = 0,
-        num_batches: int | None = None,
-        verify: bool = True,
-    ) -> None:
-        super().__init__()
-        self.images, self.cache = images, cache
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.patch_size = patch_size
-        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
-        self.start_epoch, self.start_batch = start_epoch, start_batch
-        self.num_batches = num_batches
-        self.verify = verify
-        self._entry_cache: tuple[TeacherCache, dict[str, ShardEntry]] | None = None
+    images: str
+    cache: str | None
+    _: KW_ONLY
+    seed: int
+    rank: int
+    world_size: int
+    patch_size: int
+    batch_size: int = 1
+    shuffle_buffer: int = 64
+    start_epoch: int = 0
+    start_batch: int = 0
+    num_batches: int | None = None
+    verify: bool = True  # check every image's pixel sha256
+    _entry_cache: tuple[TeacherCache, dict[str, ShardEntry]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def planner(self, ims: ImageSet) -> Planner:
         return Planner(
