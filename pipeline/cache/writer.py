@@ -7,6 +7,7 @@ The precompute task (:mod:`.precompute`) feeds a writer one image's features at 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -78,12 +79,9 @@ class ShardWriter:
         self.dim = dim
         self.dtype = dtype
         self.attempt = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.entries: list[ShardEntry] = []
-        offset = 0
-        for e in entries:
-            self.entries.append(replace(e, offset=offset, checksum=""))
-            offset += e.h * e.w
-        self.rows = offset
+        offsets = [0, *itertools.accumulate(e.h * e.w for e in entries)]  # each image's h*w rows, in order
+        self.entries = [replace(e, offset=o, checksum="") for e, o in zip(entries, offsets, strict=False)]
+        self.rows = offsets[-1]
         stem = storage.join(cache_path, SHARDS_DIR, storage.shard_stem(shard))
         self.final_store = f"{stem}.zarr"
         self.tmp_store = f"{stem}.zarr{storage.TMP_TAG}{self.attempt}"

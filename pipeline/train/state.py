@@ -111,9 +111,7 @@ def save_training_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION}
     if state.optimizer is not None:
-        t, m = _split_optimizer(state.optimizer)
-        tensors.update(t)
-        meta["optimizer"] = m
+        tensors, meta["optimizer"] = _split_optimizer(state.optimizer)
     rng_json = {}
     for k, v in state.rng.items():
         if k == "torch":

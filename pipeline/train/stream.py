@@ -130,7 +130,9 @@ class Planner:
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
-        self._truncated = lru_cache(maxsize=64)(self._truncated_uncached)
+        # (epoch, rank) -> the rank's batches for the epoch, truncated to steps(epoch): one shared list per epoch and
+        # rank (read it, do not modify it; copying it on every call made a stream's epoch quadratic in its length)
+        self.batches = lru_cache(maxsize=64)(self._batches)
 
     def inputs(self, epoch: int, rank: int) -> list[tuple[int, list[ImageRecord]]]:
         """The rank's input segments for ``epoch``: (shard, its samples this rank reads, in tar order).
@@ -160,12 +162,7 @@ class Planner:
         """Batches every rank takes in ``epoch`` (the minimum over ranks)."""
         return min(len(self._plan(epoch, r)) for r in range(self.world_size))
 
-    def batches(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
-        """The rank's batches for ``epoch``, truncated to ``steps(epoch)`` (one shared list per epoch and rank: read
-        it, do not modify it; copying it on every call made a stream's epoch quadratic in its length)."""
-        return self._truncated(epoch, rank)
-
-    def _truncated_uncached(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
+    def _batches(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
         return self._plan(epoch, rank)[: self.steps(epoch)]
 
     def total_steps(self, epochs: int) -> int:
