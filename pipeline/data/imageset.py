@@ -287,11 +287,8 @@ class ImageSet:
             got = [(r["key"], r["pixel_sha256"]) for r in sc.get("records", [])]
             if got != [(r.key, r.pixel_sha256) for r in self._by_shard[i]]:
                 problems.append(f"shard {i}: sidecar and manifest disagree on keys or pixel hashes")
-            if deep:
-                if sha256_of(tar, self.fs) != sc.get("tar_sha256"):
-                    problems.append(
-                        f"shard {i}: tar sha256 differs from the one recorded at ingest (corrupt)"
-                    )
+            if deep and sha256_of(tar, self.fs) != sc.get("tar_sha256"):
+                problems.append(f"shard {i}: tar sha256 differs from the one recorded at ingest (corrupt)")
         return problems
 
     def _open_shard(self, i: int, error: type[Exception] = ImageSetError) -> IO[bytes]:
