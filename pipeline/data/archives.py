@@ -27,14 +27,9 @@ from pipeline.data.config import IngestError
 from pipeline.data.sources import IMAGE_EXTENSIONS, Rejected, error_text, read_source
 
 __all__ = [
-    "ARCHIVE_EXTENSIONS",
-    "PAPER_ARCHIVES",
-    "PAPER_MAX_INDEX",
-    "SELECTIONS",
     "MemberLocation",
     "ArchiveReader",
     "is_archive",
-    "expand_archives",
     "list_archive_members",
     "paper_selection",
     "archive_sources",

@@ -24,8 +24,6 @@ from pipeline.data.resize import resize_linear
 from pipeline.data.sources import Rejected, error_text
 
 __all__ = [
-    "ACCEPTED_FORMATS",
-    "key_rng",
     "sample_augmentation",
     "augmentation_for",
     "apply_augmentation",
