@@ -112,13 +112,13 @@ class ShardWriter:
                 overwrite=True,
             )
 
-        meta = {
+        attrs = {
             "attempt": self.attempt,
             "shard": self.shard,
             "rows": self.rows,
             "format_version": FORMAT_VERSION,
         }
-        array = create(ARRAY_NAME, (self.dim,), self.dtype, meta)
+        array = create(ARRAY_NAME, (self.dim,), self.dtype, attrs)
         if self.dtype not in QUANTIZED_DTYPES:
             return array, None
         return array, create(SCALES_NAME, (), "float32", {"attempt": self.attempt, "codec": "absmax-per-row"})
