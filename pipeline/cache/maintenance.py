@@ -42,9 +42,9 @@ class Problem:
         return f"{self.where}: {self.problem}"
 
 
-def verify_cache(path: str, check_data: bool = True) -> tuple[TeacherCache, list[Problem]]:
-    """Check a cache: spec.json against its directory name, each shard's marker/manifest/store, and (with
-    ``check_data``) every image's rows against its checksum. Returns the cache and the problems found."""
+def verify_cache(path: str) -> tuple[TeacherCache, list[Problem]]:
+    """Check a cache: spec.json against its directory name, each shard's marker/manifest/store, and every image's
+    rows against its checksum. Returns the cache and the problems found."""
     cache = open_cache(path)
     problems: list[Problem] = []
     fp = cache.spec.fingerprint()
@@ -58,7 +58,7 @@ def verify_cache(path: str, check_data: bool = True) -> tuple[TeacherCache, list
             Problem(SPEC_NAME, f"spec fingerprint {fp} does not match its directory name {dirname}")
         )
     for i in range(cache.num_shards):
-        p = _verify_shard(cache, i, check_data)
+        p = _verify_shard(cache, i)
         if p:
             problems.append(Problem(storage.shard_stem(i), p))
     return cache, problems
@@ -69,7 +69,7 @@ def shards_with_problems(problems: Sequence[Problem]) -> list[int]:
     return [int(p.where.split("-")[1]) for p in problems if p.where != SPEC_NAME]
 
 
-def _verify_shard(cache: TeacherCache, i: int, check_data: bool) -> str:
+def _verify_shard(cache: TeacherCache, i: int) -> str:
     """What is wrong with shard ``i`` ("" when nothing)."""
     files = ShardFiles(cache.path, i)
     if not storage.exists(files.marker):
@@ -95,10 +95,7 @@ def _verify_shard(cache: TeacherCache, i: int, check_data: bool) -> str:
             return f"scales unreadable: {type(e).__name__}: {e}"
         if tuple(sarr.shape) != (manifest["rows"],):
             return f"scales shape {tuple(sarr.shape)} != ({manifest['rows']},)"
-    bad_rows = _manifest_rows_problem(manifest)
-    if bad_rows or not check_data:
-        return bad_rows
-    return _data_problem(manifest, arr, sarr)
+    return _manifest_rows_problem(manifest) or _data_problem(manifest, arr, sarr)
 
 
 def _manifest_rows_problem(manifest: dict[str, Any]) -> str:
@@ -137,12 +134,8 @@ def invalidate_shards(path: str, shards: Sequence[int]) -> None:
 
 def list_caches(cache_root: str) -> list[str]:
     """Paths of the caches (directories with a spec.json) directly under ``cache_root``."""
-    out = []
-    for name in storage.listdir(cache_root):
-        p = storage.join(cache_root, name)
-        if storage.exists(storage.join(p, SPEC_NAME)):
-            out.append(p)
-    return out
+    paths = (storage.join(cache_root, name) for name in storage.listdir(cache_root))
+    return [p for p in paths if storage.exists(storage.join(p, SPEC_NAME))]
 
 
 def summarize(path: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import sys
 import time
 from collections.abc import Iterator
@@ -118,7 +119,9 @@ def precompute(
     _say(cfg, f"precompute {len(todo)}/{cache.num_shards} shard(s) into {cache.path}")
     with _mlflow_run(cfg, spec, cache, todo) as run:
         t0 = time.time()
-        result = _compute_shards(cfg, cache.path, ims, todo)
+        # in this process, or one Ray task per shard (cfg.runner); each shard's stats or failure
+        compute = _compute_here if precomputes_in_process(cfg) else _run_shard_tasks
+        result = compute(cfg, cache.path, ims, todo)
         failures = {i: _one_line(e) for i, e in result.failed.items()}
         if run is not None:
             _log_cost(cache, result.done, failures, time.time() - t0)
@@ -151,9 +154,7 @@ def repair_cache(path: str, shards: list[int], images: str | None = None, worker
         stride=s.stride,
         dtype=s.dtype,  # type: ignore[arg-type]
         autocast=s.autocast,  # type: ignore[arg-type]
-        cache_root=cache.path.rstrip("/").rsplit("/", 1)[0]
-        if "://" in cache.path
-        else os.path.dirname(cache.path),
+        cache_root=posixpath.dirname(cache.path),  # a local path or a URL (no trailing '/': open_cache)
         workers=workers or 0,
     )
     spec, _ = resolve_spec(cfg, open_imageset(images))
@@ -238,36 +239,21 @@ def _log_cost(
     )
 
 
-def _task_cpus(cfg: PrecomputeConfig, cluster_cpus: float) -> float:
-    """CPUs per task, capped at the cluster's CPUs (a larger request would never be scheduled)."""
-    if cfg.cpus_per_task > cluster_cpus:
-        _say(
-            cfg,
-            f"precompute: cpus_per_task={cfg.cpus_per_task} > the cluster's {cluster_cpus:g} CPUs; using {cluster_cpus:g}",
-        )
-        return max(1.0, cluster_cpus)
-    return float(cfg.cpus_per_task)
-
-
 def _shard_task(cfg: PrecomputeConfig) -> tuple[RemoteFunction, float]:
     """The Ray remote of :func:`compute_shard` with this run's resources, and the CPUs each task gets."""
-    cpus = _task_cpus(cfg, float(cluster_cpus()))
+    cpus, have = float(cfg.cpus_per_task), float(cluster_cpus())
+    if cpus > have:  # capped: a larger request would never be scheduled
+        _say(
+            cfg,
+            f"precompute: cpus_per_task={cfg.cpus_per_task} > the cluster's {have:g} CPUs; using {have:g}",
+        )
+        cpus = max(1.0, have)
     opts: dict[str, Any] = {"num_cpus": cpus, "max_retries": cfg.max_retries, "retry_exceptions": True,
                             "runtime_env": task_runtime_env()}  # fmt: skip
     if cluster_gpus() > 0 and cfg.device != "cpu":
         opts["num_gpus"] = cfg.gpus_per_task
         opts["max_calls"] = 0  # keep the worker (and its loaded teacher) across tasks
     return ray.remote(**opts)(compute_shard), cpus  # max_calls is only accepted here, not in .options()
-
-
-def _compute_shards(
-    cfg: PrecomputeConfig, cache_path: str, ims: ImageSet, todo: list[int]
-) -> PoolResult[int]:
-    """Each shard of ``todo`` computed, in this process or as Ray tasks (``cfg.runner``); each one's stats or
-    failure."""
-    if precomputes_in_process(cfg):
-        return _compute_here(cfg, cache_path, ims, todo)
-    return _run_shard_tasks(cfg, cache_path, ims, todo)
 
 
 def _compute_here(cfg: PrecomputeConfig, cache_path: str, ims: ImageSet, todo: list[int]) -> PoolResult[int]:

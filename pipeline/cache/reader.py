@@ -38,7 +38,6 @@ class TeacherCache:
 
     def __init__(self, path: str, doc: dict[str, Any]):
         self.path = path
-        self.doc = doc
         self.spec = CacheSpec.from_dict(doc["spec"])
         self.fingerprint: str = doc["fingerprint"]
         layout = doc.get("layout") or {}
@@ -93,13 +92,12 @@ class TeacherCache:
 
     def _key_index(self) -> dict[str, tuple[int, int]]:
         if self._index is None:
-            index: dict[str, tuple[int, int]] = {}
-            for i in range(self.num_shards):
-                if not self.shard_complete(i):
-                    continue
-                for j, e in enumerate(self.manifest(i)["entries"]):
-                    index[e["key"]] = (i, j)
-            self._index = index
+            self._index = {
+                e["key"]: (i, j)
+                for i in range(self.num_shards)
+                if self.shard_complete(i)
+                for j, e in enumerate(self.manifest(i)["entries"])
+            }
         return self._index
 
     def keys(self) -> list[str]:

@@ -55,10 +55,7 @@ def compute_shard(cache_path: str, images: str, shard: int, cfg_dict: dict[str, 
     ``cfg_dict`` is the run's :class:`PrecomputeConfig` as a dict. Credentials and endpoints come from the task's
     runtime environment (:func:`pipeline.common.tasks.task_runtime_env`), never from its arguments."""
     mark("task_start", once=True)
-    return _compute_shard(cache_path, images, shard, PrecomputeConfig(**{**cfg_dict, "progress": False}))
-
-
-def _compute_shard(cache_path: str, images: str, shard: int, cfg: PrecomputeConfig) -> dict[str, Any]:
+    cfg = PrecomputeConfig(**{**cfg_dict, "progress": False})
     t0 = time.perf_counter()
     cache = open_cache(cache_path)
     stats: dict[str, Any] = {"shard": shard, "status": "already-complete", "images": 0, "windows": 0}

@@ -90,15 +90,10 @@ class CacheSpec:
                 f"cache crop and stride must be positive, got crop={self.crop} stride={self.stride}"
             )
 
-    def identity(self) -> dict[str, Any]:
-        """The fingerprinted fields (all but ``pretrained``)."""
-        d = asdict(self)
-        d.pop("pretrained")
-        return d
-
     def fingerprint(self) -> str:
-        """sha256 hex of the canonical JSON of :meth:`identity`."""
-        return hashlib.sha256(storage.canonical_json(self.identity()).encode()).hexdigest()
+        """sha256 hex of the canonical JSON of every field but ``pretrained`` (a hint only)."""
+        identity = {k: v for k, v in asdict(self).items() if k != "pretrained"}
+        return hashlib.sha256(storage.canonical_json(identity).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CacheSpec:

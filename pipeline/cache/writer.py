@@ -7,6 +7,7 @@ The precompute task (:mod:`.precompute`) feeds a writer one image's features at 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -78,12 +79,9 @@ class ShardWriter:
         self.dim = dim
         self.dtype = dtype
         self.attempt = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.entries: list[ShardEntry] = []
-        offset = 0
-        for e in entries:
-            self.entries.append(replace(e, offset=offset, checksum=""))
-            offset += e.h * e.w
-        self.rows = offset
+        offsets = [0, *itertools.accumulate(e.h * e.w for e in entries)]  # each image's h*w rows, in order
+        self.entries = [replace(e, offset=o, checksum="") for e, o in zip(entries, offsets, strict=False)]
+        self.rows = offsets[-1]
         stem = storage.join(cache_path, SHARDS_DIR, storage.shard_stem(shard))
         self.final_store = f"{stem}.zarr"
         self.tmp_store = f"{stem}.zarr{storage.TMP_TAG}{self.attempt}"
@@ -99,39 +97,31 @@ class ShardWriter:
     def _create_arrays(self) -> tuple[zarr.Array, zarr.Array | None]:
         """The temporary store's ``features`` array [rows, D] (and ``scales`` [rows] for int8 caches)."""
         store = zarr_store(self.tmp_store, read_only=False)
-        compressors = ZstdCodec(level=ZSTD_LEVEL, checksum=True)  # a damaged chunk fails to decode
-        array = zarr.create_array(
-            store,
-            name=ARRAY_NAME,
-            shape=(self.rows, self.dim),
-            dtype=self.dtype,
-            chunks=(self.chunk_rows, self.dim),
-            shards=(self.shard_rows, self.dim),
-            compressors=compressors,
-            attributes={
-                "attempt": self.attempt,
-                "shard": self.shard,
-                "rows": self.rows,
-                "format_version": FORMAT_VERSION,
-            },
-            zarr_format=3,
-            overwrite=True,
-        )
+
+        def create(name: str, cols: tuple[int, ...], dtype: str, attributes: dict[str, Any]) -> zarr.Array:
+            return zarr.create_array(
+                store,
+                name=name,
+                shape=(self.rows, *cols),
+                dtype=dtype,
+                chunks=(self.chunk_rows, *cols),
+                shards=(self.shard_rows, *cols),
+                compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),  # a damaged chunk fails to decode
+                attributes=attributes,
+                zarr_format=3,
+                overwrite=True,
+            )
+
+        attrs = {
+            "attempt": self.attempt,
+            "shard": self.shard,
+            "rows": self.rows,
+            "format_version": FORMAT_VERSION,
+        }
+        array = create(ARRAY_NAME, (self.dim,), self.dtype, attrs)
         if self.dtype not in QUANTIZED_DTYPES:
             return array, None
-        scales = zarr.create_array(
-            store,
-            name=SCALES_NAME,
-            shape=(self.rows,),
-            dtype="float32",
-            chunks=(self.chunk_rows,),
-            shards=(self.shard_rows,),
-            compressors=ZstdCodec(level=ZSTD_LEVEL, checksum=True),
-            attributes={"attempt": self.attempt, "codec": "absmax-per-row"},
-            zarr_format=3,
-            overwrite=True,
-        )
-        return array, scales
+        return array, create(SCALES_NAME, (), "float32", {"attempt": self.attempt, "codec": "absmax-per-row"})
 
     def add(self, key: str, feats: np.ndarray) -> None:
         """Append one image's features ``(h, w, D)`` (any float dtype; stored as the cache dtype)."""

@@ -27,14 +27,9 @@ from pipeline.data.config import IngestError
 from pipeline.data.sources import IMAGE_EXTENSIONS, Rejected, error_text, read_source
 
 __all__ = [
-    "ARCHIVE_EXTENSIONS",
-    "PAPER_ARCHIVES",
-    "PAPER_MAX_INDEX",
-    "SELECTIONS",
     "MemberLocation",
     "ArchiveReader",
     "is_archive",
-    "expand_archives",
     "list_archive_members",
     "paper_selection",
     "archive_sources",
@@ -81,11 +76,6 @@ def expand_archives(src: str) -> list[str]:
     if not fs.isfile(path):
         raise IngestError(f"{src}: no such tar archive")
     return [src]
-
-
-def member_source(archive: str, name: str) -> str:
-    """The source string of member ``name`` of ``archive`` (fsspec's chained URL: ``fsspec.open`` reads it)."""
-    return f"tar://{name}::{archive}"
 
 
 def list_archive_members(archive: str) -> list[tuple[str, MemberLocation]]:
@@ -189,7 +179,8 @@ def archive_sources(
         keep = set(paper_selection(images) if select == "paper" else images)
         for name, loc in members:
             if name in keep or loc.tail:
-                src = f"{archive}@{loc.offset}" if loc.tail else member_source(archive, name)
+                # a member's source is fsspec's chained URL (``fsspec.open`` reads it)
+                src = f"{archive}@{loc.offset}" if loc.tail else f"tar://{name}::{archive}"
                 pairs.append((src, name.removeprefix("./")))
                 where[src] = loc
     if not pairs:

@@ -24,8 +24,6 @@ from pipeline.data.resize import resize_linear
 from pipeline.data.sources import Rejected, error_text
 
 __all__ = [
-    "ACCEPTED_FORMATS",
-    "key_rng",
     "sample_augmentation",
     "augmentation_for",
     "apply_augmentation",
@@ -141,14 +139,12 @@ def apply_augmentation(img: Image.Image, params: Augmentation) -> np.ndarray:
 def to_rgb(img: Image.Image, background: Sequence[int]) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB: 16-bit/int/float grey scaled to 8 bit, alpha composited on ``background``."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
-        if mode != "I" or arr.max(initial=0) > 255:
+        if mode == "F":
+            arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        elif mode != "I" or arr.max(initial=0) > 255:
             arr = arr / 257.0  # 0..65535 -> 0..255
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-    elif mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")

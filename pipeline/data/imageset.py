@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.common.errors import UserError
-from pipeline.common.storage import canonical_json, sha256_of, shard_stem
+from pipeline.common.storage import canonical_json, is_local, sha256_of, shard_stem
 
 IMAGES_DIR = "images"
 MANIFEST_NAME = "manifest.parquet"
@@ -167,7 +167,8 @@ class ImageSet:
     def __init__(self, url: str) -> None:
         self.fs, path = fsspec.core.url_to_fs(url)
         self.images_path = _resolve_images_dir(self.fs, path, url)
-        self.url = _join_url(url, path, self.images_path)
+        # the images dir in the user's spelling: a path, or a URL with its scheme
+        self.url = self.images_path if is_local(url) else self.fs.unstrip_protocol(self.images_path)
         meta_path = f"{self.images_path}/{IMAGESET_NAME}"
         try:
             with self.fs.open(meta_path, "rb") as f:
@@ -286,11 +287,8 @@ class ImageSet:
             got = [(r["key"], r["pixel_sha256"]) for r in sc.get("records", [])]
             if got != [(r.key, r.pixel_sha256) for r in self._by_shard[i]]:
                 problems.append(f"shard {i}: sidecar and manifest disagree on keys or pixel hashes")
-            if deep:
-                if sha256_of(tar, self.fs) != sc.get("tar_sha256"):
-                    problems.append(
-                        f"shard {i}: tar sha256 differs from the one recorded at ingest (corrupt)"
-                    )
+            if deep and sha256_of(tar, self.fs) != sc.get("tar_sha256"):
+                problems.append(f"shard {i}: tar sha256 differs from the one recorded at ingest (corrupt)")
         return problems
 
     def _open_shard(self, i: int, error: type[Exception] = ImageSetError) -> IO[bytes]:
@@ -327,14 +325,6 @@ def _resolve_images_dir(fs: fsspec.AbstractFileSystem, path: str, url: str) -> s
         f"{url}: not an image set (no {IMAGES_DIR}/{IMAGESET_NAME} or {IMAGESET_NAME}; "
         "is ingest finished? run `spar ingest SRC --out ROOT`)"
     )
-
-
-def _join_url(url: str, path: str, images_path: str) -> str:
-    """URL of the images dir in the user's spelling (keeps the scheme for remote stores)."""
-    if "://" not in url or url.startswith("file://"):
-        return images_path
-    scheme = url.split("://", 1)[0]
-    return f"{scheme}://{images_path}"
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, url: str) -> list[ImageRecord]:

@@ -16,11 +16,8 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
-    "DECODE_S_PER_PIXEL",
-    "READ_S_PER_TARGET_BYTE",
     "GPU_STEP_FLOPS_PER_S",
     "CPU_STEP_FLOPS_PER_S",
-    "HEADROOM",
     "LoaderSizing",
     "sample_load_seconds",
     "student_step_flops",

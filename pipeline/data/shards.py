@@ -151,12 +151,11 @@ def write_shard(
 
 
 def load_complete_shard(
-    fs: fsspec.AbstractFileSystem, images: str, shard: int, plan: str, items: Items = ()
+    fs: fsspec.AbstractFileSystem, images: str, shard: int, plan: str, items: Items
 ) -> dict[str, Any] | None:
-    """The sidecar of shard ``shard`` if its tar exists and matches it and the plan, else None.
-
-    With ``items`` ((key, source) of the shard's plan) the sidecar must also account for every planned input
-    exactly once, in order: accepted records and rejections together.
+    """The sidecar of shard ``shard`` if its tar exists and matches it and the plan, and it accounts for every
+    planned input (``items``: (key, source) of the shard's plan) exactly once, in order: accepted records and
+    rejections together. Else None.
     """
     tar, side = f"{images}/{shard_stem(shard)}.tar", f"{images}/{shard_stem(shard)}.json"
     if not (fs.exists(tar) and fs.exists(side)):
@@ -170,7 +169,7 @@ def load_complete_shard(
         return None
     if fs.size(tar) != sc.get("tar_bytes") or sha256_of(tar, fs) != sc.get("tar_sha256"):
         return None
-    return sc if not items or _accounts_for(sc, items) else None
+    return sc if _accounts_for(sc, items) else None
 
 
 def _accounts_for(sc: dict[str, Any], items: Items) -> bool:

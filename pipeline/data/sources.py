@@ -19,7 +19,6 @@ from pipeline.data.config import IngestError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MAX_KEY_LEN",
     "Rejected",
     "error_text",
     "list_sources",

@@ -159,16 +159,10 @@ def _blocks_needed(bb: Backbone, changed: list[str]) -> int | str:
     """The smallest ``k`` such that every changed parameter lies in the last ``k`` blocks, else ``"all"``."""
     if not changed:
         return 0
-    n = bb.num_blocks
     block_of = {id(p): i for i, blk in enumerate(bb.blocks) for p in blk.parameters()}
     named = dict(bb.model.named_parameters())
-    first = n
-    for k in changed:
-        i = block_of.get(id(named[k]))
-        if i is None:
-            return "all"
-        first = min(first, i)
-    return n - first
+    blocks = [block_of.get(id(named[k]), -1) for k in changed]  # -1: outside the blocks
+    return "all" if min(blocks) < 0 else bb.num_blocks - min(blocks)
 
 
 def import_checkpoint(

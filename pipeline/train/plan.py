@@ -12,7 +12,7 @@ driver's progress bar); it is not a parameter.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pipeline.train.config import DistillConfig, DistillError
 
@@ -67,11 +67,6 @@ class RunLink:
     progress_actor: str = ""  # named Ray actor of the driver's progress bar ("" = none)
 
 
-class _WindowSpec(Protocol):
-    crop: int
-    stride: int
-
-
 def resolve_student(cfg: DistillConfig, spec: CacheSpec | None) -> tuple[str, str, int]:
     """(backbone name, pretrained or "none", seed) of the student: by default the cache teacher's."""
     name = cfg.student or (spec.backbone if spec else "")
@@ -95,7 +90,7 @@ def resolve_student(cfg: DistillConfig, spec: CacheSpec | None) -> tuple[str, st
     return name, pretrained, seed
 
 
-def teacher_window(cfg: DistillConfig, spec: _WindowSpec | None, native_size: int) -> tuple[int, int]:
+def teacher_window(cfg: DistillConfig, spec: CacheSpec | None, native_size: int) -> tuple[int, int]:
     """(crop, stride) of the teacher: the config's, else the cache spec's, else the backbone's native size and
     the paper's 24 px stride (the online teacher without a cache)."""
     crop = cfg.crop or (spec.crop if spec is not None else native_size)

@@ -13,13 +13,11 @@ import json
 import posixpath
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.common.storage import (
     StorageError,
     exists,
-    is_local,
     join,
     listdir,
     read_json,
@@ -147,12 +145,8 @@ def check_resume_backbone(run_dirs: list[str], student: Backbone) -> None:
                 continue  # unusable checkpoints are reported and skipped by the restore
             if meta.get("name") != student.name or meta.get("weights_id") != student.weights_id:
                 raise DistillError(
-                    f"distill --resume: run {_basename(run_dirs[0])} trains a {meta.get('name')} student from "
-                    f"{meta.get('weights_id')} (checkpoint {name}), not {student.name} from "
-                    f"{student.weights_id}; resume with the same student or start a new run"
+                    f"distill --resume: run {posixpath.basename(run_dirs[0].rstrip('/'))} trains a "
+                    f"{meta.get('name')} student from {meta.get('weights_id')} (checkpoint {name}), not "
+                    f"{student.name} from {student.weights_id}; resume with the same student or start a new run"
                 )
             return
-
-
-def _basename(location: str) -> str:
-    return posixpath.basename(location.rstrip("/")) if not is_local(location) else Path(location).name

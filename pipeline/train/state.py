@@ -55,7 +55,7 @@ def capture_rng() -> dict[str, Any]:
     """Snapshot torch (CPU, CUDA), numpy and python RNG states."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+        rng["cuda"] = list(torch.cuda.get_rng_state_all())
     np_state = np.random.get_state()
     rng["numpy"] = [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]
     py = random.getstate()
@@ -111,9 +111,7 @@ def save_training_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION}
     if state.optimizer is not None:
-        t, m = _split_optimizer(state.optimizer)
-        tensors.update(t)
-        meta["optimizer"] = m
+        tensors, meta["optimizer"] = _split_optimizer(state.optimizer)
     rng_json = {}
     for k, v in state.rng.items():
         if k == "torch":
@@ -174,7 +172,5 @@ def checkpoint_dir_name(step: int) -> str:
 
 def step_of(name: str) -> int | None:
     """Inverse of checkpoint_dir_name; None for other names."""
-    prefix = "checkpoint_step"
-    if name.startswith(prefix) and name[len(prefix) :].isdigit():
-        return int(name[len(prefix) :])
-    return None
+    digits = name.removeprefix("checkpoint_step")
+    return int(digits) if digits != name and digits.isdigit() else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import KW_ONLY, dataclass, field
 from functools import lru_cache
 from typing import Any, Generic, TypedDict, TypeVar
 
@@ -129,7 +130,9 @@ class Planner:
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
-        self._truncated = lru_cache(maxsize=64)(self._truncated_uncached)
+        # (epoch, rank) -> the rank's batches for the epoch, truncated to steps(epoch): one shared list per epoch and
+        # rank (read it, do not modify it; copying it on every call made a stream's epoch quadratic in its length)
+        self.batches = lru_cache(maxsize=64)(self._batches)
 
     def inputs(self, epoch: int, rank: int) -> list[tuple[int, list[ImageRecord]]]:
         """The rank's input segments for ``epoch``: (shard, its samples this rank reads, in tar order).
@@ -159,12 +162,7 @@ class Planner:
         """Batches every rank takes in ``epoch`` (the minimum over ranks)."""
         return min(len(self._plan(epoch, r)) for r in range(self.world_size))
 
-    def batches(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
-        """The rank's batches for ``epoch``, truncated to ``steps(epoch)`` (one shared list per epoch and rank: read
-        it, do not modify it; copying it on every call made a stream's epoch quadratic in its length)."""
-        return self._truncated(epoch, rank)
-
-    def _truncated_uncached(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
+    def _batches(self, epoch: int, rank: int) -> list[list[ImageRecord]]:
         return self._plan(epoch, rank)[: self.steps(epoch)]
 
     def total_steps(self, epochs: int) -> int:
@@ -200,9 +198,6 @@ class _TarReader:
         self._it: Iterator[tuple[str, bytes]] | None = None
         self._seg = 0
 
-    def _members(self, shard: int) -> Iterator[tuple[str, bytes]]:
-        return self.ims.iter_pngs(shard, StreamError)
-
     def get(self, key: str, shard: int) -> bytes:
         while key not in self.pending:
             if self._it is None:
@@ -210,7 +205,7 @@ class _TarReader:
                     raise StreamError(
                         f"image {key!r} was not found in image shard {shard} ({self.ims.shard_url(shard)})"
                     )
-                self._it = self._members(self.segments[self._seg][0])
+                self._it = self.ims.iter_pngs(self.segments[self._seg][0], StreamError)
                 self._seg += 1
             nxt = next(self._it, None)
             if nxt is None:
@@ -231,6 +226,7 @@ def decode_png(data: bytes, ref: ImageRecord, verify: bool = True) -> np.ndarray
     return arr
 
 
+@dataclass(eq=False)
 class PairedStream(IterableDataset):
     """Batches of ``{"image": (B, H, W, 3) uint8, "target": (B, H/p, W/p, D), "keys", "epoch", "batch"}``.
 
@@ -238,31 +234,22 @@ class PairedStream(IterableDataset):
     ``(start_epoch, start_batch)`` and yields ``num_batches`` batches (None: forever).
     """
 
-    def __init__(
-        self,
-        images: str,
-        cache: str | None,
-        *,
-        seed: int,
-        rank: int,
-        world_size: int,
-        patch_size: int,
-        batch_size: int = 1,
-        shuffle_buffer: int = 64,
-        start_epoch: int = 0,
-        start_batch: int = 0,
-        num_batches: int | None = None,
-        verify: bool = True,
-    ) -> None:
-        super().__init__()
-        self.images, self.cache = images, cache
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.patch_size = patch_size
-        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
-        self.start_epoch, self.start_batch = start_epoch, start_batch
-        self.num_batches = num_batches
-        self.verify = verify
-        self._entry_cache: tuple[TeacherCache, dict[str, ShardEntry]] | None = None
+    images: str
+    cache: str | None
+    _: KW_ONLY
+    seed: int
+    rank: int
+    world_size: int
+    patch_size: int
+    batch_size: int = 1
+    shuffle_buffer: int = 64
+    start_epoch: int = 0
+    start_batch: int = 0
+    num_batches: int | None = None
+    verify: bool = True  # check every image's pixel sha256
+    _entry_cache: tuple[TeacherCache, dict[str, ShardEntry]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def planner(self, ims: ImageSet) -> Planner:
         return Planner(

@@ -1,6 +1,7 @@
 """A distillation's MLflow run: created (or reopened on --resume) by the driver with the plan as params, lineage
-tags and the cache and image set as dataset inputs; fed per-step metrics by rank 0 (:class:`MetricLog`); closed with
-the loss-curve plot and the finished student as a registered pyfunc model (:mod:`pipeline.eval.mlflow_model`).
+tags and the cache and image set as dataset inputs; fed per-step metrics by rank 0 (through
+:class:`~pipeline.common.tracking_queue.QueuedRunLog`); closed with the loss-curve plot and the finished student as a
+registered pyfunc model (:mod:`pipeline.eval.mlflow_model`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from mlflow.entities import Param
 from pipeline.cache.reader import TeacherCache
 from pipeline.common.console import verbose
 from pipeline.common.storage import write_bytes_atomic
-from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri, tracking_wait_s
-from pipeline.common.tracking_queue import QueuedRunLog
+from pipeline.common.tracking import flatten_params, setup_experiment, tracking_uri
 from pipeline.data.imageset import ImageSet
 from pipeline.train.plan import DistillPlan
 
-__all__ = ["MetricLog", "start_run", "log_loss_curve", "log_student_model"]
+__all__ = ["start_run", "log_loss_curve", "log_student_model"]
 
 
 def start_run(
@@ -86,30 +86,6 @@ def _log_inputs(client: MlflowClient, run_id: str, ims: ImageSet, cache: Teacher
     client.log_inputs(run_id, datasets=inputs)
 
 
-class MetricLog:
-    """Rank 0's per-step metrics and tags for the MLflow run the driver created, queued and delivered in order by a
-    background thread (:class:`~pipeline.common.tracking_queue.QueuedRunLog`): a training step never waits on the
-    tracking server, and an outage of it costs no step and no metric."""
-
-    def __init__(self, uri: str, run_id: str, every: int) -> None:
-        self.run_id, self.every = run_id, every
-        self.queue = QueuedRunLog(uri, run_id)
-
-    def tag(self, tags: dict[str, str]) -> None:
-        self.queue.add_tags(tags)
-
-    def add(self, metrics: dict[str, float], step: int) -> None:
-        self.queue.add_metrics(metrics, step)
-
-    def flush(self) -> None:
-        """Nothing to do: entries go out as they come (kept for the loop's checkpoint points)."""
-
-    def close(self, wait_s: float | None = None) -> Path | None:
-        """Deliver what is queued (waiting at most ``wait_s``, default ``$SPAR_TRACKING_WAIT_S``); the spool file of
-        what could not be delivered, or None."""
-        return self.queue.close(tracking_wait_s() if wait_s is None else wait_s)
-
-
 def log_loss_curve(client: MlflowClient, run_id: str, out: str) -> None:
     """Plot the per-step loss to ``out`` (a path or URL) and log it as a file and as an image of the run (nothing
     if no loss)."""
@@ -135,9 +111,7 @@ def _loss_curve_png(client: MlflowClient, run_id: str, out: Path) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step = {}
-    for m in sorted(hist, key=lambda m: m.timestamp):
-        by_step[m.step] = m.value
+    by_step = {m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, [by_step[s] for s in steps], lw=1)

@@ -5,8 +5,8 @@ newest good checkpoint, stream this rank's image + target batches, step, report.
 Every rank streams its own shard pairs (:mod:`pipeline.train.stream`) at the exact data position of the checkpoint,
 trains with :class:`~pipeline.train.step.StepRunner` (DDP all-reduces the gradients), and reports every
 ``checkpoint_every`` steps and at every epoch end; rank 0 attaches the training checkpoint
-(:mod:`pipeline.train.state`, :mod:`pipeline.train.run_dir`), logs per-step metrics to the run (:class:`~pipeline.train.tracking.MetricLog`)
-and feeds the driver's progress bar.
+(:mod:`pipeline.train.state`, :mod:`pipeline.train.run_dir`), logs per-step metrics to the run
+(:class:`~pipeline.common.tracking_queue.QueuedRunLog`) and feeds the driver's progress bar.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.common.trace import mark
-from pipeline.common.tracking import system_metrics
+from pipeline.common.tracking import system_metrics, tracking_wait_s
+from pipeline.common.tracking_queue import QueuedRunLog
 from pipeline.data.imageset import open_imageset
 from pipeline.student.format import StudentMeta
 from pipeline.train.plan import DistillPlan, RunLink
@@ -38,14 +39,12 @@ from pipeline.train.state import (
     save_training_checkpoint,
 )
 from pipeline.train.step import StepRunner
-from pipeline.train.stream import PairedStream, Planner, make_loader, refs_from_imageset
+from pipeline.train.stream import PairedStream, make_loader
 from spar_core.backbones import Backbone, build_backbone
 from spar_core.distill import trainable_parameters
 
 if TYPE_CHECKING:
     from ray.train import Checkpoint
-
-    from pipeline.train.tracking import MetricLog
 
 __all__ = ["Rank", "train_rank", "train_worker"]
 
@@ -93,10 +92,11 @@ def train_rank(plan: DistillPlan, link: RunLink, start: str, me: Rank) -> None:
         log(f"rank {me.rank}: nothing to do, already at step {state.step} of {plan.total_steps}")
         me.report({"step": state.step, "epoch": state.epoch, "done": 1}, None, None)
         return
-    mlog = _metric_log(link, plan) if me.rank == 0 else None
+    # rank 0's metrics, queued: a step never waits on the tracking server (MLflow is imported by rank 0 only)
+    mlog = QueuedRunLog(link.tracking_uri, link.run_id) if me.rank == 0 else None
     if mlog is not None:  # where and how the steps really ran (a GPU check reads these back)
         amp = runner.autocast_dtype
-        mlog.tag({
+        mlog.add_tags({
             "worker_device": str(me.device),
             "autocast_dtype": str(amp).removeprefix("torch.") if amp is not None else "none",
             "grad_scaler": str(runner.scaler is not None).lower(),
@@ -109,7 +109,7 @@ def train_rank(plan: DistillPlan, link: RunLink, start: str, me: Rank) -> None:
         with system_metrics(link.run_id, link.tracking_uri):  # on rank 0's node: its CPUs, memory, GPUs
             loop.run()
     finally:
-        mlog.close()  # the queued metrics delivered (bounded wait), or kept in a named local file
+        mlog.close(tracking_wait_s())  # delivered (bounded wait), or kept in a named local file
 
 
 def _no_buffer_sync() -> dict[str, bool]:
@@ -121,14 +121,6 @@ def _no_buffer_sync() -> dict[str, bool]:
 
 def _student(plan: DistillPlan, device: torch.device) -> Backbone:
     return build_backbone(plan.student, plan.base_weights, device=device, seed=plan.backbone_seed)
-
-
-def _metric_log(link: RunLink, plan: DistillPlan) -> MetricLog:
-    """Rank 0's metric log. Imported here, not with this module: MLflow's import (~1.2 s of CPU) is paid by rank 0
-    only, not by every worker process of the group while they start at once."""
-    from pipeline.train.tracking import MetricLog
-
-    return MetricLog(link.tracking_uri, link.run_id, plan.log_every)
 
 
 def _build(plan: DistillPlan, me: Rank, start: str) -> tuple[StepRunner, TrainState]:
@@ -176,36 +168,30 @@ class _Loop:
         runner: StepRunner,
         state: TrainState,
         me: Rank,
-        mlog: MetricLog | None,
+        mlog: QueuedRunLog | None,
     ) -> None:
         self.plan, self.link, self.runner, self.state = plan, link, runner, state
         self.rank, self.world, self.report, self.mlog = me.rank, me.world, me.report, mlog
-        self.planner = Planner(refs_from_imageset(open_imageset(plan.images)), seed=plan.seed, world_size=me.world,
-                               batch_size=plan.batch_size, shuffle_buffer=plan.shuffle_buffer)  # fmt: skip
         self.progress = me.progress
-
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        """This rank's batches from the state's data position on."""
-        p, s = self.plan, self.state
-        stream = PairedStream(
-            p.images,
-            None if p.teacher_online else p.cache,
-            seed=p.seed,
-            rank=self.rank,
-            world_size=self.world,
-            patch_size=p.patch_size,
-            batch_size=p.batch_size,
-            shuffle_buffer=p.shuffle_buffer,
-            start_epoch=s.epoch,
-            start_batch=s.batch_in_epoch,
-            num_batches=p.total_steps - s.step,
-            verify=p.verify_pixels,
+        self.stream = PairedStream(  # this rank's batches from the state's data position on
+            plan.images,
+            None if plan.teacher_online else plan.cache,
+            seed=plan.seed,
+            rank=me.rank,
+            world_size=me.world,
+            patch_size=plan.patch_size,
+            batch_size=plan.batch_size,
+            shuffle_buffer=plan.shuffle_buffer,
+            start_epoch=state.epoch,
+            start_batch=state.batch_in_epoch,
+            num_batches=plan.total_steps - state.step,
+            verify=plan.verify_pixels,
         )
-        return iter(make_loader(stream, p.loader_workers))
+        self.planner = self.stream.planner(open_imageset(plan.images))
 
     def run(self) -> None:
         plan, state = self.plan, self.state
-        it = self._batches()
+        it = iter(make_loader(self.stream, plan.loader_workers))
         epoch_t0 = t_prev = time.perf_counter()
         while state.step < plan.total_steps:
             t0 = time.perf_counter()
@@ -235,14 +221,10 @@ class _Loop:
                 or state.step >= plan.total_steps
                 or stop
             ):
-                if self.mlog is not None:
-                    self.mlog.flush()
                 self._report(metrics)
             if stop and state.step < plan.total_steps:
                 log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
                 break
-        if self.mlog is not None:
-            self.mlog.flush()
         mark("train_end")
 
     def _step(self, item: dict[str, Any]) -> tuple[float, float]:
@@ -265,7 +247,7 @@ class _Loop:
         if self.mlog is None:
             return
         scaler = self.runner.scaler
-        self.mlog.add(
+        self.mlog.add_metrics(
             {
                 "loss": loss,
                 "lr": lr,
@@ -282,7 +264,7 @@ class _Loop:
         extra = self.state.extra
         mean = extra["epoch_loss_sum"] / max(1, extra["epoch_steps"])
         if self.mlog is not None:
-            self.mlog.add({"epoch_loss": mean, "epoch_time_s": seconds}, epoch)
+            self.mlog.add_metrics({"epoch_loss": mean, "epoch_time_s": seconds}, epoch)
         extra["epoch_loss_sum"], extra["epoch_steps"] = 0.0, 0
         return mean
 
