@@ -39,7 +39,7 @@ from pipeline.bench.measure import (
 from pipeline.cache.maintenance import invalidate_shards, verify_cache
 from pipeline.cache.precompute import PrecomputeConfig, precompute
 from pipeline.cache.reader import open_cache
-from pipeline.cache.shard_task import compute_shard, precast_for_autocast
+from pipeline.cache.shard_task import compute_shard
 from pipeline.cache.spec import CacheSpec, ShardEntry
 from pipeline.cache.writer import ShardWriter, write_spec
 from pipeline.common.tasks import init_ray
@@ -194,7 +194,7 @@ def _sweep(
     sweep = []
     for prec, batch, cast in runs:
         amp = None if prec == "none" else DTYPES[prec]
-        model = precast_for_autocast(precast, amp) if cast else bb
+        model = precast.precast_for_autocast(amp) if cast else bb
         r = teacher_rate(model, pix, crop, args.stride, batch, amp, repeats=args.repeats)
         achieved = r["windows_per_s"] * flops / 1e9
         sweep.append({"precision": prec, "precast_weights": cast, "window_batch": batch, **r,

@@ -39,13 +39,8 @@ def _teacher(name: str, pretrained: str | None, seed: int, device: str, amp: tor
         _TEACHERS.clear()
         _TEACHER_BUILDS[0] += 1
         bb = build_backbone(name, pretrained, device=device, dtype=torch.float32, seed=seed)
-        _TEACHERS[key] = precast_for_autocast(bb, amp) if amp is not None else bb
+        _TEACHERS[key] = bb.precast_for_autocast(amp) if amp is not None else bb
     return _TEACHERS[key]
-
-
-def precast_for_autocast(model: Backbone, dtype: torch.dtype) -> Backbone:
-    """Cast a frozen teacher's autocast weights once (see ``Backbone.precast_for_autocast``). In place."""
-    return model.precast_for_autocast(dtype)
 
 
 def compute_shard(cache_path: str, images: str, shard: int, cfg_dict: dict[str, Any]) -> dict[str, Any]:

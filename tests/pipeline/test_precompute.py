@@ -25,7 +25,7 @@ from pipeline.cache.config import PrecomputeConfig, precomputes_in_process
 from pipeline.cache.maintenance import verify_cache
 from pipeline.cache.precompute import precompute, repair_cache, resolve_spec
 from pipeline.cache.reader import open_cache
-from pipeline.cache.shard_task import compute_shard, precast_for_autocast
+from pipeline.cache.shard_task import compute_shard
 from pipeline.cache.spec import CacheError, ShardEntry, cache_path_for
 from pipeline.cache.writer import ShardWriter, write_spec
 from pipeline.cli import resolve_handler
@@ -227,7 +227,7 @@ def test_precast_weights_give_bit_identical_autocast_features(photos):
     img = np.array(photos["coffee"][:160, :224])  # (160, 224, 3)
     ref_bb, cast_bb = (
         build_backbone("tiny-clip-64"),
-        precast_for_autocast(build_backbone("tiny-clip-64"), torch.bfloat16),
+        build_backbone("tiny-clip-64").precast_for_autocast(torch.bfloat16),
     )
     assert cast_bb.model.visual.conv1.weight.dtype == torch.bfloat16
     assert cast_bb.model.visual.ln_post.weight.dtype == torch.float32
