@@ -48,7 +48,9 @@ class DistillConfig:
     checkpoint_every: int = 500  # steps between checkpoints (and one at each epoch end)
     # Ray Train keeps this many (older good ones are the fall-back for corrupt ones)
     keep_checkpoints: int = 3
-    log_every: int = 10  # flush per-step metrics to MLflow every this many steps
+    # accepted, no effect: rank 0 queues every step's metrics and a background thread sends them in batches
+    # (pipeline/common/tracking_queue.py), so there is no flush to space out
+    log_every: int = 10
     workers: int = 1  # Ray Train workers (DDP ranks)
     cpus_per_worker: int = 1  # Ray CPUs per worker = torch threads
     gpus_per_worker: float = -1.0  # -1 = 1 when the cluster has GPUs, else 0
