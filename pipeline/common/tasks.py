@@ -110,9 +110,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         shutdown_ray()  # the command turned out to want a cluster: leave the early local one
     mark("ray_init_start")
     if not verbose():
-        kwargs.setdefault(
-            "logging_config", ray.LoggingConfig(log_level="WARNING")
-        )  # driver, tasks and actors
+        # Ray's own log level for the driver, tasks and actors
+        kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
         _skip_ray_chatter()
         _quiet_auth_notice()
     address = address or os.environ.get("RAY_ADDRESS")
@@ -315,18 +314,11 @@ class LatestValue:
         return self.value
 
 
-_QUIET_SOURCES = (
-    "PlacementGroupCleaner",
-)  # Ray Train's janitor actor: its state-API tracebacks are not ours
-
-
 def _drop_sources(deduplicate):  # noqa: ANN001, ANN202 - wraps Ray's LogDeduplicator.deduplicate
-    def run(batch: dict) -> list:
-        if any(s in str(batch.get("actor_name") or "") for s in _QUIET_SOURCES):
-            return []
-        return deduplicate(batch)
-
-    return run
+    # Ray Train's janitor actor: its state-API tracebacks are not ours
+    return lambda batch: (
+        [] if "PlacementGroupCleaner" in str(batch.get("actor_name") or "") else deduplicate(batch)
+    )
 
 
 def cluster_gpus() -> float:
@@ -376,7 +368,6 @@ def run_pool(
     stop_on_failure: bool = False,
     partial: Callable[[], dict[K, int]] | None = None,
     postfix: Callable[[PoolResult[K], float], str] | None = None,
-    on_done: Callable[[K, Any], None] | None = None,
     force_cancel: bool = False,
 ) -> PoolResult[K]:
     """Run one Ray task per key, at most ``limit`` in flight, with a progress bar counting ``weight(key)`` units.
@@ -412,8 +403,6 @@ def run_pool(
                         queue.clear()
                 else:
                     result.done[key] = value
-                    if on_done is not None:
-                        on_done(key, value)
                 finished_units += weight(key)
             inflight = 0
             if partial is not None and running:
