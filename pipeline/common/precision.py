@@ -65,10 +65,6 @@ def canonical(name: str) -> str:
     return _ALIASES[key]
 
 
-def _device_type(device: torch.device | str) -> str:
-    return torch.device(device).type if not isinstance(device, torch.device) else device.type
-
-
 def _cpu_flags() -> list[str]:
     try:
         return Path("/proc/cpuinfo").read_text(errors="replace").split()
@@ -129,7 +125,7 @@ def cpu_prefers_bf16() -> bool:
 def resolve(name: str, device: torch.device | str) -> Precision:
     """The concrete precision (``fp32``/``bf16``/``fp16``) for ``name`` on ``device``; ``auto`` picks the fastest."""
     p = canonical(name)
-    dev = _device_type(device)
+    dev = torch.device(device).type
     if p != "auto":
         return p  # type: ignore[return-value]
     # planned from a driver without CUDA (GPU tasks on a cluster): bf16, as on every current GPU
@@ -150,11 +146,6 @@ def autocast_dtype(name: str) -> torch.dtype | None:
     return _DTYPES[p]
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
-    """``autocast_dtype(resolve(name, device))``."""
-    return autocast_dtype(resolve(name, device))
-
-
 def cache_mode(name: str) -> str:
     """The teacher cache's spelling of a concrete precision: ``none`` (fp32), ``bf16``, ``fp16``."""
     p = canonical(name)
@@ -166,11 +157,11 @@ def cache_mode(name: str) -> str:
 @contextlib.contextmanager
 def autocast(device: torch.device | str, name: str) -> Iterator[None]:
     """torch.autocast in the precision's dtype on the device; a no-op for fp32 (``auto`` resolved here)."""
-    dt = resolve_dtype(name, device)
+    dt = autocast_dtype(resolve(name, device))
     if dt is None:
         yield
         return
-    with torch.autocast(device_type=_device_type(device), dtype=dt):
+    with torch.autocast(device_type=torch.device(device).type, dtype=dt):
         yield
 
 
