@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -251,17 +252,10 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
 def git_commit(repo: str | Path | None = None) -> str:
     """The project's git commit (``+dirty`` when the tree has changes), or ``unknown``."""
     cwd = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    git = functools.partial(subprocess.run, cwd=cwd, capture_output=True, text=True, timeout=10)
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        sha = git(["git", "rev-parse", "HEAD"], check=True).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("SPAR_GIT_COMMIT", "unknown")
@@ -283,8 +277,7 @@ def log_params_flat(params: Mapping[str, Any], prefix: str = "") -> None:
     """Log a (nested) config as flat params to the active run, in batches MLflow accepts."""
     import mlflow
 
-    flat = flatten_params(params, prefix)
-    items = sorted(flat.items())
+    items = sorted(flatten_params(params, prefix).items())
     for i in range(0, len(items), 90):
         mlflow.log_params(dict(items[i : i + 90]))
 
@@ -323,24 +316,17 @@ def system_metrics(run_id: str, uri: str, interval_s: float = 5.0) -> Iterator[N
         yield
     finally:
         if mon is not None:
-            _finish_monitor(mon)
-
-
-def _finish_monitor(mon: Any) -> None:
-    try:
-        mon.finish()
-        if getattr(mon, "_logging_step", 1) == 0:  # ended before the first interval: one sample now
-            mon.collect_metrics()
-            mon.publish_metrics(mon.aggregate_metrics())
-            mon.mlflow_logger.flush()
-    except Exception:  # noqa: BLE001 - monitoring is optional
-        pass
+            with contextlib.suppress(Exception):  # monitoring is optional
+                mon.finish()
+                if getattr(mon, "_logging_step", 1) == 0:  # ended before the first interval: one sample now
+                    mon.collect_metrics()
+                    mon.publish_metrics(mon.aggregate_metrics())
+                    mon.mlflow_logger.flush()
 
 
 def log_headline_metrics(uri: str, parent_run_id: str, kind: str, metrics: Mapping[str, float]) -> None:
     """Copy an evaluation's headline metrics onto the training run it evaluates, as ``<kind>/<name>``."""
     import math
-    import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
