@@ -78,11 +78,9 @@ def _named(target: str) -> Any:
 
 
 def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int] | None:
-    """The function that runs the parsed command: ``args.handler`` ("module:function"), or ``args.func``."""
+    """The function that runs the parsed command: ``args.handler`` ("module:function")."""
     spec = getattr(args, "handler", None)
-    if isinstance(spec, str):
-        return _named(spec)
-    return getattr(args, "func", None)
+    return _named(spec) if spec else None
 
 
 # Commands that start a local Ray cluster when no address is given: the console command starts it early.
