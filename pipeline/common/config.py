@@ -26,7 +26,6 @@ __all__ = [
     "load_config",
     "from_dict",
     "apply_overrides",
-    "parse_override",
     "to_dict",
     "save_resolved",
     "read_recipe",
@@ -74,9 +73,7 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
         allowed = get_args(tp)
         cand = value
         if from_string and isinstance(value, str):
-            for a in allowed:
-                if str(a) == value:
-                    cand = a
+            cand = next((a for a in allowed if str(a) == value), value)
         if cand not in allowed or type(cand) is not type(next(a for a in allowed if a == cand)):
             raise ConfigError(
                 f"config key {key!r}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}"

@@ -22,7 +22,6 @@ from pipeline.common.console import verbose
 from pipeline.common.trace import TRACE_ENV, mark
 
 __all__ = [
-    "FORWARD_ENV_PREFIXES",
     "task_runtime_env",
     "init_ray",
     "start_local_cluster_early",

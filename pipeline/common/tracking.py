@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.console import verbose
 from pipeline.common.errors import UserError
 from pipeline.common.storage import is_local, join, read_bytes
 
@@ -39,20 +40,15 @@ __all__ = [
     "wait_for_server",
     "require_remote_store",
     "tracking_uri",
-    "artifact_root",
     "setup_experiment",
-    "quiet_mlflow",
     "git_commit",
     "flatten_params",
     "log_params_flat",
     "mlflow_ui_command",
     "mlflow_runs_url",
-    "EXPERIMENT_KIND_TAG",
-    "MODEL_TRAINING_KIND",
     "PARENT_RUN_TAG",
     "system_metrics",
     "log_headline_metrics",
-    "LINEAGE_FILE",
     "write_run_lineage",
     "training_run_of",
 ]
@@ -146,20 +142,6 @@ def tracking_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def artifact_root(workdir: str | Path) -> str:
-    """Where the embedded store keeps artifacts."""
-    return (Path(workdir).resolve() / "mlartifacts").as_uri()
-
-
-def quiet_mlflow() -> None:
-    """MLflow's INFO chatter (database set-up, uv project detection, model registration) only when verbose."""
-    from pipeline.common.console import verbose
-
-    if not verbose():
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def _template_path() -> Path:
     """This MLflow version's empty embedded store, kept once per user (``$XDG_CACHE_HOME/spar``)."""
     import mlflow
@@ -220,7 +202,9 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     """Point MLflow at the project's store and return the id of experiment ``name`` (created once, here)."""
     import mlflow
 
-    quiet_mlflow()
+    if not verbose():  # MLflow's INFO chatter (database set-up, uv project detection, model registration)
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     local = is_local(str(workdir))  # a URL workdir goes with a tracking server: no local folder for it
     if local:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -233,7 +217,9 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     if exp is not None:
         exp_id = exp.experiment_id
     else:
-        loc = artifact_root(workdir) if uri.startswith("sqlite:") and local else None
+        loc = None  # the server's choice; the embedded store's artifacts go to <workdir>/mlartifacts
+        if uri.startswith("sqlite:") and local:
+            loc = (Path(workdir).resolve() / "mlartifacts").as_uri()
         try:
             exp_id = client.create_experiment(
                 name, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
