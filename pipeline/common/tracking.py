@@ -150,10 +150,13 @@ def _template_path() -> Path:
     return base / f"mlflow-{mlflow.__version__}-empty.db"
 
 
-def _sqlite_copy(src: Path, dst: Path) -> None:
-    """A consistent copy of a SQLite database (SQLite's online backup), written to ``dst``."""
+def _sqlite_copy(src: Path, dst: Path, sql: str, *params: str) -> None:
+    """A consistent copy of a SQLite database (SQLite's online backup), written to ``dst``; then ``sql`` run on
+    the copy."""
     with contextlib.closing(sqlite3.connect(src)) as a, contextlib.closing(sqlite3.connect(dst)) as b:
         a.backup(b)
+        with b:
+            b.execute(sql, params)
 
 
 def new_embedded_store(uri: str) -> None:
@@ -173,10 +176,8 @@ def new_embedded_store(uri: str) -> None:
     try:
         if template.exists():
             tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
-            _sqlite_copy(template, tmp)
-            with contextlib.closing(sqlite3.connect(tmp)) as c, c:
-                c.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                          (str(Path("mlruns").resolve() / "0"),))  # fmt: skip
+            sql = "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0"
+            _sqlite_copy(template, tmp, sql, str(Path("mlruns").resolve() / "0"))
             try:
                 os.link(tmp, db)
             except FileExistsError:
@@ -192,9 +193,8 @@ def new_embedded_store(uri: str) -> None:
     with contextlib.suppress(OSError, sqlite3.Error):
         template.parent.mkdir(parents=True, exist_ok=True)
         tmp = template.with_name(f".{template.name}.{os.getpid()}.new")
-        _sqlite_copy(db, tmp)
-        with contextlib.closing(sqlite3.connect(tmp)) as c, c:  # empty: no experiment but the Default one
-            c.execute("DELETE FROM experiments WHERE experiment_id != 0")
+        # empty: no experiment but the Default one
+        _sqlite_copy(db, tmp, "DELETE FROM experiments WHERE experiment_id != 0")
         os.replace(tmp, template)
 
 
