@@ -104,10 +104,8 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
         if isinstance(value, (int, tp)) and not isinstance(value, bool):
             return tp(value)
         if from_string and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return tp(value)
-            except ValueError:
-                pass
         raise ConfigError(
             f"config key {key!r}: expected {'an integer' if tp is int else 'a number'}, got {value!r}"
         )

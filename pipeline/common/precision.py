@@ -81,10 +81,8 @@ def cpu_has_amx_bf16() -> bool:
     """True when the CPU has AMX tiles with bf16 (torch's runtime check, else ``/proc/cpuinfo``'s flags)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if check is not None:
-        try:
+        with contextlib.suppress(RuntimeError, AttributeError):
             return bool(check())
-        except (RuntimeError, AttributeError):
-            pass
     return "amx_bf16" in _cpu_flags()
 
 

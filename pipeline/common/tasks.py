@@ -7,6 +7,7 @@ Token authentication stays on (Ray's default); a local cluster binds to 127.0.0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -180,10 +181,8 @@ def start_local_cluster_early(
     import signal
 
     for name in _RAY_INIT_MODULES:
-        try:
+        with contextlib.suppress(ImportError):  # another Ray version: ray.init imports what it needs itself
             importlib.import_module(name)
-        except ImportError:  # another Ray version: ray.init imports what it needs itself
-            pass
     # ray.init sets its SIGTERM handler (exit, so that atexit stops the cluster) only from the main thread, and
     # warns from any other: set the same handler here, and keep its warning off the console
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
@@ -274,7 +273,7 @@ def _skip_ray_chatter() -> None:
     """Tell the driver's worker-log printer to drop :data:`_CHATTER` lines (Ray's own knob, set at runtime)."""
     import re
 
-    try:
+    with contextlib.suppress(ImportError, AttributeError):  # another Ray version: its chatter stays
         from ray._private import ray_logging
 
         for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
@@ -283,8 +282,6 @@ def _skip_ray_chatter() -> None:
             if not getattr(dedup, "_spar_quiet", False):
                 dedup.deduplicate = _drop_sources(dedup.deduplicate)
                 dedup._spar_quiet = True
-    except (ImportError, AttributeError):  # another Ray version: its chatter stays
-        pass
 
 
 def _quiet_auth_notice() -> None:

@@ -173,20 +173,17 @@ def new_embedded_store(uri: str) -> None:
     if not uri.startswith("sqlite:///") or db.exists():
         return
     template = _template_path()
-    try:
+    with contextlib.suppress(OSError, sqlite3.Error):
         if template.exists():
             tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
             sql = "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0"
             _sqlite_copy(template, tmp, sql, str(Path("mlruns").resolve() / "0"))
             try:
-                os.link(tmp, db)
-            except FileExistsError:
-                pass
+                with contextlib.suppress(FileExistsError):  # another process made the same store first
+                    os.link(tmp, db)
             finally:
                 tmp.unlink(missing_ok=True)
             return
-    except (OSError, sqlite3.Error):
-        pass
     import mlflow
 
     mlflow.MlflowClient(uri).search_experiments(max_results=1)  # MLflow creates the store
