@@ -367,27 +367,21 @@ def split_trailing_options(rest: Sequence[str]) -> tuple[list[str], list[str]]:
     """
     submit_opts: list[str] = []
     stage_args: list[str] = []
-    items = list(rest)
-    i = 0
-    while i < len(items):
-        tok = items[i]
+    items = iter(rest)
+    for tok in items:
         if tok == "--":
-            stage_args.extend(items[i + 1 :])
+            stage_args.extend(items)
             break
-        name = tok.split("=", 1)[0]
-        if name in _TRAILING_FLAG_OPTS and "=" not in tok:
+        name, has_value = tok.split("=", 1)[0], "=" in tok
+        if (name in _TRAILING_FLAG_OPTS and not has_value) or (name in _TRAILING_VALUE_OPTS and has_value):
             submit_opts.append(tok)
         elif name in _TRAILING_VALUE_OPTS:
-            if "=" in tok:
-                submit_opts.append(tok)
-            else:
-                if i + 1 >= len(items):
-                    raise SubmitError(f"{tok} needs a value")
-                submit_opts.extend([tok, items[i + 1]])
-                i += 1
+            value = next(items, None)
+            if value is None:
+                raise SubmitError(f"{tok} needs a value")
+            submit_opts.extend([tok, value])
         else:
             stage_args.append(tok)
-        i += 1
     return submit_opts, stage_args
 
 
