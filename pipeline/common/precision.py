@@ -134,22 +134,21 @@ def resolve(name: str, device: torch.device | str) -> Precision:
     return "fp32"
 
 
-def autocast_dtype(name: str) -> torch.dtype | None:
-    """The autocast dtype of a concrete precision (``None`` for fp32). ``auto`` must be resolved first."""
+def _concrete(name: str, when: str) -> str:
     p = canonical(name)
     if p == "auto":
-        raise PrecisionError(
-            "precision 'auto' must be resolved for a device first (pipeline.common.precision.resolve)"
-        )
-    return _DTYPES[p]
+        raise PrecisionError(f"precision 'auto' must be resolved {when}")
+    return p
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of a concrete precision (``None`` for fp32). ``auto`` must be resolved first."""
+    return _DTYPES[_concrete(name, "for a device first (pipeline.common.precision.resolve)")]
 
 
 def cache_mode(name: str) -> str:
     """The teacher cache's spelling of a concrete precision: ``none`` (fp32), ``bf16``, ``fp16``."""
-    p = canonical(name)
-    if p == "auto":
-        raise PrecisionError("precision 'auto' must be resolved before it is recorded in a cache spec")
-    return _CACHE_MODES[p]
+    return _CACHE_MODES[_concrete(name, "before it is recorded in a cache spec")]
 
 
 @contextlib.contextmanager
