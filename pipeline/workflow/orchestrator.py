@@ -269,6 +269,11 @@ def stage_eval(recipe: Recipe, work: str, out: PipelineResult, extras: Extras, r
         out.evals.extend(run_eval(c) for c in todo)
 
 
+def heldout_photos(held: str) -> list[str]:
+    """The ``*.png`` files directly in the folder ``held`` (local or URL), sorted."""
+    return [storage.join(held, n) for n in storage.listdir(held) if n.endswith(".png")]
+
+
 def stage_segment(
     work: str, out: PipelineResult, cfg: SegmentConfig, files: list[str], rep: Reporter
 ) -> None:
@@ -364,8 +369,7 @@ def run_pipeline(
     held = data.heldout_source
     if extras.segment is not None and held and storage.isdir(held):
         t = time.perf_counter()
-        photos = [storage.join(held, n) for n in storage.listdir(held) if n.endswith(".png")]  # sorted
-        stage_segment(work, out, extras.segment, photos, rep)
+        stage_segment(work, out, extras.segment, heldout_photos(held), rep)
         seconds["segment"] = time.perf_counter() - t
     return out
 
