@@ -51,11 +51,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _command_of(argv: Sequence[str]) -> str | None:
-    """The subcommand named in ``argv`` (its first word not starting with '-'), if any."""
-    return next((a for a in argv if not a.startswith("-")), None)
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``spar`` parser: every command listed; ``command``'s module imported and its arguments registered."""
     parser = argparse.ArgumentParser(
@@ -78,11 +73,9 @@ def _named(target: str) -> Any:
 
 
 def resolve_handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int] | None:
-    """The function that runs the parsed command: ``args.handler`` ("module:function"), or ``args.func``."""
+    """The function that runs the parsed command: ``args.handler`` ("module:function")."""
     spec = getattr(args, "handler", None)
-    if isinstance(spec, str):
-        return _named(spec)
-    return getattr(args, "func", None)
+    return _named(spec) if spec else None
 
 
 # Commands that start a local Ray cluster when no address is given: the console command starts it early.
@@ -153,7 +146,7 @@ def main(argv: Sequence[str] | None = None, early_ray: bool = False) -> int:
     """Entry point of ``spar`` (and of ``python -m jobs.<stage>``). Returns the exit code. ``early_ray``: start the
     local Ray cluster of a Ray command in the background while its modules import (the console command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_command_of(argv))
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))  # the first non-option word
     args = parser.parse_args(argv)
     try:
         cfg = _check_stage_config(args)
@@ -181,8 +174,8 @@ def entry() -> None:
     """Console-script wrapper: the command, then its local Ray cluster stopped (a mark on each side shows what
     Ray's shutdown costs), then :func:`_exit`."""
     rc = main(early_ray=True)
-    ray_command = "pipeline.common.tasks" in sys.modules
-    if ray_command:  # stop its local cluster (after waiting for an early start to finish)
+    # a Ray command: stop its local cluster (after waiting for an early start to finish)
+    if "pipeline.common.tasks" in sys.modules:
         from pipeline.common.tasks import shutdown_ray
 
         shutdown_ray()

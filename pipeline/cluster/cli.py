@@ -1,12 +1,6 @@
-"""``spar submit``."""
+"""``spar submit``: registered by :func:`pipeline.cluster.submit.add_cli` (a light module: Ray is imported only
+when a job is submitted)."""
 
-from __future__ import annotations
+from pipeline.cluster.submit import add_cli
 
-import argparse
-
-from pipeline.cluster import submit
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``spar submit``."""
-    submit.add_cli(sub)
+__all__ = ["add_cli"]

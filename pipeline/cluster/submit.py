@@ -85,16 +85,12 @@ class SubmitError(UserError):
 # ---------------------------------------------------------------------------------------------- building blocks
 
 
-def job_module(stage: str) -> str:
-    """`jobs.<module>` for a stage name (`eval` is an alias of `evaluate`)."""
+def build_entrypoint(stage: str, stage_args: Sequence[str]) -> str:
+    """Shell command the cluster runs: `python -m jobs.<stage> <args>` with every argument shell-quoted (`eval` is
+    an alias of `evaluate`)."""
     if stage not in STAGES:
         raise SubmitError(f"unknown stage {stage!r}: choose one of {', '.join(sorted(STAGES))}")
-    return f"jobs.{STAGES[stage]}"
-
-
-def build_entrypoint(stage: str, stage_args: Sequence[str], python: str = "python") -> str:
-    """Shell command the cluster runs: `python -m jobs.<stage> <args>` with every argument shell-quoted."""
-    return shlex.join([python, "-m", job_module(stage), *stage_args])
+    return shlex.join(["python", "-m", f"jobs.{STAGES[stage]}", *stage_args])
 
 
 def parse_env_pairs(pairs: Sequence[str]) -> dict[str, str]:
@@ -121,7 +117,7 @@ def passthrough_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {
         k: v
         for k, v in environ.items()
-        if v != "" and (k in PASSTHROUGH_ENV or any(k.startswith(p) for p in PASSTHROUGH_PREFIXES))
+        if v != "" and (k in PASSTHROUGH_ENV or k.startswith(PASSTHROUGH_PREFIXES))
     }
 
 
@@ -136,6 +132,8 @@ def build_runtime_env(
     `extra_env` (from `--env`) overrides forwarded values. `RAY_ENABLE_UV_RUN_RUNTIME_ENV=0` keeps Ray from
     re-wrapping the job's workers in `uv run` (the cluster's environment is already installed).
     """
+    from pipeline.common.tracking import git_commit
+
     wd = Path(working_dir).expanduser().resolve()
     if not wd.is_dir():
         raise SubmitError(f"--working-dir {str(working_dir)!r}: not a directory")
@@ -146,16 +144,10 @@ def build_runtime_env(
         )
     env: dict[str, str] = passthrough_env(environ) if pass_env else {}
     env["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
-    env.setdefault("SPAR_GIT_COMMIT", _git_commit(wd))  # the upload has no .git: lineage comes from here
+    env.setdefault("SPAR_GIT_COMMIT", git_commit(wd))  # the upload has no .git: lineage comes from here
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra_env or {})
     return {"working_dir": str(wd), "excludes": list(UPLOAD_EXCLUDES), "env_vars": env}
-
-
-def _git_commit(wd: Path) -> str:
-    from pipeline.common.tracking import git_commit
-
-    return git_commit(wd)
 
 
 def read_auth_token(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
@@ -177,12 +169,8 @@ def read_auth_token(token_file: str | None = None, environ: Mapping[str, str] | 
         if not token:
             raise SubmitError(f"Ray auth token file {str(path)!r} is empty")
         return token
-    home = Path(environ.get("HOME", str(Path.home())))
-    default = home / ".ray" / "auth_token"
-    if default.is_file():
-        token = default.read_text().strip()
-        return token or None
-    return None
+    default = Path(environ.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
+    return (default.read_text().strip() or None) if default.is_file() else None
 
 
 def auth_headers(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -299,43 +287,39 @@ def submit(
     pass_env: bool = True,
     num_gpus: float | None = None,
     timeout_s: float | None = None,
-    write: Callable[[str], Any] | None = None,
 ) -> int:
     """Submit `python -m jobs.<stage> <stage_args>` as a Ray Job; follow its logs; 0 only when it SUCCEEDED.
 
     With `wait=False` returns 0 right after submission (the job id is printed).
     """
-    out = write or _stdout_write
     logging.getLogger("ray").setLevel(logging.WARNING)  # packaging chatter; warnings and errors still show
     addr = resolve_address(address)
     entrypoint = build_entrypoint(stage, stage_args)
     runtime_env = build_runtime_env(working_dir, env, pass_env=pass_env)
     client = make_client(addr, token_file)
-    kwargs: dict[str, Any] = {}
-    if num_gpus:
-        kwargs["entrypoint_num_gpus"] = num_gpus
+    gpus = {"entrypoint_num_gpus": num_gpus} if num_gpus else {}
     try:
         job_id = client.submit_job(
             entrypoint=entrypoint,
             runtime_env=runtime_env,
             submission_id=submission_id,
             metadata={"spar_stage": stage},
-            **kwargs,
+            **gpus,
         )
     except Exception as e:
         raise SubmitError(f"submitting {entrypoint!r} to {addr} failed: {e}") from e
-    out(f"[spar submit] job {job_id} submitted to {addr}: {entrypoint}\n")
+    _out(f"[spar submit] job {job_id} submitted to {addr}: {entrypoint}\n")
     if not wait:
-        out(f"[spar submit] follow it with: ray job logs --address {addr} --follow {job_id}\n")
+        _out(f"[spar submit] follow it with: ray job logs --address {addr} --follow {job_id}\n")
         return 0
     try:
-        follow_logs(client, job_id, out)
+        follow_logs(client, job_id, _out)
         state = wait_for_job(client, job_id, timeout_s=timeout_s)
     except KeyboardInterrupt:
-        out(f"\n[spar submit] stopped following; job {job_id} keeps running (ray job stop {job_id})\n")
+        _out(f"\n[spar submit] stopped following; job {job_id} keeps running (ray job stop {job_id})\n")
         return 130
     info = client.get_job_info(job_id)
-    out(f"[spar submit] job {job_id} {state}{_failure_note(info, state)}\n")
+    _out(f"[spar submit] job {job_id} {state}{_failure_note(info, state)}\n")
     return job_exit_code(state, getattr(info, "driver_exit_code", None))
 
 
@@ -356,7 +340,7 @@ def _failure_note(info: Any, state: str) -> str:
     return f": {first}" if first else ""
 
 
-def _stdout_write(text: str) -> None:
+def _out(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
 
@@ -383,27 +367,21 @@ def split_trailing_options(rest: Sequence[str]) -> tuple[list[str], list[str]]:
     """
     submit_opts: list[str] = []
     stage_args: list[str] = []
-    items = list(rest)
-    i = 0
-    while i < len(items):
-        tok = items[i]
+    items = iter(rest)
+    for tok in items:
         if tok == "--":
-            stage_args.extend(items[i + 1 :])
+            stage_args.extend(items)
             break
-        name = tok.split("=", 1)[0]
-        if name in _TRAILING_FLAG_OPTS and "=" not in tok:
+        name, has_value = tok.split("=", 1)[0], "=" in tok
+        if (name in _TRAILING_FLAG_OPTS and not has_value) or (name in _TRAILING_VALUE_OPTS and has_value):
             submit_opts.append(tok)
         elif name in _TRAILING_VALUE_OPTS:
-            if "=" in tok:
-                submit_opts.append(tok)
-            else:
-                if i + 1 >= len(items):
-                    raise SubmitError(f"{tok} needs a value")
-                submit_opts.extend([tok, items[i + 1]])
-                i += 1
+            value = next(items, None)
+            if value is None:
+                raise SubmitError(f"{tok} needs a value")
+            submit_opts.extend([tok, value])
         else:
             stage_args.append(tok)
-        i += 1
     return submit_opts, stage_args
 
 
@@ -448,7 +426,7 @@ def add_cli(subparsers: Any) -> None:
     _add_submit_options(p, defaults=True)
     p.add_argument("stage", choices=sorted(STAGES), help="stage to run (jobs/<stage>.py)")
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="arguments of `spar <stage>`")
-    p.set_defaults(func=run_cli)
+    p.set_defaults(handler="pipeline.cluster.submit:run_cli")
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ TOML recipe section plus command-line overrides and rejects unknown keys, wrong 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import tomllib
@@ -25,7 +26,6 @@ __all__ = [
     "load_config",
     "from_dict",
     "apply_overrides",
-    "parse_override",
     "to_dict",
     "save_resolved",
     "read_recipe",
@@ -64,21 +64,16 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
         if value is None or (from_string and isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in options:
                 return None
-        errors = []
         for opt in (o for o in options if o is not type(None)):
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(key, value, opt, from_string)
-            except ConfigError as e:
-                errors.append(str(e))
         allowed = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"config key {key!r}: {value!r} is not {allowed}")
     if origin is Literal:
         allowed = get_args(tp)
         cand = value
         if from_string and isinstance(value, str):
-            for a in allowed:
-                if str(a) == value:
-                    cand = a
+            cand = next((a for a in allowed if str(a) == value), value)
         if cand not in allowed or type(cand) is not type(next(a for a in allowed if a == cand)):
             raise ConfigError(
                 f"config key {key!r}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}"
@@ -109,10 +104,8 @@ def _coerce(key: str, value: Any, tp: Any, from_string: bool) -> Any:
         if isinstance(value, (int, tp)) and not isinstance(value, bool):
             return tp(value)
         if from_string and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return tp(value)
-            except ValueError:
-                pass
         raise ConfigError(
             f"config key {key!r}: expected {'an integer' if tp is int else 'a number'}, got {value!r}"
         )
@@ -167,55 +160,45 @@ def apply_overrides(cfg: T, overrides: Sequence[str] | Mapping[str, Any], sectio
     if section:
         scoped = {}
         for k, v in items.items():
-            if "." in k:
-                sec, key = k.split(".", 1)
-                if sec == section:
-                    scoped[key] = v
-            else:
+            sec, dot, key = k.partition(".")
+            if not dot:
                 scoped[k] = v
+            elif sec == section:
+                scoped[key] = v
         items = scoped
-    merged = {**to_dict(cfg)}
     hints = get_type_hints(type(cfg))
     fields = {f.name for f in dataclasses.fields(cfg) if f.init}
     unknown = sorted(set(items) - fields)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {', '.join(sorted(fields))}")
-    for k, v in items.items():
-        merged[k] = _coerce(k, v, hints[k], from_string)
-    return from_dict(type(cfg), {k: v for k, v in merged.items() if k in fields})
+    merged = {k: v for k, v in to_dict(cfg).items() if k in fields}
+    merged.update({k: _coerce(k, v, hints[k], from_string) for k, v in items.items()})
+    return from_dict(type(cfg), merged)
 
 
 def load_config(
     cls: type[T],
     path: str | Path | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
-    section: str | None = None,
-    base: Mapping[str, Any] | None = None,
+    *,
+    section: str,
 ) -> T:
-    """Build a stage config: defaults <- ``base`` <- recipe ``[section]`` <- overrides.
-
-    ``base`` holds values already known (e.g. from CLI flags); the recipe section may be missing (defaults).
-    """
-    data: dict[str, Any] = dict(base or {})
+    """Build a stage config: defaults <- recipe ``[section]`` (it may be missing: defaults) <- overrides."""
+    data: dict[str, Any] = {}
     where = ""
     if path is not None:
-        recipe = read_recipe(path)
-        sec = recipe.get(section, {}) if section else recipe
-        if not isinstance(sec, dict):
+        data = read_recipe(path).get(section, {})
+        if not isinstance(data, dict):
             raise ConfigError(f"recipe {path}: [{section}] must be a table")
-        data.update(sec)
-        where = f"recipe {path} [{section}]" if section else f"recipe {path}"
+        where = f"recipe {path} [{section}]"
     cfg = from_dict(cls, data, where=where)
     return apply_overrides(cfg, overrides, section=section) if overrides else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict of a config dataclass (tuples kept as lists for JSON/TOML)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
-    return out
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def save_resolved(cfg: Any, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
@@ -227,20 +210,16 @@ def save_resolved(cfg: Any, path: str | Path, extra: Mapping[str, Any] | None = 
     return p
 
 
-def config_from_cli(
-    cls: type[T], args: argparse.Namespace, section: str, extra: Mapping[str, Any] | None = None
-) -> T:
+def config_from_cli(cls: type[T], args: argparse.Namespace, section: str) -> T:
     """The one way a command builds its stage config: defaults <- recipe ``[section]`` (``--config``) <- ``--set``
     overrides <- explicit flags.
 
     An explicit flag is any argument whose ``dest`` is a field of ``cls`` and whose value is not None (flags
-    default to None, ``store_true``/``store_false`` flags too, so an absent flag never overrides the recipe);
-    ``extra`` adds values under other names (e.g. a flag spelled differently from its field).
+    default to None, ``store_true``/``store_false`` flags too, so an absent flag never overrides the recipe).
     """
     cfg = load_config(
         cls, getattr(args, "config", None), list(getattr(args, "set", None) or ()), section=section
     )
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    given.update({k: v for k, v in (extra or {}).items() if v is not None})
     return apply_overrides(cfg, given) if given else cfg

@@ -59,8 +59,6 @@ CACHE_BENCH_PHOTOS = (
     "immunohistochemistry",
 )
 
-FILE_SUFFIXES = (".png", ".jpg")
-
 
 def sample_photo_rgb(name: str) -> np.ndarray:
     """A scikit-image sample photo as (H, W, 3) uint8: grayscale and binary ones expanded, alpha dropped."""
@@ -113,7 +111,7 @@ def sample_photo_files() -> list[Path]:
     import skimage.data
 
     d = Path(skimage.data.__file__).parent
-    return sorted(p for p in d.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+    return sorted(p for p in d.iterdir() if p.suffix.lower() in (".png", ".jpg"))
 
 
 def offline_photos(names: tuple[str, ...]) -> tuple[str, ...]:

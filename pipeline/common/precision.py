@@ -65,10 +65,6 @@ def canonical(name: str) -> str:
     return _ALIASES[key]
 
 
-def _device_type(device: torch.device | str) -> str:
-    return torch.device(device).type if not isinstance(device, torch.device) else device.type
-
-
 def _cpu_flags() -> list[str]:
     try:
         return Path("/proc/cpuinfo").read_text(errors="replace").split()
@@ -85,10 +81,8 @@ def cpu_has_amx_bf16() -> bool:
     """True when the CPU has AMX tiles with bf16 (torch's runtime check, else ``/proc/cpuinfo``'s flags)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if check is not None:
-        try:
+        with contextlib.suppress(RuntimeError, AttributeError):
             return bool(check())
-        except (RuntimeError, AttributeError):
-            pass
     return "amx_bf16" in _cpu_flags()
 
 
@@ -129,7 +123,7 @@ def cpu_prefers_bf16() -> bool:
 def resolve(name: str, device: torch.device | str) -> Precision:
     """The concrete precision (``fp32``/``bf16``/``fp16``) for ``name`` on ``device``; ``auto`` picks the fastest."""
     p = canonical(name)
-    dev = _device_type(device)
+    dev = torch.device(device).type
     if p != "auto":
         return p  # type: ignore[return-value]
     # planned from a driver without CUDA (GPU tasks on a cluster): bf16, as on every current GPU
@@ -140,37 +134,31 @@ def resolve(name: str, device: torch.device | str) -> Precision:
     return "fp32"
 
 
-def autocast_dtype(name: str) -> torch.dtype | None:
-    """The autocast dtype of a concrete precision (``None`` for fp32). ``auto`` must be resolved first."""
+def _concrete(name: str, when: str) -> str:
     p = canonical(name)
     if p == "auto":
-        raise PrecisionError(
-            "precision 'auto' must be resolved for a device first (pipeline.common.precision.resolve)"
-        )
-    return _DTYPES[p]
+        raise PrecisionError(f"precision 'auto' must be resolved {when}")
+    return p
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
-    """``autocast_dtype(resolve(name, device))``."""
-    return autocast_dtype(resolve(name, device))
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of a concrete precision (``None`` for fp32). ``auto`` must be resolved first."""
+    return _DTYPES[_concrete(name, "for a device first (pipeline.common.precision.resolve)")]
 
 
 def cache_mode(name: str) -> str:
     """The teacher cache's spelling of a concrete precision: ``none`` (fp32), ``bf16``, ``fp16``."""
-    p = canonical(name)
-    if p == "auto":
-        raise PrecisionError("precision 'auto' must be resolved before it is recorded in a cache spec")
-    return _CACHE_MODES[p]
+    return _CACHE_MODES[_concrete(name, "before it is recorded in a cache spec")]
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device | str, name: str) -> Iterator[None]:
     """torch.autocast in the precision's dtype on the device; a no-op for fp32 (``auto`` resolved here)."""
-    dt = resolve_dtype(name, device)
+    dt = autocast_dtype(resolve(name, device))
     if dt is None:
         yield
         return
-    with torch.autocast(device_type=_device_type(device), dtype=dt):
+    with torch.autocast(device_type=torch.device(device).type, dtype=dt):
         yield
 
 

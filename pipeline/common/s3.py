@@ -14,8 +14,10 @@ error is a :class:`~pipeline.common.storage.StorageUnavailableError` naming the 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import s3fs
@@ -52,36 +54,30 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
     def _attempts(self) -> int:
         return int(self.config_kwargs.get("retries", {}).get("total_max_attempts", retry_attempts()))
 
-    def _final(self, e: BaseException, what: str, path: str, t0: float) -> BaseException:
-        if not is_transient(e):
-            return e
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return StorageUnavailableError(
-            f"object storage: {what} s3://{path} failed after {self._attempts()} attempts over "
-            f"{time.monotonic() - t0:.1f} s ({reason})"
-        )
+    @contextlib.contextmanager
+    def _final_error(self, what: str, path: str) -> Iterator[None]:
+        """A transient failure that got through every attempt becomes a StorageUnavailableError naming them."""
+        t0 = time.monotonic()
+        try:
+            yield
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StorageUnavailableError(
+                f"object storage: {what} s3://{path} failed after {self._attempts()} attempts over "
+                f"{time.monotonic() - t0:.1f} s ({reason})"
+            ) from e
 
     async def _call_s3(self, method: Any, *akwarglist: Any, **kwargs: Any) -> Any:
-        t0 = time.monotonic()
-        try:
+        name = method if isinstance(method, str) else getattr(method, "__name__", str(method))
+        where = "/".join(str(kwargs.get(k, "")) for k in ("Bucket", "Key") if kwargs.get(k)) or "(bucket)"
+        with self._final_error(name, where):
             return await super()._call_s3(method, *akwarglist, **kwargs)
-        except Exception as e:
-            name = method if isinstance(method, str) else getattr(method, "__name__", str(method))
-            where = "/".join(str(kwargs.get(k, "")) for k in ("Bucket", "Key") if kwargs.get(k)) or "(bucket)"
-            final = self._final(e, name, where, t0)
-            if final is e:
-                raise
-            raise final from e
 
     async def _cat_file(self, path: str, *args: Any, **kwargs: Any) -> bytes:
-        t0 = time.monotonic()
-        try:
+        with self._final_error("get_object", self._strip_protocol(path)):
             return await super()._cat_file(path, *args, **kwargs)
-        except Exception as e:
-            final = self._final(e, "get_object", self._strip_protocol(path), t0)
-            if final is e:
-                raise
-            raise final from e
 
 
 # One instance cache with s3fs's own: ``s3fs.S3FileSystem.clear_instance_cache()`` (after a change of endpoint or

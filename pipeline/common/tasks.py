@@ -7,6 +7,7 @@ Token authentication stays on (Ray's default); a local cluster binds to 127.0.0.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -22,7 +23,6 @@ from pipeline.common.console import verbose
 from pipeline.common.trace import TRACE_ENV, mark
 
 __all__ = [
-    "FORWARD_ENV_PREFIXES",
     "task_runtime_env",
     "init_ray",
     "start_local_cluster_early",
@@ -110,9 +110,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         shutdown_ray()  # the command turned out to want a cluster: leave the early local one
     mark("ray_init_start")
     if not verbose():
-        kwargs.setdefault(
-            "logging_config", ray.LoggingConfig(log_level="WARNING")
-        )  # driver, tasks and actors
+        # Ray's own log level for the driver, tasks and actors
+        kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
         _skip_ray_chatter()
         _quiet_auth_notice()
     address = address or os.environ.get("RAY_ADDRESS")
@@ -182,10 +181,8 @@ def start_local_cluster_early(
     import signal
 
     for name in _RAY_INIT_MODULES:
-        try:
+        with contextlib.suppress(ImportError):  # another Ray version: ray.init imports what it needs itself
             importlib.import_module(name)
-        except ImportError:  # another Ray version: ray.init imports what it needs itself
-            pass
     # ray.init sets its SIGTERM handler (exit, so that atexit stops the cluster) only from the main thread, and
     # warns from any other: set the same handler here, and keep its warning off the console
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
@@ -276,7 +273,7 @@ def _skip_ray_chatter() -> None:
     """Tell the driver's worker-log printer to drop :data:`_CHATTER` lines (Ray's own knob, set at runtime)."""
     import re
 
-    try:
+    with contextlib.suppress(ImportError, AttributeError):  # another Ray version: its chatter stays
         from ray._private import ray_logging
 
         for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
@@ -285,8 +282,6 @@ def _skip_ray_chatter() -> None:
             if not getattr(dedup, "_spar_quiet", False):
                 dedup.deduplicate = _drop_sources(dedup.deduplicate)
                 dedup._spar_quiet = True
-    except (ImportError, AttributeError):  # another Ray version: its chatter stays
-        pass
 
 
 def _quiet_auth_notice() -> None:
@@ -315,18 +310,11 @@ class LatestValue:
         return self.value
 
 
-_QUIET_SOURCES = (
-    "PlacementGroupCleaner",
-)  # Ray Train's janitor actor: its state-API tracebacks are not ours
-
-
 def _drop_sources(deduplicate):  # noqa: ANN001, ANN202 - wraps Ray's LogDeduplicator.deduplicate
-    def run(batch: dict) -> list:
-        if any(s in str(batch.get("actor_name") or "") for s in _QUIET_SOURCES):
-            return []
-        return deduplicate(batch)
-
-    return run
+    # Ray Train's janitor actor: its state-API tracebacks are not ours
+    return lambda batch: (
+        [] if "PlacementGroupCleaner" in str(batch.get("actor_name") or "") else deduplicate(batch)
+    )
 
 
 def cluster_gpus() -> float:
@@ -376,7 +364,6 @@ def run_pool(
     stop_on_failure: bool = False,
     partial: Callable[[], dict[K, int]] | None = None,
     postfix: Callable[[PoolResult[K], float], str] | None = None,
-    on_done: Callable[[K, Any], None] | None = None,
     force_cancel: bool = False,
 ) -> PoolResult[K]:
     """Run one Ray task per key, at most ``limit`` in flight, with a progress bar counting ``weight(key)`` units.
@@ -412,8 +399,6 @@ def run_pool(
                         queue.clear()
                 else:
                     result.done[key] = value
-                    if on_done is not None:
-                        on_done(key, value)
                 finished_units += weight(key)
             inflight = 0
             if partial is not None and running:

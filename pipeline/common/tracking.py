@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.common.console import verbose
 from pipeline.common.errors import UserError
 from pipeline.common.storage import is_local, join, read_bytes
 
@@ -38,20 +40,15 @@ __all__ = [
     "wait_for_server",
     "require_remote_store",
     "tracking_uri",
-    "artifact_root",
     "setup_experiment",
-    "quiet_mlflow",
     "git_commit",
     "flatten_params",
     "log_params_flat",
     "mlflow_ui_command",
     "mlflow_runs_url",
-    "EXPERIMENT_KIND_TAG",
-    "MODEL_TRAINING_KIND",
     "PARENT_RUN_TAG",
     "system_metrics",
     "log_headline_metrics",
-    "LINEAGE_FILE",
     "write_run_lineage",
     "training_run_of",
 ]
@@ -145,20 +142,6 @@ def tracking_uri(workdir: str | Path) -> str:
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def artifact_root(workdir: str | Path) -> str:
-    """Where the embedded store keeps artifacts."""
-    return (Path(workdir).resolve() / "mlartifacts").as_uri()
-
-
-def quiet_mlflow() -> None:
-    """MLflow's INFO chatter (database set-up, uv project detection, model registration) only when verbose."""
-    from pipeline.common.console import verbose
-
-    if not verbose():
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def _template_path() -> Path:
     """This MLflow version's empty embedded store, kept once per user (``$XDG_CACHE_HOME/spar``)."""
     import mlflow
@@ -167,10 +150,13 @@ def _template_path() -> Path:
     return base / f"mlflow-{mlflow.__version__}-empty.db"
 
 
-def _sqlite_copy(src: Path, dst: Path) -> None:
-    """A consistent copy of a SQLite database (SQLite's online backup), written to ``dst``."""
+def _sqlite_copy(src: Path, dst: Path, sql: str, *params: str) -> None:
+    """A consistent copy of a SQLite database (SQLite's online backup), written to ``dst``; then ``sql`` run on
+    the copy."""
     with contextlib.closing(sqlite3.connect(src)) as a, contextlib.closing(sqlite3.connect(dst)) as b:
         a.backup(b)
+        with b:
+            b.execute(sql, params)
 
 
 def new_embedded_store(uri: str) -> None:
@@ -187,31 +173,25 @@ def new_embedded_store(uri: str) -> None:
     if not uri.startswith("sqlite:///") or db.exists():
         return
     template = _template_path()
-    try:
+    with contextlib.suppress(OSError, sqlite3.Error):
         if template.exists():
             tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
-            _sqlite_copy(template, tmp)
-            with contextlib.closing(sqlite3.connect(tmp)) as c, c:
-                c.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                          (str(Path("mlruns").resolve() / "0"),))  # fmt: skip
+            sql = "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0"
+            _sqlite_copy(template, tmp, sql, str(Path("mlruns").resolve() / "0"))
             try:
-                os.link(tmp, db)
-            except FileExistsError:
-                pass
+                with contextlib.suppress(FileExistsError):  # another process made the same store first
+                    os.link(tmp, db)
             finally:
                 tmp.unlink(missing_ok=True)
             return
-    except (OSError, sqlite3.Error):
-        pass
     import mlflow
 
     mlflow.MlflowClient(uri).search_experiments(max_results=1)  # MLflow creates the store
     with contextlib.suppress(OSError, sqlite3.Error):
         template.parent.mkdir(parents=True, exist_ok=True)
         tmp = template.with_name(f".{template.name}.{os.getpid()}.new")
-        _sqlite_copy(db, tmp)
-        with contextlib.closing(sqlite3.connect(tmp)) as c, c:  # empty: no experiment but the Default one
-            c.execute("DELETE FROM experiments WHERE experiment_id != 0")
+        # empty: no experiment but the Default one
+        _sqlite_copy(db, tmp, "DELETE FROM experiments WHERE experiment_id != 0")
         os.replace(tmp, template)
 
 
@@ -219,7 +199,9 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     """Point MLflow at the project's store and return the id of experiment ``name`` (created once, here)."""
     import mlflow
 
-    quiet_mlflow()
+    if not verbose():  # MLflow's INFO chatter (database set-up, uv project detection, model registration)
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     local = is_local(str(workdir))  # a URL workdir goes with a tracking server: no local folder for it
     if local:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -232,7 +214,9 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
     if exp is not None:
         exp_id = exp.experiment_id
     else:
-        loc = artifact_root(workdir) if uri.startswith("sqlite:") and local else None
+        loc = None  # the server's choice; the embedded store's artifacts go to <workdir>/mlartifacts
+        if uri.startswith("sqlite:") and local:
+            loc = (Path(workdir).resolve() / "mlartifacts").as_uri()
         try:
             exp_id = client.create_experiment(
                 name, artifact_location=loc, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
@@ -251,17 +235,10 @@ def setup_experiment(name: str, workdir: str | Path) -> str:
 def git_commit(repo: str | Path | None = None) -> str:
     """The project's git commit (``+dirty`` when the tree has changes), or ``unknown``."""
     cwd = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    git = functools.partial(subprocess.run, cwd=cwd, capture_output=True, text=True, timeout=10)
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        sha = git(["git", "rev-parse", "HEAD"], check=True).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("SPAR_GIT_COMMIT", "unknown")
@@ -283,8 +260,7 @@ def log_params_flat(params: Mapping[str, Any], prefix: str = "") -> None:
     """Log a (nested) config as flat params to the active run, in batches MLflow accepts."""
     import mlflow
 
-    flat = flatten_params(params, prefix)
-    items = sorted(flat.items())
+    items = sorted(flatten_params(params, prefix).items())
     for i in range(0, len(items), 90):
         mlflow.log_params(dict(items[i : i + 90]))
 
@@ -323,24 +299,17 @@ def system_metrics(run_id: str, uri: str, interval_s: float = 5.0) -> Iterator[N
         yield
     finally:
         if mon is not None:
-            _finish_monitor(mon)
-
-
-def _finish_monitor(mon: Any) -> None:
-    try:
-        mon.finish()
-        if getattr(mon, "_logging_step", 1) == 0:  # ended before the first interval: one sample now
-            mon.collect_metrics()
-            mon.publish_metrics(mon.aggregate_metrics())
-            mon.mlflow_logger.flush()
-    except Exception:  # noqa: BLE001 - monitoring is optional
-        pass
+            with contextlib.suppress(Exception):  # monitoring is optional
+                mon.finish()
+                if getattr(mon, "_logging_step", 1) == 0:  # ended before the first interval: one sample now
+                    mon.collect_metrics()
+                    mon.publish_metrics(mon.aggregate_metrics())
+                    mon.mlflow_logger.flush()
 
 
 def log_headline_metrics(uri: str, parent_run_id: str, kind: str, metrics: Mapping[str, float]) -> None:
     """Copy an evaluation's headline metrics onto the training run it evaluates, as ``<kind>/<name>``."""
     import math
-    import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric

@@ -30,9 +30,8 @@ from typing import Any
 
 __all__ = ["Entry", "QueuedRunLog", "head_batch", "describe", "spool_dir", "resend", "SPOOL_ENV"]
 
-SPOOL_ENV = (
-    "SPAR_TRACKING_SPOOL"  # folder of the undelivered-entries files (default ~/.cache/spar/tracking-spool)
-)
+# folder of the undelivered-entries files (default ~/.cache/spar/tracking-spool)
+SPOOL_ENV = "SPAR_TRACKING_SPOOL"
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log-batch limits
 REQUEST_TIMEOUT_S = 10
 BACKOFF_S = (0.5, 5.0)  # first wait after a failed send, cap
@@ -128,9 +127,6 @@ class QueuedRunLog:
             self._queue.extend(entries)
             self._cv.notify_all()
 
-    def _head(self) -> list[Entry]:
-        return head_batch(self._queue)
-
     def _run(self) -> None:
         delay, down_since = BACKOFF_S[0], None
         while True:
@@ -143,7 +139,7 @@ class QueuedRunLog:
                     self._cv.wait(LINGER_S)
                     if self._abort:
                         return
-                batch = self._head()
+                batch = head_batch(self._queue)
             try:
                 self._send_batch(batch)
             except Exception as e:  # noqa: BLE001 - any failure: keep the head, try again

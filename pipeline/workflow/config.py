@@ -49,9 +49,8 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-def _section_overrides(overrides: list[str], section: str) -> list[str]:
-    """The ``section.key=value`` overrides of one section (every override must name a known section)."""
-    out = []
+def _check_sections(overrides: list[str]) -> None:
+    """Every override must name a known section (``section.key=value``); each section's config takes its own."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if "." not in key:
@@ -63,9 +62,6 @@ def _section_overrides(overrides: list[str], section: str) -> list[str]:
             raise ConfigError(
                 f"pipeline override {item!r}: unknown section {sec!r}; allowed: {', '.join(SECTIONS)}"
             )
-        if sec == section:
-            out.append(item)
-    return out
 
 
 def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | None = None) -> Recipe:
@@ -75,10 +71,8 @@ def load_recipe(path: str, overrides: list[str], run_flags: dict[str, Any] | Non
     unknown = sorted(set(recipe) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"recipe {path}: unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
-    sections = {
-        sec: load_config(cls, path, _section_overrides(overrides, sec), section=sec)
-        for sec, cls in _SECTION_TYPES.items()
-    }
+    _check_sections(overrides)
+    sections = {sec: load_config(cls, path, overrides, section=sec) for sec, cls in _SECTION_TYPES.items()}
     if run_flags:
         sections["run"] = apply_overrides(sections["run"], run_flags)
     sections["eval"].report()  # a key the chosen report does not read is refused before anything runs

@@ -141,31 +141,25 @@ def _print_summary(cfg: DemoConfig, work: Path, out: PipelineResult, s: dict[str
     print(f"  segmentation overlays: {s['overlays']}")
     blocks = read_backbone_info(out.checkpoint).get("trainable_blocks", "?")
     print(f"  MLflow run {out.run_id} (student with the last {blocks} block(s) trained)")
-    client = MlflowClient(tracking_uri(work))
+    uri = tracking_uri(work)
+    client = MlflowClient(uri)
     model = client.get_run(out.run_id).data.tags.get("registered_model", "")
     if model:
         print(f"  registered MLflow model: {model}  (mlflow.pyfunc.load_model gives features or labels)")
     print("  compare the students (their eval metrics and the settings that differ):")
     print(f"    spar runs --workdir {work} --experiment {cfg.experiment}")
     print(f"    {mlflow_ui_command(work)}")
-    exp, uri = client.get_experiment_by_name(cfg.experiment), tracking_uri(work)
+    exp = client.get_experiment_by_name(cfg.experiment)
     ui = "http://127.0.0.1:5000" if uri.startswith("sqlite:") else uri if uri.startswith("http") else ""
     if exp is not None and ui:
         print(f"    then open {mlflow_runs_url(ui, exp.experiment_id)}")
         print("    (the experiment's training runs), tick them, press Compare")
     else:
         print(f"    then open experiment '{cfg.experiment}', tick the training runs, press Compare")
-    if _training_runs(client, cfg.experiment) < 2:
+    training = "tags.`spar.stage` = 'distill'"
+    if exp is None or len(client.search_runs([exp.experiment_id], training, max_results=100)) < 2:
         print("  run the demo again to train a second student (last 1 block instead of 2) to compare with")
     print("=" * 78)
-
-
-def _training_runs(client: MlflowClient, experiment: str) -> int:
-    """How many training runs the demo's experiment holds."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return 0
-    return len(client.search_runs([exp.experiment_id], "tags.`spar.stage` = 'distill'", max_results=100))
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
