@@ -213,9 +213,11 @@ def _run_chunks(
 
 
 def _merge(parts: list[ChunkResult]) -> ChunkResult:
-    """The chunks' counts summed (into the first chunk's :class:`IoUAccumulator`), their other fields combined."""
-    total = parts[0].counts
-    for p in parts[1:]:
+    """The chunks' counts summed into a new :class:`IoUAccumulator` (a chunk from a Ray task holds read-only
+    arrays), their other fields combined."""
+    first = parts[0].counts
+    total = IoUAccumulator(first.num_classes, first.ignore_index)
+    for p in parts:
         total.merge(p.counts)
     oor = {k: v for p in parts for k, v in p.out_of_range.items()}
     overlays = {k: v for p in parts for k, v in p.overlays.items()}
