@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from PIL import Image
 
 from pipeline.common.config import config_from_cli
@@ -57,7 +56,6 @@ from pipeline.eval.tracking import EvalRun, class_key_part, log_eval, metric_key
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 from spar_core.metrics import IoUAccumulator
-from spar_core.segment import TextClassifier
 
 
 @dataclass
@@ -99,7 +97,16 @@ def eval_chunk(
     for i in indices:
         img, label = ds.load(i)
         t0 = time.perf_counter()
-        pred = _predict(bb, clf, img, label.shape, proto, cfg)  # (H, W)
+        # the protocol's model input (mmseg keep-ratio resize without antialias, the top-left multiple of the
+        # patch size, as the reference), dense features, the (H, W) prediction at the label's size; sliding
+        # falls back to one pass when the crop covers the input
+        x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3)
+        mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
+        pred = label_map(
+            bb, clf, x, label.shape, mode=mode, crop=proto.crop, stride=proto.stride, precision=cfg.precision,
+            window_batch=cfg.window_batch, logit_scale=proto.logit_scale, prob_thd=proto.prob_thd,
+            area_thd=proto.area_thd,
+        )  # fmt: skip
         synchronize(dev)
         seconds += time.perf_counter() - t0
         pred = pred.cpu().numpy()
@@ -107,26 +114,6 @@ def eval_chunk(
         if i in overlay_indices:
             pngs[ds.samples[i].key] = _overlay_png(img, pred, label, names)
     return ChunkResult(acc, dict(ds.out_of_range), len(indices), seconds, pngs)
-
-
-def _predict(
-    bb: Backbone,
-    clf: TextClassifier,
-    img: np.ndarray,
-    out_size: tuple[int, int],
-    proto: EvalProtocol,
-    cfg: BenchmarkConfig,
-) -> torch.Tensor:
-    """Label map (H, W) of one photo: the protocol's model input (mmseg keep-ratio resize without antialias, the
-    top-left multiple of the patch size, as the reference), dense features, prediction at ``out_size``. Sliding
-    falls back to one pass when the crop covers the input."""
-    x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3), multiples of p
-    mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
-    return label_map(
-        bb, clf, x, out_size, mode=mode, crop=proto.crop, stride=proto.stride, precision=cfg.precision,
-        window_batch=cfg.window_batch, logit_scale=proto.logit_scale, prob_thd=proto.prob_thd,
-        area_thd=proto.area_thd,
-    )  # fmt: skip
 
 
 def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str]) -> bytes:
