@@ -37,7 +37,7 @@ from pipeline.eval.viz import pca_panel
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.metrics import IoUAccumulator, feature_fidelity
-from spar_core.segment import TextClassifier, predict
+from spar_core.segment import predict
 
 MODELS = ("baseline", "student")
 
@@ -119,14 +119,39 @@ def fidelity_report(cfg: FidelityConfig) -> dict[str, Any]:
     classes = _classes(cfg)
     clf = build_text_classifier(models["baseline"], classes, cfg.templates)
     scores = {m: _Agreement(len(classes)) for m in models}
+    scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
     n = 0
-    for rec, img in held_out_images(ims, cfg.max_images):
+    for rec, img in held_out_images(ims, cfg.max_images):  # img (H, W, 3) uint8
         teacher = torch.from_numpy(np.asarray(cache.features(rec.key), dtype=np.float32)).to(dev)  # (h, w, D)
-        _score_image(cfg, rec.key, img, teacher, models, clf, scores)
+        with torch.no_grad():
+            t_pred = predict(teacher[None], clf, out_size=img.shape[:2], logit_scale=scale)[0].cpu()  # (H, W)
+        for m, bb in models.items():
+            feats = dense_features(bb, img, "single", precision=cfg.precision)[0]  # (h, w, D)
+            if feats.shape != teacher.shape:
+                raise EvalError(
+                    f"image {rec.key}: {m} features {tuple(feats.shape)} "
+                    f"vs cached teacher {tuple(teacher.shape)}"
+                )
+            scores[m].features.add(feats, teacher)
+            with torch.no_grad():
+                pred = predict(feats[None], clf, out_size=img.shape[:2], logit_scale=scale)[0].cpu()  # (H, W)
+            scores[m].add_prediction(pred, t_pred)
         n += 1
     if n == 0:
         raise EvalError(f"no images in {cfg.images}")
-    result = _fidelity_result(n, classes, cache, scores)
+    spec = cache.spec
+    result: dict[str, Any] = {
+        "images": n,
+        "positions": scores["baseline"].features.positions,
+        "classes": [c[0] for c in classes],
+        "teacher": {
+            "crop": spec.crop,
+            "stride": spec.stride,
+            "backbone": spec.backbone,
+            "cache_fingerprint": cache.fingerprint,
+        },
+        **{m: s.summary() for m, s in scores.items()},
+    }
     print(format_fidelity(result))
     _log_fidelity(cfg, result, ims, cache, models)
     return result
@@ -175,52 +200,6 @@ def _classes(cfg: FidelityConfig) -> list[list[str]]:
     if cfg.classes or cfg.classes_file:
         return resolve_classes(cfg.classes, cfg.classes_file)
     return default_classes("context59", cfg.class_set)
-
-
-def _score_image(
-    cfg: FidelityConfig,
-    key: str,
-    img: np.ndarray,
-    teacher: torch.Tensor,
-    models: dict[str, Backbone],
-    clf: TextClassifier,
-    scores: dict[str, _Agreement],
-) -> None:
-    """Add one image's numbers for every model: ``img`` (H, W, 3) uint8, ``teacher`` (h, w, D) on the device."""
-    scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
-    out_size = img.shape[:2]
-    with torch.no_grad():
-        t_pred = predict(teacher[None], clf, out_size=out_size, logit_scale=scale)[0].cpu()  # (H, W)
-    for m, bb in models.items():
-        feats = dense_features(bb, img, "single", precision=cfg.precision)[0]  # (h, w, D)
-        if feats.shape != teacher.shape:
-            raise EvalError(
-                f"image {key}: {m} features {tuple(feats.shape)} vs cached teacher {tuple(teacher.shape)}"
-            )
-        scores[m].features.add(feats, teacher)
-        with torch.no_grad():
-            pred = predict(feats[None], clf, out_size=out_size, logit_scale=scale)[0].cpu()  # (H, W)
-        scores[m].add_prediction(pred, t_pred)
-
-
-def _fidelity_result(
-    n: int, classes: list[list[str]], cache: TeacherCache, scores: dict[str, _Agreement]
-) -> dict[str, Any]:
-    spec = cache.spec
-    result: dict[str, Any] = {
-        "images": n,
-        "positions": scores["baseline"].features.positions,
-        "classes": [c[0] for c in classes],
-        "teacher": {
-            "crop": spec.crop,
-            "stride": spec.stride,
-            "backbone": spec.backbone,
-            "cache_fingerprint": cache.fingerprint,
-        },
-    }
-    for m, s in scores.items():
-        result[m] = s.summary()
-    return result
 
 
 def format_fidelity(result: dict[str, Any]) -> str:
