@@ -213,17 +213,12 @@ class EvalProtocol:
     stride: int
 
 
-def backbone_family(readout: str) -> str:
-    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns).
-
-    DINOv3 dino.txt (``dinotxt-*`` readouts) takes the non-CLIP column, as the reference's configs/dinov3txt do.
-    """
-    return "clip" if readout == "maskclip" else "siglip2"
-
-
 def resolve_protocol(cfg: BenchmarkConfig, readout: str, native_size: int, patch: int) -> EvalProtocol:
     """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
-    ds, fam = cfg.dataset, backbone_family(readout)
+    ds = cfg.dataset
+    # the protocol's two columns: "clip" for the MaskCLIP readout (CLIP towers), "siglip2" otherwise (DINOv3
+    # dino.txt's readouts take the non-CLIP column, as the reference's configs/dinov3txt do)
+    fam = "clip" if readout == "maskclip" else "siglip2"
     paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
     short = cfg.short_side if cfg.short_side is not None else paper_short
     long = cfg.long_side if cfg.long_side is not None else paper_long
