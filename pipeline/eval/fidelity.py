@@ -116,7 +116,10 @@ def fidelity_report(cfg: FidelityConfig) -> dict[str, Any]:
     models = {"baseline": _baseline(cfg, cache, dev)}
     if cfg.checkpoint:
         models["student"] = _student(cfg, cache, dev)
-    classes = _classes(cfg)
+    if cfg.classes or cfg.classes_file:
+        classes = resolve_classes(cfg.classes, cfg.classes_file)
+    else:
+        classes = default_classes("context59", cfg.class_set)
     clf = build_text_classifier(models["baseline"], classes, cfg.templates)
     scores = {m: _Agreement(len(classes)) for m in models}
     scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
@@ -193,13 +196,6 @@ def _student(cfg: FidelityConfig, cache: TeacherCache, dev: torch.device) -> Bac
             "are not held out, so the student's numbers measure fit, not generalisation"
         )
     return student
-
-
-def _classes(cfg: FidelityConfig) -> list[list[str]]:
-    """``--classes`` / ``--classes-file``, else Context59's names."""
-    if cfg.classes or cfg.classes_file:
-        return resolve_classes(cfg.classes, cfg.classes_file)
-    return default_classes("context59", cfg.class_set)
 
 
 def format_fidelity(result: dict[str, Any]) -> str:
