@@ -43,7 +43,6 @@ from pipeline.eval.model import (
     dense_features,
     label_map,
     load_model,
-    model_device,
     model_identity,
     model_input,
     pick_device,
@@ -84,7 +83,7 @@ def eval_chunk(
     """
     ds = open_dataset(cfg.dataset, cfg.data_root, cfg.split)
     bb = model if model is not None else load_model(**cfg.model_spec(), device=pick_device(cfg.device))
-    dev = model_device(bb)
+    dev = bb.mean.device
     proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
     classes = benchmark_classes(cfg)
     clf = build_text_classifier(bb, classes, cfg.templates)

@@ -93,11 +93,6 @@ def model_identity(bb: Backbone) -> dict[str, object]:
     }
 
 
-def model_device(bb: Backbone) -> torch.device:
-    """The device a backbone's weights are on."""
-    return next(bb.parameters()).device
-
-
 def synchronize(dev: torch.device | str) -> None:
     """Wait for the device's queued work (CUDA), so that a timer measures the work itself (a no-op on CPU)."""
     if torch.device(dev).type == "cuda":

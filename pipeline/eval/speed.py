@@ -28,7 +28,6 @@ from pipeline.eval.fidelity import PooledFidelity, held_out_images
 from pipeline.eval.model import (
     dense_features,
     load_model,
-    model_device,
     pick_device,
     synchronize,
 )
@@ -147,7 +146,7 @@ def quality_vs_cost(cfg: SpeedConfig, model: Backbone, crop: int, strides: list[
     and mean cosine to the reference pooled over every patch position.
     """
     ims = open_imageset(cfg.images)
-    dev = model_device(model)
+    dev = model.mean.device
     methods = _methods(cfg, model, dev, strides)
     reference = f"sliding s{min(strides)}"
     seconds = {m: 0.0 for m, _, _ in methods}
