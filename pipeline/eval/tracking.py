@@ -94,7 +94,14 @@ def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
     workdir = cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")  # as spar distill
     exp_id = setup_experiment(cfg.experiment, workdir)
     uri = tracking_uri(workdir)
-    parent = _parent_run(cfg, uri)
+    if cfg.parent_run:  # parent: (run id, experiment id) of the training run evaluated, if any
+        try:
+            found = MlflowClient(uri).get_run(cfg.parent_run)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
+            raise EvalError(f"--parent-run {cfg.parent_run}: no such MLflow run in {uri} ({e})") from None
+        parent: tuple[str, str] | None = (found.info.run_id, found.info.experiment_id)
+    else:
+        parent = training_run_of(cfg.checkpoint, uri)
     tags = {"spar.stage": "eval", "git_commit": git_commit(), "spar.eval": run.kind, **run.tags}
     if parent is not None:
         exp_id = parent[1]
@@ -119,14 +126,3 @@ def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
                     mlflow.log_image(im.convert("RGB"), key=f"{key}/{Path(f).stem}", step=0, synchronous=True)
             if parent is not None:
                 log_headline_metrics(uri, parent[0], run.headline_kind, run.headline)
-
-
-def _parent_run(cfg: ReportConfig, uri: str) -> tuple[str, str] | None:
-    """(run id, experiment id) of the training run this evaluation belongs under, if any."""
-    if cfg.parent_run:
-        try:
-            run = MlflowClient(uri).get_run(cfg.parent_run)
-        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
-            raise EvalError(f"--parent-run {cfg.parent_run}: no such MLflow run in {uri} ({e})") from None
-        return run.info.run_id, run.info.experiment_id
-    return training_run_of(cfg.checkpoint, uri)
