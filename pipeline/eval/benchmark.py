@@ -29,7 +29,6 @@ from pipeline.common.config import config_from_cli
 from pipeline.common.tasks import cluster_gpus, init_ray, run_pool, task_runtime_env
 from pipeline.data.datasets import (
     INFOS,
-    SegDataset,
     default_classes,
     format_classes,
     open_dataset,
@@ -38,7 +37,6 @@ from pipeline.data.datasets import (
 from pipeline.eval.config import BenchmarkConfig, EvalConfig, EvalError, FidelityConfig, SpeedConfig
 from pipeline.eval.fidelity import fidelity_report
 from pipeline.eval.model import (
-    EvalProtocol,
     build_text_classifier,
     dense_features,
     label_map,
@@ -239,30 +237,9 @@ def evaluate(cfg: BenchmarkConfig) -> dict[str, Any]:
     chunks = _split(indices, max(cfg.workers, 1))
     total = _merge(_run_chunks(cfg, chunks, indices[: cfg.overlays], bb if local else None))
     del bb
-    result = _benchmark_result(cfg, ds, classes, total, time.perf_counter() - t0, proto, ident)
-    if total.out_of_range:
-        oor = total.out_of_range
-        print(
-            f"warning: {len(oor)} label map(s) had {result['out_of_range_pixels']} pixel(s) outside "
-            f"0..{ds.num_classes - 1} (treated as ignore), e.g. {next(iter(oor))}"
-        )
-    print(format_iou_table(result))
-    _log_benchmark(cfg, result, total.overlays)
-    return result
-
-
-def _benchmark_result(
-    cfg: BenchmarkConfig,
-    ds: SegDataset,
-    classes: list[list[str]],
-    total: ChunkResult,
-    wall: float,
-    proto: EvalProtocol,
-    ident: dict[str, object],
-) -> dict[str, Any]:
     acc = total.counts
     iou = acc.iou() * 100.0  # percent; NaN for classes absent from labels and predictions
-    return {
+    result = {
         "dataset": cfg.dataset,
         "split": cfg.split,
         "images": total.images,
@@ -274,13 +251,22 @@ def _benchmark_result(
         "intersection": acc.intersection.tolist(),
         "union": acc.union.tolist(),
         "images_per_s": total.images / total.seconds if total.seconds > 0 else float("nan"),
-        "wall_s": wall,
+        "wall_s": time.perf_counter() - t0,
         "out_of_range_pixels": int(sum(total.out_of_range.values())),
         "out_of_range_images": total.out_of_range,
         "protocol": asdict(proto),
         "model": ident,
         "workers": cfg.workers,
     }
+    if total.out_of_range:
+        oor = total.out_of_range
+        print(
+            f"warning: {len(oor)} label map(s) had {result['out_of_range_pixels']} pixel(s) outside "
+            f"0..{ds.num_classes - 1} (treated as ignore), e.g. {next(iter(oor))}"
+        )
+    print(format_iou_table(result))
+    _log_benchmark(cfg, result, total.overlays)
+    return result
 
 
 def format_iou_table(result: dict[str, Any]) -> str:
