@@ -15,7 +15,6 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -226,7 +225,16 @@ def _log_fidelity(
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
         if not cfg.mlflow:
             return
-        pca = _pca_pngs(cfg, ims, cache, models, out / "pca")
+        # PCA panels of the first held-out images (teacher from the cache, baseline and student in one basis), for
+        # a report with a student
+        pca = "student" in models and cfg.overlays > 0
+        if pca:
+            (out / "pca").mkdir(parents=True, exist_ok=True)
+            for rec, img in held_out_images(ims, cfg.overlays):
+                maps = {"teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32)}  # (h, w, D)
+                for m, bb in models.items():
+                    maps[m] = dense_features(bb, img, "single")[0].cpu().numpy()  # (h, w, D)
+                pca_panel(img, maps).save(out / "pca" / f"{rec.key}_pca.png")
         metrics = _fidelity_metrics(result)
         run = EvalRun(
             kind="fidelity",
@@ -240,22 +248,6 @@ def _log_fidelity(
             images=png_images(out, "pca", "pca") if pca else {},
         )
         log_eval(cfg, out, run)
-
-
-def _pca_pngs(
-    cfg: FidelityConfig, ims: ImageSet, cache: TeacherCache, models: dict[str, Backbone], out: Path
-) -> bool:
-    """PCA panels of the first ``cfg.overlays`` held-out images (teacher from the cache, baseline and student in
-    one basis) into ``out``, for a report with a student; whether it wrote any."""
-    if "student" not in models or cfg.overlays <= 0:
-        return False
-    out.mkdir(parents=True, exist_ok=True)
-    for rec, img in held_out_images(ims, cfg.overlays):
-        maps = {"teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32)}  # (h, w, D)
-        for m, bb in models.items():
-            maps[m] = dense_features(bb, img, "single")[0].cpu().numpy()  # (h, w, D)
-        pca_panel(img, maps).save(out / f"{rec.key}_pca.png")
-    return True
 
 
 def _fidelity_metrics(result: dict[str, Any]) -> dict[str, float]:
