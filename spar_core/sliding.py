@@ -56,11 +56,8 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 def fine_factor(patch: int, stride: int) -> int:
-    """Smallest r dividing the patch size with ``stride % (patch / r) == 0`` (p=16, s=24 -> 2)."""
-    for r in range(1, patch + 1):
-        if patch % r == 0 and stride % (patch // r) == 0:
-            return r
-    raise AssertionError("unreachable: r = patch always qualifies")
+    """Smallest r dividing p (the patch) with ``stride % (p / r) == 0`` (p=16, s=24 -> 2; r = p always is)."""
+    return next(r for r in range(1, patch + 1) if patch % r == 0 and stride % (patch // r) == 0)
 
 
 def validate_window_params(height: int, width: int, patch: int, crop: int, stride: int) -> None:

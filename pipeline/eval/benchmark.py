@@ -23,14 +23,12 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from PIL import Image
 
 from pipeline.common.config import config_from_cli
 from pipeline.common.tasks import cluster_gpus, init_ray, run_pool, task_runtime_env
 from pipeline.data.datasets import (
     INFOS,
-    SegDataset,
     default_classes,
     format_classes,
     open_dataset,
@@ -39,12 +37,10 @@ from pipeline.data.datasets import (
 from pipeline.eval.config import BenchmarkConfig, EvalConfig, EvalError, FidelityConfig, SpeedConfig
 from pipeline.eval.fidelity import fidelity_report
 from pipeline.eval.model import (
-    EvalProtocol,
     build_text_classifier,
     dense_features,
     label_map,
     load_model,
-    model_device,
     model_identity,
     model_input,
     pick_device,
@@ -57,7 +53,6 @@ from pipeline.eval.tracking import EvalRun, class_key_part, log_eval, metric_key
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone
 from spar_core.metrics import IoUAccumulator
-from spar_core.segment import TextClassifier
 
 
 @dataclass
@@ -86,7 +81,7 @@ def eval_chunk(
     """
     ds = open_dataset(cfg.dataset, cfg.data_root, cfg.split)
     bb = model if model is not None else load_model(**cfg.model_spec(), device=pick_device(cfg.device))
-    dev = model_device(bb)
+    dev = bb.mean.device
     proto = resolve_protocol(cfg, bb.readout, bb.native_size, bb.patch_size)
     classes = benchmark_classes(cfg)
     clf = build_text_classifier(bb, classes, cfg.templates)
@@ -99,7 +94,16 @@ def eval_chunk(
     for i in indices:
         img, label = ds.load(i)
         t0 = time.perf_counter()
-        pred = _predict(bb, clf, img, label.shape, proto, cfg)  # (H, W)
+        # the protocol's model input (mmseg keep-ratio resize without antialias, the top-left multiple of the
+        # patch size, as the reference), dense features, the (H, W) prediction at the label's size; sliding
+        # falls back to one pass when the crop covers the input
+        x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3)
+        mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
+        pred = label_map(
+            bb, clf, x, label.shape, mode=mode, crop=proto.crop, stride=proto.stride, precision=cfg.precision,
+            window_batch=cfg.window_batch, logit_scale=proto.logit_scale, prob_thd=proto.prob_thd,
+            area_thd=proto.area_thd,
+        )  # fmt: skip
         synchronize(dev)
         seconds += time.perf_counter() - t0
         pred = pred.cpu().numpy()
@@ -107,26 +111,6 @@ def eval_chunk(
         if i in overlay_indices:
             pngs[ds.samples[i].key] = _overlay_png(img, pred, label, names)
     return ChunkResult(acc, dict(ds.out_of_range), len(indices), seconds, pngs)
-
-
-def _predict(
-    bb: Backbone,
-    clf: TextClassifier,
-    img: np.ndarray,
-    out_size: tuple[int, int],
-    proto: EvalProtocol,
-    cfg: BenchmarkConfig,
-) -> torch.Tensor:
-    """Label map (H, W) of one photo: the protocol's model input (mmseg keep-ratio resize without antialias, the
-    top-left multiple of the patch size, as the reference), dense features, prediction at ``out_size``. Sliding
-    falls back to one pass when the crop covers the input."""
-    x, _ = model_input(img, proto.short_side, proto.long_side, bb.patch_size)  # (h', w', 3), multiples of p
-    mode = proto.mode if (proto.mode == "single" or proto.crop < max(x.shape[:2])) else "single"
-    return label_map(
-        bb, clf, x, out_size, mode=mode, crop=proto.crop, stride=proto.stride, precision=cfg.precision,
-        window_batch=cfg.window_batch, logit_scale=proto.logit_scale, prob_thd=proto.prob_thd,
-        area_thd=proto.area_thd,
-    )  # fmt: skip
 
 
 def _overlay_png(img: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str]) -> bytes:
@@ -253,30 +237,9 @@ def evaluate(cfg: BenchmarkConfig) -> dict[str, Any]:
     chunks = _split(indices, max(cfg.workers, 1))
     total = _merge(_run_chunks(cfg, chunks, indices[: cfg.overlays], bb if local else None))
     del bb
-    result = _benchmark_result(cfg, ds, classes, total, time.perf_counter() - t0, proto, ident)
-    if total.out_of_range:
-        oor = total.out_of_range
-        print(
-            f"warning: {len(oor)} label map(s) had {result['out_of_range_pixels']} pixel(s) outside "
-            f"0..{ds.num_classes - 1} (treated as ignore), e.g. {next(iter(oor))}"
-        )
-    print(format_iou_table(result))
-    _log_benchmark(cfg, result, total.overlays)
-    return result
-
-
-def _benchmark_result(
-    cfg: BenchmarkConfig,
-    ds: SegDataset,
-    classes: list[list[str]],
-    total: ChunkResult,
-    wall: float,
-    proto: EvalProtocol,
-    ident: dict[str, object],
-) -> dict[str, Any]:
     acc = total.counts
     iou = acc.iou() * 100.0  # percent; NaN for classes absent from labels and predictions
-    return {
+    result = {
         "dataset": cfg.dataset,
         "split": cfg.split,
         "images": total.images,
@@ -288,13 +251,22 @@ def _benchmark_result(
         "intersection": acc.intersection.tolist(),
         "union": acc.union.tolist(),
         "images_per_s": total.images / total.seconds if total.seconds > 0 else float("nan"),
-        "wall_s": wall,
+        "wall_s": time.perf_counter() - t0,
         "out_of_range_pixels": int(sum(total.out_of_range.values())),
         "out_of_range_images": total.out_of_range,
         "protocol": asdict(proto),
         "model": ident,
         "workers": cfg.workers,
     }
+    if total.out_of_range:
+        oor = total.out_of_range
+        print(
+            f"warning: {len(oor)} label map(s) had {result['out_of_range_pixels']} pixel(s) outside "
+            f"0..{ds.num_classes - 1} (treated as ignore), e.g. {next(iter(oor))}"
+        )
+    print(format_iou_table(result))
+    _log_benchmark(cfg, result, total.overlays)
+    return result
 
 
 def format_iou_table(result: dict[str, Any]) -> str:

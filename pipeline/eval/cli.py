@@ -46,16 +46,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_const", const=True, help="evaluate the named --backbone as is")
     p.add_argument("--backbone")
     p.add_argument("--pretrained", help="open_clip tag or local weights file for --backbone")
-    _add_benchmark_args(p)
-    _add_protocol_args(p)
-    _add_report_args(p)
-    _add_tracking_args(p)
-    p.add_argument("--config", help="TOML recipe ([eval] section)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(handler="pipeline.eval.benchmark:run_cli")
-
-
-def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-root")
     p.add_argument("--split")
@@ -64,9 +54,6 @@ def _add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-set", choices=list(CLASS_SETS), help="packaged class lists (default paper)")
     p.add_argument("--classes", help="fidelity report class list: 'sky,clouds;road;...'")
     p.add_argument("--templates", choices=["imagenet", "simple"])
-
-
-def _add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--short-side", type=int)
     p.add_argument("--long-side", type=int)
     p.add_argument("--logit-scale", type=float)
@@ -80,9 +67,6 @@ def _add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device")
     p.add_argument("--workers", type=int, help="split the images across N Ray tasks")
     p.add_argument("--ray-address")
-
-
-def _add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="held-out image set root (fidelity; speed: quality-vs-cost curve)")
     p.add_argument("--teacher-cache", help="fidelity: teacher cache of those images")
     p.add_argument("--resolutions", type=_csv_ints, help="speed: image sides, e.g. 448,672,1024")
@@ -90,9 +74,6 @@ def _add_report_args(p: argparse.ArgumentParser) -> None:
         "--strides", type=_csv_ints, help="speed: window strides in pixels, default 224,112,48,24 (<= crop)"
     )
     p.add_argument("--repeats", type=int)
-
-
-def _add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment")
     p.add_argument("--run-name")
     p.add_argument(
@@ -105,6 +86,9 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
         "--parent-run",
         help="MLflow run id of the training run evaluated (default: the run that produced --checkpoint)",
     )
+    p.add_argument("--config", help="TOML recipe ([eval] section)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(handler="pipeline.eval.benchmark:run_cli")
 
 
 def _add_classes(sub: argparse._SubParsersAction) -> None:

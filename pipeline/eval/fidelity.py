@@ -15,7 +15,6 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from pipeline.eval.viz import pca_panel
 from pipeline.student.format import read_backbone_info
 from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.metrics import IoUAccumulator, feature_fidelity
-from spar_core.segment import TextClassifier, predict
+from spar_core.segment import predict
 
 MODELS = ("baseline", "student")
 
@@ -116,17 +115,45 @@ def fidelity_report(cfg: FidelityConfig) -> dict[str, Any]:
     models = {"baseline": _baseline(cfg, cache, dev)}
     if cfg.checkpoint:
         models["student"] = _student(cfg, cache, dev)
-    classes = _classes(cfg)
+    if cfg.classes or cfg.classes_file:
+        classes = resolve_classes(cfg.classes, cfg.classes_file)
+    else:
+        classes = default_classes("context59", cfg.class_set)
     clf = build_text_classifier(models["baseline"], classes, cfg.templates)
     scores = {m: _Agreement(len(classes)) for m in models}
+    scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
     n = 0
-    for rec, img in held_out_images(ims, cfg.max_images):
+    for rec, img in held_out_images(ims, cfg.max_images):  # img (H, W, 3) uint8
         teacher = torch.from_numpy(np.asarray(cache.features(rec.key), dtype=np.float32)).to(dev)  # (h, w, D)
-        _score_image(cfg, rec.key, img, teacher, models, clf, scores)
+        with torch.no_grad():
+            t_pred = predict(teacher[None], clf, out_size=img.shape[:2], logit_scale=scale)[0].cpu()  # (H, W)
+        for m, bb in models.items():
+            feats = dense_features(bb, img, "single", precision=cfg.precision)[0]  # (h, w, D)
+            if feats.shape != teacher.shape:
+                raise EvalError(
+                    f"image {rec.key}: {m} features {tuple(feats.shape)} "
+                    f"vs cached teacher {tuple(teacher.shape)}"
+                )
+            scores[m].features.add(feats, teacher)
+            with torch.no_grad():
+                pred = predict(feats[None], clf, out_size=img.shape[:2], logit_scale=scale)[0].cpu()  # (H, W)
+            scores[m].add_prediction(pred, t_pred)
         n += 1
     if n == 0:
         raise EvalError(f"no images in {cfg.images}")
-    result = _fidelity_result(n, classes, cache, scores)
+    spec = cache.spec
+    result: dict[str, Any] = {
+        "images": n,
+        "positions": scores["baseline"].features.positions,
+        "classes": [c[0] for c in classes],
+        "teacher": {
+            "crop": spec.crop,
+            "stride": spec.stride,
+            "backbone": spec.backbone,
+            "cache_fingerprint": cache.fingerprint,
+        },
+        **{m: s.summary() for m, s in scores.items()},
+    }
     print(format_fidelity(result))
     _log_fidelity(cfg, result, ims, cache, models)
     return result
@@ -170,59 +197,6 @@ def _student(cfg: FidelityConfig, cache: TeacherCache, dev: torch.device) -> Bac
     return student
 
 
-def _classes(cfg: FidelityConfig) -> list[list[str]]:
-    """``--classes`` / ``--classes-file``, else Context59's names."""
-    if cfg.classes or cfg.classes_file:
-        return resolve_classes(cfg.classes, cfg.classes_file)
-    return default_classes("context59", cfg.class_set)
-
-
-def _score_image(
-    cfg: FidelityConfig,
-    key: str,
-    img: np.ndarray,
-    teacher: torch.Tensor,
-    models: dict[str, Backbone],
-    clf: TextClassifier,
-    scores: dict[str, _Agreement],
-) -> None:
-    """Add one image's numbers for every model: ``img`` (H, W, 3) uint8, ``teacher`` (h, w, D) on the device."""
-    scale = cfg.logit_scale if cfg.logit_scale is not None else 40.0
-    out_size = img.shape[:2]
-    with torch.no_grad():
-        t_pred = predict(teacher[None], clf, out_size=out_size, logit_scale=scale)[0].cpu()  # (H, W)
-    for m, bb in models.items():
-        feats = dense_features(bb, img, "single", precision=cfg.precision)[0]  # (h, w, D)
-        if feats.shape != teacher.shape:
-            raise EvalError(
-                f"image {key}: {m} features {tuple(feats.shape)} vs cached teacher {tuple(teacher.shape)}"
-            )
-        scores[m].features.add(feats, teacher)
-        with torch.no_grad():
-            pred = predict(feats[None], clf, out_size=out_size, logit_scale=scale)[0].cpu()  # (H, W)
-        scores[m].add_prediction(pred, t_pred)
-
-
-def _fidelity_result(
-    n: int, classes: list[list[str]], cache: TeacherCache, scores: dict[str, _Agreement]
-) -> dict[str, Any]:
-    spec = cache.spec
-    result: dict[str, Any] = {
-        "images": n,
-        "positions": scores["baseline"].features.positions,
-        "classes": [c[0] for c in classes],
-        "teacher": {
-            "crop": spec.crop,
-            "stride": spec.stride,
-            "backbone": spec.backbone,
-            "cache_fingerprint": cache.fingerprint,
-        },
-    }
-    for m, s in scores.items():
-        result[m] = s.summary()
-    return result
-
-
 def format_fidelity(result: dict[str, Any]) -> str:
     """The fidelity report as a terminal table."""
     rows = [f"{'model':<10} {'MSE':>12} {'cosine':>8} {'mIoU vs teacher':>16} {'pixel agree':>12}"]
@@ -251,7 +225,16 @@ def _log_fidelity(
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
         if not cfg.mlflow:
             return
-        pca = _pca_pngs(cfg, ims, cache, models, out / "pca")
+        # PCA panels of the first held-out images (teacher from the cache, baseline and student in one basis), for
+        # a report with a student
+        pca = "student" in models and cfg.overlays > 0
+        if pca:
+            (out / "pca").mkdir(parents=True, exist_ok=True)
+            for rec, img in held_out_images(ims, cfg.overlays):
+                maps = {"teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32)}  # (h, w, D)
+                for m, bb in models.items():
+                    maps[m] = dense_features(bb, img, "single")[0].cpu().numpy()  # (h, w, D)
+                pca_panel(img, maps).save(out / "pca" / f"{rec.key}_pca.png")
         metrics = _fidelity_metrics(result)
         run = EvalRun(
             kind="fidelity",
@@ -265,22 +248,6 @@ def _log_fidelity(
             images=png_images(out, "pca", "pca") if pca else {},
         )
         log_eval(cfg, out, run)
-
-
-def _pca_pngs(
-    cfg: FidelityConfig, ims: ImageSet, cache: TeacherCache, models: dict[str, Backbone], out: Path
-) -> bool:
-    """PCA panels of the first ``cfg.overlays`` held-out images (teacher from the cache, baseline and student in
-    one basis) into ``out``, for a report with a student; whether it wrote any."""
-    if "student" not in models or cfg.overlays <= 0:
-        return False
-    out.mkdir(parents=True, exist_ok=True)
-    for rec, img in held_out_images(ims, cfg.overlays):
-        maps = {"teacher (cache)": np.asarray(cache.features(rec.key), dtype=np.float32)}  # (h, w, D)
-        for m, bb in models.items():
-            maps[m] = dense_features(bb, img, "single")[0].cpu().numpy()  # (h, w, D)
-        pca_panel(img, maps).save(out / f"{rec.key}_pca.png")
-    return True
 
 
 def _fidelity_metrics(result: dict[str, Any]) -> dict[str, float]:

@@ -93,11 +93,6 @@ def model_identity(bb: Backbone) -> dict[str, object]:
     }
 
 
-def model_device(bb: Backbone) -> torch.device:
-    """The device a backbone's weights are on."""
-    return next(bb.parameters()).device
-
-
 def synchronize(dev: torch.device | str) -> None:
     """Wait for the device's queued work (CUDA), so that a timer measures the work itself (a no-op on CPU)."""
     if torch.device(dev).type == "cuda":
@@ -213,17 +208,12 @@ class EvalProtocol:
     stride: int
 
 
-def backbone_family(readout: str) -> str:
-    """``clip`` for the MaskCLIP readout (CLIP towers), ``siglip2`` otherwise (the protocol's two columns).
-
-    DINOv3 dino.txt (``dinotxt-*`` readouts) takes the non-CLIP column, as the reference's configs/dinov3txt do.
-    """
-    return "clip" if readout == "maskclip" else "siglip2"
-
-
 def resolve_protocol(cfg: BenchmarkConfig, readout: str, native_size: int, patch: int) -> EvalProtocol:
     """Fill the authors' per-dataset, per-backbone-family defaults into the fields left at None."""
-    ds, fam = cfg.dataset, backbone_family(readout)
+    ds = cfg.dataset
+    # the protocol's two columns: "clip" for the MaskCLIP readout (CLIP towers), "siglip2" otherwise (DINOv3
+    # dino.txt's readouts take the non-CLIP column, as the reference's configs/dinov3txt do)
+    fam = "clip" if readout == "maskclip" else "siglip2"
     paper_short, paper_long = PAPER_SIZES.get(ds, (672, 2048))
     short = cfg.short_side if cfg.short_side is not None else paper_short
     long = cfg.long_side if cfg.long_side is not None else paper_long

@@ -28,15 +28,12 @@ from pipeline.eval.fidelity import PooledFidelity, held_out_images
 from pipeline.eval.model import (
     dense_features,
     load_model,
-    model_device,
     pick_device,
     synchronize,
 )
 from pipeline.eval.tracking import EvalRun, log_eval, metric_key, output_dir
 from spar_core.backbones import Backbone, build_backbone, random_weights_seed
 from spar_core.sliding import num_windows, sliding_window_features
-
-Method = tuple[str, Backbone, int | None]  # (name, model, sliding stride or None for a single pass)
 
 
 def speed_strides(strides: tuple[int, ...], crop: int) -> list[int]:
@@ -76,27 +73,6 @@ def speed_report(cfg: SpeedConfig) -> dict[str, Any]:
     crop = cfg.crop or native
     strides = speed_strides(cfg.strides, crop)
     res = [max(p, round(r / p) * p) for r in (list(cfg.resolutions) or [2 * native, 3 * native, 4 * native])]
-    result = {
-        "backbone": bb.name,
-        "device": str(dev),
-        "precision": cfg.precision,
-        "crop": crop,
-        "resolutions": res,
-        "strides": strides,
-        **_timings(cfg, bb, dev, crop, strides, res),
-    }
-    print(format_speed(result))
-    if cfg.images:
-        result["quality_cost"] = quality_vs_cost(cfg, bb, crop, strides)
-        print(format_quality_cost(result["quality_cost"]))
-    _log_speed(cfg, result)
-    return result
-
-
-def _timings(
-    cfg: SpeedConfig, bb: Backbone, dev: torch.device, crop: int, strides: list[int], res: list[int]
-) -> dict[str, Any]:
-    """{"single": [s per resolution], "sliding": {"<stride>": [s]}, "windows": {"<stride>": [count]}}."""
     gen = torch.Generator().manual_seed(cfg.seed)
     single: list[float] = []
     sliding: dict[str, list[float]] = {str(s): [] for s in strides}
@@ -118,7 +94,23 @@ def _timings(
 
             sliding[str(s)].append(_time(run_slide, dev, cfg.repeats) if crop < r else single[-1])
             windows[str(s)].append(num_windows(r, r, crop, s) if crop < r else 1)
-    return {"single": single, "sliding": sliding, "windows": windows}
+    result = {
+        "backbone": bb.name,
+        "device": str(dev),
+        "precision": cfg.precision,
+        "crop": crop,
+        "resolutions": res,
+        "strides": strides,
+        "single": single,  # seconds per resolution
+        "sliding": sliding,  # "<stride>": seconds per resolution
+        "windows": windows,  # "<stride>": windows per resolution
+    }
+    print(format_speed(result))
+    if cfg.images:
+        result["quality_cost"] = quality_vs_cost(cfg, bb, crop, strides)
+        print(format_quality_cost(result["quality_cost"]))
+    _log_speed(cfg, result)
+    return result
 
 
 def format_speed(result: dict[str, Any]) -> str:
@@ -147,8 +139,17 @@ def quality_vs_cost(cfg: SpeedConfig, model: Backbone, crop: int, strides: list[
     and mean cosine to the reference pooled over every patch position.
     """
     ims = open_imageset(cfg.images)
-    dev = model_device(model)
-    methods = _methods(cfg, model, dev, strides)
+    dev = model.mean.device
+    # (name, model, sliding stride or None for a single pass): single pass and sliding (coarsest stride first) of
+    # the base backbone, and the student for a checkpoint
+    base = model
+    if cfg.checkpoint:  # the teacher/baseline are the student's untrained base
+        seed = random_weights_seed(model.weights_id) or 0
+        base = build_backbone(model.name, model.pretrained or None, device=dev, seed=seed)
+    methods: list[tuple[str, Backbone, int | None]] = [("single pass", base, None)]
+    methods += [(f"sliding s{s}", base, s) for s in sorted(strides, reverse=True)]
+    if cfg.checkpoint:
+        methods.append(("student", model, None))
     reference = f"sliding s{min(strides)}"
     seconds = {m: 0.0 for m, _, _ in methods}
     fidelity = {m: PooledFidelity() for m, _, _ in methods}
@@ -171,21 +172,6 @@ def quality_vs_cost(cfg: SpeedConfig, model: Backbone, crop: int, strides: list[
         for m in seconds
     ]
     return {"images": n, "reference": reference, "crop": crop, "points": points}
-
-
-def _methods(cfg: SpeedConfig, model: Backbone, dev: torch.device, strides: list[int]) -> list[Method]:
-    """Single pass and sliding (coarsest stride first) of the base backbone, and the student for a checkpoint."""
-    if cfg.checkpoint:  # the teacher/baseline are the student's untrained base
-        seed = random_weights_seed(model.weights_id)
-        seed = 0 if seed is None else seed
-        base = build_backbone(model.name, model.pretrained or None, device=dev, seed=seed)
-    else:
-        base = model
-    methods: list[Method] = [("single pass", base, None)]
-    methods += [(f"sliding s{s}", base, s) for s in sorted(strides, reverse=True)]
-    if cfg.checkpoint:
-        methods.append(("student", model, None))
-    return methods
 
 
 def format_quality_cost(qc: dict[str, Any]) -> str:

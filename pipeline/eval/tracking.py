@@ -22,7 +22,6 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Run
 from PIL import Image
 
 from pipeline.common import storage
@@ -88,53 +87,42 @@ def png_images(out: Path, folder: str, key: str) -> dict[str, str]:
 
 
 def log_eval(cfg: ReportConfig, out: Path, run: EvalRun) -> None:
-    """Log ``run`` (files under ``out``) to MLflow; nothing when ``cfg.mlflow`` is off."""
+    """Log ``run`` (files under ``out``) to MLflow; nothing when ``cfg.mlflow`` is off. The run holds the resolved
+    config, git commit and system metrics, under its training run if any."""
     if not cfg.mlflow:
         return
-    with _start_run(cfg, run.default_name, run.params, {"spar.eval": run.kind, **run.tags}) as active:
-        mlflow.log_metrics(
-            {k: v for k, v in run.metrics.items() if not (isinstance(v, float) and math.isnan(v))}
-        )
-        if run.table is not None:
-            mlflow.log_table(run.table, artifact_file=run.table_file)
-        for f in run.files:
-            mlflow.log_artifact(str(out / f))
-        for d in run.folders:
-            mlflow.log_artifacts(str(out / d), artifact_path=d)
-        for f, key in run.images.items():
-            with Image.open(out / f) as im:
-                # synchronous: MLflow's asynchronous image upload ends with a ~1 s wait when the run closes
-                mlflow.log_image(im.convert("RGB"), key=f"{key}/{Path(f).stem}", step=0, synchronous=True)
-        parent = active.data.tags.get(PARENT_RUN_TAG)
-        if parent:
-            log_headline_metrics(mlflow.get_tracking_uri(), parent, run.headline_kind, run.headline)
-
-
-def _parent_run(cfg: ReportConfig, uri: str) -> tuple[str, str] | None:
-    """(run id, experiment id) of the training run this evaluation belongs under, if any."""
-    if cfg.parent_run:
-        try:
-            run = MlflowClient(uri).get_run(cfg.parent_run)
-        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
-            raise EvalError(f"--parent-run {cfg.parent_run}: no such MLflow run in {uri} ({e})") from None
-        return run.info.run_id, run.info.experiment_id
-    return training_run_of(cfg.checkpoint, uri)
-
-
-@contextlib.contextmanager
-def _start_run(
-    cfg: ReportConfig, default_name: str, extra_params: dict[str, object], tags: dict[str, str]
-) -> Iterator[Run]:
-    """An MLflow run with the resolved config, git commit and system metrics, under its training run if any."""
     workdir = cfg.workdir or os.environ.get("SPAR_WORKDIR", "work")  # as spar distill
     exp_id = setup_experiment(cfg.experiment, workdir)
     uri = tracking_uri(workdir)
-    parent = _parent_run(cfg, uri)
-    tags = {"spar.stage": "eval", "git_commit": git_commit(), **tags}
+    if cfg.parent_run:  # parent: (run id, experiment id) of the training run evaluated, if any
+        try:
+            found = MlflowClient(uri).get_run(cfg.parent_run)
+        except Exception as e:  # noqa: BLE001 - MLflow raises its own exception types
+            raise EvalError(f"--parent-run {cfg.parent_run}: no such MLflow run in {uri} ({e})") from None
+        parent: tuple[str, str] | None = (found.info.run_id, found.info.experiment_id)
+    else:
+        parent = training_run_of(cfg.checkpoint, uri)
+    tags = {"spar.stage": "eval", "git_commit": git_commit(), "spar.eval": run.kind, **run.tags}
     if parent is not None:
         exp_id = parent[1]
         tags[PARENT_RUN_TAG] = parent[0]
-    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.run_name or default_name, tags=tags) as run:
-        log_params_flat({**to_dict(cfg), **extra_params, "parent_run": parent[0] if parent else ""})
-        with system_metrics(run.info.run_id, uri):
-            yield run
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=cfg.run_name or run.default_name, tags=tags
+    ) as active:
+        log_params_flat({**to_dict(cfg), **run.params, "parent_run": parent[0] if parent else ""})
+        with system_metrics(active.info.run_id, uri):
+            mlflow.log_metrics(
+                {k: v for k, v in run.metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+            )
+            if run.table is not None:
+                mlflow.log_table(run.table, artifact_file=run.table_file)
+            for f in run.files:
+                mlflow.log_artifact(str(out / f))
+            for d in run.folders:
+                mlflow.log_artifacts(str(out / d), artifact_path=d)
+            for f, key in run.images.items():
+                with Image.open(out / f) as im:
+                    # synchronous: MLflow's asynchronous image upload ends with a ~1 s wait when the run closes
+                    mlflow.log_image(im.convert("RGB"), key=f"{key}/{Path(f).stem}", step=0, synchronous=True)
+            if parent is not None:
+                log_headline_metrics(uri, parent[0], run.headline_kind, run.headline)
