@@ -27,14 +27,8 @@ from typing import Any
 from pipeline.common.errors import UserError
 
 # submit's stage name -> module under jobs/ (each one forwards to the `spar` subcommand of the same stage)
-STAGES: dict[str, str] = {
-    "ingest": "ingest",
-    "precompute": "precompute",
-    "distill": "distill",
-    "evaluate": "evaluate",
-    "eval": "evaluate",
-    "pipeline": "pipeline",
-}
+STAGES: dict[str, str] = {s: s for s in ("ingest", "precompute", "distill", "evaluate", "pipeline")}
+STAGES["eval"] = "evaluate"
 
 # Environment passed from the submitting shell to the job when set (tracking server and storage credentials).
 PASSTHROUGH_ENV: tuple[str, ...] = (
@@ -347,24 +341,15 @@ def _out(text: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-# submit's own options that may also follow the stage's arguments (before a `--`), as in
-# `spar submit --address A ingest --src x --out y --working-dir . --no-wait`.
-_TRAILING_VALUE_OPTS = (
-    "--working-dir",
-    "--env",
-    "--token-file",
-    "--submission-id",
-    "--num-gpus",
-    "--timeout",
-)
-_TRAILING_FLAG_OPTS = ("--no-wait", "--no-pass-env")
-
 
 def split_trailing_options(rest: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate submit's own options from the stage's arguments after the stage name.
+    """Separate submit's own options (those of :func:`_add_submit_options`, which may also follow the stage's
+    arguments before a `--`, as in `spar submit --address A ingest --src x --out y --working-dir . --no-wait`)
+    from the stage's arguments after the stage name.
 
     Everything after a literal `--` belongs to the stage verbatim. Returns (submit_opts, stage_args).
     """
+    takes_value = {o: a.nargs != 0 for a in _trailing_parser()._actions for o in a.option_strings}
     submit_opts: list[str] = []
     stage_args: list[str] = []
     items = iter(rest)
@@ -373,9 +358,9 @@ def split_trailing_options(rest: Sequence[str]) -> tuple[list[str], list[str]]:
             stage_args.extend(items)
             break
         name, has_value = tok.split("=", 1)[0], "=" in tok
-        if (name in _TRAILING_FLAG_OPTS and not has_value) or (name in _TRAILING_VALUE_OPTS and has_value):
+        if name in takes_value and takes_value[name] == has_value:  # a flag, or --option=value
             submit_opts.append(tok)
-        elif name in _TRAILING_VALUE_OPTS:
+        elif takes_value.get(name):
             value = next(items, None)
             if value is None:
                 raise SubmitError(f"{tok} needs a value")
@@ -406,6 +391,13 @@ def _add_submit_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+def _trailing_parser() -> argparse.ArgumentParser:
+    """The submit options that may follow the stage's arguments, without defaults (unset ones stay unset)."""
+    extra = argparse.ArgumentParser(prog="spar submit", add_help=False)
+    _add_submit_options(extra, defaults=False)
+    return extra
+
+
 def add_cli(subparsers: Any) -> None:
     """Register `spar submit`."""
     p = subparsers.add_parser(
@@ -433,9 +425,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """`spar submit` handler."""
     trailing, stage_args = split_trailing_options(args.stage_args)
     if trailing:
-        extra = argparse.ArgumentParser(prog="spar submit", add_help=False)
-        _add_submit_options(extra, defaults=False)
-        parsed, unknown = extra.parse_known_args(trailing)
+        parsed, unknown = _trailing_parser().parse_known_args(trailing)
         if unknown:
             raise SubmitError(f"unrecognised submit options: {' '.join(unknown)}")
         for key, value in vars(parsed).items():
