@@ -61,14 +61,14 @@ from pipeline.workflow.config import Recipe, load_recipe
 STAGES = ("ingest", "precompute", "distill", "eval")
 
 
+@dataclass
 class Reporter:
     """One console line per stage (``[spar <who>] 2/4 precompute: ...``) plus indented details. With ``quiet``,
     the stages' own stdout reports are hidden (lines starting with "warning"/"error" still come through on
     stderr) unless Ray's verbose mode is on; progress bars (stderr) are untouched."""
 
-    def __init__(self, who: str, quiet: bool = False) -> None:
-        self.who = who
-        self.quiet_stages = quiet
+    who: str
+    quiet: bool = False
 
     def stage(self, name: str, text: str) -> None:
         mark(f"stage_{name}")
@@ -79,7 +79,7 @@ class Reporter:
 
     @contextlib.contextmanager
     def stage_output(self) -> Iterator[None]:
-        if not self.quiet_stages or verbose():
+        if not self.quiet or verbose():
             yield
             return
         buf = io.StringIO()
