@@ -167,21 +167,6 @@ def read_auth_token(token_file: str | None = None, environ: Mapping[str, str] | 
     return (default.read_text().strip() or None) if default.is_file() else None
 
 
-def auth_headers(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`{"Authorization": "Bearer <token>"}` when a token is available; `RAY_AUTH_MODE=token` requires one."""
-    environ = os.environ if environ is None else environ
-    token = read_auth_token(token_file, environ)
-    if token is None:
-        if environ.get("RAY_AUTH_MODE", "").lower() == "token":
-            raise SubmitError(
-                "RAY_AUTH_MODE=token but no Ray auth token found: pass --token-file, set RAY_AUTH_TOKEN or "
-                "RAY_AUTH_TOKEN_PATH, or copy the cluster's token to ~/.ray/auth_token "
-                "(on the head node: `ray get-auth-token`)"
-            )
-        return {}
-    return {"Authorization": f"Bearer {token}"}
-
-
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
     """Dashboard (Jobs API) address: `--address`, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS."""
     environ = os.environ if environ is None else environ
@@ -202,10 +187,18 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
 
 
 def make_client(address: str, token_file: str | None = None) -> Any:
-    """A `JobSubmissionClient` for `address` carrying the auth header; clear errors for refusal/unreachable."""
+    """A `JobSubmissionClient` for `address` carrying `Authorization: Bearer <token>` when a token is available
+    (`RAY_AUTH_MODE=token` requires one); clear errors for refusal/unreachable."""
     from ray.job_submission import JobSubmissionClient
 
-    headers = auth_headers(token_file)
+    token = read_auth_token(token_file)
+    if token is None and os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        raise SubmitError(
+            "RAY_AUTH_MODE=token but no Ray auth token found: pass --token-file, set RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH, or copy the cluster's token to ~/.ray/auth_token "
+            "(on the head node: `ray get-auth-token`)"
+        )
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # ConnectionError / RuntimeError from the version probe
