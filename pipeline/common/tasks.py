@@ -120,19 +120,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address:
         _LOCAL_CLUSTER_ENV = None
         ray.init(address=address, log_to_driver=True, **kwargs)
-        mark("ray_init_done")
-        return
-    _local_cluster_settings()
-    _LOCAL_CLUSTER_ENV = _forwarded_env()
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="warning",
-        **kwargs,
-    )
+    else:
+        _local_cluster_settings()
+        _LOCAL_CLUSTER_ENV = _forwarded_env()
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="warning",
+            **kwargs,
+        )
     mark("ray_init_done")
 
 
