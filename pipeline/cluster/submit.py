@@ -261,55 +261,6 @@ def wait_for_job(client: Any, job_id: str, timeout_s: float | None = None, poll_
         time.sleep(poll_s)
 
 
-def submit(
-    stage: str,
-    stage_args: Sequence[str] = (),
-    *,
-    address: str | None = None,
-    working_dir: str | os.PathLike[str] = ".",
-    env: Mapping[str, str] | None = None,
-    wait: bool = True,
-    submission_id: str | None = None,
-    token_file: str | None = None,
-    pass_env: bool = True,
-    num_gpus: float | None = None,
-    timeout_s: float | None = None,
-) -> int:
-    """Submit `python -m jobs.<stage> <stage_args>` as a Ray Job; follow its logs; 0 only when it SUCCEEDED.
-
-    With `wait=False` returns 0 right after submission (the job id is printed).
-    """
-    logging.getLogger("ray").setLevel(logging.WARNING)  # packaging chatter; warnings and errors still show
-    addr = resolve_address(address)
-    entrypoint = build_entrypoint(stage, stage_args)
-    runtime_env = build_runtime_env(working_dir, env, pass_env=pass_env)
-    client = make_client(addr, token_file)
-    gpus = {"entrypoint_num_gpus": num_gpus} if num_gpus else {}
-    try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata={"spar_stage": stage},
-            **gpus,
-        )
-    except Exception as e:
-        raise SubmitError(f"submitting {entrypoint!r} to {addr} failed: {e}") from e
-    _out(f"[spar submit] job {job_id} submitted to {addr}: {entrypoint}\n")
-    if not wait:
-        _out(f"[spar submit] follow it with: ray job logs --address {addr} --follow {job_id}\n")
-        return 0
-    try:
-        follow_logs(client, job_id, _out)
-        state = wait_for_job(client, job_id, timeout_s=timeout_s)
-    except KeyboardInterrupt:
-        _out(f"\n[spar submit] stopped following; job {job_id} keeps running (ray job stop {job_id})\n")
-        return 130
-    info = client.get_job_info(job_id)
-    _out(f"[spar submit] job {job_id} {state}{_failure_note(info, state)}\n")
-    return job_exit_code(state, getattr(info, "driver_exit_code", None))
-
-
 def job_exit_code(state: str, driver_exit_code: int | None) -> int:
     """The exit status `spar submit` reports: 0 only for SUCCEEDED; a failed job's own code when known."""
     if state == "SUCCEEDED":
@@ -415,7 +366,8 @@ def add_cli(subparsers: Any) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """`spar submit` handler."""
+    """`spar submit`: submit `python -m jobs.<stage> <stage_args>` as a Ray Job and follow its logs; 0 only when it
+    SUCCEEDED. With `--no-wait` returns 0 right after submission (the job id is printed)."""
     trailing, stage_args = split_trailing_options(args.stage_args)
     if trailing:
         parsed, unknown = _trailing_parser().parse_known_args(trailing)
@@ -426,16 +378,33 @@ def run_cli(args: argparse.Namespace) -> int:
                 args.env = [*args.env, *value]
             else:
                 setattr(args, key, value)
-    return submit(
-        args.stage,
-        stage_args,
-        address=args.address,
-        working_dir=args.working_dir,
-        env=parse_env_pairs(args.env),
-        wait=not args.no_wait,
-        submission_id=args.submission_id,
-        token_file=args.token_file,
-        pass_env=not args.no_pass_env,
-        num_gpus=args.num_gpus,
-        timeout_s=args.timeout,
-    )
+    env = parse_env_pairs(args.env)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # packaging chatter; warnings and errors still show
+    addr = resolve_address(args.address)
+    entrypoint = build_entrypoint(args.stage, stage_args)
+    runtime_env = build_runtime_env(args.working_dir, env, pass_env=not args.no_pass_env)
+    client = make_client(addr, args.token_file)
+    gpus = {"entrypoint_num_gpus": args.num_gpus} if args.num_gpus else {}
+    try:
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=args.submission_id,
+            metadata={"spar_stage": args.stage},
+            **gpus,
+        )
+    except Exception as e:
+        raise SubmitError(f"submitting {entrypoint!r} to {addr} failed: {e}") from e
+    _out(f"[spar submit] job {job_id} submitted to {addr}: {entrypoint}\n")
+    if args.no_wait:
+        _out(f"[spar submit] follow it with: ray job logs --address {addr} --follow {job_id}\n")
+        return 0
+    try:
+        follow_logs(client, job_id, _out)
+        state = wait_for_job(client, job_id, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        _out(f"\n[spar submit] stopped following; job {job_id} keeps running (ray job stop {job_id})\n")
+        return 130
+    info = client.get_job_info(job_id)
+    _out(f"[spar submit] job {job_id} {state}{_failure_note(info, state)}\n")
+    return job_exit_code(state, getattr(info, "driver_exit_code", None))
