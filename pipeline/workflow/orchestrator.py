@@ -20,9 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,15 +116,9 @@ def workdir_of(recipe: Recipe) -> str:
 
 def _sample_photos(folder: str, names: tuple[str, ...]) -> str:
     """The bundled sample photos as PNG files in ``folder`` (local or URL; files already there are kept)."""
-    if storage.is_local(folder):
-        write_photos(Path(folder), names)
-        return folder
     have = set(storage.listdir(folder))
-    with tempfile.TemporaryDirectory(prefix="spar-photos-") as tmp:
-        write_photos(Path(tmp), names)
-        for name in sorted(set(os.listdir(tmp)) - have):
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes_atomic(storage.join(folder, name), f.read())
+    with storage.staged_dir(folder) as staged:
+        write_photos(Path(staged), tuple(n for n in names if f"{n}.png" not in have))
     return folder
 
 
