@@ -93,7 +93,7 @@ class Reporter:
 @dataclass
 class Extras:
     """What a caller adds to a recipe's run: a separate ingest config for the held-out images (default: the
-    training one without augmentation; whether the teacher runs on them too), evaluations instead of the recipe's ``[eval]``, segmentation of the
+    training one without augmentation), evaluations instead of the recipe's ``[eval]``, segmentation of the
     held-out photos (overlays logged on the training run) and a list that collects precompute task statistics."""
 
     heldout_ingest: IngestConfig | None = None
