@@ -27,14 +27,8 @@ from typing import Any
 from pipeline.common.errors import UserError
 
 # submit's stage name -> module under jobs/ (each one forwards to the `spar` subcommand of the same stage)
-STAGES: dict[str, str] = {
-    "ingest": "ingest",
-    "precompute": "precompute",
-    "distill": "distill",
-    "evaluate": "evaluate",
-    "eval": "evaluate",
-    "pipeline": "pipeline",
-}
+STAGES: dict[str, str] = {s: s for s in ("ingest", "precompute", "distill", "evaluate", "pipeline")}
+STAGES["eval"] = "evaluate"
 
 # Environment passed from the submitting shell to the job when set (tracking server and storage credentials).
 PASSTHROUGH_ENV: tuple[str, ...] = (
@@ -173,21 +167,6 @@ def read_auth_token(token_file: str | None = None, environ: Mapping[str, str] | 
     return (default.read_text().strip() or None) if default.is_file() else None
 
 
-def auth_headers(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """`{"Authorization": "Bearer <token>"}` when a token is available; `RAY_AUTH_MODE=token` requires one."""
-    environ = os.environ if environ is None else environ
-    token = read_auth_token(token_file, environ)
-    if token is None:
-        if environ.get("RAY_AUTH_MODE", "").lower() == "token":
-            raise SubmitError(
-                "RAY_AUTH_MODE=token but no Ray auth token found: pass --token-file, set RAY_AUTH_TOKEN or "
-                "RAY_AUTH_TOKEN_PATH, or copy the cluster's token to ~/.ray/auth_token "
-                "(on the head node: `ray get-auth-token`)"
-            )
-        return {}
-    return {"Authorization": f"Bearer {token}"}
-
-
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
     """Dashboard (Jobs API) address: `--address`, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS."""
     environ = os.environ if environ is None else environ
@@ -208,10 +187,18 @@ def resolve_address(address: str | None, environ: Mapping[str, str] | None = Non
 
 
 def make_client(address: str, token_file: str | None = None) -> Any:
-    """A `JobSubmissionClient` for `address` carrying the auth header; clear errors for refusal/unreachable."""
+    """A `JobSubmissionClient` for `address` carrying `Authorization: Bearer <token>` when a token is available
+    (`RAY_AUTH_MODE=token` requires one); clear errors for refusal/unreachable."""
     from ray.job_submission import JobSubmissionClient
 
-    headers = auth_headers(token_file)
+    token = read_auth_token(token_file)
+    if token is None and os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        raise SubmitError(
+            "RAY_AUTH_MODE=token but no Ray auth token found: pass --token-file, set RAY_AUTH_TOKEN or "
+            "RAY_AUTH_TOKEN_PATH, or copy the cluster's token to ~/.ray/auth_token "
+            "(on the head node: `ray get-auth-token`)"
+        )
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as e:  # ConnectionError / RuntimeError from the version probe
@@ -274,55 +261,6 @@ def wait_for_job(client: Any, job_id: str, timeout_s: float | None = None, poll_
         time.sleep(poll_s)
 
 
-def submit(
-    stage: str,
-    stage_args: Sequence[str] = (),
-    *,
-    address: str | None = None,
-    working_dir: str | os.PathLike[str] = ".",
-    env: Mapping[str, str] | None = None,
-    wait: bool = True,
-    submission_id: str | None = None,
-    token_file: str | None = None,
-    pass_env: bool = True,
-    num_gpus: float | None = None,
-    timeout_s: float | None = None,
-) -> int:
-    """Submit `python -m jobs.<stage> <stage_args>` as a Ray Job; follow its logs; 0 only when it SUCCEEDED.
-
-    With `wait=False` returns 0 right after submission (the job id is printed).
-    """
-    logging.getLogger("ray").setLevel(logging.WARNING)  # packaging chatter; warnings and errors still show
-    addr = resolve_address(address)
-    entrypoint = build_entrypoint(stage, stage_args)
-    runtime_env = build_runtime_env(working_dir, env, pass_env=pass_env)
-    client = make_client(addr, token_file)
-    gpus = {"entrypoint_num_gpus": num_gpus} if num_gpus else {}
-    try:
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=runtime_env,
-            submission_id=submission_id,
-            metadata={"spar_stage": stage},
-            **gpus,
-        )
-    except Exception as e:
-        raise SubmitError(f"submitting {entrypoint!r} to {addr} failed: {e}") from e
-    _out(f"[spar submit] job {job_id} submitted to {addr}: {entrypoint}\n")
-    if not wait:
-        _out(f"[spar submit] follow it with: ray job logs --address {addr} --follow {job_id}\n")
-        return 0
-    try:
-        follow_logs(client, job_id, _out)
-        state = wait_for_job(client, job_id, timeout_s=timeout_s)
-    except KeyboardInterrupt:
-        _out(f"\n[spar submit] stopped following; job {job_id} keeps running (ray job stop {job_id})\n")
-        return 130
-    info = client.get_job_info(job_id)
-    _out(f"[spar submit] job {job_id} {state}{_failure_note(info, state)}\n")
-    return job_exit_code(state, getattr(info, "driver_exit_code", None))
-
-
 def job_exit_code(state: str, driver_exit_code: int | None) -> int:
     """The exit status `spar submit` reports: 0 only for SUCCEEDED; a failed job's own code when known."""
     if state == "SUCCEEDED":
@@ -347,24 +285,15 @@ def _out(text: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-# submit's own options that may also follow the stage's arguments (before a `--`), as in
-# `spar submit --address A ingest --src x --out y --working-dir . --no-wait`.
-_TRAILING_VALUE_OPTS = (
-    "--working-dir",
-    "--env",
-    "--token-file",
-    "--submission-id",
-    "--num-gpus",
-    "--timeout",
-)
-_TRAILING_FLAG_OPTS = ("--no-wait", "--no-pass-env")
-
 
 def split_trailing_options(rest: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate submit's own options from the stage's arguments after the stage name.
+    """Separate submit's own options (those of :func:`_add_submit_options`, which may also follow the stage's
+    arguments before a `--`, as in `spar submit --address A ingest --src x --out y --working-dir . --no-wait`)
+    from the stage's arguments after the stage name.
 
     Everything after a literal `--` belongs to the stage verbatim. Returns (submit_opts, stage_args).
     """
+    takes_value = {o: a.nargs != 0 for a in _trailing_parser()._actions for o in a.option_strings}
     submit_opts: list[str] = []
     stage_args: list[str] = []
     items = iter(rest)
@@ -373,9 +302,9 @@ def split_trailing_options(rest: Sequence[str]) -> tuple[list[str], list[str]]:
             stage_args.extend(items)
             break
         name, has_value = tok.split("=", 1)[0], "=" in tok
-        if (name in _TRAILING_FLAG_OPTS and not has_value) or (name in _TRAILING_VALUE_OPTS and has_value):
+        if name in takes_value and takes_value[name] == has_value:  # a flag, or --option=value
             submit_opts.append(tok)
-        elif name in _TRAILING_VALUE_OPTS:
+        elif takes_value.get(name):
             value = next(items, None)
             if value is None:
                 raise SubmitError(f"{tok} needs a value")
@@ -406,6 +335,13 @@ def _add_submit_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+def _trailing_parser() -> argparse.ArgumentParser:
+    """The submit options that may follow the stage's arguments, without defaults (unset ones stay unset)."""
+    extra = argparse.ArgumentParser(prog="spar submit", add_help=False)
+    _add_submit_options(extra, defaults=False)
+    return extra
+
+
 def add_cli(subparsers: Any) -> None:
     """Register `spar submit`."""
     p = subparsers.add_parser(
@@ -430,12 +366,11 @@ def add_cli(subparsers: Any) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """`spar submit` handler."""
+    """`spar submit`: submit `python -m jobs.<stage> <stage_args>` as a Ray Job and follow its logs; 0 only when it
+    SUCCEEDED. With `--no-wait` returns 0 right after submission (the job id is printed)."""
     trailing, stage_args = split_trailing_options(args.stage_args)
     if trailing:
-        extra = argparse.ArgumentParser(prog="spar submit", add_help=False)
-        _add_submit_options(extra, defaults=False)
-        parsed, unknown = extra.parse_known_args(trailing)
+        parsed, unknown = _trailing_parser().parse_known_args(trailing)
         if unknown:
             raise SubmitError(f"unrecognised submit options: {' '.join(unknown)}")
         for key, value in vars(parsed).items():
@@ -443,16 +378,33 @@ def run_cli(args: argparse.Namespace) -> int:
                 args.env = [*args.env, *value]
             else:
                 setattr(args, key, value)
-    return submit(
-        args.stage,
-        stage_args,
-        address=args.address,
-        working_dir=args.working_dir,
-        env=parse_env_pairs(args.env),
-        wait=not args.no_wait,
-        submission_id=args.submission_id,
-        token_file=args.token_file,
-        pass_env=not args.no_pass_env,
-        num_gpus=args.num_gpus,
-        timeout_s=args.timeout,
-    )
+    env = parse_env_pairs(args.env)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # packaging chatter; warnings and errors still show
+    addr = resolve_address(args.address)
+    entrypoint = build_entrypoint(args.stage, stage_args)
+    runtime_env = build_runtime_env(args.working_dir, env, pass_env=not args.no_pass_env)
+    client = make_client(addr, args.token_file)
+    gpus = {"entrypoint_num_gpus": args.num_gpus} if args.num_gpus else {}
+    try:
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=args.submission_id,
+            metadata={"spar_stage": args.stage},
+            **gpus,
+        )
+    except Exception as e:
+        raise SubmitError(f"submitting {entrypoint!r} to {addr} failed: {e}") from e
+    _out(f"[spar submit] job {job_id} submitted to {addr}: {entrypoint}\n")
+    if args.no_wait:
+        _out(f"[spar submit] follow it with: ray job logs --address {addr} --follow {job_id}\n")
+        return 0
+    try:
+        follow_logs(client, job_id, _out)
+        state = wait_for_job(client, job_id, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        _out(f"\n[spar submit] stopped following; job {job_id} keeps running (ray job stop {job_id})\n")
+        return 130
+    info = client.get_job_info(job_id)
+    _out(f"[spar submit] job {job_id} {state}{_failure_note(info, state)}\n")
+    return job_exit_code(state, getattr(info, "driver_exit_code", None))

@@ -35,16 +35,9 @@ from pipeline.common.errors import UserError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
-_ALIASES = {
-    "auto": "auto",
-    "fp32": "fp32",
-    "float32": "fp32",
-    "none": "fp32",
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "fp16": "fp16",
-    "float16": "fp16",
-}
+_ALIASES = {n: n for n in PRECISION_NAMES} | dict(
+    none="fp32", float32="fp32", bfloat16="bf16", float16="fp16"
+)
 _DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CACHE_MODES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 CPU_BF16_ENV = "SPAR_CPU_BF16"

@@ -8,6 +8,7 @@ Token authentication stays on (Ray's default); a local cluster binds to 127.0.0.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -119,19 +120,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address:
         _LOCAL_CLUSTER_ENV = None
         ray.init(address=address, log_to_driver=True, **kwargs)
-        mark("ray_init_done")
-        return
-    _local_cluster_settings()
-    _LOCAL_CLUSTER_ENV = _forwarded_env()
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        dashboard_host="127.0.0.1",
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="warning",
-        **kwargs,
-    )
+    else:
+        _local_cluster_settings()
+        _LOCAL_CLUSTER_ENV = _forwarded_env()
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="warning",
+            **kwargs,
+        )
     mark("ray_init_done")
 
 
@@ -177,7 +177,6 @@ def start_local_cluster_early(
     if off or _EARLY is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return
     import importlib
-    import logging
     import signal
 
     for name in _RAY_INIT_MODULES:
@@ -287,14 +286,12 @@ def _skip_ray_chatter() -> None:
 def _quiet_auth_notice() -> None:
     """Keep Ray's "token authentication is enabled by default" notice (printed at every local start) off the
     console unless verbose; token authentication itself stays on."""
-    import logging
+    # addFilter adds one function once, however often this runs
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_auth_notice)
 
-    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(getattr(f, "_spar", False) for f in log.filters):
-        quiet = logging.Filter()
-        quiet.filter = lambda r: "Token authentication is enabled" not in r.getMessage()  # type: ignore[method-assign]
-        quiet._spar = True  # type: ignore[attr-defined]
-        log.addFilter(quiet)
+
+def _no_auth_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled" not in record.getMessage()
 
 
 class LatestValue:

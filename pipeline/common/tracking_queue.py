@@ -65,8 +65,7 @@ class QueuedRunLog:
         self.uri, self.run_id, self._say = uri, run_id, say
         self._queue: deque[Entry] = deque()
         self._cv = threading.Condition()
-        self._closing = False
-        self._abort = False
+        self._closing = False  # set by close: the sender stops, what is left goes to the spool file
         self.delivered = 0
         self.outages: list[float] = []  # seconds of each outage seen, once it ended
         self.last_error = ""
@@ -103,7 +102,7 @@ class QueuedRunLog:
         delivered, else the spool file holding what was not (named, with what is missing, in one line)."""
         self.wait_delivered(wait_s)
         with self._cv:
-            self._closing = self._abort = True
+            self._closing = True
             self._cv.notify_all()
         self._thread.join(REQUEST_TIMEOUT_S + 5)  # a send in flight ends within its timeout
         with self._cv:
@@ -133,12 +132,11 @@ class QueuedRunLog:
             with self._cv:
                 while not self._queue and not self._closing:
                     self._cv.wait()
-                if self._abort or not self._queue:
+                if self._closing:
                     return
-                if not self._closing:  # let a few steps' entries gather: one request for them
-                    self._cv.wait(LINGER_S)
-                    if self._abort:
-                        return
+                self._cv.wait(LINGER_S)  # let a few steps' entries gather: one request for them
+                if self._closing:
+                    return
                 batch = head_batch(self._queue)
             try:
                 self._send_batch(batch)
@@ -151,7 +149,7 @@ class QueuedRunLog:
                         "metrics, training goes on"
                     )
                 with self._cv:
-                    if not self._abort:
+                    if not self._closing:
                         self._cv.wait(delay)
                 delay = min(delay * 2, BACKOFF_S[1])
                 continue

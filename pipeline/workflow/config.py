@@ -4,15 +4,13 @@ TOML file) and the demo's own small config. Light: argument definitions and reci
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_type_hints
 
 from pipeline.cache.config import PrecomputeConfig
 from pipeline.common.config import ConfigError, apply_overrides, load_config, read_recipe
 from pipeline.data.config import IngestConfig
 from pipeline.eval.config import EvalConfig
 from pipeline.train.config import DistillConfig
-
-SECTIONS = ("run", "ingest", "precompute", "distill", "eval")
 
 
 @dataclass
@@ -40,24 +38,18 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_SECTION_TYPES: dict[str, type] = {
-    "run": RunConfig,
-    "ingest": IngestConfig,
-    "precompute": PrecomputeConfig,
-    "distill": DistillConfig,
-    "eval": EvalConfig,
-}
+_SECTION_TYPES: dict[str, type] = get_type_hints(Recipe)  # each TOML section's config class, in order
+SECTIONS = tuple(_SECTION_TYPES)
 
 
 def _check_sections(overrides: list[str]) -> None:
     """Every override must name a known section (``section.key=value``); each section's config takes its own."""
     for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if "." not in key:
+        sec, dot, _ = item.split("=", 1)[0].strip().partition(".")
+        if not dot:
             raise ConfigError(
                 f"pipeline override {item!r} must name its section: one of {', '.join(SECTIONS)}"
             )
-        sec = key.split(".", 1)[0]
         if sec not in SECTIONS:
             raise ConfigError(
                 f"pipeline override {item!r}: unknown section {sec!r}; allowed: {', '.join(SECTIONS)}"

@@ -100,45 +100,24 @@ def _speed_ratio(speed: dict[str, Any]) -> float | None:
     return sliding / single if single > 0 else None
 
 
-def summarize(out: PipelineResult, minutes: float, overlays: str) -> dict[str, Any]:
-    """The numbers the closing summary prints."""
-    fid, speed = out.evals[0], out.evals[1]
+def _print_summary(cfg: DemoConfig, work: Path, out: PipelineResult, minutes: float, overlays: str) -> None:
+    fid, nan = out.evals[0], float("nan")
     base, stud = fid.get("baseline", {}), fid.get("student", {})
-    return {
-        "baseline_mse": base.get("mse"),
-        "student_mse": stud.get("mse"),
-        "mse_ratio": stud.get("mse", float("nan")) / max(base.get("mse", float("nan")), 1e-12),
-        "baseline_cosine": base.get("cosine"),
-        "student_cosine": stud.get("cosine"),
-        "speed_ratio": _speed_ratio(speed),
-        "train_cache": out.cache,
-        "heldout_cache": out.heldout_cache,
-        "checkpoint": out.checkpoint,
-        "overlays": overlays,
-        "run_id": out.run_id,
-        "minutes": minutes,
-    }
-
-
-def _print_summary(cfg: DemoConfig, work: Path, out: PipelineResult, s: dict[str, Any]) -> None:
+    speed_ratio = _speed_ratio(out.evals[1])
     print()
     print("=" * 78)
-    print("SPAR demo finished in {:.1f} min".format(s["minutes"]))
+    print(f"SPAR demo finished in {minutes:.1f} min")
     print("  distance to the teacher on held-out images (lower MSE / higher cosine is better):")
-    print(
-        f"    single-pass baseline: MSE {s['baseline_mse'] or float('nan'):.4f}  cosine {s['baseline_cosine'] or 0:.4f}"
-    )
-    print(
-        f"    distilled student:    MSE {s['student_mse'] or float('nan'):.4f}  cosine {s['student_cosine'] or 0:.4f}"
-    )
-    print(f"    student / baseline MSE ratio: {s['mse_ratio']:.3f}")
-    if s["speed_ratio"]:
+    print(f"    single-pass baseline: MSE {base.get('mse') or nan:.4f}  cosine {base.get('cosine') or 0:.4f}")
+    print(f"    distilled student:    MSE {stud.get('mse') or nan:.4f}  cosine {stud.get('cosine') or 0:.4f}")
+    print(f"    student / baseline MSE ratio: {stud.get('mse', nan) / max(base.get('mse', nan), 1e-12):.3f}")
+    if speed_ratio:
         print(
-            f"  speed: the sliding-window teacher (stride {cfg.stride}) takes {s['speed_ratio']:.1f}x the single pass"
+            f"  speed: the sliding-window teacher (stride {cfg.stride}) takes {speed_ratio:.1f}x the single pass"
         )
     print(f"  teacher caches: {out.cache}\n                  {out.heldout_cache}")
     print(f"  student checkpoint: {out.checkpoint}")
-    print(f"  segmentation overlays: {s['overlays']}")
+    print(f"  segmentation overlays: {overlays}")
     blocks = read_backbone_info(out.checkpoint).get("trainable_blocks", "?")
     print(f"  MLflow run {out.run_id} (student with the last {blocks} block(s) trained)")
     uri = tracking_uri(work)
@@ -162,8 +141,8 @@ def _print_summary(cfg: DemoConfig, work: Path, out: PipelineResult, s: dict[str
     print("=" * 78)
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Write the sample photos, run the demo recipe, print the summary; returns the summary's numbers."""
+def run_demo(cfg: DemoConfig) -> None:
+    """Write the sample photos, run the demo recipe, print the summary."""
     work = Path(cfg.workdir).resolve()
     t_start = time.perf_counter()
     n_train = write_photos(work / "raw" / "train", TRAIN_PHOTOS)
@@ -174,9 +153,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     )
     recipe, extras = demo_recipe(cfg, work)
     out = run_pipeline(recipe, extras, Reporter("demo", quiet=True))
-    s = summarize(out, (time.perf_counter() - t_start) / 60, extras.segment.out if extras.segment else "")
-    _print_summary(cfg, work, out, s)
-    return s
+    minutes = (time.perf_counter() - t_start) / 60
+    _print_summary(cfg, work, out, minutes, extras.segment.out if extras.segment else "")
 
 
 def run_cli(args: argparse.Namespace) -> int:

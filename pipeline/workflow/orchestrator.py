@@ -20,9 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,14 +59,14 @@ from pipeline.workflow.config import Recipe, load_recipe
 STAGES = ("ingest", "precompute", "distill", "eval")
 
 
+@dataclass
 class Reporter:
     """One console line per stage (``[spar <who>] 2/4 precompute: ...``) plus indented details. With ``quiet``,
     the stages' own stdout reports are hidden (lines starting with "warning"/"error" still come through on
     stderr) unless Ray's verbose mode is on; progress bars (stderr) are untouched."""
 
-    def __init__(self, who: str, quiet: bool = False) -> None:
-        self.who = who
-        self.quiet_stages = quiet
+    who: str
+    quiet: bool = False
 
     def stage(self, name: str, text: str) -> None:
         mark(f"stage_{name}")
@@ -79,7 +77,7 @@ class Reporter:
 
     @contextlib.contextmanager
     def stage_output(self) -> Iterator[None]:
-        if not self.quiet_stages or verbose():
+        if not self.quiet or verbose():
             yield
             return
         buf = io.StringIO()
@@ -95,7 +93,7 @@ class Reporter:
 @dataclass
 class Extras:
     """What a caller adds to a recipe's run: a separate ingest config for the held-out images (default: the
-    training one without augmentation; whether the teacher runs on them too), evaluations instead of the recipe's ``[eval]``, segmentation of the
+    training one without augmentation), evaluations instead of the recipe's ``[eval]``, segmentation of the
     held-out photos (overlays logged on the training run) and a list that collects precompute task statistics."""
 
     heldout_ingest: IngestConfig | None = None
@@ -118,15 +116,9 @@ def workdir_of(recipe: Recipe) -> str:
 
 def _sample_photos(folder: str, names: tuple[str, ...]) -> str:
     """The bundled sample photos as PNG files in ``folder`` (local or URL; files already there are kept)."""
-    if storage.is_local(folder):
-        write_photos(Path(folder), names)
-        return folder
     have = set(storage.listdir(folder))
-    with tempfile.TemporaryDirectory(prefix="spar-photos-") as tmp:
-        write_photos(Path(tmp), names)
-        for name in sorted(set(os.listdir(tmp)) - have):
-            with open(os.path.join(tmp, name), "rb") as f:
-                storage.write_bytes_atomic(storage.join(folder, name), f.read())
+    with storage.staged_dir(folder) as staged:
+        write_photos(Path(staged), tuple(n for n in names if f"{n}.png" not in have))
     return folder
 
 
