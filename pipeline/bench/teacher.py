@@ -135,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
     )
     _add_runs(st)
     best, outs, t_warm = _time_rounds(st)
-    _print_times(st, best, t_warm)
-    _print_rates_and_errors(st, best, outs)
+    _print(st, best, outs, t_warm)
     return 0
 
 
@@ -198,14 +197,11 @@ def _time_rounds(st: _Setup) -> tuple[dict[str, float], dict[str, torch.Tensor],
     return best, outs, t_warm
 
 
-def _ref_name(best: dict[str, float]) -> str:
-    """The authors' loop reference: the faster of its runs."""
-    return min((k for k in best if k.startswith("authors_")), key=best.__getitem__)
-
-
-def _print_times(st: _Setup, best: dict[str, float], t_warm: float) -> None:
-    a, prec = st.args, st.prec
-    ref_name = _ref_name(best)
+def _print(st: _Setup, best: dict[str, float], outs: dict[str, torch.Tensor], t_warm: float) -> None:
+    """The times, then each teacher's GFLOP/s as a fraction of the matmul rate in its dtype and its error vs the
+    naive one; the authors' loop reference is the faster of its runs."""
+    a, prec, bb = st.args, st.prec, st.bb
+    ref_name = min((k for k in best if k.startswith("authors_")), key=best.__getitem__)
     t_ref, t_proj = best[ref_name], best["project"]
     rows = [(f"authors' loop {k.removeprefix('authors_')} (batch {AUTHORS_WINDOW_BATCH}, Python fold)", best[k])
             for k in best if k.startswith("authors_")]  # fmt: skip
@@ -229,12 +225,6 @@ def _print_times(st: _Setup, best: dict[str, float], t_warm: float) -> None:
         print(f"  torch.compile: first call {st.t_compile:.1f} s (compile time, once per worker process; "
               f"{st.t_compile - t_c:.1f} s over a steady run), steady {t_c:.2f} s = {t_proj / t_c:.2f}x eager; "
               f"compiled vs authors' loop {t_ref / t_c:.2f}x")  # fmt: skip
-
-
-def _print_rates_and_errors(st: _Setup, best: dict[str, float], outs: dict[str, torch.Tensor]) -> None:
-    """Each teacher's GFLOP/s as a fraction of the matmul rate in its dtype, and its error vs the naive one."""
-    prec, bb = st.prec, st.bb
-    ref_name = _ref_name(best)
     ours = [
         ("fp32", "fp32"),
         ("project", prec),
