@@ -33,7 +33,7 @@ from pipeline.common.precision import Precision, autocast_dtype, resolve
 from pipeline.eval.model import pick_device
 from spar_core import build_backbone, fine_factor, sliding_window_features
 from spar_core.backbones import Backbone
-from spar_core.sliding import window_grid
+from spar_core.sliding import num_windows, window_grid
 
 AUTHORS_WINDOW_BATCH = 10  # the reference configs' gen_windowslide_bs
 
@@ -148,12 +148,11 @@ def _setup(args: argparse.Namespace) -> _Setup:
     amp = autocast_dtype(prec)
     img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True)
     x = bb.normalize(torch.from_numpy(img.astype("uint8"))[None].to(dev))
-    ys, xs, _, _ = window_grid(h, w, crop, args.stride)
     bb_proj = build_backbone(args.backbone, device=dev)
     if amp is not None:
         bb_proj.precast_for_autocast(amp)  # as precompute does
     ref_precs = [resolve(q, dev) for q in args.authors_precisions.split(",") if q]
-    return _Setup(args, dev, bb, bb_proj, x, crop, prec, amp, ref_precs, len(ys) * len(xs))
+    return _Setup(args, dev, bb, bb_proj, x, crop, prec, amp, ref_precs, num_windows(h, w, crop, args.stride))
 
 
 def _add_runs(st: _Setup) -> None:
