@@ -76,12 +76,8 @@ def authors_loop(
     r = fine_factor(p, stride)
     cell = p // r
     ys, xs, ch, cw = window_grid(h, w, crop, stride)
-    wins, pos = [], []
-    for y0 in ys:
-        for x0 in xs:
-            wins.append(x[:, :, y0 : y0 + ch, x0 : x0 + cw])
-            pos.append((y0, x0))
-    wins_t = torch.cat(wins, dim=0)  # (n, 3, ch, cw)
+    pos = [(y0, x0) for y0 in ys for x0 in xs]
+    wins_t = torch.cat([x[:, :, y0 : y0 + ch, x0 : x0 + cw] for y0, x0 in pos], dim=0)  # (n, 3, ch, cw)
     recon = count = None
     for i in range(0, wins_t.shape[0], AUTHORS_WINDOW_BATCH):
         with torch.no_grad(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
