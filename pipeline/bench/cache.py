@@ -198,8 +198,7 @@ def _sweep(
         r = teacher_rate(model, pix, crop, args.stride, batch, amp, repeats=args.repeats)
         achieved = r["windows_per_s"] * flops / 1e9
         sweep.append({"precision": prec, "precast_weights": cast, "window_batch": batch, **r,
-                      "achieved_gflops": achieved,
-                      "fraction_of_matmul": achieved / res["matmul_gflops"][prec]})  # fmt: skip
+                      "achieved_gflops": achieved})  # fmt: skip
         print(
             f"teacher {prec:>4}{' precast' if cast else ''} batch {batch:>3}: {r['windows_per_s']:.2f} windows/s, "
             f"{achieved:.1f} GFLOP/s = {achieved / res['matmul_gflops'][prec]:.2f} of matmul",
@@ -209,7 +208,7 @@ def _sweep(
         res["matmul_gflops"][prec] = max(
             res["matmul_gflops"][prec], matmul_gflops(DTYPES[prec], device=device)
         )
-    for s_ in sweep:
+    for s_ in sweep:  # the last key of each point, as fractions of the better of the two rates
         s_["fraction_of_matmul"] = s_["achieved_gflops"] / res["matmul_gflops"][s_["precision"]]
     return sweep
 

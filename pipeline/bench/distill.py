@@ -39,7 +39,7 @@ from pipeline.common.tasks import init_ray
 from pipeline.data.imageset import open_imageset
 from pipeline.train.config import DistillConfig
 from pipeline.train.driver import distill
-from pipeline.workflow.config import DemoConfig
+from pipeline.workflow.config import DemoConfig, Recipe
 from pipeline.workflow.demo import demo_recipe
 from pipeline.workflow.orchestrator import PreparedData, Reporter, prepare_data
 
@@ -73,16 +73,16 @@ def demo_config(args: argparse.Namespace, work: Path) -> DemoConfig:
     )
 
 
-def build_data(args: argparse.Namespace, work: Path) -> tuple[PreparedData, DistillConfig]:
+def build_data(args: argparse.Namespace, work: Path) -> tuple[PreparedData, Recipe]:
     """Ingest the first ``--photos`` training photos and precompute their teacher cache (the demo's recipe, no
-    held-out set); returns the data and the demo's distill config for them."""
+    held-out set); returns the data and the recipe that made them (its distill section: the demo's settings)."""
     names = TRAIN_PHOTOS[: args.photos] if args.photos else TRAIN_PHOTOS
     write_photos(work / "raw" / "train", names)
     recipe, extras = demo_recipe(demo_config(args, work), work)
     recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, heldout_source=""))
     extras = dataclasses.replace(extras, heldout_cache=False, evals=(), segment=None)
     data = prepare_data(recipe, extras, Reporter("bench distill", quiet=True))
-    return data, recipe.distill
+    return data, recipe
 
 
 def distill_config(
@@ -183,13 +183,13 @@ def run(args: argparse.Namespace) -> int:
     with scratch_dir(args.workdir, "spar-bench-distill-") as work:
         init_ray(num_cpus=max(os.cpu_count() or 1, max(counts)))
         t0 = time.perf_counter()
-        data, base = build_data(args, work)
+        data, recipe = build_data(args, work)
         build_s = time.perf_counter() - t0
-        runs = [run_one(distill_config(base, data, work, w, args), args.warmup) for w in counts]
+        runs = [run_one(distill_config(recipe.distill, data, work, w, args), args.warmup) for w in counts]
         out = {
             "machine": platform.platform(),
             "cpus": os.cpu_count(),
-            "settings": _settings(args, data, base, work),
+            "settings": _settings(args, data, recipe, work),
             "data_build_s": build_s,
             "runs": runs,
         }
@@ -200,15 +200,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(
-    args: argparse.Namespace, data: PreparedData, base: DistillConfig, work: Path
-) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, data: PreparedData, recipe: Recipe, work: Path) -> dict[str, Any]:
     recs = open_imageset(data.images).records
-    cfg = distill_config(base, data, work, 1, args)
+    cfg = distill_config(recipe.distill, data, work, 1, args)
     return {
         "backbone": args.backbone,
-        "crop": args.crop or DemoConfig.crop,
-        "stride": args.stride or DemoConfig.stride,
+        "crop": recipe.precompute.crop,
+        "stride": recipe.precompute.stride,
         "images": len(recs),
         "mean_megapixels": sum(r.height * r.width for r in recs) / len(recs) / 1e6,
         "steps": args.steps,

@@ -147,12 +147,7 @@ def _matmul_operands(
 
 def _timed_matmuls(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device: str, inner: int) -> float:
     """Seconds for ``inner`` back-to-back ``a @ b`` (into ``c``), synchronised before and after."""
-    synchronize(device)
-    t = time.perf_counter()
-    for _ in range(inner):
-        torch.matmul(a, b, out=c)
-    synchronize(device)
-    return time.perf_counter() - t
+    return timed(lambda: [torch.matmul(a, b, out=c) for _ in range(inner)], device)[1]
 
 
 # ------------------------------------------------------------------------------------------ FLOPs

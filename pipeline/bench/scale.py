@@ -38,47 +38,35 @@ from spar_core.backbones import build_backbone
 DISTINCT = 8  # distinct source images (the rest are hard links to them)
 
 
-class PeakRSS:
-    """Samples the resident memory of this process plus all its descendants every ``period`` s (a thread)."""
-
-    def __init__(self, period: float = 0.25) -> None:
-        self.period, self.peak = period, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="spar-peak-rss")
-
-    def _total(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._total())
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self._total()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._total())
+def _rss() -> int:
+    """Resident bytes of this process plus all its descendants."""
+    me, total = psutil.Process(), 0
+    for p in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
 
 
 @contextlib.contextmanager
 def stage(record: dict[str, Any], name: str, out: Path | None) -> Iterator[None]:
-    """Time a stage, take its peak memory and (``out``) the bytes and files it left under ``out``."""
+    """Time a stage, take its peak memory (this process and its descendants, sampled every 0.25 s by a thread)
+    and (``out``) the bytes and files it left under ``out``."""
+    peak, stop = _rss(), threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.25):
+            peak = max(peak, _rss())
+
+    sampler = threading.Thread(target=sample, daemon=True, name="spar-peak-rss")
     t0 = time.perf_counter()
-    with PeakRSS() as mem:
+    sampler.start()
+    try:
         yield
-    record[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mb": mem.peak / 2**20}
+    finally:
+        stop.set()
+        sampler.join()
+    record[name] = {"seconds": time.perf_counter() - t0, "peak_rss_mb": max(peak, _rss()) / 2**20}
     if out is not None:
         files = [p for p in out.rglob("*") if p.is_file()]
         record[name].update(bytes=sum(p.stat().st_size for p in files), files=len(files))

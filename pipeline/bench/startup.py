@@ -119,10 +119,7 @@ def _marks(path: Path, t_spawn: float, t_exit: float) -> dict[str, float]:
     for m in read_marks(str(path)):
         t = m["t"] - t_spawn
         name = m["phase"]
-        if name not in out:
-            out[name] = t
-        else:
-            out[name] = max(out[name], t) if name in _LATEST else min(out[name], t)
+        out[name] = (max if name in _LATEST else min)(out.get(name, t), t)
     return out
 
 

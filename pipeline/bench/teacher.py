@@ -33,7 +33,7 @@ from pipeline.common.precision import Precision, autocast_dtype, resolve
 from pipeline.eval.model import pick_device
 from spar_core import build_backbone, fine_factor, sliding_window_features
 from spar_core.backbones import Backbone
-from spar_core.sliding import window_grid
+from spar_core.sliding import num_windows, window_grid
 
 AUTHORS_WINDOW_BATCH = 10  # the reference configs' gen_windowslide_bs
 
@@ -76,12 +76,8 @@ def authors_loop(
     r = fine_factor(p, stride)
     cell = p // r
     ys, xs, ch, cw = window_grid(h, w, crop, stride)
-    wins, pos = [], []
-    for y0 in ys:
-        for x0 in xs:
-            wins.append(x[:, :, y0 : y0 + ch, x0 : x0 + cw])
-            pos.append((y0, x0))
-    wins_t = torch.cat(wins, dim=0)  # (n, 3, ch, cw)
+    pos = [(y0, x0) for y0 in ys for x0 in xs]
+    wins_t = torch.cat([x[:, :, y0 : y0 + ch, x0 : x0 + cw] for y0, x0 in pos], dim=0)  # (n, 3, ch, cw)
     recon = count = None
     for i in range(0, wins_t.shape[0], AUTHORS_WINDOW_BATCH):
         with torch.no_grad(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
@@ -135,8 +131,7 @@ def run(args: argparse.Namespace) -> int:
     )
     _add_runs(st)
     best, outs, t_warm = _time_rounds(st)
-    _print_times(st, best, t_warm)
-    _print_rates_and_errors(st, best, outs)
+    _print(st, best, outs, t_warm)
     return 0
 
 
@@ -149,12 +144,11 @@ def _setup(args: argparse.Namespace) -> _Setup:
     amp = autocast_dtype(prec)
     img = resize(sample_photo_rgb("astronaut"), (h, w), anti_aliasing=True, preserve_range=True)
     x = bb.normalize(torch.from_numpy(img.astype("uint8"))[None].to(dev))
-    ys, xs, _, _ = window_grid(h, w, crop, args.stride)
     bb_proj = build_backbone(args.backbone, device=dev)
     if amp is not None:
         bb_proj.precast_for_autocast(amp)  # as precompute does
     ref_precs = [resolve(q, dev) for q in args.authors_precisions.split(",") if q]
-    return _Setup(args, dev, bb, bb_proj, x, crop, prec, amp, ref_precs, len(ys) * len(xs))
+    return _Setup(args, dev, bb, bb_proj, x, crop, prec, amp, ref_precs, num_windows(h, w, crop, args.stride))
 
 
 def _add_runs(st: _Setup) -> None:
@@ -198,14 +192,11 @@ def _time_rounds(st: _Setup) -> tuple[dict[str, float], dict[str, torch.Tensor],
     return best, outs, t_warm
 
 
-def _ref_name(best: dict[str, float]) -> str:
-    """The authors' loop reference: the faster of its runs."""
-    return min((k for k in best if k.startswith("authors_")), key=best.__getitem__)
-
-
-def _print_times(st: _Setup, best: dict[str, float], t_warm: float) -> None:
-    a, prec = st.args, st.prec
-    ref_name = _ref_name(best)
+def _print(st: _Setup, best: dict[str, float], outs: dict[str, torch.Tensor], t_warm: float) -> None:
+    """The times, then each teacher's GFLOP/s as a fraction of the matmul rate in its dtype and its error vs the
+    naive one; the authors' loop reference is the faster of its runs."""
+    a, prec, bb = st.args, st.prec, st.bb
+    ref_name = min((k for k in best if k.startswith("authors_")), key=best.__getitem__)
     t_ref, t_proj = best[ref_name], best["project"]
     rows = [(f"authors' loop {k.removeprefix('authors_')} (batch {AUTHORS_WINDOW_BATCH}, Python fold)", best[k])
             for k in best if k.startswith("authors_")]  # fmt: skip
@@ -229,12 +220,6 @@ def _print_times(st: _Setup, best: dict[str, float], t_warm: float) -> None:
         print(f"  torch.compile: first call {st.t_compile:.1f} s (compile time, once per worker process; "
               f"{st.t_compile - t_c:.1f} s over a steady run), steady {t_c:.2f} s = {t_proj / t_c:.2f}x eager; "
               f"compiled vs authors' loop {t_ref / t_c:.2f}x")  # fmt: skip
-
-
-def _print_rates_and_errors(st: _Setup, best: dict[str, float], outs: dict[str, torch.Tensor]) -> None:
-    """Each teacher's GFLOP/s as a fraction of the matmul rate in its dtype, and its error vs the naive one."""
-    prec, bb = st.prec, st.bb
-    ref_name = _ref_name(best)
     ours = [
         ("fp32", "fp32"),
         ("project", prec),

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from pipeline.bench.codec import fidelity, held_out
+from pipeline.bench.gpu import photo
 from pipeline.bench.measure import cpu_runner, scratch_dir, step_times, write_json
 from pipeline.cache.precompute import PrecomputeConfig
 from pipeline.cache.reader import open_cache
@@ -173,8 +174,7 @@ def _large_image_steps(
 ) -> dict[str, Any]:
     """Cached vs online step on one larger photo (``--large`` HxW): the teacher's cost grows with its windows."""
     h, w = (int(v) for v in args.large.lower().split("x"))
-    img = np.asarray(Image.fromarray(sample_photo_rgb("astronaut")).resize((w, h), Image.BICUBIC))
-    item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(img))[None], "keys": ["large"]}
+    item: dict[str, Any] = {"image": torch.from_numpy(photo(h, w))[None], "keys": ["large"]}  # (1, H, W, 3)
     with torch.no_grad():
         item["target"] = sliding_window_features(
             online.teacher, online.bb.normalize(item["image"]), crop, stride
