@@ -48,23 +48,20 @@ class ShardFiles:
     def state(self) -> tuple[bool, str, dict[str, Any] | None]:
         """(complete, reason when not, manifest when complete)."""
         try:
-            return self._state()
+            marker = storage.read_json(self.marker, "completion marker", CacheError)
+            if marker is None:
+                return False, "no completion marker", None
+            raw = storage.read_bytes(self.manifest)
+            if raw is None:
+                return False, "manifest missing", None
+            if hashlib.sha256(raw).hexdigest() != marker.get("manifest_sha256"):
+                return False, "manifest does not match its completion marker", None
+            manifest = json.loads(raw)
+            if manifest.get("attempt") != marker.get("attempt"):
+                return False, "manifest and marker from different attempts", None
+            attempt = self.store_attempt()
         except (CacheError, json.JSONDecodeError, UnicodeDecodeError) as e:
             return False, f"unreadable: {e}", None
-
-    def _state(self) -> tuple[bool, str, dict[str, Any] | None]:
-        marker = storage.read_json(self.marker, "completion marker", CacheError)
-        if marker is None:
-            return False, "no completion marker", None
-        raw = storage.read_bytes(self.manifest)
-        if raw is None:
-            return False, "manifest missing", None
-        if hashlib.sha256(raw).hexdigest() != marker.get("manifest_sha256"):
-            return False, "manifest does not match its completion marker", None
-        manifest = json.loads(raw)
-        if manifest.get("attempt") != marker.get("attempt"):
-            return False, "manifest and marker from different attempts", None
-        attempt = self.store_attempt()
         if attempt is None:
             return False, "store missing", None
         if attempt != marker.get("attempt"):

@@ -47,8 +47,7 @@ class TeacherCache:
         self.patch_size: int = int(layout.get("patch_size", 0))
         self.hints: dict[str, Any] = doc.get("hints") or {}
         self._manifests: dict[int, dict[str, Any]] = {}
-        self._arrays: dict[int, zarr.Array] = {}
-        self._scale_arrays: dict[int, zarr.Array] = {}
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}  # (shard, array name) -> the opened array
         self._index: dict[str, tuple[int, int]] | None = None  # key -> (shard, entry index)
 
     # ---- completion
@@ -105,21 +104,17 @@ class TeacherCache:
         return list(self._key_index())
 
     # ---- features
-    def _array(self, i: int) -> zarr.Array:
-        if i not in self._arrays:
+    def _array(self, i: int, name: str = ARRAY_NAME) -> zarr.Array:
+        """Array ``name`` of shard ``i``'s store, opened once; the features must be the manifest's attempt."""
+        if (i, name) not in self._arrays:
             files = self._files(i)
-            arr = open_stored_array(files.store, ARRAY_NAME)
-            if arr.attrs.get("attempt") != self.manifest(i)["attempt"]:
+            arr = open_stored_array(files.store, name)
+            if name == ARRAY_NAME and arr.attrs.get("attempt") != self.manifest(i)["attempt"]:
                 raise CacheError(
                     f"cache {self.path}: {files.name} store was replaced; run `spar cache verify --repair`"
                 )
-            self._arrays[i] = arr
-        return self._arrays[i]
-
-    def _scale_array(self, i: int) -> zarr.Array:
-        if i not in self._scale_arrays:
-            self._scale_arrays[i] = open_stored_array(self._files(i).store, SCALES_NAME)
-        return self._scale_arrays[i]
+            self._arrays[i, name] = arr
+        return self._arrays[i, name]
 
     def _rows(self, i: int, e: dict[str, Any], verify: bool) -> np.ndarray:
         """Image ``e``'s rows (h*w, D): one contiguous row range; CacheError naming shard and key if damaged.
@@ -129,7 +124,7 @@ class TeacherCache:
         try:
             rows = self._array(i)[e["offset"] : e["offset"] + n]  # (h*w, D)
             if self.spec.dtype in QUANTIZED_DTYPES:
-                scales = self._scale_array(i)[e["offset"] : e["offset"] + n]  # (h*w,)
+                scales = self._array(i, SCALES_NAME)[e["offset"] : e["offset"] + n]  # (h*w,)
         except CacheError:
             raise
         except Exception as err:  # noqa: BLE001 - zarr/zstd/crc errors of a damaged or truncated chunk

@@ -197,17 +197,16 @@ class _Channel:
     def __init__(self, depth: int):
         self._items: collections.deque[Any] = collections.deque()
         self._depth = depth
-        self._cv = threading.Condition()
-        self._failure: BaseException | None = None
-        self._cancelled = False
+        self._cv = threading.Condition()  # re-entrant: raise_failure is called with it held
+        self._failure: BaseException | None = None  # raised by every later call (a cancel's: _Cancelled)
 
     def put(self, item: Any) -> float:
         """Append ``item``, waiting while the channel is full; the seconds waited."""
         t0 = time.perf_counter()
         with self._cv:
-            while len(self._items) >= self._depth and not self._closed():
+            while len(self._items) >= self._depth and self._failure is None:
                 self._cv.wait()
-            self._check()
+            self.raise_failure()
             self._items.append(item)
             self._cv.notify_all()
         return time.perf_counter() - t0
@@ -216,34 +215,24 @@ class _Channel:
         """The oldest item, waiting while the channel is empty; (item, seconds waited)."""
         t0 = time.perf_counter()
         with self._cv:
-            while not self._items and not self._closed():
+            while not self._items and self._failure is None:
                 self._cv.wait()
-            self._check()
+            self.raise_failure()
             item = self._items.popleft()
             self._cv.notify_all()
         return item, time.perf_counter() - t0
 
     def fail(self, e: BaseException) -> None:
         with self._cv:
-            self._failure = e
+            if not isinstance(self._failure, _Cancelled):  # a cancel stays a cancel
+                self._failure = e
             self._cv.notify_all()
 
     def cancel(self) -> None:
-        with self._cv:
-            self._cancelled = True
-            self._cv.notify_all()
+        self.fail(_Cancelled())
 
     def raise_failure(self) -> None:
         """Raise the failure handed over by the other side, if any."""
         with self._cv:
             if self._failure is not None:
                 raise self._failure
-
-    def _closed(self) -> bool:
-        return self._cancelled or self._failure is not None
-
-    def _check(self) -> None:
-        if self._cancelled:
-            raise _Cancelled
-        if self._failure is not None:
-            raise self._failure

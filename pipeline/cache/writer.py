@@ -89,9 +89,9 @@ class ShardWriter:
         self.shard_rows = self.chunk_rows * CHUNKS_PER_SHARD
         self._array, self._scales = self._create_arrays()
         self._next = 0  # index into entries of the next image
-        self._buf: list[np.ndarray] = []  # rows not yet written, (n_i, D) each
-        self._sbuf: list[np.ndarray] = []  # int8: the scales of the rows in _buf, (n_i,) each
-        self._buf_start = 0  # first row held in _buf
+        # per array (features, then int8 scales): what is not written yet, (n_i, D) and (n_i,) each
+        self._bufs: list[list[np.ndarray]] = [[], []] if self._scales is not None else [[]]
+        self._buf_start = 0  # first row held in _bufs
         self._buf_rows = 0
 
     def _create_arrays(self) -> tuple[zarr.Array, zarr.Array | None]:
@@ -137,12 +137,12 @@ class ShardWriter:
         scales = None
         if self._scales is not None:
             rows, scales = quantize_int8(feats.reshape(e.h * e.w, self.dim))  # (h*w, D) int8, (h*w,)
-            self._sbuf.append(scales)
         else:
             rows = np.ascontiguousarray(feats.reshape(e.h * e.w, self.dim).astype(self.dtype))  # (h*w, D)
         self.entries[self._next] = replace(e, checksum=feature_checksum(rows, scales))
         self._next += 1
-        self._buf.append(rows)
+        for buf, a in zip(self._bufs, (rows, scales), strict=False):
+            buf.append(a)
         self._buf_rows += rows.shape[0]
         self._flush(final=False)
 
@@ -152,17 +152,13 @@ class ShardWriter:
         cut = end if final else (end // self.shard_rows) * self.shard_rows
         if cut <= self._buf_start:
             return
-        block = np.concatenate(self._buf, axis=0) if len(self._buf) > 1 else self._buf[0]  # (rows, D)
         n = cut - self._buf_start
-        self._array[self._buf_start : cut] = block[:n]
-        if self._scales is not None:
-            sblock = np.concatenate(self._sbuf) if len(self._sbuf) > 1 else self._sbuf[0]  # (rows,)
-            self._scales[self._buf_start : cut] = sblock[:n]
-            self._sbuf = [sblock[n:]] if sblock.shape[0] > n else []
-        rest = block[n:]
-        self._buf = [rest] if rest.shape[0] else []
+        for arr, buf in zip((self._array, self._scales), self._bufs, strict=False):
+            block = np.concatenate(buf) if len(buf) > 1 else buf[0]  # (rows, D) features, (rows,) scales
+            arr[self._buf_start : cut] = block[:n]
+            buf[:] = [block[n:]] if block.shape[0] > n else []
         self._buf_start = cut
-        self._buf_rows = rest.shape[0]
+        self._buf_rows -= n
 
     def abort(self) -> None:
         """Discard this attempt's temporary store."""

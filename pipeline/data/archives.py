@@ -14,6 +14,7 @@ an undecodable member is rejected by the decoder as any other file (``corrupt``/
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -195,6 +196,7 @@ class ArchiveReader:
     def __init__(self, locations: dict[str, MemberLocation] | None = None) -> None:
         self.locations = locations or {}
         self._open: dict[str, IO[bytes]] = {}
+        self._files = contextlib.ExitStack()  # closes the handles on exit
 
     def read(self, source: str) -> bytes:
         """The bytes of ``source``; Rejected for a truncated member or archive tail, or an unreadable archive."""
@@ -222,16 +224,11 @@ class ArchiveReader:
 
     def _handle(self, archive: str) -> IO[bytes]:
         if archive not in self._open:
-            self._open[archive] = fsspec.open(archive, "rb").open()
+            self._open[archive] = self._files.enter_context(fsspec.open(archive, "rb"))
         return self._open[archive]
-
-    def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
 
     def __enter__(self) -> ArchiveReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._files.close()

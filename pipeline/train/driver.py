@@ -366,9 +366,8 @@ def _finish(
     """Export and log the student and the loss curve, close the run, print where everything is. ``start``: the
     checkpoint a continuation started from (the last one when it had no step left to train)."""
     metrics, ckpt, run_id = result.metrics or {}, result.checkpoint, link.run_id
-    wait_for_server(
-        link.tracking_uri, what="distill (logging the student)"
-    )  # bounded; one line while it waits
+    # bounded; one line while it waits
+    wait_for_server(link.tracking_uri, what="distill (logging the student)")
     if ckpt is None and start:
         ckpt = ray_checkpoint(start)
     steps = int(metrics.get("step", 0))

@@ -54,27 +54,13 @@ def checkpoint_location(ckpt: Checkpoint) -> str:
 
 def _ray_candidates(ckpt: Checkpoint) -> list[Checkpoint]:
     """Ray's latest checkpoint first, then its older siblings in the run directory (newest first)."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
-
-    fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
-    parent = posixpath.dirname(path)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(parent))
-    except OSError:
-        infos = []
-    steps = {
-        i.path.rstrip("/"): step_of(posixpath.basename(i.path.rstrip("/")))
-        for i in infos
-        if i.type == pafs.FileType.Directory
-    }
-    latest = steps.get(path)
-    others = sorted(
-        (p for p, s in steps.items() if s is not None and p != path and (latest is None or s <= latest)),
-        key=lambda p: steps[p] or 0,
-        reverse=True,
-    )
-    return [ckpt] + [Checkpoint(path=p, filesystem=fs) for p in others]
+    here = checkpoint_location(ckpt).rstrip("/")  # a path or URL, as the project's storage layer lists it
+    found = checkpoints_newest_first([posixpath.dirname(here)])
+    latest = step_of(posixpath.basename(here)) if here in found else None
+    older = [
+        p for p in found if p != here and (latest is None or (step_of(posixpath.basename(p)) or 0) <= latest)
+    ]
+    return [ckpt] + [ray_checkpoint(p) for p in older]
 
 
 def restore_latest_good(

@@ -105,30 +105,25 @@ def bucket_batches(seq: list[ImageRecord], batch_size: int) -> list[list[ImageRe
     return out
 
 
+@dataclass(eq=False)
 class Planner:
     """The deterministic per-epoch, per-rank sample plan (see the module docstring)."""
 
-    def __init__(
-        self,
-        refs_by_shard: list[list[ImageRecord]],
-        *,
-        seed: int,
-        world_size: int,
-        batch_size: int = 1,
-        shuffle_buffer: int = 64,
-    ) -> None:
+    refs_by_shard: list[list[ImageRecord]] = field(repr=False)  # per image shard, its images in tar order
+    _: KW_ONLY
+    seed: int
+    world_size: int
+    batch_size: int = 1
+    shuffle_buffer: int = 64
+
+    def __post_init__(self) -> None:
+        world_size, images = self.world_size, sum(len(s) for s in self.refs_by_shard)
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if sum(len(s) for s in refs_by_shard) < world_size:
+        if images < world_size:
             raise StreamError(
-                f"the image set has {sum(len(s) for s in refs_by_shard)} images, fewer than the {world_size} "
-                "training workers"
+                f"the image set has {images} images, fewer than the {world_size} training workers"
             )
-        self.refs_by_shard = refs_by_shard
-        self.seed = seed
-        self.world_size = world_size
-        self.batch_size = batch_size
-        self.shuffle_buffer = shuffle_buffer
         self._plan = lru_cache(maxsize=64)(self._plan_uncached)
         # (epoch, rank) -> the rank's batches for the epoch, truncated to steps(epoch): one shared list per epoch and
         # rank (read it, do not modify it; copying it on every call made a stream's epoch quadratic in its length)

@@ -87,29 +87,16 @@ def _log_inputs(client: MlflowClient, run_id: str, ims: ImageSet, cache: Teacher
 
 
 def log_loss_curve(client: MlflowClient, run_id: str, out: str) -> None:
-    """Plot the per-step loss to ``out`` (a path or URL) and log it as a file and as an image of the run (nothing
-    if no loss)."""
-    with tempfile.TemporaryDirectory(prefix="spar-loss-") as tmp:
-        png = _loss_curve_png(client, run_id, Path(tmp) / os.path.basename(out.rstrip("/")))
-        if png is None:
-            return
-        write_bytes_atomic(out, png.read_bytes())
-        client.log_artifact(run_id, str(png))
-        from PIL import Image
-
-        with Image.open(png) as im:  # shown in the UI's image view, not only as a file
-            client.log_image(run_id, im.convert("RGB"), key="loss_curve", step=0)
-
-
-def _loss_curve_png(client: MlflowClient, run_id: str, out: Path) -> Path | None:
-    """Plot the per-step loss (last value per step) to ``out``."""
+    """Plot the per-step loss (last value per step) to ``out`` (a path or URL) and log it as a file and as an
+    image of the run (nothing if no loss)."""
     hist = client.get_metric_history(run_id, "loss")
     if not hist:
-        return None
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     by_step = {m.step: m.value for m in sorted(hist, key=lambda m: m.timestamp)}
     steps = sorted(by_step)
@@ -120,9 +107,14 @@ def _loss_curve_png(client: MlflowClient, run_id: str, out: Path) -> Path | None
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    with tempfile.TemporaryDirectory(prefix="spar-loss-") as tmp:
+        png = Path(tmp) / os.path.basename(out.rstrip("/"))
+        fig.savefig(png)
+        plt.close(fig)
+        write_bytes_atomic(out, png.read_bytes())
+        client.log_artifact(run_id, str(png))
+        with Image.open(png) as im:  # shown in the UI's image view, not only as a file
+            client.log_image(run_id, im.convert("RGB"), key="loss_curve", step=0)
 
 
 def log_student_model(

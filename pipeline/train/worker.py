@@ -158,21 +158,19 @@ def _build(plan: DistillPlan, me: Rank, start: str) -> tuple[StepRunner, TrainSt
     return runner, state
 
 
+@dataclass
 class _Loop:
     """The steps of one rank from its state to the end of the run (or ``stop_at_step``)."""
 
-    def __init__(
-        self,
-        plan: DistillPlan,
-        link: RunLink,
-        runner: StepRunner,
-        state: TrainState,
-        me: Rank,
-        mlog: QueuedRunLog | None,
-    ) -> None:
-        self.plan, self.link, self.runner, self.state = plan, link, runner, state
-        self.rank, self.world, self.report, self.mlog = me.rank, me.world, me.report, mlog
-        self.progress = me.progress
+    plan: DistillPlan
+    link: RunLink
+    runner: StepRunner
+    state: TrainState
+    me: Rank
+    mlog: QueuedRunLog | None  # rank 0's run log (None on the other ranks)
+
+    def __post_init__(self) -> None:
+        plan, state, me = self.plan, self.state, self.me
         self.stream = PairedStream(  # this rank's batches from the state's data position on
             plan.images,
             None if plan.teacher_online else plan.cache,
@@ -223,16 +221,16 @@ class _Loop:
             ):
                 self._report(metrics)
             if stop and state.step < plan.total_steps:
-                log(f"rank {self.rank}: stopping after step {state.step} (stop_at_step)")
+                log(f"rank {self.me.rank}: stopping after step {state.step} (stop_at_step)")
                 break
         mark("train_end")
 
     def _step(self, item: dict[str, Any]) -> tuple[float, float]:
         """One optimizer step; returns (loss averaged over the ranks, lr)."""
         loss, lr = self.runner.step(item, self.state.step)
-        if self.world > 1:
+        if self.me.world > 1:
             dist.all_reduce(loss)
-            loss = loss / self.world
+            loss = loss / self.me.world
         self.state.step += 1
         return float(loss), lr
 
@@ -241,9 +239,9 @@ class _Loop:
         extra = self.state.extra
         extra["epoch_loss_sum"] = extra.get("epoch_loss_sum", 0.0) + loss
         extra["epoch_steps"] = extra.get("epoch_steps", 0) + 1
-        images_per_s = len(item["keys"]) * self.world / max(step_s, 1e-9)
-        if self.progress is not None:  # fire and forget: the driver's progress bar reads it
-            self.progress((self.state.step, loss, images_per_s))
+        images_per_s = len(item["keys"]) * self.me.world / max(step_s, 1e-9)
+        if self.me.progress is not None:  # fire and forget: the driver's progress bar reads it
+            self.me.progress((self.state.step, loss, images_per_s))
         if self.mlog is None:
             return
         scaler = self.runner.scaler
@@ -271,20 +269,20 @@ class _Loop:
     def _report(self, metrics: dict[str, Any]) -> None:
         """Every rank reports (a barrier); rank 0 attaches the training checkpoint."""
         state, name = self.state, checkpoint_dir_name(self.state.step)
-        if self.rank != 0:
-            self.report(metrics, None, name)
+        if self.me.rank != 0:
+            self.me.report(metrics, None, name)
             return
         runner = self.runner
         state.optimizer = runner.opt.state_dict()
         state.scaler = runner.scaler.state_dict() if runner.scaler is not None else None
         state.rng = capture_rng()
         state.extra["mlflow_run_id"] = self.link.run_id
-        state.extra["world_size"] = self.world
+        state.extra["world_size"] = self.me.world
         with tempfile.TemporaryDirectory(prefix="spar-ckpt-") as tmp:
             p = self.plan
             meta = StudentMeta(
                 p.trainable_blocks, p.checkpoint_config(), p.cache_fingerprint or None, p.backbone_seed
             )
             save_training_checkpoint(runner.bb, tmp, state, meta)
-            self.report(metrics, tmp, name)
+            self.me.report(metrics, tmp, name)
         state.optimizer = None
